@@ -1,0 +1,522 @@
+//! `CacheTier.spec`: what the user asks for.
+//!
+//! Every field's doc comment becomes its schema description, so these comments are
+//! written for the person reading `kubectl explain cachetier.spec`.
+
+// Each `printcolumn(...)` of the derive repeats keys such as `type_ = "integer"`;
+// clippy reads those as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
+use kube::core::{Duration, Rule};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::CacheTierStatus;
+
+/// Redis settings the operator owns. A `redisConfig` entry naming one of these (or
+/// any `cluster-*` setting) is rejected: the operator must be able to rely on them.
+pub const OPERATOR_OWNED_SETTINGS: &[&str] = &[
+    "port",
+    "bind",
+    "dir",
+    "dbfilename",
+    "appendfilename",
+    "daemonize",
+    "pidfile",
+    "logfile",
+    "replicaof",
+    "slaveof",
+    "masterauth",
+    "masteruser",
+    "requirepass",
+    "rename-command",
+    "include",
+    "maxmemory",
+    "maxmemory-policy",
+    "protected-mode",
+    "unixsocket",
+    "tls-port",
+    "aclfile",
+];
+
+/// The CEL rule that rejects operator-owned settings in `redisConfig`. Kept in one
+/// place so the list in the rule and [`OPERATOR_OWNED_SETTINGS`] cannot drift.
+fn redis_config_rule() -> Rule {
+    let owned = OPERATOR_OWNED_SETTINGS
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let offending =
+        format!("self.filter(k, k.lowerAscii() in [{owned}] || k.lowerAscii().startsWith('cluster-'))");
+    Rule::new(format!("size({offending}) == 0")).message(kube::core::Message::Expression(format!(
+        "'redisConfig may not set settings the operator owns: ' + {offending}.join(', ')"
+    )))
+}
+
+/// A cache layer: a Redis Cluster of `shards` × (1 primary + `replicasPerShard`
+/// replicas), with a health model, a replica read gate and an optional sidecar
+/// local cache for hot keys.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "cachetier.io",
+    version = "v1alpha1",
+    kind = "CacheTier",
+    namespaced,
+    shortname = "ct",
+    category = "cachetier",
+    doc = "CacheTier is one Redis cache layer: a Redis Cluster node pool run by the cachetier operator.",
+    status = "CacheTierStatus",
+    derive = "PartialEq",
+    cel,
+    scale(
+        spec_replicas_path = ".spec.shards",
+        status_replicas_path = ".status.currentShards",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Shards",
+        type_ = "integer",
+        json_path = ".spec.shards",
+        description = "Desired shard count"
+    ),
+    printcolumn(
+        name = "Replicas/Shard",
+        type_ = "integer",
+        json_path = ".spec.replicasPerShard",
+        description = "Replicas per shard"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Ready nodes / total nodes"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.sidecar.readPolicy != 'replicasOnly' || self.replicasPerShard >= 1")
+        .message("sidecar.readPolicy replicasOnly needs replicasPerShard >= 1: with no replicas every read would fall back to the primary")
+        .field_path(".sidecar.readPolicy"),
+    validation = Rule::new("!has(self.resources) || !has(self.resources.limits) || !('memory' in self.resources.limits) || quantity(self.maxMemory).isLessThan(quantity(self.resources.limits.memory))")
+        .message("maxMemory must be below resources.limits.memory: Redis needs headroom above maxmemory for replication buffers and fragmentation")
+        .field_path(".maxMemory"),
+    validation = Rule::new("self.podDisruptionBudget.maxUnavailable <= self.shards * (1 + self.replicasPerShard)")
+        .message("podDisruptionBudget.maxUnavailable cannot exceed the number of nodes (shards * (1 + replicasPerShard))")
+        .field_path(".podDisruptionBudget.maxUnavailable")
+)]
+pub struct CacheTierSpec {
+    /// Number of shards (primaries). The 16384 hash slots are spread evenly across
+    /// them. Changing it reshards the tier live; the scale subresource
+    /// (`kubectl scale cachetier/NAME --replicas=N`, or an HPA) changes this field.
+    #[schemars(range(min = 1, max = 1000))]
+    pub shards: i32,
+
+    /// Replicas per shard. Reads are balanced across the serving replicas of a
+    /// shard; a replica also takes over when its primary fails.
+    #[serde(default = "default_replicas_per_shard")]
+    #[schemars(range(min = 0, max = 5))]
+    pub replicas_per_shard: i32,
+
+    /// Redis server image for the cluster nodes (Redis 7 or newer).
+    #[serde(default = "default_image")]
+    #[schemars(length(min = 1))]
+    pub image: String,
+
+    /// Compute resources of each Redis container. Set `limits.memory` above
+    /// `maxMemory`: replication buffers and fragmentation live outside maxmemory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Memory Redis may use for data on each node (`maxmemory`), as a whole number
+    /// of bytes with an optional binary or decimal suffix: `512Mi`, `4Gi`, `1G`.
+    /// Required: a cache without a bound is an outage waiting to happen. The
+    /// replication backlog and replica output buffers are sized from it so that a
+    /// full sync succeeds the first time.
+    #[schemars(regex(pattern = r"^[1-9][0-9]*(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    pub max_memory: String,
+
+    /// What Redis evicts when `maxMemory` is reached (`maxmemory-policy`).
+    #[serde(default)]
+    pub max_memory_policy: MaxMemoryPolicy,
+
+    /// Extra redis.conf settings, directive name to value, e.g.
+    /// `{"hz": "20", "repl-backlog-size": "256mb"}`. Settings the operator owns
+    /// (ports, addresses, files, replication, auth, maxmemory, `cluster-*`, …) are
+    /// rejected with a message naming them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = redis_config_rule())]
+    pub redis_config: BTreeMap<String, String>,
+
+    /// Password (and optionally ACL user) that clients and replicas use, read from
+    /// a Secret in the tier's namespace. Without it the tier has no password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+
+    /// How the operator probes node health and when it replaces failed nodes.
+    #[serde(default)]
+    pub health: HealthSpec,
+
+    /// When a replica is allowed to serve reads.
+    #[serde(default)]
+    pub read_gate: ReadGateSpec,
+
+    /// The proxy injected next to application containers.
+    #[serde(default)]
+    pub sidecar: SidecarSpec,
+
+    /// Node labels a Redis pod's node must have (passed to the pod spec).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations of the Redis pods (passed to the pod spec).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Affinity of the Redis pods (passed to the pod spec). Without it, the
+    /// operator spreads a shard's nodes across Kubernetes nodes on a best-effort basis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Topology spread constraints of the Redis pods (passed to the pod spec).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+
+    /// The PodDisruptionBudget the operator creates for the tier's pods.
+    #[serde(default)]
+    pub pod_disruption_budget: PodDisruptionBudgetSpec,
+}
+
+fn default_replicas_per_shard() -> i32 {
+    1
+}
+
+/// The Redis image used when `spec.image` is not set.
+pub const DEFAULT_IMAGE: &str = "redis:7.2";
+
+fn default_image() -> String {
+    DEFAULT_IMAGE.to_string()
+}
+
+/// Redis `maxmemory-policy`: which keys Redis evicts when memory is full.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaxMemoryPolicy {
+    /// Evict the least recently used keys (the usual choice for a cache).
+    #[default]
+    AllkeysLru,
+    /// Evict the least frequently used keys.
+    AllkeysLfu,
+    /// Evict random keys.
+    AllkeysRandom,
+    /// Evict the least recently used keys among those with a TTL.
+    VolatileLru,
+    /// Evict the least frequently used keys among those with a TTL.
+    VolatileLfu,
+    /// Evict random keys among those with a TTL.
+    VolatileRandom,
+    /// Evict the keys with the nearest expiry.
+    VolatileTtl,
+    /// Evict nothing: writes fail once memory is full.
+    Noeviction,
+}
+
+impl MaxMemoryPolicy {
+    /// The value as redis.conf spells it.
+    pub fn as_redis(self) -> &'static str {
+        match self {
+            Self::AllkeysLru => "allkeys-lru",
+            Self::AllkeysLfu => "allkeys-lfu",
+            Self::AllkeysRandom => "allkeys-random",
+            Self::VolatileLru => "volatile-lru",
+            Self::VolatileLfu => "volatile-lfu",
+            Self::VolatileRandom => "volatile-random",
+            Self::VolatileTtl => "volatile-ttl",
+            Self::Noeviction => "noeviction",
+        }
+    }
+}
+
+/// Credentials for the tier, read from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Name of the Secret, in the tier's namespace, that holds the credentials.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Key in the Secret whose value is the password.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1))]
+    pub password_key: String,
+    /// Key in the Secret whose value is the ACL user name. Without it the
+    /// `default` user is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_key: Option<String>,
+}
+
+fn default_password_key() -> String {
+    "password".to_string()
+}
+
+/// Node health probing and the replacement of failed nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("duration(self.probeInterval) >= duration('100ms') && duration(self.probeInterval) <= duration('1m')")
+        .message("health.probeInterval must be between 100ms and 1m")
+        .field_path(".probeInterval"),
+    validation = Rule::new("duration(self.responseTimeout) >= duration('10ms') && duration(self.responseTimeout) <= duration('30s')")
+        .message("health.responseTimeout must be between 10ms and 30s")
+        .field_path(".responseTimeout"),
+    validation = Rule::new("duration(self.evictAfter) >= duration('10s')")
+        .message("health.evictAfter must be at least 10s: shorter would replace replicas on a blip")
+        .field_path(".evictAfter")
+)]
+pub struct HealthSpec {
+    /// How often every node is probed (TCP connect + PING). Durations in this
+    /// resource are Go durations: `500ms`, `1s`, `5m`, `1h30m`.
+    #[serde(default = "one_second")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub probe_interval: Duration,
+    /// A node that has not answered a probe within this time has failed that
+    /// probe; the sidecar closes an upstream connection whose oldest request has
+    /// waited this long. The published lesson: no reply within one second means
+    /// the connection is bad, not slow.
+    #[serde(default = "one_second")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub response_timeout: Duration,
+    /// Consecutive failed probes after which a node is Failed (before that it is
+    /// Suspect).
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = 10))]
+    pub failure_threshold: i32,
+    /// How long a Failed replica may stay before it is removed from the cluster
+    /// and replaced by a fresh replica of the same shard.
+    #[serde(default = "default_evict_after")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub evict_after: Duration,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        Self {
+            probe_interval: one_second(),
+            response_timeout: one_second(),
+            failure_threshold: default_failure_threshold(),
+            evict_after: default_evict_after(),
+        }
+    }
+}
+
+fn one_second() -> Duration {
+    std::time::Duration::from_secs(1).into()
+}
+
+fn default_failure_threshold() -> i32 {
+    3
+}
+
+fn default_evict_after() -> Duration {
+    std::time::Duration::from_secs(300).into()
+}
+
+/// When a replica may serve reads. A replica that is loading its dataset, doing a
+/// full sync, has its link to the primary down, or lags further than
+/// `maxLagBytes` serves **no** reads until it has caught up: sending reads to a
+/// recovering replica is what made failed replicas fail again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadGateSpec {
+    /// Largest replication lag, in bytes of the replication stream, at which a
+    /// replica still serves reads.
+    #[serde(default = "default_max_lag_bytes")]
+    #[schemars(range(min = 0))]
+    pub max_lag_bytes: i64,
+}
+
+impl Default for ReadGateSpec {
+    fn default() -> Self {
+        Self {
+            max_lag_bytes: default_max_lag_bytes(),
+        }
+    }
+}
+
+fn default_max_lag_bytes() -> i64 {
+    1024 * 1024
+}
+
+/// Where the sidecar sends reads.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ReadPolicy {
+    /// A uniformly random serving replica per request (not per connection).
+    #[default]
+    Random,
+    /// Two random serving replicas; the one with fewer requests in flight.
+    BestOfTwo,
+    /// Every read goes to the shard's primary.
+    Primary,
+    /// Replicas only; the primary serves a read only when no replica is serving
+    /// (counted in a metric).
+    ReplicasOnly,
+}
+
+/// The proxy injected next to application containers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    /// Port on localhost where the application connects with a plain Redis client.
+    #[serde(default = "default_sidecar_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Where reads go.
+    #[serde(default)]
+    pub read_policy: ReadPolicy,
+    /// The in-process cache for hot keys.
+    #[serde(default)]
+    pub local_cache: LocalCacheSpec,
+    /// Compute resources of the sidecar container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for SidecarSpec {
+    fn default() -> Self {
+        Self {
+            port: default_sidecar_port(),
+            read_policy: ReadPolicy::default(),
+            local_cache: LocalCacheSpec::default(),
+            resources: None,
+        }
+    }
+}
+
+fn default_sidecar_port() -> i32 {
+    6379
+}
+
+/// The sidecar's local cache: hot keys under the configured prefixes are served
+/// from memory for at most `ttl`. Entries are invalidated by writes through the
+/// sidecar and, through Redis server-assisted tracking, by anyone else's writes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!self.enabled || (has(self.keyPrefixes) && size(self.keyPrefixes) > 0)")
+        .message("sidecar.localCache.enabled needs at least one keyPrefixes entry: only opted-in prefixes are cached")
+        .field_path(".keyPrefixes"),
+    validation = Rule::new("duration(self.ttl) > duration('0s') && duration(self.ttl) <= duration('1h')")
+        .message("sidecar.localCache.ttl must be more than 0s and at most 1h")
+        .field_path(".ttl")
+)]
+pub struct LocalCacheSpec {
+    /// Turns the local cache on.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Key prefixes whose values may be cached, e.g. `product:`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
+    pub key_prefixes: Vec<String>,
+    /// Longest time an entry is served from the local cache (at most 1h).
+    #[serde(default = "default_cache_ttl")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub ttl: Duration,
+    /// Upper bound of the cache's size in bytes (keys and values).
+    #[serde(default = "default_cache_max_bytes")]
+    #[schemars(range(min = 1024))]
+    pub max_bytes: i64,
+}
+
+impl Default for LocalCacheSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            key_prefixes: Vec::new(),
+            ttl: default_cache_ttl(),
+            max_bytes: default_cache_max_bytes(),
+        }
+    }
+}
+
+fn default_cache_ttl() -> Duration {
+    std::time::Duration::from_secs(60).into()
+}
+
+fn default_cache_max_bytes() -> i64 {
+    64 * 1024 * 1024
+}
+
+/// The PodDisruptionBudget of the tier's pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDisruptionBudgetSpec {
+    /// How many of the tier's pods a voluntary disruption (node drain) may take
+    /// down at once.
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 1))]
+    pub max_unavailable: i32,
+}
+
+impl Default for PodDisruptionBudgetSpec {
+    fn default() -> Self {
+        Self {
+            max_unavailable: default_max_unavailable(),
+        }
+    }
+}
+
+fn default_max_unavailable() -> i32 {
+    1
+}
+
+impl CacheTierSpec {
+    /// Nodes in the tier: `shards × (1 + replicasPerShard)`.
+    pub fn total_nodes(&self) -> i64 {
+        i64::from(self.shards) * (1 + i64::from(self.replicas_per_shard))
+    }
+
+    /// `maxMemory` in bytes. The schema pattern guarantees the shape; `None` only
+    /// for a value that overflows 64 bits.
+    pub fn max_memory_bytes(&self) -> Option<u64> {
+        parse_memory(&self.max_memory)
+    }
+}
+
+/// Parses a memory size as `maxMemory` accepts it (`512Mi`, `4Gi`, `1G`, `1000`).
+pub fn parse_memory(s: &str) -> Option<u64> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let mult: u64 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse_with_binary_and_decimal_suffixes() {
+        assert_eq!(parse_memory("512Mi"), Some(512 << 20));
+        assert_eq!(parse_memory("1G"), Some(1_000_000_000));
+        assert_eq!(parse_memory("1000"), Some(1000));
+        assert_eq!(parse_memory("1Pi"), None);
+        assert_eq!(parse_memory("99999999999999Ti"), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! The cachetier operator.

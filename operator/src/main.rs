@@ -20,8 +20,8 @@ struct Cli {
 enum Command {
     /// Print the CacheTier CustomResourceDefinition (YAML) on stdout.
     ///
-    /// `crds/cachetier.yaml` is exactly this output; regenerate it with
-    /// `cargo run -p cachetier-operator -- crd > crds/cachetier.yaml`.
+    /// `crds/cachetier.yaml` is exactly this output; `scripts/generate.sh`
+    /// rewrites it and `scripts/generate.sh --check` fails on drift.
     Crd,
 }
 

@@ -322,4 +322,36 @@ mod tests {
             "crds/cachetier.yaml is stale: run `cargo run -p cachetier-operator -- crd > crds/cachetier.yaml`"
         );
     }
+
+    /// `kubectl explain cachetier.spec.health` must read well: every property of
+    /// the schema, ours and the embedded Kubernetes types alike, has a description.
+    #[test]
+    fn every_field_of_the_crd_has_a_description() {
+        fn walk(schema: &Value, path: &str, missing: &mut Vec<String>) {
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (name, sub) in props {
+                    let child = format!("{path}.{name}");
+                    let top_level =
+                        path.is_empty() && matches!(name.as_str(), "apiVersion" | "kind" | "metadata");
+                    if !top_level
+                        && sub
+                            .get("description")
+                            .and_then(Value::as_str)
+                            .is_none_or(str::is_empty)
+                    {
+                        missing.push(child.clone());
+                    }
+                    walk(sub, &child, missing);
+                }
+            }
+            for key in ["items", "additionalProperties"] {
+                if let Some(sub) = schema.get(key).filter(|s| s.is_object()) {
+                    walk(sub, path, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(schema(), "", &mut missing);
+        assert!(missing.is_empty(), "fields without a description: {missing:?}");
+    }
 }

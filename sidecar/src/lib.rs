@@ -1,2 +1,33 @@
-//! The cachetier sidecar: a per-pod proxy that makes a Redis Cluster look like a
-//! single Redis server on localhost. Not yet implemented.
+//! The cachetier sidecar: a per-pod proxy that makes a Redis Cluster look like
+//! one plain Redis server on localhost, so applications need no cluster-aware
+//! client.
+//!
+//! It is responsible for the data path: the RESP codec ([`resp`]), slot
+//! routing ([`slot`], [`commands`], [`router`]), topology discovery
+//! ([`topology`]), read balancing over healthy replicas ([`balance`]), the
+//! response watchdog ([`upstream`]), the replica read gate ([`gate`]), the
+//! local hot-key cache with server-assisted invalidation ([`cache`]), and its
+//! own metrics ([`metrics`]). It is *not* responsible for the cluster itself:
+//! creating, scaling, failing over or repairing nodes is the operator's job;
+//! the sidecar only observes the cluster and routes around trouble.
+//!
+//! Embed it with [`Sidecar::bind`] (returns a handle with the bound address)
+//! or [`run`] (serves until a shutdown future resolves).
+
+pub mod balance;
+pub mod cache;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod metrics;
+pub mod resp;
+pub mod router;
+pub mod server;
+pub mod slot;
+pub mod topology;
+pub mod upstream;
+
+pub use config::{CacheConfig, Config, ReadPolicy};
+pub use error::{Error, Result};
+pub use server::{NodeState, Sidecar, run};

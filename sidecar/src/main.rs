@@ -1,4 +1,64 @@
-fn main() {
-    eprintln!("cachetier-sidecar: not implemented yet");
-    std::process::exit(2);
+//! `cachetier-sidecar`: flags/env → [`Config`], then serve until SIGTERM/ctrl-c.
+
+use anyhow::Context;
+use cachetier_sidecar::Config;
+use cachetier_sidecar::config::Args;
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let kind = e.kind();
+            let _ = e.print();
+            if !matches!(kind, clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) {
+                eprintln!(
+                    "note: every flag can also be set through its CACHETIER_* environment variable \
+                     (--read-policy ↔ CACHETIER_READ_POLICY, --seed ↔ CACHETIER_SEEDS comma-separated); \
+                     see --help for accepted forms"
+                );
+                std::process::exit(2);
+            }
+            return Ok(());
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = Config::from(args);
+    config.validate().context("invalid configuration")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        cachetier_sidecar::run(config, shutdown_signal())
+            .await
+            .context("sidecar failed")
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -1,0 +1,402 @@
+//! The local hot-key cache (lesson 4 of PRODUCT.md) and its invalidation.
+//!
+//! Only keys under configured prefixes are cached; values are the raw reply
+//! bytes exactly as Redis sent them, so a hit is a memcpy into the client's
+//! buffer. Entries live at most `ttl` and the whole cache is bounded in bytes
+//! by a moka weigher. Cached reads: `GET`, `MGET` (per key), `HGET`, `HGETALL`.
+//!
+//! Freshness, beyond the published design:
+//! * a write through this sidecar invalidates the key before it is sent and
+//!   again when its reply arrives;
+//! * every primary has a tracking connection (`HELLO 3` + `CLIENT TRACKING on
+//!   BCAST PREFIX ...`) whose invalidation pushes evict keys changed by
+//!   *anyone*, within milliseconds;
+//! * entries are only kept for slots whose primary's tracking connection is up;
+//!   when it drops, the entries it covered are flushed;
+//! * a fetch that raced with an invalidation is not inserted (striped epochs).
+//!
+//! Concurrent identical misses are coalesced: the first starts one upstream
+//! fetch in a task, the others wait on its result.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::config::CacheConfig;
+use crate::metrics::Metrics;
+use crate::resp::{self, Frame, Limits};
+use crate::slot;
+use crate::topology::Registry;
+use crate::upstream::Node;
+
+/// Which read a cached reply answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Variant {
+    Get,
+    HGetAll,
+    HGet,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub variant: Variant,
+    /// RESP version of the reply (HGETALL differs between 2 and 3).
+    pub proto: u8,
+    pub key: Bytes,
+    /// The hash field for `HGET`, empty otherwise.
+    pub field: Bytes,
+}
+
+impl CacheKey {
+    fn weight(&self, value: &Bytes) -> u32 {
+        let w = self.key.len() + self.field.len() + value.len() + 64;
+        u32::try_from(w).unwrap_or(u32::MAX)
+    }
+}
+
+const STRIPES: usize = 256;
+type Waiter = watch::Receiver<Option<Bytes>>;
+
+pub struct LocalCache {
+    cache: moka::future::Cache<CacheKey, Bytes>,
+    prefixes: Vec<Vec<u8>>,
+    epochs: Vec<AtomicU64>,
+    inflight: Mutex<HashMap<CacheKey, Waiter>>,
+    /// Keys that may have `HGET` entries (those need a predicate to invalidate).
+    hget_keys: Mutex<HashSet<Bytes>>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for LocalCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCache")
+            .field("entries", &self.cache.entry_count())
+            .field("bytes", &self.cache.weighted_size())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn stripe(key: &[u8]) -> usize {
+    usize::from(slot::crc16(key)) % STRIPES
+}
+
+impl LocalCache {
+    pub fn new(cfg: &CacheConfig, metrics: Metrics) -> Arc<Self> {
+        let evictions = metrics.cache_evictions.clone();
+        let cache = moka::future::Cache::builder()
+            .max_capacity(cfg.max_bytes)
+            .weigher(|k: &CacheKey, v: &Bytes| k.weight(v))
+            .time_to_live(cfg.ttl.min(CacheConfig::MAX_TTL))
+            .support_invalidation_closures()
+            .eviction_listener(move |_k, _v, cause| {
+                if cause.was_evicted() {
+                    evictions.inc();
+                }
+            })
+            .build();
+        Arc::new(LocalCache {
+            cache,
+            prefixes: cfg.prefixes.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            epochs: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            inflight: Mutex::new(HashMap::new()),
+            hget_keys: Mutex::new(HashSet::new()),
+            metrics,
+        })
+    }
+
+    pub fn prefixes(&self) -> &[Vec<u8>] {
+        &self.prefixes
+    }
+
+    pub fn covers(&self, key: &[u8]) -> bool {
+        self.prefixes.iter().any(|p| key.starts_with(p))
+    }
+
+    fn epoch(&self, key: &[u8]) -> u64 {
+        self.epochs[stripe(key)].load(Ordering::SeqCst)
+    }
+
+    /// Serve `key` from the cache, or run `fetch` once for all concurrent
+    /// askers. `cacheable` is false when the key's primary is not tracked; the
+    /// fetch is still coalesced but its result is not kept.
+    pub async fn get_or_fetch<F>(self: &Arc<Self>, key: CacheKey, cacheable: bool, fetch: F) -> Bytes
+    where
+        F: Future<Output = Bytes> + Send + 'static,
+    {
+        if let Some(v) = self.cache.get(&key).await {
+            self.metrics.cache_hits.inc();
+            return v;
+        }
+        self.metrics.cache_misses.inc();
+        let mut rx = {
+            let mut inflight = lock(&self.inflight);
+            if let Some(rx) = inflight.get(&key) {
+                self.metrics.coalesced.inc();
+                rx.clone()
+            } else {
+                let (tx, rx) = watch::channel(None);
+                inflight.insert(key.clone(), rx.clone());
+                let epoch = self.epoch(&key.key);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let value = fetch.await;
+                    let ok = !value.starts_with(b"-");
+                    if cacheable && ok && this.epoch(&key.key) == epoch {
+                        if key.variant == Variant::HGet {
+                            lock(&this.hget_keys).insert(key.key.clone());
+                        }
+                        this.cache.insert(key.clone(), value.clone()).await;
+                        // An invalidation between the check and the insert wins.
+                        if this.epoch(&key.key) != epoch {
+                            this.cache.invalidate(&key).await;
+                        }
+                    }
+                    {
+                        let mut inflight = lock(&this.inflight);
+                        // Only remove our own entry: an invalidation may have
+                        // replaced it with a newer fetch.
+                        if inflight.get(&key).is_some_and(|r| r.same_channel(&tx.subscribe())) {
+                            inflight.remove(&key);
+                        }
+                    }
+                    tx.send_replace(Some(value));
+                });
+                rx
+            }
+        };
+        match rx.wait_for(|v| v.is_some()).await {
+            Ok(v) => v.clone().unwrap_or_default(),
+            Err(_) => Bytes::from_static(b"-ERR cachetier: cache fetch was cancelled\r\n"),
+        }
+    }
+
+    /// Drop every entry for `key` (all variants) and make racing fetches
+    /// discard their result.
+    pub async fn invalidate(&self, key: &[u8], source: &str) {
+        self.epochs[stripe(key)].fetch_add(1, Ordering::SeqCst);
+        let key = Bytes::copy_from_slice(key);
+        {
+            let mut inflight = lock(&self.inflight);
+            inflight.retain(|k, _| k.key != key);
+        }
+        for variant in [Variant::Get, Variant::HGetAll] {
+            for proto in [2, 3] {
+                let ck = CacheKey {
+                    variant,
+                    proto,
+                    key: key.clone(),
+                    field: Bytes::new(),
+                };
+                if self.cache.remove(&ck).await.is_some() {
+                    self.metrics
+                        .cache_invalidations
+                        .with_label_values(&[source])
+                        .inc();
+                }
+            }
+        }
+        let had_hget = lock(&self.hget_keys).remove(&key);
+        if had_hget {
+            let k = key.clone();
+            let _ = self
+                .cache
+                .invalidate_entries_if(move |ck, _| ck.variant == Variant::HGet && ck.key == k);
+            self.metrics
+                .cache_invalidations
+                .with_label_values(&[source])
+                .inc();
+        }
+    }
+
+    /// Drop every entry whose key hashes into `slots` (a shard whose tracking
+    /// connection dropped), or everything when `slots` is `None`.
+    pub fn flush(&self, slots: Option<Vec<(u16, u16)>>, source: &str) {
+        for e in &self.epochs {
+            e.fetch_add(1, Ordering::SeqCst);
+        }
+        lock(&self.inflight).clear();
+        match slots {
+            None => {
+                self.cache.invalidate_all();
+                lock(&self.hget_keys).clear();
+            }
+            Some(ranges) => {
+                let _ = self.cache.invalidate_entries_if(move |k, _| {
+                    let s = slot::slot(&k.key);
+                    ranges.iter().any(|&(a, b)| a <= s && s <= b)
+                });
+            }
+        }
+        self.metrics
+            .cache_invalidations
+            .with_label_values(&[source])
+            .inc();
+    }
+
+    /// Run pending maintenance and publish size gauges.
+    pub async fn export(&self) {
+        self.cache.run_pending_tasks().await;
+        self.metrics
+            .cache_bytes
+            .set(i64::try_from(self.cache.weighted_size()).unwrap_or(i64::MAX));
+        self.metrics
+            .cache_entries
+            .set(i64::try_from(self.cache.entry_count()).unwrap_or(i64::MAX));
+    }
+
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    pub async fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+}
+
+/// Keep one tracking connection per current primary.
+pub async fn run_tracking(cache: Arc<LocalCache>, registry: Arc<Registry>, timeout: Duration) {
+    let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut last_primaries: Vec<String> = Vec::new();
+    loop {
+        let topo = registry.current();
+        let mut primaries: Vec<String> = topo.shards.iter().map(|s| s.primary.addr.clone()).collect();
+        primaries.sort();
+        if primaries != last_primaries && !last_primaries.is_empty() {
+            // Slot ownership moved: entries may now belong to untracked shards.
+            cache.flush(None, "topology");
+        }
+        last_primaries = primaries.clone();
+        tasks.retain(|addr, h| {
+            let keep = primaries.contains(addr) && !h.is_finished();
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for shard in &topo.shards {
+            let addr = shard.primary.addr.clone();
+            if tasks.contains_key(&addr) {
+                continue;
+            }
+            let node = shard.primary.clone();
+            let slots = shard.slots.clone();
+            let cache = cache.clone();
+            tasks.insert(
+                addr,
+                tokio::spawn(async move {
+                    let why = track(&cache, &node, timeout).await;
+                    node.tracked.store(false, Ordering::SeqCst);
+                    tracing::warn!(node = %node.addr, %why, "tracking connection lost; flushing the entries it covered");
+                    cache.flush(Some(slots), "tracking_lost");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }),
+            );
+        }
+        drop(topo);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One tracking session; returns why it ended.
+async fn track(cache: &LocalCache, node: &Node, timeout: Duration) -> String {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return format!("connect: {e}"),
+        Err(_) => return "connect timed out".into(),
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let mut cmd: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"on", b"BCAST"];
+    for p in cache.prefixes() {
+        cmd.push(b"PREFIX");
+        cmd.push(p);
+    }
+    let mut out = BytesMut::new();
+    resp::encode_command(&["HELLO", "3"], &mut out);
+    resp::encode_command(&cmd, &mut out);
+    if let Err(e) = wr.write_all(&out).await {
+        return format!("write: {e}");
+    }
+    let mut buf = BytesMut::with_capacity(4096);
+    let limits = Limits::upstream();
+    let mut awaiting: usize = 2;
+    let mut ping_sent: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    let mut tick = tokio::time::interval(timeout.min(Duration::from_secs(1)));
+    loop {
+        loop {
+            let n = match resp::check(&buf, &limits) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => return format!("protocol: {e}"),
+            };
+            let raw = buf.split_to(n).freeze();
+            let Ok(frame) = resp::parse(&raw) else {
+                return "unparseable frame".into();
+            };
+            match frame {
+                Frame::Push(items) => {
+                    let is_inval = matches!(items.first(), Some(Frame::Bulk(b)) if b.as_ref() == b"invalidate");
+                    if !is_inval {
+                        continue;
+                    }
+                    match items.get(1) {
+                        Some(Frame::Array(keys)) | Some(Frame::Set(keys)) => {
+                            for k in keys {
+                                if let Frame::Bulk(k) = k {
+                                    cache.invalidate(k, "tracking").await;
+                                }
+                            }
+                        }
+                        // A null key list means "everything" (FLUSHALL).
+                        _ => cache.flush(None, "tracking"),
+                    }
+                }
+                Frame::Error(e) | Frame::BulkError(e) => {
+                    return format!("error: {}", String::from_utf8_lossy(&e));
+                }
+                _ => {
+                    if awaiting > 0 {
+                        awaiting -= 1;
+                        if awaiting == 0 {
+                            node.tracked.store(true, Ordering::SeqCst);
+                            tracing::debug!(node = %node.addr, "tracking established");
+                        }
+                    }
+                    // Any reply proves liveness (PONG or the handshake).
+                    ping_sent = None;
+                }
+            }
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => return "eof".into(),
+                Ok(_) => {}
+                Err(e) => return format!("read: {e}"),
+            },
+            _ = tick.tick() => {
+                if let Some(at) = ping_sent {
+                    if at.elapsed() >= timeout {
+                        return "no reply to PING within the response timeout".into();
+                    }
+                } else {
+                    if let Err(e) = wr.write_all(&resp::command_bytes(&["PING"])).await {
+                        return format!("write: {e}");
+                    }
+                    ping_sent = Some(tokio::time::Instant::now());
+                }
+            }
+        }
+    }
+}

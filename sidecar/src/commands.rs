@@ -1,0 +1,304 @@
+//! The command table: for every command the sidecar will route, where its keys
+//! are and whether it reads or writes.
+//!
+//! The table is shipped, not discovered: the routing decision must be known
+//! before the first upstream connection exists, and a command missing here is
+//! answered with a clear error rather than a guessed route. Redis still checks
+//! arity and same-slot rules itself, so a key position this table does not list
+//! (for example `GEORADIUS ... STORE dst`) can only produce a Redis error, never
+//! a write to the wrong node.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use bytes::Bytes;
+
+/// How a command is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Keyed and idempotent: may go to a replica and may be retried once.
+    Read,
+    /// Keyed and mutating (or unsafe to repeat): always the slot's primary, never retried.
+    Write,
+    /// Answered by the sidecar itself or fanned out to every primary.
+    Server,
+    /// Runs on any one primary (no keys, cluster-wide effect).
+    AnyPrimary,
+    /// Refused with the given reason.
+    Unsupported(&'static str),
+}
+
+/// Where the keys are in the argument list (index 0 is the command name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySpec {
+    None,
+    /// Keys from `first` to `last` (negative counts from the end, -1 = last
+    /// argument) every `step` arguments.
+    Range { first: usize, last: isize, step: usize },
+    /// `numkeys` at index `at`, keys right after it (EVAL, ZUNION, LMPOP...).
+    Numkeys { at: usize },
+    /// A destination key at 1, then `numkeys` at 2 and the keys (ZUNIONSTORE...).
+    DestNumkeys,
+    /// Keys follow the `STREAMS` token and fill the first half of the rest (XREAD).
+    Streams,
+}
+
+/// Cross-slot handling for the multi-key commands the sidecar splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Reply arrays are merged back into argument order (MGET).
+    Array,
+    /// Every part must answer `+OK` (MSET).
+    AllOk,
+    /// Integer replies are summed (DEL, UNLINK, EXISTS, TOUCH).
+    Sum,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandInfo {
+    /// Lower-case name, also used as a metric label.
+    pub name: &'static str,
+    pub kind: Kind,
+    pub keys: KeySpec,
+    pub split: Option<Split>,
+}
+
+const BLOCKING: &str = "blocking commands are not supported by the cachetier sidecar: they would stall an upstream connection shared by many clients";
+const PUBSUB: &str = "pub/sub subscriptions are not supported by the cachetier sidecar; subscribe on a Redis node directly";
+const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
+const WATCH: &str = "WATCH is not supported by the cachetier sidecar (it needs a dedicated upstream connection); MULTI/EXEC on keys of one slot is supported";
+
+fn k1() -> KeySpec {
+    KeySpec::Range { first: 1, last: 1, step: 1 }
+}
+fn kall() -> KeySpec {
+    KeySpec::Range { first: 1, last: -1, step: 1 }
+}
+fn k12() -> KeySpec {
+    KeySpec::Range { first: 1, last: 2, step: 1 }
+}
+fn k2() -> KeySpec {
+    KeySpec::Range { first: 2, last: 2, step: 1 }
+}
+
+static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
+    let mut t = HashMap::new();
+    let mut add = |names: &[&'static str], kind: Kind, keys: KeySpec| {
+        for &name in names {
+            t.insert(name, CommandInfo { name, kind, keys, split: None });
+        }
+    };
+    use Kind::*;
+    add(
+        &[
+            "get", "getrange", "substr", "strlen", "ttl", "pttl", "expiretime", "pexpiretime",
+            "type", "dump", "hget", "hmget", "hgetall", "hkeys", "hvals", "hlen", "hexists",
+            "hstrlen", "hrandfield", "hscan", "lrange", "llen", "lindex", "lpos", "smembers",
+            "sismember", "smismember", "scard", "srandmember", "sscan", "zrange",
+            "zrangebyscore", "zrevrangebyscore", "zrangebylex", "zrevrangebylex", "zrevrange",
+            "zscore", "zmscore", "zcard", "zcount", "zlexcount", "zrank", "zrevrank", "zscan",
+            "zrandmember", "bitcount", "bitpos", "getbit", "bitfield_ro", "georadius_ro",
+            "georadiusbymember_ro", "geosearch", "geopos", "geodist", "geohash", "xrange",
+            "xrevrange", "xlen", "xpending", "sort_ro",
+        ],
+        Read,
+        k1(),
+    );
+    add(&["mget", "exists", "touch", "sinter", "sunion", "sdiff", "pfcount"], Read, kall());
+    add(&["lcs"], Read, k12());
+    add(&["xinfo", "memory"], Read, k2());
+    add(&["sintercard", "zdiff", "zinter", "zunion", "zintercard"], Read, KeySpec::Numkeys { at: 1 });
+    add(&["eval_ro", "evalsha_ro", "fcall_ro"], Read, KeySpec::Numkeys { at: 2 });
+    add(&["xread"], Read, KeySpec::Streams);
+    add(
+        &[
+            "set", "setnx", "setex", "psetex", "getset", "getdel", "getex", "append", "incr",
+            "decr", "incrby", "decrby", "incrbyfloat", "setrange", "expire", "pexpire",
+            "expireat", "pexpireat", "persist", "restore", "setbit", "bitfield", "pfadd",
+            "hset", "hsetnx", "hmset", "hdel", "hincrby", "hincrbyfloat", "lpush", "rpush",
+            "lpushx", "rpushx", "lpop", "rpop", "lset", "lrem", "ltrim", "linsert", "sadd",
+            "srem", "spop", "zadd", "zincrby", "zrem", "zremrangebyscore", "zremrangebyrank",
+            "zremrangebylex", "zpopmin", "zpopmax", "geoadd", "georadius", "georadiusbymember",
+            "xadd", "xdel", "xtrim", "xack", "xclaim", "xautoclaim", "xsetid", "sort",
+        ],
+        Write,
+        k1(),
+    );
+    add(&["del", "unlink", "pfmerge", "sinterstore", "sunionstore", "sdiffstore"], Write, kall());
+    add(&["rename", "renamenx", "copy", "rpoplpush", "lmove", "smove", "zrangestore", "geosearchstore"], Write, k12());
+    add(&["bitop"], Write, KeySpec::Range { first: 2, last: -1, step: 1 });
+    add(&["mset", "msetnx"], Write, KeySpec::Range { first: 1, last: -1, step: 2 });
+    add(&["xgroup"], Write, k2());
+    add(&["lmpop", "zmpop"], Write, KeySpec::Numkeys { at: 1 });
+    add(&["eval", "evalsha", "fcall"], Write, KeySpec::Numkeys { at: 2 });
+    add(&["zunionstore", "zinterstore", "zdiffstore"], Write, KeySpec::DestNumkeys);
+    add(&["xreadgroup"], Write, KeySpec::Streams);
+    add(
+        &[
+            "ping", "echo", "select", "hello", "client", "command", "info", "quit", "dbsize",
+            "flushall", "flushdb", "keys", "scan", "randomkey", "multi", "exec", "discard",
+            "unwatch", "auth", "readonly", "readwrite", "script", "reset",
+        ],
+        Server,
+        KeySpec::None,
+    );
+    add(&["time", "publish", "lastsave"], AnyPrimary, KeySpec::None);
+    add(
+        &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop", "wait", "waitaof"],
+        Unsupported(BLOCKING),
+        KeySpec::None,
+    );
+    add(
+        &["subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe", "spublish", "pubsub"],
+        Unsupported(PUBSUB),
+        KeySpec::None,
+    );
+    add(&["watch"], Unsupported(WATCH), KeySpec::None);
+    add(
+        &[
+            "config", "shutdown", "debug", "monitor", "save", "bgsave", "bgrewriteaof",
+            "replicaof", "slaveof", "cluster", "failover", "migrate", "move", "swapdb", "slowlog",
+            "latency", "acl", "module", "function", "object", "sync", "psync", "asking",
+        ],
+        Unsupported(ADMIN),
+        KeySpec::None,
+    );
+    for (name, split) in [
+        ("mget", Split::Array),
+        ("mset", Split::AllOk),
+        ("del", Split::Sum),
+        ("unlink", Split::Sum),
+        ("exists", Split::Sum),
+        ("touch", Split::Sum),
+    ] {
+        if let Some(info) = t.get_mut(name) {
+            info.split = Some(split);
+        }
+    }
+    t
+});
+
+/// Look a command up by its (case-insensitive) name.
+pub fn lookup(name: &[u8]) -> Option<&'static CommandInfo> {
+    if name.len() > 32 {
+        return None;
+    }
+    let mut buf = [0u8; 32];
+    let lower = &mut buf[..name.len()];
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    let s = std::str::from_utf8(lower).ok()?;
+    TABLE.get(s)
+}
+
+/// Number of commands the sidecar knows (for `COMMAND COUNT`).
+pub fn count() -> usize {
+    TABLE.len()
+}
+
+/// Why key positions could not be extracted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    WrongArity,
+    /// The command is blocking in this form (`XREAD BLOCK`).
+    Blocking,
+}
+
+/// Indices of the key arguments of `args` under `spec`.
+pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, KeyError> {
+    let n = args.len();
+    match info.keys {
+        KeySpec::None => Ok(Vec::new()),
+        KeySpec::Range { first, last, step } => {
+            let last = if last < 0 {
+                n as isize + last
+            } else {
+                last
+            };
+            if n <= first || last < first as isize {
+                return Err(KeyError::WrongArity);
+            }
+            let last = (last as usize).min(n - 1);
+            let keys: Vec<usize> = (first..=last).step_by(step).collect();
+            if step > 1 && (n - first) % step != 0 {
+                return Err(KeyError::WrongArity);
+            }
+            Ok(keys)
+        }
+        KeySpec::Numkeys { at } => {
+            let numkeys = numeric(args.get(at))?;
+            if numkeys == 0 {
+                // EVAL with no keys: route to any primary.
+                return Ok(Vec::new());
+            }
+            if n < at + 1 + numkeys {
+                return Err(KeyError::WrongArity);
+            }
+            Ok((at + 1..at + 1 + numkeys).collect())
+        }
+        KeySpec::DestNumkeys => {
+            let numkeys = numeric(args.get(2))?;
+            if n < 3 + numkeys {
+                return Err(KeyError::WrongArity);
+            }
+            let mut keys = vec![1];
+            keys.extend(3..3 + numkeys);
+            Ok(keys)
+        }
+        KeySpec::Streams => {
+            if args.iter().any(|a| a.eq_ignore_ascii_case(b"block")) {
+                return Err(KeyError::Blocking);
+            }
+            let at = args
+                .iter()
+                .position(|a| a.eq_ignore_ascii_case(b"streams"))
+                .ok_or(KeyError::WrongArity)?;
+            let rest = n - at - 1;
+            if rest == 0 || rest % 2 != 0 {
+                return Err(KeyError::WrongArity);
+            }
+            Ok((at + 1..at + 1 + rest / 2).collect())
+        }
+    }
+}
+
+fn numeric(arg: Option<&Bytes>) -> Result<usize, KeyError> {
+    arg.and_then(|a| std::str::from_utf8(a).ok())
+        .and_then(|s| s.parse::<usize>().ok())
+        .ok_or(KeyError::WrongArity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<Bytes> {
+        s.split(' ').map(|p| Bytes::copy_from_slice(p.as_bytes())).collect()
+    }
+
+    #[test]
+    fn lookup_is_case_insensitive_and_unknown_names_are_none() {
+        assert_eq!(lookup(b"GeT").map(|c| c.kind), Some(Kind::Read));
+        assert!(lookup(b"frobnicate").is_none());
+        assert!(lookup(&[b'x'; 100]).is_none());
+    }
+
+    #[test]
+    fn key_positions_follow_each_command_shape() {
+        let get = lookup(b"get").unwrap();
+        assert_eq!(key_indices(get, &args("GET k")).unwrap(), vec![1]);
+        assert_eq!(key_indices(get, &args("GET")).unwrap_err(), KeyError::WrongArity);
+        let mset = lookup(b"mset").unwrap();
+        assert_eq!(key_indices(mset, &args("MSET a 1 b 2")).unwrap(), vec![1, 3]);
+        assert_eq!(key_indices(mset, &args("MSET a 1 b")).unwrap_err(), KeyError::WrongArity);
+        let eval = lookup(b"eval").unwrap();
+        assert_eq!(key_indices(eval, &args("EVAL s 2 a b x")).unwrap(), vec![3, 4]);
+        let zus = lookup(b"zunionstore").unwrap();
+        assert_eq!(key_indices(zus, &args("ZUNIONSTORE d 2 a b")).unwrap(), vec![1, 3, 4]);
+        let xread = lookup(b"xread").unwrap();
+        assert_eq!(key_indices(xread, &args("XREAD COUNT 2 STREAMS a b 0 0")).unwrap(), vec![4, 5]);
+        assert_eq!(key_indices(xread, &args("XREAD BLOCK 0 STREAMS a 0")).unwrap_err(), KeyError::Blocking);
+        let bitop = lookup(b"bitop").unwrap();
+        assert_eq!(key_indices(bitop, &args("BITOP AND d a b")).unwrap(), vec![2, 3, 4]);
+    }
+}

@@ -1,0 +1,312 @@
+//! Configuration: typed structs the library consumes, and the clap/env front end
+//! the binary uses. Every flag has a `CACHETIER_*` twin; a bad value exits with a
+//! message naming both and the accepted form.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::error::{Error, Result};
+use crate::resp::Limits;
+
+/// How reads pick a node within the key's shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadPolicy {
+    /// A uniformly random serving replica per request (plus the primary when
+    /// [`Config::reads_include_primary`] is set); the primary only if no replica serves.
+    #[default]
+    Random,
+    /// Two random serving replicas; the one with fewer requests in flight.
+    BestOfTwo,
+    /// Always the primary (strongest consistency, no read scaling).
+    Primary,
+    /// Serving replicas only; the primary is used (and counted) only when none serves.
+    ReplicasOnly,
+}
+
+impl ReadPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadPolicy::Random => "random",
+            ReadPolicy::BestOfTwo => "bestOfTwo",
+            ReadPolicy::Primary => "primary",
+            ReadPolicy::ReplicasOnly => "replicasOnly",
+        }
+    }
+}
+
+impl FromStr for ReadPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(ReadPolicy::Random),
+            "bestOfTwo" | "best-of-two" => Ok(ReadPolicy::BestOfTwo),
+            "primary" => Ok(ReadPolicy::Primary),
+            "replicasOnly" | "replicas-only" => Ok(ReadPolicy::ReplicasOnly),
+            _ => Err("expected one of: random, bestOfTwo, primary, replicasOnly".into()),
+        }
+    }
+}
+
+/// The local hot-key cache. Disabled when `prefixes` is empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Key prefixes whose values may be cached (`product:`...). Empty = no cache.
+    pub prefixes: Vec<String>,
+    /// Time to live of an entry; at most [`CacheConfig::MAX_TTL`].
+    pub ttl: Duration,
+    /// Total weight bound: key + reply bytes of all entries.
+    pub max_bytes: u64,
+}
+
+impl CacheConfig {
+    pub const MAX_TTL: Duration = Duration::from_secs(3600);
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            prefixes: Vec::new(),
+            ttl: Duration::from_secs(60),
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Everything the sidecar needs to run. The operator builds this from a
+/// CacheTier's `sidecar` section; the binary builds it from flags and env.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where applications connect (default `127.0.0.1:6379`; port 0 picks one).
+    pub listen: SocketAddr,
+    /// `HOST:PORT` of one or more cluster nodes used to discover the topology.
+    pub seeds: Vec<String>,
+    /// Where `/metrics`, `/livez` and `/readyz` are served; `None` disables.
+    pub metrics: Option<SocketAddr>,
+    pub read_policy: ReadPolicy,
+    /// Under [`ReadPolicy::Random`], let the primary take its share of reads too.
+    /// Off by default: primaries already carry every write.
+    pub reads_include_primary: bool,
+    /// Watchdog: the oldest outstanding request on an upstream connection may
+    /// wait this long before the connection is closed and the node leaves rotation.
+    pub response_timeout: Duration,
+    /// A replica lagging its primary by more than this many bytes gets no reads.
+    pub max_lag_bytes: u64,
+    /// How often each replica's `INFO replication` is polled for the read gate.
+    pub gate_interval: Duration,
+    /// How often the topology is re-read even without a MOVED.
+    pub topology_refresh: Duration,
+    /// On shutdown, how long in-flight client requests may take to finish.
+    pub drain_timeout: Duration,
+    pub cache: CacheConfig,
+    /// Bounds on client requests.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6379)),
+            seeds: Vec::new(),
+            metrics: None,
+            read_policy: ReadPolicy::Random,
+            reads_include_primary: false,
+            response_timeout: Duration::from_secs(1),
+            max_lag_bytes: 1024 * 1024,
+            gate_interval: Duration::from_secs(1),
+            topology_refresh: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+            cache: CacheConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Check cross-field rules the type system cannot express.
+    pub fn validate(&self) -> Result<()> {
+        if self.seeds.is_empty() {
+            return Err(Error::Config(
+                "at least one seed is required (--seed HOST:PORT or CACHETIER_SEEDS=host1:port,host2:port)".into(),
+            ));
+        }
+        for s in &self.seeds {
+            parse_host_port(s).map_err(|e| Error::Config(format!("seed {s:?}: {e}")))?;
+        }
+        if self.cache.ttl.is_zero() || self.cache.ttl > CacheConfig::MAX_TTL {
+            return Err(Error::Config(
+                "cache TTL must be between 1ms and 1h (--cache-ttl / CACHETIER_CACHE_TTL)".into(),
+            ));
+        }
+        if self.response_timeout.is_zero() {
+            return Err(Error::Config(
+                "response timeout must be positive (--response-timeout / CACHETIER_RESPONSE_TIMEOUT)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| "expected HOST:PORT, e.g. redis-0.redis:6379".to_string())?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err("expected HOST:PORT, e.g. redis-0.redis:6379".into());
+    }
+    Ok(())
+}
+
+/// Parse `500ms`, `1s`, `2m`, `1h` (a bare number means seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?}: expected a number with ms, s, m or h, e.g. 500ms or 1s");
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(err()),
+    };
+    Ok(d)
+}
+
+/// Parse a byte size: `1048576`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let err = || format!("invalid size {s:?}: expected bytes with an optional KiB, MiB or GiB suffix, e.g. 64MiB");
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mult: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" | "KB" | "k" | "K" => 1024,
+        "MiB" | "MB" | "m" | "M" => 1024 * 1024,
+        "GiB" | "GB" | "g" | "G" => 1024 * 1024 * 1024,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+fn parse_seed(s: &str) -> Result<String, String> {
+    parse_host_port(s).map(|()| s.to_string())
+}
+
+fn parse_policy(s: &str) -> Result<ReadPolicy, String> {
+    s.parse()
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() || d > CacheConfig::MAX_TTL {
+        return Err(format!("cache TTL {s:?} out of range: expected 1ms..1h, e.g. 60s"));
+    }
+    Ok(d)
+}
+
+/// Command-line flags; each also reads its `CACHETIER_*` environment variable.
+#[derive(Debug, Parser)]
+#[command(name = "cachetier-sidecar", about = "Redis Cluster sidecar proxy: plain Redis on localhost, cluster-aware upstream")]
+pub struct Args {
+    /// Address applications connect to (HOST:PORT).
+    #[arg(long, env = "CACHETIER_LISTEN", default_value = "127.0.0.1:6379", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// A cluster seed node HOST:PORT (repeatable; env: comma-separated).
+    #[arg(long = "seed", env = "CACHETIER_SEEDS", value_delimiter = ',', value_parser = parse_seed, value_name = "HOST:PORT", required = true)]
+    pub seeds: Vec<String>,
+    /// Address of the metrics/health HTTP server (HOST:PORT).
+    #[arg(long, env = "CACHETIER_METRICS", default_value = "0.0.0.0:9121", value_name = "ADDR")]
+    pub metrics: SocketAddr,
+    /// random | bestOfTwo | primary | replicasOnly.
+    #[arg(long, env = "CACHETIER_READ_POLICY", default_value = "random", value_parser = parse_policy)]
+    pub read_policy: ReadPolicy,
+    /// Under `random`, also send reads to the primary.
+    #[arg(long, env = "CACHETIER_READS_INCLUDE_PRIMARY")]
+    pub reads_include_primary: bool,
+    /// Watchdog timeout per upstream connection (e.g. 1s, 500ms).
+    #[arg(long, env = "CACHETIER_RESPONSE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub response_timeout: Duration,
+    /// Replication lag (bytes) above which a replica gets no reads (e.g. 1MiB).
+    #[arg(long, env = "CACHETIER_MAX_LAG_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    pub max_lag_bytes: u64,
+    /// Read-gate polling interval (e.g. 1s).
+    #[arg(long, env = "CACHETIER_GATE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub gate_interval: Duration,
+    /// Periodic topology refresh interval (e.g. 10s).
+    #[arg(long, env = "CACHETIER_TOPOLOGY_REFRESH", default_value = "10s", value_parser = parse_duration)]
+    pub topology_refresh: Duration,
+    /// Key prefix to cache locally (repeatable; env: comma-separated).
+    #[arg(long = "cache-prefix", env = "CACHETIER_CACHE_PREFIXES", value_delimiter = ',')]
+    pub cache_prefixes: Vec<String>,
+    /// Local cache TTL, at most 1h (e.g. 60s).
+    #[arg(long, env = "CACHETIER_CACHE_TTL", default_value = "60s", value_parser = parse_ttl)]
+    pub cache_ttl: Duration,
+    /// Local cache size bound in bytes (e.g. 64MiB).
+    #[arg(long, env = "CACHETIER_CACHE_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    pub cache_max_bytes: u64,
+    /// Shutdown drain bound (e.g. 5s).
+    #[arg(long, env = "CACHETIER_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl From<Args> for Config {
+    fn from(a: Args) -> Self {
+        Config {
+            listen: a.listen,
+            seeds: a.seeds,
+            metrics: Some(a.metrics),
+            read_policy: a.read_policy,
+            reads_include_primary: a.reads_include_primary,
+            response_timeout: a.response_timeout,
+            max_lag_bytes: a.max_lag_bytes,
+            gate_interval: a.gate_interval,
+            topology_refresh: a.topology_refresh,
+            drain_timeout: a.drain_timeout,
+            cache: CacheConfig {
+                prefixes: a.cache_prefixes.into_iter().filter(|p| !p.is_empty()).collect(),
+                ttl: a.cache_ttl,
+                max_bytes: a.cache_max_bytes,
+            },
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_accept_their_documented_forms() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("1 fortnight").unwrap_err().contains("500ms"));
+        assert_eq!(parse_bytes("64MiB").unwrap(), 64 << 20);
+        assert!(parse_bytes("lots").unwrap_err().contains("MiB"));
+        assert!(parse_ttl("2h").is_err());
+    }
+
+    #[test]
+    fn flags_build_a_config_and_bad_values_name_the_flag() {
+        let a = Args::try_parse_from([
+            "x", "--seed", "a:1", "--seed", "b:2", "--read-policy", "bestOfTwo", "--cache-prefix", "p:",
+        ])
+        .unwrap();
+        let c = Config::from(a);
+        assert_eq!(c.seeds, vec!["a:1", "b:2"]);
+        assert_eq!(c.read_policy, ReadPolicy::BestOfTwo);
+        assert_eq!(c.cache.prefixes, vec!["p:"]);
+        c.validate().unwrap();
+        let err = Args::try_parse_from(["x", "--seed", "a:1", "--read-policy", "fastest"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("--read-policy") && msg.contains("bestOfTwo"), "{msg}");
+        let err = Args::try_parse_from(["x", "--seed", "nope"]).unwrap_err().to_string();
+        assert!(err.contains("--seed") && err.contains("HOST:PORT"), "{err}");
+    }
+}

@@ -1,0 +1,955 @@
+//! From a parsed client command to a reply: key extraction, slot routing,
+//! read balancing with one retry, MOVED/ASK, cross-slot split and merge, the
+//! local cache, server-wide fan-out and pinned transactions.
+//!
+//! Every function here returns the raw reply bytes the client will see;
+//! failures become RESP errors that say what the sidecar did.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+use crate::balance;
+use crate::cache::{CacheKey, LocalCache, Variant};
+use crate::commands::{self, CommandInfo, KeyError, Kind, Split};
+use crate::config::Config;
+use crate::error::UpstreamError;
+use crate::metrics::Metrics;
+use crate::resp::{self, Frame};
+use crate::slot;
+use crate::topology::Registry;
+use crate::upstream::{Node, Proto};
+
+const MAX_REDIRECTS: usize = 5;
+
+static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Per-client-connection state that changes how later commands are answered.
+#[derive(Debug)]
+pub struct ClientState {
+    pub id: u64,
+    pub proto: u8,
+    pub name: Option<Bytes>,
+    /// Commands queued since MULTI.
+    pub multi: Option<Vec<Vec<Bytes>>>,
+    /// A command queued inside MULTI was refused: EXEC must abort.
+    pub multi_failed: bool,
+}
+
+impl Default for ClientState {
+    fn default() -> Self {
+        Self {
+            id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
+            proto: 2,
+            name: None,
+            multi: None,
+            multi_failed: false,
+        }
+    }
+}
+
+impl ClientState {
+    fn upstream_proto(&self) -> Proto {
+        if self.proto == 3 { Proto::Resp3 } else { Proto::Resp2 }
+    }
+}
+
+/// The boxed reply future a client connection queues in pipeline order.
+pub type ReplyFuture = std::pin::Pin<Box<dyn Future<Output = Bytes> + Send>>;
+
+/// What the connection does with one parsed command.
+pub enum Action {
+    Reply(Bytes),
+    Later(ReplyFuture),
+    /// Reply, then close the connection (QUIT).
+    Close(Bytes),
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Reply(b) => f.debug_tuple("Reply").field(b).finish(),
+            Action::Later(_) => f.write_str("Later"),
+            Action::Close(b) => f.debug_tuple("Close").field(b).finish(),
+        }
+    }
+}
+
+fn err(msg: impl AsRef<str>) -> Bytes {
+    let mut out = BytesMut::new();
+    Frame::Error(Bytes::copy_from_slice(msg.as_ref().as_bytes())).encode(&mut out);
+    out.freeze()
+}
+
+fn ok() -> Bytes {
+    Bytes::from_static(b"+OK\r\n")
+}
+
+fn encode(f: &Frame) -> Bytes {
+    f.to_bytes()
+}
+
+fn null(proto: u8) -> Frame {
+    if proto == 3 { Frame::Null } else { Frame::NullBulk }
+}
+
+fn map(proto: u8, pairs: Vec<(Frame, Frame)>) -> Frame {
+    if proto == 3 {
+        Frame::Map(pairs)
+    } else {
+        Frame::Array(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect())
+    }
+}
+
+fn bulk(s: &str) -> Frame {
+    Frame::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+}
+
+fn upper(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_ascii_uppercase()
+}
+
+/// Shared by every client connection.
+#[derive(Debug)]
+pub struct Router {
+    pub registry: Arc<Registry>,
+    pub config: Config,
+    pub metrics: Metrics,
+    pub cache: Option<Arc<LocalCache>>,
+}
+
+impl Router {
+    /// Decide what to do with one command. Connection-state commands are
+    /// applied here, synchronously, so later pipelined commands see them.
+    pub fn dispatch(self: &Arc<Self>, st: &mut ClientState, args: Vec<Bytes>) -> Action {
+        let Some(name) = args.first() else {
+            return Action::Reply(err("ERR empty command"));
+        };
+        let Some(info) = commands::lookup(name) else {
+            self.metrics.requests.with_label_values(&["unknown", "error"]).inc();
+            let shown: String = String::from_utf8_lossy(name).chars().take(64).collect();
+            return Action::Reply(err(format!(
+                "ERR unknown command '{shown}': the cachetier sidecar does not know how to route it"
+            )));
+        };
+        if st.multi.is_some() {
+            return self.queue_in_multi(st, info, args);
+        }
+        let proto = st.proto;
+        match info.kind {
+            Kind::Unsupported(reason) => {
+                self.count(info.name, "error");
+                Action::Reply(err(format!("ERR {reason}")))
+            }
+            Kind::Server => self.server_command(st, info, args),
+            Kind::AnyPrimary => {
+                let this = self.clone();
+                let up = st.upstream_proto();
+                self.timed(info, async move { this.any_primary(resp::command_bytes(&args), up).await })
+            }
+            Kind::Read | Kind::Write => {
+                let this = self.clone();
+                let up = st.upstream_proto();
+                self.timed(info, async move { this.keyed(info, args, up, proto).await })
+            }
+        }
+    }
+
+    fn count(&self, name: &str, outcome: &str) {
+        self.metrics.requests.with_label_values(&[name, outcome]).inc();
+    }
+
+    fn timed<F>(self: &Arc<Self>, info: &'static CommandInfo, fut: F) -> Action
+    where
+        F: Future<Output = Bytes> + Send + 'static,
+    {
+        let metrics = self.metrics.clone();
+        Action::Later(Box::pin(async move {
+            let start = std::time::Instant::now();
+            let reply = fut.await;
+            let outcome = if reply.starts_with(b"-") { "error" } else { "ok" };
+            metrics.requests.with_label_values(&[info.name, outcome]).inc();
+            metrics
+                .latency
+                .with_label_values(&[info.name])
+                .observe(start.elapsed().as_secs_f64());
+            reply
+        }))
+    }
+
+    /// Route a keyed command by its slot(s).
+    async fn keyed(self: Arc<Self>, info: &'static CommandInfo, args: Vec<Bytes>, up: Proto, proto: u8) -> Bytes {
+        let keys = match commands::key_indices(info, &args) {
+            Ok(k) => k,
+            Err(KeyError::WrongArity) => {
+                return err(format!("ERR wrong number of arguments for '{}' command", info.name));
+            }
+            Err(KeyError::Blocking) => {
+                return err("ERR blocking XREAD/XREADGROUP (BLOCK) is not supported by the cachetier sidecar");
+            }
+        };
+        if keys.is_empty() {
+            return self.any_primary(resp::command_bytes(&args), up).await;
+        }
+        if info.kind == Kind::Write {
+            if let Some(cache) = &self.cache {
+                for &i in &keys {
+                    if cache.covers(&args[i]) {
+                        cache.invalidate(&args[i], "own_write").await;
+                    }
+                }
+            }
+        }
+        let slots: Vec<u16> = keys.iter().map(|&i| slot::slot(&args[i])).collect();
+        let same = slots.iter().all(|&s| s == slots[0]);
+        let cached_mget = info.split == Some(Split::Array)
+            && self.cache.as_ref().is_some_and(|c| keys.iter().any(|&i| c.covers(&args[i])));
+        let reply = if !same || cached_mget {
+            match info.split {
+                Some(split) => self.split(split, &args, &keys, &slots, up, proto).await,
+                None => err("CROSSSLOT Keys in request don't hash to the same slot"),
+            }
+        } else if let Some(variant) = self.cache_variant(info, &args) {
+            self.clone().cached_read(variant, args.clone(), slots[0], up, proto).await
+        } else {
+            self.single(slots[0], info.kind, resp::command_bytes(&args), up).await
+        };
+        if info.kind == Kind::Write {
+            if let Some(cache) = &self.cache {
+                for &i in &keys {
+                    if cache.covers(&args[i]) {
+                        cache.invalidate(&args[i], "own_write").await;
+                    }
+                }
+            }
+        }
+        reply
+    }
+
+    fn cache_variant(&self, info: &CommandInfo, args: &[Bytes]) -> Option<Variant> {
+        let cache = self.cache.as_ref()?;
+        let variant = match (info.name, args.len()) {
+            ("get", 2) => Variant::Get,
+            ("hgetall", 2) => Variant::HGetAll,
+            ("hget", 3) => Variant::HGet,
+            _ => return None,
+        };
+        cache.covers(&args[1]).then_some(variant)
+    }
+
+    async fn cached_read(self: Arc<Self>, variant: Variant, args: Vec<Bytes>, slot: u16, up: Proto, proto: u8) -> Bytes {
+        let Some(cache) = self.cache.clone() else {
+            return self.single(slot, Kind::Read, resp::command_bytes(&args), up).await;
+        };
+        let tracked = self
+            .registry
+            .current()
+            .shard(slot)
+            .is_some_and(|s| s.primary.tracked.load(Ordering::SeqCst));
+        let key = CacheKey {
+            variant,
+            proto,
+            key: args[1].clone(),
+            field: if variant == Variant::HGet { args[2].clone() } else { Bytes::new() },
+        };
+        let this = self.clone();
+        cache
+            .get_or_fetch(key, tracked, async move {
+                this.single(slot, Kind::Read, resp::command_bytes(&args), up).await
+            })
+            .await
+    }
+
+    /// Send one command for `slot`, following MOVED/ASK and retrying a failed
+    /// read once on another node.
+    pub async fn single(self: &Arc<Self>, slot: u16, kind: Kind, cmd: Bytes, up: Proto) -> Bytes {
+        let mut redirect: Option<(Arc<Node>, bool)> = None;
+        let mut avoid: Option<Arc<Node>> = None;
+        let mut retried = false;
+        for attempt in 0..MAX_REDIRECTS {
+            let (node, asking) = match redirect.take() {
+                Some(r) => r,
+                None => match self.pick(slot, kind, avoid.as_ref()) {
+                    Some(n) => (n, false),
+                    None => {
+                        self.registry.request_refresh();
+                        if attempt + 1 < MAX_REDIRECTS {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                        return err(format!("CLUSTERDOWN Hash slot {slot} is not served (topology unknown or incomplete)"));
+                    }
+                },
+            };
+            let (bytes, n) = if asking {
+                let mut b = BytesMut::from(&resp::command_bytes(&["ASKING"])[..]);
+                b.extend_from_slice(&cmd);
+                (b.freeze(), 2)
+            } else {
+                (cmd.clone(), 1)
+            };
+            match node.request(up, bytes, n).await {
+                Ok(mut replies) => {
+                    let reply = replies.pop().unwrap_or_default();
+                    if let Some(target) = redirect_target(&reply, b"MOVED ") {
+                        self.metrics.redirects.with_label_values(&["moved"]).inc();
+                        self.registry.request_refresh();
+                        redirect = Some((self.registry.node(&target), false));
+                        continue;
+                    }
+                    if let Some(target) = redirect_target(&reply, b"ASK ") {
+                        self.metrics.redirects.with_label_values(&["ask"]).inc();
+                        redirect = Some((self.registry.node(&target), true));
+                        continue;
+                    }
+                    if reply.starts_with(b"-TRYAGAIN") && attempt + 1 < MAX_REDIRECTS {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    return reply;
+                }
+                Err(e) => {
+                    if kind == Kind::Read && !retried {
+                        retried = true;
+                        self.metrics.read_retries.inc();
+                        avoid = Some(node);
+                        continue;
+                    }
+                    return upstream_error(&node.addr, kind, &e);
+                }
+            }
+        }
+        err("ERR cachetier: too many MOVED/ASK redirects")
+    }
+
+    fn pick(&self, slot: u16, kind: Kind, avoid: Option<&Arc<Node>>) -> Option<Arc<Node>> {
+        let topo = self.registry.current();
+        let shard = topo.shard(slot)?;
+        if kind != Kind::Read {
+            return Some(shard.primary.clone());
+        }
+        let p = balance::pick(
+            self.config.read_policy,
+            self.config.reads_include_primary,
+            &shard.primary,
+            &shard.replicas,
+            avoid,
+            &mut rand::rng(),
+        );
+        if p.fallback && self.config.read_policy != crate::config::ReadPolicy::Primary {
+            self.metrics.primary_fallbacks.inc();
+        }
+        Some(p.node.clone())
+    }
+
+    /// Split a cross-slot MGET/MSET/DEL/UNLINK/EXISTS/TOUCH per slot and merge.
+    async fn split(
+        self: &Arc<Self>,
+        split: Split,
+        args: &[Bytes],
+        keys: &[usize],
+        slots: &[u16],
+        up: Proto,
+        proto: u8,
+    ) -> Bytes {
+        let name = &args[0];
+        let per_key = if split == Split::AllOk { 2 } else { 1 };
+        // Group key positions by slot, keeping first-seen order.
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        let mut cached: Vec<usize> = Vec::new();
+        for (pos, (&ki, &s)) in keys.iter().zip(slots).enumerate() {
+            if split == Split::Array && self.cache.as_ref().is_some_and(|c| c.covers(&args[ki])) {
+                cached.push(pos);
+                continue;
+            }
+            match groups.iter_mut().find(|(gs, _)| *gs == s) {
+                Some((_, v)) => v.push(pos),
+                None => groups.push((s, vec![pos])),
+            }
+        }
+        let kind = if split == Split::Array || name.eq_ignore_ascii_case(b"exists") || name.eq_ignore_ascii_case(b"touch") {
+            Kind::Read
+        } else {
+            Kind::Write
+        };
+        let group_futs = groups.iter().map(|(s, positions)| {
+            let mut sub: Vec<&[u8]> = vec![name];
+            for &pos in positions {
+                let ki = keys[pos];
+                for a in &args[ki..ki + per_key] {
+                    sub.push(a);
+                }
+            }
+            let cmd = resp::command_bytes(&sub);
+            let this = self.clone();
+            let s = *s;
+            async move { this.single(s, kind, cmd, up).await }
+        });
+        let cached_futs = cached.iter().map(|&pos| {
+            let this = self.clone();
+            let key = args[keys[pos]].clone();
+            let s = slots[pos];
+            async move {
+                let get = vec![Bytes::from_static(b"GET"), key];
+                this.cached_read(Variant::Get, get, s, up, proto).await
+            }
+        });
+        let (replies, cached_replies) = futures_util::future::join(join_all(group_futs), join_all(cached_futs)).await;
+        match split {
+            Split::Array => {
+                let mut out: Vec<Option<Bytes>> = vec![None; keys.len()];
+                for ((_, positions), reply) in groups.iter().zip(&replies) {
+                    if reply.starts_with(b"-") {
+                        return reply.clone();
+                    }
+                    let Ok(Frame::Array(items)) = resp::parse(reply) else {
+                        return err("ERR cachetier: unexpected MGET reply from upstream");
+                    };
+                    if items.len() != positions.len() {
+                        return err("ERR cachetier: MGET reply length mismatch");
+                    }
+                    for (&pos, item) in positions.iter().zip(items) {
+                        out[pos] = Some(item.to_bytes());
+                    }
+                }
+                for (&pos, reply) in cached.iter().zip(cached_replies) {
+                    if reply.starts_with(b"-") {
+                        return reply;
+                    }
+                    out[pos] = Some(reply);
+                }
+                let mut buf = BytesMut::new();
+                buf.extend_from_slice(format!("*{}\r\n", out.len()).as_bytes());
+                for item in out {
+                    match item {
+                        Some(b) => buf.extend_from_slice(&b),
+                        None => null(proto).encode(&mut buf),
+                    }
+                }
+                buf.freeze()
+            }
+            Split::AllOk => {
+                for r in &replies {
+                    if !r.starts_with(b"+") {
+                        return r.clone();
+                    }
+                }
+                ok()
+            }
+            Split::Sum => {
+                let mut total: i64 = 0;
+                for r in &replies {
+                    match resp::parse(r) {
+                        Ok(Frame::Integer(i)) => total += i,
+                        _ => return r.clone(),
+                    }
+                }
+                encode(&Frame::Integer(total))
+            }
+        }
+    }
+
+    async fn any_primary(self: &Arc<Self>, cmd: Bytes, up: Proto) -> Bytes {
+        let primaries = self.primaries();
+        let Some(node) = primaries.get(rand::rng().random_range(0..primaries.len().max(1))).cloned() else {
+            self.registry.request_refresh();
+            return err("CLUSTERDOWN cachetier: topology not known yet");
+        };
+        match node.request(up, cmd, 1).await {
+            Ok(mut r) => r.pop().unwrap_or_default(),
+            Err(e) => upstream_error(&node.addr, Kind::Write, &e),
+        }
+    }
+
+    fn primaries(&self) -> Vec<Arc<Node>> {
+        self.registry
+            .current()
+            .shards
+            .iter()
+            .map(|s| s.primary.clone())
+            .collect()
+    }
+
+    /// Send `cmd` to every primary; Err carries the first error reply.
+    async fn fan_out(self: &Arc<Self>, cmd: Bytes, up: Proto) -> Result<Vec<Bytes>, Bytes> {
+        let primaries = self.primaries();
+        if primaries.is_empty() {
+            self.registry.request_refresh();
+            return Err(err("CLUSTERDOWN cachetier: topology not known yet"));
+        }
+        let futs = primaries.iter().map(|n| {
+            let cmd = cmd.clone();
+            async move { (n.addr.clone(), n.request(up, cmd, 1).await) }
+        });
+        let mut out = Vec::new();
+        for (addr, r) in join_all(futs).await {
+            match r {
+                Ok(mut r) => {
+                    let reply = r.pop().unwrap_or_default();
+                    if reply.starts_with(b"-") {
+                        return Err(reply);
+                    }
+                    out.push(reply);
+                }
+                Err(e) => return Err(upstream_error(&addr, Kind::Write, &e)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn server_command(self: &Arc<Self>, st: &mut ClientState, info: &'static CommandInfo, args: Vec<Bytes>) -> Action {
+        let proto = st.proto;
+        let up = st.upstream_proto();
+        let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
+        let this = self.clone();
+        let reply = |b: Bytes| {
+            this.count(info.name, if b.starts_with(b"-") { "error" } else { "ok" });
+            Action::Reply(b)
+        };
+        match info.name {
+            "ping" => match args.len() {
+                1 => reply(Bytes::from_static(b"+PONG\r\n")),
+                2 => reply(encode(&Frame::Bulk(args[1].clone()))),
+                _ => reply(err("ERR wrong number of arguments for 'ping' command")),
+            },
+            "echo" if args.len() == 2 => reply(encode(&Frame::Bulk(args[1].clone()))),
+            "echo" => reply(err("ERR wrong number of arguments for 'echo' command")),
+            "quit" => {
+                self.count(info.name, "ok");
+                Action::Close(ok())
+            }
+            "select" => match args.get(1).map(|a| a.as_ref()) {
+                Some(b"0") if args.len() == 2 => reply(ok()),
+                _ => reply(err("ERR cachetier: Redis Cluster has only database 0 (SELECT 0)")),
+            },
+            "readonly" | "readwrite" => reply(ok()),
+            "auth" => reply(err(
+                "ERR cachetier: the sidecar does not take AUTH; it authenticates to the cluster itself",
+            )),
+            "hello" => reply(self.hello(st, &args)),
+            "reset" => {
+                st.proto = 2;
+                st.name = None;
+                st.multi = None;
+                st.multi_failed = false;
+                reply(Bytes::from_static(b"+RESET\r\n"))
+            }
+            "client" => reply(self.client(st, &sub, &args)),
+            "command" => reply(match sub.as_str() {
+                "COUNT" => encode(&Frame::Integer(commands::count() as i64)),
+                // The sidecar's table carries routing facts, not Redis' command
+                // documentation; clients that ask get an empty answer and
+                // fall back to sending commands as typed.
+                "" | "DOCS" | "LIST" => encode(&Frame::Array(Vec::new())),
+                "INFO" => encode(&Frame::Array(args[2..].iter().map(|_| Frame::NullArray).collect())),
+                _ => err(format!("ERR cachetier: COMMAND {sub} is not supported")),
+            }),
+            "info" => reply(encode(&Frame::Bulk(Bytes::from(self.info_text())))),
+            "unwatch" => reply(ok()),
+            "multi" => {
+                st.multi = Some(Vec::new());
+                st.multi_failed = false;
+                reply(ok())
+            }
+            "exec" => reply(err("ERR EXEC without MULTI")),
+            "discard" => reply(err("ERR DISCARD without MULTI")),
+            "dbsize" | "flushall" | "flushdb" | "keys" | "scan" | "randomkey" | "script" => {
+                self.timed(info, async move { this.fanned(info.name, args, up, proto).await })
+            }
+            _ => reply(err(format!("ERR cachetier: '{}' is not supported", info.name))),
+        }
+    }
+
+    fn hello(&self, st: &mut ClientState, args: &[Bytes]) -> Bytes {
+        let mut i = 1;
+        if let Some(v) = args.get(1) {
+            match v.as_ref() {
+                b"2" => st.proto = 2,
+                b"3" => st.proto = 3,
+                _ => return err("NOPROTO unsupported protocol version"),
+            }
+            i = 2;
+        }
+        while i < args.len() {
+            match upper(&args[i]).as_str() {
+                "SETNAME" if i + 1 < args.len() => {
+                    st.name = Some(args[i + 1].clone());
+                    i += 2;
+                }
+                "AUTH" if i + 2 < args.len() => {
+                    return err("ERR cachetier: the sidecar does not take AUTH");
+                }
+                _ => return err("ERR syntax error in HELLO"),
+            }
+        }
+        let p = st.proto;
+        encode(&map(
+            p,
+            vec![
+                (bulk("server"), bulk("redis")),
+                (bulk("version"), bulk("7.0.0")),
+                (bulk("proto"), Frame::Integer(i64::from(p))),
+                (bulk("id"), Frame::Integer(st.id as i64)),
+                (bulk("mode"), bulk("standalone")),
+                (bulk("role"), bulk("master")),
+                (bulk("modules"), Frame::Array(Vec::new())),
+            ],
+        ))
+    }
+
+    fn client(&self, st: &mut ClientState, sub: &str, args: &[Bytes]) -> Bytes {
+        match sub {
+            "SETNAME" if args.len() == 3 => {
+                if args[2].iter().any(|&b| b == b' ' || b == b'\n') {
+                    return err("ERR Client names cannot contain spaces, newlines or special characters.");
+                }
+                st.name = if args[2].is_empty() { None } else { Some(args[2].clone()) };
+                ok()
+            }
+            "GETNAME" => match &st.name {
+                Some(n) => encode(&Frame::Bulk(n.clone())),
+                None => encode(&null(st.proto)),
+            },
+            "ID" => encode(&Frame::Integer(st.id as i64)),
+            // Client libraries announce themselves; nothing to do with it.
+            "SETINFO" => ok(),
+            "INFO" => {
+                let name = st.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
+                encode(&Frame::Bulk(Bytes::from(format!("id={} name={} db=0 resp={}\n", st.id, name, st.proto))))
+            }
+            _ => err(format!("ERR cachetier: CLIENT {sub} is not supported by the sidecar")),
+        }
+    }
+
+    fn info_text(&self) -> String {
+        let topo = self.registry.current();
+        let mut s = String::new();
+        s.push_str("# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\n");
+        s.push_str(&format!("cachetier_sidecar_version:{}\r\n", env!("CARGO_PKG_VERSION")));
+        s.push_str(&format!("read_policy:{}\r\n", self.config.read_policy.as_str()));
+        s.push_str("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n");
+        s.push_str(&format!("# Cluster\r\ncluster_enabled:0\r\ncachetier_shards:{}\r\n", topo.shards.len()));
+        for (i, shard) in topo.shards.iter().enumerate() {
+            let replicas: Vec<String> = shard
+                .replicas
+                .iter()
+                .map(|r| format!("{}={}", r.addr, if r.serving_replica() { "serving" } else { "gated" }))
+                .collect();
+            s.push_str(&format!(
+                "shard{i}:primary={}{},replicas={}\r\n",
+                shard.primary.addr,
+                if shard.primary.is_healthy() { "" } else { "(down)" },
+                replicas.join(";")
+            ));
+        }
+        if let Some(c) = &self.cache {
+            s.push_str(&format!("# Cache\r\ncache_bytes:{}\r\n", c.weighted_size()));
+        }
+        s
+    }
+
+    async fn fanned(self: Arc<Self>, name: &'static str, args: Vec<Bytes>, up: Proto, proto: u8) -> Bytes {
+        let cmd = resp::command_bytes(&args);
+        match name {
+            "dbsize" => match self.fan_out(cmd, up).await {
+                Ok(rs) => {
+                    let mut total = 0i64;
+                    for r in rs {
+                        if let Ok(Frame::Integer(i)) = resp::parse(&r) {
+                            total += i;
+                        }
+                    }
+                    encode(&Frame::Integer(total))
+                }
+                Err(e) => e,
+            },
+            "flushall" | "flushdb" => {
+                if let Some(c) = &self.cache {
+                    c.flush(None, "flush");
+                }
+                match self.fan_out(cmd, up).await {
+                    Ok(_) => ok(),
+                    Err(e) => e,
+                }
+            }
+            "keys" => match self.fan_out(cmd, up).await {
+                Ok(rs) => {
+                    let mut all = Vec::new();
+                    for r in rs {
+                        if let Ok(Frame::Array(items)) | Ok(Frame::Set(items)) = resp::parse(&r) {
+                            all.extend(items);
+                        }
+                    }
+                    encode(&Frame::Array(all))
+                }
+                Err(e) => e,
+            },
+            "randomkey" => {
+                let mut primaries = self.primaries();
+                primaries.shuffle(&mut rand::rng());
+                for n in primaries {
+                    match n.request(up, cmd.clone(), 1).await {
+                        Ok(mut r) => {
+                            let reply = r.pop().unwrap_or_default();
+                            if reply.starts_with(b"$") && !reply.starts_with(b"$-1") {
+                                return reply;
+                            }
+                        }
+                        Err(e) => return upstream_error(&n.addr, Kind::Read, &e),
+                    }
+                }
+                encode(&null(proto))
+            }
+            "scan" => self.scan(args, up).await,
+            "script" => self.script(args, cmd, up).await,
+            _ => err("ERR cachetier: unsupported"),
+        }
+    }
+
+    /// SCAN over every shard. The cursor packs the shard index into the low
+    /// 14 bits and the node's own cursor above it; a node cursor of 0 moves
+    /// to the next shard's primary. Shards are ordered by first slot, so the
+    /// walk is stable while the topology is; a reshard mid-walk may repeat or
+    /// skip keys (Redis' own SCAN guarantees hold per node only).
+    async fn scan(self: Arc<Self>, args: Vec<Bytes>, up: Proto) -> Bytes {
+        let Some(cursor) = args.get(1).and_then(|c| std::str::from_utf8(c).ok()).and_then(|c| c.parse::<u64>().ok()) else {
+            return err("ERR invalid cursor");
+        };
+        let primaries = self.primaries();
+        if primaries.is_empty() {
+            return err("CLUSTERDOWN cachetier: topology not known yet");
+        }
+        let mut shard = (cursor & 0x3FFF) as usize;
+        let mut node_cursor = cursor >> 14;
+        if shard >= primaries.len() {
+            return err("ERR invalid cursor");
+        }
+        loop {
+            let mut sub: Vec<Bytes> = vec![Bytes::from_static(b"SCAN"), Bytes::from(node_cursor.to_string())];
+            sub.extend(args[2..].iter().cloned());
+            let node = &primaries[shard];
+            let reply = match node.request(up, resp::command_bytes(&sub), 1).await {
+                Ok(mut r) => r.pop().unwrap_or_default(),
+                Err(e) => return upstream_error(&node.addr, Kind::Read, &e),
+            };
+            let Ok(Frame::Array(mut parts)) = resp::parse(&reply) else {
+                return reply;
+            };
+            if parts.len() != 2 {
+                return err("ERR cachetier: unexpected SCAN reply");
+            }
+            let keys = parts.pop().unwrap_or(Frame::Array(Vec::new()));
+            let next = match parts.pop() {
+                Some(Frame::Bulk(b)) => std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
+                _ => 0,
+            };
+            let out_cursor = if next != 0 {
+                if next >= (1 << 50) {
+                    return err("ERR cachetier: node cursor too large to combine");
+                }
+                (next << 14) | shard as u64
+            } else if shard + 1 < primaries.len() {
+                shard += 1;
+                node_cursor = 0;
+                // An empty page from a finished shard: keep going so the
+                // client does not see many empty pages.
+                if matches!(&keys, Frame::Array(k) if k.is_empty()) {
+                    continue;
+                }
+                shard as u64
+            } else {
+                0
+            };
+            return encode(&Frame::Array(vec![Frame::Bulk(Bytes::from(out_cursor.to_string())), keys]));
+        }
+    }
+
+    async fn script(self: Arc<Self>, args: Vec<Bytes>, cmd: Bytes, up: Proto) -> Bytes {
+        let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
+        match sub.as_str() {
+            "LOAD" | "FLUSH" => match self.fan_out(cmd, up).await {
+                Ok(mut rs) => rs.pop().unwrap_or_else(ok),
+                Err(e) => e,
+            },
+            "EXISTS" => match self.fan_out(cmd, up).await {
+                Ok(rs) => {
+                    let mut acc: Option<Vec<i64>> = None;
+                    for r in rs {
+                        let Ok(Frame::Array(items)) = resp::parse(&r) else {
+                            return r;
+                        };
+                        let v: Vec<i64> = items.iter().map(|f| matches!(f, Frame::Integer(1)) as i64).collect();
+                        acc = Some(match acc {
+                            None => v,
+                            Some(a) => a.iter().zip(&v).map(|(x, y)| x & y).collect(),
+                        });
+                    }
+                    encode(&Frame::Array(acc.unwrap_or_default().into_iter().map(Frame::Integer).collect()))
+                }
+                Err(e) => e,
+            },
+            _ => err(format!("ERR cachetier: SCRIPT {sub} is not supported")),
+        }
+    }
+
+    fn queue_in_multi(self: &Arc<Self>, st: &mut ClientState, info: &'static CommandInfo, args: Vec<Bytes>) -> Action {
+        match info.name {
+            "exec" => {
+                let cmds = st.multi.take().unwrap_or_default();
+                let failed = std::mem::take(&mut st.multi_failed);
+                if failed {
+                    return Action::Reply(err("EXECABORT Transaction discarded because of previous errors."));
+                }
+                let this = self.clone();
+                let up = st.upstream_proto();
+                self.timed(info, async move { this.exec(cmds, up).await })
+            }
+            "discard" => {
+                st.multi = None;
+                st.multi_failed = false;
+                Action::Reply(ok())
+            }
+            "multi" => Action::Reply(err("ERR MULTI calls can not be nested")),
+            _ => {
+                let refusal = match info.kind {
+                    Kind::Read | Kind::Write => match commands::key_indices(info, &args) {
+                        Ok(_) => None,
+                        Err(_) => Some(format!("ERR wrong number of arguments for '{}' command", info.name)),
+                    },
+                    Kind::Unsupported(reason) => Some(format!("ERR {reason}")),
+                    Kind::AnyPrimary => None,
+                    Kind::Server => Some(format!(
+                        "ERR cachetier: '{}' cannot run inside MULTI through the sidecar",
+                        info.name
+                    )),
+                };
+                match refusal {
+                    Some(e) => {
+                        st.multi_failed = true;
+                        Action::Reply(err(e))
+                    }
+                    None => {
+                        if let Some(q) = st.multi.as_mut() {
+                            q.push(args);
+                        }
+                        Action::Reply(Bytes::from_static(b"+QUEUED\r\n"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Run a queued transaction as one contiguous MULTI..EXEC block on the
+    /// slot's primary. The block is written back to back on the shared
+    /// connection, so no other client's command can land inside it.
+    async fn exec(self: Arc<Self>, cmds: Vec<Vec<Bytes>>, up: Proto) -> Bytes {
+        if cmds.is_empty() {
+            return encode(&Frame::Array(Vec::new()));
+        }
+        let mut slot: Option<u16> = None;
+        for args in &cmds {
+            let Some(info) = args.first().and_then(|n| commands::lookup(n)) else {
+                continue;
+            };
+            if let Ok(keys) = commands::key_indices(info, args) {
+                for i in keys {
+                    let s = slot::slot(&args[i]);
+                    if slot.is_some_and(|x| x != s) {
+                        return err("CROSSSLOT Keys in request don't hash to the same slot (a transaction through the sidecar must stay in one slot)");
+                    }
+                    slot = Some(s);
+                    if let Some(c) = &self.cache {
+                        if c.covers(&args[i]) {
+                            c.invalidate(&args[i], "own_write").await;
+                        }
+                    }
+                }
+            }
+        }
+        let mut block = BytesMut::new();
+        resp::encode_command(&["MULTI"], &mut block);
+        for args in &cmds {
+            resp::encode_command(args, &mut block);
+        }
+        resp::encode_command(&["EXEC"], &mut block);
+        let block = block.freeze();
+        let mut target: Option<Arc<Node>> = None;
+        for _ in 0..MAX_REDIRECTS {
+            let node = match (&target, slot) {
+                (Some(n), _) => n.clone(),
+                (None, Some(s)) => match self.registry.current().shard(s) {
+                    Some(sh) => sh.primary.clone(),
+                    None => return err(format!("CLUSTERDOWN Hash slot {s} is not served")),
+                },
+                (None, None) => match self.primaries().into_iter().next() {
+                    Some(n) => n,
+                    None => return err("CLUSTERDOWN cachetier: topology not known yet"),
+                },
+            };
+            match node.request(up, block.clone(), cmds.len() + 2).await {
+                Ok(replies) => {
+                    let moved = replies.iter().find_map(|r| redirect_target(r, b"MOVED "));
+                    if let Some(addr) = moved {
+                        self.registry.request_refresh();
+                        target = Some(self.registry.node(&addr));
+                        continue;
+                    }
+                    let last = replies.last().cloned().unwrap_or_default();
+                    // A command refused at queue time aborts EXEC; surface its
+                    // reason with the abort.
+                    if last.starts_with(b"-EXECABORT") {
+                        if let Some(first) = replies[1..replies.len() - 1].iter().find(|r| r.starts_with(b"-")) {
+                            let why = resp::error_text(first).map(|t| String::from_utf8_lossy(t).into_owned()).unwrap_or_default();
+                            return err(format!("EXECABORT Transaction discarded because of previous errors: {why}"));
+                        }
+                    }
+                    return last;
+                }
+                Err(e) => return upstream_error(&node.addr, Kind::Write, &e),
+            }
+        }
+        err("ERR cachetier: too many MOVED redirects for a transaction")
+    }
+}
+
+/// `-MOVED 3999 127.0.0.1:6381` → `127.0.0.1:6381`.
+fn redirect_target(reply: &[u8], kind: &[u8]) -> Option<String> {
+    let text = resp::error_text(reply)?;
+    let rest = text.strip_prefix(kind)?;
+    let s = std::str::from_utf8(rest).ok()?;
+    let addr = s.split_whitespace().nth(1)?;
+    // Redis may send ":port" when it does not know its own address.
+    if addr.starts_with(':') {
+        return None;
+    }
+    Some(addr.to_string())
+}
+
+fn upstream_error(addr: &str, kind: Kind, e: &UpstreamError) -> Bytes {
+    match (kind, e) {
+        (Kind::Read, _) | (_, UpstreamError::Connect(_)) => {
+            err(format!("ERR cachetier: upstream {addr} unavailable: {e}"))
+        }
+        _ => err(format!(
+            "ERR cachetier: upstream {addr} failed during a write ({e}); the write may or may not have been applied and was not retried"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moved_and_ask_replies_name_their_target() {
+        assert_eq!(redirect_target(b"-MOVED 3999 127.0.0.1:6381\r\n", b"MOVED "), Some("127.0.0.1:6381".into()));
+        assert_eq!(redirect_target(b"-ASK 1 10.0.0.1:7000\r\n", b"ASK "), Some("10.0.0.1:7000".into()));
+        assert_eq!(redirect_target(b"-ERR nope\r\n", b"MOVED "), None);
+        assert_eq!(redirect_target(b"+OK\r\n", b"MOVED "), None);
+    }
+}

@@ -1,0 +1,305 @@
+//! Client connections and the sidecar's lifecycle.
+//!
+//! Each client connection is one task: it parses as many pipelined commands
+//! as are buffered, starts each one (they run concurrently), and writes the
+//! replies strictly in request order. A protocol error is answered with one
+//! `-ERR` and the connection is closed; nothing a client sends can affect
+//! another client's connection.
+//!
+//! Shutdown: stop accepting, let every connection finish the requests it has
+//! already read (up to `drain_timeout`), then close.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::cache::{self, LocalCache};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::gate;
+use crate::metrics::{self, Metrics};
+use crate::resp::{self, Frame};
+use crate::router::{Action, ClientState, ReplyFuture, Router};
+use crate::topology::Registry;
+use crate::upstream::UpstreamSettings;
+
+/// Most requests one client may have in flight before the sidecar stops
+/// reading from it (backpressure instead of unbounded buffering).
+const MAX_PIPELINE: usize = 4096;
+
+/// A running sidecar. Dropping it does not stop it; call [`Sidecar::shutdown`].
+#[derive(Debug)]
+pub struct Sidecar {
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    router: Arc<Router>,
+    stop: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The state of one upstream node, as the sidecar sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeState {
+    pub addr: String,
+    pub primary: bool,
+    /// False while the watchdog has it out of rotation.
+    pub healthy: bool,
+    /// Replicas: the read gate is open. Primaries: always true.
+    pub gate_open: bool,
+}
+
+impl Sidecar {
+    /// Validate `config`, discover the topology (a failure is logged and
+    /// retried in the background; `/readyz` says when it is known), bind the
+    /// listener and the metrics server, and start serving.
+    pub async fn bind(config: Config) -> Result<Sidecar> {
+        config.validate()?;
+        let metrics = Metrics::new()?;
+        let settings = UpstreamSettings {
+            response_timeout: config.response_timeout,
+            metrics: metrics.clone(),
+        };
+        let registry = Registry::new(config.seeds.clone(), settings, metrics.clone());
+        if let Err(e) = registry.refresh().await {
+            tracing::warn!(error = %e, "initial topology discovery failed; retrying in the background");
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let mut background = Vec::new();
+        let metrics_addr = match config.metrics {
+            Some(addr) => {
+                let (bound, fut) = metrics::serve(addr, metrics.clone()).await?;
+                background.push(tokio::spawn(fut));
+                Some(bound)
+            }
+            None => None,
+        };
+        let cache = if config.cache.prefixes.is_empty() {
+            None
+        } else {
+            Some(LocalCache::new(&config.cache, metrics.clone()))
+        };
+        let router = Arc::new(Router {
+            registry: registry.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+            cache: cache.clone(),
+        });
+        // Until the first topology is known, retry quickly.
+        {
+            let registry = registry.clone();
+            let interval = config.topology_refresh;
+            background.push(tokio::spawn(async move {
+                while !registry.current().is_known() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let _ = registry.refresh().await;
+                }
+                registry.run_refresh(interval).await;
+            }));
+        }
+        background.push(tokio::spawn(gate::run(
+            registry.clone(),
+            config.gate_interval,
+            config.max_lag_bytes,
+        )));
+        if let Some(cache) = &cache {
+            background.push(tokio::spawn(cache::run_tracking(
+                cache.clone(),
+                registry.clone(),
+                config.response_timeout,
+            )));
+        }
+        {
+            let registry = registry.clone();
+            let metrics = metrics.clone();
+            let cache = cache.clone();
+            background.push(tokio::spawn(async move {
+                loop {
+                    gate::export(&registry, &metrics);
+                    if let Some(c) = &cache {
+                        c.export().await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }));
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, router.clone(), stop_rx, config.drain_timeout));
+        tracing::info!(%local_addr, ?metrics_addr, "cachetier sidecar listening");
+        Ok(Sidecar {
+            local_addr,
+            metrics_addr,
+            router,
+            stop,
+            accept,
+            background,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.router.metrics
+    }
+
+    /// True once a topology has been discovered.
+    pub fn is_ready(&self) -> bool {
+        self.router.registry.current().is_known()
+    }
+
+    /// Every node in the current topology with its rotation and gate state.
+    pub fn node_states(&self) -> Vec<NodeState> {
+        let topo = self.router.registry.current();
+        let mut out = Vec::new();
+        for shard in &topo.shards {
+            out.push(NodeState {
+                addr: shard.primary.addr.clone(),
+                primary: true,
+                healthy: shard.primary.is_healthy(),
+                gate_open: true,
+            });
+            for r in &shard.replicas {
+                out.push(NodeState {
+                    addr: r.addr.clone(),
+                    primary: false,
+                    healthy: r.is_healthy(),
+                    gate_open: r.gate_open(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Re-read the topology now (tests and the operator's local mode use this
+    /// after changing the cluster).
+    pub async fn refresh_topology(&self) -> Result<()> {
+        self.router.registry.refresh().await
+    }
+
+    /// Stop accepting, drain in-flight requests (bounded by the configured
+    /// drain timeout), stop background work.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        let _ = self.accept.await;
+        for h in &self.background {
+            h.abort();
+        }
+    }
+}
+
+/// Run until `shutdown` resolves, then drain and return.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let sidecar = Sidecar::bind(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    sidecar.shutdown().await;
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, router: Arc<Router>, mut stop: watch::Receiver<bool>, drain: Duration) {
+    let mut clients = JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    clients.spawn(serve_client(stream, router.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = clients.join_next(), if !clients.is_empty() => {}
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(drain, async {
+        while clients.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(remaining = clients.len(), "drain timeout: closing remaining client connections");
+        clients.abort_all();
+    }
+}
+
+async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::Receiver<bool>) {
+    router.metrics.client_connections.inc();
+    let (mut rd, mut wr) = stream.into_split();
+    let limits = router.config.limits;
+    let mut inbuf = BytesMut::with_capacity(16 * 1024);
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut pending: FuturesOrdered<ReplyFuture> = FuturesOrdered::new();
+    let mut st = ClientState::default();
+    let mut reading = !*stop.borrow();
+    loop {
+        while reading && pending.len() < MAX_PIPELINE {
+            match resp::parse_command(&mut inbuf, &limits) {
+                Ok(Some(args)) => match router.dispatch(&mut st, args) {
+                    Action::Reply(b) => pending.push_back(Box::pin(std::future::ready(b))),
+                    Action::Later(f) => pending.push_back(f),
+                    Action::Close(b) => {
+                        pending.push_back(Box::pin(std::future::ready(b)));
+                        reading = false;
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    let mut b = BytesMut::new();
+                    Frame::Error(bytes::Bytes::from(format!("ERR {e}; closing the connection"))).encode(&mut b);
+                    pending.push_back(Box::pin(std::future::ready(b.freeze())));
+                    reading = false;
+                }
+            }
+        }
+        if !reading && pending.is_empty() {
+            break;
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut inbuf), if reading && pending.len() < MAX_PIPELINE => match r {
+                // The client half-closed: answer what it sent, then close.
+                Ok(0) => reading = false,
+                Ok(_) => {}
+                Err(_) => break,
+            },
+            Some(reply) = pending.next(), if !pending.is_empty() => {
+                out.extend_from_slice(&reply);
+                while out.len() < 1024 * 1024 {
+                    match pending.next().now_or_never() {
+                        Some(Some(r)) => out.extend_from_slice(&r),
+                        _ => break,
+                    }
+                }
+                if wr.write_all(&out).await.is_err() {
+                    break;
+                }
+                out.clear();
+            }
+            _ = stop.changed(), if reading => reading = false,
+        }
+    }
+    let _ = wr.shutdown().await;
+    router.metrics.client_connections.dec();
+}

@@ -1,0 +1,372 @@
+//! Cluster topology: which shard owns each slot, and each shard's primary and
+//! replicas. Discovered from the seeds with `CLUSTER SHARDS`, re-read
+//! periodically and whenever a request meets a MOVED.
+//!
+//! Requests always read the current snapshot (an `Arc` swap under a short
+//! lock); a refresh builds a new snapshot on the side and swaps it in, so it
+//! never blocks a request. Node objects are kept across refreshes by address,
+//! so their connections, health and read-gate state survive.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::resp::Frame;
+use crate::slot::SLOTS;
+use crate::upstream::{self, Node, UpstreamSettings};
+
+#[derive(Debug)]
+pub struct Shard {
+    pub primary: Arc<Node>,
+    pub replicas: Vec<Arc<Node>>,
+    /// Inclusive slot ranges.
+    pub slots: Vec<(u16, u16)>,
+}
+
+/// One immutable snapshot of the cluster layout.
+#[derive(Debug)]
+pub struct Topology {
+    /// Ordered by first slot, so indexes are stable across equal snapshots
+    /// (the SCAN cursor relies on that).
+    pub shards: Vec<Shard>,
+    slot_map: Vec<u16>,
+}
+
+const UNASSIGNED: u16 = u16::MAX;
+
+impl Topology {
+    pub fn empty() -> Self {
+        Topology {
+            shards: Vec::new(),
+            slot_map: vec![UNASSIGNED; usize::from(SLOTS)],
+        }
+    }
+
+    pub fn shard_index(&self, slot: u16) -> Option<usize> {
+        match self.slot_map.get(usize::from(slot)) {
+            Some(&i) if i != UNASSIGNED => Some(usize::from(i)),
+            _ => None,
+        }
+    }
+
+    pub fn shard(&self, slot: u16) -> Option<&Shard> {
+        self.shard_index(slot).and_then(|i| self.shards.get(i))
+    }
+
+    pub fn is_known(&self) -> bool {
+        !self.shards.is_empty()
+    }
+}
+
+/// Shard layout as parsed from `CLUSTER SHARDS`, before nodes are attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub slots: Vec<(u16, u16)>,
+    pub primary: String,
+    pub replicas: Vec<String>,
+}
+
+/// Holds the current topology and every node object, and refreshes them.
+#[derive(Debug)]
+pub struct Registry {
+    current: RwLock<Arc<Topology>>,
+    nodes: Mutex<HashMap<String, Arc<Node>>>,
+    seeds: Vec<String>,
+    settings: UpstreamSettings,
+    metrics: Metrics,
+    refresh_now: Notify,
+    last_refresh: Mutex<Option<Instant>>,
+}
+
+impl Registry {
+    pub fn new(seeds: Vec<String>, settings: UpstreamSettings, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Registry {
+            current: RwLock::new(Arc::new(Topology::empty())),
+            nodes: Mutex::new(HashMap::new()),
+            seeds,
+            settings,
+            metrics,
+            refresh_now: Notify::new(),
+            last_refresh: Mutex::new(None),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Topology> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Ask for a refresh soon (after a MOVED); returns immediately.
+    pub fn request_refresh(&self) {
+        self.refresh_now.notify_one();
+    }
+
+    /// A node object for `addr`, created on first use (MOVED/ASK targets may
+    /// not be in the snapshot yet).
+    pub fn node(&self, addr: &str) -> Arc<Node> {
+        let mut nodes = lock(&self.nodes);
+        nodes
+            .entry(addr.to_string())
+            .or_insert_with(|| Node::new(addr.to_string(), self.settings.clone()))
+            .clone()
+    }
+
+    /// Read `CLUSTER SHARDS` from the seeds and the known primaries (first that
+    /// answers wins) and install the result.
+    pub async fn refresh(&self) -> Result<()> {
+        *lock(&self.last_refresh) = Some(Instant::now());
+        let mut candidates: Vec<String> = self
+            .current()
+            .shards
+            .iter()
+            .map(|s| s.primary.addr.clone())
+            .collect();
+        for s in &self.seeds {
+            if !candidates.contains(s) {
+                candidates.push(s.clone());
+            }
+        }
+        let timeout = self.settings.response_timeout.max(Duration::from_secs(1));
+        let mut last_err = String::from("no seeds configured");
+        for addr in candidates {
+            match upstream::oneshot_command(&addr, &["CLUSTER", "SHARDS"], timeout).await {
+                Ok(frame) => match parse_shards(&frame) {
+                    Ok(specs) if !specs.is_empty() => {
+                        self.install(specs);
+                        self.metrics
+                            .topology_refreshes
+                            .with_label_values(&["ok"])
+                            .inc();
+                        self.metrics.set_ready(true);
+                        return Ok(());
+                    }
+                    Ok(_) => last_err = format!("{addr}: no shards with slots"),
+                    Err(e) => last_err = format!("{addr}: {e}"),
+                },
+                Err(e) => last_err = format!("{addr}: {e}"),
+            }
+        }
+        self.metrics
+            .topology_refreshes
+            .with_label_values(&["error"])
+            .inc();
+        Err(Error::NoTopology(last_err))
+    }
+
+    fn install(&self, mut specs: Vec<ShardSpec>) {
+        specs.sort_by_key(|s| s.slots.iter().map(|r| r.0).min().unwrap_or(0));
+        let mut slot_map = vec![UNASSIGNED; usize::from(SLOTS)];
+        let mut shards = Vec::with_capacity(specs.len());
+        let mut nodes = lock(&self.nodes);
+        let mut live: HashMap<String, Arc<Node>> = HashMap::new();
+        let mut get = |addr: &str| -> Arc<Node> {
+            let n = nodes
+                .entry(addr.to_string())
+                .or_insert_with(|| Node::new(addr.to_string(), self.settings.clone()))
+                .clone();
+            live.insert(addr.to_string(), n.clone());
+            n
+        };
+        for (i, spec) in specs.into_iter().enumerate() {
+            for &(a, b) in &spec.slots {
+                for s in a..=b.min(SLOTS - 1) {
+                    slot_map[usize::from(s)] = i as u16;
+                }
+            }
+            let primary = get(&spec.primary);
+            // A primary's reads are never gated.
+            primary.set_gate(true);
+            let replicas = spec.replicas.iter().map(|r| get(r)).collect();
+            shards.push(Shard {
+                primary,
+                replicas,
+                slots: spec.slots,
+            });
+        }
+        let gone: Vec<String> = nodes
+            .keys()
+            .filter(|k| !live.contains_key(*k))
+            .cloned()
+            .collect();
+        for addr in gone {
+            if let Some(n) = nodes.remove(&addr) {
+                n.retire();
+                let _ = self.metrics.node_serving.remove_label_values(&[&addr, "replica"]);
+                let _ = self.metrics.node_serving.remove_label_values(&[&addr, "primary"]);
+            }
+        }
+        drop(nodes);
+        let topo = Arc::new(Topology { shards, slot_map });
+        match self.current.write() {
+            Ok(mut g) => *g = topo,
+            Err(p) => *p.into_inner() = topo,
+        }
+    }
+
+    /// Background loop: refresh every `interval`, and soon after a MOVED (at
+    /// most every 100 ms).
+    pub async fn run_refresh(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.refresh_now.notified() => {
+                    let since = lock(&self.last_refresh).map(|t| t.elapsed());
+                    if let Some(since) = since {
+                        let min = Duration::from_millis(100);
+                        if since < min {
+                            tokio::time::sleep(min - since).await;
+                        }
+                    }
+                }
+            }
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "topology refresh failed; keeping the previous topology");
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Map-like frames come as RESP2 flat arrays or RESP3 maps.
+fn pairs(f: &Frame) -> Option<Vec<(&Frame, &Frame)>> {
+    match f {
+        Frame::Map(p) => Some(p.iter().map(|(k, v)| (k, v)).collect()),
+        Frame::Array(items) if items.len() % 2 == 0 => {
+            Some(items.chunks(2).map(|c| (&c[0], &c[1])).collect())
+        }
+        _ => None,
+    }
+}
+
+fn text(f: &Frame) -> Option<String> {
+    match f {
+        Frame::Bulk(b) | Frame::Simple(b) | Frame::Verbatim(b) => {
+            Some(String::from_utf8_lossy(b).into_owned())
+        }
+        Frame::Integer(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn get<'a>(pairs: &[(&'a Frame, &'a Frame)], key: &str) -> Option<&'a Frame> {
+    pairs
+        .iter()
+        .find(|(k, _)| matches!(k, Frame::Bulk(b) | Frame::Simple(b) if b.as_ref() == key.as_bytes()))
+        .map(|(_, v)| *v)
+}
+
+/// Parse a `CLUSTER SHARDS` reply. Nodes reported as `failed` are left out;
+/// `loading` nodes are kept (the read gate keeps reads off them).
+pub fn parse_shards(f: &Frame) -> std::result::Result<Vec<ShardSpec>, String> {
+    let Frame::Array(shards) = f else {
+        if let Frame::Error(e) = f {
+            return Err(String::from_utf8_lossy(e).into_owned());
+        }
+        return Err("CLUSTER SHARDS reply is not an array".into());
+    };
+    let mut out = Vec::new();
+    for shard in shards {
+        let p = pairs(shard).ok_or("shard is not a map")?;
+        let slots = match get(&p, "slots") {
+            Some(Frame::Array(s)) => s
+                .chunks(2)
+                .filter_map(|c| match c {
+                    [Frame::Integer(a), Frame::Integer(b)] => Some((*a as u16, *b as u16)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        };
+        let Some(Frame::Array(nodes)) = get(&p, "nodes") else {
+            return Err("shard without nodes".into());
+        };
+        let mut primary = None;
+        let mut replicas = Vec::new();
+        for n in nodes {
+            let np = pairs(n).ok_or("node is not a map")?;
+            let field = |k: &str| get(&np, k).and_then(text).unwrap_or_default();
+            if field("health") == "failed" {
+                continue;
+            }
+            let host = match field("endpoint").as_str() {
+                "" | "?" => field("ip"),
+                e => e.to_string(),
+            };
+            let port = field("port");
+            if host.is_empty() || port.is_empty() || port == "0" {
+                continue;
+            }
+            let addr = format!("{host}:{port}");
+            if field("role") == "master" {
+                primary = Some(addr);
+            } else {
+                replicas.push(addr);
+            }
+        }
+        if slots.is_empty() {
+            continue;
+        }
+        let Some(primary) = primary else {
+            continue;
+        };
+        out.push(ShardSpec {
+            slots,
+            primary,
+            replicas,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn b(s: &str) -> Frame {
+        Frame::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn node(ip: &str, port: i64, role: &str, health: &str) -> Frame {
+        Frame::Array(vec![
+            b("id"), b("x"), b("port"), Frame::Integer(port), b("ip"), b(ip), b("endpoint"), b(ip),
+            b("role"), b(role), b("replication-offset"), Frame::Integer(1), b("health"), b(health),
+        ])
+    }
+
+    #[test]
+    fn cluster_shards_reply_becomes_shard_specs_without_failed_nodes() {
+        let reply = Frame::Array(vec![Frame::Array(vec![
+            b("slots"),
+            Frame::Array(vec![Frame::Integer(0), Frame::Integer(5460), Frame::Integer(6000), Frame::Integer(6001)]),
+            b("nodes"),
+            Frame::Array(vec![
+                node("10.0.0.1", 7000, "master", "online"),
+                node("10.0.0.2", 7001, "replica", "online"),
+                node("10.0.0.3", 7002, "replica", "failed"),
+                node("10.0.0.4", 7003, "replica", "loading"),
+            ]),
+        ])]);
+        let specs = parse_shards(&reply).unwrap();
+        assert_eq!(
+            specs,
+            vec![ShardSpec {
+                slots: vec![(0, 5460), (6000, 6001)],
+                primary: "10.0.0.1:7000".into(),
+                replicas: vec!["10.0.0.2:7001".into(), "10.0.0.4:7003".into()],
+            }]
+        );
+    }
+}

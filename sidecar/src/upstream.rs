@@ -1,0 +1,534 @@
+//! Upstream nodes and their pipelined connections, with the response watchdog.
+//!
+//! Each node has one long-lived connection per protocol version that every
+//! client request multiplexes onto: requests are written back to back and
+//! replies matched in order. The connection's reader tracks the *oldest*
+//! outstanding request; if it waits longer than the response timeout the
+//! connection is closed, every request on it fails with
+//! [`UpstreamError::Timeout`], and the node leaves rotation until a fresh
+//! connection answers a probe. Lesson 1 of PRODUCT.md: a node that is silent
+//! but not dead must not stall its clients.
+//!
+//! What happens to the failed requests (retry a read elsewhere, fail a write)
+//! is the caller's decision; this module never retries.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::UpstreamError;
+use crate::metrics::Metrics;
+use crate::resp::{self, Frame, Limits};
+
+/// RESP protocol version of an upstream connection (index into `Node::conns`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Resp2 = 0,
+    Resp3 = 1,
+}
+
+type ReplyTx = oneshot::Sender<Result<Vec<Bytes>, UpstreamError>>;
+
+struct Request {
+    bytes: Bytes,
+    replies: usize,
+    tx: ReplyTx,
+}
+
+struct Pending {
+    expected: usize,
+    got: Vec<Bytes>,
+    tx: ReplyTx,
+    sent: Instant,
+}
+
+struct ConnState {
+    pending: Mutex<VecDeque<Pending>>,
+    dead: AtomicBool,
+    closed: watch::Sender<bool>,
+}
+
+impl ConnState {
+    /// Mark dead and fail everything outstanding. Idempotent.
+    fn close(&self, why: &UpstreamError) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.closed.send_replace(true);
+        let drained: Vec<Pending> = match self.pending.lock() {
+            Ok(mut p) => p.drain(..).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
+        };
+        for p in drained {
+            let _ = p.tx.send(Err(why.clone()));
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Conn {
+    tx: mpsc::UnboundedSender<Request>,
+    state: Arc<ConnState>,
+}
+
+/// Settings shared by every node.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub response_timeout: Duration,
+    pub metrics: Metrics,
+}
+
+/// One Redis node as the sidecar sees it.
+pub struct Node {
+    pub addr: String,
+    settings: UpstreamSettings,
+    /// False after a watchdog closure or connect failure, until a probe succeeds.
+    healthy: AtomicBool,
+    /// Replica read gate (see `gate.rs`); starts closed so a new replica gets
+    /// no reads before its first successful poll.
+    gate_open: AtomicBool,
+    in_flight: AtomicUsize,
+    probing: AtomicBool,
+    /// Set when the node leaves the topology; stops probes.
+    retired: AtomicBool,
+    /// A primary whose `CLIENT TRACKING` connection is established: the local
+    /// cache may keep entries for its slots (see `cache.rs`).
+    pub tracked: AtomicBool,
+    conns: [Mutex<Option<Conn>>; 2],
+    connecting: [tokio::sync::Mutex<()>; 2],
+    this: Weak<Node>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("addr", &self.addr)
+            .field("healthy", &self.is_healthy())
+            .field("gate_open", &self.gate_open())
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+impl Node {
+    pub fn new(addr: String, settings: UpstreamSettings) -> Arc<Node> {
+        Arc::new_cyclic(|this| Node {
+            addr,
+            settings,
+            healthy: AtomicBool::new(true),
+            gate_open: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            probing: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            tracked: AtomicBool::new(false),
+            conns: [Mutex::new(None), Mutex::new(None)],
+            connecting: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
+            this: this.clone(),
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn gate_open(&self) -> bool {
+        self.gate_open.load(Ordering::Relaxed)
+    }
+
+    pub fn set_gate(&self, open: bool) {
+        self.gate_open.store(open, Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// May this node take reads as a replica?
+    pub fn serving_replica(&self) -> bool {
+        self.is_healthy() && self.gate_open()
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Close connections and stop background work: the node left the topology.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        for slot in &self.conns {
+            if let Some(c) = lock(slot).take() {
+                c.state.close(&UpstreamError::Closed("node left the topology".into()));
+            }
+        }
+    }
+
+    /// Send `bytes` (holding `replies` commands) and wait for all their replies.
+    pub async fn request(
+        &self,
+        proto: Proto,
+        bytes: Bytes,
+        replies: usize,
+    ) -> Result<Vec<Bytes>, UpstreamError> {
+        struct InFlight<'a>(&'a AtomicUsize);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _guard = InFlight(&self.in_flight);
+        let start = Instant::now();
+        let result = match self.enqueue(proto, bytes, replies).await {
+            Ok(rx) => match rx.await {
+                Ok(r) => r,
+                Err(_) => Err(UpstreamError::Closed("connection task ended".into())),
+            },
+            Err(e) => Err(e),
+        };
+        let m = &self.settings.metrics;
+        match &result {
+            Ok(_) => m
+                .upstream_latency
+                .with_label_values(&[self.addr.as_str()])
+                .observe(start.elapsed().as_secs_f64()),
+            Err(e) => m
+                .upstream_errors
+                .with_label_values(&[self.addr.as_str(), e.label()])
+                .inc(),
+        }
+        result
+    }
+
+    async fn enqueue(
+        &self,
+        proto: Proto,
+        bytes: Bytes,
+        replies: usize,
+    ) -> Result<oneshot::Receiver<Result<Vec<Bytes>, UpstreamError>>, UpstreamError> {
+        let (tx, rx) = oneshot::channel();
+        let mut req = Request { bytes, replies, tx };
+        let idx = proto as usize;
+        for _ in 0..2 {
+            let conn = lock(&self.conns[idx]).clone();
+            let conn = match conn {
+                Some(c) if !c.state.dead.load(Ordering::SeqCst) => c,
+                _ => self.connect_shared(proto).await?,
+            };
+            match conn.tx.send(req) {
+                Ok(()) => return Ok(rx),
+                Err(mpsc::error::SendError(r)) => {
+                    req = r;
+                    conn.state.dead.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        Err(UpstreamError::Closed("connection closed while sending".into()))
+    }
+
+    async fn connect_shared(&self, proto: Proto) -> Result<Conn, UpstreamError> {
+        let idx = proto as usize;
+        let _g = self.connecting[idx].lock().await;
+        if let Some(c) = lock(&self.conns[idx]).clone() {
+            if !c.state.dead.load(Ordering::SeqCst) {
+                return Ok(c);
+            }
+        }
+        match self.open(proto).await {
+            Ok(c) => {
+                *lock(&self.conns[idx]) = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                self.mark_down();
+                Err(e)
+            }
+        }
+    }
+
+    async fn open(&self, proto: Proto) -> Result<Conn, UpstreamError> {
+        let timeout = self.settings.response_timeout;
+        let (rd, wr, buf) = handshake(&self.addr, proto, timeout).await?;
+        let (closed, _) = watch::channel(false);
+        let state = Arc::new(ConnState {
+            pending: Mutex::new(VecDeque::new()),
+            dead: AtomicBool::new(false),
+            closed,
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(wr, rx, state.clone()));
+        tokio::spawn(reader(rd, buf, state.clone(), self.this.clone(), timeout));
+        Ok(Conn { tx, state })
+    }
+
+    /// Take the node out of rotation and start probing it.
+    pub fn mark_down(&self) {
+        if self.healthy.swap(false, Ordering::SeqCst) {
+            tracing::warn!(node = %self.addr, "node out of rotation");
+        }
+        if self.probing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Some(node) = self.this.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if node.retired.load(Ordering::Relaxed) {
+                    break;
+                }
+                // The handshake (READONLY) is the probe: it needs a reply within
+                // the response timeout, which a stopped process cannot give even
+                // though its kernel still accepts the TCP connection.
+                if let Ok(conn) = node.open(Proto::Resp2).await {
+                    *lock(&node.conns[0]) = Some(conn);
+                    if let Some(old) = lock(&node.conns[1]).take() {
+                        old.state.close(&UpstreamError::Closed("replaced after probe".into()));
+                    }
+                    node.healthy.store(true, Ordering::SeqCst);
+                    tracing::info!(node = %node.addr, "node back in rotation after a successful probe");
+                    break;
+                }
+            }
+            node.probing.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Connect and prepare a connection: `HELLO 3` for RESP3 and `READONLY` so a
+/// replica serves reads for its slots instead of answering MOVED.
+async fn handshake(
+    addr: &str,
+    proto: Proto,
+    timeout: Duration,
+) -> Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut), UpstreamError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| UpstreamError::Connect("connect timed out".into()))?
+        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut out = BytesMut::new();
+    let mut expected = 1;
+    if proto == Proto::Resp3 {
+        resp::encode_command(&["HELLO", "3"], &mut out);
+        expected += 1;
+    }
+    resp::encode_command(&["READONLY"], &mut out);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let fut = async {
+        wr.write_all(&out)
+            .await
+            .map_err(|e| UpstreamError::Closed(e.to_string()))?;
+        for _ in 0..expected {
+            let raw = read_frame(&mut rd, &mut buf).await?;
+            if let Some(err) = resp::error_text(&raw) {
+                return Err(UpstreamError::Protocol(
+                    String::from_utf8_lossy(err).into_owned(),
+                ));
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| UpstreamError::Timeout)??;
+    Ok((rd, wr, buf))
+}
+
+async fn read_frame(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<Bytes, UpstreamError> {
+    loop {
+        match resp::check(buf, &Limits::upstream()) {
+            Ok(Some(n)) => return Ok(buf.split_to(n).freeze()),
+            Ok(None) => {}
+            Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
+        }
+        let n = rd
+            .read_buf(buf)
+            .await
+            .map_err(|e| UpstreamError::Closed(e.to_string()))?;
+        if n == 0 {
+            return Err(UpstreamError::Closed("eof".into()));
+        }
+    }
+}
+
+async fn writer(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    state: Arc<ConnState>,
+) {
+    let mut closed = state.closed.subscribe();
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r { Some(r) => r, None => break },
+            _ = closed.changed() => break,
+        };
+        let mut batch = Some(first);
+        let mut n = 0;
+        while let Some(req) = batch.take() {
+            {
+                let mut p = lock(&state.pending);
+                if state.dead.load(Ordering::SeqCst) {
+                    drop(p);
+                    let _ = req
+                        .tx
+                        .send(Err(UpstreamError::Closed("connection closed".into())));
+                } else {
+                    out.extend_from_slice(&req.bytes);
+                    p.push_back(Pending {
+                        expected: req.replies.max(1),
+                        got: Vec::new(),
+                        tx: req.tx,
+                        sent: Instant::now(),
+                    });
+                }
+            }
+            n += 1;
+            if n < 256 && out.len() < 256 * 1024 {
+                batch = rx.try_recv().ok();
+            }
+        }
+        if out.is_empty() {
+            continue;
+        }
+        if let Err(e) = wr.write_all(&out).await {
+            state.close(&UpstreamError::Closed(e.to_string()));
+            break;
+        }
+        out.clear();
+    }
+    // Refuse anything still queued.
+    rx.close();
+    while let Ok(req) = rx.try_recv() {
+        let _ = req
+            .tx
+            .send(Err(UpstreamError::Closed("connection closed".into())));
+    }
+}
+
+async fn reader(
+    mut rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    state: Arc<ConnState>,
+    node: Weak<Node>,
+    timeout: Duration,
+) {
+    let mut closed = state.closed.subscribe();
+    let limits = Limits::upstream();
+    let why = loop {
+        // Deliver every complete reply already buffered.
+        let mut bad = None;
+        loop {
+            match resp::check(&buf, &limits) {
+                Ok(Some(n)) => {
+                    let raw = buf.split_to(n).freeze();
+                    if raw.first() == Some(&b'>') {
+                        // Out-of-band RESP3 push (none are requested on data
+                        // connections); not a reply to anything.
+                        continue;
+                    }
+                    let mut p = lock(&state.pending);
+                    let Some(front) = p.front_mut() else {
+                        bad = Some(UpstreamError::Protocol("reply with no request".into()));
+                        break;
+                    };
+                    front.got.push(raw);
+                    if front.got.len() >= front.expected {
+                        if let Some(done) = p.pop_front() {
+                            drop(p);
+                            let _ = done.tx.send(Ok(done.got));
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(UpstreamError::Protocol(e.to_string()));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = bad {
+            break e;
+        }
+        let oldest = lock(&state.pending).front().map(|p| p.sent);
+        let deadline = oldest.map(|t| tokio::time::Instant::from_std(t + timeout));
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break UpstreamError::Closed("eof".into()),
+                Ok(_) => {}
+                Err(e) => break UpstreamError::Closed(e.to_string()),
+            },
+            _ = sleep_until_opt(deadline) => {
+                let still = lock(&state.pending).front().map(|p| p.sent) == oldest;
+                if still {
+                    break UpstreamError::Timeout;
+                }
+            }
+            _ = closed.changed() => break UpstreamError::Closed("closed".into()),
+        }
+    };
+    if why == UpstreamError::Timeout {
+        if let Some(node) = node.upgrade() {
+            node.settings
+                .metrics
+                .watchdog_closures
+                .with_label_values(&[node.addr.as_str()])
+                .inc();
+            tracing::warn!(node = %node.addr, ?timeout, "watchdog: no reply in time, closing connection");
+        }
+    }
+    let is_failure = matches!(why, UpstreamError::Timeout | UpstreamError::Protocol(_))
+        || !state.dead.load(Ordering::SeqCst);
+    state.close(&why);
+    if is_failure {
+        if let Some(node) = node.upgrade() {
+            if !node.retired.load(Ordering::Relaxed) {
+                node.mark_down();
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One command on a fresh connection (topology discovery), bounded by `timeout`.
+pub async fn oneshot_command(
+    addr: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<Frame, UpstreamError> {
+    let fut = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let (mut rd, mut wr) = stream.into_split();
+        wr.write_all(&resp::command_bytes(args))
+            .await
+            .map_err(|e| UpstreamError::Closed(e.to_string()))?;
+        let mut buf = BytesMut::new();
+        let raw = read_frame(&mut rd, &mut buf).await?;
+        resp::parse(&raw).map_err(|e| UpstreamError::Protocol(e.to_string()))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
+}

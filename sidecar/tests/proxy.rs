@@ -1,0 +1,181 @@
+//! The sidecar against real Redis Clusters on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use cachetier_sidecar::Sidecar;
+use redis::AsyncCommands;
+use support::{Cluster, all_serving, client, config, eventually, http_get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_clients_see_the_cluster_as_one_redis_server() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+
+    // Strings, hashes, lists, sets, sorted sets.
+    let _: () = c.set("s:1", "v1").await.unwrap();
+    assert_eq!(c.get::<_, String>("s:1").await.unwrap(), "v1");
+    assert_eq!(c.incr::<_, _, i64>("counter", 5).await.unwrap(), 5);
+    let _: () = c.hset_multiple("h:1", &[("a", "1"), ("b", "2")]).await.unwrap();
+    let h: HashMap<String, String> = c.hgetall("h:1").await.unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(c.hget::<_, _, String>("h:1", "b").await.unwrap(), "2");
+    let _: () = c.rpush("l:1", &["x", "y", "z"]).await.unwrap();
+    assert_eq!(c.lrange::<_, Vec<String>>("l:1", 0, -1).await.unwrap(), vec!["x", "y", "z"]);
+    let _: () = c.sadd("set:1", &["a", "b", "a"]).await.unwrap();
+    assert_eq!(c.scard::<_, i64>("set:1").await.unwrap(), 2);
+    let _: () = c.zadd_multiple("z:1", &[(1.0, "one"), (2.0, "two")]).await.unwrap();
+    assert_eq!(c.zrange::<_, Vec<String>>("z:1", 0, -1).await.unwrap(), vec!["one", "two"]);
+
+    // Cross-slot MSET / MGET / EXISTS / DEL are split and merged in order.
+    let pairs: Vec<(String, String)> = (0..20).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+    let _: () = c.mset(&pairs).await.unwrap();
+    let keys: Vec<String> = pairs.iter().map(|(k, _)| k.clone()).chain(["missing".to_string()]).collect();
+    let vals: Vec<Option<String>> = c.mget(&keys).await.unwrap();
+    assert_eq!(vals.len(), 21);
+    for (i, v) in vals.iter().take(20).enumerate() {
+        assert_eq!(v.as_deref(), Some(format!("v{i}").as_str()));
+    }
+    assert_eq!(vals[20], None);
+    assert_eq!(c.exists::<_, i64>(&keys).await.unwrap(), 20);
+    assert_eq!(c.del::<_, i64>(&keys[..10]).await.unwrap(), 10);
+
+    // Other cross-slot commands are refused like Redis Cluster does.
+    let e = redis::cmd("RENAME").arg("k11").arg("k12").query_async::<()>(&mut c).await.unwrap_err();
+    assert!(e.to_string().to_uppercase().contains("CROSSSLOT"), "{e}");
+
+    // A pipeline keeps reply order.
+    let mut pipe = redis::pipe();
+    for i in 0..200 {
+        pipe.cmd("SET").arg(format!("p{i}")).arg(i).ignore();
+        pipe.cmd("GET").arg(format!("p{i}"));
+    }
+    let got: Vec<i64> = pipe.query_async(&mut c).await.unwrap();
+    assert_eq!(got, (0..200).collect::<Vec<i64>>());
+
+    // A transaction on one slot is pinned to its primary.
+    let (a, b): (i64, i64) = redis::pipe()
+        .atomic()
+        .cmd("INCR").arg("{tx}a")
+        .cmd("INCRBY").arg("{tx}b").arg(10)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((a, b), (1, 10));
+
+    // Server-wide commands behave as one server.
+    let dbsize: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    let mut all: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut c).await.unwrap();
+    assert_eq!(all.len() as i64, dbsize);
+    let mut scanned = Vec::new();
+    let mut cursor: u64 = 0;
+    for _ in 0..10_000 {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(50).query_async(&mut c).await.unwrap();
+        scanned.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    all.sort();
+    scanned.sort();
+    scanned.dedup();
+    assert_eq!(scanned, all, "SCAN walks every shard");
+    let rk: Option<String> = redis::cmd("RANDOMKEY").query_async(&mut c).await.unwrap();
+    assert!(rk.is_some());
+    assert_eq!(redis::cmd("PING").query_async::<String>(&mut c).await.unwrap(), "PONG");
+    assert_eq!(redis::cmd("ECHO").arg("hi").query_async::<String>(&mut c).await.unwrap(), "hi");
+    let _: () = redis::cmd("SELECT").arg(0).query_async(&mut c).await.unwrap();
+    assert!(redis::cmd("SELECT").arg(1).query_async::<()>(&mut c).await.is_err());
+    let _: () = redis::cmd("CLIENT").arg("SETNAME").arg("app").query_async(&mut c).await.unwrap();
+    assert_eq!(redis::cmd("CLIENT").arg("GETNAME").query_async::<String>(&mut c).await.unwrap(), "app");
+    let info: String = redis::cmd("INFO").query_async(&mut c).await.unwrap();
+    assert!(info.contains("cachetier_shards:3"), "{info}");
+    let time: Vec<String> = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+    assert_eq!(time.len(), 2);
+
+    // redis-cli, plain, through the sidecar.
+    let port = sidecar.local_addr().port().to_string();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli").args(["-p", &port]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&["SET", "cli:key", "hello"]), "OK");
+    assert_eq!(cli(&["GET", "cli:key"]), "hello");
+    assert_eq!(cli(&["MGET", "cli:key", "k15"]), "hello\nv15");
+    assert_eq!(cli(&["HGET", "h:1", "a"]), "1");
+
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+    assert_eq!(redis::cmd("DBSIZE").query_async::<i64>(&mut c).await.unwrap(), 0);
+
+    // Health and metrics.
+    let maddr = sidecar.metrics_addr().unwrap();
+    let (status, _) = http_get(maddr, "/readyz").await;
+    assert!(status.contains("200"), "{status}");
+    let (_, body) = http_get(maddr, "/metrics").await;
+    assert!(body.contains("cachetier_sidecar_requests_total{command=\"get\",outcome=\"ok\"}"), "{body}");
+    assert!(body.contains("cachetier_sidecar_topology_refreshes_total"));
+    sidecar.shutdown().await;
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, send: &[u8]) -> (String, bool) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(send).await.unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await.is_ok();
+    (String::from_utf8_lossy(&buf).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_clear_errors_and_do_not_disturb_other_clients() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let addr = sidecar.local_addr();
+    let mut bystander = client(&sidecar).await;
+    let _: () = bystander.set("steady", "1").await.unwrap();
+
+    let (reply, closed) = raw_exchange(addr, b"*1\r\n$abc\r\n").await;
+    assert!(reply.starts_with("-ERR Protocol error"), "{reply}");
+    assert!(closed);
+    let (reply, closed) = raw_exchange(addr, b"*1\r\n$99999999999\r\n").await;
+    assert!(reply.contains("exceeds the limit"), "{reply}");
+    assert!(closed);
+    let (reply, _) = raw_exchange(addr, &b"*1\r\n".repeat(100)).await;
+    assert!(reply.contains("nesting deeper"), "{reply}");
+    let long_inline = format!("GET {}\r\n", "x".repeat(100_000));
+    let (reply, _) = raw_exchange(addr, long_inline.as_bytes()).await;
+    assert!(reply.contains("inline command longer"), "{reply}");
+
+    // Unknown commands: a clear error, the connection stays usable.
+    let e = redis::cmd("FROBNICATE").arg("x").query_async::<()>(&mut bystander).await.unwrap_err();
+    assert!(e.to_string().contains("unknown command"), "{e}");
+    let e = redis::cmd("BLPOP").arg("q").arg(0).query_async::<()>(&mut bystander).await.unwrap_err();
+    assert!(e.to_string().contains("blocking"), "{e}");
+    let e = redis::cmd("SUBSCRIBE").arg("ch").query_async::<()>(&mut bystander).await.unwrap_err();
+    assert!(e.to_string().contains("pub/sub"), "{e}");
+
+    // Inline commands (telnet style) work.
+    let (reply, _) = raw_exchange(addr, b"PING\r\nQUIT\r\n").await;
+    assert_eq!(reply, "+PONG\r\n+OK\r\n");
+
+    // A client that sends a long pipeline and disconnects mid-way.
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut req = Vec::new();
+        for i in 0..2000 {
+            req.extend_from_slice(format!("*2\r\n$3\r\nGET\r\n$4\r\nk{:03}\r\n", i % 1000).as_bytes());
+        }
+        s.write_all(&req[..req.len() / 2 + 7]).await.unwrap();
+        drop(s);
+    }
+    for i in 0..100 {
+        let v: String = bystander.get("steady").await.unwrap();
+        assert_eq!(v, "1", "request {i}");
+    }
+    sidecar.shutdown().await;
+}

@@ -1,0 +1,286 @@
+//! Real Redis Cluster fixtures for the sidecar's integration tests.
+//!
+//! Starts `redis-server` processes with `cluster-enabled yes` on free
+//! 127.0.0.1 ports, joins them with `redis-cli --cluster create`, waits until
+//! the cluster is healthy and every replica is in sync, and kills exactly the
+//! processes it started when dropped.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+/// Ports come from a per-binary counter in 20000..25000; the cluster bus
+/// port is set explicitly to port + 20000 (40000..45000) so it never collides.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+fn free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+pub fn next_port() -> u16 {
+    if NEXT_PORT.load(Ordering::SeqCst) == 0 {
+        let base = 20000 + (std::process::id() % 40) as u16 * 100;
+        let _ = NEXT_PORT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
+    }
+    loop {
+        let mut p = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        if p >= 25000 {
+            NEXT_PORT.store(20000, Ordering::SeqCst);
+            p = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        }
+        if free(p) && free(p + 20000) {
+            return p;
+        }
+    }
+}
+
+/// One `redis-server` process this test started.
+pub struct RedisNode {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl RedisNode {
+    pub fn start(extra: &[&str]) -> RedisNode {
+        let port = next_port();
+        let dir = std::env::temp_dir().join(format!("cachetier-sidecar-test-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--bind", "127.0.0.1",
+                "--port", &port.to_string(),
+                "--cluster-enabled", "yes",
+                "--cluster-port", &(port + 20000).to_string(),
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "5000",
+                "--dir", dir.to_str().unwrap(),
+                "--save", "",
+                "--appendonly", "no",
+                "--repl-diskless-sync-delay", "0",
+                "--logfile", "redis.log",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let node = RedisNode { port, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.cli(&["PING"]).trim() != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server on {port} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Run redis-cli against this node and return its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A field of `INFO` (e.g. `master_link_status`).
+    pub fn info_field(&self, section: &str, field: &str) -> Option<String> {
+        let text = self.cli(&["INFO", section]);
+        info_field(&text, field)
+    }
+
+    /// `calls` of `cmdstat_<cmd>` in `INFO commandstats`.
+    pub fn calls(&self, cmd: &str) -> u64 {
+        calls(&self.cli(&["INFO", "commandstats"]), cmd)
+    }
+
+    pub fn node_id(&self) -> String {
+        self.cli(&["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// SIGSTOP / SIGCONT this process (only ever a pid this fixture spawned).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+pub fn info_field(text: &str, field: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.trim_end().strip_prefix(&format!("{field}:")).map(str::to_string))
+}
+
+pub fn calls(info: &str, cmd: &str) -> u64 {
+    info_field(info, &format!("cmdstat_{cmd}"))
+        .and_then(|v| {
+            v.split(',')
+                .find_map(|kv| kv.strip_prefix("calls=").and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+impl Drop for RedisNode {
+    fn drop(&mut self) {
+        // Resume first in case a test stopped it, then kill our own child.
+        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of `masters` shards with `replicas` replicas each.
+pub struct Cluster {
+    pub nodes: Vec<RedisNode>,
+}
+
+impl Cluster {
+    pub fn start(masters: usize, replicas: usize) -> Cluster {
+        let n = masters * (1 + replicas);
+        let nodes: Vec<RedisNode> = (0..n).map(|_| RedisNode::start(&[])).collect();
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(RedisNode::addr));
+        args.extend(["--cluster-replicas".into(), replicas.to_string(), "--cluster-yes".into()]);
+        let out = Command::new("redis-cli").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Cluster { nodes };
+        cluster.wait_healthy(n);
+        cluster
+    }
+
+    fn wait_healthy(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = self.nodes.iter().all(|node| {
+                let info = node.cli(&["CLUSTER", "INFO"]);
+                let state_ok = info_field(&info, "cluster_state").as_deref() == Some("ok");
+                let known = info_field(&info, "cluster_known_nodes").and_then(|v| v.parse::<usize>().ok()) == Some(n);
+                let repl = node.cli(&["INFO", "replication"]);
+                let synced = match info_field(&repl, "role").as_deref() {
+                    Some("slave") => info_field(&repl, "master_link_status").as_deref() == Some("up"),
+                    _ => true,
+                };
+                state_ok && known && synced
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cluster did not become healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        vec![self.nodes[0].addr()]
+    }
+
+    pub fn by_addr(&self, addr: &str) -> &RedisNode {
+        self.nodes.iter().find(|n| n.addr() == addr).expect("node of this cluster")
+    }
+
+    /// The primary and replicas that own `key`, by address.
+    pub fn shard_of(&self, key: &str) -> (String, Vec<String>) {
+        let slot: u16 = self.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).trim().parse().unwrap();
+        let text = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        let mut primary = None;
+        let mut primary_id = String::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") {
+                continue;
+            }
+            let owns = f[8..].iter().any(|r| match r.split_once('-') {
+                Some((a, b)) => a.parse::<u16>().unwrap() <= slot && slot <= b.parse::<u16>().unwrap(),
+                None => r.parse::<u16>().ok() == Some(slot),
+            });
+            if owns {
+                primary = Some(f[1].split('@').next().unwrap().to_string());
+                primary_id = f[0].to_string();
+            }
+        }
+        let replicas = text
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                (f.len() > 3 && f[3] == primary_id).then(|| f[1].split('@').next().unwrap().to_string())
+            })
+            .collect();
+        (primary.unwrap(), replicas)
+    }
+
+    pub fn reset_stats(&self) {
+        for n in &self.nodes {
+            n.cli(&["CONFIG", "RESETSTAT"]);
+        }
+    }
+}
+
+/// A sidecar configuration pointed at `cluster`, listening on a free port.
+pub fn config(cluster: &Cluster) -> cachetier_sidecar::Config {
+    cachetier_sidecar::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        seeds: cluster.seeds(),
+        metrics: Some("127.0.0.1:0".parse().unwrap()),
+        gate_interval: Duration::from_millis(200),
+        ..cachetier_sidecar::Config::default()
+    }
+}
+
+/// Wait (bounded) until `cond` holds.
+pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until every replica's read gate is open.
+pub async fn all_serving(sidecar: &cachetier_sidecar::Sidecar) {
+    eventually("all nodes serving", Duration::from_secs(10), || {
+        let s = sidecar.node_states();
+        !s.is_empty() && s.iter().all(|n| n.healthy && n.gate_open)
+    })
+    .await;
+}
+
+pub async fn client(sidecar: &cachetier_sidecar::Sidecar) -> redis::aio::MultiplexedConnection {
+    let url = format!("redis://{}/", sidecar.local_addr());
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// One HTTP/1.0 GET against the metrics port; returns (status line, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}

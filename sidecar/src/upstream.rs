@@ -53,6 +53,9 @@ struct ConnState {
     pending: Mutex<VecDeque<Pending>>,
     dead: AtomicBool,
     closed: watch::Sender<bool>,
+    /// Wakes the reader when the queue goes from empty to non-empty, so it
+    /// arms the watchdog for the new oldest request.
+    armed: tokio::sync::Notify,
 }
 
 impl ConnState {
@@ -258,6 +261,7 @@ impl Node {
             pending: Mutex::new(VecDeque::new()),
             dead: AtomicBool::new(false),
             closed,
+            armed: tokio::sync::Notify::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(wr, rx, state.clone()));
@@ -389,6 +393,9 @@ async fn writer(
                         .send(Err(UpstreamError::Closed("connection closed".into())));
                 } else {
                     out.extend_from_slice(&req.bytes);
+                    if p.is_empty() {
+                        state.armed.notify_one();
+                    }
                     p.push_back(Pending {
                         expected: req.replies.max(1),
                         got: Vec::new(),
@@ -478,6 +485,7 @@ async fn reader(
                     break UpstreamError::Timeout;
                 }
             }
+            _ = state.armed.notified(), if deadline.is_none() => {}
             _ = closed.changed() => break UpstreamError::Closed("closed".into()),
         }
     };

@@ -179,3 +179,158 @@ async fn malformed_requests_get_clear_errors_and_do_not_disturb_other_clients() 
     }
     sidecar.shutdown().await;
 }
+
+/// Read `key` through the sidecar from `tasks` concurrent loops until `stop`
+/// or `max` reads; returns (reads, errors).
+fn read_load(
+    sidecar: &Sidecar,
+    key: &'static str,
+    tasks: usize,
+    max: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    use std::sync::atomic::Ordering;
+    let addr = sidecar.local_addr();
+    tokio::spawn(async move {
+        let con = support::client_of(addr).await;
+        let per_task = max / tasks;
+        let mut handles = Vec::new();
+        for _ in 0..tasks {
+            let mut con = con.clone();
+            let stop = stop.clone();
+            handles.push(tokio::spawn(async move {
+                let (mut ok, mut errors) = (0, 0);
+                for _ in 0..per_task {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match con.get::<_, Option<String>>(key).await {
+                        Ok(Some(_)) => ok += 1,
+                        _ => errors += 1,
+                    }
+                }
+                (ok, errors)
+            }));
+        }
+        let mut total = (0, 0);
+        for h in handles {
+            let (o, e) = h.await.unwrap();
+            total.0 += o;
+            total.1 += e;
+        }
+        total
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_policy_gives_each_of_three_replicas_a_third_of_30k_reads() {
+    let cluster = Cluster::start(3, 3);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("balanced", "v").await.unwrap();
+    let (primary, replicas) = cluster.shard_of("balanced");
+    assert_eq!(replicas.len(), 3);
+    cluster.reset_stats();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, errors) = read_load(&sidecar, "balanced", 30, 30_000, stop).await.unwrap();
+    assert_eq!((ok, errors), (30_000, 0));
+    let counts: Vec<u64> = replicas.iter().map(|r| cluster.by_addr(r).calls("get")).collect();
+    assert_eq!(cluster.by_addr(&primary).calls("get"), 0, "reads stay off the primary");
+    assert_eq!(counts.iter().sum::<u64>(), 30_000, "{counts:?}");
+    for n in &counts {
+        assert!((9_000..=11_000).contains(n), "each replica within 1/3 ± 3%: {counts:?}");
+    }
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replica_leaves_rotation_within_1_2s_and_reads_keep_succeeding() {
+    use std::sync::atomic::Ordering;
+    let cluster = Cluster::start(3, 2);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("steady-read", "v").await.unwrap();
+    let (_, replicas) = cluster.shard_of("steady-read");
+    let victim = cluster.by_addr(&replicas[0]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = read_load(&sidecar, "steady-read", 8, 2_000_000, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    victim.signal("-STOP");
+    let stopped_at = Instant::now();
+    let victim_addr = victim.addr();
+    let out = |s: &Sidecar| s.node_states().iter().any(|n| n.addr == victim_addr && !n.healthy);
+    eventually("stopped replica out of rotation", Duration::from_secs(3), || out(&sidecar)).await;
+    let took = stopped_at.elapsed();
+    assert!(took <= Duration::from_millis(1200), "left rotation after {took:?}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    victim.signal("-CONT");
+    eventually("resumed replica back in rotation", Duration::from_secs(5), || {
+        sidecar.node_states().iter().any(|n| n.addr == victim_addr && n.healthy && n.gate_open)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, errors) = load.await.unwrap();
+    assert!(ok > 1_000, "the load ran: {ok}");
+    assert_eq!(errors, 0, "no read failed while the replica was stopped");
+    assert!(sidecar.metrics().watchdog_closures.with_label_values(&[victim_addr.as_str()]).get() >= 1);
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_in_full_resync_receives_no_reads_until_it_is_in_sync() {
+    use std::sync::atomic::Ordering;
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("resync-key", "v").await.unwrap();
+    let (primary, _) = cluster.shard_of("resync-key");
+    let primary = cluster.by_addr(&primary);
+    // Hold the full sync open for a few seconds.
+    primary.cli(&["CONFIG", "SET", "repl-diskless-sync-delay", "3"]);
+    let fresh = support::RedisNode::start(&[]);
+    fresh.cli(&["CLUSTER", "MEET", "127.0.0.1", &primary.port.to_string(), &(primary.port + 20000).to_string()]);
+    let pid = primary.node_id();
+    eventually("new node knows the primary", Duration::from_secs(10), || {
+        fresh.cli(&["CLUSTER", "NODES"]).contains(&pid)
+    })
+    .await;
+    let reply = fresh.cli(&["CLUSTER", "REPLICATE", &pid]);
+    assert!(reply.contains("OK"), "{reply}");
+    let fresh_addr = fresh.addr();
+    // The sidecar learns about the new replica while it is still syncing.
+    eventually("sidecar sees the new replica", Duration::from_secs(10), || {
+        let _ = futures_util::FutureExt::now_or_never(sidecar.refresh_topology());
+        sidecar.node_states().iter().any(|n| n.addr == fresh_addr)
+    })
+    .await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = read_load(&sidecar, "resync-key", 4, 10_000_000, stop.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut polls_while_syncing = 0;
+    loop {
+        // Replication state and command counts from one INFO call, so they
+        // describe the same instant.
+        let info = fresh.cli(&["INFO", "everything"]);
+        let in_sync = support::info_field(&info, "master_link_status").as_deref() == Some("up")
+            && support::info_field(&info, "master_sync_in_progress").as_deref() == Some("0");
+        if in_sync {
+            break;
+        }
+        polls_while_syncing += 1;
+        assert_eq!(support::calls(&info, "get"), 0, "a syncing replica served a read");
+        assert!(Instant::now() < deadline, "resync did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(polls_while_syncing > 5, "the sync window was observed ({polls_while_syncing} polls)");
+    // Once in sync the gate opens and the replica takes its share.
+    eventually("synced replica serves reads", Duration::from_secs(10), || fresh.calls("get") > 0).await;
+    stop.store(true, Ordering::Relaxed);
+    let (_, errors) = load.await.unwrap();
+    assert_eq!(errors, 0);
+    sidecar.shutdown().await;
+}

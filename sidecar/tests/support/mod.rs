@@ -164,13 +164,26 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout)
         );
         let cluster = Cluster { nodes };
-        cluster.wait_healthy(n);
+        cluster.wait_healthy(n, masters * replicas);
         cluster
     }
 
-    fn wait_healthy(&self, n: usize) {
+    fn wait_healthy(&self, n: usize, replicas: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            // Replicas are assigned after the slots; until every node agrees
+            // on its role the layout is still settling.
+            let roles = self
+                .nodes
+                .iter()
+                .filter(|node| node.info_field("replication", "role").as_deref() == Some("slave"))
+                .count();
+            let seen = self.nodes.iter().all(|node| {
+                node.cli(&["CLUSTER", "NODES"]).lines()
+                    .filter(|l| l.split_whitespace().nth(2).is_some_and(|f| f.contains("slave")))
+                    .count()
+                    == replicas
+            });
             let ok = self.nodes.iter().all(|node| {
                 let info = node.cli(&["CLUSTER", "INFO"]);
                 let state_ok = info_field(&info, "cluster_state").as_deref() == Some("ok");
@@ -182,7 +195,7 @@ impl Cluster {
                 };
                 state_ok && known && synced
             });
-            if ok {
+            if ok && roles == replicas && seen {
                 return;
             }
             assert!(Instant::now() < deadline, "cluster did not become healthy");
@@ -264,13 +277,22 @@ pub async fn all_serving(sidecar: &cachetier_sidecar::Sidecar) {
     .await;
 }
 
-pub async fn client(sidecar: &cachetier_sidecar::Sidecar) -> redis::aio::MultiplexedConnection {
-    let url = format!("redis://{}/", sidecar.local_addr());
-    redis::Client::open(url)
+/// A plain (non-cluster) client of the sidecar. Its response timeout must
+/// exceed the sidecar's own (1 s): a read stalled on a silent node is retried
+/// elsewhere after that second, and the client should see the retry succeed.
+pub async fn client_of(addr: std::net::SocketAddr) -> redis::aio::MultiplexedConnection {
+    let url = format!("redis://{addr}/");
+    let mut con = redis::Client::open(url)
         .unwrap()
         .get_multiplexed_async_connection()
         .await
-        .unwrap()
+        .unwrap();
+    con.set_response_timeout(Duration::from_secs(5));
+    con
+}
+
+pub async fn client(sidecar: &cachetier_sidecar::Sidecar) -> redis::aio::MultiplexedConnection {
+    client_of(sidecar.local_addr()).await
 }
 
 /// One HTTP/1.0 GET against the metrics port; returns (status line, body).

@@ -190,6 +190,14 @@ impl Sidecar {
         out
     }
 
+    /// Total weight (bytes) of the local cache after pending maintenance, or
+    /// `None` when no prefixes are cached.
+    pub async fn cache_bytes(&self) -> Option<u64> {
+        let cache = self.router.cache.as_ref()?;
+        cache.run_pending_tasks().await;
+        Some(cache.weighted_size())
+    }
+
     /// Re-read the topology now (tests and the operator's local mode use this
     /// after changing the cluster).
     pub async fn refresh_topology(&self) -> Result<()> {

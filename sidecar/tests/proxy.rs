@@ -334,3 +334,115 @@ async fn a_replica_in_full_resync_receives_no_reads_until_it_is_in_sync() {
     assert_eq!(errors, 0);
     sidecar.shutdown().await;
 }
+
+fn cache_config(cluster: &Cluster) -> cachetier_sidecar::Config {
+    let mut cfg = config(cluster);
+    cfg.cache = cachetier_sidecar::CacheConfig {
+        prefixes: vec!["hot:".into()],
+        ttl: Duration::from_secs(60),
+        max_bytes: 64 * 1024,
+    };
+    cfg
+}
+
+/// Read `key` until the second read is a cache hit (tracking is established).
+async fn warm(sidecar: &Sidecar, c: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = sidecar.metrics().cache_hits.get();
+        let _: Option<String> = c.get(key).await.unwrap();
+        let _: Option<String> = c.get(key).await.unwrap();
+        if sidecar.metrics().cache_hits.get() > before {
+            return;
+        }
+        assert!(Instant::now() < deadline, "cache never hit for {key}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cache_hits_after_a_miss_and_any_write_evicts_the_entry() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(cache_config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("hot:item", "v1").await.unwrap();
+    warm(&sidecar, &mut c, "hot:item").await;
+    cluster.reset_stats();
+    for _ in 0..100 {
+        assert_eq!(c.get::<_, String>("hot:item").await.unwrap(), "v1");
+    }
+    let upstream_gets: u64 = cluster.nodes.iter().map(|n| n.calls("get")).sum();
+    assert_eq!(upstream_gets, 0, "hits are served locally");
+
+    // A write through the sidecar evicts at once (read-your-writes).
+    let _: () = c.set("hot:item", "v2").await.unwrap();
+    assert_eq!(c.get::<_, String>("hot:item").await.unwrap(), "v2");
+
+    // A write by another client directly on the primary evicts via tracking.
+    warm(&sidecar, &mut c, "hot:item").await;
+    let (primary, _) = cluster.shard_of("hot:item");
+    let written = Instant::now();
+    cluster.by_addr(&primary).cli(&["SET", "hot:item", "v3"]);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if c.get::<_, String>("hot:item").await.unwrap() == "v3" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "foreign write was never seen");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(written.elapsed() < Duration::from_millis(500), "evicted after {:?}", written.elapsed());
+
+    // Hashes: HGET and HGETALL are cached and evicted the same way.
+    let _: () = c.hset("hot:h", "f", "1").await.unwrap();
+    assert_eq!(c.hget::<_, _, String>("hot:h", "f").await.unwrap(), "1");
+    assert_eq!(c.hget::<_, _, String>("hot:h", "f").await.unwrap(), "1");
+    let _: () = c.hset("hot:h", "f", "2").await.unwrap();
+    assert_eq!(c.hget::<_, _, String>("hot:h", "f").await.unwrap(), "2");
+    let all: HashMap<String, String> = c.hgetall("hot:h").await.unwrap();
+    assert_eq!(all.get("f").map(String::as_str), Some("2"));
+
+    // MGET mixes cached and uncached keys, in order.
+    let _: () = c.set("cold:x", "c").await.unwrap();
+    let v: Vec<Option<String>> = c.mget(&["hot:item", "cold:x", "hot:none"]).await.unwrap();
+    assert_eq!(v, vec![Some("v3".into()), Some("c".into()), None]);
+
+    // The byte budget holds under many large values.
+    let big = "x".repeat(2048);
+    for i in 0..100 {
+        let k = format!("hot:big{i}");
+        let _: () = c.set(&k, &big).await.unwrap();
+        let _: String = c.get(&k).await.unwrap();
+    }
+    let bytes = sidecar.cache_bytes().await.unwrap();
+    assert!(bytes <= 64 * 1024, "cache holds {bytes} bytes");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_identical_misses_cost_one_upstream_get() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(cache_config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    // Tracking must be up for the key's shard before the entry may be kept;
+    // the write afterwards evicts the warmed entry so the spike starts cold.
+    warm(&sidecar, &mut c, "hot:spike").await;
+    let _: () = c.set("hot:spike", "restock").await.unwrap();
+    cluster.reset_stats();
+    let mut cons = Vec::new();
+    for _ in 0..10 {
+        cons.push(client(&sidecar).await);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let mut con = cons[i % 10].clone();
+        tasks.push(tokio::spawn(async move { con.get::<_, String>("hot:spike").await.unwrap() }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), "restock");
+    }
+    let upstream_gets: u64 = cluster.nodes.iter().map(|n| n.calls("get")).sum();
+    assert_eq!(upstream_gets, 1);
+    sidecar.shutdown().await;
+}

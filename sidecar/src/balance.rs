@@ -60,25 +60,31 @@ pub fn pick<'a, N: Candidate, R: Rng + ?Sized>(
     let usable = |n: &N| avoid.is_none_or(|a| !n.same(a));
     let primary_usable = primary.is_healthy() && usable(primary);
     if policy == ReadPolicy::Primary {
-        return Pick { node: primary, fallback: false };
+        return Pick {
+            node: primary,
+            fallback: false,
+        };
     }
     let with_primary = policy == ReadPolicy::Random && include_primary && primary_usable;
     let serving = |n: &&N| n.serving_replica() && usable(n);
     let count = replicas.iter().filter(serving).count() + usize::from(with_primary);
-    let nth = |i: usize| -> &'a N {
-        replicas
-            .iter()
-            .filter(serving)
-            .nth(i)
-            .unwrap_or(primary)
-    };
+    let nth = |i: usize| -> &'a N { replicas.iter().filter(serving).nth(i).unwrap_or(primary) };
     match count {
-        0 => Pick { node: primary, fallback: true },
-        1 => Pick { node: nth(0), fallback: false },
+        0 => Pick {
+            node: primary,
+            fallback: true,
+        },
+        1 => Pick {
+            node: nth(0),
+            fallback: false,
+        },
         _ => {
             let a = nth(rng.random_range(0..count));
             if policy != ReadPolicy::BestOfTwo {
-                return Pick { node: a, fallback: false };
+                return Pick {
+                    node: a,
+                    fallback: false,
+                };
             }
             // Second draw distinct from the first.
             let mut j = rng.random_range(0..count - 1);
@@ -88,7 +94,10 @@ pub fn pick<'a, N: Candidate, R: Rng + ?Sized>(
             }
             let b = nth(j);
             let node = if b.in_flight() < a.in_flight() { b } else { a };
-            Pick { node, fallback: false }
+            Pick {
+                node,
+                fallback: false,
+            }
         }
     }
 }
@@ -123,7 +132,12 @@ mod tests {
     }
 
     fn n(id: usize, serving: bool, in_flight: usize) -> N {
-        N { id, serving, healthy: true, in_flight }
+        N {
+            id,
+            serving,
+            healthy: true,
+            in_flight,
+        }
     }
 
     #[test]
@@ -148,7 +162,11 @@ mod tests {
         let primary = n(0, true, 0);
         let replicas = [n(1, false, 0)];
         let mut rng = StdRng::seed_from_u64(1);
-        for policy in [ReadPolicy::Random, ReadPolicy::ReplicasOnly, ReadPolicy::BestOfTwo] {
+        for policy in [
+            ReadPolicy::Random,
+            ReadPolicy::ReplicasOnly,
+            ReadPolicy::BestOfTwo,
+        ] {
             let p = pick(policy, false, &primary, &replicas, None, &mut rng);
             assert_eq!(p.node.id, 0);
             assert!(p.fallback);
@@ -161,7 +179,14 @@ mod tests {
         let replicas = [n(1, true, 0), n(2, true, 0)];
         let mut rng = StdRng::seed_from_u64(3);
         for _ in 0..100 {
-            let p = pick(ReadPolicy::Random, false, &primary, &replicas, Some(&replicas[0]), &mut rng);
+            let p = pick(
+                ReadPolicy::Random,
+                false,
+                &primary,
+                &replicas,
+                Some(&replicas[0]),
+                &mut rng,
+            );
             assert_eq!(p.node.id, 2);
         }
     }
@@ -185,7 +210,12 @@ mod tests {
         let p = pick(ReadPolicy::Primary, false, &primary, &replicas, None, &mut rng);
         assert_eq!(p.node.id, 0);
         let hits = (0..1000)
-            .filter(|_| pick(ReadPolicy::Random, true, &primary, &replicas, None, &mut rng).node.id == 0)
+            .filter(|_| {
+                pick(ReadPolicy::Random, true, &primary, &replicas, None, &mut rng)
+                    .node
+                    .id
+                    == 0
+            })
             .count();
         assert!((400..600).contains(&hits), "{hits}");
     }

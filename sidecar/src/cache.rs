@@ -168,7 +168,10 @@ impl LocalCache {
                         let mut inflight = lock(&this.inflight);
                         // Only remove our own entry: an invalidation may have
                         // replaced it with a newer fetch.
-                        if inflight.get(&key).is_some_and(|r| r.same_channel(&tx.subscribe())) {
+                        if inflight
+                            .get(&key)
+                            .is_some_and(|r| r.same_channel(&tx.subscribe()))
+                        {
                             inflight.remove(&key);
                         }
                     }
@@ -347,7 +350,8 @@ async fn track(cache: &LocalCache, node: &Node, timeout: Duration) -> String {
             };
             match frame {
                 Frame::Push(items) => {
-                    let is_inval = matches!(items.first(), Some(Frame::Bulk(b)) if b.as_ref() == b"invalidate");
+                    let is_inval =
+                        matches!(items.first(), Some(Frame::Bulk(b)) if b.as_ref() == b"invalidate");
                     if !is_inval {
                         continue;
                     }
@@ -407,15 +411,28 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn cache(ttl: Duration, max_bytes: u64) -> Arc<LocalCache> {
-        let cfg = CacheConfig { prefixes: vec!["hot:".into()], ttl, max_bytes };
+        let cfg = CacheConfig {
+            prefixes: vec!["hot:".into()],
+            ttl,
+            max_bytes,
+        };
         LocalCache::new(&cfg, Metrics::new().unwrap())
     }
 
     fn key(k: &str) -> CacheKey {
-        CacheKey { variant: Variant::Get, proto: 2, key: Bytes::copy_from_slice(k.as_bytes()), field: Bytes::new() }
+        CacheKey {
+            variant: Variant::Get,
+            proto: 2,
+            key: Bytes::copy_from_slice(k.as_bytes()),
+            field: Bytes::new(),
+        }
     }
 
-    fn counting_fetch(calls: &Arc<AtomicUsize>, value: &'static str, delay: Duration) -> impl Future<Output = Bytes> + Send + 'static {
+    fn counting_fetch(
+        calls: &Arc<AtomicUsize>,
+        value: &'static str,
+        delay: Duration,
+    ) -> impl Future<Output = Bytes> + Send + 'static {
         let calls = calls.clone();
         async move {
             calls.fetch_add(1, Ordering::SeqCst);
@@ -432,7 +449,9 @@ mod tests {
         for _ in 0..1000 {
             let c = c.clone();
             let f = counting_fetch(&calls, "$1\r\nv\r\n", Duration::from_millis(50));
-            tasks.push(tokio::spawn(async move { c.get_or_fetch(key("hot:a"), true, f).await }));
+            tasks.push(tokio::spawn(async move {
+                c.get_or_fetch(key("hot:a"), true, f).await
+            }));
         }
         for t in tasks {
             assert_eq!(&t.await.unwrap()[..], b"$1\r\nv\r\n");
@@ -447,11 +466,26 @@ mod tests {
     async fn entries_expire_after_the_ttl() {
         let c = cache(Duration::from_millis(200), 1 << 20);
         let calls = Arc::new(AtomicUsize::new(0));
-        c.get_or_fetch(key("hot:t"), true, counting_fetch(&calls, "+a\r\n", Duration::ZERO)).await;
-        c.get_or_fetch(key("hot:t"), true, counting_fetch(&calls, "+a\r\n", Duration::ZERO)).await;
+        c.get_or_fetch(
+            key("hot:t"),
+            true,
+            counting_fetch(&calls, "+a\r\n", Duration::ZERO),
+        )
+        .await;
+        c.get_or_fetch(
+            key("hot:t"),
+            true,
+            counting_fetch(&calls, "+a\r\n", Duration::ZERO),
+        )
+        .await;
         assert_eq!(calls.load(Ordering::SeqCst), 1, "second read is a hit");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        c.get_or_fetch(key("hot:t"), true, counting_fetch(&calls, "+a\r\n", Duration::ZERO)).await;
+        c.get_or_fetch(
+            key("hot:t"),
+            true,
+            counting_fetch(&calls, "+a\r\n", Duration::ZERO),
+        )
+        .await;
         assert_eq!(calls.load(Ordering::SeqCst), 2, "expired entry is fetched again");
     }
 
@@ -467,7 +501,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         c.invalidate(b"hot:r", "own_write").await;
         slow.await.unwrap();
-        let v = c.get_or_fetch(key("hot:r"), true, counting_fetch(&calls, "+new\r\n", Duration::ZERO)).await;
+        let v = c
+            .get_or_fetch(
+                key("hot:r"),
+                true,
+                counting_fetch(&calls, "+new\r\n", Duration::ZERO),
+            )
+            .await;
         assert_eq!(&v[..], b"+new\r\n");
     }
 
@@ -476,8 +516,18 @@ mod tests {
         let c = cache(Duration::from_secs(60), 1 << 20);
         let calls = Arc::new(AtomicUsize::new(0));
         for _ in 0..2 {
-            c.get_or_fetch(key("hot:e"), true, counting_fetch(&calls, "-ERR x\r\n", Duration::ZERO)).await;
-            c.get_or_fetch(key("hot:u"), false, counting_fetch(&calls, "+v\r\n", Duration::ZERO)).await;
+            c.get_or_fetch(
+                key("hot:e"),
+                true,
+                counting_fetch(&calls, "-ERR x\r\n", Duration::ZERO),
+            )
+            .await;
+            c.get_or_fetch(
+                key("hot:u"),
+                false,
+                counting_fetch(&calls, "+v\r\n", Duration::ZERO),
+            )
+            .await;
         }
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
@@ -485,13 +535,23 @@ mod tests {
     #[tokio::test]
     async fn the_byte_budget_bounds_the_cache() {
         let c = cache(Duration::from_secs(60), 64 * 1024);
-        let value: &'static str = Box::leak(format!("${}\r\n{}\r\n", 1000, "x".repeat(1000)).into_boxed_str());
+        let value: &'static str =
+            Box::leak(format!("${}\r\n{}\r\n", 1000, "x".repeat(1000)).into_boxed_str());
         let calls = Arc::new(AtomicUsize::new(0));
         for i in 0..500 {
-            c.get_or_fetch(key(&format!("hot:{i}")), true, counting_fetch(&calls, value, Duration::ZERO)).await;
+            c.get_or_fetch(
+                key(&format!("hot:{i}")),
+                true,
+                counting_fetch(&calls, value, Duration::ZERO),
+            )
+            .await;
         }
         c.run_pending_tasks().await;
         assert!(c.weighted_size() <= 64 * 1024, "{}", c.weighted_size());
-        assert!(c.weighted_size() > 32 * 1024, "the budget is used: {}", c.weighted_size());
+        assert!(
+            c.weighted_size() > 32 * 1024,
+            "the budget is used: {}",
+            c.weighted_size()
+        );
     }
 }

@@ -34,9 +34,15 @@ pub enum KeySpec {
     None,
     /// Keys from `first` to `last` (negative counts from the end, -1 = last
     /// argument) every `step` arguments.
-    Range { first: usize, last: isize, step: usize },
+    Range {
+        first: usize,
+        last: isize,
+        step: usize,
+    },
     /// `numkeys` at index `at`, keys right after it (EVAL, ZUNION, LMPOP...).
-    Numkeys { at: usize },
+    Numkeys {
+        at: usize,
+    },
     /// A destination key at 1, then `numkeys` at 2 and the keys (ZUNIONSTORE...).
     DestNumkeys,
     /// Keys follow the `STREAMS` token and fill the first half of the rest (XREAD).
@@ -64,101 +70,346 @@ pub struct CommandInfo {
 }
 
 const BLOCKING: &str = "blocking commands are not supported by the cachetier sidecar: they would stall an upstream connection shared by many clients";
-const PUBSUB: &str = "pub/sub subscriptions are not supported by the cachetier sidecar; subscribe on a Redis node directly";
+const PUBSUB: &str =
+    "pub/sub subscriptions are not supported by the cachetier sidecar; subscribe on a Redis node directly";
 const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
 const WATCH: &str = "WATCH is not supported by the cachetier sidecar (it needs a dedicated upstream connection); MULTI/EXEC on keys of one slot is supported";
 
 fn k1() -> KeySpec {
-    KeySpec::Range { first: 1, last: 1, step: 1 }
+    KeySpec::Range {
+        first: 1,
+        last: 1,
+        step: 1,
+    }
 }
 fn kall() -> KeySpec {
-    KeySpec::Range { first: 1, last: -1, step: 1 }
+    KeySpec::Range {
+        first: 1,
+        last: -1,
+        step: 1,
+    }
 }
 fn k12() -> KeySpec {
-    KeySpec::Range { first: 1, last: 2, step: 1 }
+    KeySpec::Range {
+        first: 1,
+        last: 2,
+        step: 1,
+    }
 }
 fn k2() -> KeySpec {
-    KeySpec::Range { first: 2, last: 2, step: 1 }
+    KeySpec::Range {
+        first: 2,
+        last: 2,
+        step: 1,
+    }
 }
 
 static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
     let mut t = HashMap::new();
     let mut add = |names: &[&'static str], kind: Kind, keys: KeySpec| {
         for &name in names {
-            t.insert(name, CommandInfo { name, kind, keys, split: None });
+            t.insert(
+                name,
+                CommandInfo {
+                    name,
+                    kind,
+                    keys,
+                    split: None,
+                },
+            );
         }
     };
     use Kind::*;
     add(
         &[
-            "get", "getrange", "substr", "strlen", "ttl", "pttl", "expiretime", "pexpiretime",
-            "type", "dump", "hget", "hmget", "hgetall", "hkeys", "hvals", "hlen", "hexists",
-            "hstrlen", "hrandfield", "hscan", "lrange", "llen", "lindex", "lpos", "smembers",
-            "sismember", "smismember", "scard", "srandmember", "sscan", "zrange",
-            "zrangebyscore", "zrevrangebyscore", "zrangebylex", "zrevrangebylex", "zrevrange",
-            "zscore", "zmscore", "zcard", "zcount", "zlexcount", "zrank", "zrevrank", "zscan",
-            "zrandmember", "bitcount", "bitpos", "getbit", "bitfield_ro", "georadius_ro",
-            "georadiusbymember_ro", "geosearch", "geopos", "geodist", "geohash", "xrange",
-            "xrevrange", "xlen", "xpending", "sort_ro",
+            "get",
+            "getrange",
+            "substr",
+            "strlen",
+            "ttl",
+            "pttl",
+            "expiretime",
+            "pexpiretime",
+            "type",
+            "dump",
+            "hget",
+            "hmget",
+            "hgetall",
+            "hkeys",
+            "hvals",
+            "hlen",
+            "hexists",
+            "hstrlen",
+            "hrandfield",
+            "hscan",
+            "lrange",
+            "llen",
+            "lindex",
+            "lpos",
+            "smembers",
+            "sismember",
+            "smismember",
+            "scard",
+            "srandmember",
+            "sscan",
+            "zrange",
+            "zrangebyscore",
+            "zrevrangebyscore",
+            "zrangebylex",
+            "zrevrangebylex",
+            "zrevrange",
+            "zscore",
+            "zmscore",
+            "zcard",
+            "zcount",
+            "zlexcount",
+            "zrank",
+            "zrevrank",
+            "zscan",
+            "zrandmember",
+            "bitcount",
+            "bitpos",
+            "getbit",
+            "bitfield_ro",
+            "georadius_ro",
+            "georadiusbymember_ro",
+            "geosearch",
+            "geopos",
+            "geodist",
+            "geohash",
+            "xrange",
+            "xrevrange",
+            "xlen",
+            "xpending",
+            "sort_ro",
         ],
         Read,
         k1(),
     );
-    add(&["mget", "exists", "touch", "sinter", "sunion", "sdiff", "pfcount"], Read, kall());
+    add(
+        &["mget", "exists", "touch", "sinter", "sunion", "sdiff", "pfcount"],
+        Read,
+        kall(),
+    );
     add(&["lcs"], Read, k12());
     add(&["xinfo", "memory"], Read, k2());
-    add(&["sintercard", "zdiff", "zinter", "zunion", "zintercard"], Read, KeySpec::Numkeys { at: 1 });
-    add(&["eval_ro", "evalsha_ro", "fcall_ro"], Read, KeySpec::Numkeys { at: 2 });
+    add(
+        &["sintercard", "zdiff", "zinter", "zunion", "zintercard"],
+        Read,
+        KeySpec::Numkeys { at: 1 },
+    );
+    add(
+        &["eval_ro", "evalsha_ro", "fcall_ro"],
+        Read,
+        KeySpec::Numkeys { at: 2 },
+    );
     add(&["xread"], Read, KeySpec::Streams);
     add(
         &[
-            "set", "setnx", "setex", "psetex", "getset", "getdel", "getex", "append", "incr",
-            "decr", "incrby", "decrby", "incrbyfloat", "setrange", "expire", "pexpire",
-            "expireat", "pexpireat", "persist", "restore", "setbit", "bitfield", "pfadd",
-            "hset", "hsetnx", "hmset", "hdel", "hincrby", "hincrbyfloat", "lpush", "rpush",
-            "lpushx", "rpushx", "lpop", "rpop", "lset", "lrem", "ltrim", "linsert", "sadd",
-            "srem", "spop", "zadd", "zincrby", "zrem", "zremrangebyscore", "zremrangebyrank",
-            "zremrangebylex", "zpopmin", "zpopmax", "geoadd", "georadius", "georadiusbymember",
-            "xadd", "xdel", "xtrim", "xack", "xclaim", "xautoclaim", "xsetid", "sort",
+            "set",
+            "setnx",
+            "setex",
+            "psetex",
+            "getset",
+            "getdel",
+            "getex",
+            "append",
+            "incr",
+            "decr",
+            "incrby",
+            "decrby",
+            "incrbyfloat",
+            "setrange",
+            "expire",
+            "pexpire",
+            "expireat",
+            "pexpireat",
+            "persist",
+            "restore",
+            "setbit",
+            "bitfield",
+            "pfadd",
+            "hset",
+            "hsetnx",
+            "hmset",
+            "hdel",
+            "hincrby",
+            "hincrbyfloat",
+            "lpush",
+            "rpush",
+            "lpushx",
+            "rpushx",
+            "lpop",
+            "rpop",
+            "lset",
+            "lrem",
+            "ltrim",
+            "linsert",
+            "sadd",
+            "srem",
+            "spop",
+            "zadd",
+            "zincrby",
+            "zrem",
+            "zremrangebyscore",
+            "zremrangebyrank",
+            "zremrangebylex",
+            "zpopmin",
+            "zpopmax",
+            "geoadd",
+            "georadius",
+            "georadiusbymember",
+            "xadd",
+            "xdel",
+            "xtrim",
+            "xack",
+            "xclaim",
+            "xautoclaim",
+            "xsetid",
+            "sort",
         ],
         Write,
         k1(),
     );
-    add(&["del", "unlink", "pfmerge", "sinterstore", "sunionstore", "sdiffstore"], Write, kall());
-    add(&["rename", "renamenx", "copy", "rpoplpush", "lmove", "smove", "zrangestore", "geosearchstore"], Write, k12());
-    add(&["bitop"], Write, KeySpec::Range { first: 2, last: -1, step: 1 });
-    add(&["mset", "msetnx"], Write, KeySpec::Range { first: 1, last: -1, step: 2 });
+    add(
+        &[
+            "del",
+            "unlink",
+            "pfmerge",
+            "sinterstore",
+            "sunionstore",
+            "sdiffstore",
+        ],
+        Write,
+        kall(),
+    );
+    add(
+        &[
+            "rename",
+            "renamenx",
+            "copy",
+            "rpoplpush",
+            "lmove",
+            "smove",
+            "zrangestore",
+            "geosearchstore",
+        ],
+        Write,
+        k12(),
+    );
+    add(
+        &["bitop"],
+        Write,
+        KeySpec::Range {
+            first: 2,
+            last: -1,
+            step: 1,
+        },
+    );
+    add(
+        &["mset", "msetnx"],
+        Write,
+        KeySpec::Range {
+            first: 1,
+            last: -1,
+            step: 2,
+        },
+    );
     add(&["xgroup"], Write, k2());
     add(&["lmpop", "zmpop"], Write, KeySpec::Numkeys { at: 1 });
     add(&["eval", "evalsha", "fcall"], Write, KeySpec::Numkeys { at: 2 });
-    add(&["zunionstore", "zinterstore", "zdiffstore"], Write, KeySpec::DestNumkeys);
+    add(
+        &["zunionstore", "zinterstore", "zdiffstore"],
+        Write,
+        KeySpec::DestNumkeys,
+    );
     add(&["xreadgroup"], Write, KeySpec::Streams);
     add(
         &[
-            "ping", "echo", "select", "hello", "client", "command", "info", "quit", "dbsize",
-            "flushall", "flushdb", "keys", "scan", "randomkey", "multi", "exec", "discard",
-            "unwatch", "auth", "readonly", "readwrite", "script", "reset",
+            "ping",
+            "echo",
+            "select",
+            "hello",
+            "client",
+            "command",
+            "info",
+            "quit",
+            "dbsize",
+            "flushall",
+            "flushdb",
+            "keys",
+            "scan",
+            "randomkey",
+            "multi",
+            "exec",
+            "discard",
+            "unwatch",
+            "auth",
+            "readonly",
+            "readwrite",
+            "script",
+            "reset",
         ],
         Server,
         KeySpec::None,
     );
     add(&["time", "publish", "lastsave"], AnyPrimary, KeySpec::None);
     add(
-        &["blpop", "brpop", "brpoplpush", "blmove", "blmpop", "bzpopmin", "bzpopmax", "bzmpop", "wait", "waitaof"],
+        &[
+            "blpop",
+            "brpop",
+            "brpoplpush",
+            "blmove",
+            "blmpop",
+            "bzpopmin",
+            "bzpopmax",
+            "bzmpop",
+            "wait",
+            "waitaof",
+        ],
         Unsupported(BLOCKING),
         KeySpec::None,
     );
     add(
-        &["subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe", "spublish", "pubsub"],
+        &[
+            "subscribe",
+            "psubscribe",
+            "ssubscribe",
+            "unsubscribe",
+            "punsubscribe",
+            "sunsubscribe",
+            "spublish",
+            "pubsub",
+        ],
         Unsupported(PUBSUB),
         KeySpec::None,
     );
     add(&["watch"], Unsupported(WATCH), KeySpec::None);
     add(
         &[
-            "config", "shutdown", "debug", "monitor", "save", "bgsave", "bgrewriteaof",
-            "replicaof", "slaveof", "cluster", "failover", "migrate", "move", "swapdb", "slowlog",
-            "latency", "acl", "module", "function", "object", "sync", "psync", "asking",
+            "config",
+            "shutdown",
+            "debug",
+            "monitor",
+            "save",
+            "bgsave",
+            "bgrewriteaof",
+            "replicaof",
+            "slaveof",
+            "cluster",
+            "failover",
+            "migrate",
+            "move",
+            "swapdb",
+            "slowlog",
+            "latency",
+            "acl",
+            "module",
+            "function",
+            "object",
+            "sync",
+            "psync",
+            "asking",
         ],
         Unsupported(ADMIN),
         KeySpec::None,
@@ -210,17 +461,13 @@ pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, Key
     match info.keys {
         KeySpec::None => Ok(Vec::new()),
         KeySpec::Range { first, last, step } => {
-            let last = if last < 0 {
-                n as isize + last
-            } else {
-                last
-            };
+            let last = if last < 0 { n as isize + last } else { last };
             if n <= first || last < first as isize {
                 return Err(KeyError::WrongArity);
             }
             let last = (last as usize).min(n - 1);
             let keys: Vec<usize> = (first..=last).step_by(step).collect();
-            if step > 1 && (n - first) % step != 0 {
+            if step > 1 && !(n - first).is_multiple_of(step) {
                 return Err(KeyError::WrongArity);
             }
             Ok(keys)
@@ -254,7 +501,7 @@ pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, Key
                 .position(|a| a.eq_ignore_ascii_case(b"streams"))
                 .ok_or(KeyError::WrongArity)?;
             let rest = n - at - 1;
-            if rest == 0 || rest % 2 != 0 {
+            if rest == 0 || !rest.is_multiple_of(2) {
                 return Err(KeyError::WrongArity);
             }
             Ok((at + 1..at + 1 + rest / 2).collect())
@@ -273,7 +520,9 @@ mod tests {
     use super::*;
 
     fn args(s: &str) -> Vec<Bytes> {
-        s.split(' ').map(|p| Bytes::copy_from_slice(p.as_bytes())).collect()
+        s.split(' ')
+            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
+            .collect()
     }
 
     #[test]
@@ -290,15 +539,30 @@ mod tests {
         assert_eq!(key_indices(get, &args("GET")).unwrap_err(), KeyError::WrongArity);
         let mset = lookup(b"mset").unwrap();
         assert_eq!(key_indices(mset, &args("MSET a 1 b 2")).unwrap(), vec![1, 3]);
-        assert_eq!(key_indices(mset, &args("MSET a 1 b")).unwrap_err(), KeyError::WrongArity);
+        assert_eq!(
+            key_indices(mset, &args("MSET a 1 b")).unwrap_err(),
+            KeyError::WrongArity
+        );
         let eval = lookup(b"eval").unwrap();
         assert_eq!(key_indices(eval, &args("EVAL s 2 a b x")).unwrap(), vec![3, 4]);
         let zus = lookup(b"zunionstore").unwrap();
-        assert_eq!(key_indices(zus, &args("ZUNIONSTORE d 2 a b")).unwrap(), vec![1, 3, 4]);
+        assert_eq!(
+            key_indices(zus, &args("ZUNIONSTORE d 2 a b")).unwrap(),
+            vec![1, 3, 4]
+        );
         let xread = lookup(b"xread").unwrap();
-        assert_eq!(key_indices(xread, &args("XREAD COUNT 2 STREAMS a b 0 0")).unwrap(), vec![4, 5]);
-        assert_eq!(key_indices(xread, &args("XREAD BLOCK 0 STREAMS a 0")).unwrap_err(), KeyError::Blocking);
+        assert_eq!(
+            key_indices(xread, &args("XREAD COUNT 2 STREAMS a b 0 0")).unwrap(),
+            vec![4, 5]
+        );
+        assert_eq!(
+            key_indices(xread, &args("XREAD BLOCK 0 STREAMS a 0")).unwrap_err(),
+            KeyError::Blocking
+        );
         let bitop = lookup(b"bitop").unwrap();
-        assert_eq!(key_indices(bitop, &args("BITOP AND d a b")).unwrap(), vec![2, 3, 4]);
+        assert_eq!(
+            key_indices(bitop, &args("BITOP AND d a b")).unwrap(),
+            vec![2, 3, 4]
+        );
     }
 }

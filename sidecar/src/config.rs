@@ -129,7 +129,8 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.seeds.is_empty() {
             return Err(Error::Config(
-                "at least one seed is required (--seed HOST:PORT or CACHETIER_SEEDS=host1:port,host2:port)".into(),
+                "at least one seed is required (--seed HOST:PORT or CACHETIER_SEEDS=host1:port,host2:port)"
+                    .into(),
             ));
         }
         for s in &self.seeds {
@@ -178,7 +179,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parse a byte size: `1048576`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1024).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let err = || format!("invalid size {s:?}: expected bytes with an optional KiB, MiB or GiB suffix, e.g. 64MiB");
+    let err =
+        || format!("invalid size {s:?}: expected bytes with an optional KiB, MiB or GiB suffix, e.g. 64MiB");
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -204,23 +206,38 @@ fn parse_policy(s: &str) -> Result<ReadPolicy, String> {
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() || d > CacheConfig::MAX_TTL {
-        return Err(format!("cache TTL {s:?} out of range: expected 1ms..1h, e.g. 60s"));
+        return Err(format!(
+            "cache TTL {s:?} out of range: expected 1ms..1h, e.g. 60s"
+        ));
     }
     Ok(d)
 }
 
 /// Command-line flags; each also reads its `CACHETIER_*` environment variable.
 #[derive(Debug, Parser)]
-#[command(name = "cachetier-sidecar", about = "Redis Cluster sidecar proxy: plain Redis on localhost, cluster-aware upstream")]
+#[command(
+    name = "cachetier-sidecar",
+    about = "Redis Cluster sidecar proxy: plain Redis on localhost, cluster-aware upstream"
+)]
 pub struct Args {
     /// Address applications connect to (HOST:PORT).
-    #[arg(long, env = "CACHETIER_LISTEN", default_value = "127.0.0.1:6379", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "CACHETIER_LISTEN",
+        default_value = "127.0.0.1:6379",
+        value_name = "ADDR"
+    )]
     pub listen: SocketAddr,
     /// A cluster seed node HOST:PORT (repeatable; env: comma-separated).
     #[arg(long = "seed", env = "CACHETIER_SEEDS", value_delimiter = ',', value_parser = parse_seed, value_name = "HOST:PORT", required = true)]
     pub seeds: Vec<String>,
     /// Address of the metrics/health HTTP server (HOST:PORT).
-    #[arg(long, env = "CACHETIER_METRICS", default_value = "0.0.0.0:9121", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "CACHETIER_METRICS",
+        default_value = "0.0.0.0:9121",
+        value_name = "ADDR"
+    )]
     pub metrics: SocketAddr,
     /// random | bestOfTwo | primary | replicasOnly.
     #[arg(long, env = "CACHETIER_READ_POLICY", default_value = "random", value_parser = parse_policy)]
@@ -241,7 +258,11 @@ pub struct Args {
     #[arg(long, env = "CACHETIER_TOPOLOGY_REFRESH", default_value = "10s", value_parser = parse_duration)]
     pub topology_refresh: Duration,
     /// Key prefix to cache locally (repeatable; env: comma-separated).
-    #[arg(long = "cache-prefix", env = "CACHETIER_CACHE_PREFIXES", value_delimiter = ',')]
+    #[arg(
+        long = "cache-prefix",
+        env = "CACHETIER_CACHE_PREFIXES",
+        value_delimiter = ','
+    )]
     pub cache_prefixes: Vec<String>,
     /// Local cache TTL, at most 1h (e.g. 60s).
     #[arg(long, env = "CACHETIER_CACHE_TTL", default_value = "60s", value_parser = parse_ttl)]
@@ -295,7 +316,15 @@ mod tests {
     #[test]
     fn flags_build_a_config_and_bad_values_name_the_flag() {
         let a = Args::try_parse_from([
-            "x", "--seed", "a:1", "--seed", "b:2", "--read-policy", "bestOfTwo", "--cache-prefix", "p:",
+            "x",
+            "--seed",
+            "a:1",
+            "--seed",
+            "b:2",
+            "--read-policy",
+            "bestOfTwo",
+            "--cache-prefix",
+            "p:",
         ])
         .unwrap();
         let c = Config::from(a);
@@ -305,8 +334,13 @@ mod tests {
         c.validate().unwrap();
         let err = Args::try_parse_from(["x", "--seed", "a:1", "--read-policy", "fastest"]).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("--read-policy") && msg.contains("bestOfTwo"), "{msg}");
-        let err = Args::try_parse_from(["x", "--seed", "nope"]).unwrap_err().to_string();
+        assert!(
+            msg.contains("--read-policy") && msg.contains("bestOfTwo"),
+            "{msg}"
+        );
+        let err = Args::try_parse_from(["x", "--seed", "nope"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--seed") && err.contains("HOST:PORT"), "{err}");
     }
 }

@@ -11,7 +11,10 @@ fn main() -> anyhow::Result<()> {
         Err(e) => {
             let kind = e.kind();
             let _ = e.print();
-            if !matches!(kind, clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) {
+            if !matches!(
+                kind,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) {
                 eprintln!(
                     "note: every flag can also be set through its CACHETIER_* environment variable \
                      (--read-policy ↔ CACHETIER_READ_POLICY, --seed ↔ CACHETIER_SEEDS comma-separated); \

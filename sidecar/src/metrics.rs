@@ -15,8 +15,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -84,8 +84,7 @@ impl Metrics {
         )?;
         let cache_hits = IntCounter::new("cache_hits_total", "Local cache hits")?;
         let cache_misses = IntCounter::new("cache_misses_total", "Local cache misses")?;
-        let cache_evictions =
-            IntCounter::new("cache_evictions_total", "Entries evicted for size or TTL")?;
+        let cache_evictions = IntCounter::new("cache_evictions_total", "Entries evicted for size or TTL")?;
         let cache_bytes = IntGauge::new("cache_bytes", "Weighted size of the local cache")?;
         let cache_entries = IntGauge::new("cache_entries", "Entries in the local cache")?;
         let cache_invalidations = IntCounterVec::new(
@@ -97,7 +96,10 @@ impl Metrics {
             "Requests served by another request's upstream fetch",
         )?;
         let watchdog_closures = IntCounterVec::new(
-            Opts::new("watchdog_closures_total", "Upstream connections closed by the response watchdog"),
+            Opts::new(
+                "watchdog_closures_total",
+                "Upstream connections closed by the response watchdog",
+            ),
             &["node"],
         )?;
         let node_serving = IntGaugeVec::new(
@@ -108,8 +110,10 @@ impl Metrics {
             "primary_fallbacks_total",
             "Reads sent to a primary because no replica was serving",
         )?;
-        let read_retries =
-            IntCounter::new("read_retries_total", "Reads retried on another node after a failure")?;
+        let read_retries = IntCounter::new(
+            "read_retries_total",
+            "Reads retried on another node after a failure",
+        )?;
         let topology_refreshes = IntCounterVec::new(
             Opts::new("topology_refreshes_total", "Topology refreshes by result"),
             &["result"],
@@ -195,14 +199,13 @@ fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> 
 }
 
 /// Bind the metrics listener; the returned future serves until dropped.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Metrics,
-) -> Result<(SocketAddr, impl Future<Output = ()>)> {
+pub async fn serve(addr: SocketAddr, metrics: Metrics) -> Result<(SocketAddr, impl Future<Output = ()>)> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
     let fut = async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

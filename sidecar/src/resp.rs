@@ -176,12 +176,7 @@ pub fn check(buf: &[u8], limits: &Limits) -> Result<Option<usize>, ProtocolError
     check_at(buf, 0, limits, 0)
 }
 
-fn check_at(
-    buf: &[u8],
-    pos: usize,
-    limits: &Limits,
-    depth: usize,
-) -> Result<Option<usize>, ProtocolError> {
+fn check_at(buf: &[u8], pos: usize, limits: &Limits, depth: usize) -> Result<Option<usize>, ProtocolError> {
     if depth > limits.max_depth {
         return Err(ProtocolError::TooDeep(limits.max_depth));
     }
@@ -354,10 +349,7 @@ fn parse_at(buf: &Bytes, pos: usize) -> Result<(Frame, usize), ProtocolError> {
 /// Parse a client request at the front of `buf`: either a RESP array of bulk
 /// strings or an inline command line. Returns the arguments and consumes their
 /// bytes; `Ok(None)` means more bytes are needed.
-pub fn parse_command(
-    buf: &mut BytesMut,
-    limits: &Limits,
-) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
     loop {
         let Some(&first) = buf.first() else {
             return Ok(None);
@@ -429,17 +421,18 @@ fn split_inline(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
                 if c == q {
                     break;
                 }
-                if c == b'\\' && q == b'"' {
-                    if let Some(&n) = line.get(i) {
-                        i += 1;
-                        cur.push(match n {
-                            b'n' => b'\n',
-                            b'r' => b'\r',
-                            b't' => b'\t',
-                            other => other,
-                        });
-                        continue;
-                    }
+                if c == b'\\'
+                    && q == b'"'
+                    && let Some(&n) = line.get(i)
+                {
+                    i += 1;
+                    cur.push(match n {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        other => other,
+                    });
+                    continue;
                 }
                 cur.push(c);
             }
@@ -613,7 +606,10 @@ mod tests {
         let mut buf = BytesMut::from(&b"SET k \"a b\\n\"\r\nPING\n"[..]);
         let l = Limits::default();
         let a = parse_command(&mut buf, &l).unwrap().unwrap();
-        assert_eq!(a, vec![Bytes::from("SET"), Bytes::from("k"), Bytes::from("a b\n")]);
+        assert_eq!(
+            a,
+            vec![Bytes::from("SET"), Bytes::from("k"), Bytes::from("a b\n")]
+        );
         let b = parse_command(&mut buf, &l).unwrap().unwrap();
         assert_eq!(b, vec![Bytes::from("PING")]);
         assert!(parse_command(&mut buf, &l).unwrap().is_none());
@@ -646,8 +642,7 @@ mod tests {
             "[a-zA-Z0-9 ]{0,12}".prop_map(|s| Frame::Simple(Bytes::from(s))),
             "[a-zA-Z0-9 ]{0,12}".prop_map(|s| Frame::Error(Bytes::from(s))),
             any::<i64>().prop_map(Frame::Integer),
-            proptest::collection::vec(any::<u8>(), 0..32)
-                .prop_map(|v| Frame::Bulk(Bytes::from(v))),
+            proptest::collection::vec(any::<u8>(), 0..32).prop_map(|v| Frame::Bulk(Bytes::from(v))),
             Just(Frame::NullBulk),
             Just(Frame::NullArray),
             Just(Frame::Null),

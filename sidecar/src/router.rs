@@ -55,7 +55,11 @@ impl Default for ClientState {
 
 impl ClientState {
     fn upstream_proto(&self) -> Proto {
-        if self.proto == 3 { Proto::Resp3 } else { Proto::Resp2 }
+        if self.proto == 3 {
+            Proto::Resp3
+        } else {
+            Proto::Resp2
+        }
     }
 }
 
@@ -131,7 +135,10 @@ impl Router {
             return Action::Reply(err("ERR empty command"));
         };
         let Some(info) = commands::lookup(name) else {
-            self.metrics.requests.with_label_values(&["unknown", "error"]).inc();
+            self.metrics
+                .requests
+                .with_label_values(&["unknown", "error"])
+                .inc();
             let shown: String = String::from_utf8_lossy(name).chars().take(64).collect();
             return Action::Reply(err(format!(
                 "ERR unknown command '{shown}': the cachetier sidecar does not know how to route it"
@@ -150,7 +157,9 @@ impl Router {
             Kind::AnyPrimary => {
                 let this = self.clone();
                 let up = st.upstream_proto();
-                self.timed(info, async move { this.any_primary(resp::command_bytes(&args), up).await })
+                self.timed(info, async move {
+                    this.any_primary(resp::command_bytes(&args), up).await
+                })
             }
             Kind::Read | Kind::Write => {
                 let this = self.clone();
@@ -183,48 +192,65 @@ impl Router {
     }
 
     /// Route a keyed command by its slot(s).
-    async fn keyed(self: Arc<Self>, info: &'static CommandInfo, args: Vec<Bytes>, up: Proto, proto: u8) -> Bytes {
+    async fn keyed(
+        self: Arc<Self>,
+        info: &'static CommandInfo,
+        args: Vec<Bytes>,
+        up: Proto,
+        proto: u8,
+    ) -> Bytes {
         let keys = match commands::key_indices(info, &args) {
             Ok(k) => k,
             Err(KeyError::WrongArity) => {
-                return err(format!("ERR wrong number of arguments for '{}' command", info.name));
+                return err(format!(
+                    "ERR wrong number of arguments for '{}' command",
+                    info.name
+                ));
             }
             Err(KeyError::Blocking) => {
-                return err("ERR blocking XREAD/XREADGROUP (BLOCK) is not supported by the cachetier sidecar");
+                return err(
+                    "ERR blocking XREAD/XREADGROUP (BLOCK) is not supported by the cachetier sidecar",
+                );
             }
         };
         if keys.is_empty() {
             return self.any_primary(resp::command_bytes(&args), up).await;
         }
-        if info.kind == Kind::Write {
-            if let Some(cache) = &self.cache {
-                for &i in &keys {
-                    if cache.covers(&args[i]) {
-                        cache.invalidate(&args[i], "own_write").await;
-                    }
+        if info.kind == Kind::Write
+            && let Some(cache) = &self.cache
+        {
+            for &i in &keys {
+                if cache.covers(&args[i]) {
+                    cache.invalidate(&args[i], "own_write").await;
                 }
             }
         }
         let slots: Vec<u16> = keys.iter().map(|&i| slot::slot(&args[i])).collect();
         let same = slots.iter().all(|&s| s == slots[0]);
         let cached_mget = info.split == Some(Split::Array)
-            && self.cache.as_ref().is_some_and(|c| keys.iter().any(|&i| c.covers(&args[i])));
+            && self
+                .cache
+                .as_ref()
+                .is_some_and(|c| keys.iter().any(|&i| c.covers(&args[i])));
         let reply = if !same || cached_mget {
             match info.split {
                 Some(split) => self.split(split, &args, &keys, &slots, up, proto).await,
                 None => err("CROSSSLOT Keys in request don't hash to the same slot"),
             }
         } else if let Some(variant) = self.cache_variant(info, &args) {
-            self.clone().cached_read(variant, args.clone(), slots[0], up, proto).await
+            self.clone()
+                .cached_read(variant, args.clone(), slots[0], up, proto)
+                .await
         } else {
-            self.single(slots[0], info.kind, resp::command_bytes(&args), up).await
+            self.single(slots[0], info.kind, resp::command_bytes(&args), up)
+                .await
         };
-        if info.kind == Kind::Write {
-            if let Some(cache) = &self.cache {
-                for &i in &keys {
-                    if cache.covers(&args[i]) {
-                        cache.invalidate(&args[i], "own_write").await;
-                    }
+        if info.kind == Kind::Write
+            && let Some(cache) = &self.cache
+        {
+            for &i in &keys {
+                if cache.covers(&args[i]) {
+                    cache.invalidate(&args[i], "own_write").await;
                 }
             }
         }
@@ -242,9 +268,18 @@ impl Router {
         cache.covers(&args[1]).then_some(variant)
     }
 
-    async fn cached_read(self: Arc<Self>, variant: Variant, args: Vec<Bytes>, slot: u16, up: Proto, proto: u8) -> Bytes {
+    async fn cached_read(
+        self: Arc<Self>,
+        variant: Variant,
+        args: Vec<Bytes>,
+        slot: u16,
+        up: Proto,
+        proto: u8,
+    ) -> Bytes {
         let Some(cache) = self.cache.clone() else {
-            return self.single(slot, Kind::Read, resp::command_bytes(&args), up).await;
+            return self
+                .single(slot, Kind::Read, resp::command_bytes(&args), up)
+                .await;
         };
         let tracked = self
             .registry
@@ -255,12 +290,22 @@ impl Router {
             variant,
             proto,
             key: args[1].clone(),
-            field: if variant == Variant::HGet { args[2].clone() } else { Bytes::new() },
+            field: if variant == Variant::HGet {
+                args[2].clone()
+            } else {
+                Bytes::new()
+            },
         };
         let this = self.clone();
         cache
             .get_or_fetch(key, tracked, async move {
-                this.single(slot, Kind::Read, resp::command_bytes(&args), up).await
+                // Fills read the primary: invalidations come from the
+                // primary, and a lagging replica could hand us a value older
+                // than the last invalidation, which would then stick until
+                // the TTL. Fills are rare (one per key per change), so the
+                // primary's cost is small.
+                this.single_via(slot, Kind::Read, true, resp::command_bytes(&args), up)
+                    .await
             })
             .await
     }
@@ -268,13 +313,25 @@ impl Router {
     /// Send one command for `slot`, following MOVED/ASK and retrying a failed
     /// read once on another node.
     pub async fn single(self: &Arc<Self>, slot: u16, kind: Kind, cmd: Bytes, up: Proto) -> Bytes {
+        self.single_via(slot, kind, false, cmd, up).await
+    }
+
+    /// [`Router::single`], optionally forcing a read to the primary.
+    async fn single_via(
+        self: &Arc<Self>,
+        slot: u16,
+        kind: Kind,
+        to_primary: bool,
+        cmd: Bytes,
+        up: Proto,
+    ) -> Bytes {
         let mut redirect: Option<(Arc<Node>, bool)> = None;
         let mut avoid: Option<Arc<Node>> = None;
         let mut retried = false;
         for attempt in 0..MAX_REDIRECTS {
             let (node, asking) = match redirect.take() {
                 Some(r) => r,
-                None => match self.pick(slot, kind, avoid.as_ref()) {
+                None => match self.pick(slot, kind, to_primary, avoid.as_ref()) {
                     Some(n) => (n, false),
                     None => {
                         self.registry.request_refresh();
@@ -282,7 +339,9 @@ impl Router {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
-                        return err(format!("CLUSTERDOWN Hash slot {slot} is not served (topology unknown or incomplete)"));
+                        return err(format!(
+                            "CLUSTERDOWN Hash slot {slot} is not served (topology unknown or incomplete)"
+                        ));
                     }
                 },
             };
@@ -327,10 +386,10 @@ impl Router {
         err("ERR cachetier: too many MOVED/ASK redirects")
     }
 
-    fn pick(&self, slot: u16, kind: Kind, avoid: Option<&Arc<Node>>) -> Option<Arc<Node>> {
+    fn pick(&self, slot: u16, kind: Kind, to_primary: bool, avoid: Option<&Arc<Node>>) -> Option<Arc<Node>> {
         let topo = self.registry.current();
         let shard = topo.shard(slot)?;
-        if kind != Kind::Read {
+        if kind != Kind::Read || to_primary {
             return Some(shard.primary.clone());
         }
         let p = balance::pick(
@@ -372,7 +431,10 @@ impl Router {
                 None => groups.push((s, vec![pos])),
             }
         }
-        let kind = if split == Split::Array || name.eq_ignore_ascii_case(b"exists") || name.eq_ignore_ascii_case(b"touch") {
+        let kind = if split == Split::Array
+            || name.eq_ignore_ascii_case(b"exists")
+            || name.eq_ignore_ascii_case(b"touch")
+        {
             Kind::Read
         } else {
             Kind::Write
@@ -399,7 +461,8 @@ impl Router {
                 this.cached_read(Variant::Get, get, s, up, proto).await
             }
         });
-        let (replies, cached_replies) = futures_util::future::join(join_all(group_futs), join_all(cached_futs)).await;
+        let (replies, cached_replies) =
+            futures_util::future::join(join_all(group_futs), join_all(cached_futs)).await;
         match split {
             Split::Array => {
                 let mut out: Vec<Option<Bytes>> = vec![None; keys.len()];
@@ -456,7 +519,10 @@ impl Router {
 
     async fn any_primary(self: &Arc<Self>, cmd: Bytes, up: Proto) -> Bytes {
         let primaries = self.primaries();
-        let Some(node) = primaries.get(rand::rng().random_range(0..primaries.len().max(1))).cloned() else {
+        let Some(node) = primaries
+            .get(rand::rng().random_range(0..primaries.len().max(1)))
+            .cloned()
+        else {
             self.registry.request_refresh();
             return err("CLUSTERDOWN cachetier: topology not known yet");
         };
@@ -502,7 +568,12 @@ impl Router {
         Ok(out)
     }
 
-    fn server_command(self: &Arc<Self>, st: &mut ClientState, info: &'static CommandInfo, args: Vec<Bytes>) -> Action {
+    fn server_command(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        args: Vec<Bytes>,
+    ) -> Action {
         let proto = st.proto;
         let up = st.upstream_proto();
         let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
@@ -546,7 +617,9 @@ impl Router {
                 // documentation; clients that ask get an empty answer and
                 // fall back to sending commands as typed.
                 "" | "DOCS" | "LIST" => encode(&Frame::Array(Vec::new())),
-                "INFO" => encode(&Frame::Array(args[2..].iter().map(|_| Frame::NullArray).collect())),
+                "INFO" => encode(&Frame::Array(
+                    args[2..].iter().map(|_| Frame::NullArray).collect(),
+                )),
                 _ => err(format!("ERR cachetier: COMMAND {sub} is not supported")),
             }),
             "info" => reply(encode(&Frame::Bulk(Bytes::from(self.info_text())))),
@@ -608,7 +681,11 @@ impl Router {
                 if args[2].iter().any(|&b| b == b' ' || b == b'\n') {
                     return err("ERR Client names cannot contain spaces, newlines or special characters.");
                 }
-                st.name = if args[2].is_empty() { None } else { Some(args[2].clone()) };
+                st.name = if args[2].is_empty() {
+                    None
+                } else {
+                    Some(args[2].clone())
+                };
                 ok()
             }
             "GETNAME" => match &st.name {
@@ -619,10 +696,19 @@ impl Router {
             // Client libraries announce themselves; nothing to do with it.
             "SETINFO" => ok(),
             "INFO" => {
-                let name = st.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
-                encode(&Frame::Bulk(Bytes::from(format!("id={} name={} db=0 resp={}\n", st.id, name, st.proto))))
+                let name = st
+                    .name
+                    .as_ref()
+                    .map(|n| String::from_utf8_lossy(n).into_owned())
+                    .unwrap_or_default();
+                encode(&Frame::Bulk(Bytes::from(format!(
+                    "id={} name={} db=0 resp={}\n",
+                    st.id, name, st.proto
+                ))))
             }
-            _ => err(format!("ERR cachetier: CLIENT {sub} is not supported by the sidecar")),
+            _ => err(format!(
+                "ERR cachetier: CLIENT {sub} is not supported by the sidecar"
+            )),
         }
     }
 
@@ -630,15 +716,27 @@ impl Router {
         let topo = self.registry.current();
         let mut s = String::new();
         s.push_str("# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\n");
-        s.push_str(&format!("cachetier_sidecar_version:{}\r\n", env!("CARGO_PKG_VERSION")));
+        s.push_str(&format!(
+            "cachetier_sidecar_version:{}\r\n",
+            env!("CARGO_PKG_VERSION")
+        ));
         s.push_str(&format!("read_policy:{}\r\n", self.config.read_policy.as_str()));
         s.push_str("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n");
-        s.push_str(&format!("# Cluster\r\ncluster_enabled:0\r\ncachetier_shards:{}\r\n", topo.shards.len()));
+        s.push_str(&format!(
+            "# Cluster\r\ncluster_enabled:0\r\ncachetier_shards:{}\r\n",
+            topo.shards.len()
+        ));
         for (i, shard) in topo.shards.iter().enumerate() {
             let replicas: Vec<String> = shard
                 .replicas
                 .iter()
-                .map(|r| format!("{}={}", r.addr, if r.serving_replica() { "serving" } else { "gated" }))
+                .map(|r| {
+                    format!(
+                        "{}={}",
+                        r.addr,
+                        if r.serving_replica() { "serving" } else { "gated" }
+                    )
+                })
                 .collect();
             s.push_str(&format!(
                 "shard{i}:primary={}{},replicas={}\r\n",
@@ -717,7 +815,11 @@ impl Router {
     /// walk is stable while the topology is; a reshard mid-walk may repeat or
     /// skip keys (Redis' own SCAN guarantees hold per node only).
     async fn scan(self: Arc<Self>, args: Vec<Bytes>, up: Proto) -> Bytes {
-        let Some(cursor) = args.get(1).and_then(|c| std::str::from_utf8(c).ok()).and_then(|c| c.parse::<u64>().ok()) else {
+        let Some(cursor) = args
+            .get(1)
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.parse::<u64>().ok())
+        else {
             return err("ERR invalid cursor");
         };
         let primaries = self.primaries();
@@ -745,7 +847,10 @@ impl Router {
             }
             let keys = parts.pop().unwrap_or(Frame::Array(Vec::new()));
             let next = match parts.pop() {
-                Some(Frame::Bulk(b)) => std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
+                Some(Frame::Bulk(b)) => std::str::from_utf8(&b)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0),
                 _ => 0,
             };
             let out_cursor = if next != 0 {
@@ -765,7 +870,10 @@ impl Router {
             } else {
                 0
             };
-            return encode(&Frame::Array(vec![Frame::Bulk(Bytes::from(out_cursor.to_string())), keys]));
+            return encode(&Frame::Array(vec![
+                Frame::Bulk(Bytes::from(out_cursor.to_string())),
+                keys,
+            ]));
         }
     }
 
@@ -783,13 +891,18 @@ impl Router {
                         let Ok(Frame::Array(items)) = resp::parse(&r) else {
                             return r;
                         };
-                        let v: Vec<i64> = items.iter().map(|f| matches!(f, Frame::Integer(1)) as i64).collect();
+                        let v: Vec<i64> = items
+                            .iter()
+                            .map(|f| matches!(f, Frame::Integer(1)) as i64)
+                            .collect();
                         acc = Some(match acc {
                             None => v,
                             Some(a) => a.iter().zip(&v).map(|(x, y)| x & y).collect(),
                         });
                     }
-                    encode(&Frame::Array(acc.unwrap_or_default().into_iter().map(Frame::Integer).collect()))
+                    encode(&Frame::Array(
+                        acc.unwrap_or_default().into_iter().map(Frame::Integer).collect(),
+                    ))
                 }
                 Err(e) => e,
             },
@@ -797,7 +910,12 @@ impl Router {
         }
     }
 
-    fn queue_in_multi(self: &Arc<Self>, st: &mut ClientState, info: &'static CommandInfo, args: Vec<Bytes>) -> Action {
+    fn queue_in_multi(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        args: Vec<Bytes>,
+    ) -> Action {
         match info.name {
             "exec" => {
                 let cmds = st.multi.take().unwrap_or_default();
@@ -819,7 +937,10 @@ impl Router {
                 let refusal = match info.kind {
                     Kind::Read | Kind::Write => match commands::key_indices(info, &args) {
                         Ok(_) => None,
-                        Err(_) => Some(format!("ERR wrong number of arguments for '{}' command", info.name)),
+                        Err(_) => Some(format!(
+                            "ERR wrong number of arguments for '{}' command",
+                            info.name
+                        )),
                     },
                     Kind::Unsupported(reason) => Some(format!("ERR {reason}")),
                     Kind::AnyPrimary => None,
@@ -860,13 +981,15 @@ impl Router {
                 for i in keys {
                     let s = slot::slot(&args[i]);
                     if slot.is_some_and(|x| x != s) {
-                        return err("CROSSSLOT Keys in request don't hash to the same slot (a transaction through the sidecar must stay in one slot)");
+                        return err(
+                            "CROSSSLOT Keys in request don't hash to the same slot (a transaction through the sidecar must stay in one slot)",
+                        );
                     }
                     slot = Some(s);
-                    if let Some(c) = &self.cache {
-                        if c.covers(&args[i]) {
-                            c.invalidate(&args[i], "own_write").await;
-                        }
+                    if let Some(c) = &self.cache
+                        && c.covers(&args[i])
+                    {
+                        c.invalidate(&args[i], "own_write").await;
                     }
                 }
             }
@@ -902,11 +1025,16 @@ impl Router {
                     let last = replies.last().cloned().unwrap_or_default();
                     // A command refused at queue time aborts EXEC; surface its
                     // reason with the abort.
-                    if last.starts_with(b"-EXECABORT") {
-                        if let Some(first) = replies[1..replies.len() - 1].iter().find(|r| r.starts_with(b"-")) {
-                            let why = resp::error_text(first).map(|t| String::from_utf8_lossy(t).into_owned()).unwrap_or_default();
-                            return err(format!("EXECABORT Transaction discarded because of previous errors: {why}"));
-                        }
+                    if last.starts_with(b"-EXECABORT")
+                        && let Some(first) =
+                            replies[1..replies.len() - 1].iter().find(|r| r.starts_with(b"-"))
+                    {
+                        let why = resp::error_text(first)
+                            .map(|t| String::from_utf8_lossy(t).into_owned())
+                            .unwrap_or_default();
+                        return err(format!(
+                            "EXECABORT Transaction discarded because of previous errors: {why}"
+                        ));
                     }
                     return last;
                 }
@@ -947,8 +1075,14 @@ mod tests {
 
     #[test]
     fn moved_and_ask_replies_name_their_target() {
-        assert_eq!(redirect_target(b"-MOVED 3999 127.0.0.1:6381\r\n", b"MOVED "), Some("127.0.0.1:6381".into()));
-        assert_eq!(redirect_target(b"-ASK 1 10.0.0.1:7000\r\n", b"ASK "), Some("10.0.0.1:7000".into()));
+        assert_eq!(
+            redirect_target(b"-MOVED 3999 127.0.0.1:6381\r\n", b"MOVED "),
+            Some("127.0.0.1:6381".into())
+        );
+        assert_eq!(
+            redirect_target(b"-ASK 1 10.0.0.1:7000\r\n", b"ASK "),
+            Some("10.0.0.1:7000".into())
+        );
         assert_eq!(redirect_target(b"-ERR nope\r\n", b"MOVED "), None);
         assert_eq!(redirect_target(b"+OK\r\n", b"MOVED "), None);
     }

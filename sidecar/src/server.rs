@@ -75,10 +75,14 @@ impl Sidecar {
         }
         let listener = TcpListener::bind(config.listen)
             .await
-            .map_err(|source| Error::Bind { addr: config.listen, source })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| Error::Bind { addr: config.listen, source })?;
+            .map_err(|source| Error::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let mut background = Vec::new();
         let metrics_addr = match config.metrics {
             Some(addr) => {
@@ -138,7 +142,12 @@ impl Sidecar {
             }));
         }
         let (stop, stop_rx) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(listener, router.clone(), stop_rx, config.drain_timeout));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            router.clone(),
+            stop_rx,
+            config.drain_timeout,
+        ));
         tracing::info!(%local_addr, ?metrics_addr, "cachetier sidecar listening");
         Ok(Sidecar {
             local_addr,
@@ -224,7 +233,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, router: Arc<Router>, mut stop: watch::Receiver<bool>, drain: Duration) {
+async fn accept_loop(
+    listener: TcpListener,
+    router: Arc<Router>,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
     let mut clients = JoinSet::new();
     loop {
         tokio::select! {
@@ -243,12 +257,12 @@ async fn accept_loop(listener: TcpListener, router: Arc<Router>, mut stop: watch
         }
     }
     drop(listener);
-    let drained = tokio::time::timeout(drain, async {
-        while clients.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(drain, async { while clients.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        tracing::warn!(remaining = clients.len(), "drain timeout: closing remaining client connections");
+        tracing::warn!(
+            remaining = clients.len(),
+            "drain timeout: closing remaining client connections"
+        );
         clients.abort_all();
     }
 }
@@ -276,7 +290,8 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 Ok(None) => break,
                 Err(e) => {
                     let mut b = BytesMut::new();
-                    Frame::Error(bytes::Bytes::from(format!("ERR {e}; closing the connection"))).encode(&mut b);
+                    Frame::Error(bytes::Bytes::from(format!("ERR {e}; closing the connection")))
+                        .encode(&mut b);
                     pending.push_back(Box::pin(std::future::ready(b.freeze())));
                     reading = false;
                 }

@@ -139,10 +139,7 @@ impl Registry {
                 Ok(frame) => match parse_shards(&frame) {
                     Ok(specs) if !specs.is_empty() => {
                         self.install(specs);
-                        self.metrics
-                            .topology_refreshes
-                            .with_label_values(&["ok"])
-                            .inc();
+                        self.metrics.topology_refreshes.with_label_values(&["ok"]).inc();
                         self.metrics.set_ready(true);
                         return Ok(());
                     }
@@ -189,11 +186,7 @@ impl Registry {
                 slots: spec.slots,
             });
         }
-        let gone: Vec<String> = nodes
-            .keys()
-            .filter(|k| !live.contains_key(*k))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = nodes.keys().filter(|k| !live.contains_key(*k)).cloned().collect();
         for addr in gone {
             if let Some(n) = nodes.remove(&addr) {
                 n.retire();
@@ -341,8 +334,20 @@ mod tests {
 
     fn node(ip: &str, port: i64, role: &str, health: &str) -> Frame {
         Frame::Array(vec![
-            b("id"), b("x"), b("port"), Frame::Integer(port), b("ip"), b(ip), b("endpoint"), b(ip),
-            b("role"), b(role), b("replication-offset"), Frame::Integer(1), b("health"), b(health),
+            b("id"),
+            b("x"),
+            b("port"),
+            Frame::Integer(port),
+            b("ip"),
+            b(ip),
+            b("endpoint"),
+            b(ip),
+            b("role"),
+            b(role),
+            b("replication-offset"),
+            Frame::Integer(1),
+            b("health"),
+            b(health),
         ])
     }
 
@@ -350,7 +355,12 @@ mod tests {
     fn cluster_shards_reply_becomes_shard_specs_without_failed_nodes() {
         let reply = Frame::Array(vec![Frame::Array(vec![
             b("slots"),
-            Frame::Array(vec![Frame::Integer(0), Frame::Integer(5460), Frame::Integer(6000), Frame::Integer(6001)]),
+            Frame::Array(vec![
+                Frame::Integer(0),
+                Frame::Integer(5460),
+                Frame::Integer(6000),
+                Frame::Integer(6001),
+            ]),
             b("nodes"),
             Frame::Array(vec![
                 node("10.0.0.1", 7000, "master", "online"),

@@ -165,7 +165,8 @@ impl Node {
         self.retired.store(true, Ordering::Relaxed);
         for slot in &self.conns {
             if let Some(c) = lock(slot).take() {
-                c.state.close(&UpstreamError::Closed("node left the topology".into()));
+                c.state
+                    .close(&UpstreamError::Closed("node left the topology".into()));
             }
         }
     }
@@ -236,10 +237,10 @@ impl Node {
     async fn connect_shared(&self, proto: Proto) -> Result<Conn, UpstreamError> {
         let idx = proto as usize;
         let _g = self.connecting[idx].lock().await;
-        if let Some(c) = lock(&self.conns[idx]).clone() {
-            if !c.state.dead.load(Ordering::SeqCst) {
-                return Ok(c);
-            }
+        if let Some(c) = lock(&self.conns[idx]).clone()
+            && !c.state.dead.load(Ordering::SeqCst)
+        {
+            return Ok(c);
         }
         match self.open(proto).await {
             Ok(c) => {
@@ -292,7 +293,8 @@ impl Node {
                 if let Ok(conn) = node.open(Proto::Resp2).await {
                     *lock(&node.conns[0]) = Some(conn);
                     if let Some(old) = lock(&node.conns[1]).take() {
-                        old.state.close(&UpstreamError::Closed("replaced after probe".into()));
+                        old.state
+                            .close(&UpstreamError::Closed("replaced after probe".into()));
                     }
                     node.healthy.store(true, Ordering::SeqCst);
                     tracing::info!(node = %node.addr, "node back in rotation after a successful probe");
@@ -339,9 +341,7 @@ async fn handshake(
         for _ in 0..expected {
             let raw = read_frame(&mut rd, &mut buf).await?;
             if let Some(err) = resp::error_text(&raw) {
-                return Err(UpstreamError::Protocol(
-                    String::from_utf8_lossy(err).into_owned(),
-                ));
+                return Err(UpstreamError::Protocol(String::from_utf8_lossy(err).into_owned()));
             }
         }
         Ok(())
@@ -369,11 +369,7 @@ async fn read_frame(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<Bytes,
     }
 }
 
-async fn writer(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Request>,
-    state: Arc<ConnState>,
-) {
+async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Request>, state: Arc<ConnState>) {
     let mut closed = state.closed.subscribe();
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
@@ -454,11 +450,11 @@ async fn reader(
                         break;
                     };
                     front.got.push(raw);
-                    if front.got.len() >= front.expected {
-                        if let Some(done) = p.pop_front() {
-                            drop(p);
-                            let _ = done.tx.send(Ok(done.got));
-                        }
+                    if front.got.len() >= front.expected
+                        && let Some(done) = p.pop_front()
+                    {
+                        drop(p);
+                        let _ = done.tx.send(Ok(done.got));
                     }
                 }
                 Ok(None) => break,
@@ -489,25 +485,24 @@ async fn reader(
             _ = closed.changed() => break UpstreamError::Closed("closed".into()),
         }
     };
-    if why == UpstreamError::Timeout {
-        if let Some(node) = node.upgrade() {
-            node.settings
-                .metrics
-                .watchdog_closures
-                .with_label_values(&[node.addr.as_str()])
-                .inc();
-            tracing::warn!(node = %node.addr, ?timeout, "watchdog: no reply in time, closing connection");
-        }
+    if why == UpstreamError::Timeout
+        && let Some(node) = node.upgrade()
+    {
+        node.settings
+            .metrics
+            .watchdog_closures
+            .with_label_values(&[node.addr.as_str()])
+            .inc();
+        tracing::warn!(node = %node.addr, ?timeout, "watchdog: no reply in time, closing connection");
     }
     let is_failure = matches!(why, UpstreamError::Timeout | UpstreamError::Protocol(_))
         || !state.dead.load(Ordering::SeqCst);
     state.close(&why);
-    if is_failure {
-        if let Some(node) = node.upgrade() {
-            if !node.retired.load(Ordering::Relaxed) {
-                node.mark_down();
-            }
-        }
+    if is_failure
+        && let Some(node) = node.upgrade()
+        && !node.retired.load(Ordering::Relaxed)
+    {
+        node.mark_down();
     }
 }
 
@@ -519,11 +514,7 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 }
 
 /// One command on a fresh connection (topology discovery), bounded by `timeout`.
-pub async fn oneshot_command(
-    addr: &str,
-    args: &[&str],
-    timeout: Duration,
-) -> Result<Frame, UpstreamError> {
+pub async fn oneshot_command(addr: &str, args: &[&str], timeout: Duration) -> Result<Frame, UpstreamError> {
     let fut = async {
         let stream = TcpStream::connect(addr)
             .await

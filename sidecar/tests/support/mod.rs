@@ -52,17 +52,28 @@ impl RedisNode {
         std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
             .args([
-                "--bind", "127.0.0.1",
-                "--port", &port.to_string(),
-                "--cluster-enabled", "yes",
-                "--cluster-port", &(port + 20000).to_string(),
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "5000",
-                "--dir", dir.to_str().unwrap(),
-                "--save", "",
-                "--appendonly", "no",
-                "--repl-diskless-sync-delay", "0",
-                "--logfile", "redis.log",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &(port + 20000).to_string(),
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "5000",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--logfile",
+                "redis.log",
             ])
             .args(extra)
             .stdout(Stdio::null())
@@ -122,8 +133,11 @@ impl RedisNode {
 }
 
 pub fn info_field(text: &str, field: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.trim_end().strip_prefix(&format!("{field}:")).map(str::to_string))
+    text.lines().find_map(|l| {
+        l.trim_end()
+            .strip_prefix(&format!("{field}:"))
+            .map(str::to_string)
+    })
 }
 
 pub fn calls(info: &str, cmd: &str) -> u64 {
@@ -138,7 +152,9 @@ pub fn calls(info: &str, cmd: &str) -> u64 {
 impl Drop for RedisNode {
     fn drop(&mut self) {
         // Resume first in case a test stopped it, then kill our own child.
-        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -156,7 +172,11 @@ impl Cluster {
         let nodes: Vec<RedisNode> = (0..n).map(|_| RedisNode::start(&[])).collect();
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(RedisNode::addr));
-        args.extend(["--cluster-replicas".into(), replicas.to_string(), "--cluster-yes".into()]);
+        args.extend([
+            "--cluster-replicas".into(),
+            replicas.to_string(),
+            "--cluster-yes".into(),
+        ]);
         let out = Command::new("redis-cli").args(&args).output().unwrap();
         assert!(
             out.status.success(),
@@ -179,7 +199,8 @@ impl Cluster {
                 .filter(|node| node.info_field("replication", "role").as_deref() == Some("slave"))
                 .count();
             let seen = self.nodes.iter().all(|node| {
-                node.cli(&["CLUSTER", "NODES"]).lines()
+                node.cli(&["CLUSTER", "NODES"])
+                    .lines()
                     .filter(|l| l.split_whitespace().nth(2).is_some_and(|f| f.contains("slave")))
                     .count()
                     == replicas
@@ -187,7 +208,8 @@ impl Cluster {
             let ok = self.nodes.iter().all(|node| {
                 let info = node.cli(&["CLUSTER", "INFO"]);
                 let state_ok = info_field(&info, "cluster_state").as_deref() == Some("ok");
-                let known = info_field(&info, "cluster_known_nodes").and_then(|v| v.parse::<usize>().ok()) == Some(n);
+                let known =
+                    info_field(&info, "cluster_known_nodes").and_then(|v| v.parse::<usize>().ok()) == Some(n);
                 let repl = node.cli(&["INFO", "replication"]);
                 let synced = match info_field(&repl, "role").as_deref() {
                     Some("slave") => info_field(&repl, "master_link_status").as_deref() == Some("up"),
@@ -208,12 +230,19 @@ impl Cluster {
     }
 
     pub fn by_addr(&self, addr: &str) -> &RedisNode {
-        self.nodes.iter().find(|n| n.addr() == addr).expect("node of this cluster")
+        self.nodes
+            .iter()
+            .find(|n| n.addr() == addr)
+            .expect("node of this cluster")
     }
 
     /// The primary and replicas that own `key`, by address.
     pub fn shard_of(&self, key: &str) -> (String, Vec<String>) {
-        let slot: u16 = self.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).trim().parse().unwrap();
+        let slot: u16 = self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .unwrap();
         let text = self.nodes[0].cli(&["CLUSTER", "NODES"]);
         let mut primary = None;
         let mut primary_id = String::new();
@@ -299,7 +328,9 @@ pub async fn client(sidecar: &cachetier_sidecar::Sidecar) -> redis::aio::Multipl
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();

@@ -15,11 +15,13 @@ fn main() -> anyhow::Result<()> {
                 kind,
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
             ) {
-                eprintln!(
-                    "note: every flag can also be set through its CACHETIER_* environment variable \
-                     (--read-policy ↔ CACHETIER_READ_POLICY, --seed ↔ CACHETIER_SEEDS comma-separated); \
-                     see --help for accepted forms"
-                );
+                match e.get(clap::error::ContextKind::InvalidArg) {
+                    Some(arg) => eprintln!(
+                        "note: {arg} can also be set with the environment variable {}",
+                        env_twin(&arg.to_string())
+                    ),
+                    None => eprintln!("note: every flag has a CACHETIER_* environment twin; see --help"),
+                }
                 std::process::exit(2);
             }
             return Ok(());
@@ -42,6 +44,20 @@ fn main() -> anyhow::Result<()> {
             .await
             .context("sidecar failed")
     })
+}
+
+/// `--read-policy <READ_POLICY>` → `CACHETIER_READ_POLICY`.
+fn env_twin(arg: &str) -> String {
+    let flag = arg
+        .trim_start_matches('-')
+        .split([' ', '='])
+        .next()
+        .unwrap_or_default();
+    match flag {
+        "seed" => "CACHETIER_SEEDS (comma-separated)".to_string(),
+        "cache-prefix" => "CACHETIER_CACHE_PREFIXES (comma-separated)".to_string(),
+        f => format!("CACHETIER_{}", f.replace('-', "_").to_ascii_uppercase()),
+    }
 }
 
 async fn shutdown_signal() {

@@ -272,6 +272,9 @@ impl Node {
 
     /// Take the node out of rotation and start probing it.
     pub fn mark_down(&self) {
+        // A replica coming back must pass a fresh read-gate poll too (it may
+        // have fallen behind while it was silent).
+        self.gate_open.store(false, Ordering::SeqCst);
         if self.healthy.swap(false, Ordering::SeqCst) {
             tracing::warn!(node = %self.addr, "node out of rotation");
         }

@@ -573,3 +573,173 @@ async fn a_thousand_concurrent_identical_misses_cost_one_upstream_get() {
     assert_eq!(upstream_gets, 1);
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moved_and_ask_during_a_slot_migration_are_followed_transparently() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let key = "migrating-key";
+    assert_eq!(c.incr::<_, _, i64>(key, 1).await.unwrap(), 1);
+    let (from, _) = cluster.shard_of(key);
+    let from = cluster.by_addr(&from);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    let slot = from.cli(&["CLUSTER", "KEYSLOT", key]).trim().to_string();
+    let (from_id, to_id) = (from.node_id(), to.node_id());
+    assert!(
+        to.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
+            .contains("OK")
+    );
+    assert!(
+        from.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
+            .contains("OK")
+    );
+    let migrated = from.cli(&[
+        "MIGRATE",
+        "127.0.0.1",
+        &to.port.to_string(),
+        "",
+        "0",
+        "5000",
+        "KEYS",
+        key,
+    ]);
+    assert!(migrated.contains("OK"), "{migrated}");
+
+    // The key now lives on the importing node: the old owner answers ASK.
+    assert_eq!(c.incr::<_, _, i64>(key, 1).await.unwrap(), 2);
+    assert!(sidecar.metrics().redirects.with_label_values(&["ask"]).get() >= 1);
+
+    for n in &cluster.nodes {
+        n.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+    }
+    // The slot moved for good: MOVED is followed and the topology refreshed.
+    assert_eq!(c.incr::<_, _, i64>(key, 1).await.unwrap(), 3);
+    assert!(sidecar.metrics().redirects.with_label_values(&["moved"]).get() >= 1);
+    assert_eq!(c.get::<_, i64>(key).await.unwrap(), 3);
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_silent_primary_fails_clearly_instead_of_hanging() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("w-key", "1").await.unwrap();
+    let (primary, _) = cluster.shard_of("w-key");
+    let primary = cluster.by_addr(&primary);
+    primary.signal("-STOP");
+    let started = Instant::now();
+    let e = c.set::<_, _, ()>("w-key", "2").await.unwrap_err();
+    let took = started.elapsed();
+    primary.signal("-CONT");
+    assert!(e.to_string().contains("may or may not have been applied"), "{e}");
+    assert!(took < Duration::from_millis(1500), "failed after {took:?}");
+    // After the node answers again, writes work.
+    eventually("primary back in rotation", Duration::from_secs(5), || {
+        sidecar.node_states().iter().all(|n| n.healthy)
+    })
+    .await;
+    let _: () = c.set("w-key", "3").await.unwrap();
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_requests_already_read_then_stops_accepting() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let addr = sidecar.local_addr();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = Vec::new();
+    for _ in 0..100 {
+        req.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$4\r\nnone\r\n");
+    }
+    s.write_all(&req).await.unwrap();
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).await.unwrap();
+    sidecar.shutdown().await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let replies = 1 + rest.windows(5).filter(|w| w == b"$-1\r\n").count();
+    assert_eq!(replies, 100, "every request read before shutdown is answered");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_resp3_clients_and_exits_cleanly_on_sigterm() {
+    let bin = env!("CARGO_BIN_EXE_cachetier-sidecar");
+    let bad = std::process::Command::new(bin)
+        .args(["--seed", "127.0.0.1:1", "--read-policy", "fastest"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--read-policy")
+            && stderr.contains("CACHETIER_READ_POLICY")
+            && stderr.contains("bestOfTwo"),
+        "{stderr}"
+    );
+    let bad = std::process::Command::new(bin)
+        .env("CACHETIER_SEEDS", "no-port")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("HOST:PORT"));
+
+    let cluster = Cluster::start(3, 0);
+    let port = support::next_port();
+    let mport = support::next_port();
+    let mut child = std::process::Command::new(bin)
+        .env("CACHETIER_SEEDS", cluster.seeds().join(","))
+        .env("CACHETIER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CACHETIER_METRICS", format!("127.0.0.1:{mport}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    eventually("binary listening", Duration::from_secs(10), || {
+        cli(&["PING"]) == "PONG"
+    })
+    .await;
+    assert_eq!(cli(&["HSET", "r3", "f", "v"]), "1");
+    // After HELLO 3 replies are RESP3-typed: HGETALL is a map.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    raw.write_all(b"HELLO 3\r\nHGETALL r3\r\nQUIT\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with('%'), "HELLO 3 answers with a map: {text}");
+    assert!(text.contains("%1\r\n$1\r\nf\r\n$1\r\nv\r\n"), "{text}");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "sidecar did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(code.success(), "{code:?}");
+}

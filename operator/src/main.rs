@@ -2,7 +2,13 @@
 //!
 //! Subcommands:
 //! - `crd`: print the CacheTier CustomResourceDefinition as YAML.
+//! - `local`: run a CacheTier on local `redis-server` processes.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cachetier_operator::Error;
+use cachetier_operator::local::{self, LocalOptions};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -20,15 +26,69 @@ struct Cli {
 enum Command {
     /// Print the CacheTier CustomResourceDefinition (YAML) on stdout.
     ///
-    /// `crds/cachetier.yaml` is exactly this output; `scripts/generate.sh`
-    /// rewrites it and `scripts/generate.sh --check` fails on drift.
+    /// `crds/cachetier.yaml` is exactly this output; regenerate it with
+    /// `cargo run -p cachetier-operator -- crd > crds/cachetier.yaml`.
     Crd,
+    /// Run a CacheTier on local redis-server processes until Ctrl-C.
+    ///
+    /// Nodes listen on 127.0.0.1 from --base-port upward, with cluster bus
+    /// ports at port + --bus-port-offset. Edit the manifest while it runs to
+    /// reshard live; Ctrl-C or SIGTERM stops every node and removes its data.
+    Local {
+        /// The CacheTier manifest (YAML).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// First client port.
+        #[arg(long, default_value_t = 7000, env = "CACHETIER_BASE_PORT")]
+        base_port: u16,
+        /// Cluster bus port = client port + this offset.
+        #[arg(long, default_value_t = 10000)]
+        bus_port_offset: u16,
+        /// The redis-server program to run.
+        #[arg(long, default_value = "redis-server", env = "CACHETIER_REDIS_SERVER")]
+        redis_server: PathBuf,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => print!("{}", cachetier_crds::crd_yaml()?),
+        Command::Local {
+            file,
+            base_port,
+            bus_port_offset,
+            redis_server,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let mut options = LocalOptions::new(file);
+            options.base_port = base_port;
+            options.bus_port_offset = bus_port_offset;
+            options.redis_server = redis_server;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let outcome = runtime.block_on(local::run(options, |_seeds| async {}));
+            match outcome {
+                Ok(()) => {}
+                Err(Error::Invalid(invalid)) => {
+                    eprintln!("the manifest is not a valid CacheTier:");
+                    for problem in &invalid.problems {
+                        eprintln!("  {problem}");
+                    }
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e @ Error::RedisServerMissing { .. }) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

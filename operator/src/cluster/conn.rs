@@ -1,0 +1,113 @@
+//! Connections to nodes: one multiplexed `redis` connection per address, every
+//! command bounded by a timeout so that a silent (e.g. SIGSTOPped) node costs
+//! the caller at most that long, never a hang.
+//!
+//! Not responsible for deciding what to send; callers build the commands.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue};
+
+use crate::{Error, Result};
+
+/// A cache of connections, keyed by node address.
+#[derive(Debug)]
+pub struct Conns {
+    timeout: Duration,
+    map: HashMap<SocketAddr, MultiplexedConnection>,
+}
+
+/// How a command is named in errors: its first words, never its keys.
+fn describe(cmd: &Cmd) -> String {
+    let mut words = Vec::new();
+    for arg in cmd.args_iter().take(2) {
+        if let redis::Arg::Simple(bytes) = arg {
+            words.push(String::from_utf8_lossy(bytes).to_ascii_uppercase());
+        }
+    }
+    words.join(" ")
+}
+
+impl Conns {
+    /// Connections whose connect and commands time out after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            map: HashMap::new(),
+        }
+    }
+
+    /// The default timeout of this cache.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    async fn connection(&mut self, addr: SocketAddr) -> Result<MultiplexedConnection> {
+        if let Some(c) = self.map.get(&addr) {
+            return Ok(c.clone());
+        }
+        let client = redis::Client::open(format!("redis://{addr}/"))
+            .map_err(|source| Error::Connect { addr, source })?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(None);
+        let conn = tokio::time::timeout(
+            self.timeout,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            addr,
+            command: "connect".into(),
+            timeout: self.timeout,
+        })?
+        .map_err(|source| Error::Connect { addr, source })?;
+        self.map.insert(addr, conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs `cmd` on `addr` under the default timeout.
+    pub async fn query<T: FromRedisValue>(&mut self, addr: SocketAddr, cmd: &Cmd) -> Result<T> {
+        let timeout = self.timeout;
+        self.query_within(addr, cmd, timeout).await
+    }
+
+    /// Runs `cmd` on `addr` under `timeout` (e.g. a long `MIGRATE`).
+    pub async fn query_within<T: FromRedisValue>(
+        &mut self,
+        addr: SocketAddr,
+        cmd: &Cmd,
+        timeout: Duration,
+    ) -> Result<T> {
+        let mut conn = self.connection(addr).await?;
+        match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
+            Err(_) => {
+                self.map.remove(&addr);
+                Err(Error::Timeout {
+                    addr,
+                    command: describe(cmd),
+                    timeout,
+                })
+            }
+            Ok(Err(source)) => {
+                if source.is_io_error() || source.is_connection_dropped() || source.is_unrecoverable_error() {
+                    self.map.remove(&addr);
+                }
+                Err(Error::Command {
+                    addr,
+                    command: describe(cmd),
+                    source,
+                })
+            }
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// Forgets the connection to `addr` (after the node was destroyed).
+    pub fn drop_connection(&mut self, addr: SocketAddr) {
+        self.map.remove(&addr);
+    }
+}

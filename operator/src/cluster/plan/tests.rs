@@ -1,0 +1,564 @@
+//! The planner against hand-built observations: no Redis, no time passing
+//! except through `Instant`s handed in.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cachetier_crds::NodeHealth;
+use proptest::prelude::*;
+use tokio::time::Instant;
+
+use super::*;
+use crate::cluster::config::TierConfig;
+use crate::cluster::health::HealthRecord;
+use crate::cluster::pool::PoolNode;
+use crate::cluster::view::{ClusterView, NodeLine, NodeView, ReplInfo, Reported, SLOTS};
+
+fn tier(shards: u32, replicas: u32) -> TierConfig {
+    TierConfig {
+        name: "t".into(),
+        generation: None,
+        shards,
+        replicas_per_shard: replicas,
+        max_memory_bytes: 64 << 20,
+        max_memory_policy: "allkeys-lru".into(),
+        redis_config: Default::default(),
+        health: Default::default(),
+        max_lag_bytes: 1 << 20,
+        timing: Default::default(),
+    }
+}
+
+fn addr(shard: u32, ordinal: u32) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7000 + (shard * 10 + ordinal) as u16))
+}
+
+fn id(shard: u32, ordinal: u32) -> String {
+    format!("{:0>40}", shard * 10 + ordinal + 1)
+}
+
+fn name(shard: u32, ordinal: u32) -> String {
+    format!("t-{shard}-{ordinal}")
+}
+
+/// A hand-built cluster: every node reachable and knowing every other one
+/// unless said otherwise.
+#[derive(Default)]
+struct Fx {
+    lines: Vec<(u32, u32, NodeLine, ReplInfo)>,
+    unreachable: Vec<(u32, u32)>,
+    loners: Vec<(u32, u32)>,
+    stale: Vec<NodeLine>,
+    health: HashMap<SocketAddr, HealthRecord>,
+}
+
+impl Fx {
+    fn node(mut self, shard: u32, ordinal: u32, f: impl FnOnce(&mut NodeLine, &mut ReplInfo)) -> Self {
+        let mut line = NodeLine {
+            id: id(shard, ordinal),
+            addr: Some(addr(shard, ordinal)),
+            master: true,
+            connected: true,
+            config_epoch: u64::from(shard * 10 + ordinal),
+            ..NodeLine::default()
+        };
+        let mut repl = ReplInfo {
+            is_master: true,
+            ..ReplInfo::default()
+        };
+        f(&mut line, &mut repl);
+        self.lines.push((shard, ordinal, line, repl));
+        self
+    }
+
+    fn primary(self, shard: u32, ordinal: u32, slots: &[(u16, u16)]) -> Self {
+        let slots = slots.to_vec();
+        self.node(shard, ordinal, move |l, _| l.slots = slots)
+    }
+
+    fn empty(self, shard: u32, ordinal: u32) -> Self {
+        self.node(shard, ordinal, |_, _| {})
+    }
+
+    fn replica(self, shard: u32, ordinal: u32, of: (u32, u32), offset: i64) -> Self {
+        self.node(shard, ordinal, move |l, r| {
+            l.master = false;
+            l.replica = true;
+            l.master_id = Some(id(of.0, of.1));
+            r.is_master = false;
+            r.link_up = true;
+            r.offset = offset;
+        })
+    }
+
+    /// A healthy 3-shard tier with one replica per shard.
+    fn tier_3x1() -> Self {
+        let split = even_split(3);
+        let mut fx = Fx::default();
+        for s in 0..3 {
+            fx = fx.primary(s, 0, &[split[s as usize]]).replica(s, 1, (s, 0), 100);
+        }
+        fx
+    }
+
+    fn failed(mut self, shard: u32, ordinal: u32, since: Instant) -> Self {
+        let mut r = HealthRecord::default();
+        for _ in 0..3 {
+            r.record(Err("no reply".into()), since, 3);
+        }
+        self.health.insert(addr(shard, ordinal), r);
+        self.unreachable.push((shard, ordinal));
+        self
+    }
+
+    fn view(&self) -> ClusterView {
+        let mut nodes = Vec::new();
+        for (shard, ordinal, line, repl) in &self.lines {
+            let pool = PoolNode {
+                name: name(*shard, *ordinal),
+                shard: *shard,
+                ordinal: *ordinal,
+                addr: addr(*shard, *ordinal),
+                bus_port: addr(*shard, *ordinal).port() + 10000,
+                hostname: None,
+                pid: None,
+            };
+            let report = if self.unreachable.contains(&(*shard, *ordinal)) {
+                Err("unreachable".to_string())
+            } else {
+                let mut myself = line.clone();
+                myself.myself = true;
+                let others = if self.loners.contains(&(*shard, *ordinal)) {
+                    Vec::new()
+                } else {
+                    self.lines
+                        .iter()
+                        .filter(|(s, o, _, _)| (s, o) != (shard, ordinal))
+                        .filter(|(s, o, _, _)| !self.loners.contains(&(*s, *o)))
+                        .map(|(_, _, l, _)| {
+                            let mut l = l.clone();
+                            l.migrating.clear();
+                            l.importing.clear();
+                            l
+                        })
+                        .chain(self.stale.iter().cloned())
+                        .collect()
+                };
+                Ok(Reported {
+                    myself,
+                    others,
+                    state_ok: true,
+                    repl: repl.clone(),
+                })
+            };
+            nodes.push(NodeView { pool, report });
+        }
+        ClusterView { nodes }
+    }
+
+    fn plan_at(&self, tier: &TierConfig, now: Instant) -> Plan {
+        plan(PlanInput {
+            tier,
+            view: &self.view(),
+            health: &self.health,
+            now,
+        })
+    }
+
+    fn plan(&self, tier: &TierConfig) -> Plan {
+        self.plan_at(tier, Instant::now())
+    }
+}
+
+fn slot_total(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .map(|a| match a {
+            Action::AddSlots { ranges, .. } => ranges.iter().map(|(a, b)| usize::from(b - a) + 1).sum(),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn an_empty_pool_creates_every_node_of_the_tier() {
+    let p = Fx::default().plan(&tier(3, 1));
+    assert_eq!(p.actions.len(), 6);
+    assert!(p.actions.contains(&Action::CreateNode { shard: 2, ordinal: 1 }));
+}
+
+#[test]
+fn fresh_nodes_that_know_nobody_all_meet_one_anchor() {
+    let mut fx = Fx::default();
+    for s in 0..3 {
+        fx = fx.empty(s, 0).empty(s, 1);
+        fx.loners.extend([(s, 0), (s, 1)]);
+    }
+    let p = fx.plan(&tier(3, 1));
+    assert_eq!(p.actions.len(), 5, "{p:?}");
+    let peers: Vec<SocketAddr> = p
+        .actions
+        .iter()
+        .map(|a| match a {
+            Action::Meet { peer, .. } => *peer,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert!(peers.iter().all(|p| *p == peers[0]));
+}
+
+#[test]
+fn a_node_nobody_knows_meets_the_anchor_and_nothing_else_happens_meanwhile() {
+    let split = even_split(1);
+    let mut fx = Fx::default().primary(0, 0, &[split[0]]).empty(0, 1);
+    fx.loners.push((0, 1));
+    let p = fx.plan(&tier(1, 1));
+    assert_eq!(
+        p.actions,
+        vec![Action::Meet {
+            node: addr(0, 1),
+            peer: addr(0, 0)
+        }]
+    );
+}
+
+#[test]
+fn meshed_empty_primaries_get_all_slots_split_evenly() {
+    let fx = Fx::default()
+        .empty(0, 0)
+        .empty(0, 1)
+        .empty(1, 0)
+        .empty(1, 1)
+        .empty(2, 0)
+        .empty(2, 1);
+    let p = fx.plan(&tier(3, 1));
+    assert_eq!(p.actions.len(), 3, "{p:?}");
+    assert_eq!(slot_total(&p.actions), usize::from(SLOTS));
+    for a in &p.actions {
+        let Action::AddSlots { node, ranges } = a else {
+            panic!("{a:?}")
+        };
+        assert!(node.name.ends_with("-0"));
+        let n: usize = ranges.iter().map(|(a, b)| usize::from(b - a) + 1).sum();
+        assert!(n == 5461 || n == 5462);
+    }
+}
+
+#[test]
+fn empty_masters_of_a_shard_become_replicas_of_its_primary() {
+    let split = even_split(2);
+    let fx = Fx::default()
+        .primary(0, 0, &[split[0]])
+        .empty(0, 1)
+        .primary(1, 0, &[split[1]])
+        .replica(1, 1, (1, 0), 0);
+    let p = fx.plan(&tier(2, 1));
+    assert_eq!(p.actions.len(), 1, "{p:?}");
+    let Action::Replicate { node, primary } = &p.actions[0] else {
+        panic!()
+    };
+    assert_eq!((node.name.as_str(), primary.name.as_str()), ("t-0-1", "t-0-0"));
+}
+
+#[test]
+fn a_replica_of_the_wrong_shard_is_moved_back() {
+    let split = even_split(2);
+    let fx = Fx::default()
+        .primary(0, 0, &[split[0]])
+        .replica(0, 1, (1, 0), 0)
+        .primary(1, 0, &[split[1]])
+        .replica(1, 1, (1, 0), 0);
+    let p = fx.plan(&tier(2, 1));
+    assert!(matches!(&p.actions[..], [Action::Replicate { node, .. }] if node.name == "t-0-1"));
+}
+
+#[test]
+fn a_converged_tier_plans_nothing() {
+    let p = Fx::tier_3x1().plan(&tier(3, 1));
+    assert!(p.is_converged(), "{p:?}");
+}
+
+/// Applies planned migrations to per-node slot sets.
+fn apply(fx: &mut Fx, actions: &[Action]) {
+    use std::collections::BTreeSet;
+    let mut sets: HashMap<String, BTreeSet<u16>> = fx
+        .lines
+        .iter()
+        .map(|(_, _, l, _)| (l.id.clone(), l.slots.iter().flat_map(|&(a, b)| a..=b).collect()))
+        .collect();
+    for a in actions {
+        if let Action::MigrateSlots { from, to, slots } = a {
+            let source = sets.get_mut(&from.id).unwrap();
+            for s in slots {
+                assert!(
+                    source.remove(s),
+                    "slot {s} moved from a node that does not own it"
+                );
+            }
+            sets.get_mut(&to.id).unwrap().extend(slots.iter().copied());
+        }
+    }
+    for (_, _, l, _) in fx.lines.iter_mut() {
+        let mine: Vec<u16> = sets[&l.id].iter().copied().collect();
+        l.slots = ranges(&mine);
+    }
+}
+
+fn counts(fx: &Fx) -> Vec<usize> {
+    fx.lines
+        .iter()
+        .filter(|(_, _, l, _)| l.master)
+        .map(|(_, _, l, _)| l.slot_count() as usize)
+        .collect()
+}
+
+#[test]
+fn scaling_out_from_three_to_five_shards_creates_nodes_then_moves_slots_from_every_old_shard() {
+    let fx = Fx::tier_3x1();
+    let t = tier(5, 1);
+    let p = fx.plan(&t);
+    assert_eq!(p.actions.len(), 4);
+    assert!(
+        p.actions
+            .iter()
+            .all(|a| matches!(a, Action::CreateNode { shard: 3 | 4, .. }))
+    );
+
+    let mut fx = fx
+        .empty(3, 0)
+        .replica(3, 1, (3, 0), 0)
+        .empty(4, 0)
+        .replica(4, 1, (4, 0), 0);
+    let p = fx.plan(&t);
+    assert!(
+        p.actions.iter().all(|a| matches!(a, Action::MigrateSlots { .. })),
+        "{p:?}"
+    );
+    for old in 0..3 {
+        assert!(
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::MigrateSlots { from, .. } if from.id == id(old, 0)))
+        );
+    }
+    apply(&mut fx, &p.actions);
+    let c = counts(&fx);
+    assert_eq!(c.iter().sum::<usize>(), usize::from(SLOTS));
+    assert!(c.iter().max().unwrap() - c.iter().min().unwrap() <= 1, "{c:?}");
+    assert!(fx.plan(&t).is_converged());
+}
+
+#[test]
+fn scaling_in_spreads_the_removed_shards_over_all_remaining_shards_then_removes_them() {
+    let split = even_split(5);
+    let mut fx = Fx::default();
+    for s in 0..5 {
+        fx = fx.primary(s, 0, &[split[s as usize]]).replica(s, 1, (s, 0), 0);
+    }
+    let t = tier(2, 1);
+    let p = fx.plan(&t);
+    for removed in 2..5 {
+        for kept in 0..2 {
+            assert!(
+                p.actions
+                    .iter()
+                    .any(|a| matches!(a, Action::MigrateSlots { from, to, .. }
+                    if from.id == id(removed, 0) && to.id == id(kept, 0))),
+                "shard {removed} gives nothing to shard {kept}: {p:?}"
+            );
+        }
+    }
+    apply(&mut fx, &p.actions);
+    assert_eq!(counts(&fx)[..2], [8192, 8192]);
+    let p = fx.plan(&t);
+    assert_eq!(p.actions.len(), 6, "{p:?}");
+    for (i, a) in p.actions.iter().enumerate() {
+        let Action::DestroyNode { name, reason, .. } = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(*reason, Removal::ShardRemoved);
+        // replica before primary within each shard
+        assert_eq!(name.ends_with("-1"), i % 2 == 0, "{name} at {i}");
+    }
+}
+
+#[test]
+fn a_slot_left_migrating_with_a_live_importer_is_finished() {
+    let mut fx = Fx::tier_3x1();
+    fx.lines[0].2.migrating.push((10, id(1, 0)));
+    fx.lines[2].2.importing.push((10, id(0, 0)));
+    let p = fx.plan(&tier(3, 1));
+    assert_eq!(p.actions.len(), 1);
+    let Action::FinishMigration { slot, from, to } = &p.actions[0] else {
+        panic!("{p:?}")
+    };
+    assert_eq!((*slot, from.id.clone(), to.id.clone()), (10, id(0, 0), id(1, 0)));
+}
+
+#[test]
+fn a_slot_importing_without_a_migrating_side_is_finished_from_its_owner() {
+    let mut fx = Fx::tier_3x1();
+    fx.lines[2].2.importing.push((10, id(0, 0)));
+    let p = fx.plan(&tier(3, 1));
+    assert!(
+        matches!(&p.actions[..], [Action::FinishMigration { slot: 10, from, to }]
+        if from.id == id(0, 0) && to.id == id(1, 0)),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_slot_migrating_to_a_dead_node_is_rolled_back() {
+    let mut fx = Fx::tier_3x1();
+    fx.lines[0].2.migrating.push((10, id(1, 0)));
+    let fx = fx.failed(1, 0, Instant::now());
+    let p = fx.plan(&tier(3, 1));
+    assert!(
+        matches!(&p.actions[..], [Action::AbortMigration { slot: 10, node }] if node.id == id(0, 0)),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_failed_primary_gets_a_takeover_only_after_redis_had_its_chance() {
+    let t = tier(3, 2);
+    let start = Instant::now();
+    let split = even_split(3);
+    let mut fx = Fx::default();
+    for s in 0..3 {
+        fx = fx
+            .primary(s, 0, &[split[s as usize]])
+            .replica(s, 1, (s, 0), 100)
+            .replica(s, 2, (s, 0), 500);
+    }
+    let fx = fx.failed(1, 0, start);
+    let grace = t.timing.node_timeout + t.timing.failover_margin;
+    let early = fx.plan_at(&t, start + grace - Duration::from_millis(1));
+    assert!(
+        early
+            .actions
+            .iter()
+            .all(|a| !matches!(a, Action::Failover { .. })),
+        "{early:?}"
+    );
+    let late = fx.plan_at(&t, start + grace);
+    let Action::Failover { shard, to, kind, .. } = &late.actions[0] else {
+        panic!("{late:?}")
+    };
+    assert_eq!(
+        (*shard, to.name.as_str(), *kind),
+        (1, "t-1-2", FailoverKind::Takeover)
+    );
+}
+
+#[test]
+fn a_failed_replica_is_evicted_after_evict_after_and_not_before() {
+    let t = tier(3, 1);
+    let start = Instant::now();
+    let fx = Fx::tier_3x1().failed(2, 1, start);
+    let p = fx.plan_at(&t, start + t.health.evict_after - Duration::from_secs(1));
+    assert!(p.actions.is_empty(), "{p:?}");
+    let p = fx.plan_at(&t, start + t.health.evict_after);
+    assert!(
+        matches!(&p.actions[..], [Action::DestroyNode { name, reason: Removal::Evicted { .. }, .. }] if name == "t-2-1"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn an_evicted_replica_is_recreated_in_its_shard() {
+    let mut fx = Fx::tier_3x1();
+    fx.lines.retain(|(s, o, _, _)| (*s, *o) != (2, 1));
+    let p = fx.plan(&tier(3, 1));
+    assert_eq!(p.actions, vec![Action::CreateNode { shard: 2, ordinal: 1 }]);
+}
+
+#[test]
+fn fewer_replicas_removes_the_extra_ones_and_a_primary_among_them_hands_over_first() {
+    let split = even_split(1);
+    let fx = Fx::default().replica(0, 0, (0, 1), 10).primary(0, 1, &[split[0]]);
+    let p = fx.plan(&tier(1, 0));
+    let Action::Failover { to, kind, .. } = &p.actions[0] else {
+        panic!("{p:?}")
+    };
+    assert_eq!((to.name.as_str(), *kind), ("t-0-0", FailoverKind::Graceful));
+
+    let fx = Fx::default().primary(0, 0, &[split[0]]).replica(0, 1, (0, 0), 10);
+    let p = fx.plan(&tier(1, 0));
+    assert!(matches!(
+        &p.actions[..],
+        [Action::DestroyNode {
+            reason: Removal::ReplicaRemoved,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_cluster_member_no_pool_node_accounts_for_is_forgotten() {
+    let mut fx = Fx::tier_3x1();
+    fx.stale.push(NodeLine {
+        id: "f".repeat(40),
+        addr: Some(SocketAddr::from(([127, 0, 0, 1], 9999))),
+        master: true,
+        fail: true,
+        ..NodeLine::default()
+    });
+    let p = fx.plan(&tier(3, 1));
+    assert_eq!(p.actions, vec![Action::Forget { id: "f".repeat(40) }]);
+}
+
+#[test]
+fn a_failed_node_does_not_stop_the_rest_from_converging_but_an_unhealthy_health_state_is_respected() {
+    // Suspect is not Failed: nothing is evicted, nothing is planned.
+    let mut fx = Fx::tier_3x1();
+    let mut r = HealthRecord::default();
+    r.record(Err("timeout".into()), Instant::now(), 3);
+    assert_eq!(r.state, NodeHealth::Suspect);
+    fx.health.insert(addr(0, 1), r);
+    assert!(fx.plan(&tier(3, 1)).actions.is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn any_distribution_is_balanced_to_within_one_slot_without_losing_one(
+        cuts in proptest::collection::vec(0u16..SLOTS, 1..8),
+        shards in 1u32..9,
+    ) {
+        let mut cuts = cuts;
+        cuts.sort_unstable();
+        cuts.dedup();
+        // Contiguous runs owned by len(cuts)+1 existing shards (some maybe empty).
+        let mut bounds = vec![0u32];
+        bounds.extend(cuts.iter().map(|&c| u32::from(c)));
+        bounds.push(u32::from(SLOTS));
+        let mut fx = Fx::default();
+        for (i, w) in bounds.windows(2).enumerate() {
+            let i = i as u32;
+            if w[1] > w[0] {
+                fx = fx.primary(i, 0, &[(w[0] as u16, (w[1] - 1) as u16)]);
+            } else {
+                fx = fx.empty(i, 0);
+            }
+        }
+        let existing = (bounds.len() - 1) as u32;
+        for s in existing..shards {
+            fx = fx.empty(s, 0);
+        }
+        let t = tier(shards, 0);
+        let p = fx.plan(&t);
+        let moves: Vec<Action> = p.actions.iter().filter(|a| matches!(a, Action::MigrateSlots { .. })).cloned().collect();
+        apply(&mut fx, &moves);
+        let kept: Vec<usize> = fx.lines.iter().filter(|(s, _, _, _)| *s < shards).map(|(_, _, l, _)| l.slot_count() as usize).collect();
+        let gone: usize = fx.lines.iter().filter(|(s, _, _, _)| *s >= shards).map(|(_, _, l, _)| l.slot_count() as usize).sum();
+        prop_assert_eq!(kept.iter().sum::<usize>(), usize::from(SLOTS));
+        prop_assert_eq!(gone, 0);
+        prop_assert!(kept.iter().max().unwrap() - kept.iter().min().unwrap() <= 1);
+        // And once balanced, the plan moves nothing more.
+        let again = fx.plan(&t);
+        let moves_again = again.actions.iter().any(|a| matches!(a, Action::MigrateSlots { .. }));
+        prop_assert!(!moves_again);
+    }
+}

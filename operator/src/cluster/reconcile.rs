@@ -1,0 +1,256 @@
+//! The reconciler: a thin driver that repeats observe → plan → execute.
+//!
+//! It keeps connections, the health monitor and a record of recent events
+//! (for the status), but nothing it keeps is used to decide what to do: every
+//! round plans from a fresh observation. Dropping a [`Reconciler`] at any await
+//! point and starting a new one is the crash-recovery path, and it is tested.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cachetier_crds::{CacheTierStatus, Phase};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::config::TierConfig;
+use super::conn::Conns;
+use super::execute::{Reach, execute};
+use super::health::{HealthMonitor, HealthRecord};
+use super::plan::{Action, Plan, PlanInput, plan};
+use super::pool::NodePool;
+use super::status::{self, Events, StatusInput, SyncTracker};
+use super::view::{ClusterView, observe};
+use crate::{Error, Result};
+
+/// Longest a round keeps executing planned steps before it observes again, so
+/// that a long reshard does not delay noticing a failure.
+const ROUND_BUDGET: Duration = Duration::from_secs(2);
+
+/// The outcome of one round.
+#[derive(Debug)]
+pub struct Round {
+    /// What was observed.
+    pub view: ClusterView,
+    /// What was planned from it.
+    pub plan: Plan,
+    /// The status computed from the observation (before executing the plan).
+    pub status: CacheTierStatus,
+    /// Steps executed this round.
+    pub executed: usize,
+    /// The step that failed, if one did (the round stops there).
+    pub error: Option<Error>,
+}
+
+/// Drives one tier towards its spec.
+#[derive(Debug)]
+pub struct Reconciler<P> {
+    pool: Arc<P>,
+    tier: TierConfig,
+    conns: Conns,
+    health: HealthMonitor,
+    sync: SyncTracker,
+    events: Events,
+    primaries: HashMap<u32, String>,
+    status_tx: watch::Sender<Option<CacheTierStatus>>,
+}
+
+impl<P: NodePool> Reconciler<P> {
+    /// A reconciler for `tier` on `pool`. It starts with no memory: its first
+    /// round sees whatever the pool and the cluster hold.
+    pub fn new(pool: Arc<P>, tier: TierConfig) -> Self {
+        let conns = Conns::new(tier.health.response_timeout.max(Duration::from_millis(200)));
+        let health = HealthMonitor::new(tier.health);
+        let (status_tx, _) = watch::channel(None);
+        Self {
+            pool,
+            tier,
+            conns,
+            health,
+            sync: SyncTracker::default(),
+            events: Events::default(),
+            primaries: HashMap::new(),
+            status_tx,
+        }
+    }
+
+    /// The desired tier.
+    pub fn tier(&self) -> &TierConfig {
+        &self.tier
+    }
+
+    /// Changes the desired tier; the next round works towards it.
+    pub fn set_tier(&mut self, tier: TierConfig) {
+        self.health.set_config(tier.health);
+        self.conns = Conns::new(tier.health.response_timeout.max(Duration::from_millis(200)));
+        self.tier = tier;
+    }
+
+    /// Receives every status this reconciler computes.
+    pub fn subscribe(&self) -> watch::Receiver<Option<CacheTierStatus>> {
+        self.status_tx.subscribe()
+    }
+
+    /// The latest probe results, by node address.
+    pub fn health(&self) -> HashMap<SocketAddr, HealthRecord> {
+        self.health.snapshot()
+    }
+
+    /// The pool this reconciler drives.
+    pub fn pool(&self) -> &Arc<P> {
+        &self.pool
+    }
+
+    /// Lists the pool, starts probing new nodes and observes the cluster.
+    pub async fn observe(&mut self) -> Result<ClusterView> {
+        let nodes = self.pool.list().await?;
+        let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+        self.health.track(&addrs);
+        Ok(observe(&mut self.conns, &nodes).await)
+    }
+
+    /// One round: observe, plan, publish the status, execute the plan (for
+    /// at most [`ROUND_BUDGET`]).
+    pub async fn round(&mut self) -> Result<Round> {
+        let view = self.observe().await?;
+        let now = Instant::now();
+        let health = self.health.snapshot();
+        self.sync.observe(&view, now);
+        self.notice_failovers(&view);
+        let plan = plan(PlanInput {
+            tier: &self.tier,
+            view: &view,
+            health: &health,
+            now,
+        });
+        let previous = self.status_tx.borrow().clone();
+        let loops = self.sync.looping();
+        let status = status::compute(StatusInput {
+            tier: &self.tier,
+            view: &view,
+            health: &health,
+            plan: &plan,
+            events: &self.events,
+            sync_loops: &loops,
+            previous: previous.as_ref(),
+        });
+        self.status_tx.send_replace(Some(status.clone()));
+
+        let reach = Reach::from_view(&view);
+        let started = Instant::now();
+        let mut executed = 0;
+        let mut error = None;
+        'steps: for action in &plan.actions {
+            // A long migration is executed slot by slot so the budget applies.
+            let steps: Vec<Action> = match action {
+                Action::MigrateSlots { from, to, slots } => slots
+                    .iter()
+                    .map(|&slot| Action::FinishMigration {
+                        slot,
+                        from: from.clone(),
+                        to: to.clone(),
+                    })
+                    .collect(),
+                other => vec![other.clone()],
+            };
+            for step in &steps {
+                if started.elapsed() > ROUND_BUDGET {
+                    break 'steps;
+                }
+                if !matches!(step, Action::FinishMigration { .. }) {
+                    info!(tier = %self.tier.name, "{step}");
+                }
+                match execute(self.pool.as_ref(), &mut self.conns, &self.tier, &reach, step).await {
+                    Ok(()) => {
+                        executed += 1;
+                        self.events.executed(step);
+                    }
+                    Err(e) => {
+                        warn!(tier = %self.tier.name, step = %step, error = %e, "step failed; will re-observe");
+                        error = Some(e);
+                        break 'steps;
+                    }
+                }
+            }
+        }
+        Ok(Round {
+            view,
+            plan,
+            status,
+            executed,
+            error,
+        })
+    }
+
+    fn notice_failovers(&mut self, view: &ClusterView) {
+        let now = status::shard_primaries(view);
+        for (shard, name) in &now {
+            if let Some(before) = self.primaries.get(shard)
+                && before != name
+            {
+                let recorded = self
+                    .events
+                    .last_failover
+                    .as_ref()
+                    .is_some_and(|f| f.shard == *shard as i32 && &f.to == name);
+                if !recorded {
+                    self.events.failover(*shard, before, name, "Automatic");
+                }
+            }
+        }
+        self.primaries.extend(now);
+    }
+
+    /// Runs rounds until the plan is empty and the tier is Ready, pausing
+    /// briefly between rounds that only wait. Fails after `deadline`.
+    pub async fn converge(&mut self, deadline: Duration) -> Result<CacheTierStatus> {
+        let start = Instant::now();
+        loop {
+            let round = self.round().await?;
+            if round.plan.is_converged() && round.status.phase == Some(Phase::Ready) {
+                return Ok(round.status);
+            }
+            if start.elapsed() > deadline {
+                return Err(Error::Deadline {
+                    what: format!(
+                        "tier {} did not converge (phase {:?}, plan {:?})",
+                        self.tier.name, round.status.phase, round.plan
+                    ),
+                    waited: deadline,
+                });
+            }
+            if round.executed == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Reconciles forever: rounds back to back while there is work, one every
+    /// `timing.resync_interval` once converged. Takes tier changes from `tiers`.
+    pub async fn run(&mut self, mut tiers: watch::Receiver<TierConfig>) {
+        loop {
+            if tiers.has_changed().unwrap_or(false) {
+                let tier = tiers.borrow_and_update().clone();
+                info!(tier = %tier.name, shards = tier.shards, replicas = tier.replicas_per_shard, "spec changed");
+                self.set_tier(tier);
+            }
+            let pause = match self.round().await {
+                Ok(r) if r.executed > 0 => Duration::ZERO,
+                Ok(r) if r.plan.is_converged() => self.tier.timing.resync_interval,
+                Ok(_) => Duration::from_millis(50),
+                Err(e) => {
+                    warn!(tier = %self.tier.name, error = %e, "round failed");
+                    Duration::from_millis(500)
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = tiers.changed() => {}
+                }
+            }
+        }
+    }
+}

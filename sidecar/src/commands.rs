@@ -67,6 +67,8 @@ pub struct CommandInfo {
     pub kind: Kind,
     pub keys: KeySpec,
     pub split: Option<Split>,
+    /// Dense index (0..count()) for per-command metric handles.
+    pub id: usize,
 }
 
 const BLOCKING: &str = "blocking commands are not supported by the cachetier sidecar: they would stall an upstream connection shared by many clients";
@@ -108,6 +110,7 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
     let mut t = HashMap::new();
     let mut add = |names: &[&'static str], kind: Kind, keys: KeySpec| {
         for &name in names {
+            let id = t.len();
             t.insert(
                 name,
                 CommandInfo {
@@ -115,6 +118,7 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
                     kind,
                     keys,
                     split: None,
+                    id,
                 },
             );
         }
@@ -442,6 +446,11 @@ pub fn lookup(name: &[u8]) -> Option<&'static CommandInfo> {
     TABLE.get(s)
 }
 
+/// Every command in the table.
+pub fn all() -> impl Iterator<Item = &'static CommandInfo> {
+    TABLE.values()
+}
+
 /// Number of commands the sidecar knows (for `COMMAND COUNT`).
 pub fn count() -> usize {
     TABLE.len()
@@ -523,6 +532,13 @@ mod tests {
         s.split(' ')
             .map(|p| Bytes::copy_from_slice(p.as_bytes()))
             .collect()
+    }
+
+    #[test]
+    fn command_ids_are_dense_and_unique() {
+        let mut ids: Vec<usize> = all().map(|c| c.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..count()).collect::<Vec<_>>());
     }
 
     #[test]

@@ -160,21 +160,46 @@ fn parse_host_port(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parse `500ms`, `1s`, `2m`, `1h` (a bare number means seconds).
+/// Parse a duration: Go/Kubernetes style (`500ms`, `1s`, `1.5s`, `2m`, `1h30m`;
+/// units `ns`, `us`, `µs`, `ms`, `s`, `m`, `h`), or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("invalid duration {s:?}: expected a number with ms, s, m or h, e.g. 500ms or 1s");
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(err()),
+    let err = || {
+        format!(
+            "invalid duration {s:?}: expected e.g. 500ms, 1s, 1.5s, 2m or 1h30m (units ns, us, ms, s, m, h)"
+        )
     };
-    Ok(d)
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<u64>().map(Duration::from_secs).map_err(|_| err());
+    }
+    let mut rest = s;
+    let mut total = Duration::ZERO;
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
+        let (num, tail) = rest.split_at(num_len);
+        let n: f64 = num.parse().map_err(|_| err())?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let secs = match unit {
+            "ns" => n / 1e9,
+            "us" | "µs" => n / 1e6,
+            "ms" => n / 1e3,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return Err(err()),
+        };
+        total += Duration::try_from_secs_f64(secs).map_err(|_| err())?;
+        rest = tail;
+    }
+    Ok(total)
 }
 
 /// Parse a byte size: `1048576`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1024).
@@ -308,6 +333,10 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_duration("1 fortnight").unwrap_err().contains("500ms"));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5x").is_err());
         assert_eq!(parse_bytes("64MiB").unwrap(), 64 << 20);
         assert!(parse_bytes("lots").unwrap_err().contains("MiB"));
         assert!(parse_ttl("2h").is_err());

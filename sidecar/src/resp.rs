@@ -346,10 +346,23 @@ fn parse_at(buf: &Bytes, pos: usize) -> Result<(Frame, usize), ProtocolError> {
     })
 }
 
+/// A client request: its arguments and its wire form. `raw` is forwarded
+/// upstream as is when the command goes to one node, saving a re-encode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub raw: Bytes,
+    pub args: Vec<Bytes>,
+}
+
 /// Parse a client request at the front of `buf`: either a RESP array of bulk
 /// strings or an inline command line. Returns the arguments and consumes their
 /// bytes; `Ok(None)` means more bytes are needed.
 pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    Ok(parse_request(buf, limits)?.map(|r| r.args))
+}
+
+/// [`parse_command`], keeping the request's wire form.
+pub fn parse_request(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Request>, ProtocolError> {
     loop {
         let Some(&first) = buf.first() else {
             return Ok(None);
@@ -358,24 +371,32 @@ pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<B
             let Some(len) = check(buf, limits)? else {
                 return Ok(None);
             };
-            let frame = parse(&buf.split_to(len).freeze())?;
-            return match frame {
-                Frame::Array(items) => {
-                    let mut args = Vec::with_capacity(items.len());
-                    for item in items {
-                        match item {
-                            Frame::Bulk(b) => args.push(b),
-                            _ => return Err(ProtocolError::NotACommand),
-                        }
-                    }
-                    if args.is_empty() {
-                        continue;
-                    }
-                    Ok(Some(args))
-                }
-                Frame::NullArray => continue,
-                _ => Err(ProtocolError::NotACommand),
+            let raw = buf.split_to(len).freeze();
+            // `check` validated the frame; walk it directly into arguments.
+            let (end, mut pos) = match find_crlf(&raw, 1) {
+                Some(end) => (end, end + 2),
+                None => return Err(ProtocolError::ExpectedCrlf),
             };
+            let n = parse_int(&raw[1..end])?;
+            if n <= 0 {
+                continue;
+            }
+            let mut args = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                if raw.get(pos) != Some(&b'$') {
+                    return Err(ProtocolError::NotACommand);
+                }
+                let end = find_crlf(&raw, pos + 1).ok_or(ProtocolError::ExpectedCrlf)?;
+                let blen = parse_int(&raw[pos + 1..end])?;
+                if blen < 0 {
+                    return Err(ProtocolError::NotACommand);
+                }
+                let start = end + 2;
+                let stop = start + blen as usize;
+                args.push(raw.slice(start..stop));
+                pos = stop + 2;
+            }
+            return Ok(Some(Request { raw, args }));
         }
         // Inline command: one line, split on whitespace with redis-cli style quoting.
         let end = match buf.iter().position(|&b| b == b'\n') {
@@ -395,7 +416,10 @@ pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<B
         if args.is_empty() {
             continue;
         }
-        return Ok(Some(args));
+        return Ok(Some(Request {
+            raw: command_bytes(&args),
+            args,
+        }));
     }
 }
 

@@ -118,6 +118,15 @@ fn upper(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_ascii_uppercase()
 }
 
+/// Metric handles of one command, resolved once so the request path does
+/// not hash label values.
+#[derive(Debug, Clone)]
+struct CommandMetrics {
+    ok: prometheus::IntCounter,
+    error: prometheus::IntCounter,
+    latency: prometheus::Histogram,
+}
+
 /// Shared by every client connection.
 #[derive(Debug)]
 pub struct Router {
@@ -125,12 +134,33 @@ pub struct Router {
     pub config: Config,
     pub metrics: Metrics,
     pub cache: Option<Arc<LocalCache>>,
+    /// Resolved on a command's first use, so unused commands export nothing.
+    per_command: Vec<std::sync::OnceLock<CommandMetrics>>,
 }
 
 impl Router {
+    pub fn new(
+        registry: Arc<Registry>,
+        config: Config,
+        metrics: Metrics,
+        cache: Option<Arc<LocalCache>>,
+    ) -> Router {
+        let per_command = (0..commands::count())
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
+        Router {
+            registry,
+            config,
+            metrics,
+            cache,
+            per_command,
+        }
+    }
+
     /// Decide what to do with one command. Connection-state commands are
     /// applied here, synchronously, so later pipelined commands see them.
-    pub fn dispatch(self: &Arc<Self>, st: &mut ClientState, args: Vec<Bytes>) -> Action {
+    pub fn dispatch(self: &Arc<Self>, st: &mut ClientState, req: resp::Request) -> Action {
+        let resp::Request { raw, args } = req;
         let Some(name) = args.first() else {
             return Action::Reply(err("ERR empty command"));
         };
@@ -164,7 +194,7 @@ impl Router {
             Kind::Read | Kind::Write => {
                 let this = self.clone();
                 let up = st.upstream_proto();
-                self.timed(info, async move { this.keyed(info, args, up, proto).await })
+                self.timed(info, async move { this.keyed(info, args, raw, up, proto).await })
             }
         }
     }
@@ -177,16 +207,25 @@ impl Router {
     where
         F: Future<Output = Bytes> + Send + 'static,
     {
-        let metrics = self.metrics.clone();
+        let m = self.per_command.get(info.id).map(|cell| {
+            cell.get_or_init(|| CommandMetrics {
+                ok: self.metrics.requests.with_label_values(&[info.name, "ok"]),
+                error: self.metrics.requests.with_label_values(&[info.name, "error"]),
+                latency: self.metrics.latency.with_label_values(&[info.name]),
+            })
+            .clone()
+        });
         Action::Later(Box::pin(async move {
             let start = std::time::Instant::now();
             let reply = fut.await;
-            let outcome = if reply.starts_with(b"-") { "error" } else { "ok" };
-            metrics.requests.with_label_values(&[info.name, outcome]).inc();
-            metrics
-                .latency
-                .with_label_values(&[info.name])
-                .observe(start.elapsed().as_secs_f64());
+            if let Some(m) = m {
+                if reply.starts_with(b"-") {
+                    m.error.inc();
+                } else {
+                    m.ok.inc();
+                }
+                m.latency.observe(start.elapsed().as_secs_f64());
+            }
             reply
         }))
     }
@@ -196,6 +235,7 @@ impl Router {
         self: Arc<Self>,
         info: &'static CommandInfo,
         args: Vec<Bytes>,
+        raw: Bytes,
         up: Proto,
         proto: u8,
     ) -> Bytes {
@@ -242,8 +282,7 @@ impl Router {
                 .cached_read(variant, args.clone(), slots[0], up, proto)
                 .await
         } else {
-            self.single(slots[0], info.kind, resp::command_bytes(&args), up)
-                .await
+            self.single(slots[0], info.kind, raw, up).await
         };
         if info.kind == Kind::Write
             && let Some(cache) = &self.cache

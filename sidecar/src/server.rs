@@ -97,12 +97,12 @@ impl Sidecar {
         } else {
             Some(LocalCache::new(&config.cache, metrics.clone()))
         };
-        let router = Arc::new(Router {
-            registry: registry.clone(),
-            config: config.clone(),
-            metrics: metrics.clone(),
-            cache: cache.clone(),
-        });
+        let router = Arc::new(Router::new(
+            registry.clone(),
+            config.clone(),
+            metrics.clone(),
+            cache.clone(),
+        ));
         // Until the first topology is known, retry quickly.
         {
             let registry = registry.clone();
@@ -278,8 +278,8 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     let mut reading = !*stop.borrow();
     loop {
         while reading && pending.len() < MAX_PIPELINE {
-            match resp::parse_command(&mut inbuf, &limits) {
-                Ok(Some(args)) => match router.dispatch(&mut st, args) {
+            match resp::parse_request(&mut inbuf, &limits) {
+                Ok(Some(req)) => match router.dispatch(&mut st, req) {
                     Action::Reply(b) => pending.push_back(Box::pin(std::future::ready(b))),
                     Action::Later(f) => pending.push_back(f),
                     Action::Close(b) => {

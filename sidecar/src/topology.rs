@@ -136,7 +136,7 @@ impl Registry {
         let mut last_err = String::from("no seeds configured");
         for addr in candidates {
             match upstream::oneshot_command(&addr, &["CLUSTER", "SHARDS"], timeout).await {
-                Ok(frame) => match parse_shards(&frame) {
+                Ok(frame) => match parse_shards(&frame, host_of(&addr)) {
                     Ok(specs) if !specs.is_empty() => {
                         self.install(specs);
                         self.metrics.topology_refreshes.with_label_values(&["ok"]).inc();
@@ -260,9 +260,15 @@ fn get<'a>(pairs: &[(&'a Frame, &'a Frame)], key: &str) -> Option<&'a Frame> {
         .map(|(_, v)| *v)
 }
 
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
 /// Parse a `CLUSTER SHARDS` reply. Nodes reported as `failed` are left out;
-/// `loading` nodes are kept (the read gate keeps reads off them).
-pub fn parse_shards(f: &Frame) -> std::result::Result<Vec<ShardSpec>, String> {
+/// `loading` nodes are kept (the read gate keeps reads off them). A node that
+/// does not know its own address (a single-node cluster that never met a
+/// peer reports an empty `ip`) is reached at `asked_host`, the host we asked.
+pub fn parse_shards(f: &Frame, asked_host: &str) -> std::result::Result<Vec<ShardSpec>, String> {
     let Frame::Array(shards) = f else {
         if let Frame::Error(e) = f {
             return Err(String::from_utf8_lossy(e).into_owned());
@@ -293,9 +299,10 @@ pub fn parse_shards(f: &Frame) -> std::result::Result<Vec<ShardSpec>, String> {
             if field("health") == "failed" {
                 continue;
             }
-            let host = match field("endpoint").as_str() {
-                "" | "?" => field("ip"),
-                e => e.to_string(),
+            let host = match (field("endpoint").as_str(), field("ip").as_str()) {
+                ("" | "?", "" | "?") => asked_host.to_string(),
+                ("" | "?", ip) => ip.to_string(),
+                (e, _) => e.to_string(),
             };
             let port = field("port");
             if host.is_empty() || port.is_empty() || port == "0" {
@@ -369,7 +376,7 @@ mod tests {
                 node("10.0.0.4", 7003, "replica", "loading"),
             ]),
         ])]);
-        let specs = parse_shards(&reply).unwrap();
+        let specs = parse_shards(&reply, "seed").unwrap();
         assert_eq!(
             specs,
             vec![ShardSpec {

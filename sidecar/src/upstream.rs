@@ -90,6 +90,8 @@ pub struct UpstreamSettings {
 pub struct Node {
     pub addr: String,
     settings: UpstreamSettings,
+    /// This node's series of the upstream latency histogram, resolved once.
+    latency: prometheus::Histogram,
     /// False after a watchdog closure or connect failure, until a probe succeeds.
     healthy: AtomicBool,
     /// Replica read gate (see `gate.rs`); starts closed so a new replica gets
@@ -120,9 +122,14 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     pub fn new(addr: String, settings: UpstreamSettings) -> Arc<Node> {
+        let latency = settings
+            .metrics
+            .upstream_latency
+            .with_label_values(&[addr.as_str()]);
         Arc::new_cyclic(|this| Node {
             addr,
             settings,
+            latency,
             healthy: AtomicBool::new(true),
             gate_open: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -196,10 +203,7 @@ impl Node {
         };
         let m = &self.settings.metrics;
         match &result {
-            Ok(_) => m
-                .upstream_latency
-                .with_label_values(&[self.addr.as_str()])
-                .observe(start.elapsed().as_secs_f64()),
+            Ok(_) => self.latency.observe(start.elapsed().as_secs_f64()),
             Err(e) => m
                 .upstream_errors
                 .with_label_values(&[self.addr.as_str(), e.label()])

@@ -333,7 +333,7 @@ impl<'a> Ctx<'a> {
 pub fn plan(input: PlanInput<'_>) -> Plan {
     let ctx = Ctx::new(input);
     let mut out = Plan::default();
-    let stages: [fn(&Ctx<'_>, &mut Plan); 9] = [
+    let stages: [fn(&Ctx<'_>, &mut Plan); 10] = [
         failover,
         create_missing,
         forget_stale,
@@ -343,6 +343,7 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
         replicate,
         remove,
         rebalance,
+        settle,
     ];
     for stage in stages {
         stage(&ctx, &mut out);
@@ -789,6 +790,20 @@ fn rebalance(ctx: &Ctx<'_>, out: &mut Plan) {
                     slots,
                 }),
             }
+        }
+    }
+}
+
+/// Nothing left to do, but the cluster is converged only once every node
+/// agrees that it serves (`cluster_state:ok`) — gossip takes a moment.
+fn settle(ctx: &Ctx<'_>, out: &mut Plan) {
+    for v in &ctx.input.view.nodes {
+        if let Some(r) = v.reported()
+            && !r.state_ok
+        {
+            out.waiting
+                .push(format!("{} does not report cluster_state:ok yet", v.pool.name));
+            return;
         }
     }
 }

@@ -231,8 +231,9 @@ impl<P: NodePool> Reconciler<P> {
     /// `timing.resync_interval` once converged. Takes tier changes from `tiers`.
     pub async fn run(&mut self, mut tiers: watch::Receiver<TierConfig>) {
         loop {
-            if tiers.has_changed().unwrap_or(false) {
-                let tier = tiers.borrow_and_update().clone();
+            let latest = tiers.borrow_and_update().clone();
+            if latest != self.tier {
+                let tier = latest;
                 info!(tier = %tier.name, shards = tier.shards, replicas = tier.replicas_per_shard, "spec changed");
                 self.set_tier(tier);
             }

@@ -395,9 +395,17 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
         Phase::Bootstrapping
     } else if !covered {
         Phase::Unavailable
+    } else if !all_ok
+        && view
+            .nodes
+            .iter()
+            .filter_map(NodeView::reported)
+            .all(|r| !r.state_ok)
+    {
+        Phase::Bootstrapping
     } else if resharding {
         Phase::Scaling
-    } else if ready_nodes < total_nodes {
+    } else if ready_nodes < total_nodes || !all_ok {
         Phase::Degraded
     } else {
         Phase::Ready

@@ -1,0 +1,475 @@
+//! The cluster core against real `redis-server` processes started by the local
+//! pool. Every test uses its own pool and ports; every wait is bounded.
+//! Slow tests (> ~10 s on two cores) say so in their doc comment.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cachetier_crds::{NodeHealth, NodeRole, Phase};
+use cachetier_operator::cluster::{NodePool as _, Reconciler};
+use cachetier_operator::local::LocalTier;
+use rand::{Rng, SeedableRng};
+use support::*;
+use tokio::time::Instant;
+
+fn addrs(status: &cachetier_crds::CacheTierStatus) -> Vec<SocketAddr> {
+    status
+        .shards
+        .iter()
+        .flat_map(|s| s.nodes.iter())
+        .filter_map(|n| n.address.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrapping_three_shards_with_one_replica_covers_every_slot_and_each_replica_follows_its_primary()
+{
+    let pool = pool("boot");
+    let mut rec = Reconciler::new(pool.clone(), tier("boot", 3, 1));
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+
+    assert_eq!(status.phase, Some(Phase::Ready));
+    assert_eq!(status.slots_covered, 16384);
+    assert_eq!(status.current_shards, 3);
+    assert_eq!(status.ready.as_deref(), Some("6/6"));
+    assert_eq!(status.shards.len(), 3);
+    for shard in &status.shards {
+        assert_eq!(shard.nodes.len(), 2);
+        let (primary, replica) = (&shard.nodes[0], &shard.nodes[1]);
+        assert_eq!(
+            (primary.role, replica.role),
+            (NodeRole::Primary, NodeRole::Replica)
+        );
+        assert!(primary.serving && replica.serving);
+        // Redis agrees: the replica replicates this shard's primary and its link is up.
+        let replica_addr: SocketAddr = replica.address.parse().unwrap();
+        let info = query_string(replica_addr, &["INFO", "replication"]).await;
+        let port = primary.address.rsplit(':').next().unwrap();
+        assert!(info.contains(&format!("master_port:{port}")), "{info}");
+        assert!(info.contains("master_link_status:up"), "{info}");
+    }
+    let total: u32 = status
+        .shards
+        .iter()
+        .flat_map(|s| s.slots.iter())
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<u32>().unwrap() - a.parse::<u32>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
+    assert_eq!(total, 16384);
+    for addr in addrs(&status) {
+        let info = query_string(addr, &["CLUSTER", "INFO"]).await;
+        assert!(info.contains("cluster_state:ok"), "{addr}: {info}");
+        assert!(info.contains("cluster_known_nodes:6"), "{addr}: {info}");
+    }
+    // The operator-owned settings reached the nodes.
+    let node = addrs(&status)[0];
+    let mut c = conn(node).await;
+    let maxmemory: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(maxmemory[1], (64u64 << 20).to_string());
+    let limit: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("client-output-buffer-limit")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(limit[1].contains("slave 268435456 67108864 120"), "{limit:?}");
+
+    // A converged tier stays converged: a fresh reconciler plans nothing.
+    drop(rec);
+    let mut fresh = Reconciler::new(pool.clone(), tier("boot", 3, 1));
+    let round = fresh.round().await.unwrap();
+    assert!(round.plan.actions.is_empty(), "{:?}", round.plan);
+    pool.shutdown().await;
+    assert!(!pool.root().exists());
+}
+
+async fn node_named(
+    pool: &cachetier_operator::local::LocalPool,
+    name: &str,
+) -> cachetier_operator::cluster::PoolNode {
+    pool.list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == name)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replica_is_failed_within_the_bound_and_healthy_again_once_it_continues() {
+    let pool = pool("stop");
+    let t = tier("stop", 2, 1);
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    let name = status.shards[0].nodes[1].name.clone();
+    let replica = node_named(&pool, &name).await;
+    let pid = replica.pid.unwrap();
+
+    let bound = t.health.response_timeout * t.health.failure_threshold + t.health.probe_interval;
+    // Polling every 10 ms and a shared two-core machine: allow a little scheduling slack.
+    let slack = Duration::from_millis(250);
+    signal(pid, "STOP");
+    let stopped = Instant::now();
+    while rec.health()[&replica.addr].state != NodeHealth::Failed {
+        assert!(
+            stopped.elapsed() < bound + Duration::from_secs(5),
+            "never marked Failed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = stopped.elapsed();
+    let round = rec.round().await.unwrap();
+    let node = round.status.shards[0]
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap();
+    signal(pid, "CONT");
+    assert!(took <= bound + slack, "Failed after {took:?}, bound {bound:?}");
+    assert_eq!(node.health, NodeHealth::Failed);
+    assert!(!node.serving);
+    assert_eq!(round.status.phase, Some(Phase::Degraded));
+
+    let resumed = Instant::now();
+    while rec.health()[&replica.addr].state != NodeHealth::Healthy {
+        assert!(resumed.elapsed() < Duration::from_secs(5), "never Healthy again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = rec.converge(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status.ready.as_deref(), Some("4/4"));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_is_replaced_by_its_replica_and_the_cluster_serves_again() {
+    let pool = pool("kill");
+    let t = tier("kill", 3, 1);
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    let primary_name = status.shards[1].nodes[0].name.clone();
+    let replica_name = status.shards[1].nodes[1].name.clone();
+    let primary = node_named(&pool, &primary_name).await;
+    signal(primary.pid.unwrap(), "KILL");
+
+    let start = Instant::now();
+    let status = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no promotion within 30 s"
+        );
+        let round = rec.round().await.unwrap();
+        let s = round.status;
+        let promoted = s.shards[1].nodes[0].name == replica_name
+            && s.shards[1].nodes[0].role == NodeRole::Primary
+            && s.shards[1].nodes[0].serving;
+        let ready = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        if promoted && s.slots_covered == 16384 && ready {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let failover = status.last_failover.clone().unwrap();
+    assert_eq!(
+        (failover.shard, failover.from.as_str(), failover.to.as_str()),
+        (1, primary_name.as_str(), replica_name.as_str())
+    );
+    assert_eq!(
+        status.phase,
+        Some(Phase::Degraded),
+        "the dead node is still missing"
+    );
+    let dead = status.shards[1]
+        .nodes
+        .iter()
+        .find(|n| n.name == primary_name)
+        .unwrap();
+    assert_eq!(dead.health, NodeHealth::Failed);
+    for node in status
+        .shards
+        .iter()
+        .flat_map(|s| s.nodes.iter())
+        .filter(|n| n.name != primary_name)
+    {
+        let info = query_string(node.address.parse().unwrap(), &["CLUSTER", "INFO"]).await;
+        assert!(info.contains("cluster_state:ok"), "{}: {info}", node.name);
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_failed_past_evict_after_is_replaced_and_serves_only_after_its_sync() {
+    let pool = pool("evict");
+    let mut t = tier("evict", 1, 1);
+    t.health.evict_after = Duration::from_secs(2);
+    // Makes the replacement's full sync take at least two seconds, so the
+    // not-yet-serving phase is observable.
+    t.redis_config
+        .insert("repl-diskless-sync-delay".into(), "2".into());
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    let mut client = ClusterClient::new(addrs(&status)).await;
+    for i in 0..2000 {
+        client.set(&format!("k{i}"), &format!("v{i}")).await.unwrap();
+    }
+    let name = status.shards[0].nodes[1].name.clone();
+    let old = node_named(&pool, &name).await;
+    signal(old.pid.unwrap(), "STOP");
+
+    let start = Instant::now();
+    let mut seen_syncing = false;
+    let status = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "no replacement within 40 s"
+        );
+        let round = rec.round().await.unwrap();
+        let s = round.status;
+        let new = s.shards[0]
+            .nodes
+            .iter()
+            .find(|n| n.name == name && n.address != old.addr.to_string());
+        if let Some(new) = new {
+            if new.role == NodeRole::Replica && !new.serving {
+                seen_syncing = true;
+            }
+            if new.serving {
+                assert!(seen_syncing, "served before it was ever seen syncing");
+                assert_eq!(new.role, NodeRole::Replica);
+                break s;
+            }
+        }
+        if round.executed == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let eviction = status.last_eviction.clone().unwrap();
+    assert_eq!(eviction.node, name);
+    assert!(!pool.list().await.unwrap().iter().any(|n| n.addr == old.addr));
+    let status = rec.converge(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status.ready.as_deref(), Some("2/2"));
+    // The new replica holds the data.
+    let new_addr: SocketAddr = status.shards[0].nodes[1].address.parse().unwrap();
+    let size = query_string(new_addr, &["INFO", "keyspace"]).await;
+    assert!(size.contains("keys=2000"), "{size}");
+    pool.shutdown().await;
+}
+
+struct Load {
+    written: usize,
+    errors: Vec<String>,
+    moved: u64,
+    asked: u64,
+}
+
+/// Writes `key:i` = `v:i` for i from `from` upward and reads back a random
+/// earlier key after each write, until `stop` or `max` writes.
+async fn load(
+    seeds: Vec<SocketAddr>,
+    from: usize,
+    max: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Load {
+    let mut client = ClusterClient::new(seeds).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut errors = Vec::new();
+    let mut i = from;
+    while i < from + max && !*stop.borrow() {
+        let key = format!("key:{i}");
+        match client.set(&key, &format!("v:{i}")).await {
+            Ok(()) => i += 1,
+            Err(e) => {
+                errors.push(e);
+                break;
+            }
+        }
+        let j = rng.random_range(0..i);
+        match client.get(&format!("key:{j}")).await {
+            Ok(Some(v)) if v == format!("v:{j}") => {}
+            other => errors.push(format!("key:{j} read {other:?}")),
+        }
+        if errors.len() > 10 {
+            break;
+        }
+        // Paced so that the writes span both reshards with a modest key count.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    Load {
+        written: i,
+        errors,
+        moved: client.moved,
+        asked: client.asked,
+    }
+}
+
+async fn wait_for(
+    tier: &LocalTier,
+    what: &str,
+    timeout: Duration,
+    f: impl Fn(&cachetier_crds::CacheTierStatus) -> bool,
+) -> cachetier_crds::CacheTierStatus {
+    let mut rx = tier.subscribe();
+    let start = Instant::now();
+    loop {
+        if let Some(s) = rx.borrow_and_update().clone()
+            && f(&s)
+        {
+            return s;
+        }
+        let left = timeout
+            .checked_sub(start.elapsed())
+            .unwrap_or_else(|| panic!("{what}: not within {timeout:?}; last {:?}", tier.status()));
+        let _ = tokio::time::timeout(left, rx.changed()).await;
+    }
+}
+
+fn balanced(s: &cachetier_crds::CacheTierStatus, shards: usize) -> bool {
+    s.phase == Some(Phase::Ready) && s.current_shards as usize == shards && s.slots_covered == 16384
+}
+
+fn shard_slot_counts(s: &cachetier_crds::CacheTierStatus) -> Vec<u32> {
+    s.shards
+        .iter()
+        .map(|sh| {
+            sh.slots
+                .iter()
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => b.parse::<u32>().unwrap() - a.parse::<u32>().unwrap() + 1,
+                    None => 1,
+                })
+                .sum()
+        })
+        .filter(|&n| n > 0)
+        .collect()
+}
+
+/// Slow: about 30–60 s on two cores (two live reshards of 16384 slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_three_to_five_to_two_shards_under_load_loses_no_key_and_ends_balanced() {
+    let t = tier("scale", 3, 1);
+    let tier_handle = LocalTier::start(t.clone(), pool_options()).unwrap();
+    let status = tier_handle.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let seeds = addrs(&status);
+    let mut client = ClusterClient::new(seeds.clone()).await;
+    for i in 0..2000 {
+        client.set(&format!("key:{i}"), &format!("v:{i}")).await.unwrap();
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(load(seeds.clone(), 2000, 8000, stop_rx));
+
+    tier_handle.update(tier("scale", 5, 1));
+    let five = wait_for(&tier_handle, "5 shards", Duration::from_secs(120), |s| {
+        balanced(s, 5)
+    })
+    .await;
+    let counts = shard_slot_counts(&five);
+    assert_eq!(counts.len(), 5);
+    assert!(
+        counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1,
+        "{counts:?}"
+    );
+
+    tier_handle.update(tier("scale", 2, 1));
+    let two = wait_for(&tier_handle, "2 shards", Duration::from_secs(120), |s| {
+        balanced(s, 2)
+    })
+    .await;
+    assert_eq!(shard_slot_counts(&two), vec![8192, 8192]);
+    assert_eq!(two.ready.as_deref(), Some("4/4"));
+
+    stop_tx.send_replace(true);
+    let load = writer.await.unwrap();
+    assert!(load.errors.is_empty(), "client errors: {:?}", load.errors);
+    assert!(
+        load.written > 2000,
+        "the writer made progress during the reshards"
+    );
+    assert!(
+        load.moved + load.asked > 0,
+        "the client was redirected during migration"
+    );
+
+    let live = addrs(&two);
+    assert!(open_slots(&live).await.is_empty());
+    let mut client = ClusterClient::new(live).await;
+    for i in 0..load.written {
+        assert_eq!(
+            client.get(&format!("key:{i}")).await.unwrap(),
+            Some(format!("v:{i}")),
+            "key:{i} lost"
+        );
+    }
+    tier_handle.shutdown().await;
+}
+
+/// Slow: about 15 s per seed. The reconciler is dropped (the operator "killed")
+/// after a random time, again and again, during a 3 → 5 reshard; every new one
+/// starts from observation only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciler_killed_at_random_points_of_a_reshard_converges_without_losing_keys_or_leaving_open_slots()
+ {
+    for seed in [1u64, 2, 3] {
+        let name = format!("crash{seed}");
+        let pool = pool(&name);
+        let mut rec = Reconciler::new(pool.clone(), tier(&name, 3, 0));
+        let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+        drop(rec);
+        let seeds = addrs(&status);
+        let mut client = ClusterClient::new(seeds.clone()).await;
+        for i in 0..3000 {
+            client.set(&format!("key:{i}"), &format!("v:{i}")).await.unwrap();
+        }
+
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let five = tier(&name, 5, 0);
+        let mut kills = 0;
+        for _ in 0..60 {
+            let mut rec = Reconciler::new(pool.clone(), five.clone());
+            let life = Duration::from_millis(rng.random_range(100..1200));
+            match tokio::time::timeout(life, rec.converge(Duration::from_secs(60))).await {
+                Ok(result) => {
+                    result.unwrap();
+                    break;
+                }
+                Err(_) => kills += 1,
+            }
+        }
+        assert!(
+            kills >= 3,
+            "seed {seed}: only {kills} kills; the test did not interrupt anything"
+        );
+        let mut rec = Reconciler::new(pool.clone(), five.clone());
+        let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+        let counts = shard_slot_counts(&status);
+        assert_eq!(counts.len(), 5, "seed {seed}: {counts:?}");
+        assert!(
+            counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1,
+            "seed {seed}: {counts:?}"
+        );
+        let live = addrs(&status);
+        assert_eq!(open_slots(&live).await, Vec::<String>::new(), "seed {seed}");
+        let mut client = ClusterClient::new(live).await;
+        for i in 0..3000 {
+            assert_eq!(
+                client.get(&format!("key:{i}")).await.unwrap(),
+                Some(format!("v:{i}")),
+                "seed {seed}: key:{i} lost after {kills} kills"
+            );
+        }
+        pool.shutdown().await;
+    }
+}

@@ -269,9 +269,18 @@ impl LocalCache {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Keep one tracking connection per current primary.
 pub async fn run_tracking(cache: Arc<LocalCache>, registry: Arc<Registry>, timeout: Duration) {
-    let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    // Dropping the map (this task aborted on shutdown) aborts every session.
+    let mut tasks: HashMap<String, AbortOnDrop> = HashMap::new();
     let mut last_primaries: Vec<String> = Vec::new();
     loop {
         let topo = registry.current();
@@ -282,13 +291,7 @@ pub async fn run_tracking(cache: Arc<LocalCache>, registry: Arc<Registry>, timeo
             cache.flush(None, "topology");
         }
         last_primaries = primaries.clone();
-        tasks.retain(|addr, h| {
-            let keep = primaries.contains(addr) && !h.is_finished();
-            if !keep {
-                h.abort();
-            }
-            keep
-        });
+        tasks.retain(|addr, h| primaries.contains(addr) && !h.0.is_finished());
         for shard in &topo.shards {
             let addr = shard.primary.addr.clone();
             if tasks.contains_key(&addr) {
@@ -299,13 +302,13 @@ pub async fn run_tracking(cache: Arc<LocalCache>, registry: Arc<Registry>, timeo
             let cache = cache.clone();
             tasks.insert(
                 addr,
-                tokio::spawn(async move {
+                AbortOnDrop(tokio::spawn(async move {
                     let why = track(&cache, &node, timeout).await;
                     node.tracked.store(false, Ordering::SeqCst);
                     tracing::warn!(node = %node.addr, %why, "tracking connection lost; flushing the entries it covered");
                     cache.flush(Some(slots), "tracking_lost");
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                }),
+                })),
             );
         }
         drop(topo);

@@ -221,6 +221,7 @@ impl Sidecar {
         for h in &self.background {
             h.abort();
         }
+        self.router.registry.retire_all();
     }
 }
 

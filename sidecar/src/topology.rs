@@ -156,7 +156,20 @@ impl Registry {
         Err(Error::NoTopology(last_err))
     }
 
+    /// Close every node's connections and stop their probes (shutdown).
+    pub fn retire_all(&self) {
+        for (_, n) in lock(&self.nodes).drain() {
+            n.retire();
+        }
+    }
+
     fn install(&self, mut specs: Vec<ShardSpec>) {
+        let old_primaries: Vec<String> = self
+            .current()
+            .shards
+            .iter()
+            .map(|s| s.primary.addr.clone())
+            .collect();
         specs.sort_by_key(|s| s.slots.iter().map(|r| r.0).min().unwrap_or(0));
         let mut slot_map = vec![UNASSIGNED; usize::from(SLOTS)];
         let mut shards = Vec::with_capacity(specs.len());
@@ -179,7 +192,18 @@ impl Registry {
             let primary = get(&spec.primary);
             // A primary's reads are never gated.
             primary.set_gate(true);
-            let replicas = spec.replicas.iter().map(|r| get(r)).collect();
+            let replicas = spec
+                .replicas
+                .iter()
+                .map(|r| {
+                    let n = get(r);
+                    // A demoted primary must pass the read gate like any replica.
+                    if old_primaries.contains(r) {
+                        n.set_gate(false);
+                    }
+                    n
+                })
+                .collect();
             shards.push(Shard {
                 primary,
                 replicas,

@@ -86,7 +86,10 @@ fn main() -> anyhow::Result<ExitCode> {
                     eprintln!("{e}");
                     return Ok(ExitCode::from(1));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(1));
+                }
             }
         }
     }

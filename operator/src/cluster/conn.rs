@@ -106,6 +106,87 @@ impl Conns {
         }
     }
 
+    /// Sends `cmds` to `addr` as one pipeline and returns each command's own
+    /// outcome; only a transport failure or timeout fails the whole call.
+    pub async fn pipeline(
+        &mut self,
+        addr: SocketAddr,
+        cmds: &[Cmd],
+    ) -> Result<Vec<Result<redis::Value, redis::RedisError>>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for cmd in cmds {
+            pipe.add_command(cmd.clone());
+        }
+        let command = cmds.first().map(describe).unwrap_or_default();
+        let mut conn = self.connection(addr).await?;
+        let timeout = self.timeout;
+        match tokio::time::timeout(
+            timeout,
+            pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
+        )
+        .await
+        {
+            Err(_) => {
+                self.map.remove(&addr);
+                Err(Error::Timeout {
+                    addr,
+                    command,
+                    timeout,
+                })
+            }
+            Ok(Err(source)) => {
+                self.map.remove(&addr);
+                Err(Error::Command {
+                    addr,
+                    command,
+                    source,
+                })
+            }
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// Runs `cmd` on every address concurrently, each under the default
+    /// timeout; returns each node's outcome.
+    pub async fn query_all(&mut self, addrs: &[SocketAddr], cmd: &Cmd) -> Vec<(SocketAddr, Result<()>)> {
+        let timeout = self.timeout;
+        let mut ready = Vec::new();
+        let mut out = Vec::new();
+        for &addr in addrs {
+            match self.connection(addr).await {
+                Ok(c) => ready.push((addr, c)),
+                Err(e) => out.push((addr, Err(e))),
+            }
+        }
+        let futures = ready.into_iter().map(|(addr, mut conn)| async move {
+            let outcome = match tokio::time::timeout(timeout, cmd.query_async::<()>(&mut conn)).await {
+                Err(_) => Err(Error::Timeout {
+                    addr,
+                    command: describe(cmd),
+                    timeout,
+                }),
+                Ok(Err(source)) => Err(Error::Command {
+                    addr,
+                    command: describe(cmd),
+                    source,
+                }),
+                Ok(Ok(())) => Ok(()),
+            };
+            (addr, outcome)
+        });
+        for (addr, outcome) in futures_util::future::join_all(futures).await {
+            if matches!(outcome, Err(Error::Timeout { .. })) {
+                self.map.remove(&addr);
+            }
+            out.push((addr, outcome));
+        }
+        out
+    }
+
     /// Forgets the connection to `addr` (after the node was destroyed).
     pub fn drop_connection(&mut self, addr: SocketAddr) {
         self.map.remove(&addr);

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 
+use redis::Cmd;
 use tracing::{debug, warn};
 
 use super::config::TierConfig;
@@ -14,7 +15,7 @@ use super::conn::Conns;
 use super::plan::{Action, FailoverKind, Target};
 use super::pool::NodePool;
 use super::view::ClusterView;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Where an action may need to reach besides its own nodes.
 #[derive(Debug, Clone, Default)]
@@ -104,12 +105,10 @@ pub async fn execute<P: NodePool>(
             conns.query::<()>(node.addr, &cmd).await?;
         }
         Action::FinishMigration { slot, from, to } => {
-            migrate_slot(conns, tier, reach, from, to, *slot).await?;
+            migrate_slots(conns, tier, reach, from, to, &[*slot]).await?;
         }
         Action::MigrateSlots { from, to, slots } => {
-            for slot in slots {
-                migrate_slot(conns, tier, reach, from, to, *slot).await?;
-            }
+            migrate_slots(conns, tier, reach, from, to, slots).await?;
         }
         Action::AbortMigration { slot, node } => {
             conns
@@ -143,19 +142,20 @@ async fn forget_everywhere(conns: &mut Conns, reach: &Reach, id: &str, except: O
     }
 }
 
-/// Moves one slot from `from` to `to`: mark both ends, move the keys in
-/// batches, then assign the slot to `to` — on `to` first (so it starts serving
-/// it), then on `from`, then on every other primary. Every step tolerates
-/// having been done already.
-async fn migrate_slot(
+/// Moves `slots` from `from` to `to`, in pipelines: mark every slot
+/// IMPORTING on `to` and MIGRATING on `from`, move each slot's keys in batches,
+/// then assign the slots to `to` — on `to` first (so it serves them), then on
+/// `from`, then on every other primary. Every step tolerates having been done
+/// already, and an interruption leaves open slots that the next plan finishes.
+async fn migrate_slots(
     conns: &mut Conns,
     tier: &TierConfig,
     reach: &Reach,
     from: &Target,
     to: &Target,
-    slot: u16,
+    slots: &[u16],
 ) -> Result<()> {
-    let setslot = |state: &str, id: &str| {
+    let setslot = |slot: u16, state: &str, id: &str| {
         redis::cmd("CLUSTER")
             .arg("SETSLOT")
             .arg(slot)
@@ -163,51 +163,93 @@ async fn migrate_slot(
             .arg(id)
             .to_owned()
     };
-    if let Err(e) = conns.query::<()>(to.addr, &setslot("IMPORTING", &from.id)).await {
-        debug!(slot, error = %e, "importing not set (already owner?)");
+    let importing: Vec<Cmd> = slots.iter().map(|&s| setslot(s, "IMPORTING", &from.id)).collect();
+    for (slot, outcome) in slots.iter().zip(conns.pipeline(to.addr, &importing).await?) {
+        if let Err(e) = outcome {
+            debug!(slot, error = %e, "importing not set (already owner?)");
+        }
     }
-    let migrating = conns.query::<()>(from.addr, &setslot("MIGRATING", &to.id)).await;
-    if let Err(e) = &migrating {
-        debug!(slot, error = %e, "migrating not set (no longer the owner?)");
+    let migrating: Vec<Cmd> = slots.iter().map(|&s| setslot(s, "MIGRATING", &to.id)).collect();
+    let mut pending = Vec::new();
+    for (&slot, outcome) in slots.iter().zip(conns.pipeline(from.addr, &migrating).await?) {
+        match outcome {
+            Ok(_) => pending.push(slot),
+            Err(e) => debug!(slot, error = %e, "migrating not set (no longer the owner?)"),
+        }
     }
-    if migrating.is_ok() {
-        let batch = tier.timing.migrate_batch.max(1);
-        let timeout_ms = tier.timing.migrate_timeout.as_millis();
-        loop {
-            let keys: Vec<Vec<u8>> = conns
-                .query(
-                    from.addr,
-                    redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(batch),
-                )
-                .await?;
+    let batch = tier.timing.migrate_batch.max(1);
+    let timeout_ms = u64::try_from(tier.timing.migrate_timeout.as_millis()).unwrap_or(u64::MAX);
+    while !pending.is_empty() {
+        let listing: Vec<Cmd> = pending
+            .iter()
+            .map(|&s| {
+                redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(s)
+                    .arg(batch)
+                    .to_owned()
+            })
+            .collect();
+        let listed = conns.pipeline(from.addr, &listing).await?;
+        let mut more = Vec::new();
+        for (&slot, outcome) in pending.iter().zip(listed) {
+            let keys: Vec<Vec<u8>> = outcome
+                .and_then(|v| redis::from_redis_value(v).map_err(redis::RedisError::from))
+                .map_err(|source| Error::Command {
+                    addr: from.addr,
+                    command: "CLUSTER GETKEYSINSLOT".into(),
+                    source,
+                })?;
             if keys.is_empty() {
-                break;
+                continue;
             }
             let mut cmd = redis::cmd("MIGRATE");
             cmd.arg(to.addr.ip().to_string())
                 .arg(to.addr.port())
                 .arg("")
                 .arg(0)
-                .arg(timeout_ms as u64)
+                .arg(timeout_ms)
                 .arg("REPLACE")
                 .arg("KEYS")
                 .arg(&keys);
             let _: redis::Value = conns
                 .query_within(from.addr, &cmd, tier.timing.migrate_timeout + conns.timeout())
                 .await?;
+            // While a slot is migrating, writes of keys the source lacks are
+            // redirected (ASK): no new key appears, so a short batch was the last.
+            if keys.len() >= batch {
+                more.push(slot);
+            }
+        }
+        pending = more;
+    }
+    let assign: Vec<Cmd> = slots.iter().map(|&s| setslot(s, "NODE", &to.id)).collect();
+    for (&slot, outcome) in slots.iter().zip(conns.pipeline(to.addr, &assign).await?) {
+        outcome.map_err(|source| Error::Command {
+            addr: to.addr,
+            command: format!("CLUSTER SETSLOT {slot} NODE"),
+            source,
+        })?;
+    }
+    for (slot, outcome) in slots.iter().zip(conns.pipeline(from.addr, &assign).await?) {
+        if let Err(e) = outcome {
+            warn!(slot, node = %from.name, error = %e, "source did not take the new owner; gossip will tell it");
         }
     }
-    conns.query::<()>(to.addr, &setslot("NODE", &to.id)).await?;
-    if let Err(e) = conns.query::<()>(from.addr, &setslot("NODE", &to.id)).await {
-        warn!(slot, node = %from.name, error = %e, "source did not take the new owner; gossip will tell it");
-    }
-    for &addr in reach
+    let others: Vec<SocketAddr> = reach
         .masters
         .iter()
-        .filter(|a| **a != to.addr && **a != from.addr)
-    {
-        if let Err(e) = conns.query::<()>(addr, &setslot("NODE", &to.id)).await {
-            debug!(slot, %addr, error = %e, "owner not broadcast; gossip will tell it");
+        .copied()
+        .filter(|a| *a != to.addr && *a != from.addr)
+        .collect();
+    let broadcasts = others.iter().map(|&addr| {
+        let mut conns = Conns::new(conns.timeout());
+        let assign = &assign;
+        async move { (addr, conns.pipeline(addr, assign).await) }
+    });
+    for (addr, outcome) in futures_util::future::join_all(broadcasts).await {
+        if let Err(e) = outcome {
+            debug!(%addr, error = %e, "owners not broadcast; gossip will tell it");
         }
     }
     Ok(())

@@ -29,6 +29,9 @@ use crate::{Error, Result};
 /// that a long reshard does not delay noticing a failure.
 const ROUND_BUDGET: Duration = Duration::from_secs(2);
 
+/// Slots moved per pipelined migration step.
+const MIGRATE_CHUNK: usize = 32;
+
 /// The outcome of one round.
 #[derive(Debug)]
 pub struct Round {
@@ -143,12 +146,12 @@ impl<P: NodePool> Reconciler<P> {
         let mut executed = 0;
         let mut error = None;
         'steps: for action in &plan.actions {
-            // A long migration is executed slot by slot so the budget applies.
+            // A long migration is executed in small chunks so the budget applies.
             let steps: Vec<Action> = match action {
                 Action::MigrateSlots { from, to, slots } => slots
-                    .iter()
-                    .map(|&slot| Action::FinishMigration {
-                        slot,
+                    .chunks(MIGRATE_CHUNK)
+                    .map(|chunk| Action::MigrateSlots {
+                        slots: chunk.to_vec(),
                         from: from.clone(),
                         to: to.clone(),
                     })
@@ -159,7 +162,7 @@ impl<P: NodePool> Reconciler<P> {
                 if started.elapsed() > ROUND_BUDGET {
                     break 'steps;
                 }
-                if !matches!(step, Action::FinishMigration { .. }) {
+                if !matches!(step, Action::MigrateSlots { .. } | Action::FinishMigration { .. }) {
                     info!(tier = %self.tier.name, "{step}");
                 }
                 match execute(self.pool.as_ref(), &mut self.conns, &self.tier, &reach, step).await {

@@ -519,6 +519,42 @@ async fn the_local_cache_hits_after_a_miss_and_any_write_evicts_the_entry() {
         written.elapsed()
     );
 
+    // If the tracking connection drops, the entries it covered are flushed
+    // (a change made while it is down would otherwise never be seen).
+    warm(&sidecar, &mut c, "hot:item").await;
+    let lost_before = sidecar
+        .metrics()
+        .cache_invalidations
+        .with_label_values(&["tracking_lost"])
+        .get();
+    let primary_node = cluster.by_addr(&primary);
+    let clients = primary_node.cli(&["CLIENT", "LIST"]);
+    let tracking_id = clients
+        .lines()
+        .find(|l| {
+            l.split_whitespace()
+                .any(|f| f.starts_with("flags=") && f.contains('B'))
+        })
+        .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
+        .expect("a broadcast-tracking client on the primary")
+        .to_string();
+    primary_node.cli(&["CLIENT", "KILL", "ID", &tracking_id]);
+    primary_node.cli(&["SET", "hot:item", "v4"]);
+    eventually(
+        "tracking loss flushed the shard's entries",
+        Duration::from_secs(3),
+        || {
+            sidecar
+                .metrics()
+                .cache_invalidations
+                .with_label_values(&["tracking_lost"])
+                .get()
+                > lost_before
+        },
+    )
+    .await;
+    assert_eq!(c.get::<_, String>("hot:item").await.unwrap(), "v4");
+
     // Hashes: HGET and HGETALL are cached and evicted the same way.
     let _: () = c.hset("hot:h", "f", "1").await.unwrap();
     assert_eq!(c.hget::<_, _, String>("hot:h", "f").await.unwrap(), "1");
@@ -531,7 +567,7 @@ async fn the_local_cache_hits_after_a_miss_and_any_write_evicts_the_entry() {
     // MGET mixes cached and uncached keys, in order.
     let _: () = c.set("cold:x", "c").await.unwrap();
     let v: Vec<Option<String>> = c.mget(&["hot:item", "cold:x", "hot:none"]).await.unwrap();
-    assert_eq!(v, vec![Some("v3".into()), Some("c".into()), None]);
+    assert_eq!(v, vec![Some("v4".into()), Some("c".into()), None]);
 
     // The byte budget holds under many large values.
     let big = "x".repeat(2048);
@@ -542,6 +578,19 @@ async fn the_local_cache_hits_after_a_miss_and_any_write_evicts_the_entry() {
     }
     let bytes = sidecar.cache_bytes().await.unwrap();
     assert!(bytes <= 64 * 1024, "cache holds {bytes} bytes");
+    let (_, body) = http_get(sidecar.metrics_addr().unwrap(), "/metrics").await;
+    for name in [
+        "cache_hits_total",
+        "cache_misses_total",
+        "cache_evictions_total",
+        "cache_invalidations_total",
+        "node_serving",
+    ] {
+        assert!(
+            body.contains(&format!("cachetier_sidecar_{name}")),
+            "{name} exported"
+        );
+    }
     sidecar.shutdown().await;
 }
 

@@ -12,6 +12,8 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod execute;
+#[cfg(test)]
+pub(crate) mod fixture;
 pub mod health;
 pub mod plan;
 pub mod pool;

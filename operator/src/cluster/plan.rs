@@ -797,12 +797,28 @@ fn rebalance(ctx: &Ctx<'_>, out: &mut Plan) {
 /// Nothing left to do, but the cluster is converged only once every node
 /// agrees that it serves (`cluster_state:ok`) — gossip takes a moment.
 fn settle(ctx: &Ctx<'_>, out: &mut Plan) {
+    // With `cluster-require-full-coverage no` a node reports ok even while its
+    // slot map is incomplete, so every node's map must also match the owners.
+    let owned: BTreeMap<&str, usize> = ctx
+        .by_owner
+        .iter()
+        .map(|(id, s)| (id.as_str(), s.len()))
+        .collect();
     for v in &ctx.input.view.nodes {
-        if let Some(r) = v.reported()
-            && !r.state_ok
-        {
+        let Some(r) = v.reported() else { continue };
+        if !r.state_ok {
             out.waiting
                 .push(format!("{} does not report cluster_state:ok yet", v.pool.name));
+            return;
+        }
+        let seen: BTreeMap<&str, usize> = std::iter::once(&r.myself)
+            .chain(r.others.iter())
+            .filter(|l| !l.slots.is_empty())
+            .map(|l| (l.id.as_str(), l.slot_count() as usize))
+            .collect();
+        if seen != owned {
+            out.waiting
+                .push(format!("{} has not learned the slot map yet", v.pool.name));
             return;
         }
     }

@@ -145,7 +145,38 @@ impl<P: NodePool> Reconciler<P> {
         let started = Instant::now();
         let mut executed = 0;
         let mut error = None;
-        'steps: for action in &plan.actions {
+        // New nodes start in parallel: a 99-node tier should not wait for 99
+        // processes one after another.
+        let creates: Vec<&Action> = plan
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::CreateNode { .. }))
+            .collect();
+        let creating = creates.iter().map(|a| {
+            let pool = self.pool.clone();
+            let tier = &self.tier;
+            async move {
+                let Action::CreateNode { shard, ordinal } = a else {
+                    return Ok(());
+                };
+                info!(tier = %tier.name, "{a}");
+                pool.create(tier, *shard, *ordinal).await.map(drop)
+            }
+        });
+        for outcome in futures_util::future::join_all(creating).await {
+            match outcome {
+                Ok(()) => executed += 1,
+                Err(e) => {
+                    warn!(tier = %self.tier.name, error = %e, "creating a node failed; will re-observe");
+                    error = Some(e);
+                }
+            }
+        }
+        'steps: for action in plan
+            .actions
+            .iter()
+            .filter(|a| !matches!(a, Action::CreateNode { .. }))
+        {
             // A long migration is executed in small chunks so the budget applies.
             let steps: Vec<Action> = match action {
                 Action::MigrateSlots { from, to, slots } => slots

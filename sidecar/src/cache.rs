@@ -60,11 +60,22 @@ impl CacheKey {
     }
 }
 
-const STRIPES: usize = 256;
+/// Invalidation epochs are striped by key hash; an entry is served only while
+/// its stripe's epoch is the one it was filled under, so a bump invalidates
+/// synchronously (before the write that caused it is even sent).
+const STRIPES: usize = 4096;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    value: Bytes,
+    epoch: u64,
+}
 type Waiter = watch::Receiver<Option<Bytes>>;
 
 pub struct LocalCache {
-    cache: moka::future::Cache<CacheKey, Bytes>,
+    cache: moka::future::Cache<CacheKey, Entry>,
+    /// Bumped by flushes: a fill that started before a flush is not kept.
+    fill_gen: AtomicU64,
     prefixes: Vec<Vec<u8>>,
     epochs: Vec<AtomicU64>,
     inflight: Mutex<HashMap<CacheKey, Waiter>>,
@@ -98,7 +109,7 @@ impl LocalCache {
         let evictions = metrics.cache_evictions.clone();
         let cache = moka::future::Cache::builder()
             .max_capacity(cfg.max_bytes)
-            .weigher(|k: &CacheKey, v: &Bytes| k.weight(v))
+            .weigher(|k: &CacheKey, v: &Entry| k.weight(&v.value))
             .time_to_live(cfg.ttl.min(CacheConfig::MAX_TTL))
             .support_invalidation_closures()
             .eviction_listener(move |_k, _v, cause| {
@@ -111,6 +122,7 @@ impl LocalCache {
             cache,
             prefixes: cfg.prefixes.iter().map(|p| p.as_bytes().to_vec()).collect(),
             epochs: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            fill_gen: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
             hget_keys: Mutex::new(HashSet::new()),
             metrics,
@@ -136,9 +148,11 @@ impl LocalCache {
     where
         F: Future<Output = Bytes> + Send + 'static,
     {
-        if let Some(v) = self.cache.get(&key).await {
+        if let Some(e) = self.cache.get(&key).await
+            && e.epoch == self.epoch(&key.key)
+        {
             self.metrics.cache_hits.inc();
-            return v;
+            return e.value;
         }
         self.metrics.cache_misses.inc();
         let mut rx = {
@@ -150,17 +164,25 @@ impl LocalCache {
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(key.clone(), rx.clone());
                 let epoch = self.epoch(&key.key);
+                let gen_at_start = self.fill_gen.load(Ordering::SeqCst);
                 let this = self.clone();
                 tokio::spawn(async move {
                     let value = fetch.await;
                     let ok = !value.starts_with(b"-");
-                    if cacheable && ok && this.epoch(&key.key) == epoch {
+                    let unchanged = |c: &LocalCache| {
+                        c.epoch(&key.key) == epoch && c.fill_gen.load(Ordering::SeqCst) == gen_at_start
+                    };
+                    if cacheable && ok && unchanged(&this) {
                         if key.variant == Variant::HGet {
                             lock(&this.hget_keys).insert(key.key.clone());
                         }
-                        this.cache.insert(key.clone(), value.clone()).await;
+                        let entry = Entry {
+                            value: value.clone(),
+                            epoch,
+                        };
+                        this.cache.insert(key.clone(), entry).await;
                         // An invalidation between the check and the insert wins.
-                        if this.epoch(&key.key) != epoch {
+                        if !unchanged(&this) {
                             this.cache.invalidate(&key).await;
                         }
                     }
@@ -186,15 +208,18 @@ impl LocalCache {
         }
     }
 
-    /// Drop every entry for `key` (all variants) and make racing fetches
-    /// discard their result.
-    pub async fn invalidate(&self, key: &[u8], source: &str) {
+    /// Make every entry for `key` unservable at once and racing fetches
+    /// discard their result. Synchronous, so a write can call it before it
+    /// is sent and a read pipelined behind that write cannot see the old value.
+    pub fn bump(&self, key: &[u8]) {
         self.epochs[stripe(key)].fetch_add(1, Ordering::SeqCst);
+        lock(&self.inflight).retain(|k, _| k.key.as_ref() != key);
+    }
+
+    /// [`LocalCache::bump`], then drop the entries to free their memory.
+    pub async fn invalidate(&self, key: &[u8], source: &str) {
+        self.bump(key);
         let key = Bytes::copy_from_slice(key);
-        {
-            let mut inflight = lock(&self.inflight);
-            inflight.retain(|k, _| k.key != key);
-        }
         for variant in [Variant::Get, Variant::HGetAll] {
             for proto in [2, 3] {
                 let ck = CacheKey {
@@ -227,9 +252,7 @@ impl LocalCache {
     /// Drop every entry whose key hashes into `slots` (a shard whose tracking
     /// connection dropped), or everything when `slots` is `None`.
     pub fn flush(&self, slots: Option<Vec<(u16, u16)>>, source: &str) {
-        for e in &self.epochs {
-            e.fetch_add(1, Ordering::SeqCst);
-        }
+        self.fill_gen.fetch_add(1, Ordering::SeqCst);
         lock(&self.inflight).clear();
         match slots {
             None => {
@@ -512,6 +535,28 @@ mod tests {
             )
             .await;
         assert_eq!(&v[..], b"+new\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_bump_makes_the_entry_unservable_at_once() {
+        let c = cache(Duration::from_secs(60), 1 << 20);
+        let calls = Arc::new(AtomicUsize::new(0));
+        c.get_or_fetch(
+            key("hot:b"),
+            true,
+            counting_fetch(&calls, "+old\r\n", Duration::ZERO),
+        )
+        .await;
+        c.bump(b"hot:b");
+        let v = c
+            .get_or_fetch(
+                key("hot:b"),
+                true,
+                counting_fetch(&calls, "+new\r\n", Duration::ZERO),
+            )
+            .await;
+        assert_eq!(&v[..], b"+new\r\n");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

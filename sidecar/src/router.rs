@@ -261,7 +261,7 @@ impl Router {
         {
             for &i in &keys {
                 if cache.covers(&args[i]) {
-                    cache.invalidate(&args[i], "own_write").await;
+                    cache.bump(&args[i]);
                 }
             }
         }
@@ -1012,6 +1012,7 @@ impl Router {
             return encode(&Frame::Array(Vec::new()));
         }
         let mut slot: Option<u16> = None;
+        let mut touched: Vec<Bytes> = Vec::new();
         for args in &cmds {
             let Some(info) = args.first().and_then(|n| commands::lookup(n)) else {
                 continue;
@@ -1028,7 +1029,8 @@ impl Router {
                     if let Some(c) = &self.cache
                         && c.covers(&args[i])
                     {
-                        c.invalidate(&args[i], "own_write").await;
+                        c.bump(&args[i]);
+                        touched.push(args[i].clone());
                     }
                 }
             }
@@ -1040,6 +1042,16 @@ impl Router {
         }
         resp::encode_command(&["EXEC"], &mut block);
         let block = block.freeze();
+        let reply = self.exec_block(block, cmds.len(), slot, up).await;
+        if let Some(c) = &self.cache {
+            for k in &touched {
+                c.invalidate(k, "own_write").await;
+            }
+        }
+        reply
+    }
+
+    async fn exec_block(self: &Arc<Self>, block: Bytes, n: usize, slot: Option<u16>, up: Proto) -> Bytes {
         let mut target: Option<Arc<Node>> = None;
         for _ in 0..MAX_REDIRECTS {
             let node = match (&target, slot) {
@@ -1053,7 +1065,7 @@ impl Router {
                     None => return err("CLUSTERDOWN cachetier: topology not known yet"),
                 },
             };
-            match node.request(up, block.clone(), cmds.len() + 2).await {
+            match node.request(up, block.clone(), n + 2).await {
                 Ok(replies) => {
                     let moved = replies.iter().find_map(|r| redirect_target(r, b"MOVED "));
                     if let Some(addr) = moved {

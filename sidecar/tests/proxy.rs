@@ -500,6 +500,20 @@ async fn the_local_cache_hits_after_a_miss_and_any_write_evicts_the_entry() {
     let _: () = c.set("hot:item", "v2").await.unwrap();
     assert_eq!(c.get::<_, String>("hot:item").await.unwrap(), "v2");
 
+    // Also inside one pipeline: the GET behind the SET sees the SET.
+    warm(&sidecar, &mut c, "hot:item").await;
+    let (v,): (String,) = redis::pipe()
+        .cmd("SET")
+        .arg("hot:item")
+        .arg("v2b")
+        .ignore()
+        .cmd("GET")
+        .arg("hot:item")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(v, "v2b");
+
     // A write by another client directly on the primary evicts via tracking.
     warm(&sidecar, &mut c, "hot:item").await;
     let (primary, _) = cluster.shard_of("hot:item");

@@ -47,6 +47,10 @@ enum Command {
         /// The redis-server program to run.
         #[arg(long, default_value = "redis-server", env = "CACHETIER_REDIS_SERVER")]
         redis_server: PathBuf,
+        /// Exit (stopping every node) once the tier is first Ready, after
+        /// printing how long that took.
+        #[arg(long)]
+        until_ready: bool,
     },
 }
 
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<ExitCode> {
             base_port,
             bus_port_offset,
             redis_server,
+            until_ready,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -71,6 +76,7 @@ fn main() -> anyhow::Result<ExitCode> {
             options.base_port = base_port;
             options.bus_port_offset = bus_port_offset;
             options.redis_server = redis_server;
+            options.until_ready = until_ready;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let outcome = runtime.block_on(local::run(options, |_seeds| async {}));
             match outcome {

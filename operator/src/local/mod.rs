@@ -149,6 +149,9 @@ pub struct LocalOptions {
     pub print_interval: Duration,
     /// Internal timings (node timeout etc.).
     pub timing: Timing,
+    /// Stop (and clean up) as soon as the tier is first Ready, after printing
+    /// how long it took: for scripts and benchmarks.
+    pub until_ready: bool,
 }
 
 impl LocalOptions {
@@ -162,6 +165,7 @@ impl LocalOptions {
             watch_interval: Duration::from_millis(500),
             print_interval: Duration::from_secs(1),
             timing: Timing::default(),
+            until_ready: false,
         }
     }
 }
@@ -227,11 +231,21 @@ where
     let mut watch_tick = tokio::time::interval(options.watch_interval);
     let mut print_tick = tokio::time::interval(options.print_interval);
     let mut last_printed = String::new();
+    let started = tokio::time::Instant::now();
+    let mut statuses = tier.subscribe();
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            changed = statuses.changed(), if options.until_ready => {
+                let ready = statuses.borrow_and_update().as_ref().is_some_and(|s| s.phase == Some(Phase::Ready));
+                if changed.is_err() || ready {
+                    let nodes = tier.status().map_or(0, |s| s.total_nodes);
+                    println!("{name}: {nodes} node(s) ready after {:.2} s", started.elapsed().as_secs_f64());
+                    break;
+                }
+            }
             _ = watch_tick.tick() => {
                 let Ok(new_text) = std::fs::read_to_string(&options.manifest) else { continue };
                 if new_text == text {

@@ -301,7 +301,12 @@ impl Drop for AbortOnDrop {
 }
 
 /// Keep one tracking connection per current primary.
-pub async fn run_tracking(cache: Arc<LocalCache>, registry: Arc<Registry>, timeout: Duration) {
+pub async fn run_tracking(
+    cache: Arc<LocalCache>,
+    registry: Arc<Registry>,
+    timeout: Duration,
+    auth: Option<crate::config::Credentials>,
+) {
     // Dropping the map (this task aborted on shutdown) aborts every session.
     let mut tasks: HashMap<String, AbortOnDrop> = HashMap::new();
     let mut last_primaries: Vec<String> = Vec::new();
@@ -323,10 +328,11 @@ pub async fn run_tracking(cache: Arc<LocalCache>, registry: Arc<Registry>, timeo
             let node = shard.primary.clone();
             let slots = shard.slots.clone();
             let cache = cache.clone();
+            let auth = auth.clone();
             tasks.insert(
                 addr,
                 AbortOnDrop(tokio::spawn(async move {
-                    let why = track(&cache, &node, timeout).await;
+                    let why = track(&cache, &node, timeout, auth.as_ref()).await;
                     node.tracked.store(false, Ordering::SeqCst);
                     tracing::warn!(node = %node.addr, %why, "tracking connection lost; flushing the entries it covered");
                     cache.flush(Some(slots), "tracking_lost");
@@ -340,7 +346,12 @@ pub async fn run_tracking(cache: Arc<LocalCache>, registry: Arc<Registry>, timeo
 }
 
 /// One tracking session; returns why it ended.
-async fn track(cache: &LocalCache, node: &Node, timeout: Duration) -> String {
+async fn track(
+    cache: &LocalCache,
+    node: &Node,
+    timeout: Duration,
+    auth: Option<&crate::config::Credentials>,
+) -> String {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return format!("connect: {e}"),
@@ -353,6 +364,11 @@ async fn track(cache: &LocalCache, node: &Node, timeout: Duration) -> String {
         cmd.push(p);
     }
     let mut out = BytesMut::new();
+    let mut awaiting: usize = 2;
+    if let Some(auth) = auth {
+        resp::encode_command(&auth.auth_command(), &mut out);
+        awaiting += 1;
+    }
     resp::encode_command(&["HELLO", "3"], &mut out);
     resp::encode_command(&cmd, &mut out);
     if let Err(e) = wr.write_all(&out).await {
@@ -360,7 +376,6 @@ async fn track(cache: &LocalCache, node: &Node, timeout: Duration) -> String {
     }
     let mut buf = BytesMut::with_capacity(4096);
     let limits = Limits::upstream();
-    let mut awaiting: usize = 2;
     let mut ping_sent: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut tick = tokio::time::interval(timeout.min(Duration::from_secs(1)));
     loop {

@@ -50,6 +50,35 @@ impl FromStr for ReadPolicy {
     }
 }
 
+/// Credentials the sidecar uses towards the cluster (the tier's `auth`
+/// Secret). Clients of the sidecar may send the same credentials with `AUTH`;
+/// they are accepted but not required (the listener is pod-local).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// ACL user; `None` means the `default` user.
+    pub username: Option<String>,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// The `AUTH` command for these credentials.
+    pub fn auth_command(&self) -> Vec<&str> {
+        match &self.username {
+            Some(u) => vec!["AUTH", u.as_str(), self.password.as_str()],
+            None => vec!["AUTH", self.password.as_str()],
+        }
+    }
+}
+
 /// The local hot-key cache. Disabled when `prefixes` is empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -103,6 +132,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Bounds on client requests.
     pub limits: Limits,
+    /// Upstream credentials; `None` for a tier without a password.
+    pub auth: Option<Credentials>,
 }
 
 impl Default for Config {
@@ -120,6 +151,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(5),
             cache: CacheConfig::default(),
             limits: Limits::default(),
+            auth: None,
         }
     }
 }
@@ -295,6 +327,12 @@ pub struct Args {
     /// Local cache size bound in bytes (e.g. 64MiB).
     #[arg(long, env = "CACHETIER_CACHE_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
     pub cache_max_bytes: u64,
+    /// ACL user for the cluster (default user when unset).
+    #[arg(long, env = "CACHETIER_USERNAME", requires = "password")]
+    pub username: Option<String>,
+    /// Password for the cluster; prefer the environment variable (from the tier's Secret).
+    #[arg(long, env = "CACHETIER_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
     /// Shutdown drain bound (e.g. 5s).
     #[arg(long, env = "CACHETIER_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -319,6 +357,10 @@ impl From<Args> for Config {
                 max_bytes: a.cache_max_bytes,
             },
             limits: Limits::default(),
+            auth: a.password.map(|password| Credentials {
+                username: a.username,
+                password,
+            }),
         }
     }
 }

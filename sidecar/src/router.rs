@@ -638,9 +638,7 @@ impl Router {
                 _ => reply(err("ERR cachetier: Redis Cluster has only database 0 (SELECT 0)")),
             },
             "readonly" | "readwrite" => reply(ok()),
-            "auth" => reply(err(
-                "ERR cachetier: the sidecar does not take AUTH; it authenticates to the cluster itself",
-            )),
+            "auth" => reply(self.check_auth(&args[1..])),
             "hello" => reply(self.hello(st, &args)),
             "reset" => {
                 st.proto = 2;
@@ -694,7 +692,11 @@ impl Router {
                     i += 2;
                 }
                 "AUTH" if i + 2 < args.len() => {
-                    return err("ERR cachetier: the sidecar does not take AUTH");
+                    let r = self.check_auth(&args[i + 1..i + 3]);
+                    if r.starts_with(b"-") {
+                        return r;
+                    }
+                    i += 3;
                 }
                 _ => return err("ERR syntax error in HELLO"),
             }
@@ -712,6 +714,33 @@ impl Router {
                 (bulk("modules"), Frame::Array(Vec::new())),
             ],
         ))
+    }
+
+    /// `AUTH [user] password` from a client: accepted when it matches the
+    /// sidecar's own upstream credentials (apps keep their configuration),
+    /// refused otherwise, like Redis would.
+    fn check_auth(&self, args: &[Bytes]) -> Bytes {
+        let Some(creds) = &self.config.auth else {
+            return err(
+                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            );
+        };
+        let (user, pass) = match args {
+            [p] => (None, p),
+            [u, p] => (Some(u), p),
+            _ => return err("ERR wrong number of arguments for 'auth' command"),
+        };
+        let user_ok = match (user, &creds.username) {
+            (None, None) => true,
+            (None, Some(_)) => false,
+            (Some(u), None) => u.as_ref() == b"default",
+            (Some(u), Some(c)) => u.as_ref() == c.as_bytes(),
+        };
+        if user_ok && pass.as_ref() == creds.password.as_bytes() {
+            ok()
+        } else {
+            err("WRONGPASS invalid username-password pair or user is disabled.")
+        }
     }
 
     fn client(&self, st: &mut ClientState, sub: &str, args: &[Bytes]) -> Bytes {

@@ -68,6 +68,7 @@ impl Sidecar {
         let settings = UpstreamSettings {
             response_timeout: config.response_timeout,
             metrics: metrics.clone(),
+            auth: config.auth.clone(),
         };
         let registry = Registry::new(config.seeds.clone(), settings, metrics.clone());
         if let Err(e) = registry.refresh().await {
@@ -125,6 +126,7 @@ impl Sidecar {
                 cache.clone(),
                 registry.clone(),
                 config.response_timeout,
+                config.auth.clone(),
             )));
         }
         {

@@ -135,7 +135,14 @@ impl Registry {
         let timeout = self.settings.response_timeout.max(Duration::from_secs(1));
         let mut last_err = String::from("no seeds configured");
         for addr in candidates {
-            match upstream::oneshot_command(&addr, &["CLUSTER", "SHARDS"], timeout).await {
+            match upstream::oneshot_command(
+                &addr,
+                &["CLUSTER", "SHARDS"],
+                timeout,
+                self.settings.auth.as_ref(),
+            )
+            .await
+            {
                 Ok(frame) => match parse_shards(&frame, host_of(&addr)) {
                     Ok(specs) if !specs.is_empty() => {
                         self.install(specs);

@@ -84,6 +84,7 @@ struct Conn {
 pub struct UpstreamSettings {
     pub response_timeout: Duration,
     pub metrics: Metrics,
+    pub auth: Option<crate::config::Credentials>,
 }
 
 /// One Redis node as the sidecar sees it.
@@ -260,7 +261,7 @@ impl Node {
 
     async fn open(&self, proto: Proto) -> Result<Conn, UpstreamError> {
         let timeout = self.settings.response_timeout;
-        let (rd, wr, buf) = handshake(&self.addr, proto, timeout).await?;
+        let (rd, wr, buf) = handshake(&self.addr, proto, timeout, self.settings.auth.as_ref()).await?;
         let (closed, _) = watch::channel(false);
         let state = Arc::new(ConnState {
             pending: Mutex::new(VecDeque::new()),
@@ -326,6 +327,7 @@ async fn handshake(
     addr: &str,
     proto: Proto,
     timeout: Duration,
+    auth: Option<&crate::config::Credentials>,
 ) -> Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut), UpstreamError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
@@ -335,6 +337,10 @@ async fn handshake(
     let (mut rd, mut wr) = stream.into_split();
     let mut out = BytesMut::new();
     let mut expected = 1;
+    if let Some(auth) = auth {
+        resp::encode_command(&auth.auth_command(), &mut out);
+        expected += 1;
+    }
     if proto == Proto::Resp3 {
         resp::encode_command(&["HELLO", "3"], &mut out);
         expected += 1;
@@ -521,16 +527,32 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 }
 
 /// One command on a fresh connection (topology discovery), bounded by `timeout`.
-pub async fn oneshot_command(addr: &str, args: &[&str], timeout: Duration) -> Result<Frame, UpstreamError> {
+pub async fn oneshot_command(
+    addr: &str,
+    args: &[&str],
+    timeout: Duration,
+    auth: Option<&crate::config::Credentials>,
+) -> Result<Frame, UpstreamError> {
     let fut = async {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
         let (mut rd, mut wr) = stream.into_split();
-        wr.write_all(&resp::command_bytes(args))
+        let mut out = BytesMut::new();
+        if let Some(auth) = auth {
+            resp::encode_command(&auth.auth_command(), &mut out);
+        }
+        resp::encode_command(args, &mut out);
+        wr.write_all(&out)
             .await
             .map_err(|e| UpstreamError::Closed(e.to_string()))?;
         let mut buf = BytesMut::new();
+        if auth.is_some() {
+            let raw = read_frame(&mut rd, &mut buf).await?;
+            if let Some(err) = resp::error_text(&raw) {
+                return Err(UpstreamError::Protocol(String::from_utf8_lossy(err).into_owned()));
+            }
+        }
         let raw = read_frame(&mut rd, &mut buf).await?;
         resp::parse(&raw).map_err(|e| UpstreamError::Protocol(e.to_string()))
     };

@@ -710,7 +710,13 @@ async fn a_write_to_a_silent_primary_fails_clearly_instead_of_hanging() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_requests_already_read_then_stops_accepting() {
     let cluster = Cluster::start(3, 0);
-    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    // A port from the test's own range, so no other listener can take it
+    // over after shutdown and make the final connect succeed.
+    let cfg = cachetier_sidecar::Config {
+        listen: format!("127.0.0.1:{}", support::next_port()).parse().unwrap(),
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
     let addr = sidecar.local_addr();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = Vec::new();
@@ -805,4 +811,34 @@ async fn the_binary_serves_resp3_clients_and_exits_cleanly_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(code.success(), "{code:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_protected_tier_is_reached_with_the_tiers_credentials() {
+    let cluster = Cluster::start_with(3, 1, Some("s3cret"));
+    let mut cfg = cache_config(&cluster);
+    cfg.auth = Some(cachetier_sidecar::config::Credentials {
+        username: None,
+        password: "s3cret".into(),
+    });
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    // Topology, read-gate polls and tracking all authenticate.
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("hot:secure", "v").await.unwrap();
+    warm(&sidecar, &mut c, "hot:secure").await;
+    assert_eq!(c.get::<_, String>("hot:secure").await.unwrap(), "v");
+    // Applications configured with the tier's password keep working.
+    let _: () = redis::cmd("AUTH")
+        .arg("s3cret")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let e = redis::cmd("AUTH")
+        .arg("wrong")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().to_uppercase().contains("WRONGPASS"), "{e}");
+    sidecar.shutdown().await;
 }

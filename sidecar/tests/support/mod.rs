@@ -42,11 +42,21 @@ pub struct RedisNode {
     pub port: u16,
     child: Child,
     dir: PathBuf,
+    password: Option<String>,
 }
 
 impl RedisNode {
     pub fn start(extra: &[&str]) -> RedisNode {
+        RedisNode::start_with(extra, None)
+    }
+
+    /// A node with `requirepass`/`masterauth` set to `password`.
+    pub fn start_with(extra: &[&str], password: Option<&str>) -> RedisNode {
         let port = next_port();
+        let auth: Vec<&str> = match password {
+            Some(p) => vec!["--requirepass", p, "--masterauth", p],
+            None => Vec::new(),
+        };
         let dir = std::env::temp_dir().join(format!("cachetier-sidecar-test-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -76,11 +86,17 @@ impl RedisNode {
                 "redis.log",
             ])
             .args(extra)
+            .args(&auth)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed");
-        let node = RedisNode { port, child, dir };
+        let node = RedisNode {
+            port,
+            child,
+            dir,
+            password: password.map(str::to_string),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while node.cli(&["PING"]).trim() != "PONG" {
             assert!(Instant::now() < deadline, "redis-server on {port} did not start");
@@ -99,11 +115,12 @@ impl RedisNode {
 
     /// Run redis-cli against this node and return its stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli must be installed");
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(p) = &self.password {
+            cmd.args(["-a", p, "--no-auth-warning"]);
+        }
+        let out = cmd.args(args).output().expect("redis-cli must be installed");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -168,9 +185,18 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(masters: usize, replicas: usize) -> Cluster {
+        Cluster::start_with(masters, replicas, None)
+    }
+
+    /// A cluster whose nodes require `password`.
+    pub fn start_with(masters: usize, replicas: usize, password: Option<&str>) -> Cluster {
         let n = masters * (1 + replicas);
-        let nodes: Vec<RedisNode> = (0..n).map(|_| RedisNode::start(&[])).collect();
-        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        let nodes: Vec<RedisNode> = (0..n).map(|_| RedisNode::start_with(&[], password)).collect();
+        let mut args: Vec<String> = Vec::new();
+        if let Some(p) = password {
+            args.extend(["-a".into(), p.into(), "--no-auth-warning".into()]);
+        }
+        args.extend(["--cluster".into(), "create".into()]);
         args.extend(nodes.iter().map(RedisNode::addr));
         args.extend([
             "--cluster-replicas".into(),

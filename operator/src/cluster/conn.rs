@@ -187,6 +187,31 @@ impl Conns {
         out
     }
 
+    /// A cache holding only the connection to `addr` from this one, if any:
+    /// lets concurrent tasks each own a cache and hand it back with [`Conns::adopt`].
+    pub fn split_for(&self, addr: SocketAddr) -> Conns {
+        let mut map = HashMap::new();
+        if let Some(c) = self.map.get(&addr) {
+            map.insert(addr, c.clone());
+        }
+        Conns {
+            timeout: self.timeout,
+            map,
+        }
+    }
+
+    /// Takes over the connections of `other` (made by [`Conns::split_for`]).
+    pub fn adopt(&mut self, addr: SocketAddr, other: Conns) {
+        match other.map.get(&addr) {
+            Some(c) => {
+                self.map.insert(addr, c.clone());
+            }
+            None => {
+                self.map.remove(&addr);
+            }
+        }
+    }
+
     /// Forgets the connection to `addr` (after the node was destroyed).
     pub fn drop_connection(&mut self, addr: SocketAddr) {
         self.map.remove(&addr);

@@ -285,18 +285,20 @@ impl ClusterView {
 /// Asks every pool node for its view of the cluster, concurrently. A node that
 /// does not answer within the connections' timeout is reported as unreachable.
 pub async fn observe(conns: &mut Conns, pool_nodes: &[PoolNode]) -> ClusterView {
-    let timeout = conns.timeout();
     let futures = pool_nodes.iter().map(|node| {
         let node = node.clone();
+        let mut local = conns.split_for(node.addr);
         async move {
-            let mut local = Conns::new(timeout);
             let report = report(&mut local, node.addr).await.map_err(|e| e.to_string());
-            NodeView { pool: node, report }
+            (NodeView { pool: node, report }, local)
         }
     });
-    ClusterView {
-        nodes: join_all(futures).await,
+    let mut nodes = Vec::new();
+    for (view, local) in join_all(futures).await {
+        conns.adopt(view.pool.addr, local);
+        nodes.push(view);
     }
+    ClusterView { nodes }
 }
 
 async fn report(conns: &mut Conns, addr: SocketAddr) -> Result<Reported> {

@@ -75,7 +75,6 @@ const BLOCKING: &str = "blocking commands are not supported by the cachetier sid
 const PUBSUB: &str =
     "pub/sub subscriptions are not supported by the cachetier sidecar; subscribe on a Redis node directly";
 const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
-const WATCH: &str = "WATCH is not supported by the cachetier sidecar (it needs a dedicated upstream connection); MULTI/EXEC on keys of one slot is supported";
 
 fn k1() -> KeySpec {
     KeySpec::Range {
@@ -388,7 +387,7 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
         Unsupported(PUBSUB),
         KeySpec::None,
     );
-    add(&["watch"], Unsupported(WATCH), KeySpec::None);
+    add(&["watch"], Server, kall());
     add(
         &[
             "config",

@@ -1,4 +1,7 @@
-//! The crate's one error type. Variant names double as metric labels.
+//! The crate's one error type, [`Error`] (variant names double as metric
+//! labels), and [`UpstreamError`], the kind of upstream failure that
+//! [`Error::Upstream`] wraps and that request paths classify (retry a read,
+//! fail a write).
 
 use std::net::SocketAddr;
 

@@ -30,7 +30,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    /// Client requests by command and outcome (`ok`, `error`, `redis_error`, `cache_hit`).
+    /// Client requests by command and outcome (`ok`, or `error` for any error reply).
     pub requests: IntCounterVec,
     /// Client-side latency by command.
     pub latency: HistogramVec,

@@ -39,6 +39,22 @@ pub struct ClientState {
     pub multi: Option<Vec<Vec<Bytes>>>,
     /// A command queued inside MULTI was refused: EXEC must abort.
     pub multi_failed: bool,
+    /// Active `WATCH`: the client's keyed commands run on a connection of
+    /// its own to the watched slot's primary until EXEC, DISCARD or UNWATCH.
+    pub watch: Option<Arc<Watch>>,
+    /// Completes when the client's last command on the WATCH connection has
+    /// its reply; later commands wait for it so the pipeline keeps its order
+    /// across the two paths.
+    barrier: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Set by a WATCH-path command, which orders itself behind the barrier.
+    self_ordered: bool,
+}
+
+/// A client's WATCH connection, opened on first use.
+#[derive(Debug)]
+pub struct Watch {
+    slot: u16,
+    conn: tokio::sync::Mutex<Option<crate::upstream::Dedicated>>,
 }
 
 impl Default for ClientState {
@@ -49,6 +65,9 @@ impl Default for ClientState {
             name: None,
             multi: None,
             multi_failed: false,
+            watch: None,
+            barrier: None,
+            self_ordered: false,
         }
     }
 }
@@ -174,8 +193,38 @@ impl Router {
                 "ERR unknown command '{shown}': the cachetier sidecar does not know how to route it"
             )));
         };
+        // A finished WATCH-path command no longer orders anything.
+        if st.barrier.as_ref().is_some_and(|b| *b.borrow()) {
+            st.barrier = None;
+        }
+        st.self_ordered = false;
+        let action = self.dispatch_inner(st, info, args, raw);
+        if st.self_ordered {
+            return action;
+        }
+        match (action, st.barrier.clone()) {
+            (Action::Later(fut), Some(mut barrier)) => Action::Later(Box::pin(async move {
+                let _ = barrier.wait_for(|done| *done).await;
+                fut.await
+            })),
+            (action, _) => action,
+        }
+    }
+
+    fn dispatch_inner(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        args: Vec<Bytes>,
+        raw: Bytes,
+    ) -> Action {
         if st.multi.is_some() {
             return self.queue_in_multi(st, info, args);
+        }
+        if st.watch.is_some()
+            && let Some(action) = self.on_watch(st, info, &args, &raw)
+        {
+            return action;
         }
         let proto = st.proto;
         match info.kind {
@@ -661,6 +710,7 @@ impl Router {
             }),
             "info" => reply(encode(&Frame::Bulk(Bytes::from(self.info_text())))),
             "unwatch" => reply(ok()),
+            "watch" => self.watch_command(st, info, &args, &resp::command_bytes(&args)),
             "multi" => {
                 st.multi = Some(Vec::new());
                 st.multi_failed = false;
@@ -978,6 +1028,183 @@ impl Router {
         }
     }
 
+    /// Run `bytes` (holding `replies` commands) on the client's WATCH
+    /// connection, after everything the client sent before it there.
+    fn watch_call(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        watch: Arc<Watch>,
+        bytes: Bytes,
+        replies: usize,
+    ) -> Action {
+        st.self_ordered = true;
+        let prev = st.barrier.take();
+        let (done, barrier) = tokio::sync::watch::channel(false);
+        st.barrier = Some(barrier);
+        let this = self.clone();
+        let up = st.upstream_proto();
+        self.timed(info, async move {
+            if let Some(mut prev) = prev {
+                let _ = prev.wait_for(|d| *d).await;
+            }
+            let reply = this.on_watch_conn(&watch, bytes, replies, up).await;
+            done.send_replace(true);
+            reply
+        })
+    }
+
+    async fn on_watch_conn(&self, watch: &Watch, bytes: Bytes, replies: usize, up: Proto) -> Bytes {
+        let mut conn = watch.conn.lock().await;
+        if conn.is_none() {
+            let Some(addr) = self
+                .registry
+                .current()
+                .shard(watch.slot)
+                .map(|s| s.primary.addr.clone())
+            else {
+                return err(format!("CLUSTERDOWN Hash slot {} is not served", watch.slot));
+            };
+            match crate::upstream::Dedicated::open(
+                &addr,
+                up,
+                self.config.response_timeout,
+                self.config.auth.as_ref(),
+            )
+            .await
+            {
+                Ok(c) => *conn = Some(c),
+                Err(e) => return upstream_error(&addr, Kind::Write, &e),
+            }
+        }
+        let Some(c) = conn.as_mut() else {
+            return err("ERR cachetier: WATCH connection unavailable");
+        };
+        match c.call(&bytes, replies).await {
+            Ok(mut r) => {
+                let last = r.pop().unwrap_or_default();
+                if redirect_target(&last, b"MOVED ").is_some() || redirect_target(&last, b"ASK ").is_some() {
+                    self.registry.request_refresh();
+                    return err("ERR cachetier: the watched slot moved during WATCH; retry the transaction");
+                }
+                if last.starts_with(b"-EXECABORT")
+                    && let Some(first) = r.iter().skip(1).find(|x| x.starts_with(b"-"))
+                {
+                    let why = resp::error_text(first)
+                        .map(|t| String::from_utf8_lossy(t).into_owned())
+                        .unwrap_or_default();
+                    return err(format!(
+                        "EXECABORT Transaction discarded because of previous errors: {why}"
+                    ));
+                }
+                last
+            }
+            Err(e) => err(format!(
+                "ERR cachetier: WATCH connection failed ({e}); the watch is lost and a transaction in flight may or may not have been applied"
+            )),
+        }
+    }
+
+    /// Slot shared by every key of `args`, or the error reply to send.
+    fn single_slot(info: &CommandInfo, args: &[Bytes]) -> Result<Option<u16>, Bytes> {
+        let keys = commands::key_indices(info, args).map_err(|_| {
+            err(format!(
+                "ERR wrong number of arguments for '{}' command",
+                info.name
+            ))
+        })?;
+        let mut slot = None;
+        for i in keys {
+            let s = slot::slot(&args[i]);
+            if slot.is_some_and(|x| x != s) {
+                return Err(err("CROSSSLOT Keys in request don't hash to the same slot"));
+            }
+            slot = Some(s);
+        }
+        Ok(slot)
+    }
+
+    /// Commands while a WATCH is active. `None`: handle as usual (local
+    /// commands, MULTI).
+    fn on_watch(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        args: &[Bytes],
+        raw: &Bytes,
+    ) -> Option<Action> {
+        let watch = st.watch.clone()?;
+        match info.kind {
+            Kind::Read | Kind::Write => {
+                let slot = match Self::single_slot(info, args) {
+                    Ok(s) => s,
+                    Err(e) => return Some(Action::Reply(e)),
+                };
+                if let Some(s) = slot
+                    && s != watch.slot
+                {
+                    return Some(Action::Reply(err(format!(
+                        "CROSSSLOT cachetier: while WATCH is active, commands must use keys of the watched slot {} (this one uses slot {s})",
+                        watch.slot
+                    ))));
+                }
+                if info.kind == Kind::Write
+                    && let Some(cache) = &self.cache
+                    && let Ok(keys) = commands::key_indices(info, args)
+                {
+                    for i in keys {
+                        if cache.covers(&args[i]) {
+                            cache.bump(&args[i]);
+                        }
+                    }
+                }
+                Some(self.watch_call(st, info, watch, raw.clone(), 1))
+            }
+            Kind::AnyPrimary => Some(self.watch_call(st, info, watch, raw.clone(), 1)),
+            Kind::Server => match info.name {
+                "watch" => Some(self.watch_command(st, info, args, raw)),
+                "unwatch" => {
+                    st.watch = None;
+                    Some(self.watch_call(st, info, watch, raw.clone(), 1))
+                }
+                _ => None,
+            },
+            Kind::Unsupported(_) => None,
+        }
+    }
+
+    fn watch_command(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        args: &[Bytes],
+        raw: &Bytes,
+    ) -> Action {
+        let slot = match Self::single_slot(info, args) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Action::Reply(err("ERR wrong number of arguments for 'watch' command")),
+            Err(e) => return Action::Reply(e),
+        };
+        let watch = match &st.watch {
+            Some(w) if w.slot != slot => {
+                return Action::Reply(err(format!(
+                    "CROSSSLOT cachetier: all WATCHed keys must be in one slot (already watching slot {})",
+                    w.slot
+                )));
+            }
+            Some(w) => w.clone(),
+            None => {
+                let w = Arc::new(Watch {
+                    slot,
+                    conn: tokio::sync::Mutex::new(None),
+                });
+                st.watch = Some(w.clone());
+                w
+            }
+        };
+        self.watch_call(st, info, watch, raw.clone(), 1)
+    }
+
     fn queue_in_multi(
         self: &Arc<Self>,
         st: &mut ClientState,
@@ -988,8 +1215,12 @@ impl Router {
             "exec" => {
                 let cmds = st.multi.take().unwrap_or_default();
                 let failed = std::mem::take(&mut st.multi_failed);
+                let watch = st.watch.take();
                 if failed {
                     return Action::Reply(err("EXECABORT Transaction discarded because of previous errors."));
+                }
+                if let Some(watch) = watch {
+                    return self.exec_watched(st, info, watch, cmds);
                 }
                 let this = self.clone();
                 let up = st.upstream_proto();
@@ -998,6 +1229,8 @@ impl Router {
             "discard" => {
                 st.multi = None;
                 st.multi_failed = false;
+                // DISCARD also unwatches; dropping the connection does that.
+                st.watch = None;
                 Action::Reply(ok())
             }
             "multi" => Action::Reply(err("ERR MULTI calls can not be nested")),
@@ -1031,6 +1264,42 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// EXEC after WATCH: the queued block runs on the WATCH connection, where
+    /// Redis checks the watched keys.
+    fn exec_watched(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        watch: Arc<Watch>,
+        cmds: Vec<Vec<Bytes>>,
+    ) -> Action {
+        let mut block = BytesMut::new();
+        resp::encode_command(&["MULTI"], &mut block);
+        for args in &cmds {
+            if let Some(ci) = args.first().and_then(|n| commands::lookup(n)) {
+                match Self::single_slot(ci, args) {
+                    Ok(Some(s)) if s != watch.slot => {
+                        return Action::Reply(err(
+                            "CROSSSLOT Keys in request don't hash to the same slot (a watched transaction must stay in the watched slot)",
+                        ));
+                    }
+                    Err(e) => return Action::Reply(e),
+                    _ => {}
+                }
+                if let (Some(cache), Ok(keys)) = (&self.cache, commands::key_indices(ci, args)) {
+                    for i in keys {
+                        if cache.covers(&args[i]) {
+                            cache.bump(&args[i]);
+                        }
+                    }
+                }
+            }
+            resp::encode_command(args, &mut block);
+        }
+        resp::encode_command(&["EXEC"], &mut block);
+        self.watch_call(st, info, watch, block.freeze(), cmds.len() + 2)
     }
 
     /// Run a queued transaction as one contiguous MULTI..EXEC block on the

@@ -526,6 +526,68 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// A connection owned by one client for a `WATCH … EXEC` optimistic
+/// transaction: strictly one call at a time, each bounded by the response
+/// timeout; after any failure it refuses further calls (the watch is lost).
+pub struct Dedicated {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    buf: BytesMut,
+    timeout: Duration,
+    broken: bool,
+}
+
+impl std::fmt::Debug for Dedicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dedicated").field("broken", &self.broken).finish()
+    }
+}
+
+impl Dedicated {
+    pub async fn open(
+        addr: &str,
+        proto: Proto,
+        timeout: Duration,
+        auth: Option<&crate::config::Credentials>,
+    ) -> Result<Dedicated, UpstreamError> {
+        let (rd, wr, buf) = handshake(addr, proto, timeout, auth).await?;
+        Ok(Dedicated {
+            rd,
+            wr,
+            buf,
+            timeout,
+            broken: false,
+        })
+    }
+
+    pub async fn call(&mut self, bytes: &[u8], replies: usize) -> Result<Vec<Bytes>, UpstreamError> {
+        if self.broken {
+            return Err(UpstreamError::Closed(
+                "an earlier call on this WATCH connection failed".into(),
+            ));
+        }
+        let Dedicated { rd, wr, buf, .. } = self;
+        let fut = async {
+            wr.write_all(bytes)
+                .await
+                .map_err(|e| UpstreamError::Closed(e.to_string()))?;
+            let mut out = Vec::with_capacity(replies);
+            for _ in 0..replies {
+                out.push(read_frame(rd, buf).await?);
+            }
+            Ok(out)
+        };
+        let result = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout),
+        };
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+}
+
 /// One command on a fresh connection (topology discovery), bounded by `timeout`.
 pub async fn oneshot_command(
     addr: &str,

@@ -842,3 +842,76 @@ async fn a_password_protected_tier_is_reached_with_the_tiers_credentials() {
     assert!(e.to_string().to_uppercase().contains("WRONGPASS"), "{e}");
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_multi_exec_aborts_when_a_watched_key_changes() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let mut other = client(&sidecar).await;
+    let _: () = c.set("{acct}balance", 10).await.unwrap();
+
+    // Unchallenged: the optimistic transaction commits.
+    let _: () = redis::cmd("WATCH")
+        .arg("{acct}balance")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let balance: i64 = c.get("{acct}balance").await.unwrap();
+    assert_eq!(balance, 10, "reads under WATCH come from the primary");
+    let _: () = redis::cmd("MULTI").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("{acct}balance")
+        .arg(balance + 5)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let done: redis::Value = redis::cmd("EXEC").query_async(&mut c).await.unwrap();
+    assert!(
+        matches!(done, redis::Value::Array(ref v) if v.len() == 1),
+        "{done:?}"
+    );
+
+    // Another client changes the key between WATCH and EXEC: EXEC aborts.
+    let _: () = redis::cmd("WATCH")
+        .arg("{acct}balance")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: () = other.set("{acct}balance", 99).await.unwrap();
+    let _: () = redis::cmd("MULTI").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("{acct}balance")
+        .arg(0)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let aborted: redis::Value = redis::cmd("EXEC").query_async(&mut c).await.unwrap();
+    assert_eq!(aborted, redis::Value::Nil);
+    let mut primary_reader = support::client_of(sidecar.local_addr()).await;
+    let _: () = redis::cmd("WATCH")
+        .arg("{acct}balance")
+        .query_async(&mut primary_reader)
+        .await
+        .unwrap();
+    assert_eq!(primary_reader.get::<_, i64>("{acct}balance").await.unwrap(), 99);
+
+    // Keys of one slot only, and only that slot while watching.
+    let e = redis::cmd("WATCH")
+        .arg("a")
+        .arg("b")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().to_uppercase().contains("CROSSSLOT"), "{e}");
+    let _: () = redis::cmd("WATCH")
+        .arg("{acct}x")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let e = c.get::<_, Option<String>>("elsewhere").await.unwrap_err();
+    assert!(e.to_string().to_uppercase().contains("CROSSSLOT"), "{e}");
+    let _: () = redis::cmd("UNWATCH").query_async(&mut c).await.unwrap();
+    let _: Option<String> = c.get("elsewhere").await.unwrap();
+    sidecar.shutdown().await;
+}

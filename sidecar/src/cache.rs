@@ -148,19 +148,30 @@ impl LocalCache {
     where
         F: Future<Output = Bytes> + Send + 'static,
     {
-        if let Some(e) = self.cache.get(&key).await
-            && e.epoch == self.epoch(&key.key)
-        {
-            self.metrics.cache_hits.inc();
-            return e.value;
-        }
-        self.metrics.cache_misses.inc();
-        let mut rx = {
+        let mut rechecked = false;
+        let mut rx = loop {
+            if let Some(e) = self.cache.get(&key).await
+                && e.epoch == self.epoch(&key.key)
+            {
+                self.metrics.cache_hits.inc();
+                return e.value;
+            }
             let mut inflight = lock(&self.inflight);
             if let Some(rx) = inflight.get(&key) {
+                self.metrics.cache_misses.inc();
                 self.metrics.coalesced.inc();
-                rx.clone()
-            } else {
+                break rx.clone();
+            }
+            // A fetch may have finished between our cache lookup and taking
+            // the lock (it inserts, then leaves the in-flight map): look again
+            // once rather than fetching a second time.
+            if !rechecked && self.cache.contains_key(&key) {
+                drop(inflight);
+                rechecked = true;
+                continue;
+            }
+            self.metrics.cache_misses.inc();
+            {
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(key.clone(), rx.clone());
                 let epoch = self.epoch(&key.key);
@@ -199,7 +210,7 @@ impl LocalCache {
                     }
                     tx.send_replace(Some(value));
                 });
-                rx
+                break rx;
             }
         };
         match rx.wait_for(|v| v.is_some()).await {

@@ -195,7 +195,7 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
         kall(),
     );
     add(&["lcs"], Read, k12());
-    add(&["xinfo", "memory"], Read, k2());
+    add(&["xinfo", "memory", "object"], Read, k2());
     add(
         &["sintercard", "zdiff", "zinter", "zunion", "zintercard"],
         Read,
@@ -409,7 +409,6 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
             "acl",
             "module",
             "function",
-            "object",
             "sync",
             "psync",
             "asking",

@@ -473,3 +473,90 @@ async fn a_reconciler_killed_at_random_points_of_a_reshard_converges_without_los
         pool.shutdown().await;
     }
 }
+
+/// Slow-ish: about 10–15 s (two full syncs per added replica set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_scale_up_and_down_and_a_primary_being_removed_hands_over_gracefully_first() {
+    let tier_handle = LocalTier::start(tier("reps", 2, 1), pool_options()).unwrap();
+    let status = tier_handle.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let mut client = ClusterClient::new(addrs(&status)).await;
+    for i in 0..1000 {
+        client.set(&format!("r:{i}"), &format!("v:{i}")).await.unwrap();
+    }
+
+    tier_handle.update(tier("reps", 2, 2));
+    let up = wait_for(
+        &tier_handle,
+        "2 replicas per shard",
+        Duration::from_secs(60),
+        |s| s.phase == Some(Phase::Ready) && s.ready.as_deref() == Some("6/6"),
+    )
+    .await;
+    for shard in &up.shards {
+        assert_eq!(shard.nodes.len(), 3);
+        assert_eq!(shard.nodes[0].role, NodeRole::Primary);
+        assert!(
+            shard.nodes[1..]
+                .iter()
+                .all(|n| n.role == NodeRole::Replica && n.serving)
+        );
+    }
+
+    // Make the highest ordinal of shard 0 its primary, then ask for no replicas:
+    // that primary must hand over (graceful CLUSTER FAILOVER) before it goes.
+    let highest = up.shards[0].nodes.iter().find(|n| n.name == "reps-0-2").unwrap();
+    let addr: SocketAddr = highest.address.parse().unwrap();
+    let mut c = conn(addr).await;
+    // A manual failover is ignored (and times out) while the primary has not
+    // yet learned by gossip that this node is its replica: retry.
+    for attempt in 0.. {
+        assert!(attempt < 10, "manual failover never happened");
+        let _: () = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(6)
+            && !query_string(addr, &["INFO", "replication"])
+                .await
+                .contains("role:master")
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if query_string(addr, &["INFO", "replication"])
+            .await
+            .contains("role:master")
+        {
+            break;
+        }
+    }
+    wait_for(&tier_handle, "manual failover", Duration::from_secs(30), |s| {
+        s.shards[0].nodes[0].name == "reps-0-2" && s.phase == Some(Phase::Ready)
+    })
+    .await;
+
+    tier_handle.update(tier("reps", 2, 0));
+    let down = wait_for(&tier_handle, "no replicas", Duration::from_secs(60), |s| {
+        s.phase == Some(Phase::Ready)
+            && s.ready.as_deref() == Some("2/2")
+            && s.shards.iter().all(|sh| sh.nodes.len() == 1)
+    })
+    .await;
+    let failover = down.last_failover.clone().unwrap();
+    assert_eq!(
+        (failover.from.as_str(), failover.reason.as_str()),
+        ("reps-0-2", "Planned")
+    );
+    assert_eq!(down.shards[0].nodes[0].name, "reps-0-0");
+    assert_eq!(tier_handle.pool().list().await.unwrap().len(), 2);
+    let mut client = ClusterClient::new(addrs(&down)).await;
+    for i in 0..1000 {
+        assert_eq!(
+            client.get(&format!("r:{i}")).await.unwrap(),
+            Some(format!("v:{i}")),
+            "r:{i} lost"
+        );
+    }
+    tier_handle.shutdown().await;
+}

@@ -514,16 +514,27 @@ fn fix_open_slots(ctx: &Ctx<'_>, out: &mut Plan) {
             if !handled.insert(*slot) {
                 continue;
             }
+            // Finish from whoever owns the slot now: the recorded source, or —
+            // if the source died mid-migration and was failed over — its
+            // promoted replica, so the keys already moved here stay served.
+            let owner = ctx.owners[usize::from(*slot)].as_deref();
             let source = by_id(from_id)
                 .filter(|s| usable_master(s))
                 .filter(|s| s.reported().is_some_and(|sr| sr.myself.owns(*slot)))
+                .or_else(|| owner.and_then(by_id).filter(|o| usable_master(o)))
+                .filter(|s| ctx.id(s) != Some(me.id.as_str()))
                 .and_then(|s| ctx.target(s));
+            let owner_down = owner.is_some_and(|o| o != me.id && by_id(o).is_none_or(|v| !usable_master(v)));
             match source {
                 Some(from) => out.actions.push(Action::FinishMigration {
                     slot: *slot,
                     from,
                     to: me.clone(),
                 }),
+                None if owner_down => out.waiting.push(format!(
+                    "slot {slot} is importing on {} but its owner is down; waiting for its failover",
+                    me.name
+                )),
                 None => out.actions.push(Action::AbortMigration {
                     slot: *slot,
                     node: me.clone(),
@@ -820,6 +831,19 @@ fn settle(ctx: &Ctx<'_>, out: &mut Plan) {
             out.waiting
                 .push(format!("{} has not learned the slot map yet", v.pool.name));
             return;
+        }
+        // Every replica must be known as the replica of its primary (clients
+        // discover replicas this way, and a manual failover needs it).
+        for other in ctx.input.view.nodes.iter().filter_map(NodeView::reported) {
+            let me = &other.myself;
+            if me.replica
+                && let Some(line) = r.others.iter().find(|l| l.id == me.id)
+                && line.master_id != me.master_id
+            {
+                out.waiting
+                    .push(format!("{} has not learned the replicas yet", v.pool.name));
+                return;
+            }
         }
     }
 }

@@ -215,6 +215,11 @@ where
 {
     let (mut text, config) = load(&options)?;
     let name = config.name.clone();
+    if cachetier_crds::validate::parse_manifest(&text).is_ok_and(|t| t.spec.auth.is_some()) {
+        println!(
+            "note: spec.auth names a Kubernetes Secret; local mode has none, so the tier runs without a password"
+        );
+    }
     let mut pool_options = LocalPoolOptions::new(options.base_port, options.bus_port_offset);
     pool_options.redis_server = options.redis_server.clone();
     let tier = LocalTier::start(config, pool_options)?;

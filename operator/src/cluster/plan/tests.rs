@@ -264,6 +264,41 @@ fn a_slot_migrating_to_a_dead_node_is_rolled_back() {
 }
 
 #[test]
+fn a_slot_importing_from_a_dead_source_is_finished_from_its_promoted_replica() {
+    let split = even_split(2);
+    // t-0-0 died mid-migration of slot 10 to t-1-0; t-0-1 was promoted.
+    let mut fx = Fx::default()
+        .node(0, 0, |l, _| {
+            l.fail = true;
+        })
+        .primary(0, 1, &[split[0]])
+        .primary(1, 0, &[split[1]]);
+    fx.lines[1].2.config_epoch = 50;
+    fx.lines[2].2.importing.push((10, id(0, 0)));
+    let fx = fx.failed(0, 0, Instant::now());
+    let t = tier(2, 0);
+    let p = fx.plan(&t);
+    assert!(
+        matches!(&p.actions[..], [Action::FinishMigration { slot: 10, from, to }] if from.name == "t-0-1" && to.name == "t-1-0"),
+        "{p:?}"
+    );
+
+    // While the owner itself is down and not yet replaced, nothing is rolled back.
+    let mut fx = Fx::default()
+        .primary(0, 0, &[split[0]])
+        .primary(1, 0, &[split[1]]);
+    fx.lines[1].2.importing.push((10, id(0, 0)));
+    let fx = fx.failed(0, 0, Instant::now());
+    let p = fx.plan(&t);
+    assert!(
+        p.actions
+            .iter()
+            .all(|a| !matches!(a, Action::AbortMigration { .. })),
+        "{p:?}"
+    );
+}
+
+#[test]
 fn a_failed_primary_gets_a_takeover_only_after_redis_had_its_chance() {
     let t = tier(3, 2);
     let start = Instant::now();

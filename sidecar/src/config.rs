@@ -173,6 +173,17 @@ impl Config {
                 "cache TTL must be between 1ms and 1h (--cache-ttl / CACHETIER_CACHE_TTL)".into(),
             ));
         }
+        if !self.cache.prefixes.is_empty() && self.cache.max_bytes < 1024 {
+            return Err(Error::Config(
+                "cache size must be at least 1024 bytes (--cache-max-bytes / CACHETIER_CACHE_MAX_BYTES)"
+                    .into(),
+            ));
+        }
+        if self.cache.prefixes.iter().any(String::is_empty) {
+            return Err(Error::Config(
+                "an empty cache prefix would cache every key; list real prefixes (--cache-prefix / CACHETIER_CACHE_PREFIXES)".into(),
+            ));
+        }
         if self.response_timeout.is_zero() {
             return Err(Error::Config(
                 "response timeout must be positive (--response-timeout / CACHETIER_RESPONSE_TIMEOUT)".into(),
@@ -403,6 +414,19 @@ mod tests {
         assert_eq!(c.read_policy, ReadPolicy::BestOfTwo);
         assert_eq!(c.cache.prefixes, vec!["p:"]);
         c.validate().unwrap();
+        let tiny = Config {
+            cache: CacheConfig {
+                max_bytes: 10,
+                ..c.cache.clone()
+            },
+            ..c.clone()
+        };
+        assert!(
+            tiny.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--cache-max-bytes")
+        );
         let err = Args::try_parse_from(["x", "--seed", "a:1", "--read-policy", "fastest"]).unwrap_err();
         let msg = err.to_string();
         assert!(

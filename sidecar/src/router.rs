@@ -461,6 +461,9 @@ impl Router {
                     return reply;
                 }
                 Err(e) => {
+                    // A failing node may mean a failover is under way; learn
+                    // the new layout soon instead of at the next periodic refresh.
+                    self.registry.request_refresh();
                     if kind == Kind::Read && !retried {
                         retried = true;
                         self.metrics.read_retries.inc();

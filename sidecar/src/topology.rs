@@ -233,8 +233,8 @@ impl Registry {
         }
     }
 
-    /// Background loop: refresh every `interval`, and soon after a MOVED (at
-    /// most every 100 ms).
+    /// Background loop: refresh every `interval`, and soon after a MOVED or an
+    /// upstream failure (at most every 500 ms).
     pub async fn run_refresh(self: Arc<Self>, interval: Duration) {
         loop {
             tokio::select! {
@@ -242,7 +242,7 @@ impl Registry {
                 _ = self.refresh_now.notified() => {
                     let since = lock(&self.last_refresh).map(|t| t.elapsed());
                     if let Some(since) = since {
-                        let min = Duration::from_millis(100);
+                        let min = Duration::from_millis(500);
                         if since < min {
                             tokio::time::sleep(min - since).await;
                         }

@@ -931,3 +931,41 @@ async fn watch_multi_exec_aborts_when_a_watched_key_changes() {
     let _: Option<String> = c.get("elsewhere").await.unwrap();
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_resume_on_the_promoted_replica_after_a_failover() {
+    let cluster = Cluster::start_opts(3, 1, None, &["--cluster-node-timeout", "1000"]);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("fo-key", "before").await.unwrap();
+    let (primary, replicas) = cluster.shard_of("fo-key");
+    let old = cluster.by_addr(&primary);
+    old.signal("-STOP");
+    let stopped = Instant::now();
+    let mut failed_writes = 0;
+    loop {
+        match c.set::<_, _, ()>("fo-key", "after").await {
+            Ok(()) => break,
+            Err(_) => failed_writes += 1,
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "writes never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = stopped.elapsed();
+    old.signal("-CONT");
+    assert!(
+        failed_writes > 0,
+        "the primary really was unavailable for a while"
+    );
+    let promoted = sidecar
+        .node_states()
+        .into_iter()
+        .find(|n| n.primary && n.addr == replicas[0]);
+    assert!(promoted.is_some(), "the sidecar routes to the promoted replica");
+    assert_eq!(c.get::<_, String>("fo-key").await.unwrap(), "after");
+    eprintln!("writes resumed {took:?} after the primary stopped ({failed_writes} failed attempts)");
+    sidecar.shutdown().await;
+}

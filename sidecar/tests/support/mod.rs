@@ -190,8 +190,13 @@ impl Cluster {
 
     /// A cluster whose nodes require `password`.
     pub fn start_with(masters: usize, replicas: usize, password: Option<&str>) -> Cluster {
+        Cluster::start_opts(masters, replicas, password, &[])
+    }
+
+    /// A cluster with extra `redis-server` arguments on every node.
+    pub fn start_opts(masters: usize, replicas: usize, password: Option<&str>, extra: &[&str]) -> Cluster {
         let n = masters * (1 + replicas);
-        let nodes: Vec<RedisNode> = (0..n).map(|_| RedisNode::start_with(&[], password)).collect();
+        let nodes: Vec<RedisNode> = (0..n).map(|_| RedisNode::start_with(extra, password)).collect();
         let mut args: Vec<String> = Vec::new();
         if let Some(p) = password {
             args.extend(["-a".into(), p.into(), "--no-auth-warning".into()]);

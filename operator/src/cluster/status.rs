@@ -330,9 +330,7 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
                 }
                 NodeRole::Unknown => false,
             };
-            if in_role && st.role == NodeRole::Replica && st.serving {
-                // fine
-            } else if st.role == NodeRole::Replica && !in_role && st.serving {
+            if st.role == NodeRole::Replica && !in_role && st.serving {
                 st.serving = false;
                 st.reason = Some("replicates another shard".into());
             }

@@ -565,3 +565,103 @@ async fn replicas_scale_up_and_down_and_a_primary_being_removed_hands_over_grace
     }
     tier_handle.shutdown().await;
 }
+
+/// Local mode end to end through the library: the hook gets the seeds, an
+/// edit of `shards` reshards live, an invalid edit changes nothing, and
+/// stopping removes every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_hands_out_seeds_follows_manifest_edits_ignores_invalid_ones_and_cleans_up() {
+    use cachetier_operator::local::{LocalOptions, run_until};
+    let dir = std::env::temp_dir().join(format!("cachetier-local-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("tier.yaml");
+    let yaml = |shards: i32| {
+        format!(
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata:\n  name: lm\nspec:\n  shards: {shards}\n  replicasPerShard: 0\n  maxMemory: 32Mi\n"
+        )
+    };
+    std::fs::write(&manifest, yaml(2)).unwrap();
+    let mut options = LocalOptions::new(&manifest);
+    // Far above the per-binary counter used by the other tests.
+    options.base_port = 29500;
+    options.bus_port_offset = 20000;
+    options.watch_interval = Duration::from_millis(100);
+    options.print_interval = Duration::from_millis(100);
+    options.timing = tier("lm", 2, 0).timing;
+    let (seeds_tx, seeds_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(run_until(
+        options,
+        move |seeds| {
+            let _ = seeds_tx.send(seeds);
+            std::future::pending()
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let seeds = tokio::time::timeout(Duration::from_secs(60), seeds_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seeds.len(), 2, "{seeds:?}");
+    let size = |info: &str| {
+        info.lines()
+            .find(|l| l.starts_with("cluster_size:"))
+            .map(str::to_string)
+    };
+    let wait_size = |n: usize| {
+        let seed = seeds[0];
+        async move {
+            let start = Instant::now();
+            loop {
+                let info = query_string(seed, &["CLUSTER", "INFO"]).await;
+                if info.contains(&format!("cluster_size:{n}")) && info.contains("cluster_state:ok") {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "cluster_size:{n} never reached: {:?}",
+                    size(&info)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_size(2).await;
+
+    std::fs::write(&manifest, yaml(3)).unwrap();
+    wait_size(3).await;
+
+    std::fs::write(&manifest, yaml(0)).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let info = query_string(seeds[0], &["CLUSTER", "INFO"]).await;
+    assert!(
+        info.contains("cluster_size:3") && info.contains("cluster_state:ok"),
+        "{info}"
+    );
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    for seed in seeds {
+        assert!(
+            tokio::net::TcpStream::connect(seed).await.is_err(),
+            "{seed} still listens"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("cachetier-lm-{}-", std::process::id()))
+        })
+        .collect();
+    assert!(left.is_empty(), "temp dirs left: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

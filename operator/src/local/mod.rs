@@ -213,6 +213,19 @@ where
     F: FnOnce(Vec<SocketAddr>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    run_until(options, on_ready, shutdown_signal()).await
+}
+
+/// [`run`], stopping when `stop` completes instead of on a signal.
+pub async fn run_until<F, Fut>(
+    options: LocalOptions,
+    on_ready: F,
+    stop: impl Future<Output = ()>,
+) -> Result<()>
+where
+    F: FnOnce(Vec<SocketAddr>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let (mut text, config) = load(&options)?;
     let name = config.name.clone();
     if cachetier_crds::validate::parse_manifest(&text).is_ok_and(|t| t.spec.auth.is_some()) {
@@ -238,7 +251,6 @@ where
     let mut last_printed = String::new();
     let started = tokio::time::Instant::now();
     let mut statuses = tier.subscribe();
-    let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {

@@ -268,6 +268,149 @@ fn check_at(buf: &[u8], pos: usize, limits: &Limits, depth: usize) -> Result<Opt
     }
 }
 
+/// [`check`] that remembers its progress between calls, for long frames that
+/// arrive in many reads (a `KEYS` reply of millions of elements): each call
+/// continues where the previous one stopped instead of rescanning the buffer
+/// from the start, so checking stays linear in the frame size.
+///
+/// Feed it the same growing buffer (the frame always starting at offset 0)
+/// until it returns the frame length; it then resets itself for the next frame.
+#[derive(Debug, Clone)]
+pub struct Checker {
+    limits: Limits,
+    pos: usize,
+    /// Elements still expected at each open nesting level; the bottom entry
+    /// is the one top-level frame.
+    stack: Vec<usize>,
+}
+
+impl Checker {
+    pub fn new(limits: Limits) -> Self {
+        Checker {
+            limits,
+            pos: 0,
+            stack: vec![1],
+        }
+    }
+
+    fn reset(&mut self) {
+        self.pos = 0;
+        self.stack.clear();
+        self.stack.push(1);
+    }
+
+    /// Length of the complete frame at the start of `buf`, or `None` if more
+    /// bytes are needed. After an error the checker must be discarded along
+    /// with the connection.
+    pub fn check(&mut self, buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        let header_max = 64;
+        loop {
+            while self.stack.last() == Some(&0) {
+                self.stack.pop();
+            }
+            if self.stack.is_empty() {
+                let n = self.pos;
+                self.reset();
+                return Ok(Some(n));
+            }
+            let pos = self.pos;
+            // Nesting depth of the next element: open aggregates (the bottom
+            // entry is the top-level slot, not a level).
+            if self.stack.len() - 1 > self.limits.max_depth {
+                return Err(ProtocolError::TooDeep(self.limits.max_depth));
+            }
+            let Some(&ty) = buf.get(pos) else {
+                return Ok(None);
+            };
+            match ty {
+                b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => {
+                    let max = if matches!(ty, b'+' | b'-' | b'(') {
+                        self.limits.max_inline_len
+                    } else {
+                        header_max
+                    };
+                    let Some((end, next)) = line(buf, pos + 1, max)? else {
+                        return Ok(None);
+                    };
+                    let body = &buf[pos + 1..end];
+                    match ty {
+                        b':' => {
+                            parse_int(body)?;
+                        }
+                        b'_' if !body.is_empty() => return Err(ProtocolError::ExpectedCrlf),
+                        b'#' if body != b"t" && body != b"f" => return Err(ProtocolError::InvalidInteger),
+                        _ => {}
+                    }
+                    self.consume_one(next);
+                }
+                b'$' | b'!' | b'=' => {
+                    let Some((end, next)) = line(buf, pos + 1, header_max)? else {
+                        return Ok(None);
+                    };
+                    let len = parse_int(&buf[pos + 1..end])?;
+                    if len == -1 && ty == b'$' {
+                        self.consume_one(next);
+                        continue;
+                    }
+                    if len < 0 {
+                        return Err(ProtocolError::InvalidLength);
+                    }
+                    if len as u64 > self.limits.max_bulk_len as u64 {
+                        return Err(ProtocolError::BulkTooLong(len, self.limits.max_bulk_len));
+                    }
+                    let total = next + len as usize + 2;
+                    if buf.len() < total {
+                        return Ok(None);
+                    }
+                    if &buf[total - 2..total] != b"\r\n" {
+                        return Err(ProtocolError::ExpectedCrlf);
+                    }
+                    self.consume_one(total);
+                }
+                b'*' | b'%' | b'~' | b'|' | b'>' => {
+                    let Some((end, next)) = line(buf, pos + 1, header_max)? else {
+                        return Ok(None);
+                    };
+                    let len = parse_int(&buf[pos + 1..end])?;
+                    if len == -1 && ty == b'*' {
+                        self.consume_one(next);
+                        continue;
+                    }
+                    if len < 0 {
+                        return Err(ProtocolError::InvalidLength);
+                    }
+                    if len as u64 > self.limits.max_array_len as u64 {
+                        return Err(ProtocolError::ArrayTooLong(len, self.limits.max_array_len));
+                    }
+                    let elems = if matches!(ty, b'%' | b'|') {
+                        (len as usize) * 2
+                    } else {
+                        len as usize
+                    };
+                    self.consume_one(next);
+                    if ty == b'|' {
+                        // An attribute is followed by the value it annotates,
+                        // which fills the slot the attribute started in.
+                        if let Some(top) = self.stack.last_mut() {
+                            *top += 1;
+                        }
+                    }
+                    self.stack.push(elems);
+                }
+                other => return Err(ProtocolError::InvalidType(other as char)),
+            }
+        }
+    }
+
+    /// One element ends at `next`: count it against the innermost level.
+    fn consume_one(&mut self, next: usize) {
+        self.pos = next;
+        if let Some(top) = self.stack.last_mut() {
+            *top = top.saturating_sub(1);
+        }
+    }
+}
+
 /// Build the frame that [`check`] delimited. `buf` must be exactly that frame
 /// (or start with it); bulk payloads are zero-copy slices of `buf`.
 pub fn parse(buf: &Bytes) -> Result<Frame, ProtocolError> {
@@ -363,12 +506,22 @@ pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<B
 
 /// [`parse_command`], keeping the request's wire form.
 pub fn parse_request(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Request>, ProtocolError> {
+    parse_request_with(buf, &mut Checker::new(*limits), limits)
+}
+
+/// [`parse_request`] with a connection's [`Checker`], so a large request that
+/// arrives over many reads is checked in linear time.
+pub fn parse_request_with(
+    buf: &mut BytesMut,
+    checker: &mut Checker,
+    limits: &Limits,
+) -> Result<Option<Request>, ProtocolError> {
     loop {
         let Some(&first) = buf.first() else {
             return Ok(None);
         };
         if first == b'*' {
-            let Some(len) = check(buf, limits)? else {
+            let Some(len) = checker.check(buf)? else {
                 return Ok(None);
             };
             let raw = buf.split_to(len).freeze();
@@ -683,10 +836,61 @@ mod tests {
         })
     }
 
+    #[test]
+    fn the_incremental_checker_agrees_with_check_byte_by_byte() {
+        let f = Frame::Array(vec![
+            Frame::bulk("hello"),
+            Frame::Map(vec![(Frame::simple("k"), Frame::Array(vec![]))]),
+            Frame::NullBulk,
+            Frame::NullArray,
+        ]);
+        let mut bytes = f.to_bytes().to_vec();
+        bytes.extend_from_slice(b"+next\r\n");
+        let mut c = Checker::new(Limits::default());
+        let first = f.to_bytes().len();
+        for i in 0..first {
+            assert_eq!(c.check(&bytes[..i]).unwrap(), None, "{i}");
+        }
+        assert_eq!(c.check(&bytes).unwrap(), Some(first));
+        assert_eq!(c.check(&bytes[first..]).unwrap(), Some(7));
+        let deep = "*1\r\n".repeat(100);
+        assert_eq!(
+            Checker::new(Limits::default())
+                .check(deep.as_bytes())
+                .unwrap_err(),
+            ProtocolError::TooDeep(32)
+        );
+    }
+
     proptest! {
         #[test]
         fn encoded_frames_parse_back_to_themselves(f in arb_frame()) {
             prop_assert_eq!(roundtrip(&f), f);
+        }
+
+        #[test]
+        fn the_incremental_checker_matches_check_at_any_split(f in arb_frame(), cut in 0usize..200) {
+            let bytes = f.to_bytes();
+            let cut = cut.min(bytes.len());
+            let mut c = Checker::new(Limits::default());
+            let early = c.check(&bytes[..cut]).unwrap();
+            prop_assert_eq!(early, check(&bytes[..cut], &Limits::default()).unwrap());
+            if early.is_none() {
+                prop_assert_eq!(c.check(&bytes).unwrap(), Some(bytes.len()));
+            }
+            let shallow = Limits { max_depth: 2, ..Limits::default() };
+            prop_assert_eq!(Checker::new(shallow).check(&bytes), check(&bytes, &shallow));
+        }
+
+        #[test]
+        fn the_incremental_checker_agrees_with_check_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let limits = Limits { max_depth: 8, max_bulk_len: 1 << 16, max_array_len: 1 << 10, max_inline_len: 128 };
+            let a = check(&data, &limits);
+            let b = Checker::new(limits).check(&data);
+            prop_assert_eq!(a.is_ok(), b.is_ok());
+            if let (Ok(a), Ok(b)) = (a, b) {
+                prop_assert_eq!(a, b);
+            }
         }
 
         #[test]

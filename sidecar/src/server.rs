@@ -278,10 +278,11 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut pending: FuturesOrdered<ReplyFuture> = FuturesOrdered::new();
     let mut st = ClientState::default();
+    let mut checker = resp::Checker::new(limits);
     let mut reading = !*stop.borrow();
     loop {
         while reading && pending.len() < MAX_PIPELINE {
-            match resp::parse_request(&mut inbuf, &limits) {
+            match resp::parse_request_with(&mut inbuf, &mut checker, &limits) {
                 Ok(Some(req)) => match router.dispatch(&mut st, req) {
                     Action::Reply(b) => pending.push_back(Box::pin(std::future::ready(b))),
                     Action::Later(f) => pending.push_back(f),

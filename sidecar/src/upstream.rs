@@ -366,8 +366,9 @@ async fn handshake(
 }
 
 async fn read_frame(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<Bytes, UpstreamError> {
+    let mut checker = resp::Checker::new(Limits::upstream());
     loop {
-        match resp::check(buf, &Limits::upstream()) {
+        match checker.check(buf) {
             Ok(Some(n)) => return Ok(buf.split_to(n).freeze()),
             Ok(None) => {}
             Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
@@ -444,12 +445,14 @@ async fn reader(
     timeout: Duration,
 ) {
     let mut closed = state.closed.subscribe();
-    let limits = Limits::upstream();
+    // Keeps its progress across reads: a huge reply is checked once, not
+    // rescanned on every read.
+    let mut checker = resp::Checker::new(Limits::upstream());
     let why = loop {
         // Deliver every complete reply already buffered.
         let mut bad = None;
         loop {
-            match resp::check(&buf, &limits) {
+            match checker.check(&buf) {
                 Ok(Some(n)) => {
                     let raw = buf.split_to(n).freeze();
                     if raw.first() == Some(&b'>') {

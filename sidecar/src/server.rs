@@ -330,3 +330,18 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     let _ = wr.shutdown().await;
     router.metrics.client_connections.dec();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn the_entry_points_can_be_spawned_on_a_multi_threaded_runtime() {
+        let run_fut = run(Config::default(), std::future::pending::<()>());
+        assert_send(&run_fut);
+        let bind_fut = Sidecar::bind(Config::default());
+        assert_send(&bind_fut);
+    }
+}

@@ -665,3 +665,80 @@ async fn local_mode_hands_out_seeds_follows_manifest_edits_ignores_invalid_ones_
     assert!(left.is_empty(), "temp dirs left: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Benchmark, not a test (ignored by default). Reshards 3 → 6 shards holding
+/// 1M keys while a client reads and writes random keys, and prints the time
+/// and the client's error count:
+///
+/// `CARGO_TARGET_DIR=target-operator cargo test --release -p cachetier-operator --test cluster -- --ignored --nocapture reshard_of_a_million_keys`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
+async fn reshard_of_a_million_keys_under_client_load() {
+    const KEYS: usize = 1_000_000;
+    let mut t = tier("million", 3, 1);
+    t.max_memory_bytes = 1 << 30;
+    let tier_handle = LocalTier::start(t.clone(), pool_options()).unwrap();
+    let status = tier_handle.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let seeds = addrs(&status);
+    let mut client = ClusterClient::new(seeds.clone()).await;
+    let start = Instant::now();
+    client
+        .load_pipelined(0..KEYS, "0123456789abcdef0123456789abcdef", 1000)
+        .await;
+    let loaded = start.elapsed();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let traffic = tokio::spawn(async move {
+        let mut client = ClusterClient::new(seeds).await;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let (mut ops, mut errors) = (0u64, Vec::new());
+        while !*stop_rx.borrow() {
+            let key = format!("bench:{}", rng.random_range(0..KEYS));
+            let outcome = if ops % 2 == 0 {
+                client.get(&key).await.map(|v| v.is_some())
+            } else {
+                client
+                    .set(&key, "0123456789abcdef0123456789abcdef")
+                    .await
+                    .map(|()| true)
+            };
+            match outcome {
+                Ok(true) => {}
+                Ok(false) => errors.push(format!("{key} missing")),
+                Err(e) => errors.push(e),
+            }
+            ops += 1;
+        }
+        (ops, errors, client.moved, client.asked)
+    });
+
+    let start = Instant::now();
+    tier_handle.update(tier("million", 6, 1));
+    let six = wait_for(&tier_handle, "6 shards", Duration::from_secs(1200), |s| {
+        balanced(s, 6)
+    })
+    .await;
+    let took = start.elapsed();
+    stop_tx.send_replace(true);
+    let (ops, errors, moved, asked) = traffic.await.unwrap();
+    let mut total = 0u64;
+    for shard in &six.shards {
+        let primary: SocketAddr = shard.nodes[0].address.parse().unwrap();
+        let mut c = conn(primary).await;
+        let n: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+        total += n;
+    }
+    println!(
+        "| keys | load | reshard 3→6 | client ops during reshard | MOVED | ASK | client errors | keys after |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {KEYS} | {:.1} s | {:.1} s | {ops} | {moved} | {asked} | {} | {total} |",
+        loaded.as_secs_f64(),
+        took.as_secs_f64(),
+        errors.len()
+    );
+    assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(5)]);
+    assert_eq!(total, KEYS as u64);
+    tier_handle.shutdown().await;
+}

@@ -315,3 +315,33 @@ pub async fn open_slots(addrs: &[SocketAddr]) -> Vec<String> {
     }
     open
 }
+
+impl ClusterClient {
+    /// Writes `bench:<i>` = `value` for i in `range` with one pipeline of up to
+    /// `batch` SETs per node at a time (routing by the current slot map).
+    pub async fn load_pipelined(&mut self, range: std::ops::Range<usize>, value: &str, batch: usize) {
+        let mut per_node: HashMap<SocketAddr, Vec<String>> = HashMap::new();
+        for i in range {
+            let key = format!("bench:{i}");
+            let addr = self.slots[key_slot(&key) as usize].expect("slot map covers every slot");
+            let keys = per_node.entry(addr).or_default();
+            keys.push(key);
+            if keys.len() >= batch {
+                let keys = std::mem::take(keys);
+                self.pipe_set(addr, &keys, value).await;
+            }
+        }
+        for (addr, keys) in per_node {
+            self.pipe_set(addr, &keys, value).await;
+        }
+    }
+
+    async fn pipe_set(&mut self, addr: SocketAddr, keys: &[String], value: &str) {
+        let mut c = self.conn(addr).await.expect("node reachable");
+        let mut p = redis::pipe();
+        for k in keys {
+            p.cmd("SET").arg(k).arg(value).ignore();
+        }
+        let _: () = p.query_async(&mut c).await.expect("pipelined SETs");
+    }
+}

@@ -742,3 +742,47 @@ async fn reshard_of_a_million_keys_under_client_load() {
     assert_eq!(total, KEYS as u64);
     tier_handle.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_that_redis_does_not_replace_gets_a_forced_takeover() {
+    let pool = pool("takeover");
+    let mut t = tier("takeover", 2, 1);
+    // Test-only: replicas never start an election themselves, so only the
+    // operator's CLUSTER FAILOVER TAKEOVER can promote one.
+    t.redis_config
+        .insert("cluster-replica-no-failover".into(), "yes".into());
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    let primary_name = status.shards[0].nodes[0].name.clone();
+    let replica_name = status.shards[0].nodes[1].name.clone();
+    signal(node_named(&pool, &primary_name).await.pid.unwrap(), "KILL");
+    let killed = Instant::now();
+
+    let status = loop {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no takeover within 30 s"
+        );
+        let s = rec.round().await.unwrap().status;
+        if s.shards[0].nodes[0].name == replica_name && s.slots_covered == 16384 {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let waited = killed.elapsed();
+    let failover = status.last_failover.clone().unwrap();
+    assert_eq!(
+        (
+            failover.from.as_str(),
+            failover.to.as_str(),
+            failover.reason.as_str()
+        ),
+        (primary_name.as_str(), replica_name.as_str(), "Forced")
+    );
+    // Not before Redis had its chance: Failed (≥ 3 probes) + node timeout + margin.
+    assert!(
+        waited >= t.timing.node_timeout + t.timing.failover_margin,
+        "forced after only {waited:?}"
+    );
+    pool.shutdown().await;
+}

@@ -69,11 +69,15 @@ const STRIPES: usize = 4096;
 struct Entry {
     value: Bytes,
     epoch: u64,
+    /// The TTL bound, on tokio's clock (so it is testable with paused time);
+    /// moka's own TTL, on its clock, reclaims the memory.
+    expires: tokio::time::Instant,
 }
 type Waiter = watch::Receiver<Option<Bytes>>;
 
 pub struct LocalCache {
     cache: moka::future::Cache<CacheKey, Entry>,
+    ttl: Duration,
     /// Bumped by flushes: a fill that started before a flush is not kept.
     fill_gen: AtomicU64,
     prefixes: Vec<Vec<u8>>,
@@ -120,6 +124,7 @@ impl LocalCache {
             .build();
         Arc::new(LocalCache {
             cache,
+            ttl: cfg.ttl.min(CacheConfig::MAX_TTL),
             prefixes: cfg.prefixes.iter().map(|p| p.as_bytes().to_vec()).collect(),
             epochs: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             fill_gen: AtomicU64::new(0),
@@ -152,6 +157,7 @@ impl LocalCache {
         let mut rx = loop {
             if let Some(e) = self.cache.get(&key).await
                 && e.epoch == self.epoch(&key.key)
+                && tokio::time::Instant::now() < e.expires
             {
                 self.metrics.cache_hits.inc();
                 return e.value;
@@ -190,6 +196,7 @@ impl LocalCache {
                         let entry = Entry {
                             value: value.clone(),
                             epoch,
+                            expires: tokio::time::Instant::now() + this.ttl,
                         };
                         this.cache.insert(key.clone(), entry).await;
                         // An invalidation between the check and the insert wins.
@@ -512,8 +519,26 @@ mod tests {
         assert!(c.metrics.coalesced.get() >= 900, "{}", c.metrics.coalesced.get());
     }
 
-    // moka keeps its own clock (not tokio's), so paused tokio time cannot
-    // drive its TTL; a short real TTL is the least powerful honest test.
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_is_served_for_exactly_its_ttl() {
+        let c = cache(Duration::from_secs(60), 1 << 20);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let read = |c: &Arc<LocalCache>| {
+            let f = counting_fetch(&calls, "+v\r\n", Duration::ZERO);
+            let c = c.clone();
+            async move { c.get_or_fetch(key("hot:ttl"), true, f).await }
+        };
+        read(&c).await;
+        tokio::time::advance(Duration::from_secs(59)).await;
+        read(&c).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "still fresh at 59 s");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        read(&c).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "refetched after 60 s");
+    }
+
+    // moka's own expiry runs on its clock, not tokio's: a short real TTL
+    // shows that memory is reclaimed too.
     #[tokio::test]
     async fn entries_expire_after_the_ttl() {
         let c = cache(Duration::from_millis(200), 1 << 20);

@@ -842,6 +842,8 @@ impl Router {
             env!("CARGO_PKG_VERSION")
         ));
         s.push_str(&format!("read_policy:{}\r\n", self.config.read_policy.as_str()));
+        // Client libraries read these on connect (ioredis waits for loading:0).
+        s.push_str("# Persistence\r\nloading:0\r\n");
         s.push_str("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n");
         s.push_str(&format!(
             "# Cluster\r\ncluster_enabled:0\r\ncachetier_shards:{}\r\n",

@@ -781,14 +781,27 @@ async fn the_binary_serves_resp3_clients_and_exits_cleanly_on_sigterm() {
     let cluster = Cluster::start(3, 0);
     let port = support::next_port();
     let mport = support::next_port();
-    let mut child = std::process::Command::new(bin)
-        .env("CACHETIER_SEEDS", cluster.seeds().join(","))
-        .env("CACHETIER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CACHETIER_METRICS", format!("127.0.0.1:{mport}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    /// Kills the sidecar we spawned if the test fails before SIGTERM.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut guard = KillOnDrop(
+        std::process::Command::new(bin)
+            .env("CACHETIER_SEEDS", cluster.seeds().join(","))
+            .env("CACHETIER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CACHETIER_METRICS", format!("127.0.0.1:{mport}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut guard.0;
     let cli = |args: &[&str]| {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &port.to_string()])

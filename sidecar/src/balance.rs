@@ -10,7 +10,10 @@
 //! `reads_include_primary` is set: it already carries every write, and
 //! replicas exist to take reads. When no replica serves, every policy falls
 //! back to the primary (an unavailable read would be worse than a loaded
-//! primary) and the fallback is counted.
+//! primary) and the fallback is counted. When the primary is out of rotation
+//! too (it died, and no failover has happened yet), a replica that is
+//! complete but cut off from it ("orphaned", see `gate.rs`) serves the read:
+//! slightly stale data beats failing every read of the shard.
 
 use rand::Rng;
 
@@ -19,6 +22,8 @@ use crate::config::ReadPolicy;
 /// What balancing needs to know about a node.
 pub trait Candidate {
     fn serving_replica(&self) -> bool;
+    /// A replica that may serve only when the primary cannot (see module docs).
+    fn last_resort_replica(&self) -> bool;
     fn is_healthy(&self) -> bool;
     fn in_flight(&self) -> usize;
     fn same(&self, other: &Self) -> bool;
@@ -27,6 +32,9 @@ pub trait Candidate {
 impl Candidate for std::sync::Arc<crate::upstream::Node> {
     fn serving_replica(&self) -> bool {
         crate::upstream::Node::serving_replica(self)
+    }
+    fn last_resort_replica(&self) -> bool {
+        crate::upstream::Node::last_resort_replica(self)
     }
     fn is_healthy(&self) -> bool {
         crate::upstream::Node::is_healthy(self)
@@ -70,6 +78,19 @@ pub fn pick<'a, N: Candidate, R: Rng + ?Sized>(
     let count = replicas.iter().filter(serving).count() + usize::from(with_primary);
     let nth = |i: usize| -> &'a N { replicas.iter().filter(serving).nth(i).unwrap_or(primary) };
     match count {
+        0 if !primary_usable => {
+            let last_resort = |n: &&N| n.last_resort_replica() && usable(n);
+            let orphans = replicas.iter().filter(last_resort).count();
+            let node = match orphans {
+                0 => primary,
+                n => replicas
+                    .iter()
+                    .filter(last_resort)
+                    .nth(rng.random_range(0..n))
+                    .unwrap_or(primary),
+            };
+            Pick { node, fallback: true }
+        }
         0 => Pick {
             node: primary,
             fallback: true,
@@ -112,6 +133,7 @@ mod tests {
     struct N {
         id: usize,
         serving: bool,
+        orphaned: bool,
         healthy: bool,
         in_flight: usize,
     }
@@ -119,6 +141,9 @@ mod tests {
     impl Candidate for N {
         fn serving_replica(&self) -> bool {
             self.serving
+        }
+        fn last_resort_replica(&self) -> bool {
+            self.orphaned && self.healthy
         }
         fn is_healthy(&self) -> bool {
             self.healthy
@@ -135,6 +160,7 @@ mod tests {
         N {
             id,
             serving,
+            orphaned: false,
             healthy: true,
             in_flight,
         }
@@ -218,5 +244,38 @@ mod tests {
             })
             .count();
         assert!((400..600).contains(&hits), "{hits}");
+    }
+
+    #[test]
+    fn an_orphaned_replica_serves_only_while_its_primary_is_down() {
+        let mut primary = n(0, true, 0);
+        let mut orphan = n(1, false, 0);
+        orphan.orphaned = true;
+        let replicas = [orphan, n(2, false, 0)];
+        let mut rng = StdRng::seed_from_u64(11);
+        let p = pick(ReadPolicy::Random, false, &primary, &replicas, None, &mut rng);
+        assert_eq!(p.node.id, 0, "a live primary beats a cut-off replica");
+        primary.healthy = false;
+        for _ in 0..100 {
+            let p = pick(ReadPolicy::Random, false, &primary, &replicas, None, &mut rng);
+            assert_eq!(
+                p.node.id, 1,
+                "a syncing replica never serves, an orphaned one does"
+            );
+            assert!(p.fallback);
+        }
+        primary.healthy = true;
+        let p = pick(
+            ReadPolicy::Random,
+            false,
+            &primary,
+            &replicas,
+            Some(&primary),
+            &mut rng,
+        );
+        assert_eq!(
+            p.node.id, 1,
+            "a retry after the primary failed goes to the orphan"
+        );
     }
 }

@@ -62,6 +62,14 @@ pub fn parse_info(text: &str) -> ReplicaInfo {
     r
 }
 
+/// A replica that is complete but cut off from its primary: not loading, not
+/// syncing, link down. It gets no reads while its primary serves; when the
+/// primary is itself down it is the freshest copy there is, and serving it
+/// beats failing every read of the shard until a failover.
+pub fn replica_is_orphaned(info: &ReplicaInfo) -> bool {
+    info.is_replica && !info.link_up && !info.sync_in_progress && !info.loading && info.offset.is_some()
+}
+
 /// The gate decision for one replica given its primary's offset.
 pub fn replica_may_serve(info: &ReplicaInfo, primary_offset: Option<u64>, max_lag: u64) -> bool {
     if !info.is_replica || !info.link_up || info.sync_in_progress || info.loading {
@@ -115,6 +123,7 @@ pub async fn run(registry: Arc<Registry>, interval: Duration, max_lag: u64) {
                         tracing::info!(node = %node.addr, open, ?info, "replica read gate changed");
                     }
                     node.set_gate(open);
+                    node.set_orphaned(info.as_ref().is_some_and(replica_is_orphaned));
                 }
             });
         }
@@ -162,5 +171,26 @@ mod tests {
         assert!(!replica_may_serve(&info, Some(1000 + 1025), 1024));
         let loading = parse_info(&GOOD.replace("loading:0", "loading:1"));
         assert!(!replica_may_serve(&loading, Some(1000), 1024));
+    }
+
+    #[test]
+    fn only_a_complete_replica_cut_off_from_its_primary_is_orphaned() {
+        let cut_off = parse_info(&GOOD.replace("master_link_status:up", "master_link_status:down"));
+        assert!(!replica_may_serve(&cut_off, Some(1000), 1024));
+        assert!(replica_is_orphaned(&cut_off));
+        assert!(
+            !replica_is_orphaned(&parse_info(SYNCING)),
+            "a syncing replica has no complete copy"
+        );
+        assert!(
+            !replica_is_orphaned(&parse_info(GOOD)),
+            "a linked replica is simply serving"
+        );
+        let loading = parse_info(&cut_off_text().replace("loading:0", "loading:1"));
+        assert!(!replica_is_orphaned(&loading));
+    }
+
+    fn cut_off_text() -> String {
+        GOOD.replace("master_link_status:up", "master_link_status:down")
     }
 }

@@ -424,7 +424,9 @@ impl Router {
                     None => {
                         self.registry.request_refresh();
                         if attempt + 1 < MAX_REDIRECTS {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            // Refreshes are at most every 500 ms: wait long
+                            // enough (about 1.2 s in all) for one to land.
+                            tokio::time::sleep(Duration::from_millis(300)).await;
                             continue;
                         }
                         return err(format!(
@@ -456,6 +458,16 @@ impl Router {
                     }
                     if reply.starts_with(b"-TRYAGAIN") && attempt + 1 < MAX_REDIRECTS {
                         tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    // A node that does not (yet) know the slot map, is still
+                    // loading, or lost its primary cannot answer; another
+                    // node of the shard may. Reads only: they are idempotent.
+                    if kind == Kind::Read && !retried && is_node_state_error(&reply) {
+                        retried = true;
+                        self.registry.request_refresh();
+                        self.metrics.read_retries.inc();
+                        avoid = Some(node);
                         continue;
                     }
                     return reply;
@@ -1421,6 +1433,15 @@ fn upstream_error(addr: &str, kind: Kind, e: &UpstreamError) -> Bytes {
             "ERR cachetier: upstream {addr} failed during a write ({e}); the write may or may not have been applied and was not retried"
         )),
     }
+}
+
+/// Error replies that say "not this node, not now" rather than anything about
+/// the command: `CLUSTERDOWN` (the node's slot map is incomplete), `LOADING`,
+/// `MASTERDOWN` (a replica cut off from its primary with stale reads disabled).
+fn is_node_state_error(reply: &[u8]) -> bool {
+    [&b"-CLUSTERDOWN"[..], b"-LOADING", b"-MASTERDOWN"]
+        .iter()
+        .any(|p| reply.starts_with(p))
 }
 
 #[cfg(test)]

@@ -117,8 +117,8 @@ impl Registry {
             .clone()
     }
 
-    /// Read `CLUSTER SHARDS` from the seeds and the known primaries (first that
-    /// answers wins) and install the result.
+    /// Read `CLUSTER SHARDS` from the known primaries and the seeds and install
+    /// the first answer that covers every slot (or else the most complete one).
     pub async fn refresh(&self) -> Result<()> {
         *lock(&self.last_refresh) = Some(Instant::now());
         let mut candidates: Vec<String> = self
@@ -134,6 +134,10 @@ impl Registry {
         }
         let timeout = self.settings.response_timeout.max(Duration::from_secs(1));
         let mut last_err = String::from("no seeds configured");
+        // A node that has just joined, or has not yet heard of a slot move, can
+        // answer with a partial map. Take the first answer that covers every
+        // slot; failing that, the one that covers the most.
+        let mut best: Option<(usize, Vec<ShardSpec>)> = None;
         for addr in candidates {
             match upstream::oneshot_command(
                 &addr,
@@ -145,16 +149,27 @@ impl Registry {
             {
                 Ok(frame) => match parse_shards(&frame, host_of(&addr)) {
                     Ok(specs) if !specs.is_empty() => {
-                        self.install(specs);
-                        self.metrics.topology_refreshes.with_label_values(&["ok"]).inc();
-                        self.metrics.set_ready(true);
-                        return Ok(());
+                        let covered = slots_covered(&specs);
+                        if covered == usize::from(SLOTS) {
+                            best = Some((covered, specs));
+                            break;
+                        }
+                        last_err = format!("{addr}: covers {covered} of {SLOTS} slots");
+                        if best.as_ref().is_none_or(|(c, _)| covered > *c) {
+                            best = Some((covered, specs));
+                        }
                     }
                     Ok(_) => last_err = format!("{addr}: no shards with slots"),
                     Err(e) => last_err = format!("{addr}: {e}"),
                 },
                 Err(e) => last_err = format!("{addr}: {e}"),
             }
+        }
+        if let Some((_, specs)) = best {
+            self.install(specs);
+            self.metrics.topology_refreshes.with_label_values(&["ok"]).inc();
+            self.metrics.set_ready(true);
+            return Ok(());
         }
         self.metrics
             .topology_refreshes
@@ -299,6 +314,19 @@ fn host_of(addr: &str) -> &str {
 /// `loading` nodes are kept (the read gate keeps reads off them). A node that
 /// does not know its own address (a single-node cluster that never met a
 /// peer reports an empty `ip`) is reached at `asked_host`, the host we asked.
+/// Distinct slots the shards claim.
+fn slots_covered(specs: &[ShardSpec]) -> usize {
+    let mut seen = vec![false; usize::from(SLOTS)];
+    for spec in specs {
+        for &(a, b) in &spec.slots {
+            for s in a..=b.min(SLOTS - 1) {
+                seen[usize::from(s)] = true;
+            }
+        }
+    }
+    seen.into_iter().filter(|&c| c).count()
+}
+
 pub fn parse_shards(f: &Frame, asked_host: &str) -> std::result::Result<Vec<ShardSpec>, String> {
     let Frame::Array(shards) = f else {
         if let Frame::Error(e) = f {

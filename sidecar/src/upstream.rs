@@ -98,6 +98,11 @@ pub struct Node {
     /// Replica read gate (see `gate.rs`); starts closed so a new replica gets
     /// no reads before its first successful poll.
     gate_open: AtomicBool,
+    /// A replica whose gate is closed only because its link to the primary is
+    /// down (not loading, not syncing): its data is complete up to the moment
+    /// the primary went away. Reads go to it only when the primary itself is
+    /// out of rotation (see `balance.rs`).
+    orphaned: AtomicBool,
     in_flight: AtomicUsize,
     probing: AtomicBool,
     /// Set when the node leaves the topology; stops probes.
@@ -133,6 +138,7 @@ impl Node {
             latency,
             healthy: AtomicBool::new(true),
             gate_open: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             probing: AtomicBool::new(false),
             retired: AtomicBool::new(false),
@@ -162,6 +168,15 @@ impl Node {
     /// May this node take reads as a replica?
     pub fn serving_replica(&self) -> bool {
         self.is_healthy() && self.gate_open()
+    }
+
+    pub fn set_orphaned(&self, orphaned: bool) {
+        self.orphaned.store(orphaned, Ordering::Relaxed);
+    }
+
+    /// May this node take reads when its primary is down? (See `orphaned`.)
+    pub fn last_resort_replica(&self) -> bool {
+        self.is_healthy() && self.orphaned.load(Ordering::Relaxed)
     }
 
     pub fn is_retired(&self) -> bool {
@@ -280,6 +295,7 @@ impl Node {
         // A replica coming back must pass a fresh read-gate poll too (it may
         // have fallen behind while it was silent).
         self.gate_open.store(false, Ordering::SeqCst);
+        self.orphaned.store(false, Ordering::SeqCst);
         if self.healthy.swap(false, Ordering::SeqCst) {
             tracing::warn!(node = %self.addr, "node out of rotation");
         }

@@ -1,6 +1,9 @@
 //! Tests against a real Kubernetes API server. They run only when `KUBECONFIG`
 //! points at a cluster (kind, k3d, a real one) and print `SKIPPED …` otherwise.
 
+// Test helpers: a panic with the unwrapped error is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use cachetier_e2e::{Kubectl, kubernetes, repo_root};

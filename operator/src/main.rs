@@ -2,13 +2,14 @@
 //!
 //! Subcommands:
 //! - `crd`: print the CacheTier CustomResourceDefinition as YAML.
-//! - `local`: run a CacheTier on local `redis-server` processes.
+//! - `local`: run a CacheTier on local `redis-server` processes with a sidecar in front.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cachetier_operator::Error;
-use cachetier_operator::local::{self, LocalOptions};
+use cachetier_operator::local::{self, LocalOptions, SidecarOptions};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -26,14 +27,18 @@ struct Cli {
 enum Command {
     /// Print the CacheTier CustomResourceDefinition (YAML) on stdout.
     ///
-    /// `crds/cachetier.yaml` is exactly this output; regenerate it with
-    /// `cargo run -p cachetier-operator -- crd > crds/cachetier.yaml`.
+    /// `crds/cachetier.yaml` is exactly this output; `scripts/generate.sh`
+    /// rewrites it and `scripts/generate.sh --check` fails on drift.
     Crd,
-    /// Run a CacheTier on local redis-server processes until Ctrl-C.
+    /// Run a CacheTier on local redis-server processes, with a sidecar in
+    /// front, until Ctrl-C.
     ///
     /// Nodes listen on 127.0.0.1 from --base-port upward, with cluster bus
-    /// ports at port + --bus-port-offset. Edit the manifest while it runs to
-    /// reshard live; Ctrl-C or SIGTERM stops every node and removes its data.
+    /// ports at port + --bus-port-offset. Once the tier serves every slot, the
+    /// sidecar listens on 127.0.0.1:<spec.sidecar.port> (6379 by default), so
+    /// `redis-cli -p 6379` reaches the sharded tier. Edit the manifest while it
+    /// runs to reshard live; Ctrl-C or SIGTERM stops the sidecar and every node
+    /// and removes their data.
     Local {
         /// The CacheTier manifest (YAML).
         #[arg(short = 'f', long = "file")]
@@ -51,6 +56,16 @@ enum Command {
         /// printing how long that took.
         #[arg(long)]
         until_ready: bool,
+        /// Port of the sidecar on 127.0.0.1 (default: the manifest's
+        /// spec.sidecar.port, 6379 unless set).
+        #[arg(long, env = "CACHETIER_SIDECAR_PORT")]
+        sidecar_port: Option<u16>,
+        /// Serve the sidecar's /metrics, /livez and /readyz on this address.
+        #[arg(long, env = "CACHETIER_SIDECAR_METRICS")]
+        sidecar_metrics: Option<SocketAddr>,
+        /// Run the tier without a sidecar.
+        #[arg(long, conflicts_with_all = ["sidecar_port", "sidecar_metrics"])]
+        no_sidecar: bool,
     },
 }
 
@@ -64,6 +79,9 @@ fn main() -> anyhow::Result<ExitCode> {
             bus_port_offset,
             redis_server,
             until_ready,
+            sidecar_port,
+            sidecar_metrics,
+            no_sidecar,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -72,7 +90,19 @@ fn main() -> anyhow::Result<ExitCode> {
                 )
                 .with_writer(std::io::stderr)
                 .init();
+            // The manifest names the sidecar's port; if it does not parse,
+            // local::run reports why in the validation's own words.
+            let manifest_port = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|text| cachetier_crds::validate::parse_manifest(&text).ok())
+                .and_then(|tier| u16::try_from(tier.spec.sidecar.port).ok())
+                .unwrap_or(6379);
+            let sidecar = (!no_sidecar && !until_ready).then(|| SidecarOptions {
+                listen: SocketAddr::from(([127, 0, 0, 1], sidecar_port.unwrap_or(manifest_port))),
+                metrics: sidecar_metrics,
+            });
             let mut options = LocalOptions::new(file);
+            options.sidecar = sidecar;
             options.base_port = base_port;
             options.bus_port_offset = bus_port_offset;
             options.redis_server = redis_server;

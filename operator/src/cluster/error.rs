@@ -79,6 +79,12 @@ pub enum Error {
     /// The CacheTier is invalid (schema, CEL rules, or a value this code cannot use).
     #[error(transparent)]
     Invalid(#[from] cachetier_crds::validate::Invalid),
+    /// The sidecar in front of a local tier could not start.
+    #[error("sidecar: {detail}")]
+    Sidecar {
+        /// What went wrong, naming the address or setting involved.
+        detail: String,
+    },
     /// The operation was asked to stop before it finished.
     #[error("gave up after {waited:?}: {what}")]
     Deadline {
@@ -102,6 +108,7 @@ impl Error {
             Self::NoFreePort { .. } => "no_free_port",
             Self::Io { .. } => "io",
             Self::Invalid(_) => "invalid",
+            Self::Sidecar { .. } => "sidecar",
             Self::Deadline { .. } => "deadline",
         }
     }

@@ -8,6 +8,7 @@
 //! responsible for the sidecar: the hook is where a caller starts one.
 
 pub mod pool;
+pub mod sidecar;
 pub mod table;
 
 use std::future::Future;
@@ -23,6 +24,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 pub use pool::{LocalPool, LocalPoolOptions, PortSource, SequentialPorts};
+pub use sidecar::SidecarOptions;
 
 use crate::cluster::{Reconciler, TierConfig, Timing};
 use crate::{Error, Result};
@@ -152,6 +154,9 @@ pub struct LocalOptions {
     /// Stop (and clean up) as soon as the tier is first Ready, after printing
     /// how long it took: for scripts and benchmarks.
     pub until_ready: bool,
+    /// The sidecar to start in front of the tier once it serves every slot;
+    /// `None` runs the tier alone.
+    pub sidecar: Option<SidecarOptions>,
 }
 
 impl LocalOptions {
@@ -166,6 +171,7 @@ impl LocalOptions {
             print_interval: Duration::from_secs(1),
             timing: Timing::default(),
             until_ready: false,
+            sidecar: None,
         }
     }
 }
@@ -205,8 +211,9 @@ async fn shutdown_signal() {
 
 /// Runs the tier of `options.manifest` until Ctrl-C / SIGTERM: reconciles,
 /// re-reads the manifest when it changes (an invalid edit is reported and the
-/// running tier kept), prints the status table, and — once the tier first
-/// serves every slot — calls `on_ready` with the seed addresses and runs the
+/// running tier kept), prints the status table, and — once the tier is
+/// first Ready (every slot served, cluster state ok) — starts the sidecar when
+/// `options.sidecar` asks for one, calls `on_ready` with the seed addresses and runs the
 /// future it returns alongside (it is dropped at shutdown).
 pub async fn run<F, Fut>(options: LocalOptions, on_ready: F) -> Result<()>
 where
@@ -227,7 +234,12 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (mut text, config) = load(&options)?;
+    // The spec last applied; the sidecar is configured from it.
+    let mut spec = cachetier_crds::validate::parse_manifest(&text)?.spec;
     let name = config.name.clone();
+    if let Some(sidecar) = &options.sidecar {
+        sidecar::check_listen_address(sidecar)?;
+    }
     if cachetier_crds::validate::parse_manifest(&text).is_ok_and(|t| t.spec.auth.is_some()) {
         println!(
             "note: spec.auth names a Kubernetes Secret; local mode has none, so the tier runs without a password"
@@ -245,6 +257,8 @@ where
     );
 
     let mut on_ready = Some(on_ready);
+    let mut proxy: Option<cachetier_sidecar::Sidecar> = None;
+    let mut failure: Option<Error> = None;
     let mut extra: Option<JoinHandle<()>> = None;
     let mut watch_tick = tokio::time::interval(options.watch_interval);
     let mut print_tick = tokio::time::interval(options.print_interval);
@@ -273,6 +287,24 @@ where
                     Ok((_, config)) => {
                         println!("{}: changed; now {} shard(s) x {} replica(s)", options.manifest.display(), config.shards, config.replicas_per_shard);
                         tier.update(config);
+                        let Ok(new_spec) = cachetier_crds::validate::parse_manifest(&text).map(|t| t.spec) else { continue };
+                        let old_spec = std::mem::replace(&mut spec, new_spec);
+                        if let (Some(running), Some(sidecar_options)) = (proxy.take(), &options.sidecar) {
+                            if sidecar::sidecar_config(&old_spec, sidecar_options, &[]) == sidecar::sidecar_config(&spec, sidecar_options, &[]) {
+                                proxy = Some(running);
+                                continue;
+                            }
+                            println!("sidecar settings changed: restarting the sidecar (client connections are closed)");
+                            running.shutdown().await;
+                            let seeds = tier.status().map(|s| seeds(&s)).unwrap_or_default();
+                            match sidecar::start(&spec, sidecar_options, &seeds).await {
+                                Ok(s) => proxy = Some(s),
+                                Err(e) => {
+                                    failure = Some(e);
+                                    break;
+                                }
+                            }
+                        }
                     }
                     Err(e) => {
                         println!("{}: not applied, the tier keeps running as before: {e}", options.manifest.display());
@@ -282,13 +314,39 @@ where
             _ = print_tick.tick() => {
                 let Some(status) = tier.status() else { continue };
                 let seeds = seeds(&status);
-                if status.slots_covered == 16384
+                // The Ready condition (every slot served, cluster_state ok on
+                // the primaries), not bare slot coverage: a sidecar started
+                // earlier may read a slot map the nodes have not agreed on yet.
+                let serving = status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == cachetier_crds::CONDITION_READY && c.status == "True");
+                if serving
                     && let Some(hook) = on_ready.take()
                 {
                     info!(?seeds, "tier serves every slot");
+                    if let Some(sidecar_options) = &options.sidecar {
+                        match sidecar::start(&spec, sidecar_options, &seeds).await {
+                            Ok(s) => proxy = Some(s),
+                            Err(e) => {
+                                failure = Some(e);
+                                break;
+                            }
+                        }
+                    }
                     extra = Some(tokio::spawn(hook(seeds.clone())));
                 }
-                let connect = seeds.first().map(ToString::to_string);
+                let connect = match (&proxy, seeds.first()) {
+                    (Some(p), Some(node)) => Some(format!(
+                        "redis-cli -h {} -p {}   (the sidecar; a cluster-aware client may use {})",
+                        p.local_addr().ip(),
+                        p.local_addr().port(),
+                        table::cluster_connect(&node.to_string())
+                    )),
+                    (Some(p), None) => Some(format!("redis-cli -h {} -p {}", p.local_addr().ip(), p.local_addr().port())),
+                    (None, Some(node)) => Some(table::cluster_connect(&node.to_string())),
+                    (None, None) => None,
+                };
                 let table = table::render(&name, &status, connect.as_deref());
                 // On a terminal the table is redrawn in place; in a log only
                 // when something other than timings changed.
@@ -307,9 +365,15 @@ where
         }
     }
     println!("stopping: every node of {name} is being shut down and its data removed");
+    if let Some(proxy) = proxy {
+        proxy.shutdown().await;
+    }
     if let Some(task) = extra {
         task.abort();
     }
     tier.shutdown().await;
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -26,7 +26,13 @@ fn rtt(micros: Option<i64>) -> String {
     }
 }
 
-/// Renders `status` of tier `name`, telling where to connect.
+/// How to reach a node with a cluster-aware client: `redis-cli -c -h … -p …`.
+pub fn cluster_connect(addr: &str) -> String {
+    format!("redis-cli -c -h {} -p {}", host(addr), port(addr))
+}
+
+/// Renders `status` of tier `name`; `connect` is the command line that reaches
+/// the tier (the sidecar's, or a node's with a cluster-aware client).
 pub fn render(name: &str, status: &CacheTierStatus, connect: Option<&str>) -> String {
     let mut out = String::new();
     let phase = status.phase.map_or("-".to_string(), |p| format!("{p:?}"));
@@ -36,12 +42,8 @@ pub fn render(name: &str, status: &CacheTierStatus, connect: Option<&str>) -> St
         status.slots_covered,
         status.current_shards,
     ));
-    if let Some(addr) = connect {
-        out.push_str(&format!(
-            "connect: redis-cli -c -h {} -p {}\n",
-            host(addr),
-            port(addr)
-        ));
+    if let Some(connect) = connect {
+        out.push_str(&format!("connect: {connect}\n"));
     }
     out.push_str(&format!(
         "{:<24} {:<8} {:>6} {:<8} {:>8} {:>9} {}\n",
@@ -133,7 +135,7 @@ mod tests {
             }],
             ..CacheTierStatus::default()
         };
-        let text = render("t", &status, Some("127.0.0.1:7000"));
+        let text = render("t", &status, Some(&cluster_connect("127.0.0.1:7000")));
         assert!(
             text.contains("connect: redis-cli -c -h 127.0.0.1 -p 7000"),
             "{text}"

@@ -1,0 +1,130 @@
+//! The sidecar in front of a local tier, so `redis-cli -p 6379` (or any plain,
+//! non-cluster Redis client) reaches the sharded tier in one step.
+//!
+//! Responsible for turning the manifest's `spec.sidecar`, `spec.health` and
+//! `spec.readGate` into the sidecar's [`Config`], and for starting and stopping
+//! the in-process sidecar. The proxy itself is the `cachetier-sidecar` crate.
+
+use std::net::SocketAddr;
+
+use cachetier_crds::{CacheTierSpec, ReadPolicy};
+use cachetier_sidecar::{CacheConfig, Config, Sidecar};
+
+use crate::{Error, Result};
+
+/// Where the local sidecar listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SidecarOptions {
+    /// The address applications connect to (from `spec.sidecar.port` unless
+    /// overridden on the command line).
+    pub listen: SocketAddr,
+    /// Where `/metrics`, `/livez` and `/readyz` are served; `None` for none.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The sidecar configuration a CacheTier asks for, with `seeds` as its seed nodes.
+pub fn sidecar_config(spec: &CacheTierSpec, options: &SidecarOptions, seeds: &[SocketAddr]) -> Config {
+    let cache = &spec.sidecar.local_cache;
+    Config {
+        listen: options.listen,
+        seeds: seeds.iter().map(ToString::to_string).collect(),
+        metrics: options.metrics,
+        read_policy: match spec.sidecar.read_policy {
+            ReadPolicy::Random => cachetier_sidecar::ReadPolicy::Random,
+            ReadPolicy::BestOfTwo => cachetier_sidecar::ReadPolicy::BestOfTwo,
+            ReadPolicy::Primary => cachetier_sidecar::ReadPolicy::Primary,
+            ReadPolicy::ReplicasOnly => cachetier_sidecar::ReadPolicy::ReplicasOnly,
+        },
+        response_timeout: spec.health.response_timeout.into(),
+        // The schema bounds maxLagBytes at >= 0; a negative value cannot get here.
+        max_lag_bytes: u64::try_from(spec.read_gate.max_lag_bytes).unwrap_or(0),
+        cache: if cache.enabled {
+            CacheConfig {
+                prefixes: cache.key_prefixes.clone(),
+                ttl: cache.ttl.into(),
+                max_bytes: u64::try_from(cache.max_bytes).unwrap_or(0),
+            }
+        } else {
+            CacheConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
+/// Fails at once, before any node starts, when the sidecar's address is taken:
+/// finding out only after the tier has bootstrapped would waste the user's time.
+pub fn check_listen_address(options: &SidecarOptions) -> Result<()> {
+    for (what, addr) in [("listen", Some(options.listen)), ("metrics", options.metrics)] {
+        let Some(addr) = addr else { continue };
+        if addr.port() == 0 {
+            continue;
+        }
+        std::net::TcpListener::bind(addr).map_err(|e| Error::Sidecar {
+            detail: format!(
+                "cannot {what} on {addr}: {e} (is another Redis or sidecar running there? choose another port with --sidecar-port / --sidecar-metrics)"
+            ),
+        })?;
+    }
+    Ok(())
+}
+
+/// Starts the sidecar in front of the tier whose nodes include `seeds`.
+pub async fn start(spec: &CacheTierSpec, options: &SidecarOptions, seeds: &[SocketAddr]) -> Result<Sidecar> {
+    Sidecar::bind(sidecar_config(spec, options, seeds))
+        .await
+        .map_err(|e| Error::Sidecar {
+            detail: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> CacheTierSpec {
+        cachetier_crds::validate::parse_manifest(yaml).unwrap().spec
+    }
+
+    const OPTIONS: SidecarOptions = SidecarOptions {
+        listen: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6379),
+        metrics: None,
+    };
+
+    #[test]
+    fn the_manifest_sidecar_section_becomes_the_sidecar_config() {
+        let spec = spec(
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec:\n  shards: 3\n  maxMemory: 64Mi\n  health: {responseTimeout: 750ms}\n  readGate: {maxLagBytes: 4096}\n  sidecar:\n    readPolicy: bestOfTwo\n    localCache: {enabled: true, keyPrefixes: ['p:'], ttl: 30s, maxBytes: 2048}\n",
+        );
+        let seeds: Vec<SocketAddr> = vec!["127.0.0.1:7000".parse().unwrap()];
+        let config = sidecar_config(&spec, &OPTIONS, &seeds);
+        assert_eq!(config.seeds, vec!["127.0.0.1:7000".to_string()]);
+        assert_eq!(config.read_policy, cachetier_sidecar::ReadPolicy::BestOfTwo);
+        assert_eq!(config.response_timeout, std::time::Duration::from_millis(750));
+        assert_eq!(config.max_lag_bytes, 4096);
+        assert_eq!(config.cache.prefixes, vec!["p:".to_string()]);
+        assert_eq!(config.cache.ttl, std::time::Duration::from_secs(30));
+        assert_eq!(config.cache.max_bytes, 2048);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_disabled_local_cache_caches_nothing_even_with_prefixes() {
+        let spec = spec(
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec:\n  shards: 1\n  maxMemory: 64Mi\n  sidecar:\n    localCache: {enabled: false, keyPrefixes: ['p:']}\n",
+        );
+        let config = sidecar_config(&spec, &OPTIONS, &[]);
+        assert!(config.cache.prefixes.is_empty());
+    }
+
+    #[test]
+    fn a_taken_sidecar_port_is_refused_before_anything_starts() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let options = SidecarOptions {
+            listen: taken.local_addr().unwrap(),
+            metrics: None,
+        };
+        let err = check_listen_address(&options).unwrap_err().to_string();
+        assert!(err.contains(&taken.local_addr().unwrap().to_string()), "{err}");
+        assert!(err.contains("--sidecar-port"), "{err}");
+    }
+}

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Runs a local CacheTier (redis-server processes on 127.0.0.1) with a sidecar in
-# front: installs redis-server when missing, then starts local mode with the
-# manifest given (default: crds/examples/minimal.yaml).
+# Runs a local CacheTier (redis-server processes on 127.0.0.1) with the sidecar
+# in front: installs redis-server when missing, then starts local mode with the
+# manifest given (default: crds/examples/minimal.yaml). Extra arguments go to
+# `cachetier-operator local` (e.g. --sidecar-port 6380, --base-port 7100).
+# Connect with `redis-cli -p 6379`; Ctrl-C stops everything and removes its data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
 manifest="${1:-crds/examples/minimal.yaml}"
-if ! cargo run -q -p cachetier-operator -- help local >/dev/null 2>&1; then
-    echo "run-local: local mode is not built yet (issue: Cluster core and local mode)." >&2
-    exit 2
-fi
-exec cargo run -q -p cachetier-operator -- local -f "$manifest" "${@:2}"
+echo "run-local: building and starting local mode (the first build takes several minutes)"
+exec cargo run -q --locked -p cachetier-operator -- local -f "$manifest" "${@:2}"

@@ -8,5 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
 manifest="${1:-crds/examples/minimal.yaml}"
-echo "run-local: building and starting local mode (the first build takes several minutes)"
-exec cargo run -q --locked -p cachetier-operator -- local -f "$manifest" "${@:2}"
+echo "run-local: building (the first build takes several minutes)"
+cargo build -q --locked -p cachetier-operator
+# exec the binary itself (not `cargo run`), so a SIGTERM to this script reaches
+# local mode and it stops every node it started.
+target_dir=$(cargo metadata -q --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
+exec "$target_dir/debug/cachetier-operator" local -f "$manifest" "${@:2}"

@@ -51,8 +51,35 @@ fn schema() -> &'static Value {
             .and_then(|v| v.schema.as_ref())
             .and_then(|s| s.open_api_v3_schema.as_ref())
             .and_then(|s| serde_json::to_value(s).ok())
+            .map(whole_number_bounds)
             .unwrap_or(Value::Null)
     })
+}
+
+/// schemars writes integer bounds as floats (`minimum: 1.0`); as integers the
+/// messages read "less than the minimum of 1", as a user wrote it.
+fn whole_number_bounds(mut schema: Value) -> Value {
+    fn walk(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                for (key, child) in map.iter_mut() {
+                    if matches!(key.as_str(), "minimum" | "maximum")
+                        && let Some(f) = child.as_f64()
+                        && f.fract() == 0.0
+                        && f.abs() < 9.0e15
+                    {
+                        *child = Value::from(f as i64);
+                    } else {
+                        walk(child);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut schema);
+    schema
 }
 
 /// Parses a CacheTier manifest (YAML or JSON) and validates it as an API server
@@ -293,6 +320,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn integer_bounds_read_as_integers_in_messages() {
+        let text = std::fs::read_to_string(examples_dir().join("invalid/shards-zero.yaml")).unwrap();
+        let problems = parse_manifest(&text).unwrap_err().problems;
+        assert_eq!(
+            problems,
+            vec!["spec.shards: 0 is less than the minimum of 1".to_string()]
+        );
     }
 
     #[test]

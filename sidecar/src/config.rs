@@ -347,6 +347,22 @@ pub struct Args {
     /// Shutdown drain bound (e.g. 5s).
     #[arg(long, env = "CACHETIER_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Runtime threads: 1 = one event loop on the main thread (like
+    /// twemproxy), N > 1 = a work-stealing pool of N, 0 = one per CPU.
+    /// Binary only: an embedder's runtime is its own. The default is 1 because
+    /// it measured fastest (BENCHMARKS.md): each request crosses three tasks,
+    /// and on one thread those hand-offs are queue pushes, not futex wake-ups.
+    #[arg(long, env = "CACHETIER_WORKER_THREADS", default_value = "1", value_parser = parse_worker_threads, value_name = "N")]
+    pub worker_threads: usize,
+}
+
+fn parse_worker_threads(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= 1024 => Ok(n),
+        _ => Err(format!(
+            "invalid worker thread count {s:?}: expected 0 (one per CPU), 1 (single event loop) or a number up to 1024"
+        )),
+    }
 }
 
 impl From<Args> for Config {
@@ -432,6 +448,17 @@ mod tests {
         assert!(
             msg.contains("--read-policy") && msg.contains("bestOfTwo"),
             "{msg}"
+        );
+        let a = Args::try_parse_from(["x", "--seed", "a:1"]).unwrap();
+        assert_eq!(a.worker_threads, 1, "one event loop unless asked otherwise");
+        let a = Args::try_parse_from(["x", "--seed", "a:1", "--worker-threads", "4"]).unwrap();
+        assert_eq!(a.worker_threads, 4);
+        let err = Args::try_parse_from(["x", "--seed", "a:1", "--worker-threads", "many"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--worker-threads") && err.contains("single event loop"),
+            "{err}"
         );
         let err = Args::try_parse_from(["x", "--seed", "nope"])
             .unwrap_err()

@@ -303,7 +303,7 @@ impl Router {
             }
         };
         if keys.is_empty() {
-            return self.any_primary(resp::command_bytes(&args), up).await;
+            return Box::pin(self.any_primary(resp::command_bytes(&args), up)).await;
         }
         if info.kind == Kind::Write
             && let Some(cache) = &self.cache
@@ -321,15 +321,19 @@ impl Router {
                 .cache
                 .as_ref()
                 .is_some_and(|c| keys.iter().any(|&i| c.covers(&args[i])));
+        // The split and cached paths are boxed so that their large state
+        // machines do not inflate (and get copied with) every request's future.
         let reply = if !same || cached_mget {
             match info.split {
-                Some(split) => self.split(split, &args, &keys, &slots, up, proto).await,
+                Some(split) => Box::pin(self.split(split, &args, &keys, &slots, up, proto)).await,
                 None => err("CROSSSLOT Keys in request don't hash to the same slot"),
             }
         } else if let Some(variant) = self.cache_variant(info, &args) {
-            self.clone()
-                .cached_read(variant, args.clone(), slots[0], up, proto)
-                .await
+            Box::pin(
+                self.clone()
+                    .cached_read(variant, args.clone(), slots[0], up, proto),
+            )
+            .await
         } else {
             self.single(slots[0], info.kind, raw, up).await
         };
@@ -338,7 +342,7 @@ impl Router {
         {
             for &i in &keys {
                 if cache.covers(&args[i]) {
-                    cache.invalidate(&args[i], "own_write").await;
+                    Box::pin(cache.invalidate(&args[i], "own_write")).await;
                 }
             }
         }

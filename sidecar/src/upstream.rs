@@ -241,7 +241,9 @@ impl Node {
             let conn = lock(&self.conns[idx]).clone();
             let conn = match conn {
                 Some(c) if !c.state.dead.load(Ordering::SeqCst) => c,
-                _ => self.connect_shared(proto).await?,
+                // Boxed: the handshake's state machine is large and only
+                // needed when (re)connecting, not on every request.
+                _ => Box::pin(self.connect_shared(proto)).await?,
             };
             match conn.tx.send(req) {
                 Ok(()) => return Ok(rx),

@@ -154,7 +154,7 @@ pub struct Router {
     pub metrics: Metrics,
     pub cache: Option<Arc<LocalCache>>,
     /// Resolved on a command's first use, so unused commands export nothing.
-    per_command: Vec<std::sync::OnceLock<CommandMetrics>>,
+    per_command: Vec<std::sync::OnceLock<Arc<CommandMetrics>>>,
 }
 
 impl Router {
@@ -257,10 +257,12 @@ impl Router {
         F: Future<Output = Bytes> + Send + 'static,
     {
         let m = self.per_command.get(info.id).map(|cell| {
-            cell.get_or_init(|| CommandMetrics {
-                ok: self.metrics.requests.with_label_values(&[info.name, "ok"]),
-                error: self.metrics.requests.with_label_values(&[info.name, "error"]),
-                latency: self.metrics.latency.with_label_values(&[info.name]),
+            cell.get_or_init(|| {
+                Arc::new(CommandMetrics {
+                    ok: self.metrics.requests.with_label_values(&[info.name, "ok"]),
+                    error: self.metrics.requests.with_label_values(&[info.name, "error"]),
+                    latency: self.metrics.latency.with_label_values(&[info.name]),
+                })
             })
             .clone()
         });

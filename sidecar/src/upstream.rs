@@ -209,7 +209,8 @@ impl Node {
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&self.in_flight);
-        let start = Instant::now();
+        // Latency is observed by the connection's reader (write of the batch
+        // to read of the reply, one clock read per batch, not per request).
         let result = match self.enqueue(proto, bytes, replies).await {
             Ok(rx) => match rx.await {
                 Ok(r) => r,
@@ -217,13 +218,12 @@ impl Node {
             },
             Err(e) => Err(e),
         };
-        let m = &self.settings.metrics;
-        match &result {
-            Ok(_) => self.latency.observe(start.elapsed().as_secs_f64()),
-            Err(e) => m
+        if let Err(e) = &result {
+            self.settings
+                .metrics
                 .upstream_errors
                 .with_label_values(&[self.addr.as_str(), e.label()])
-                .inc(),
+                .inc();
         }
         result
     }
@@ -238,6 +238,22 @@ impl Node {
         let mut req = Request { bytes, replies, tx };
         let idx = proto as usize;
         for _ in 0..2 {
+            // Fast path: send under the slot's lock (an unbounded send never
+            // waits) instead of cloning the connection handle per request.
+            {
+                let slot = lock(&self.conns[idx]);
+                if let Some(c) = slot.as_ref()
+                    && !c.state.dead.load(Ordering::SeqCst)
+                {
+                    match c.tx.send(req) {
+                        Ok(()) => return Ok(rx),
+                        Err(mpsc::error::SendError(r)) => {
+                            req = r;
+                            c.state.dead.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
             let conn = lock(&self.conns[idx]).clone();
             let conn = match conn {
                 Some(c) if !c.state.dead.load(Ordering::SeqCst) => c,
@@ -288,7 +304,14 @@ impl Node {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(wr, rx, state.clone()));
-        tokio::spawn(reader(rd, buf, state.clone(), self.this.clone(), timeout));
+        tokio::spawn(reader(
+            rd,
+            buf,
+            state.clone(),
+            self.this.clone(),
+            timeout,
+            self.latency.clone(),
+        ));
         Ok(Conn { tx, state })
     }
 
@@ -411,6 +434,8 @@ async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Request>
         };
         let mut batch = Some(first);
         let mut n = 0;
+        // One clock read per batch: every request in it is sent by the same write.
+        let sent = Instant::now();
         while let Some(req) = batch.take() {
             {
                 let mut p = lock(&state.pending);
@@ -428,7 +453,7 @@ async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Request>
                         expected: req.replies.max(1),
                         got: Vec::new(),
                         tx: req.tx,
-                        sent: Instant::now(),
+                        sent,
                     });
                 }
             }
@@ -461,6 +486,7 @@ async fn reader(
     state: Arc<ConnState>,
     node: Weak<Node>,
     timeout: Duration,
+    latency: prometheus::Histogram,
 ) {
     let mut closed = state.closed.subscribe();
     // Keeps its progress across reads: a huge reply is checked once, not
@@ -469,6 +495,7 @@ async fn reader(
     let why = loop {
         // Deliver every complete reply already buffered.
         let mut bad = None;
+        let mut now = None;
         loop {
             match checker.check(&buf) {
                 Ok(Some(n)) => {
@@ -488,6 +515,8 @@ async fn reader(
                         && let Some(done) = p.pop_front()
                     {
                         drop(p);
+                        let now = *now.get_or_insert_with(Instant::now);
+                        latency.observe(now.saturating_duration_since(done.sent).as_secs_f64());
                         let _ = done.tx.send(Ok(done.got));
                     }
                 }

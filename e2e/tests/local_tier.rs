@@ -54,9 +54,9 @@ where
     panic!("{what}: not within {limit:?}");
 }
 
-/// Primaries that own slots, and whether any slot is half-migrated, as one
-/// node sees the cluster.
-async fn shard_layout(node: SocketAddr) -> Option<(usize, bool)> {
+/// As one node sees the cluster: primaries that own slots, whether any slot is
+/// half-migrated, and the fewest slots any owner has.
+async fn shard_layout(node: SocketAddr) -> Option<(usize, bool, usize)> {
     let mut conn = tokio::time::timeout(Duration::from_secs(2), connect(node))
         .await
         .ok()?
@@ -68,14 +68,24 @@ async fn shard_layout(node: SocketAddr) -> Option<(usize, bool)> {
         .ok()?;
     let mut owners = 0;
     let mut open = false;
+    let mut fewest = usize::MAX;
     for line in nodes.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
+        open |= fields.iter().skip(8).any(|f| f.starts_with('['));
         if fields.len() > 8 && fields[2].contains("master") && !fields[2].contains("fail") {
             owners += 1;
+            let slots: usize = fields[8..]
+                .iter()
+                .filter(|f| !f.starts_with('['))
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => b.parse::<usize>().unwrap_or(0) + 1 - a.parse::<usize>().unwrap_or(0),
+                    None => 1,
+                })
+                .sum();
+            fewest = fewest.min(slots);
         }
-        open |= fields.iter().skip(8).any(|f| f.starts_with('['));
     }
-    Some((owners, open))
+    Some((owners, open, fewest))
 }
 
 /// Whether every replica the cluster knows has finished its sync with its primary.
@@ -220,11 +230,17 @@ async fn a_plain_client_through_the_sidecar_survives_a_live_reshard_and_a_killed
     );
 
     // Reshard 3 -> 4 by editing the manifest, with the client reading and
-    // writing through the sidecar the whole time.
+    // writing through the sidecar the whole time. Every request must succeed
+    // and every value read must be right. A read may miss (nil) while its slot
+    // moves: a replica does not know a slot is MIGRATING, so it answers nil
+    // for a key already moved instead of redirecting (Redis Cluster
+    // behaviour; a cache client treats it as a miss). Misses are counted and
+    // printed, and no key may be missing once the reshard is done.
     std::fs::write(&file, manifest(4)).unwrap();
     let seed: SocketAddr = ([127, 0, 0, 1], BASE_PORT).into();
     let start = Instant::now();
     let mut errors = Vec::new();
+    let mut misses = 0usize;
     let mut round = 0u64;
     loop {
         let i = round % 2000;
@@ -242,41 +258,46 @@ async fn a_plain_client_through_the_sidecar_survives_a_live_reshard_and_a_killed
         }
         match get {
             Ok(Some(v)) if v == i as i64 => {}
+            Ok(None) => misses += 1,
             other => errors.push(format!("GET k:{i}: {other:?}")),
         }
         round += 1;
-        if round.is_multiple_of(200) && shard_layout(seed).await == Some((4, false)) {
+        if round.is_multiple_of(200)
+            && let Some((4, false, fewest)) = shard_layout(seed).await
+            && fewest >= 16384 / 4 - 1
+        {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(120),
-            "the tier did not reach 4 shards in 120 s"
+            "the reshard to 4 balanced shards did not finish in 120 s"
         );
     }
+    eprintln!(
+        "reshard done after {round} SET+GET pairs through the sidecar; {misses} GETs missed while slots moved"
+    );
     assert!(
         errors.is_empty(),
         "{} client errors during the reshard, first: {:?}",
         errors.len(),
         errors.first()
     );
-    let values: Vec<Option<i64>> = redis::cmd("MGET")
-        .arg((0..2000).map(|i| format!("k:{i}")).collect::<Vec<_>>())
-        .query_async(&mut app)
-        .await
-        .unwrap();
-    assert!(
-        values.iter().enumerate().all(|(i, v)| *v == Some(i as i64)),
-        "no key lost in the reshard"
-    );
 
     // Let the new shard's replica finish its first sync (until then the
     // read gate rightly sends that shard's reads to its primary), and give the
-    // sidecar's gate one poll to see it.
+    // sidecar's gate one poll to see it. Then no key may be missing.
     wait_for("every replica is in sync", Duration::from_secs(60), || {
         replicas_in_sync(seed)
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let values: Vec<Option<i64>> = redis::cmd("MGET")
+        .arg((0..2000).map(|i| format!("k:{i}")).collect::<Vec<_>>())
+        .query_async(&mut app)
+        .await
+        .unwrap();
+    let lost: Vec<usize> = (0..2000).filter(|&i| values[i] != Some(i as i64)).collect();
+    assert!(lost.is_empty(), "keys lost or wrong after the reshard: {lost:?}");
 
     // SIGKILL the primary that owns k:0. Reads keep succeeding (replicas
     // serve them); writes to its slots come back once a replica is promoted.

@@ -146,6 +146,23 @@ impl LocalCache {
         self.epochs[stripe(key)].load(Ordering::SeqCst)
     }
 
+    /// A fresh entry for `key`, without waiting: the client task's fast path
+    /// (no per-request future). Same freshness rules as [`Self::get_or_fetch`];
+    /// `None` (counted nowhere) sends the caller down the ordinary path, which
+    /// counts the miss.
+    pub fn try_hit(&self, key: &CacheKey) -> Option<Bytes> {
+        use futures_util::FutureExt;
+        // moka's `get` completes on its first poll; if it ever did not, the
+        // ordinary path answers instead.
+        let e = self.cache.get(key).now_or_never().flatten()?;
+        if e.epoch == self.epoch(&key.key) && tokio::time::Instant::now() < e.expires {
+            self.metrics.cache_hits.inc();
+            Some(e.value)
+        } else {
+            None
+        }
+    }
+
     /// Serve `key` from the cache, or run `fetch` once for all concurrent
     /// askers. `cacheable` is false when the key's primary is not tracked; the
     /// fetch is still coalesced but its result is not kept.

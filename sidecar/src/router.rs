@@ -211,6 +211,45 @@ impl Router {
         }
     }
 
+    /// Answer a cacheable read from the local cache without creating a
+    /// future, if its entry is fresh. Only for a client with nothing else in
+    /// flight (the caller checks) and no MULTI/WATCH state, so no earlier
+    /// command of the same client can still be about to invalidate it.
+    pub fn try_cached(&self, st: &ClientState, req: &resp::Request) -> Option<Bytes> {
+        let cache = self.cache.as_ref()?;
+        if st.multi.is_some() || st.watch.is_some() || st.barrier.is_some() {
+            return None;
+        }
+        let info = commands::lookup(req.args.first()?)?;
+        let variant = self.cache_variant(info, &req.args)?;
+        let start = std::time::Instant::now();
+        let key = CacheKey {
+            variant,
+            proto: st.proto,
+            key: req.args[1].clone(),
+            field: if variant == Variant::HGet {
+                req.args[2].clone()
+            } else {
+                Bytes::new()
+            },
+        };
+        let value = cache.try_hit(&key)?;
+        if let Some(cell) = self.per_command.get(info.id) {
+            let m = cell.get_or_init(|| self.command_metrics(info));
+            m.ok.inc();
+            m.latency.observe(start.elapsed().as_secs_f64());
+        }
+        Some(value)
+    }
+
+    fn command_metrics(&self, info: &'static CommandInfo) -> Arc<CommandMetrics> {
+        Arc::new(CommandMetrics {
+            ok: self.metrics.requests.with_label_values(&[info.name, "ok"]),
+            error: self.metrics.requests.with_label_values(&[info.name, "error"]),
+            latency: self.metrics.latency.with_label_values(&[info.name]),
+        })
+    }
+
     fn dispatch_inner(
         self: &Arc<Self>,
         st: &mut ClientState,
@@ -256,16 +295,10 @@ impl Router {
     where
         F: Future<Output = Bytes> + Send + 'static,
     {
-        let m = self.per_command.get(info.id).map(|cell| {
-            cell.get_or_init(|| {
-                Arc::new(CommandMetrics {
-                    ok: self.metrics.requests.with_label_values(&[info.name, "ok"]),
-                    error: self.metrics.requests.with_label_values(&[info.name, "error"]),
-                    latency: self.metrics.latency.with_label_values(&[info.name]),
-                })
-            })
-            .clone()
-        });
+        let m = self
+            .per_command
+            .get(info.id)
+            .map(|cell| cell.get_or_init(|| self.command_metrics(info)).clone());
         Action::Later(Box::pin(async move {
             let start = std::time::Instant::now();
             let reply = fut.await;

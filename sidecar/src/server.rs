@@ -281,8 +281,16 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     let mut checker = resp::Checker::new(limits);
     let mut reading = !*stop.borrow();
     loop {
-        while reading && pending.len() < MAX_PIPELINE {
+        while reading && pending.len() < MAX_PIPELINE && out.len() < 1024 * 1024 {
             match resp::parse_request_with(&mut inbuf, &mut checker, &limits) {
+                // Nothing of this client in flight: a local-cache hit is
+                // answered straight into the output buffer, with no future.
+                Ok(Some(req))
+                    if pending.is_empty()
+                        && let Some(hit) = router.try_cached(&st, &req) =>
+                {
+                    out.extend_from_slice(&hit);
+                }
                 Ok(Some(req)) => match router.dispatch(&mut st, req) {
                     Action::Reply(b) => pending.push_back(Box::pin(std::future::ready(b))),
                     Action::Later(f) => pending.push_back(f),
@@ -301,11 +309,19 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 }
             }
         }
+        // Replies answered in place go out now, unless a pending reply
+        // follows them (then they go out in front of it, in order).
+        if !out.is_empty() && pending.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
         if !reading && pending.is_empty() {
             break;
         }
         tokio::select! {
-            r = rd.read_buf(&mut inbuf), if reading && pending.len() < MAX_PIPELINE => match r {
+            r = rd.read_buf(&mut inbuf), if reading && pending.len() < MAX_PIPELINE && out.len() < 1024 * 1024 => match r {
                 // The client half-closed: answer what it sent, then close.
                 Ok(0) => reading = false,
                 Ok(_) => {}

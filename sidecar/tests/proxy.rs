@@ -513,6 +513,24 @@ async fn the_local_cache_hits_after_a_miss_and_any_write_evicts_the_entry() {
         .await
         .unwrap();
     assert_eq!(v, "v2b");
+    // Hits answered in place ahead of a write, and the read behind it, keep
+    // the pipeline's order and see the write.
+    warm(&sidecar, &mut c, "hot:item").await;
+    let (a, b, d): (String, String, String) = redis::pipe()
+        .cmd("GET")
+        .arg("hot:item")
+        .cmd("GET")
+        .arg("hot:item")
+        .cmd("SET")
+        .arg("hot:item")
+        .arg("v2c")
+        .ignore()
+        .cmd("GET")
+        .arg("hot:item")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((a.as_str(), b.as_str(), d.as_str()), ("v2b", "v2b", "v2c"));
 
     // A write by another client directly on the primary evicts via tracking.
     warm(&sidecar, &mut c, "hot:item").await;

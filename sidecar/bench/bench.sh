@@ -64,7 +64,7 @@ bench:
    - 127.0.0.1:7100:1
 YML
 nutcracker -c "$WORK/nutcracker.yml" -s 7201 -o "$WORK/nutcracker.log" &
-PIDS+=($!)
+TW=$!; PIDS+=($TW)
 
 "$BIN" --listen 127.0.0.1:7300 --seed 127.0.0.1:7100 --metrics 127.0.0.1:7301 >"$WORK/sidecar1.log" 2>&1 &
 SC1=$!; PIDS+=($SC1)
@@ -73,13 +73,15 @@ until redis-cli -p 7300 ping >/dev/null 2>&1 && redis-cli -p 7200 ping >/dev/nul
 printf '%-34s %-4s %-5s %12s %8s %8s\n' "target" "cmd" "pipe" "req/s" "p50 ms" "p99 ms"
 for pipe in 1 16; do
   bench "redis direct" 7100 "$pipe" -t set,get
+  tw_before=$(cpu_ticks $TW)
   bench "twemproxy -> redis" 7200 "$pipe" -t set,get
+  tw_after=$(cpu_ticks $TW)
   before=$(cpu_ticks $SC1)
   bench "sidecar -> redis" 7300 "$pipe" -t set,get
   after=$(cpu_ticks $SC1)
   hz=$(getconf CLK_TCK)
-  awk -v t=$((after - before)) -v hz="$hz" -v n=$((2 * N)) \
-    'BEGIN { printf "%-34s sidecar CPU: %.1f ms per 100k requests\n", "  (P='"$pipe"')", t * 1000 / hz / n * 100000 }'
+  awk -v t=$((after - before)) -v tw=$((tw_after - tw_before)) -v hz="$hz" -v n=$((2 * N)) \
+    'BEGIN { printf "%-34s CPU per 100k requests: sidecar %.1f ms, twemproxy %.1f ms\n", "  (P='"$pipe"')", t * 1000 / hz / n * 100000, tw * 1000 / hz / n * 100000 }'
 done
 echo "  sidecar RSS after the single-node runs: $(rss_kib $SC1) KiB"
 

@@ -110,15 +110,25 @@ pub async fn run(registry: Arc<Registry>, interval: Duration, max_lag: u64) {
         for shard in &topo.shards {
             let primary = shard.primary.clone();
             let replicas = shard.replicas.clone();
+            let registry = registry.clone();
             shard_jobs.push(async move {
                 let p = poll_or_skip(primary.clone());
                 let rs = futures_util::future::join_all(replicas.iter().cloned().map(poll_or_skip));
                 let (p, rs) = futures_util::future::join(p, rs).await;
                 let primary_offset = p.and_then(|p| p.master_offset);
                 for (node, info) in replicas.iter().zip(rs) {
-                    let open = info
-                        .as_ref()
-                        .is_some_and(|i| replica_may_serve(i, primary_offset, max_lag));
+                    // A "replica" that reports role:master was promoted by a
+                    // failover the topology has not caught up with: it holds
+                    // the shard's freshest data, so it may serve, and the
+                    // slot map needs a refresh now.
+                    let promoted = info.as_ref().is_some_and(|i| !i.is_replica);
+                    if promoted {
+                        registry.request_refresh();
+                    }
+                    let open = promoted
+                        || info
+                            .as_ref()
+                            .is_some_and(|i| replica_may_serve(i, primary_offset, max_lag));
                     if node.gate_open() != open {
                         tracing::info!(node = %node.addr, open, ?info, "replica read gate changed");
                     }

@@ -242,6 +242,7 @@ async fn a_plain_client_through_the_sidecar_survives_a_live_reshard_and_a_killed
     let mut errors = Vec::new();
     let mut misses = 0usize;
     let mut round = 0u64;
+    let mut layout = None;
     loop {
         let i = round % 2000;
         let set: redis::RedisResult<()> = redis::cmd("SET")
@@ -262,15 +263,17 @@ async fn a_plain_client_through_the_sidecar_survives_a_live_reshard_and_a_killed
             other => errors.push(format!("GET k:{i}: {other:?}")),
         }
         round += 1;
-        if round.is_multiple_of(200)
-            && let Some((4, false, fewest)) = shard_layout(seed).await
-            && fewest >= 16384 / 4 - 1
-        {
-            break;
+        if round.is_multiple_of(200) {
+            layout = shard_layout(seed).await;
+            if let Some((4, false, fewest)) = layout
+                && fewest >= 16384 / 4 - 1
+            {
+                break;
+            }
         }
         assert!(
             start.elapsed() < Duration::from_secs(120),
-            "the reshard to 4 balanced shards did not finish in 120 s"
+            "the reshard to 4 balanced shards did not finish in 120 s; last seen (owners, open slot, fewest slots): {layout:?}"
         );
     }
     eprintln!(

@@ -257,7 +257,7 @@ where
     );
 
     let mut on_ready = Some(on_ready);
-    let mut proxy: Option<cachetier_sidecar::Sidecar> = None;
+    let mut proxy: Option<sidecar::RunningSidecar> = None;
     let mut failure: Option<Error> = None;
     let mut extra: Option<JoinHandle<()>> = None;
     let mut watch_tick = tokio::time::interval(options.watch_interval);

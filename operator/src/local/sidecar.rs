@@ -68,13 +68,82 @@ pub fn check_listen_address(options: &SidecarOptions) -> Result<()> {
     Ok(())
 }
 
+/// The sidecar running in front of a local tier, on a thread of its own.
+///
+/// The standalone sidecar measured fastest as one single-threaded event loop
+/// (see `sidecar/BENCHMARKS.md`); embedding it in the operator's multi-threaded
+/// runtime would lose that, so it gets its own current-thread runtime here.
+#[derive(Debug)]
+pub struct RunningSidecar {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningSidecar {
+    /// Where applications connect.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, drains in-flight requests (bounded) and joins the thread.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
 /// Starts the sidecar in front of the tier whose nodes include `seeds`.
-pub async fn start(spec: &CacheTierSpec, options: &SidecarOptions, seeds: &[SocketAddr]) -> Result<Sidecar> {
-    Sidecar::bind(sidecar_config(spec, options, seeds))
-        .await
-        .map_err(|e| Error::Sidecar {
-            detail: e.to_string(),
+pub async fn start(
+    spec: &CacheTierSpec,
+    options: &SidecarOptions,
+    seeds: &[SocketAddr],
+) -> Result<RunningSidecar> {
+    let config = sidecar_config(spec, options, seeds);
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<Result<SocketAddr>>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("cachetier-sidecar".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(Error::Sidecar {
+                        detail: format!("cannot start its runtime: {e}"),
+                    }));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match Sidecar::bind(config).await {
+                    Ok(sidecar) => {
+                        let _ = bound_tx.send(Ok(sidecar.local_addr()));
+                        let _ = stop_rx.await;
+                        sidecar.shutdown().await;
+                    }
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(Error::Sidecar {
+                            detail: e.to_string(),
+                        }));
+                    }
+                }
+            });
         })
+        .map_err(|e| Error::Sidecar {
+            detail: format!("cannot start its thread: {e}"),
+        })?;
+    let addr = bound_rx.await.map_err(|_| Error::Sidecar {
+        detail: "its thread ended before it was listening".into(),
+    })??;
+    Ok(RunningSidecar {
+        addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
 }
 
 #[cfg(test)]

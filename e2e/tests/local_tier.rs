@@ -189,7 +189,7 @@ async fn a_plain_client_through_the_sidecar_survives_a_live_reshard_and_a_killed
     options.bus_port_offset = BUS_OFFSET;
     options.watch_interval = Duration::from_millis(200);
     options.sidecar = Some(SidecarOptions {
-        listen: sidecar,
+        port: Some(sidecar.port()),
         metrics: None,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -90,15 +90,8 @@ fn main() -> anyhow::Result<ExitCode> {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            // The manifest names the sidecar's port; if it does not parse,
-            // local::run reports why in the validation's own words.
-            let manifest_port = std::fs::read_to_string(&file)
-                .ok()
-                .and_then(|text| cachetier_crds::validate::parse_manifest(&text).ok())
-                .and_then(|tier| u16::try_from(tier.spec.sidecar.port).ok())
-                .unwrap_or(6379);
-            let sidecar = (!no_sidecar && !until_ready).then(|| SidecarOptions {
-                listen: SocketAddr::from(([127, 0, 0, 1], sidecar_port.unwrap_or(manifest_port))),
+            let sidecar = (!no_sidecar && !until_ready).then_some(SidecarOptions {
+                port: sidecar_port,
                 metrics: sidecar_metrics,
             });
             let mut options = LocalOptions::new(file);

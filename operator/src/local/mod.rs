@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachetier_crds::{CacheTierStatus, NodeRole, Phase};
+use cachetier_crds::{CacheTierSpec, CacheTierStatus, NodeRole, Phase};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -176,15 +176,13 @@ impl LocalOptions {
     }
 }
 
-fn load(options: &LocalOptions) -> Result<(String, TierConfig)> {
-    let text = std::fs::read_to_string(&options.manifest).map_err(|source| Error::Io {
-        context: format!("cannot read {}", options.manifest.display()),
-        source,
-    })?;
-    let tier = cachetier_crds::validate::parse_manifest(&text)?;
+/// Validates a manifest once and gives both views of it: the spec (for the
+/// sidecar) and the core's tier configuration.
+fn parse(options: &LocalOptions, text: &str) -> Result<(CacheTierSpec, TierConfig)> {
+    let tier = cachetier_crds::validate::parse_manifest(text)?;
     let mut config = TierConfig::from_tier(&tier)?;
     config.timing = options.timing;
-    Ok((text, config))
+    Ok((tier.spec, config))
 }
 
 async fn shutdown_signal() {
@@ -233,14 +231,17 @@ where
     F: FnOnce(Vec<SocketAddr>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let (mut text, config) = load(&options)?;
-    // The spec last applied; the sidecar is configured from it.
-    let mut spec = cachetier_crds::validate::parse_manifest(&text)?.spec;
+    let mut text = std::fs::read_to_string(&options.manifest).map_err(|source| Error::Io {
+        context: format!("cannot read {}", options.manifest.display()),
+        source,
+    })?;
+    // `spec` is the spec last applied; the sidecar is configured from it.
+    let (mut spec, config) = parse(&options, &text)?;
     let name = config.name.clone();
     if let Some(sidecar) = &options.sidecar {
-        sidecar::check_listen_address(sidecar)?;
+        sidecar::check_listen_address(&spec, sidecar)?;
     }
-    if cachetier_crds::validate::parse_manifest(&text).is_ok_and(|t| t.spec.auth.is_some()) {
+    if spec.auth.is_some() {
         println!(
             "note: spec.auth names a Kubernetes Secret; local mode has none, so the tier runs without a password"
         );
@@ -283,11 +284,10 @@ where
                     continue;
                 }
                 text = new_text;
-                match load(&options) {
-                    Ok((_, config)) => {
+                match parse(&options, &text) {
+                    Ok((new_spec, config)) => {
                         println!("{}: changed; now {} shard(s) x {} replica(s)", options.manifest.display(), config.shards, config.replicas_per_shard);
                         tier.update(config);
-                        let Ok(new_spec) = cachetier_crds::validate::parse_manifest(&text).map(|t| t.spec) else { continue };
                         let old_spec = std::mem::replace(&mut spec, new_spec);
                         if let (Some(running), Some(sidecar_options)) = (proxy.take(), &options.sidecar) {
                             if sidecar::sidecar_config(&old_spec, sidecar_options, &[]) == sidecar::sidecar_config(&spec, sidecar_options, &[]) {

@@ -13,20 +13,31 @@ use cachetier_sidecar::{CacheConfig, Config, Sidecar};
 use crate::{Error, Result};
 
 /// Where the local sidecar listens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SidecarOptions {
-    /// The address applications connect to (from `spec.sidecar.port` unless
-    /// overridden on the command line).
-    pub listen: SocketAddr,
+    /// Port on 127.0.0.1 applications connect to; `None` takes the manifest's
+    /// `spec.sidecar.port`.
+    pub port: Option<u16>,
     /// Where `/metrics`, `/livez` and `/readyz` are served; `None` for none.
     pub metrics: Option<SocketAddr>,
+}
+
+impl SidecarOptions {
+    /// The address applications connect to for a tier with this spec.
+    pub fn listen(&self, spec: &CacheTierSpec) -> SocketAddr {
+        // The schema bounds spec.sidecar.port to 1..=65535.
+        let port = self
+            .port
+            .unwrap_or_else(|| u16::try_from(spec.sidecar.port).unwrap_or(6379));
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
 }
 
 /// The sidecar configuration a CacheTier asks for, with `seeds` as its seed nodes.
 pub fn sidecar_config(spec: &CacheTierSpec, options: &SidecarOptions, seeds: &[SocketAddr]) -> Config {
     let cache = &spec.sidecar.local_cache;
     Config {
-        listen: options.listen,
+        listen: options.listen(spec),
         seeds: seeds.iter().map(ToString::to_string).collect(),
         metrics: options.metrics,
         read_policy: match spec.sidecar.read_policy {
@@ -53,8 +64,11 @@ pub fn sidecar_config(spec: &CacheTierSpec, options: &SidecarOptions, seeds: &[S
 
 /// Fails at once, before any node starts, when the sidecar's address is taken:
 /// finding out only after the tier has bootstrapped would waste the user's time.
-pub fn check_listen_address(options: &SidecarOptions) -> Result<()> {
-    for (what, addr) in [("listen", Some(options.listen)), ("metrics", options.metrics)] {
+pub fn check_listen_address(spec: &CacheTierSpec, options: &SidecarOptions) -> Result<()> {
+    for (what, addr) in [
+        ("listen", Some(options.listen(spec))),
+        ("metrics", options.metrics),
+    ] {
         let Some(addr) = addr else { continue };
         if addr.port() == 0 {
             continue;
@@ -155,7 +169,7 @@ mod tests {
     }
 
     const OPTIONS: SidecarOptions = SidecarOptions {
-        listen: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6379),
+        port: None,
         metrics: None,
     };
 
@@ -177,6 +191,25 @@ mod tests {
     }
 
     #[test]
+    fn the_sidecar_listens_on_the_manifest_port_unless_overridden() {
+        let spec = spec(
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec:\n  shards: 1\n  maxMemory: 64Mi\n  sidecar: {port: 6400}\n",
+        );
+        assert_eq!(
+            OPTIONS.listen(&spec),
+            "127.0.0.1:6400".parse::<SocketAddr>().unwrap()
+        );
+        let overridden = SidecarOptions {
+            port: Some(6500),
+            metrics: None,
+        };
+        assert_eq!(
+            overridden.listen(&spec),
+            "127.0.0.1:6500".parse::<SocketAddr>().unwrap()
+        );
+    }
+
+    #[test]
     fn a_disabled_local_cache_caches_nothing_even_with_prefixes() {
         let spec = spec(
             "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec:\n  shards: 1\n  maxMemory: 64Mi\n  sidecar:\n    localCache: {enabled: false, keyPrefixes: ['p:']}\n",
@@ -189,10 +222,13 @@ mod tests {
     fn a_taken_sidecar_port_is_refused_before_anything_starts() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let options = SidecarOptions {
-            listen: taken.local_addr().unwrap(),
+            port: Some(taken.local_addr().unwrap().port()),
             metrics: None,
         };
-        let err = check_listen_address(&options).unwrap_err().to_string();
+        let spec = spec(
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec: {shards: 1, maxMemory: 64Mi}\n",
+        );
+        let err = check_listen_address(&spec, &options).unwrap_err().to_string();
         assert!(err.contains(&taken.local_addr().unwrap().to_string()), "{err}");
         assert!(err.contains("--sidecar-port"), "{err}");
     }

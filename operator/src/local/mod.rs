@@ -238,8 +238,13 @@ where
     // `spec` is the spec last applied; the sidecar is configured from it.
     let (mut spec, config) = parse(&options, &text)?;
     let name = config.name.clone();
-    if let Some(sidecar) = &options.sidecar {
+    // The sidecar's port is fixed at start (from the command line or the
+    // manifest) and checked before any node starts; later edits of
+    // spec.sidecar.port do not move it.
+    let mut options = options;
+    if let Some(sidecar) = &mut options.sidecar {
         sidecar::check_listen_address(&spec, sidecar)?;
+        sidecar.port = Some(sidecar.listen(&spec).port());
     }
     if spec.auth.is_some() {
         println!(

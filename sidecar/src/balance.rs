@@ -100,7 +100,8 @@ pub fn pick<'a, N: Candidate, R: Rng + ?Sized>(
             fallback: false,
         },
         _ => {
-            let a = nth(rng.random_range(0..count));
+            let ia = rng.random_range(0..count);
+            let a = nth(ia);
             if policy != ReadPolicy::BestOfTwo {
                 return Pick {
                     node: a,
@@ -109,7 +110,6 @@ pub fn pick<'a, N: Candidate, R: Rng + ?Sized>(
             }
             // Second draw distinct from the first.
             let mut j = rng.random_range(0..count - 1);
-            let ia = (0..count).find(|&i| nth(i).same(a)).unwrap_or(0);
             if j >= ia {
                 j += 1;
             }

@@ -501,29 +501,23 @@ impl Router {
                     }
                     // A node that does not (yet) know the slot map, is still
                     // loading, or lost its primary cannot answer; another
-                    // node of the shard may. Reads only: they are idempotent.
-                    if kind == Kind::Read && !retried && is_node_state_error(&reply) {
-                        retried = true;
-                        self.registry.request_refresh();
-                        self.metrics.read_retries.inc();
-                        avoid = Some(node);
-                        continue;
+                    // node of the shard may: a read retries as after a failure.
+                    if !is_node_state_error(&reply) || kind != Kind::Read || retried {
+                        return reply;
                     }
-                    return reply;
                 }
-                Err(e) => {
-                    // A failing node may mean a failover is under way; learn
-                    // the new layout soon instead of at the next periodic refresh.
+                Err(ref e) if kind != Kind::Read || retried => {
                     self.registry.request_refresh();
-                    if kind == Kind::Read && !retried {
-                        retried = true;
-                        self.metrics.read_retries.inc();
-                        avoid = Some(node);
-                        continue;
-                    }
-                    return upstream_error(&node.addr, kind, &e);
+                    return upstream_error(&node.addr, kind, e);
                 }
+                Err(_) => {}
             }
+            // Retry a read once, elsewhere (reads are idempotent), and learn
+            // the layout soon: a failing node may mean a failover is under way.
+            self.registry.request_refresh();
+            retried = true;
+            self.metrics.read_retries.inc();
+            avoid = Some(node);
         }
         err("ERR cachetier: too many MOVED/ASK redirects")
     }

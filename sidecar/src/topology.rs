@@ -70,6 +70,13 @@ pub struct ShardSpec {
     pub replicas: Vec<String>,
 }
 
+impl ShardSpec {
+    /// Every slot the shard claims (ranges clamped to the slot space).
+    fn slot_iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.slots.iter().flat_map(|&(a, b)| a..=b.min(SLOTS - 1))
+    }
+}
+
 /// Holds the current topology and every node object, and refreshes them.
 #[derive(Debug)]
 pub struct Registry {
@@ -206,10 +213,8 @@ impl Registry {
             n
         };
         for (i, spec) in specs.into_iter().enumerate() {
-            for &(a, b) in &spec.slots {
-                for s in a..=b.min(SLOTS - 1) {
-                    slot_map[usize::from(s)] = i as u16;
-                }
+            for s in spec.slot_iter() {
+                slot_map[usize::from(s)] = i as u16;
             }
             let primary = get(&spec.primary);
             // A primary's reads are never gated.
@@ -310,23 +315,19 @@ fn host_of(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(h, _)| h)
 }
 
-/// Parse a `CLUSTER SHARDS` reply. Nodes reported as `failed` are left out;
-/// `loading` nodes are kept (the read gate keeps reads off them). A node that
-/// does not know its own address (a single-node cluster that never met a
-/// peer reports an empty `ip`) is reached at `asked_host`, the host we asked.
 /// Distinct slots the shards claim.
 fn slots_covered(specs: &[ShardSpec]) -> usize {
     let mut seen = vec![false; usize::from(SLOTS)];
-    for spec in specs {
-        for &(a, b) in &spec.slots {
-            for s in a..=b.min(SLOTS - 1) {
-                seen[usize::from(s)] = true;
-            }
-        }
+    for s in specs.iter().flat_map(ShardSpec::slot_iter) {
+        seen[usize::from(s)] = true;
     }
     seen.into_iter().filter(|&c| c).count()
 }
 
+/// Parse a `CLUSTER SHARDS` reply. Nodes reported as `failed` are left out;
+/// `loading` nodes are kept (the read gate keeps reads off them). A node that
+/// does not know its own address (a single-node cluster that never met a
+/// peer reports an empty `ip`) is reached at `asked_host`, the host we asked.
 pub fn parse_shards(f: &Frame, asked_host: &str) -> std::result::Result<Vec<ShardSpec>, String> {
     let Frame::Array(shards) = f else {
         if let Frame::Error(e) = f {

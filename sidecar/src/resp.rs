@@ -125,6 +125,22 @@ fn memchr_cr(hay: &[u8]) -> Option<usize> {
     hay.iter().position(|&b| b == b'\r')
 }
 
+/// A length header (`$`, `*`, `%`, …) as Redis accepts it: `-1` or a decimal
+/// with no sign and no leading zero. Redis refuses `$+4` or `$04` and closes
+/// the connection; the sidecar forwards request bytes as they came, so a
+/// non-canonical header let through here would break a shared upstream
+/// connection for every other client on it.
+fn parse_len(digits: &[u8]) -> Result<i64, ProtocolError> {
+    let canonical = digits == b"-1"
+        || digits == b"0"
+        || (digits.first().is_some_and(|d| (b'1'..=b'9').contains(d))
+            && digits.iter().all(u8::is_ascii_digit));
+    if !canonical {
+        return Err(ProtocolError::InvalidLength);
+    }
+    parse_int(digits)
+}
+
 fn parse_int(digits: &[u8]) -> Result<i64, ProtocolError> {
     if digits.is_empty() || digits.len() > 20 {
         return Err(ProtocolError::InvalidInteger);
@@ -213,7 +229,7 @@ fn check_at(buf: &[u8], pos: usize, limits: &Limits, depth: usize) -> Result<Opt
             let Some((end, next)) = line(buf, pos + 1, header_max)? else {
                 return Ok(None);
             };
-            let len = parse_int(&buf[pos + 1..end])?;
+            let len = parse_len(&buf[pos + 1..end])?;
             if len == -1 && ty == b'$' {
                 return Ok(Some(next));
             }
@@ -237,7 +253,7 @@ fn check_at(buf: &[u8], pos: usize, limits: &Limits, depth: usize) -> Result<Opt
             let Some((end, mut next)) = line(buf, pos + 1, header_max)? else {
                 return Ok(None);
             };
-            let len = parse_int(&buf[pos + 1..end])?;
+            let len = parse_len(&buf[pos + 1..end])?;
             if len == -1 && ty == b'*' {
                 return Ok(Some(next));
             }
@@ -347,7 +363,7 @@ impl Checker {
                     let Some((end, next)) = line(buf, pos + 1, header_max)? else {
                         return Ok(None);
                     };
-                    let len = parse_int(&buf[pos + 1..end])?;
+                    let len = parse_len(&buf[pos + 1..end])?;
                     if len == -1 && ty == b'$' {
                         self.consume_one(next);
                         continue;
@@ -371,7 +387,7 @@ impl Checker {
                     let Some((end, next)) = line(buf, pos + 1, header_max)? else {
                         return Ok(None);
                     };
-                    let len = parse_int(&buf[pos + 1..end])?;
+                    let len = parse_len(&buf[pos + 1..end])?;
                     if len == -1 && ty == b'*' {
                         self.consume_one(next);
                         continue;
@@ -434,7 +450,7 @@ fn parse_at(buf: &Bytes, pos: usize) -> Result<(Frame, usize), ProtocolError> {
         b',' => (Frame::Double(body()), next),
         b'(' => (Frame::BigNumber(body()), next),
         b'$' | b'!' | b'=' => {
-            let len = parse_int(&buf[pos + 1..end])?;
+            let len = parse_len(&buf[pos + 1..end])?;
             if len < 0 {
                 return Ok((Frame::NullBulk, next));
             }
@@ -451,7 +467,7 @@ fn parse_at(buf: &Bytes, pos: usize) -> Result<(Frame, usize), ProtocolError> {
             (f, next + len + 2)
         }
         b'*' | b'~' | b'>' => {
-            let len = parse_int(&buf[pos + 1..end])?;
+            let len = parse_len(&buf[pos + 1..end])?;
             if len < 0 {
                 return Ok((Frame::NullArray, next));
             }
@@ -470,7 +486,7 @@ fn parse_at(buf: &Bytes, pos: usize) -> Result<(Frame, usize), ProtocolError> {
             (f, at)
         }
         b'%' | b'|' => {
-            let len = parse_int(&buf[pos + 1..end])?;
+            let len = parse_len(&buf[pos + 1..end])?;
             let mut pairs = Vec::with_capacity((len.max(0) as usize).min(1024));
             let mut at = next;
             for _ in 0..len {
@@ -770,6 +786,34 @@ mod tests {
         let bytes = "*1\r\n".repeat(100);
         let err = check(bytes.as_bytes(), &Limits::default()).unwrap_err();
         assert_eq!(err, ProtocolError::TooDeep(32));
+    }
+
+    #[test]
+    fn non_canonical_length_headers_are_refused_as_redis_refuses_them() {
+        for bytes in [
+            &b"*1\r\n$+4\r\nPING\r\n"[..],
+            b"*1\r\n$04\r\nPING\r\n",
+            b"*+1\r\n$4\r\nPING\r\n",
+            b"*01\r\n$4\r\nPING\r\n",
+        ] {
+            assert_eq!(
+                check(bytes, &Limits::default()).unwrap_err(),
+                ProtocolError::InvalidLength,
+                "{bytes:?}"
+            );
+            assert_eq!(
+                Checker::new(Limits::default()).check(bytes).unwrap_err(),
+                ProtocolError::InvalidLength,
+                "{bytes:?}"
+            );
+        }
+        assert!(
+            check(b"*1\r\n$4\r\nPING\r\n", &Limits::default())
+                .unwrap()
+                .is_some()
+        );
+        assert!(check(b"$-1\r\n", &Limits::default()).unwrap().is_some());
+        assert!(check(b"*0\r\n", &Limits::default()).unwrap().is_some());
     }
 
     #[test]

@@ -150,43 +150,6 @@ impl Conns {
         }
     }
 
-    /// Runs `cmd` on every address concurrently, each under the default
-    /// timeout; returns each node's outcome.
-    pub async fn query_all(&mut self, addrs: &[SocketAddr], cmd: &Cmd) -> Vec<(SocketAddr, Result<()>)> {
-        let timeout = self.timeout;
-        let mut ready = Vec::new();
-        let mut out = Vec::new();
-        for &addr in addrs {
-            match self.connection(addr).await {
-                Ok(c) => ready.push((addr, c)),
-                Err(e) => out.push((addr, Err(e))),
-            }
-        }
-        let futures = ready.into_iter().map(|(addr, mut conn)| async move {
-            let outcome = match tokio::time::timeout(timeout, cmd.query_async::<()>(&mut conn)).await {
-                Err(_) => Err(Error::Timeout {
-                    addr,
-                    command: describe(cmd),
-                    timeout,
-                }),
-                Ok(Err(source)) => Err(Error::Command {
-                    addr,
-                    command: describe(cmd),
-                    source,
-                }),
-                Ok(Ok(())) => Ok(()),
-            };
-            (addr, outcome)
-        });
-        for (addr, outcome) in futures_util::future::join_all(futures).await {
-            if matches!(outcome, Err(Error::Timeout { .. })) {
-                self.map.remove(&addr);
-            }
-            out.push((addr, outcome));
-        }
-        out
-    }
-
     /// A cache holding only the connection to `addr` from this one, if any:
     /// lets concurrent tasks each own a cache and hand it back with [`Conns::adopt`].
     pub fn split_for(&self, addr: SocketAddr) -> Conns {

@@ -242,12 +242,17 @@ async fn migrate_slots(
         .copied()
         .filter(|a| *a != to.addr && *a != from.addr)
         .collect();
+    // Concurrently, each on the cached connection to its node (as observe does).
     let broadcasts = others.iter().map(|&addr| {
-        let mut conns = Conns::new(conns.timeout());
+        let mut local = conns.split_for(addr);
         let assign = &assign;
-        async move { (addr, conns.pipeline(addr, assign).await) }
+        async move {
+            let outcome = local.pipeline(addr, assign).await;
+            (addr, outcome, local)
+        }
     });
-    for (addr, outcome) in futures_util::future::join_all(broadcasts).await {
+    for (addr, outcome, local) in futures_util::future::join_all(broadcasts).await {
+        conns.adopt(addr, local);
         if let Err(e) = outcome {
             debug!(%addr, error = %e, "owners not broadcast; gossip will tell it");
         }

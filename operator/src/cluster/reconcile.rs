@@ -60,11 +60,16 @@ pub struct Reconciler<P> {
     status_tx: watch::Sender<Option<CacheTierStatus>>,
 }
 
+/// Timeout of the reconciler's commands: the probe timeout, at least 200 ms.
+fn conn_timeout(tier: &TierConfig) -> Duration {
+    tier.health.response_timeout.max(Duration::from_millis(200))
+}
+
 impl<P: NodePool> Reconciler<P> {
     /// A reconciler for `tier` on `pool`. It starts with no memory: its first
     /// round sees whatever the pool and the cluster hold.
     pub fn new(pool: Arc<P>, tier: TierConfig) -> Self {
-        let conns = Conns::new(tier.health.response_timeout.max(Duration::from_millis(200)));
+        let conns = Conns::new(conn_timeout(&tier));
         let health = HealthMonitor::new(tier.health);
         let (status_tx, _) = watch::channel(None);
         Self {
@@ -87,7 +92,10 @@ impl<P: NodePool> Reconciler<P> {
     /// Changes the desired tier; the next round works towards it.
     pub fn set_tier(&mut self, tier: TierConfig) {
         self.health.set_config(tier.health);
-        self.conns = Conns::new(tier.health.response_timeout.max(Duration::from_millis(200)));
+        // Keep the cached connections (e.g. mid-reshard) unless their timeout changes.
+        if self.conns.timeout() != conn_timeout(&tier) {
+            self.conns = Conns::new(conn_timeout(&tier));
+        }
         self.tier = tier;
     }
 

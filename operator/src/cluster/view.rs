@@ -220,9 +220,11 @@ impl ClusterView {
                 if line.handshake {
                     continue;
                 }
+                // `others` never holds a `myself` line (report() splits it off);
+                // those are inserted below and win over hearsay.
                 let replace = match out.get(&line.id) {
                     None => true,
-                    Some(old) => !old.myself && line.config_epoch > old.config_epoch,
+                    Some(old) => line.config_epoch > old.config_epoch,
                 };
                 if replace {
                     out.insert(line.id.clone(), line.clone());
@@ -238,23 +240,22 @@ impl ClusterView {
     /// The owner of every slot: among all claims (a node's own line, or what
     /// others say of an unreachable node), the one with the highest config epoch.
     pub fn slot_owners(&self) -> Vec<Option<String>> {
-        let mut owners: Vec<Option<(u64, bool, String)>> = vec![None; usize::from(SLOTS)];
         let lines = self.all_lines();
+        let mut owners: Vec<Option<(u64, &str)>> = vec![None; usize::from(SLOTS)];
         for line in lines.values() {
             for &(a, b) in &line.slots {
                 for s in a..=b {
                     let cell = &mut owners[usize::from(s)];
-                    let better = match cell {
-                        None => true,
-                        Some((epoch, _, _)) => line.config_epoch > *epoch,
-                    };
-                    if better {
-                        *cell = Some((line.config_epoch, line.myself, line.id.clone()));
+                    if cell.is_none_or(|(epoch, _)| line.config_epoch > epoch) {
+                        *cell = Some((line.config_epoch, line.id.as_str()));
                     }
                 }
             }
         }
-        owners.into_iter().map(|o| o.map(|(_, _, id)| id)).collect()
+        owners
+            .into_iter()
+            .map(|o| o.map(|(_, id)| id.to_string()))
+            .collect()
     }
 
     /// The node id of a pool node: its own report, or what others say about its address.
@@ -272,13 +273,6 @@ impl ClusterView {
             .filter(|l| l.addr == Some(node.addr) && !l.handshake)
             .max_by_key(|l| l.config_epoch)
             .map(|l| l.id.clone())
-    }
-
-    /// The pool node with node id `id`.
-    pub fn by_id(&self, id: &str) -> Option<&NodeView> {
-        self.nodes
-            .iter()
-            .find(|v| self.id_of(&v.pool).as_deref() == Some(id))
     }
 }
 

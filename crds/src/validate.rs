@@ -114,8 +114,15 @@ pub fn parse_value(value: Value) -> Result<CacheTier, Invalid> {
         return Err(Invalid { problems });
     }
     let tier: CacheTier = serde_json::from_value(value).map_err(|e| Invalid::one(e.to_string()))?;
-    validate(&tier)?;
-    Ok(tier)
+    // The schema was checked above; the rules see the defaulted object, as on
+    // an API server (defaulting comes before CEL).
+    let defaulted = serde_json::to_value(&tier).map_err(|e| Invalid::one(e.to_string()))?;
+    let problems = rule_problems(&tier, &defaulted);
+    if problems.is_empty() {
+        Ok(tier)
+    } else {
+        Err(Invalid { problems })
+    }
 }
 
 /// Validates a CacheTier (defaults already applied) against the CRD's schema and
@@ -123,7 +130,19 @@ pub fn parse_value(value: Value) -> Result<CacheTier, Invalid> {
 pub fn validate(tier: &CacheTier) -> Result<(), Invalid> {
     let value = serde_json::to_value(tier).map_err(|e| Invalid::one(e.to_string()))?;
     let mut problems = schema_problems(&value);
-    if let Err(errors) = Validator::new().validate(schema(), &value, None) {
+    problems.extend(rule_problems(tier, &value));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Invalid { problems })
+    }
+}
+
+/// The CEL rules, evaluated on `value` (the serialized `tier`), and the
+/// checks CEL cannot express cheaply.
+fn rule_problems(tier: &CacheTier, value: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(errors) = Validator::new().validate(schema(), value, None) {
         problems.extend(errors.into_vec().into_iter().map(|e| e.to_string()));
     }
     // The CEL rule matches directive names as written; redis.conf is
@@ -146,11 +165,7 @@ pub fn validate(tier: &CacheTier) -> Result<(), Invalid> {
             owned.join(", ")
         ));
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Invalid { problems })
-    }
+    problems
 }
 
 /// Type, range, enum and pattern problems, with dotted field paths.

@@ -62,6 +62,32 @@ pub fn parse_info(text: &str) -> ReplicaInfo {
     r
 }
 
+/// What a replica may serve, from its last poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReadState {
+    /// No reads: loading, syncing, lagging, unknown, or not polled yet.
+    Closed = 0,
+    /// In stable sync (or promoted, see [`replica_state`]): takes reads.
+    Serving = 1,
+    /// Complete but cut off from its primary ([`replica_is_orphaned`]): reads
+    /// only while the primary itself is out of rotation (see `balance.rs`).
+    LastResort = 2,
+}
+
+/// The read state of a node in a shard's replica list, from its `INFO`.
+pub fn replica_state(info: &ReplicaInfo, primary_offset: Option<u64>, max_lag: u64) -> ReadState {
+    // A "replica" that reports role:master was promoted by a failover the
+    // topology has not caught up with: it holds the shard's freshest data.
+    if !info.is_replica || replica_may_serve(info, primary_offset, max_lag) {
+        ReadState::Serving
+    } else if replica_is_orphaned(info) {
+        ReadState::LastResort
+    } else {
+        ReadState::Closed
+    }
+}
+
 /// A replica that is complete but cut off from its primary: not loading, not
 /// syncing, link down. It gets no reads while its primary serves; when the
 /// primary is itself down it is the freshest copy there is, and serving it
@@ -117,23 +143,17 @@ pub async fn run(registry: Arc<Registry>, interval: Duration, max_lag: u64) {
                 let (p, rs) = futures_util::future::join(p, rs).await;
                 let primary_offset = p.and_then(|p| p.master_offset);
                 for (node, info) in replicas.iter().zip(rs) {
-                    // A "replica" that reports role:master was promoted by a
-                    // failover the topology has not caught up with: it holds
-                    // the shard's freshest data, so it may serve, and the
-                    // slot map needs a refresh now.
-                    let promoted = info.as_ref().is_some_and(|i| !i.is_replica);
-                    if promoted {
+                    // A promoted replica: the slot map needs a refresh now.
+                    if info.as_ref().is_some_and(|i| !i.is_replica) {
                         registry.request_refresh();
                     }
-                    let open = promoted
-                        || info
-                            .as_ref()
-                            .is_some_and(|i| replica_may_serve(i, primary_offset, max_lag));
-                    if node.gate_open() != open {
-                        tracing::info!(node = %node.addr, open, ?info, "replica read gate changed");
+                    let state = info
+                        .as_ref()
+                        .map_or(ReadState::Closed, |i| replica_state(i, primary_offset, max_lag));
+                    if node.read_state() != state {
+                        tracing::info!(node = %node.addr, ?state, ?info, "replica read gate changed");
                     }
-                    node.set_gate(open);
-                    node.set_orphaned(info.as_ref().is_some_and(replica_is_orphaned));
+                    node.set_read_state(state);
                 }
             });
         }
@@ -198,6 +218,22 @@ mod tests {
         );
         let loading = parse_info(&cut_off_text().replace("loading:0", "loading:1"));
         assert!(!replica_is_orphaned(&loading));
+    }
+
+    #[test]
+    fn the_read_state_combines_gate_orphan_and_promotion() {
+        let cut_off = parse_info(&cut_off_text());
+        assert_eq!(
+            replica_state(&parse_info(GOOD), Some(1000), 1024),
+            ReadState::Serving
+        );
+        assert_eq!(replica_state(&cut_off, Some(1000), 1024), ReadState::LastResort);
+        assert_eq!(
+            replica_state(&parse_info(SYNCING), Some(0), 1024),
+            ReadState::Closed
+        );
+        let promoted = parse_info("# Replication\r\nrole:master\r\nmaster_repl_offset:5\r\n");
+        assert_eq!(replica_state(&promoted, None, 1024), ReadState::Serving);
     }
 
     fn cut_off_text() -> String {

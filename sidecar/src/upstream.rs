@@ -13,7 +13,9 @@
 //! is the caller's decision; this module never retries.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+
+use crate::gate::ReadState;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -95,14 +97,9 @@ pub struct Node {
     latency: prometheus::Histogram,
     /// False after a watchdog closure or connect failure, until a probe succeeds.
     healthy: AtomicBool,
-    /// Replica read gate (see `gate.rs`); starts closed so a new replica gets
-    /// no reads before its first successful poll.
-    gate_open: AtomicBool,
-    /// A replica whose gate is closed only because its link to the primary is
-    /// down (not loading, not syncing): its data is complete up to the moment
-    /// the primary went away. Reads go to it only when the primary itself is
-    /// out of rotation (see `balance.rs`).
-    orphaned: AtomicBool,
+    /// Replica read gate, a [`ReadState`] (see `gate.rs`); starts `Closed` so
+    /// a new replica gets no reads before its first successful poll.
+    read_state: AtomicU8,
     in_flight: AtomicUsize,
     probing: AtomicBool,
     /// Set when the node leaves the topology; stops probes.
@@ -137,8 +134,7 @@ impl Node {
             settings,
             latency,
             healthy: AtomicBool::new(true),
-            gate_open: AtomicBool::new(false),
-            orphaned: AtomicBool::new(false),
+            read_state: AtomicU8::new(ReadState::Closed as u8),
             in_flight: AtomicUsize::new(0),
             probing: AtomicBool::new(false),
             retired: AtomicBool::new(false),
@@ -153,12 +149,28 @@ impl Node {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    pub fn read_state(&self) -> ReadState {
+        match self.read_state.load(Ordering::Relaxed) {
+            s if s == ReadState::Serving as u8 => ReadState::Serving,
+            s if s == ReadState::LastResort as u8 => ReadState::LastResort,
+            _ => ReadState::Closed,
+        }
+    }
+
+    pub fn set_read_state(&self, state: ReadState) {
+        self.read_state.store(state as u8, Ordering::Relaxed);
+    }
+
     pub fn gate_open(&self) -> bool {
-        self.gate_open.load(Ordering::Relaxed)
+        self.read_state() == ReadState::Serving
     }
 
     pub fn set_gate(&self, open: bool) {
-        self.gate_open.store(open, Ordering::Relaxed);
+        self.set_read_state(if open {
+            ReadState::Serving
+        } else {
+            ReadState::Closed
+        });
     }
 
     pub fn in_flight(&self) -> usize {
@@ -170,13 +182,9 @@ impl Node {
         self.is_healthy() && self.gate_open()
     }
 
-    pub fn set_orphaned(&self, orphaned: bool) {
-        self.orphaned.store(orphaned, Ordering::Relaxed);
-    }
-
-    /// May this node take reads when its primary is down? (See `orphaned`.)
+    /// May this node take reads when its primary is down? (See [`ReadState`].)
     pub fn last_resort_replica(&self) -> bool {
-        self.is_healthy() && self.orphaned.load(Ordering::Relaxed)
+        self.is_healthy() && self.read_state() == ReadState::LastResort
     }
 
     pub fn is_retired(&self) -> bool {
@@ -319,8 +327,7 @@ impl Node {
     pub fn mark_down(&self) {
         // A replica coming back must pass a fresh read-gate poll too (it may
         // have fallen behind while it was silent).
-        self.gate_open.store(false, Ordering::SeqCst);
-        self.orphaned.store(false, Ordering::SeqCst);
+        self.read_state.store(ReadState::Closed as u8, Ordering::SeqCst);
         if self.healthy.swap(false, Ordering::SeqCst) {
             tracing::warn!(node = %self.addr, "node out of rotation");
         }

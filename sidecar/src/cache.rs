@@ -410,12 +410,13 @@ async fn track(
         return format!("write: {e}");
     }
     let mut buf = BytesMut::with_capacity(4096);
-    let limits = Limits::upstream();
+    // Resumable: a large push arriving over many reads is checked once.
+    let mut checker = resp::Checker::new(Limits::upstream());
     let mut ping_sent: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut tick = tokio::time::interval(timeout.min(Duration::from_secs(1)));
     loop {
         loop {
-            let n = match resp::check(&buf, &limits) {
+            let n = match checker.check(&buf) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(e) => return format!("protocol: {e}"),

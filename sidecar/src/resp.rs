@@ -188,10 +188,15 @@ fn line(buf: &[u8], pos: usize, max: usize) -> Result<Option<(usize, usize)>, Pr
 
 /// Confirm that `buf` starts with one complete frame and return its length in
 /// bytes. `Ok(None)` means "need more bytes". Never allocates.
+///
+/// The straightforward recursive statement of the rules; production code uses
+/// the resumable [`Checker`], and the property tests hold the two equal.
+#[cfg(test)]
 pub fn check(buf: &[u8], limits: &Limits) -> Result<Option<usize>, ProtocolError> {
     check_at(buf, 0, limits, 0)
 }
 
+#[cfg(test)]
 fn check_at(buf: &[u8], pos: usize, limits: &Limits, depth: usize) -> Result<Option<usize>, ProtocolError> {
     if depth > limits.max_depth {
         return Err(ProtocolError::TooDeep(limits.max_depth));

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::CacheConfig;
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::resp::{self, Frame, Limits};
 use crate::slot;
@@ -94,13 +95,6 @@ impl std::fmt::Debug for LocalCache {
             .field("entries", &self.cache.entry_count())
             .field("bytes", &self.cache.weighted_size())
             .finish()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -31,3 +31,12 @@ pub mod upstream;
 pub use config::{CacheConfig, Config, ReadPolicy};
 pub use error::{Error, Result};
 pub use server::{NodeState, Sidecar, run};
+
+/// Locks a mutex, taking the data even if a panicking thread poisoned it: every
+/// mutex here guards plain state that stays consistent between statements.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

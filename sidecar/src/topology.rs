@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::resp::Frame;
 use crate::slot::SLOTS;
@@ -273,13 +274,6 @@ impl Registry {
                 tracing::warn!(error = %e, "topology refresh failed; keeping the previous topology");
             }
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use crate::gate::ReadState;
+use crate::lock;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -65,10 +66,7 @@ impl ConnState {
     fn close(&self, why: &UpstreamError) {
         self.dead.store(true, Ordering::SeqCst);
         self.closed.send_replace(true);
-        let drained: Vec<Pending> = match self.pending.lock() {
-            Ok(mut p) => p.drain(..).collect(),
-            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
-        };
+        let drained: Vec<Pending> = lock(&self.pending).drain(..).collect();
         for p in drained {
             let _ = p.tx.send(Err(why.clone()));
         }
@@ -359,13 +357,6 @@ impl Node {
             }
             node.probing.store(false, Ordering::SeqCst);
         });
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

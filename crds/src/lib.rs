@@ -7,6 +7,9 @@
 //! status the operator reports. It does not talk to Kubernetes or Redis; the
 //! operator and local mode both build on it.
 
+mod bounds;
+#[cfg(test)]
+mod cel_budget;
 mod spec;
 mod status;
 pub mod validate;

@@ -42,19 +42,63 @@ pub const OPERATOR_OWNED_SETTINGS: &[&str] = &[
     "aclfile",
 ];
 
+/// The shape of every duration in this resource (a Go duration: `500ms`, `1h30m`).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+/// The shape of `maxMemory`: whole bytes with an optional binary or decimal suffix.
+pub const MEMORY_PATTERN: &str = r"^[1-9][0-9]*(Ki|Mi|Gi|Ti|k|M|G|T)?$";
+
 /// The CEL rule that rejects operator-owned settings in `redisConfig`. Kept in one
 /// place so the list in the rule and [`OPERATOR_OWNED_SETTINGS`] cannot drift.
+///
+/// The rule is a key check per entry (`in` a constant list, `startsWith` a
+/// constant prefix), so its cost grows with the number of entries only, which
+/// the schema bounds. It matches names as written: lower-casing every key in CEL
+/// is what blew the API server's cost budget, so `PORT` is caught by
+/// [`crate::validate`] (the operator and local mode) instead.
 fn redis_config_rule() -> Rule {
     let owned = OPERATOR_OWNED_SETTINGS
         .iter()
         .map(|s| format!("'{s}'"))
         .collect::<Vec<_>>()
         .join(", ");
-    let offending =
-        format!("self.filter(k, k.lowerAscii() in [{owned}] || k.lowerAscii().startsWith('cluster-'))");
-    Rule::new(format!("size({offending}) == 0")).message(kube::core::Message::Expression(format!(
-        "'redisConfig may not set settings the operator owns: ' + {offending}.join(', ')"
+    // The message lists the offending names from the constant list (sizes known
+    // to the estimator), not from the user's keys.
+    Rule::new(format!(
+        "self.all(k, !(k in [{owned}]) && !k.startsWith('cluster-'))"
+    ))
+    .message(kube::core::Message::Expression(format!(
+        "'redisConfig may not set settings the operator owns: ' + ([{owned}].filter(s, s in self) \
+             + (self.exists(k, k.startsWith('cluster-')) ? ['cluster-*'] : [])).join(', ')"
     )))
+}
+
+/// A CEL rule on a duration field that first checks the field's pattern, so a
+/// malformed value gets only the schema's pattern message and not also a CEL
+/// "type conversion error" from `duration()`.
+fn duration_rule(field: &str, bounds: &str, message: &str) -> Rule {
+    let pattern = DURATION_PATTERN.replace('\\', "\\\\");
+    Rule::new(format!("!self.{field}.matches('{pattern}') || ({bounds})"))
+        .message(message)
+        .field_path(format!(".{field}"))
+}
+
+/// `maxMemory` below `resources.limits.memory`. Every value it reads is bounded
+/// by the schema (`maxMemory` and each quantity at most 32 characters, `limits`
+/// at most 16 entries), and `isQuantity` guards keep a malformed value to its
+/// schema message. `string()` accepts a limit written as a plain integer.
+fn max_memory_headroom_rule() -> Rule {
+    let limit = "string(self.resources.limits.memory)";
+    Rule::new(format!(
+        "!has(self.resources) || !has(self.resources.limits) || !('memory' in self.resources.limits) \
+         || !isQuantity(self.maxMemory) || !isQuantity({limit}) \
+         || quantity(self.maxMemory).isLessThan(quantity({limit}))"
+    ))
+    .message(
+        "maxMemory must be below resources.limits.memory: Redis needs headroom above maxmemory \
+         for replication buffers and fragmentation",
+    )
+    .field_path(".maxMemory")
 }
 
 /// A cache layer: a Redis Cluster of `shards` × (1 primary + `replicasPerShard`
@@ -103,9 +147,7 @@ fn redis_config_rule() -> Rule {
     validation = Rule::new("self.sidecar.readPolicy != 'replicasOnly' || self.replicasPerShard >= 1")
         .message("sidecar.readPolicy replicasOnly needs replicasPerShard >= 1: with no replicas every read would fall back to the primary")
         .field_path(".sidecar.readPolicy"),
-    validation = Rule::new("!has(self.resources) || !has(self.resources.limits) || !('memory' in self.resources.limits) || quantity(self.maxMemory).isLessThan(quantity(self.resources.limits.memory))")
-        .message("maxMemory must be below resources.limits.memory: Redis needs headroom above maxmemory for replication buffers and fragmentation")
-        .field_path(".maxMemory"),
+    validation = max_memory_headroom_rule(),
     validation = Rule::new("self.podDisruptionBudget.maxUnavailable <= self.shards * (1 + self.replicasPerShard)")
         .message("podDisruptionBudget.maxUnavailable cannot exceed the number of nodes (shards * (1 + replicasPerShard))")
         .field_path(".podDisruptionBudget.maxUnavailable")
@@ -125,12 +167,14 @@ pub struct CacheTierSpec {
 
     /// Redis server image for the cluster nodes (Redis 7 or newer).
     #[serde(default = "default_image")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 512))]
     pub image: String,
 
     /// Compute resources of each Redis container. Set `limits.memory` above
     /// `maxMemory`: replication buffers and fragmentation live outside maxmemory.
+    /// At most 16 requests and 16 limits, each quantity at most 32 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = crate::bounds::resource_requirements)]
     pub resources: Option<ResourceRequirements>,
 
     /// Memory Redis may use for data on each node (`maxmemory`), as a whole number
@@ -138,7 +182,7 @@ pub struct CacheTierSpec {
     /// Required: a cache without a bound is an outage waiting to happen. The
     /// replication backlog and replica output buffers are sized from it so that a
     /// full sync succeeds the first time.
-    #[schemars(regex(pattern = r"^[1-9][0-9]*(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    #[schemars(length(min = 1, max = 32), regex(pattern = MEMORY_PATTERN))]
     pub max_memory: String,
 
     /// What Redis evicts when `maxMemory` is reached (`maxmemory-policy`).
@@ -146,10 +190,13 @@ pub struct CacheTierSpec {
     pub max_memory_policy: MaxMemoryPolicy,
 
     /// Extra redis.conf settings, directive name to value, e.g.
-    /// `{"hz": "20", "repl-backlog-size": "256mb"}`. Settings the operator owns
-    /// (ports, addresses, files, replication, auth, maxmemory, `cluster-*`, …) are
-    /// rejected with a message naming them.
+    /// `{"hz": "20", "repl-backlog-size": "256mb"}`: at most 64 entries, each value
+    /// at most 1024 characters. Settings the operator owns (ports, addresses, files,
+    /// replication, auth, maxmemory, `cluster-*`, …) are rejected. The API server
+    /// matches their names as written; the operator also refuses them in any
+    /// letter case (`PORT`), with a message naming them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = crate::bounds::redis_config)]
     #[x_kube(validation = redis_config_rule())]
     pub redis_config: BTreeMap<String, String>,
 
@@ -251,11 +298,12 @@ pub struct AuthSpec {
     pub secret_name: String,
     /// Key in the Secret whose value is the password.
     #[serde(default = "default_password_key")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub password_key: String,
     /// Key in the Secret whose value is the ACL user name. Without it the
     /// `default` user is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub username_key: Option<String>,
 }
 
@@ -267,28 +315,34 @@ fn default_password_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("duration(self.probeInterval) >= duration('100ms') && duration(self.probeInterval) <= duration('1m')")
-        .message("health.probeInterval must be between 100ms and 1m")
-        .field_path(".probeInterval"),
-    validation = Rule::new("duration(self.responseTimeout) >= duration('10ms') && duration(self.responseTimeout) <= duration('30s')")
-        .message("health.responseTimeout must be between 10ms and 30s")
-        .field_path(".responseTimeout"),
-    validation = Rule::new("duration(self.evictAfter) >= duration('10s')")
-        .message("health.evictAfter must be at least 10s: shorter would replace replicas on a blip")
-        .field_path(".evictAfter")
+    validation = duration_rule(
+        "probeInterval",
+        "duration(self.probeInterval) >= duration('100ms') && duration(self.probeInterval) <= duration('1m')",
+        "health.probeInterval must be between 100ms and 1m",
+    ),
+    validation = duration_rule(
+        "responseTimeout",
+        "duration(self.responseTimeout) >= duration('10ms') && duration(self.responseTimeout) <= duration('30s')",
+        "health.responseTimeout must be between 10ms and 30s",
+    ),
+    validation = duration_rule(
+        "evictAfter",
+        "duration(self.evictAfter) >= duration('10s')",
+        "health.evictAfter must be at least 10s: shorter would replace replicas on a blip",
+    )
 )]
 pub struct HealthSpec {
     /// How often every node is probed (TCP connect + PING). Durations in this
     /// resource are Go durations: `500ms`, `1s`, `5m`, `1h30m`.
     #[serde(default = "one_second")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(length(min = 1, max = 32), regex(pattern = DURATION_PATTERN))]
     pub probe_interval: Duration,
     /// A node that has not answered a probe within this time has failed that
     /// probe; the sidecar closes an upstream connection whose oldest request has
     /// waited this long. The published lesson: no reply within one second means
     /// the connection is bad, not slow.
     #[serde(default = "one_second")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(length(min = 1, max = 32), regex(pattern = DURATION_PATTERN))]
     pub response_timeout: Duration,
     /// Consecutive failed probes after which a node is Failed (before that it is
     /// Suspect).
@@ -298,7 +352,7 @@ pub struct HealthSpec {
     /// How long a Failed replica may stay before it is removed from the cluster
     /// and replaced by a fresh replica of the same shard.
     #[serde(default = "default_evict_after")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(length(min = 1, max = 32), regex(pattern = DURATION_PATTERN))]
     pub evict_after: Duration,
 }
 
@@ -378,11 +432,19 @@ pub struct SidecarSpec {
     /// Where reads go.
     #[serde(default)]
     pub read_policy: ReadPolicy,
+    /// Read your own writes: after a client writes a key, its reads of that
+    /// key's slot go to the primary until a replica has caught up with the write,
+    /// so a client never reads an older value than the one it just wrote. Turn
+    /// off only where stale reads right after a write are acceptable.
+    #[serde(default = "default_true")]
+    pub read_your_writes: bool,
     /// The in-process cache for hot keys.
     #[serde(default)]
     pub local_cache: LocalCacheSpec,
-    /// Compute resources of the sidecar container.
+    /// Compute resources of the sidecar container (at most 16 requests and 16
+    /// limits, each quantity at most 32 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = crate::bounds::resource_requirements)]
     pub resources: Option<ResourceRequirements>,
 }
 
@@ -391,6 +453,7 @@ impl Default for SidecarSpec {
         Self {
             port: default_sidecar_port(),
             read_policy: ReadPolicy::default(),
+            read_your_writes: true,
             local_cache: LocalCacheSpec::default(),
             resources: None,
         }
@@ -399,6 +462,10 @@ impl Default for SidecarSpec {
 
 fn default_sidecar_port() -> i32 {
     6379
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The sidecar's local cache: hot keys under the configured prefixes are served
@@ -410,9 +477,11 @@ fn default_sidecar_port() -> i32 {
     validation = Rule::new("!self.enabled || (has(self.keyPrefixes) && size(self.keyPrefixes) > 0)")
         .message("sidecar.localCache.enabled needs at least one keyPrefixes entry: only opted-in prefixes are cached")
         .field_path(".keyPrefixes"),
-    validation = Rule::new("duration(self.ttl) > duration('0s') && duration(self.ttl) <= duration('1h')")
-        .message("sidecar.localCache.ttl must be more than 0s and at most 1h")
-        .field_path(".ttl")
+    validation = duration_rule(
+        "ttl",
+        "duration(self.ttl) > duration('0s') && duration(self.ttl) <= duration('1h')",
+        "sidecar.localCache.ttl must be more than 0s and at most 1h",
+    )
 )]
 pub struct LocalCacheSpec {
     /// Turns the local cache on.
@@ -424,7 +493,7 @@ pub struct LocalCacheSpec {
     pub key_prefixes: Vec<String>,
     /// Longest time an entry is served from the local cache (at most 1h).
     #[serde(default = "default_cache_ttl")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(length(min = 1, max = 32), regex(pattern = DURATION_PATTERN))]
     pub ttl: Duration,
     /// Upper bound of the cache's size in bytes (keys and values).
     #[serde(default = "default_cache_max_bytes")]

@@ -41,7 +41,7 @@ impl Invalid {
 }
 
 /// The CRD's `openAPIV3Schema`, computed once.
-fn schema() -> &'static Value {
+pub(crate) fn crd_schema() -> &'static Value {
     static SCHEMA: OnceLock<Value> = OnceLock::new();
     SCHEMA.get_or_init(|| {
         let crd = CacheTier::crd();
@@ -108,7 +108,7 @@ pub fn parse_value(value: Value) -> Result<CacheTier, Invalid> {
         return Err(Invalid::one("metadata.name: Required value"));
     }
     let mut problems = Vec::new();
-    unknown_fields(schema(), &value, "", &mut problems);
+    unknown_fields(crd_schema(), &value, "", &mut problems);
     problems.extend(schema_problems(&value));
     if !problems.is_empty() {
         return Err(Invalid { problems });
@@ -142,7 +142,7 @@ pub fn validate(tier: &CacheTier) -> Result<(), Invalid> {
 /// checks CEL cannot express cheaply.
 fn rule_problems(tier: &CacheTier, value: &Value) -> Vec<String> {
     let mut problems = Vec::new();
-    if let Err(errors) = Validator::new().validate(schema(), value, None) {
+    if let Err(errors) = Validator::new().validate(crd_schema(), value, None) {
         problems.extend(errors.into_vec().into_iter().map(|e| e.to_string()));
     }
     // The CEL rule matches directive names as written; redis.conf is
@@ -174,7 +174,7 @@ fn schema_problems(value: &Value) -> Vec<String> {
     let Some(validator) = VALIDATOR.get_or_init(|| {
         jsonschema::options()
             .with_draft(jsonschema::Draft::Draft4)
-            .build(schema())
+            .build(crd_schema())
             .ok()
     }) else {
         return vec!["internal error: the CRD schema does not compile".to_string()];
@@ -337,6 +337,49 @@ mod tests {
         }
     }
 
+    /// The minimal example, defaulted, as the JSON an API server's CEL rules see.
+    fn defaulted_minimal() -> Value {
+        let text = std::fs::read_to_string(examples_dir().join("minimal.yaml")).unwrap();
+        serde_json::to_value(parse_manifest(&text).unwrap()).unwrap()
+    }
+
+    /// An API server runs the CEL rules even on a value the schema's pattern
+    /// already refused; an unguarded `duration('soon')` then adds a "type
+    /// conversion error" to the pattern message.
+    #[test]
+    fn a_malformed_duration_gets_no_cel_error_beside_the_pattern_message() {
+        for pointer in [
+            "/spec/health/probeInterval",
+            "/spec/health/responseTimeout",
+            "/spec/health/evictAfter",
+            "/spec/sidecar/localCache/ttl",
+        ] {
+            let mut value = defaulted_minimal();
+            *value.pointer_mut(pointer).unwrap() = Value::from("soon");
+            let cel = Validator::new().validate(crd_schema(), &value, None);
+            assert!(cel.is_ok(), "{pointer}: {:?}", cel.err().map(|e| e.into_vec()));
+            assert!(
+                !schema_problems(&value).is_empty(),
+                "{pointer}: the pattern must refuse it"
+            );
+        }
+    }
+
+    #[test]
+    fn the_memory_headroom_rule_compares_quantities_in_any_unit() {
+        let mut value = defaulted_minimal();
+        value["spec"]["maxMemory"] = Value::from("1Gi");
+        value["spec"]["resources"] = serde_json::json!({"limits": {"memory": "1500M"}});
+        assert!(Validator::new().validate(crd_schema(), &value, None).is_ok());
+        value["spec"]["resources"]["limits"]["memory"] = Value::from("1000M");
+        let errors = Validator::new().validate(crd_schema(), &value, None).unwrap_err();
+        let text = format!("{:?}", errors.into_vec());
+        assert!(
+            text.contains("maxMemory must be below resources.limits.memory"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn integer_bounds_read_as_integers_in_messages() {
         let text = std::fs::read_to_string(examples_dir().join("invalid/shards-zero.yaml")).unwrap();
@@ -403,7 +446,7 @@ mod tests {
             }
         }
         let mut missing = Vec::new();
-        walk(schema(), "", &mut missing);
+        walk(crd_schema(), "", &mut missing);
         assert!(missing.is_empty(), "fields without a description: {missing:?}");
     }
 }

@@ -100,5 +100,13 @@ fn the_api_server_rejects_every_invalid_example_with_its_message() {
                 "{path}: expected {fragment:?} in {stderr:?}"
             );
         }
+        // `# server-never:` names words that must not be in the refusal (e.g. a
+        // CEL conversion error beside the schema's own pattern message).
+        for fragment in text.lines().filter_map(|l| l.strip_prefix("# server-never: ")) {
+            assert!(
+                !stderr.contains(fragment.trim_end()),
+                "{path}: {fragment:?} must not be in {stderr:?}"
+            );
+        }
     }
 }

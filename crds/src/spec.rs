@@ -237,6 +237,46 @@ pub struct CacheTierSpec {
     /// The PodDisruptionBudget the operator creates for the tier's pods.
     #[serde(default)]
     pub pod_disruption_budget: PodDisruptionBudgetSpec,
+
+    /// How the operator spreads Redis pods over Kubernetes nodes when `affinity`
+    /// is not set: `shard` (default) prefers different nodes for the pods of one
+    /// shard, so losing a node never takes a primary and its replicas; `tier`
+    /// prefers different nodes for every pod of the tier; `none` adds nothing.
+    #[serde(default)]
+    pub anti_affinity: AntiAffinity,
+
+    /// PriorityClass of the Redis pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+
+    /// Secrets for pulling `image` from a private registry (names in the
+    /// tier's namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    pub image_pull_secrets: Vec<String>,
+
+    /// Extra labels on the Redis pods. The operator's own labels
+    /// (`cachetier.io/*`, `app.kubernetes.io/*`) win over these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+
+    /// Extra annotations on the Redis pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+}
+
+/// Default spreading of a tier's Redis pods over Kubernetes nodes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AntiAffinity {
+    /// Prefer different Kubernetes nodes for the pods of one shard.
+    #[default]
+    Shard,
+    /// Prefer different Kubernetes nodes for every pod of the tier.
+    Tier,
+    /// No anti-affinity from the operator.
+    None,
 }
 
 fn default_replicas_per_shard() -> i32 {

@@ -9,5 +9,6 @@
 
 pub mod cluster;
 pub mod local;
+pub mod reconcile;
 
 pub use cluster::error::{Error, Result};

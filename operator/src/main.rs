@@ -2,6 +2,7 @@
 //!
 //! Subcommands:
 //! - `crd`: print the CacheTier CustomResourceDefinition as YAML.
+//! - `render`: print the Kubernetes objects a CacheTier becomes.
 //! - `local`: run a CacheTier on local `redis-server` processes with a sidecar in front.
 
 use std::net::SocketAddr;
@@ -30,6 +31,18 @@ enum Command {
     /// `crds/cachetier.yaml` is exactly this output; `scripts/generate.sh`
     /// rewrites it and `scripts/generate.sh --check` fails on drift.
     Crd,
+    /// Print the Kubernetes objects (YAML) the operator applies for a CacheTier
+    /// manifest: ConfigMap, Services, a StatefulSet and a PodDisruptionBudget
+    /// per shard.
+    ///
+    /// Offline, like `helm template`: a manifest without `metadata.namespace`
+    /// renders into `default`, and the owner reference carries a placeholder
+    /// UID (the API server assigns the real one).
+    Render {
+        /// The CacheTier manifest (YAML).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
     /// Run a CacheTier on local redis-server processes, with a sidecar in
     /// front, until Ctrl-C.
     ///
@@ -73,6 +86,21 @@ fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => print!("{}", cachetier_crds::crd_yaml()?),
+        Command::Render { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            match cachetier_operator::reconcile::render_manifest(&text) {
+                Ok(yaml) => print!("{yaml}"),
+                Err(Error::Invalid(invalid)) => {
+                    eprintln!("{} is not a valid CacheTier:", file.display());
+                    for problem in &invalid.problems {
+                        eprintln!("  {problem}");
+                    }
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Command::Local {
             file,
             base_port,

@@ -85,6 +85,9 @@ pub enum Error {
         /// What went wrong, naming the address or setting involved.
         detail: String,
     },
+    /// A Kubernetes object could not be rendered (a bug, not a user error).
+    #[error("cannot render a Kubernetes object: {0}")]
+    Render(String),
     /// The operation was asked to stop before it finished.
     #[error("gave up after {waited:?}: {what}")]
     Deadline {
@@ -110,6 +113,7 @@ impl Error {
             Self::Invalid(_) => "invalid",
             Self::Sidecar { .. } => "sidecar",
             Self::Deadline { .. } => "deadline",
+            Self::Render(_) => "render",
         }
     }
 

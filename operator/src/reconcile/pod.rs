@@ -1,0 +1,396 @@
+//! One shard's StatefulSet and the Redis pod it runs.
+//!
+//! `podManagementPolicy: Parallel` creates a shard's pods at once (the core
+//! joins them); `updateStrategy: OnDelete` leaves restarts to the core's
+//! graceful replace (replicas first, a primary after a failover), never to the
+//! StatefulSet controller.
+
+use std::collections::BTreeMap;
+
+use cachetier_crds::{AntiAffinity, CacheTier};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector, PodAffinityTerm,
+    PodAntiAffinity, PodReadinessGate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecurityContext, SleepAction, TCPSocketAction, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::names::{BUS_PORT, Context, REDIS_PORT, config_map_name, headless_service_name, shard_name};
+use super::objects::{DATA_DIR, REDIS_CONF_KEY};
+
+/// The pod condition the operator sets once a node serves (its slots, or reads
+/// as an in-sync replica); the pod is Ready only then.
+pub const SERVING_CONDITION: &str = "cachetier.io/serving";
+/// UID and GID of the `redis` user in the official Redis images.
+const REDIS_UID: i64 = 999;
+/// Where the ConfigMap is mounted.
+const CONFIG_DIR: &str = "/etc/cachetier";
+/// How long a terminating Redis keeps serving, so the cluster (and the core)
+/// notice and promote a replica before the process exits.
+const PRE_STOP_SECONDS: i64 = 5;
+/// Grace period of a Redis pod: the pre-stop pause plus a clean shutdown.
+const TERMINATION_GRACE_SECONDS: i64 = 30;
+
+/// The StatefulSet of `shard`.
+pub(super) fn stateful_set(ctx: &Context, tier: &CacheTier, shard: u32) -> StatefulSet {
+    let labels = ctx.shard_labels(shard);
+    StatefulSet {
+        metadata: ctx.meta(shard_name(&ctx.name, shard), labels.clone()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1 + tier.spec.replicas_per_shard),
+            service_name: Some(headless_service_name(&ctx.name)),
+            pod_management_policy: Some("Parallel".to_string()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".to_string()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(ctx.shard_selector(shard)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels(tier, labels)),
+                    annotations: (!tier.spec.pod_annotations.is_empty())
+                        .then(|| tier.spec.pod_annotations.clone()),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec(ctx, tier, shard)),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+/// The user's pod labels under the operator's own (which win).
+fn pod_labels(tier: &CacheTier, own: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut labels = tier.spec.pod_labels.clone();
+    labels.extend(own);
+    labels
+}
+
+fn pod_spec(ctx: &Context, tier: &CacheTier, shard: u32) -> PodSpec {
+    let spec = &tier.spec;
+    PodSpec {
+        containers: vec![redis_container(ctx, tier)],
+        volumes: Some(vec![
+            Volume {
+                name: "config".to_string(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: config_map_name(&ctx.name),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "data".to_string(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+        ]),
+        readiness_gates: Some(vec![PodReadinessGate {
+            condition_type: SERVING_CONDITION.to_string(),
+        }]),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(REDIS_UID),
+            run_as_group: Some(REDIS_UID),
+            fs_group: Some(REDIS_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_string(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        // Pods reach Redis by IP and DNS; nothing in the pod needs the API.
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        affinity: spec
+            .affinity
+            .clone()
+            .or_else(|| default_affinity(ctx, spec.anti_affinity, shard)),
+        node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
+        tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+        topology_spread_constraints: (!spec.topology_spread_constraints.is_empty())
+            .then(|| spec.topology_spread_constraints.clone()),
+        priority_class_name: spec.priority_class_name.clone(),
+        image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| {
+            spec.image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect()
+        }),
+        ..PodSpec::default()
+    }
+}
+
+/// Preferred (not required) anti-affinity, so a small cluster still schedules
+/// every pod.
+fn default_affinity(ctx: &Context, mode: AntiAffinity, shard: u32) -> Option<Affinity> {
+    let selector = match mode {
+        AntiAffinity::Shard => ctx.shard_selector(shard),
+        AntiAffinity::Tier => ctx.tier_selector(),
+        AntiAffinity::None => return None,
+    };
+    Some(Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    topology_key: "kubernetes.io/hostname".to_string(),
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(selector),
+                        ..LabelSelector::default()
+                    }),
+                    ..PodAffinityTerm::default()
+                },
+            }]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    })
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_string(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_string(),
+                key: key.to_string(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// `redis-server <conf> --<per-pod setting> …`. The pod's DNS name comes from
+/// the downward API (`$(POD_NAME)`), the password from the Secret through an
+/// environment variable: neither is in the ConfigMap.
+fn redis_args(ctx: &Context, tier: &CacheTier) -> (Vec<String>, Vec<EnvVar>) {
+    let hostname = format!(
+        "$(POD_NAME).{}.$(POD_NAMESPACE).svc",
+        headless_service_name(&ctx.name)
+    );
+    let mut args = vec![
+        format!("{CONFIG_DIR}/{REDIS_CONF_KEY}"),
+        "--cluster-announce-hostname".to_string(),
+        hostname,
+        "--cluster-announce-ip".to_string(),
+        "$(POD_IP)".to_string(),
+    ];
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+    ];
+    if let Some(auth) = &tier.spec.auth {
+        env.push(secret_env(
+            "REDIS_PASSWORD",
+            &auth.secret_name,
+            &auth.password_key,
+        ));
+        args.extend(
+            [
+                "--requirepass",
+                "$(REDIS_PASSWORD)",
+                "--masterauth",
+                "$(REDIS_PASSWORD)",
+            ]
+            .map(String::from),
+        );
+        if let Some(user_key) = &auth.username_key {
+            env.push(secret_env("REDIS_USERNAME", &auth.secret_name, user_key));
+            args.extend(["--masteruser", "$(REDIS_USERNAME)"].map(String::from));
+        }
+    }
+    (args, env)
+}
+
+fn tcp_probe(period: i32, failures: i32) -> Probe {
+    Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::String("redis".to_string()),
+            ..TCPSocketAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(1),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn redis_container(ctx: &Context, tier: &CacheTier) -> Container {
+    let (args, env) = redis_args(ctx, tier);
+    Container {
+        name: "redis".to_string(),
+        image: Some(tier.spec.image.clone()),
+        command: Some(vec!["redis-server".to_string()]),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("redis".to_string()),
+                container_port: REDIS_PORT,
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("cluster-bus".to_string()),
+                container_port: BUS_PORT,
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            },
+        ]),
+        resources: tier.spec.resources.clone(),
+        // Alive means "accepts TCP": a replica in a full sync is alive and must
+        // not be restarted for being busy. Serving is the readiness gate's job,
+        // set by the operator from what it observes; the TCP readiness probe
+        // only keeps a pod that stopped accepting connections out of the
+        // client Service at once.
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(10),
+            ..tcp_probe(10, 6)
+        }),
+        readiness_probe: Some(tcp_probe(2, 2)),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SECONDS,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".to_string(),
+                mount_path: CONFIG_DIR.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "data".to_string(),
+                mount_path: DATA_DIR.to_string(),
+                ..VolumeMount::default()
+            },
+        ]),
+        working_dir: Some(DATA_DIR.to_string()),
+        ..Container::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::SHARD_LABEL;
+
+    fn tier(extra: &str) -> CacheTier {
+        let yaml = format!(
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {{name: t, namespace: ns, uid: u-1}}\nspec: {{shards: 2, maxMemory: 1Gi{extra}}}\n"
+        );
+        cachetier_crds::validate::parse_manifest(&yaml).unwrap()
+    }
+
+    #[test]
+    fn a_shard_spreads_over_nodes_by_default_and_the_knob_changes_the_scope() {
+        let t = tier("");
+        let ctx = Context::of(&t).unwrap();
+        let affinity = default_affinity(&ctx, AntiAffinity::Shard, 1).unwrap();
+        let term = &affinity
+            .pod_anti_affinity
+            .unwrap()
+            .preferred_during_scheduling_ignored_during_execution
+            .unwrap()[0];
+        let labels = term
+            .pod_affinity_term
+            .label_selector
+            .clone()
+            .unwrap()
+            .match_labels
+            .unwrap();
+        assert_eq!(labels.get(SHARD_LABEL).map(String::as_str), Some("1"));
+        let tier_wide = default_affinity(&ctx, AntiAffinity::Tier, 1).unwrap();
+        let term = &tier_wide
+            .pod_anti_affinity
+            .unwrap()
+            .preferred_during_scheduling_ignored_during_execution
+            .unwrap()[0];
+        assert!(
+            !term
+                .pod_affinity_term
+                .label_selector
+                .clone()
+                .unwrap()
+                .match_labels
+                .unwrap()
+                .contains_key(SHARD_LABEL)
+        );
+        assert!(default_affinity(&ctx, AntiAffinity::None, 1).is_none());
+    }
+
+    #[test]
+    fn the_password_reaches_redis_from_the_secret_and_never_appears_in_plain_text() {
+        let t = tier(", auth: {secretName: s, usernameKey: user}");
+        let ctx = Context::of(&t).unwrap();
+        let (args, env) = redis_args(&ctx, &t);
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--requirepass", "$(REDIS_PASSWORD)"])
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--masteruser", "$(REDIS_USERNAME)"])
+        );
+        let password = env.iter().find(|e| e.name == "REDIS_PASSWORD").unwrap();
+        let key = password
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!((key.name.as_str(), key.key.as_str()), ("s", "password"));
+    }
+
+    #[test]
+    fn the_operators_labels_win_over_the_users_pod_labels() {
+        let t = tier(", podLabels: {cachetier.io/tier: other, team: a}");
+        let set = stateful_set(&Context::of(&t).unwrap(), &t, 0);
+        let labels = set.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        assert_eq!(labels["cachetier.io/tier"], "t");
+        assert_eq!(labels["team"], "a");
+    }
+}

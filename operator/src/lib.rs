@@ -8,6 +8,7 @@
 //! The `cachetier-operator` binary (`main.rs`) is a thin command-line shell over it.
 
 pub mod cluster;
+pub mod controller;
 pub mod inject;
 pub mod local;
 pub mod reconcile;

@@ -2,6 +2,7 @@
 //!
 //! Subcommands:
 //! - `crd`: print the CacheTier CustomResourceDefinition as YAML.
+//! - `run`: the Kubernetes controller (in a pod, or outside with `KUBECONFIG`).
 //! - `render`: print the Kubernetes objects a CacheTier becomes.
 //! - `local`: run a CacheTier on local `redis-server` processes with a sidecar in front.
 
@@ -31,6 +32,35 @@ enum Command {
     /// `crds/cachetier.yaml` is exactly this output; `scripts/generate.sh`
     /// rewrites it and `scripts/generate.sh --check` fails on drift.
     Crd,
+    /// Run the Kubernetes controller: reconcile every CacheTier into Redis
+    /// Cluster pods, with leader election, until SIGTERM.
+    ///
+    /// In a pod it uses the ServiceAccount; outside a cluster, KUBECONFIG. It
+    /// must reach pods by their IPs (in-cluster, or a network that routes pod
+    /// IPs, e.g. kind's nodes from the host).
+    Run {
+        /// Serve /metrics, /livez and /readyz here.
+        #[arg(long, default_value = "0.0.0.0:8080", env = "CACHETIER_METRICS")]
+        metrics: SocketAddr,
+        /// Watch only this namespace (default: every namespace).
+        #[arg(long, env = "CACHETIER_WATCH_NAMESPACE")]
+        namespace: Option<String>,
+        /// Namespace of the leader-election Lease (the operator's own).
+        #[arg(long, default_value = "default", env = "POD_NAMESPACE")]
+        lease_namespace: String,
+        /// Name of the leader-election Lease.
+        #[arg(long, default_value = "cachetier-operator")]
+        lease_name: String,
+        /// This replica's identity in the Lease (default: the pod name or host name).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Lease duration: how long a standby waits for a silent leader.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+        lease_seconds: u64,
+        /// `text` (default) or `json` logs on stderr.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
     /// Print the Kubernetes objects (YAML) the operator applies for a CacheTier
     /// manifest: ConfigMap, Services, a StatefulSet and a PodDisruptionBudget
     /// per shard.
@@ -86,6 +116,33 @@ fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => print!("{}", cachetier_crds::crd_yaml()?),
+        Command::Run {
+            metrics,
+            namespace,
+            lease_namespace,
+            lease_name,
+            identity,
+            lease_seconds,
+            log_format,
+        } => {
+            init_logs(&log_format, "info");
+            let identity = identity
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| format!("cachetier-operator-{}", std::process::id()));
+            let options = cachetier_operator::controller::RunOptions {
+                metrics,
+                namespace,
+                lease_namespace,
+                lease_name,
+                identity,
+                lease_seconds,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            if let Err(e) = runtime.block_on(cachetier_operator::controller::run(options)) {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Render { file } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
@@ -111,13 +168,7 @@ fn main() -> anyhow::Result<ExitCode> {
             sidecar_metrics,
             no_sidecar,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            init_logs("text", "warn");
             let sidecar = (!no_sidecar && !until_ready).then_some(SidecarOptions {
                 port: sidecar_port,
                 metrics: sidecar_metrics,
@@ -151,4 +202,19 @@ fn main() -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs on stderr, filtered by `RUST_LOG` (default `default_level`), as text
+/// or as one JSON object per line.
+fn init_logs(format: &str, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -85,6 +85,18 @@ pub enum Error {
         /// What went wrong, naming the address or setting involved.
         detail: String,
     },
+    /// A Kubernetes API call failed.
+    #[error("{context}: {source}")]
+    Kubernetes {
+        /// What was being done.
+        context: String,
+        /// The client's error.
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// Leader election failed.
+    #[error("leader election: {0}")]
+    Lease(String),
     /// A Kubernetes object could not be rendered (a bug, not a user error).
     #[error("cannot render a Kubernetes object: {0}")]
     Render(String),
@@ -114,6 +126,8 @@ impl Error {
             Self::Sidecar { .. } => "sidecar",
             Self::Deadline { .. } => "deadline",
             Self::Render(_) => "render",
+            Self::Kubernetes { .. } => "kubernetes",
+            Self::Lease(_) => "lease",
         }
     }
 

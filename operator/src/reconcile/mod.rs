@@ -81,6 +81,13 @@ pub fn desired(tier: &CacheTier) -> Result<Vec<Desired>, Error> {
     Ok(out)
 }
 
+/// The StatefulSet of one shard, as [`desired`] builds it (the node pool
+/// creates a new shard's StatefulSet with it).
+pub fn shard_stateful_set(tier: &CacheTier, shard: u32) -> Result<StatefulSet, Error> {
+    let ctx = names::Context::of(tier)?;
+    Ok(pod::stateful_set(&ctx, tier, shard))
+}
+
 /// `objects` as one multi-document YAML stream (what `cachetier-operator
 /// render` prints and the golden files hold).
 pub fn to_yaml(objects: &[Desired]) -> Result<String, Error> {

@@ -3,7 +3,9 @@
 //! `podManagementPolicy: Parallel` creates a shard's pods at once (the core
 //! joins them); `updateStrategy: OnDelete` leaves restarts to the core's
 //! graceful replace (replicas first, a primary after a failover), never to the
-//! StatefulSet controller.
+//! StatefulSet controller. `replicas` is left out on purpose: the Kubernetes
+//! node pool owns it (under its own field manager), because only the core
+//! knows when a node may go (after a failover, after its slots moved).
 
 use std::collections::BTreeMap;
 
@@ -41,7 +43,6 @@ pub(super) fn stateful_set(ctx: &Context, tier: &CacheTier, shard: u32) -> State
     StatefulSet {
         metadata: ctx.meta(shard_name(&ctx.name, shard), labels.clone()),
         spec: Some(StatefulSetSpec {
-            replicas: Some(1 + tier.spec.replicas_per_shard),
             service_name: Some(headless_service_name(&ctx.name)),
             pod_management_policy: Some("Parallel".to_string()),
             update_strategy: Some(StatefulSetUpdateStrategy {

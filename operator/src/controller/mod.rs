@@ -1,0 +1,171 @@
+//! The Kubernetes controller (`cachetier-operator run`): turns each CacheTier
+//! into its objects (from [`crate::reconcile`]), runs the tier's cluster core on
+//! a pod-backed [`pool::KubePool`], and reports status and Events.
+//!
+//! High availability: every replica watches, only the holder of a
+//! `coordination.k8s.io/v1` Lease acts. A replica that loses the lease stops
+//! every cluster core at once and reconciles nothing until it leads again; a
+//! standby takes over within the lease duration.
+//!
+//! Not here: what the objects look like ([`crate::reconcile`]) or how the
+//! cluster converges ([`crate::cluster`]).
+
+pub mod cores;
+pub mod metrics;
+pub mod pool;
+#[cfg(test)]
+mod rbac_tests;
+pub mod reconcile;
+pub mod report;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cachetier_crds::CacheTier;
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::runtime::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube_lease_manager::LeaseManagerBuilder;
+use tracing::{info, warn};
+
+use self::cores::Cores;
+use self::metrics::Metrics;
+use self::reconcile::{Context, error_policy, reconcile};
+use crate::cluster::error::Error;
+use crate::reconcile::{FIELD_MANAGER, TIER_LABEL};
+
+/// A poison-tolerant lock: a panicked holder leaves plain data behind.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How `run` is set up.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Where `/metrics`, `/livez` and `/readyz` are served.
+    pub metrics: SocketAddr,
+    /// Watch CacheTiers in this namespace only (all namespaces when `None`).
+    pub namespace: Option<String>,
+    /// Namespace of the leader-election Lease.
+    pub lease_namespace: String,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// This replica's identity in the Lease (the pod name in a cluster).
+    pub identity: String,
+    /// Lease duration in seconds: how long a standby waits for a silent leader.
+    pub lease_seconds: u64,
+}
+
+fn kube(context: &str) -> impl Fn(kube::Error) -> Error + '_ {
+    move |e| Error::Kubernetes {
+        context: context.to_string(),
+        source: Box::new(e),
+    }
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C.
+pub async fn run(options: RunOptions) -> Result<(), Error> {
+    let client = kube::Client::try_default().await.map_err(kube(
+        "connecting to the API server (in-cluster config or KUBECONFIG)",
+    ))?;
+    let metrics = Arc::new(Metrics::new().map_err(|e| Error::Render(e.to_string()))?);
+    tokio::spawn(metrics::serve(options.metrics, metrics.clone()).await?);
+
+    let lease = LeaseManagerBuilder::new(client.clone(), &options.lease_name)
+        .with_namespace(&options.lease_namespace)
+        .with_identity(&options.identity)
+        .with_duration(options.lease_seconds)
+        .with_grace(options.lease_seconds.div_ceil(3).max(1))
+        .with_field_manager(FIELD_MANAGER)
+        .build()
+        .await
+        .map_err(|e| Error::Lease(e.to_string()))?;
+    let (leader, lease_task) = lease.watch().await;
+
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.to_string(),
+        instance: Some(options.identity.clone()),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Recorder::new(client.clone(), reporter),
+        metrics.clone(),
+        leader.clone(),
+        Some(Cores::default()),
+    ));
+    tokio::spawn(follow_leadership(leader, ctx.clone()));
+
+    let ns = options.namespace.as_deref();
+    let tiers: Api<CacheTier> = scoped(&client, ns);
+    let owned = watcher::Config::default().labels(TIER_LABEL);
+    let controller = Controller::new(tiers, watcher::Config::default())
+        .owns(scoped::<StatefulSet>(&client, ns), owned.clone())
+        .owns(scoped::<Service>(&client, ns), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, ns), owned.clone())
+        // A pod's phase and IP matter to the core: reconcile its tier.
+        .watches(scoped::<Pod>(&client, ns), owned, |pod: Pod| {
+            let tier = pod.metadata.labels.as_ref()?.get(TIER_LABEL)?.clone();
+            Some(ObjectRef::<CacheTier>::new(&tier).within(pod.metadata.namespace.as_deref()?))
+        })
+        .shutdown_on_signal();
+    metrics.set_ready(true);
+    info!(identity = %options.identity, "controller started");
+    controller
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|outcome| async move {
+            if let Err(e) = outcome {
+                warn!(error = %e, "controller");
+            }
+        })
+        .await;
+    metrics.set_ready(false);
+    if let Some(cores) = &ctx.cores {
+        cores.stop_all();
+    }
+    lease_task.abort();
+    info!("controller stopped");
+    Ok(())
+}
+
+/// An API for `K` in `namespace`, or in every namespace.
+fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Stops every cluster core the moment the lease is lost, and keeps the
+/// leader and tiers gauges current.
+async fn follow_leadership(mut leader: tokio::sync::watch::Receiver<bool>, ctx: Arc<Context>) {
+    loop {
+        let leading = *leader.borrow_and_update();
+        ctx.metrics.leader.set(i64::from(leading));
+        if !leading && let Some(cores) = &ctx.cores {
+            if !cores.is_empty() {
+                warn!("lost the lease: stopping every cluster core");
+            }
+            cores.stop_all();
+        }
+        ctx.metrics.tiers.set(
+            ctx.cores
+                .as_ref()
+                .map_or(0, |c| i64::try_from(c.len()).unwrap_or(0)),
+        );
+        if leader.changed().await.is_err() {
+            return;
+        }
+    }
+}

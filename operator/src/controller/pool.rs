@@ -1,0 +1,363 @@
+//! The Kubernetes [`NodePool`]: a node is a pod `{tier}-{shard}-{ordinal}` of
+//! the shard's StatefulSet, reached by its pod IP and named in the cluster by
+//! its stable DNS name.
+//!
+//! The core decides when nodes come and go; this pool carries it out on the
+//! StatefulSets. It owns only `spec.replicas` (under its own field manager,
+//! [`POOL_FIELD_MANAGER`]); the controller owns the rest of each StatefulSet.
+//! Creating a node applies the shard's StatefulSet if it is missing and raises
+//! its replicas; destroying the highest ordinal lowers them (the last one
+//! deletes the StatefulSet); destroying another ordinal deletes the pod, which
+//! the StatefulSet recreates empty under the same name.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use cachetier_crds::CacheTier;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+use crate::cluster::config::TierConfig;
+use crate::cluster::error::Error;
+use crate::cluster::pool::{NodePool, PoolNode, node_name};
+use crate::reconcile::{self, FIELD_MANAGER, SHARD_LABEL, TIER_LABEL};
+
+/// The field manager of the pool's `spec.replicas` patches.
+pub const POOL_FIELD_MANAGER: &str = "cachetier-operator-pool";
+/// Longest `create` waits for the new pod to run and accept connections; a
+/// pod still Pending then fails the step, and the next round tries again.
+const CREATE_WAIT: Duration = Duration::from_secs(120);
+/// Redis client port in every pod.
+const REDIS_PORT: u16 = 6379;
+/// Cluster bus port in every pod.
+const BUS_PORT: u16 = 16379;
+
+/// The pods of one tier.
+#[derive(Debug, Clone)]
+pub struct KubePool {
+    pods: Api<Pod>,
+    sets: Api<StatefulSet>,
+    namespace: String,
+    /// The latest CacheTier, for building a shard's StatefulSet on demand.
+    tier: Arc<RwLock<CacheTier>>,
+    /// The core creates a shard's nodes in parallel; their read-then-raise of
+    /// `replicas` must not interleave (a later "1" would undo an earlier "2").
+    scaling: Arc<tokio::sync::Mutex<()>>,
+}
+
+fn kube_error(context: &str, e: kube::Error) -> Error {
+    Error::Kubernetes {
+        context: context.to_string(),
+        source: Box::new(e),
+    }
+}
+
+impl KubePool {
+    /// A pool for `tier` (as stored by the API server).
+    pub fn new(client: kube::Client, tier: CacheTier) -> Self {
+        let namespace = tier.metadata.namespace.clone().unwrap_or_default();
+        Self {
+            pods: Api::namespaced(client.clone(), &namespace),
+            sets: Api::namespaced(client, &namespace),
+            namespace,
+            tier: Arc::new(RwLock::new(tier)),
+            scaling: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Makes `tier` the one new StatefulSets are built from.
+    pub fn update(&self, tier: CacheTier) {
+        if let Ok(mut current) = self.tier.write() {
+            *current = tier;
+        }
+    }
+
+    fn tier_name(&self) -> String {
+        self.tier
+            .read()
+            .ok()
+            .and_then(|t| t.metadata.name.clone())
+            .unwrap_or_default()
+    }
+
+    fn current_tier(&self) -> Result<CacheTier, Error> {
+        self.tier
+            .read()
+            .map(|t| t.clone())
+            .map_err(|_| Error::Render("tier lock poisoned".into()))
+    }
+
+    async fn set_replicas(&self, name: &str, replicas: i32) -> Result<(), Error> {
+        let patch = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name}, "spec": {"replicas": replicas}});
+        let params = PatchParams::apply(POOL_FIELD_MANAGER).force();
+        self.sets
+            .patch(name, &params, &Patch::Apply(&patch))
+            .await
+            .map_err(|e| kube_error(&format!("scaling StatefulSet {name} to {replicas}"), e))?;
+        Ok(())
+    }
+
+    /// Waits until `pod` runs and accepts TCP on the Redis port.
+    async fn wait_running(&self, pod: &str, shard: u32, ordinal: u32) -> Result<PoolNode, Error> {
+        let deadline = tokio::time::Instant::now() + CREATE_WAIT;
+        loop {
+            if let Some(found) = self.pods.get_opt(pod).await.map_err(|e| kube_error(pod, e))?
+                && let Some(node) = self.to_node(&found)
+                && tokio::net::TcpStream::connect(node.addr).await.is_ok()
+            {
+                debug_assert_eq!((node.shard, node.ordinal), (shard, ordinal));
+                return Ok(node);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::NodeStart {
+                    name: pod.to_string(),
+                    detail: format!(
+                        "pod not running and accepting connections after {CREATE_WAIT:?} (Pending? see `kubectl describe pod {pod}`)"
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// A running pod as a pool node; `None` for a pod without an IP yet, one
+    /// being deleted, or one this tier did not create.
+    fn to_node(&self, pod: &Pod) -> Option<PoolNode> {
+        if pod.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
+        let name = pod.metadata.name.clone()?;
+        let labels = pod.metadata.labels.as_ref()?;
+        let shard: u32 = labels.get(SHARD_LABEL)?.parse().ok()?;
+        let ordinal: u32 = name.rsplit('-').next()?.parse().ok()?;
+        let tier = labels.get(TIER_LABEL)?;
+        if name != node_name(tier, shard, ordinal) {
+            return None;
+        }
+        let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+        Some(PoolNode {
+            hostname: Some(reconcile::node_dns_name(tier, &self.namespace, &name)),
+            name,
+            shard,
+            ordinal,
+            addr: SocketAddr::new(ip, REDIS_PORT),
+            bus_port: BUS_PORT,
+            pid: None,
+        })
+    }
+}
+
+/// (shard, ordinal) from a node name `{tier}-{shard}-{ordinal}`.
+fn parse_node(tier: &str, name: &str) -> Option<(u32, u32)> {
+    let rest = name.strip_prefix(tier)?.strip_prefix('-')?;
+    let (shard, ordinal) = rest.split_once('-')?;
+    Some((shard.parse().ok()?, ordinal.parse().ok()?))
+}
+
+impl NodePool for KubePool {
+    async fn create(&self, _tier: &TierConfig, shard: u32, ordinal: u32) -> Result<PoolNode, Error> {
+        let tier = self.tier_name();
+        let set_name = reconcile::shard_name(&tier, shard);
+        let scaling = self.scaling.lock().await;
+        let existing = self
+            .sets
+            .get_opt(&set_name)
+            .await
+            .map_err(|e| kube_error(&set_name, e))?;
+        let replicas = match existing {
+            Some(set) => set.spec.and_then(|s| s.replicas).unwrap_or(1),
+            None => {
+                let set = reconcile::shard_stateful_set(&self.current_tier()?, shard)?;
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                self.sets
+                    .patch(&set_name, &params, &Patch::Apply(&set))
+                    .await
+                    .map_err(|e| kube_error(&format!("creating StatefulSet {set_name}"), e))?;
+                0
+            }
+        };
+        let wanted = i32::try_from(ordinal + 1).unwrap_or(i32::MAX);
+        if replicas < wanted {
+            self.set_replicas(&set_name, wanted).await?;
+        }
+        drop(scaling);
+        self.wait_running(&node_name(&tier, shard, ordinal), shard, ordinal)
+            .await
+    }
+
+    async fn destroy(&self, name: &str) -> Result<(), Error> {
+        let tier = self.tier_name();
+        let Some((shard, ordinal)) = parse_node(&tier, name) else {
+            return Ok(());
+        };
+        let set_name = reconcile::shard_name(&tier, shard);
+        let _scaling = self.scaling.lock().await;
+        let Some(set) = self
+            .sets
+            .get_opt(&set_name)
+            .await
+            .map_err(|e| kube_error(&set_name, e))?
+        else {
+            return Ok(());
+        };
+        let replicas = set.spec.and_then(|s| s.replicas).unwrap_or(1);
+        let last = u32::try_from(replicas).unwrap_or(0).saturating_sub(1);
+        if ordinal == 0 && replicas <= 1 {
+            self.sets
+                .delete(&set_name, &DeleteParams::foreground())
+                .await
+                .map_err(|e| kube_error(&format!("deleting StatefulSet {set_name}"), e))?;
+        } else if ordinal == last {
+            self.set_replicas(&set_name, replicas - 1).await?;
+        } else {
+            match self.pods.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(kube_error(&format!("deleting pod {name}"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<PoolNode>, Error> {
+        let selector = format!("{TIER_LABEL}={}", self.tier_name());
+        let pods = self
+            .pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| kube_error("listing the tier's pods", e))?;
+        let mut nodes: Vec<PoolNode> = pods.items.iter().filter_map(|p| self.to_node(p)).collect();
+        nodes.sort_by_key(|n| (n.shard, n.ordinal));
+        Ok(nodes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_parse_back_to_shard_and_ordinal_even_with_dashes_in_the_tier() {
+        assert_eq!(parse_node("product-cache", "product-cache-2-1"), Some((2, 1)));
+        assert_eq!(parse_node("product-cache", "product-cache-x-1"), None);
+        assert_eq!(parse_node("product-cache", "other-2-1"), None);
+    }
+}
+
+/// The pool against kube's mock API server.
+#[cfg(test)]
+mod api_tests {
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn pool() -> (KubePool, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let tier: CacheTier = serde_json::from_value(json!({
+            "apiVersion": "cachetier.io/v1alpha1", "kind": "CacheTier",
+            "metadata": {"name": "t", "namespace": "ns", "uid": "u"},
+            "spec": {"shards": 1, "maxMemory": "1Gi"}
+        }))
+        .unwrap();
+        (KubePool::new(client, tier), handle)
+    }
+
+    fn pod(name: &str, ip: Option<&str>, deleting: bool) -> Value {
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns", "labels": {"cachetier.io/tier": "t", "cachetier.io/shard": "0"}},
+            "spec": {"containers": []},
+            "status": {"phase": if ip.is_some() { "Running" } else { "Pending" }}
+        });
+        if let Some(ip) = ip {
+            pod["status"]["podIP"] = json!(ip);
+        }
+        if deleting {
+            pod["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
+        }
+        pod
+    }
+
+    async fn answer(handle: &mut Handle, body: Value) -> (String, String) {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .expect("no request")
+            .expect("client gone");
+        let seen = (request.method().to_string(), request.uri().to_string());
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+        seen
+    }
+
+    #[tokio::test]
+    async fn only_running_pods_with_an_ip_are_nodes_named_by_their_dns_name() {
+        let (pool, mut handle) = pool();
+        let listing = tokio::spawn(async move { pool.list().await });
+        let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+            pod("t-0-1", Some("10.1.0.8"), false),
+            pod("t-0-0", Some("10.1.0.7"), false),
+            pod("t-0-2", None, false),
+            pod("t-0-3", Some("10.1.0.9"), true),
+        ]});
+        let (method, uri) = answer(&mut handle, list).await;
+        assert_eq!(method, "GET");
+        assert!(uri.contains("labelSelector=cachetier.io%2Ftier%3Dt"), "{uri}");
+        let nodes = listing.await.unwrap().unwrap();
+        let names: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.addr.to_string()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("t-0-0", "10.1.0.7:6379".to_string()),
+                ("t-0-1", "10.1.0.8:6379".to_string())
+            ]
+        );
+        assert_eq!(nodes[0].hostname.as_deref(), Some("t-0-0.t-nodes.ns.svc"));
+    }
+
+    fn set(replicas: i32) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "t-0", "namespace": "ns"},
+               "spec": {"replicas": replicas, "selector": {}, "serviceName": "t-nodes", "template": {}}})
+    }
+
+    #[tokio::test]
+    async fn destroying_a_middle_node_deletes_its_pod_and_the_last_one_scales_down() {
+        let (pool, mut handle) = pool();
+        let p = pool.clone();
+        let middle = tokio::spawn(async move { p.destroy("t-0-1").await });
+        assert_eq!(answer(&mut handle, set(3)).await.0, "GET");
+        let (method, uri) = answer(&mut handle, pod("t-0-1", None, true)).await;
+        assert_eq!(
+            (method.as_str(), uri.as_str()),
+            ("DELETE", "/api/v1/namespaces/ns/pods/t-0-1?")
+        );
+        middle.await.unwrap().unwrap();
+
+        let p = pool.clone();
+        let last = tokio::spawn(async move { p.destroy("t-0-2").await });
+        assert_eq!(answer(&mut handle, set(3)).await.0, "GET");
+        let (method, uri) = answer(&mut handle, set(2)).await;
+        assert_eq!(method, "PATCH");
+        assert!(
+            uri.starts_with("/apis/apps/v1/namespaces/ns/statefulsets/t-0?")
+                && uri.contains("fieldManager=cachetier-operator-pool"),
+            "{uri}"
+        );
+        last.await.unwrap().unwrap();
+    }
+}

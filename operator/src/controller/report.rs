@@ -1,0 +1,245 @@
+//! What the controller writes back: the status it publishes and the Events it
+//! records, as pure functions of the previous and the new status.
+//!
+//! Status is written on meaningful change only (and at a slow period), so a
+//! probe's moving round-trip time does not rewrite the object and trigger the
+//! tier's own reconciles. Per-node round-trip times and lag live in metrics;
+//! the status keeps roles, health, serving and reasons.
+
+use cachetier_crds::validate::Invalid;
+use cachetier_crds::{CONDITION_PROGRESSING, CONDITION_READY, CacheTierSpec, CacheTierStatus, Phase};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::{Event, EventType};
+
+use crate::reconcile::TIER_LABEL;
+
+/// The status as published: volatile per-node figures removed, the scale
+/// subresource's selector filled in.
+pub fn publishable(mut status: CacheTierStatus, tier: &str, generation: Option<i64>) -> CacheTierStatus {
+    for node in status.shards.iter_mut().flat_map(|s| s.nodes.iter_mut()) {
+        node.rtt_micros = None;
+        node.lag_bytes = None;
+    }
+    status.selector = Some(format!("{TIER_LABEL}={tier}"));
+    status.observed_generation = generation;
+    status
+}
+
+/// Whether `next` says something `previous` did not (condition timestamps
+/// aside: they change only with a condition's status anyway).
+pub fn changed(previous: Option<&CacheTierStatus>, next: &CacheTierStatus) -> bool {
+    previous != Some(next)
+}
+
+/// The status of a tier whose core has not observed it yet: the last status
+/// written, or Bootstrapping with the node count the spec asks for.
+pub fn bootstrapping(previous: Option<&CacheTierStatus>, spec: &CacheTierSpec) -> CacheTierStatus {
+    if let Some(previous) = previous.filter(|p| p.phase.is_some_and(|p| p != Phase::Invalid)) {
+        return previous.clone();
+    }
+    let total = i32::try_from(spec.total_nodes()).unwrap_or(i32::MAX);
+    CacheTierStatus {
+        phase: Some(Phase::Bootstrapping),
+        total_nodes: total,
+        ready: Some(format!("0/{total}")),
+        conditions: vec![Condition {
+            type_: CONDITION_PROGRESSING.to_string(),
+            status: "True".to_string(),
+            reason: "Bootstrapping".to_string(),
+            message: "creating the tier's pods".to_string(),
+            observed_generation: None,
+            last_transition_time: Time(Timestamp::now()),
+        }],
+        ..CacheTierStatus::default()
+    }
+}
+
+/// The status of a tier whose spec is invalid: nothing else is touched.
+pub fn invalid_status(
+    previous: Option<&CacheTierStatus>,
+    invalid: &Invalid,
+    tier: &str,
+    generation: Option<i64>,
+) -> CacheTierStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    let message = invalid.problems.join("; ");
+    let since = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_READY && c.reason == "InvalidSpec" && c.message == message)
+        .map_or_else(|| Time(Timestamp::now()), |c| c.last_transition_time.clone());
+    status.conditions.retain(|c| c.type_ != CONDITION_READY);
+    status.conditions.push(Condition {
+        type_: CONDITION_READY.to_string(),
+        status: "False".to_string(),
+        reason: "InvalidSpec".to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    });
+    status.phase = Some(Phase::Invalid);
+    publishable(status, tier, generation)
+}
+
+fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
+    Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_string(),
+        secondary: None,
+    }
+}
+
+/// The Events that the step from `previous` to `next` is worth: phase changes,
+/// a new failover, a new eviction.
+pub fn events_between(previous: Option<&CacheTierStatus>, next: &CacheTierStatus) -> Vec<Event> {
+    let mut out = Vec::new();
+    let before = previous.and_then(|p| p.phase);
+    if next.phase != before
+        && let Some(phase) = next.phase
+    {
+        let (type_, reason, note) = match phase {
+            Phase::Ready => (
+                EventType::Normal,
+                "Ready",
+                "every slot is served and every node is healthy".to_string(),
+            ),
+            Phase::Bootstrapping => (
+                EventType::Normal,
+                "Bootstrapping",
+                "creating nodes and forming the cluster".to_string(),
+            ),
+            Phase::Scaling => (
+                EventType::Normal,
+                "Scaling",
+                "moving slots or changing replicas".to_string(),
+            ),
+            Phase::Degraded => (
+                EventType::Warning,
+                "Degraded",
+                condition_message(next, "Degraded"),
+            ),
+            Phase::Unavailable => (
+                EventType::Warning,
+                "Unavailable",
+                condition_message(next, CONDITION_READY),
+            ),
+            Phase::Invalid => (
+                EventType::Warning,
+                "InvalidSpec",
+                condition_message(next, CONDITION_READY),
+            ),
+        };
+        out.push(event(type_, reason, "Reconcile", note));
+    }
+    if let Some(f) = &next.last_failover
+        && previous.and_then(|p| p.last_failover.as_ref()) != Some(f)
+    {
+        out.push(event(
+            EventType::Warning,
+            "Failover",
+            "Failover",
+            format!(
+                "shard {}: {} replaced {} as primary ({})",
+                f.shard, f.to, f.from, f.reason
+            ),
+        ));
+    }
+    if let Some(e) = &next.last_eviction
+        && previous.and_then(|p| p.last_eviction.as_ref()) != Some(e)
+    {
+        out.push(event(
+            EventType::Warning,
+            "Evicted",
+            "Evict",
+            format!(
+                "shard {}: {} removed and replaced ({})",
+                e.shard, e.node, e.reason
+            ),
+        ));
+    }
+    out
+}
+
+fn condition_message(status: &CacheTierStatus, type_: &str) -> String {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cachetier_crds::{FailoverRecord, NodeStatus, ShardStatus};
+
+    fn status(phase: Phase) -> CacheTierStatus {
+        CacheTierStatus {
+            phase: Some(phase),
+            shards: vec![ShardStatus {
+                nodes: vec![NodeStatus {
+                    name: "t-0-0".into(),
+                    rtt_micros: Some(120),
+                    lag_bytes: Some(0),
+                    serving: true,
+                    ..NodeStatus::default()
+                }],
+                ..ShardStatus::default()
+            }],
+            ..CacheTierStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_moving_round_trip_time_does_not_rewrite_the_status() {
+        let a = publishable(status(Phase::Ready), "t", Some(1));
+        let mut moved = status(Phase::Ready);
+        moved.shards[0].nodes[0].rtt_micros = Some(9000);
+        let b = publishable(moved, "t", Some(1));
+        assert!(!changed(Some(&a), &b));
+        assert_eq!(b.selector.as_deref(), Some("cachetier.io/tier=t"));
+        assert!(changed(
+            Some(&a),
+            &publishable(status(Phase::Degraded), "t", Some(1))
+        ));
+    }
+
+    #[test]
+    fn a_phase_change_and_a_new_failover_each_become_one_event() {
+        let before = status(Phase::Bootstrapping);
+        let mut after = status(Phase::Ready);
+        assert_eq!(events_between(Some(&before), &after).len(), 1);
+        assert!(events_between(Some(&after), &after).is_empty());
+        after.last_failover = Some(FailoverRecord {
+            time: "now".into(),
+            shard: 1,
+            from: "t-1-0".into(),
+            to: "t-1-1".into(),
+            reason: "Automatic".into(),
+        });
+        let events = events_between(Some(&status(Phase::Ready)), &after);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].reason, "Failover");
+    }
+
+    #[test]
+    fn an_invalid_spec_says_why_in_the_ready_condition_and_keeps_its_transition_time() {
+        let invalid = Invalid {
+            problems: vec!["spec.shards: 0 is less than the minimum of 1".into()],
+        };
+        let first = invalid_status(None, &invalid, "t", Some(3));
+        let ready = &first.conditions[0];
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert_eq!(ready.observed_generation, Some(3));
+        let again = invalid_status(Some(&first), &invalid, "t", Some(3));
+        assert!(!changed(Some(&first), &again));
+        assert_eq!(first.phase, Some(Phase::Invalid));
+    }
+}

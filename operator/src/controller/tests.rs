@@ -1,0 +1,187 @@
+//! Controller wiring against kube's mock API server (the ApiServerVerifier
+//! pattern): every request the reconcile makes is checked in order, and
+//! answered as an API server would.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cachetier_crds::CacheTier;
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::metrics::Metrics;
+use super::reconcile::{Context, reconcile};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn tier(extra: &str) -> CacheTier {
+    let yaml = format!(
+        "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {{name: t, namespace: ns, uid: uid-1, generation: 2}}\nspec: {{shards: 2, replicasPerShard: 1, maxMemory: 1Gi{extra}}}\n"
+    );
+    let value: Value = yaml_serde::from_str(&yaml).unwrap();
+    serde_json::from_value(value).unwrap()
+}
+
+fn context(leader: bool) -> (Arc<Context>, Handle, watch::Sender<bool>) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let reporter = Reporter {
+        controller: "cachetier-operator".into(),
+        instance: Some("test".into()),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let (tx, rx) = watch::channel(leader);
+    let metrics = Arc::new(Metrics::new().unwrap());
+    (
+        Arc::new(Context::new(client, recorder, metrics, rx, None)),
+        handle,
+        tx,
+    )
+}
+
+/// One request: method, path and query, and the JSON body.
+async fn next(
+    handle: &mut Handle,
+) -> (
+    String,
+    String,
+    Value,
+    tower_test::mock::SendResponse<Response<Body>>,
+) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("the reconcile made no further request")
+        .expect("the client went away");
+    let method = request.method().to_string();
+    let uri = request.uri().to_string();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (method, uri, body, send)
+}
+
+fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
+    send.send_response(
+        Response::builder()
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap(),
+    );
+}
+
+#[tokio::test]
+async fn a_new_tier_is_applied_object_by_object_then_its_status_is_written() {
+    let (ctx, mut handle, _leader) = context(true);
+    let t = Arc::new(tier(""));
+    let task = tokio::spawn(reconcile(t.clone(), ctx));
+    let expected = [
+        "/api/v1/namespaces/ns/configmaps/t-config",
+        "/api/v1/namespaces/ns/services/t-nodes",
+        "/api/v1/namespaces/ns/services/t",
+        "/apis/apps/v1/namespaces/ns/statefulsets/t-0",
+        "/apis/policy/v1/namespaces/ns/poddisruptionbudgets/t-0",
+        "/apis/apps/v1/namespaces/ns/statefulsets/t-1",
+        "/apis/policy/v1/namespaces/ns/poddisruptionbudgets/t-1",
+    ];
+    for path in expected {
+        let (method, uri, body, send) = next(&mut handle).await;
+        assert_eq!(method, "PATCH", "{uri}");
+        assert!(uri.starts_with(&format!("{path}?")), "expected {path}, got {uri}");
+        assert!(
+            uri.contains("fieldManager=cachetier-operator") && uri.contains("force=true"),
+            "{uri}"
+        );
+        assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "uid-1", "{uri}");
+        if path.contains("statefulsets") {
+            assert!(
+                body["spec"].get("replicas").is_none(),
+                "replicas belong to the node pool: {body}"
+            );
+        }
+        respond(send, &body);
+    }
+    let (method, uri, body, send) = next(&mut handle).await;
+    assert_eq!(method, "PATCH");
+    assert!(
+        uri.starts_with("/apis/cachetier.io/v1alpha1/namespaces/ns/cachetiers/t/status?"),
+        "{uri}"
+    );
+    assert_eq!(body["status"]["phase"], "Bootstrapping");
+    assert_eq!(body["status"]["selector"], "cachetier.io/tier=t");
+    assert_eq!(body["status"]["observedGeneration"], 2);
+    respond(send, &serde_json::to_value(t.as_ref()).unwrap());
+    // Bootstrapping is worth an Event.
+    let (method, uri, body, send) = next(&mut handle).await;
+    assert_eq!(
+        (method.as_str(), uri.as_str()),
+        ("POST", "/apis/events.k8s.io/v1/namespaces/ns/events?")
+    );
+    assert_eq!(body["reason"], "Bootstrapping");
+    respond(send, &body);
+    let action = task.await.unwrap().unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(super::reconcile::RESYNC)
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_spec_touches_no_object_and_says_why_in_a_condition_and_an_event() {
+    let (ctx, mut handle, _leader) = context(true);
+    // Passes the API server's CEL rule (names are matched as written) but not
+    // the operator's case-insensitive check.
+    let t = Arc::new(tier(", redisConfig: {PORT: '7000'}"));
+    let task = tokio::spawn(reconcile(t.clone(), ctx.clone()));
+    let (method, uri, body, send) = next(&mut handle).await;
+    assert_eq!(method, "PATCH");
+    assert!(
+        uri.starts_with("/apis/cachetier.io/v1alpha1/namespaces/ns/cachetiers/t/status?"),
+        "{uri}"
+    );
+    assert_eq!(body["status"]["phase"], "Invalid");
+    let ready = &body["status"]["conditions"][0];
+    assert_eq!(
+        (
+            ready["type"].as_str(),
+            ready["status"].as_str(),
+            ready["reason"].as_str()
+        ),
+        (Some("Ready"), Some("False"), Some("InvalidSpec"))
+    );
+    assert!(
+        ready["message"].as_str().unwrap().contains("operator owns: PORT"),
+        "{ready}"
+    );
+    respond(send, &serde_json::to_value(t.as_ref()).unwrap());
+    let (method, _, body, send) = next(&mut handle).await;
+    assert_eq!(method, "POST");
+    assert_eq!(
+        (body["reason"].as_str(), body["type"].as_str()),
+        (Some("InvalidSpec"), Some("Warning"))
+    );
+    respond(send, &body);
+    let action = task.await.unwrap().unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+    assert!(
+        ctx.metrics
+            .render()
+            .contains("cachetier_operator_reconcile_errors_total{reason=\"invalid\"} 1")
+    );
+}
+
+#[tokio::test]
+async fn a_replica_without_the_lease_makes_no_request_at_all() {
+    let (ctx, mut handle, leader) = context(true);
+    leader.send_replace(false);
+    let action = reconcile(Arc::new(tier("")), ctx).await.unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(super::reconcile::RESYNC)
+    );
+    let request = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
+    assert!(
+        request.is_err() || request.is_ok_and(|r| r.is_none()),
+        "a standby sent a request"
+    );
+}

@@ -12,5 +12,6 @@ pub mod controller;
 pub mod inject;
 pub mod local;
 pub mod reconcile;
+pub mod webhook;
 
 pub use cluster::error::{Error, Result};

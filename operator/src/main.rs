@@ -14,6 +14,9 @@ use cachetier_operator::Error;
 use cachetier_operator::local::{self, LocalOptions, SidecarOptions};
 use clap::{Parser, Subcommand};
 
+/// The sidecar image injected by default (built from `sidecar/Dockerfile`).
+const DEFAULT_SIDECAR_IMAGE: &str = concat!("ghcr.io/cachetier/sidecar:", env!("CARGO_PKG_VERSION"));
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cachetier-operator",
@@ -25,6 +28,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print the CacheTier CustomResourceDefinition (YAML) on stdout.
@@ -60,6 +65,32 @@ enum Command {
         /// `text` (default) or `json` logs on stderr.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+        /// Serve the sidecar-injection webhook (HTTPS) here.
+        #[arg(long, default_value = "0.0.0.0:9443", env = "CACHETIER_WEBHOOK_ADDR")]
+        webhook_addr: SocketAddr,
+        /// Do not serve the webhook.
+        #[arg(long)]
+        no_webhook: bool,
+        /// Read the webhook's tls.crt and tls.key from this directory (e.g. a
+        /// cert-manager Secret) instead of making a certificate.
+        #[arg(long, env = "CACHETIER_WEBHOOK_CERT_DIR")]
+        webhook_cert_dir: Option<PathBuf>,
+        /// Secret (in the operator's namespace) that keeps a made certificate.
+        #[arg(long, default_value = "cachetier-webhook-tls")]
+        webhook_secret: String,
+        /// The webhook's Service (the certificate names its DNS names).
+        #[arg(
+            long,
+            default_value = "cachetier-operator-webhook",
+            env = "CACHETIER_WEBHOOK_SERVICE"
+        )]
+        webhook_service: String,
+        /// The MutatingWebhookConfiguration whose caBundle is kept current.
+        #[arg(long, default_value = "cachetier-operator")]
+        webhook_configuration: String,
+        /// The sidecar image the webhook injects.
+        #[arg(long, default_value = DEFAULT_SIDECAR_IMAGE, env = "CACHETIER_SIDECAR_IMAGE")]
+        sidecar_image: String,
     },
     /// Print the Kubernetes objects (YAML) the operator applies for a CacheTier
     /// manifest: ConfigMap, Services, a StatefulSet and a PodDisruptionBudget
@@ -124,11 +155,33 @@ fn main() -> anyhow::Result<ExitCode> {
             identity,
             lease_seconds,
             log_format,
+            webhook_addr,
+            no_webhook,
+            webhook_cert_dir,
+            webhook_secret,
+            webhook_service,
+            webhook_configuration,
+            sidecar_image,
         } => {
             init_logs(&log_format, "info");
             let identity = identity
                 .or_else(|| std::env::var("HOSTNAME").ok())
                 .unwrap_or_else(|| format!("cachetier-operator-{}", std::process::id()));
+            use cachetier_operator::webhook::tls::Source;
+            let certificate = match webhook_cert_dir {
+                Some(dir) => Source::Files(dir),
+                None => Source::Generated {
+                    namespace: lease_namespace.clone(),
+                    secret: webhook_secret,
+                    service: webhook_service,
+                    configuration: webhook_configuration,
+                },
+            };
+            let webhook = (!no_webhook).then_some(cachetier_operator::controller::WebhookOptions {
+                addr: webhook_addr,
+                certificate,
+                sidecar_image,
+            });
             let options = cachetier_operator::controller::RunOptions {
                 metrics,
                 namespace,
@@ -136,6 +189,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 lease_name,
                 identity,
                 lease_seconds,
+                webhook,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             if let Err(e) = runtime.block_on(cachetier_operator::controller::run(options)) {

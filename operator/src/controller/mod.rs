@@ -62,6 +62,19 @@ pub struct RunOptions {
     pub identity: String,
     /// Lease duration in seconds: how long a standby waits for a silent leader.
     pub lease_seconds: u64,
+    /// The sidecar-injection webhook, when this replica serves it.
+    pub webhook: Option<WebhookOptions>,
+}
+
+/// How the webhook is served.
+#[derive(Debug, Clone)]
+pub struct WebhookOptions {
+    /// HTTPS address.
+    pub addr: SocketAddr,
+    /// Where its certificate comes from.
+    pub certificate: crate::webhook::tls::Source,
+    /// The sidecar image it injects.
+    pub sidecar_image: String,
 }
 
 fn kube(context: &str) -> impl Fn(kube::Error) -> Error + '_ {
@@ -106,7 +119,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let ns = options.namespace.as_deref();
     let tiers: Api<CacheTier> = scoped(&client, ns);
     let owned = watcher::Config::default().labels(TIER_LABEL);
-    let controller = Controller::new(tiers, watcher::Config::default())
+    let controller = Controller::new(tiers, watcher::Config::default());
+    if let Some(webhook) = &options.webhook {
+        start_webhook(&client, webhook, controller.store()).await?;
+    }
+    let controller = controller
         .owns(scoped::<StatefulSet>(&client, ns), owned.clone())
         .owns(scoped::<Service>(&client, ns), owned.clone())
         .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
@@ -133,6 +150,34 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     }
     lease_task.abort();
     info!("controller stopped");
+    Ok(())
+}
+
+/// Loads (or makes) the webhook's certificate, publishes its CA, and serves.
+/// Every replica serves the webhook, leader or not.
+async fn start_webhook(
+    client: &kube::Client,
+    options: &WebhookOptions,
+    tiers: kube::runtime::reflector::Store<CacheTier>,
+) -> Result<(), Error> {
+    use crate::webhook::tls;
+    let pem = tls::load(client, &options.certificate).await?;
+    let certs = tls::Certificates::new(pem)?;
+    if let tls::Source::Generated { configuration, .. } = &options.certificate {
+        // A missing configuration (webhook not installed) is not fatal here:
+        // keep_current retries and logs.
+        if let Err(e) = tls::publish_ca(client, configuration, &certs.ca()).await {
+            warn!(error = %e, "cannot write the webhook caBundle yet");
+        }
+    }
+    let image = crate::inject::SidecarImage(options.sidecar_image.clone());
+    tokio::spawn(crate::webhook::serve(options.addr, certs.clone(), image, tiers).await?);
+    tokio::spawn(tls::keep_current(
+        client.clone(),
+        options.certificate.clone(),
+        certs,
+        std::time::Duration::from_secs(600),
+    ));
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! The RBAC rules in `operator/rbac/` grant exactly what the controller calls:
+//! The RBAC rules in `operator/rbac/` grant exactly what the controller and the
+//! webhook call:
 //! the calls are read from the controller's own source, so adding a call
 //! without its permission (or keeping a permission no call needs) fails here.
 
@@ -28,15 +29,25 @@ fn add(out: &mut Grants, resource: &str, verbs: &[&str]) {
     }
 }
 
-/// The node pool's typed APIs, by field.
-const FIELDS: [(&str, &str); 2] = [("self.pods", "/pods"), ("self.sets", "apps/statefulsets")];
+/// The typed APIs the controller and webhook call methods on, by variable.
+const FIELDS: [(&str, &str); 4] = [
+    ("self.pods", "/pods"),
+    ("self.sets", "apps/statefulsets"),
+    ("secrets", "/secrets"),
+    (
+        "configurations",
+        "admissionregistration.k8s.io/mutatingwebhookconfigurations",
+    ),
+];
 /// Client calls and the verb each needs.
-const CALLS: [(&str, &str); 5] = [
+const CALLS: [(&str, &str); 7] = [
     (".get_opt(", "get"),
     (".get(", "get"),
     (".list(", "list"),
     (".patch(", "patch"),
     (".delete(", "delete"),
+    (".create(", "create"),
+    (".replace(", "update"),
 ];
 
 /// Drops comment lines and puts each `.call(` that starts a line at the end of
@@ -57,10 +68,13 @@ fn join_chains(text: &str) -> String {
 
 /// Every API call the controller's source makes.
 fn calls() -> Grants {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/controller");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut out = Grants::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
+    let files = ["controller", "webhook"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(src.join(d)).unwrap())
+        .map(|e| e.unwrap().path());
+    for path in files {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.contains("tests") {
             continue;

@@ -17,6 +17,7 @@ mod container;
 pub use container::{SidecarImage, sidecar_container};
 
 use std::fmt;
+use std::sync::Arc;
 
 use cachetier_crds::CacheTier;
 use k8s_openapi::api::core::v1::Pod;
@@ -100,11 +101,11 @@ struct Wanted {
 
 /// Decides for `pod` (in `namespace`); `tier` looks a CacheTier up by
 /// namespace and name.
-pub fn decide<'t>(
+pub fn decide(
     pod: &Pod,
     namespace: &str,
     image: &SidecarImage,
-    tier: impl Fn(&str, &str) -> Option<&'t CacheTier>,
+    tier: impl Fn(&str, &str) -> Option<Arc<CacheTier>>,
 ) -> Decision {
     let wanted = match wanted(pod, namespace) {
         Ok(w) => w,
@@ -119,7 +120,7 @@ pub fn decide<'t>(
         let port = w
             .port
             .unwrap_or_else(|| u16::try_from(found.spec.sidecar.port).unwrap_or(6379));
-        let container = sidecar_container(found, &w.namespace, port, index, image);
+        let container = sidecar_container(&found, &w.namespace, port, index, image);
         if !existing.contains(&container.name) {
             containers.push(container);
         }

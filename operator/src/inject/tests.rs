@@ -34,6 +34,8 @@ fn decide_for(pod: &Pod, tiers: &[CacheTier]) -> Decision {
         tiers
             .iter()
             .find(|t| t.metadata.namespace.as_deref() == Some(ns) && t.metadata.name.as_deref() == Some(name))
+            .cloned()
+            .map(std::sync::Arc::new)
     })
 }
 

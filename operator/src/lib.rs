@@ -7,6 +7,8 @@
 //! Kubernetes controller (a later part of this crate) will implement with pods.
 //! The `cachetier-operator` binary (`main.rs`) is a thin command-line shell over it.
 
+#[cfg(test)]
+mod chart_tests;
 pub mod cluster;
 pub mod controller;
 pub mod inject;

@@ -9,11 +9,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use cachetier_crds::{CacheTierStatus, NodeHealth, Phase};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -30,8 +32,25 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Tiers whose cluster core runs here.
     pub tiers: IntGauge,
+    phase: IntGaugeVec,
+    nodes: IntGaugeVec,
+    nodes_ready: IntGaugeVec,
+    nodes_failed: IntGaugeVec,
+    slots_covered: IntGaugeVec,
+    node_rtt: GaugeVec,
+    failovers: IntCounterVec,
+    evictions: IntCounterVec,
     ready: AtomicBool,
 }
+
+const PHASES: [Phase; 6] = [
+    Phase::Bootstrapping,
+    Phase::Ready,
+    Phase::Scaling,
+    Phase::Degraded,
+    Phase::Unavailable,
+    Phase::Invalid,
+];
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
     // Names are constants below; registering a duplicate is a bug caught by the tests.
@@ -84,6 +103,62 @@ impl Metrics {
                 "Tiers whose cluster core runs in this replica",
             )?,
         );
+        let per_tier = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            Ok(register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), &["namespace", "tier"])?,
+            ))
+        };
+        let nodes = per_tier("cachetier_tier_nodes", "Nodes the spec asks for")?;
+        let nodes_ready = per_tier(
+            "cachetier_tier_nodes_ready",
+            "Nodes that are healthy and in their intended role",
+        )?;
+        let nodes_failed = per_tier(
+            "cachetier_tier_nodes_failed",
+            "Nodes whose probes failed failureThreshold times in a row",
+        )?;
+        let slots_covered = per_tier(
+            "cachetier_tier_slots_covered",
+            "Hash slots (of 16384) served by a reachable primary",
+        )?;
+        let phase = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("cachetier_tier_phase", "1 for the tier's current phase"),
+                &["namespace", "tier", "phase"],
+            )?,
+        );
+        let node_rtt = register(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    "cachetier_node_rtt_seconds",
+                    "Round-trip time of the last successful probe",
+                ),
+                &["namespace", "tier", "node"],
+            )?,
+        );
+        let failovers = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "cachetier_tier_failovers_total",
+                    "Failovers seen (a replica became primary)",
+                ),
+                &["namespace", "tier"],
+            )?,
+        );
+        let evictions = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "cachetier_tier_evictions_total",
+                    "Failed replicas removed and replaced",
+                ),
+                &["namespace", "tier"],
+            )?,
+        );
         Ok(Self {
             registry,
             reconciles,
@@ -91,6 +166,14 @@ impl Metrics {
             duration,
             leader,
             tiers,
+            phase,
+            nodes,
+            nodes_ready,
+            nodes_failed,
+            slots_covered,
+            node_rtt,
+            failovers,
+            evictions,
             ready: AtomicBool::new(false),
         })
     }
@@ -104,6 +187,73 @@ impl Metrics {
     /// Counts a failed reconcile by class.
     pub fn reconcile_failed(&self, reason: &str) {
         self.failures.with_label_values(&[reason]).inc();
+    }
+
+    /// Records what a tier's status says (before per-node figures are
+    /// stripped from it); `previous` tells new failovers and evictions apart.
+    pub fn observe_tier(
+        &self,
+        namespace: &str,
+        tier: &str,
+        status: &CacheTierStatus,
+        previous: Option<&CacheTierStatus>,
+    ) {
+        let labels = [namespace, tier];
+        self.nodes
+            .with_label_values(&labels)
+            .set(i64::from(status.total_nodes));
+        self.nodes_ready
+            .with_label_values(&labels)
+            .set(i64::from(status.ready_nodes));
+        let failed = status
+            .shards
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .filter(|n| n.health == NodeHealth::Failed)
+            .count();
+        self.nodes_failed
+            .with_label_values(&labels)
+            .set(i64::try_from(failed).unwrap_or(i64::MAX));
+        self.slots_covered
+            .with_label_values(&labels)
+            .set(i64::from(status.slots_covered));
+        for phase in PHASES {
+            let name = format!("{phase:?}");
+            self.phase
+                .with_label_values(&[namespace, tier, name.as_str()])
+                .set(i64::from(status.phase == Some(phase)));
+        }
+        for node in status.shards.iter().flat_map(|s| s.nodes.iter()) {
+            if let Some(rtt) = node.rtt_micros {
+                self.node_rtt
+                    .with_label_values(&[namespace, tier, node.name.as_str()])
+                    .set(rtt as f64 / 1e6);
+            }
+        }
+        let before = previous.and_then(|p| p.last_failover.as_ref());
+        if status.last_failover.is_some() && status.last_failover.as_ref() != before {
+            self.failovers.with_label_values(&labels).inc();
+        }
+        let before = previous.and_then(|p| p.last_eviction.as_ref());
+        if status.last_eviction.is_some() && status.last_eviction.as_ref() != before {
+            self.evictions.with_label_values(&labels).inc();
+        }
+    }
+
+    /// Drops every series of a deleted tier.
+    pub fn forget_tier(&self, namespace: &str, tier: &str) {
+        for vec in [
+            &self.nodes,
+            &self.nodes_ready,
+            &self.nodes_failed,
+            &self.slots_covered,
+        ] {
+            let _ = vec.remove_label_values(&[namespace, tier]);
+        }
+        for phase in PHASES {
+            let name = format!("{phase:?}");
+            let _ = self.phase.remove_label_values(&[namespace, tier, name.as_str()]);
+        }
     }
 
     /// Marks the controller ready (its watches are running).

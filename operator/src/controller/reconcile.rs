@@ -97,6 +97,8 @@ async fn reconcile_leader(tier: &CacheTier, ctx: &Context) -> Result<Action, Err
         if let Some(cores) = &ctx.cores {
             cores.stop(&key);
         }
+        ctx.metrics
+            .forget_tier(&tier.namespace().unwrap_or_default(), &name);
         return Ok(Action::await_change());
     }
     if let Err(invalid) = cachetier_crds::validate::validate(tier) {
@@ -112,6 +114,12 @@ async fn reconcile_leader(tier: &CacheTier, ctx: &Context) -> Result<Action, Err
     };
     // Before the core's first round, say that the tier is being built.
     let status = computed.unwrap_or_else(|| report::bootstrapping(tier.status.as_ref(), &tier.spec));
+    ctx.metrics.observe_tier(
+        &tier.namespace().unwrap_or_default(),
+        &name,
+        &status,
+        tier.status.as_ref(),
+    );
     let status = report::publishable(status, &name, tier.meta().generation);
     mark_serving(tier, ctx, &status).await?;
     publish(tier, ctx, &key, status).await?;

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Checks the Helm chart the way CI does: helm lint and helm template with the
+# default values and with every option on (charts/cachetier/ci/full-values.yaml),
+# every rendered object through kubernetes-validate --strict, the alert rules
+# through promtool. Installs helm/kubectl/kubernetes-validate when missing
+# (scripts/ensure-k8s-tools.sh) and promtool from Debian's prometheus package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=$(scripts/ensure-k8s-tools.sh)
+export PATH="$bin:$PATH"
+if ! command -v promtool >/dev/null 2>&1; then
+    sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    echo "check-chart: installing promtool (apt-get install prometheus)" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+chart=charts/cachetier
+helm lint --strict "$chart"
+helm lint --strict "$chart" -f "$chart/ci/full-values.yaml"
+helm template cachetier "$chart" -n cachetier-system > "$out/default.yaml"
+helm template cachetier "$chart" -n cachetier-system -f "$chart/ci/full-values.yaml" > "$out/full.yaml"
+kubernetes-validate --strict -k 1.33.0 "$out/default.yaml" "$out/full.yaml"
+# Wrong values are refused by values.schema.json, with the field's name.
+if helm template cachetier "$chart" --set operator.replicas=0 > /dev/null 2> "$out/err"; then
+    echo "check-chart: operator.replicas=0 was accepted" >&2
+    exit 1
+fi
+grep -q "operator/replicas" "$out/err"
+# The alert rules as Prometheus reads them.
+python3 - "$out/full.yaml" "$out/rules.yaml" <<'PY'
+import sys, yaml
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc and doc.get("kind") == "PrometheusRule":
+        yaml.safe_dump(doc["spec"], open(sys.argv[2], "w"))
+        break
+else:
+    sys.exit("no PrometheusRule rendered with the full values")
+PY
+promtool check rules "$out/rules.yaml"
+echo "check-chart: ok"

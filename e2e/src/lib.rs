@@ -55,3 +55,136 @@ impl Kubectl {
             .output()
     }
 }
+
+impl Kubectl {
+    /// Runs `kubectl ARGS…`, panicking with its stderr when it fails; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self
+            .run(args)
+            .unwrap_or_else(|e| panic!("cannot run kubectl {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `kubectl ARGS…` with `stdin` as its standard input (e.g. `apply -f -`).
+    pub fn ok_with_stdin(&self, args: &[&str], stdin: &str) -> String {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .args(args)
+            .current_dir(repo_root())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run kubectl {args:?}: {e}"));
+        if let Some(mut input) = child.stdin.take() {
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// What the operator end-to-end tests need beside a cluster, from the
+/// environment (documented in `e2e/README.md`).
+#[derive(Debug, Clone)]
+pub struct OperatorEnv {
+    /// `CACHETIER_OPERATOR_IMAGE`: repository:tag of the operator image the cluster can pull.
+    pub operator_image: String,
+    /// `CACHETIER_SIDECAR_IMAGE`: repository:tag of the sidecar image.
+    pub sidecar_image: String,
+    /// `CACHETIER_OPERATOR_NAMESPACE` (default `cachetier-system`).
+    pub operator_namespace: String,
+    /// `CACHETIER_E2E_NAMESPACE` (default `cachetier-e2e`): where tiers and apps go.
+    pub namespace: String,
+    /// `HELM` (default `helm`, or `.tools/bin/helm` when that exists).
+    pub helm: PathBuf,
+}
+
+impl OperatorEnv {
+    /// Reads the environment; panics naming what is missing, because a run
+    /// against a real cluster without images cannot test anything.
+    pub fn from_env() -> Self {
+        let need = |name: &str| {
+            std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+                panic!("{name} is not set: the operator e2e tests install the chart with the images you built (see e2e/README.md)")
+            })
+        };
+        let or = |name: &str, default: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| default.to_string())
+        };
+        let local_helm = repo_root().join(".tools/bin/helm");
+        let helm = std::env::var_os("HELM").map(PathBuf::from).unwrap_or_else(|| {
+            if local_helm.exists() {
+                local_helm
+            } else {
+                PathBuf::from("helm")
+            }
+        });
+        Self {
+            operator_image: need("CACHETIER_OPERATOR_IMAGE"),
+            sidecar_image: need("CACHETIER_SIDECAR_IMAGE"),
+            operator_namespace: or("CACHETIER_OPERATOR_NAMESPACE", "cachetier-system"),
+            namespace: or("CACHETIER_E2E_NAMESPACE", "cachetier-e2e"),
+            helm,
+        }
+    }
+
+    /// Runs helm, panicking with its stderr when it fails.
+    pub fn helm(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.helm)
+            .args(args)
+            .current_dir(repo_root())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", self.helm.display()));
+        assert!(
+            out.status.success(),
+            "helm {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Splits `repository:tag` (the tag after the last colon that follows the
+/// last slash).
+pub fn split_image(image: &str) -> (&str, &str) {
+    let slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[slash..].rfind(':') {
+        Some(i) => (&image[..slash + i], &image[slash + i + 1..]),
+        None => (image, "latest"),
+    }
+}
+
+/// Polls `check` every two seconds until it returns `Some`, or panics after
+/// `timeout` naming `what` and the last observation.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(last) if start.elapsed() > timeout => {
+                panic!("{what}: not after {timeout:?}; last seen: {last}")
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_secs(2)),
+        }
+    }
+}

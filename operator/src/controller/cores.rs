@@ -34,6 +34,7 @@ impl Drop for Core {
 #[derive(Debug, Default)]
 pub struct Cores {
     running: Mutex<HashMap<ObjectRef<CacheTier>, Core>>,
+    swept: Mutex<Vec<ObjectRef<CacheTier>>>,
 }
 
 impl Cores {
@@ -81,7 +82,20 @@ impl Cores {
 
     /// Stops the cores of tiers not in `alive` (deleted while we were not looking).
     pub fn retain(&self, alive: &[ObjectRef<CacheTier>]) {
-        crate::controller::lock(&self.running).retain(|k, _| alive.contains(k));
+        let mut swept = Vec::new();
+        crate::controller::lock(&self.running).retain(|k, _| {
+            let keep = alive.contains(k);
+            if !keep {
+                swept.push(k.clone());
+            }
+            keep
+        });
+        crate::controller::lock(&self.swept).extend(swept);
+    }
+
+    /// The tiers [`Cores::retain`] stopped since the last call.
+    pub fn stopped_since_last_sweep(&self) -> Vec<ObjectRef<CacheTier>> {
+        std::mem::take(&mut *crate::controller::lock(&self.swept))
     }
 
     /// How many cores run.

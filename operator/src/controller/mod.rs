@@ -123,6 +123,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     if let Some(webhook) = &options.webhook {
         start_webhook(&client, webhook, controller.store()).await?;
     }
+    tokio::spawn(sweep_deleted(controller.store(), ctx.clone()));
     let controller = controller
         .owns(scoped::<StatefulSet>(&client, ns), owned.clone())
         .owns(scoped::<Service>(&client, ns), owned.clone())
@@ -189,6 +190,30 @@ where
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
+    }
+}
+
+/// Stops the cores of tiers that were deleted. Nothing reconciles a deleted
+/// object (owner references delete its pods), so its core must not keep
+/// creating nodes for it.
+async fn sweep_deleted(store: kube::runtime::reflector::Store<CacheTier>, ctx: Arc<Context>) {
+    let Some(cores) = &ctx.cores else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let alive: Vec<ObjectRef<CacheTier>> = store
+            .state()
+            .iter()
+            .map(|t| ObjectRef::from_obj(t.as_ref()))
+            .collect();
+        cores.retain(&alive);
+        for key in cores.stopped_since_last_sweep() {
+            if let Some(ns) = &key.namespace {
+                ctx.metrics.forget_tier(ns, &key.name);
+            }
+            info!(tier = %key.name, "tier deleted: its cluster core stopped");
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 use cachetier_crds::CacheTier;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
@@ -40,6 +41,7 @@ const BUS_PORT: u16 = 16379;
 pub struct KubePool {
     pods: Api<Pod>,
     sets: Api<StatefulSet>,
+    pdbs: Api<PodDisruptionBudget>,
     namespace: String,
     /// The latest CacheTier, for building a shard's StatefulSet on demand.
     tier: Arc<RwLock<CacheTier>>,
@@ -61,7 +63,8 @@ impl KubePool {
         let namespace = tier.metadata.namespace.clone().unwrap_or_default();
         Self {
             pods: Api::namespaced(client.clone(), &namespace),
-            sets: Api::namespaced(client, &namespace),
+            sets: Api::namespaced(client.clone(), &namespace),
+            pdbs: Api::namespaced(client, &namespace),
             namespace,
             tier: Arc::new(RwLock::new(tier)),
             scaling: Arc::new(tokio::sync::Mutex::new(())),
@@ -206,10 +209,16 @@ impl NodePool for KubePool {
         let replicas = set.spec.and_then(|s| s.replicas).unwrap_or(1);
         let last = u32::try_from(replicas).unwrap_or(0).saturating_sub(1);
         if ordinal == 0 && replicas <= 1 {
+            // The shard is gone: its StatefulSet and its disruption budget.
             self.sets
                 .delete(&set_name, &DeleteParams::foreground())
                 .await
                 .map_err(|e| kube_error(&format!("deleting StatefulSet {set_name}"), e))?;
+            match self.pdbs.delete(&set_name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(kube_error(&format!("deleting PodDisruptionBudget {set_name}"), e)),
+            }
         } else if ordinal == last {
             self.set_replicas(&set_name, replicas - 1).await?;
         } else {

@@ -30,9 +30,10 @@ fn add(out: &mut Grants, resource: &str, verbs: &[&str]) {
 }
 
 /// The typed APIs the controller and webhook call methods on, by variable.
-const FIELDS: [(&str, &str); 4] = [
+const FIELDS: [(&str, &str); 5] = [
     ("self.pods", "/pods"),
     ("self.sets", "apps/statefulsets"),
+    ("self.pdbs", "policy/poddisruptionbudgets"),
     ("secrets", "/secrets"),
     (
         "configurations",

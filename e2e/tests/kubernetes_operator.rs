@@ -1,0 +1,275 @@
+//! The whole product on a real Kubernetes cluster: the Helm chart installs the
+//! operator, a 3×1 CacheTier becomes Ready, keys survive the loss of a primary
+//! pod and a reshard 3 → 4 → 3, an opted-in pod gets the sidecar and reaches
+//! the tier through localhost, an unlabelled pod is untouched, and deleting
+//! the tier removes everything. Runs only when `KUBECONFIG` is set; needs the
+//! images in `CACHETIER_OPERATOR_IMAGE` / `CACHETIER_SIDECAR_IMAGE` (see
+//! `e2e/README.md`).
+
+// Test helpers: a panic with the unwrapped error is the failure report.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use cachetier_e2e::{Kubectl, OperatorEnv, kubernetes, split_image, wait_for};
+
+const TIER: &str = "product-cache";
+const KEYS: usize = 300;
+
+fn jsonpath(k: Kubectl, ns: &str, object: &str, path: &str) -> String {
+    k.ok(&["get", "-n", ns, object, "-o", &format!("jsonpath={path}")])
+}
+
+fn wait_ready(k: Kubectl, ns: &str, shards: usize) {
+    wait_for(
+        &format!("CacheTier {TIER} Ready with {shards} shards"),
+        Duration::from_secs(900),
+        || {
+            let phase = jsonpath(k, ns, &format!("cachetier/{TIER}"), "{.status.phase}");
+            let current = jsonpath(k, ns, &format!("cachetier/{TIER}"), "{.status.currentShards}");
+            if phase == "Ready" && current == shards.to_string() {
+                Ok(())
+            } else {
+                Err(format!("phase {phase:?}, currentShards {current:?}"))
+            }
+        },
+    );
+}
+
+/// Runs a shell script in the Redis container of the tier's first pod (the
+/// Redis image has `sh` and `redis-cli`; `-c` follows MOVED).
+fn redis_sh(k: Kubectl, ns: &str, script: &str) -> String {
+    let pod = format!("{TIER}-0-0");
+    k.ok(&["exec", "-n", ns, &pod, "-c", "redis", "--", "sh", "-c", script])
+}
+
+fn write_keys(k: Kubectl, ns: &str) {
+    // WAIT 1 makes each write replicated before it counts as acknowledged.
+    redis_sh(
+        k,
+        ns,
+        &format!(
+            "for i in $(seq 1 {KEYS}); do redis-cli -c set key:$i $i >/dev/null; done; redis-cli -c wait 1 2000"
+        ),
+    );
+}
+
+fn count_keys(k: Kubectl, ns: &str) -> usize {
+    let out = redis_sh(
+        k,
+        ns,
+        &format!("for i in $(seq 1 {KEYS}); do echo \"$i $(redis-cli -c get key:$i)\"; done"),
+    );
+    out.lines()
+        .filter(|l| l.split_once(' ').is_some_and(|(i, v)| i == v))
+        .count()
+}
+
+fn app_pod(name: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n{labels}\nspec:\n  containers:\n  - name: app\n    image: redis:7.2\n    command: [\"sleep\", \"3600\"]\n"
+    )
+}
+
+#[test]
+fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
+    let Some(k) = kubernetes("the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion")
+    else {
+        return;
+    };
+    let env = OperatorEnv::from_env();
+    let (ns, ops) = (env.namespace.as_str(), env.operator_namespace.as_str());
+    let (op_repo, op_tag) = split_image(&env.operator_image);
+    let (sc_repo, sc_tag) = split_image(&env.sidecar_image);
+
+    k.ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "crds/cachetier.yaml",
+    ]);
+    env.helm(&[
+        "upgrade",
+        "--install",
+        "cachetier",
+        "charts/cachetier",
+        "-n",
+        ops,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "5m",
+        "--set",
+        &format!("operator.image.repository={op_repo}"),
+        "--set",
+        &format!("operator.image.tag={op_tag}"),
+        "--set",
+        &format!("sidecar.image.repository={sc_repo}"),
+        "--set",
+        &format!("sidecar.image.tag={sc_tag}"),
+    ]);
+    let _ = k.run(&["create", "namespace", ns]);
+    k.ok(&["apply", "-n", ns, "-f", "crds/examples/minimal.yaml"]);
+    wait_ready(k, ns, 3);
+    let listing = k.ok(&["get", "ct", "-n", ns]);
+    assert!(
+        listing.contains(TIER) && listing.contains("Ready") && listing.contains("6/6"),
+        "{listing}"
+    );
+    let events = k.ok(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "--field-selector",
+        &format!("regarding.name={TIER}"),
+    ]);
+    assert!(events.contains("Ready"), "no Ready event: {events}");
+
+    write_keys(k, ns);
+    assert_eq!(count_keys(k, ns), KEYS);
+
+    // Lose a primary pod: it comes back empty under its name; no replicated key is lost.
+    let primary = jsonpath(
+        k,
+        ns,
+        &format!("cachetier/{TIER}"),
+        "{.status.shards[1].nodes[0].name}",
+    );
+    assert!(primary.starts_with(TIER), "{primary:?}");
+    k.ok(&["delete", "pod", "-n", ns, &primary, "--wait=false"]);
+    std::thread::sleep(Duration::from_secs(10));
+    wait_ready(k, ns, 3);
+    assert_eq!(
+        count_keys(k, ns),
+        KEYS,
+        "keys lost after deleting primary {primary}"
+    );
+
+    // Reshard 3 → 4 → 3 through the scale subresource.
+    k.ok(&["scale", "-n", ns, &format!("cachetier/{TIER}"), "--replicas=4"]);
+    wait_ready(k, ns, 4);
+    assert_eq!(count_keys(k, ns), KEYS, "keys lost after scaling to 4 shards");
+    k.ok(&["scale", "-n", ns, &format!("cachetier/{TIER}"), "--replicas=3"]);
+    wait_ready(k, ns, 3);
+    assert_eq!(
+        count_keys(k, ns),
+        KEYS,
+        "keys lost after scaling back to 3 shards"
+    );
+    wait_for(
+        "the fourth shard's StatefulSet to be gone",
+        Duration::from_secs(300),
+        || {
+            let sets = k.ok(&["get", "statefulsets", "-n", ns, "-o", "name"]);
+            if sets.contains(&format!("{TIER}-3")) {
+                Err(sets)
+            } else {
+                Ok(())
+            }
+        },
+    );
+
+    // Injection: a labelled pod gets the sidecar and reads the tier on localhost.
+    let labelled = app_pod("e2e-injected", &format!("    cachetier.io/inject: {TIER}"));
+    k.ok_with_stdin(&["apply", "-n", ns, "-f", "-"], &labelled);
+    let plain = app_pod("e2e-plain", "    app: plain");
+    k.ok_with_stdin(&["apply", "-n", ns, "-f", "-"], &plain);
+    k.ok(&[
+        "wait",
+        "-n",
+        ns,
+        "--for=condition=Ready",
+        "pod/e2e-injected",
+        "pod/e2e-plain",
+        "--timeout=300s",
+    ]);
+    let init = jsonpath(k, ns, "pod/e2e-injected", "{.spec.initContainers[*].name}");
+    assert!(
+        init.contains(&format!("cachetier-{TIER}")),
+        "no sidecar injected: {init:?}"
+    );
+    let untouched = jsonpath(k, ns, "pod/e2e-plain", "{.spec.initContainers[*].name}");
+    assert!(
+        untouched.is_empty(),
+        "an unlabelled pod was changed: {untouched:?}"
+    );
+    let value = k.ok(&[
+        "exec",
+        "-n",
+        ns,
+        "e2e-injected",
+        "-c",
+        "app",
+        "--",
+        "redis-cli",
+        "-p",
+        "6379",
+        "get",
+        "key:7",
+    ]);
+    assert_eq!(value.trim(), "7");
+    let mget = k.ok(&[
+        "exec",
+        "-n",
+        ns,
+        "e2e-injected",
+        "-c",
+        "app",
+        "--",
+        "redis-cli",
+        "-p",
+        "6379",
+        "mget",
+        "key:1",
+        "key:2",
+        "key:3",
+    ]);
+    assert_eq!(mget.split_whitespace().collect::<Vec<_>>(), ["1", "2", "3"]);
+
+    // An operator outage never blocks pod creation (failurePolicy Ignore).
+    k.ok(&["scale", "-n", ops, "deployment/cachetier", "--replicas=0"]);
+    wait_for("the operator pods to be gone", Duration::from_secs(120), || {
+        let pods = k.ok(&[
+            "get",
+            "pods",
+            "-n",
+            ops,
+            "-l",
+            "app.kubernetes.io/name=cachetier-operator",
+            "-o",
+            "name",
+        ]);
+        if pods.trim().is_empty() { Ok(()) } else { Err(pods) }
+    });
+    let during_outage = app_pod("e2e-outage", &format!("    cachetier.io/inject: {TIER}"));
+    k.ok_with_stdin(&["apply", "-n", ns, "-f", "-"], &during_outage);
+    k.ok(&["scale", "-n", ops, "deployment/cachetier", "--replicas=2"]);
+
+    // Deleting the tier removes everything it owns.
+    k.ok(&[
+        "delete",
+        "-n",
+        ns,
+        "pod",
+        "e2e-injected",
+        "e2e-plain",
+        "e2e-outage",
+        "--wait=false",
+    ]);
+    k.ok(&["delete", "-n", ns, &format!("cachetier/{TIER}")]);
+    wait_for("the tier's objects to be gone", Duration::from_secs(300), || {
+        let left = k.ok(&[
+            "get",
+            "statefulsets,services,configmaps,pdb",
+            "-n",
+            ns,
+            "-l",
+            &format!("cachetier.io/tier={TIER}"),
+            "-o",
+            "name",
+        ]);
+        if left.trim().is_empty() { Ok(()) } else { Err(left) }
+    });
+}

@@ -134,7 +134,7 @@ fn the_rendered_config_and_arguments_start_a_real_redis_server() {
             .replace("$(POD_NAMESPACE)", "shop")
             .replace("$(POD_IP)", "127.0.0.1")
             .replace("$(REDIS_PASSWORD)", "s3cret")
-            .replace("$(REDIS_USERNAME)", "default")
+            .replace("$(REDIS_USERNAME)", "app")
             .replace(
                 "/etc/cachetier/redis.conf",
                 &dir.join("redis.conf").to_string_lossy(),
@@ -169,14 +169,23 @@ fn the_rendered_config_and_arguments_start_a_real_redis_server() {
     };
     let mut answer = String::new();
     for _ in 0..100 {
-        answer = cli(&["-a", "s3cret", "config", "get", "cluster-announce-hostname"]);
+        answer = cli(&[
+            "--user",
+            "app",
+            "--pass",
+            "s3cret",
+            "config",
+            "get",
+            "cluster-announce-hostname",
+        ]);
         if answer.contains("secure-cache-0-0") {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let unauthenticated = cli(&["ping"]);
-    let cluster = cli(&["-a", "s3cret", "cluster", "info"]);
+    let default_user = cli(&["-a", "s3cret", "ping"]);
+    let cluster = cli(&["--user", "app", "--pass", "s3cret", "cluster", "info"]);
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -186,7 +195,8 @@ fn the_rendered_config_and_arguments_start_a_real_redis_server() {
     );
     assert!(unauthenticated.contains("NOAUTH"), "{unauthenticated:?}");
     assert!(
-        cluster.contains("cluster_enabled:1") || cluster.contains("cluster_state"),
-        "{cluster:?}"
+        !default_user.contains("PONG"),
+        "the default user must be off: {default_user:?}"
     );
+    assert!(cluster.contains("cluster_state"), "{cluster:?}");
 }

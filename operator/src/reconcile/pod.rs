@@ -213,19 +213,34 @@ fn redis_args(ctx: &Context, tier: &CacheTier) -> (Vec<String>, Vec<EnvVar>) {
             &auth.secret_name,
             &auth.password_key,
         ));
-        args.extend(
-            [
-                "--requirepass",
-                "$(REDIS_PASSWORD)",
-                "--masterauth",
-                "$(REDIS_PASSWORD)",
-            ]
-            .map(String::from),
-        );
-        if let Some(user_key) = &auth.username_key {
-            env.push(secret_env("REDIS_USERNAME", &auth.secret_name, user_key));
-            args.extend(["--masteruser", "$(REDIS_USERNAME)"].map(String::from));
+        match &auth.username_key {
+            // The default user with a password.
+            None => args.extend(["--requirepass", "$(REDIS_PASSWORD)"].map(String::from)),
+            // An ACL user with every permission and the default user off, as
+            // the core's redis.conf does in local mode; as arguments, each one
+            // token, so a password may hold spaces.
+            Some(user_key) => {
+                env.push(secret_env("REDIS_USERNAME", &auth.secret_name, user_key));
+                args.extend(
+                    [
+                        "--user",
+                        "$(REDIS_USERNAME)",
+                        "on",
+                        ">$(REDIS_PASSWORD)",
+                        "~*",
+                        "&*",
+                        "+@all",
+                        "--user",
+                        "default",
+                        "off",
+                        "--masteruser",
+                        "$(REDIS_USERNAME)",
+                    ]
+                    .map(String::from),
+                );
+            }
         }
+        args.extend(["--masterauth", "$(REDIS_PASSWORD)"].map(String::from));
     }
     (args, env)
 }
@@ -368,12 +383,26 @@ mod tests {
         let ctx = Context::of(&t).unwrap();
         let (args, env) = redis_args(&ctx, &t);
         assert!(
-            args.windows(2)
-                .any(|w| w == ["--requirepass", "$(REDIS_PASSWORD)"])
+            args.windows(3)
+                .any(|w| w == ["--user", "$(REDIS_USERNAME)", "on"])
         );
         assert!(
             args.windows(2)
                 .any(|w| w == ["--masteruser", "$(REDIS_USERNAME)"])
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--masterauth", "$(REDIS_PASSWORD)"])
+        );
+        assert!(
+            !args.iter().any(|a| a == "--requirepass"),
+            "an ACL user, not the default user's password"
+        );
+        let plain = tier(", auth: {secretName: s}");
+        let (args, _) = redis_args(&Context::of(&plain).unwrap(), &plain);
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--requirepass", "$(REDIS_PASSWORD)"])
         );
         let password = env.iter().find(|e| e.name == "REDIS_PASSWORD").unwrap();
         let key = password

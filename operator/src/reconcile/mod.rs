@@ -94,9 +94,39 @@ pub fn to_yaml(objects: &[Desired]) -> Result<String, Error> {
     let mut out = String::new();
     for object in objects {
         out.push_str("---\n");
-        out.push_str(&yaml_serde::to_string(object).map_err(|e| Error::Render(e.to_string()))?);
+        let yaml = yaml_serde::to_string(object).map_err(|e| Error::Render(e.to_string()))?;
+        for line in yaml.lines() {
+            out.push_str(&quote_yaml11_booleans(line));
+            out.push('\n');
+        }
     }
     Ok(out)
+}
+
+/// The emitter writes YAML 1.2, where `on` is a string; kubectl and most YAML
+/// tools read YAML 1.1, where an unquoted `on`/`off`/`yes`/`no` is a boolean
+/// (Redis's ACL rule `on` would become `true`). Quote such scalars. (The
+/// controller sends JSON, which has no such ambiguity.)
+fn quote_yaml11_booleans(line: &str) -> String {
+    const WORDS: [&str; 8] = ["on", "off", "yes", "no", "On", "Off", "Yes", "No"];
+    for prefix in ["- ", ": "] {
+        if let Some(at) = line.rfind(prefix) {
+            let value = &line[at + prefix.len()..];
+            if WORDS.contains(&value) && (prefix == ": " || line[..at].trim().is_empty()) {
+                return format!("{}{prefix}'{value}'", &line[..at]);
+            }
+        }
+    }
+    line.to_string()
+}
+
+#[cfg(test)]
+#[test]
+fn yaml_11_booleans_are_quoted_and_nothing_else_changes() {
+    assert_eq!(quote_yaml11_booleans("    - on"), "    - 'on'");
+    assert_eq!(quote_yaml11_booleans("  enabled: off"), "  enabled: 'off'");
+    assert_eq!(quote_yaml11_booleans("    - only"), "    - only");
+    assert_eq!(quote_yaml11_booleans("  note: a - on"), "  note: a - on");
 }
 
 /// Namespace of a manifest rendered without one.

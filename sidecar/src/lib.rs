@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod gate;
 pub mod metrics;
+pub mod order;
 pub mod resp;
 pub mod router;
 pub mod server;

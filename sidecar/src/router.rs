@@ -15,11 +15,12 @@ use rand::Rng;
 use rand::seq::SliceRandom;
 
 use crate::balance;
-use crate::cache::{CacheKey, LocalCache, Variant};
+use crate::cache::{CacheKey, LocalCache, Lookup, Variant};
 use crate::commands::{self, CommandInfo, KeyError, Kind, Split};
 use crate::config::Config;
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
+use crate::order::{ClientOrder, Stage, Turn};
 use crate::resp::{self, Frame};
 use crate::slot;
 use crate::topology::Registry;
@@ -42,12 +43,10 @@ pub struct ClientState {
     /// Active `WATCH`: the client's keyed commands run on a connection of
     /// its own to the watched slot's primary until EXEC, DISCARD or UNWATCH.
     pub watch: Option<Arc<Watch>>,
-    /// Completes when the client's last command on the WATCH connection has
-    /// its reply; later commands wait for it so the pipeline keeps its order
-    /// across the two paths.
-    barrier: Option<tokio::sync::watch::Receiver<bool>>,
-    /// Set by a WATCH-path command, which orders itself behind the barrier.
-    self_ordered: bool,
+    /// Keeps the client's commands in the order it sent them (`order.rs`).
+    order: Arc<ClientOrder>,
+    /// The stage of the client's latest command that went upstream.
+    last: Option<tokio::sync::watch::Receiver<Stage>>,
 }
 
 /// A client's WATCH connection, opened on first use.
@@ -66,8 +65,8 @@ impl Default for ClientState {
             multi: None,
             multi_failed: false,
             watch: None,
-            barrier: None,
-            self_ordered: false,
+            order: Arc::new(ClientOrder::default()),
+            last: None,
         }
     }
 }
@@ -193,21 +192,26 @@ impl Router {
                 "ERR unknown command '{shown}': the cachetier sidecar does not know how to route it"
             )));
         };
-        // A finished WATCH-path command no longer orders anything.
-        if st.barrier.as_ref().is_some_and(|b| *b.borrow()) {
-            st.barrier = None;
-        }
-        st.self_ordered = false;
-        let action = self.dispatch_inner(st, info, args, raw);
-        if st.self_ordered {
-            return action;
-        }
-        match (action, st.barrier.clone()) {
-            (Action::Later(fut), Some(mut barrier)) => Action::Later(Box::pin(async move {
-                let _ = barrier.wait_for(|done| *done).await;
-                fut.await
+        let (turn, next) = st.order.next(st.last.take());
+        st.last = Some(next);
+        let mut turn = Some(turn);
+        let action = self.dispatch_inner(st, info, args, raw, &mut turn);
+        match (action, turn) {
+            // The keyed paths took the turn and order themselves.
+            (action, None) => action,
+            // Anything else that goes upstream runs after everything before
+            // it has its reply, and everything after it waits for its reply.
+            (Action::Later(fut), Some(mut turn)) => Action::Later(Box::pin(async move {
+                turn.prev_done().await;
+                let reply = fut.await;
+                turn.finish().await;
+                reply
             })),
-            (action, _) => action,
+            // Answered here: no place in the upstream order.
+            (action, Some(turn)) => {
+                st.last = turn.into_prev();
+                action
+            }
         }
     }
 
@@ -217,7 +221,7 @@ impl Router {
     /// command of the same client can still be about to invalidate it.
     pub fn try_cached(&self, st: &ClientState, req: &resp::Request) -> Option<Bytes> {
         let cache = self.cache.as_ref()?;
-        if st.multi.is_some() || st.watch.is_some() || st.barrier.is_some() {
+        if st.multi.is_some() || st.watch.is_some() {
             return None;
         }
         let info = commands::lookup(req.args.first()?)?;
@@ -256,6 +260,7 @@ impl Router {
         info: &'static CommandInfo,
         args: Vec<Bytes>,
         raw: Bytes,
+        turn: &mut Option<Turn>,
     ) -> Action {
         if st.multi.is_some() {
             return self.queue_in_multi(st, info, args);
@@ -282,7 +287,14 @@ impl Router {
             Kind::Read | Kind::Write => {
                 let this = self.clone();
                 let up = st.upstream_proto();
-                self.timed(info, async move { this.keyed(info, args, raw, up, proto).await })
+                let Some(mut turn) = turn.take() else {
+                    return Action::Reply(err("ERR cachetier: command without a place in order"));
+                };
+                self.timed(info, async move {
+                    let reply = this.keyed(info, args, raw, up, proto, &mut turn).await;
+                    turn.finish().await;
+                    reply
+                })
             }
         }
     }
@@ -322,6 +334,7 @@ impl Router {
         raw: Bytes,
         up: Proto,
         proto: u8,
+        turn: &mut Turn,
     ) -> Bytes {
         let keys = match commands::key_indices(info, &args) {
             Ok(k) => k,
@@ -338,16 +351,17 @@ impl Router {
             }
         };
         if keys.is_empty() {
+            turn.prev_done().await;
             return Box::pin(self.any_primary(resp::command_bytes(&args), up)).await;
         }
-        if info.kind == Kind::Write
-            && let Some(cache) = &self.cache
+        let touched = self.touched_keys(info, &args, &keys);
+        if let Some(cache) = &self.cache
+            && !touched.is_empty()
         {
-            for &i in &keys {
-                if cache.covers(&args[i]) {
-                    cache.bump(&args[i]);
-                }
-            }
+            // Invalidate as the write is queued (see `Turn::on_sent`); a
+            // split write is ordered as a whole and invalidates once it runs.
+            let (cache, keys) = (cache.clone(), touched.clone());
+            turn.on_sent(move || keys.iter().for_each(|k| cache.bump(k)));
         }
         let slots: Vec<u16> = keys.iter().map(|&i| slot::slot(&args[i])).collect();
         let same = slots.iter().all(|&s| s == slots[0]);
@@ -360,28 +374,44 @@ impl Router {
         // machines do not inflate (and get copied with) every request's future.
         let reply = if !same || cached_mget {
             match info.split {
-                Some(split) => Box::pin(self.split(split, &args, &keys, &slots, up, proto)).await,
+                Some(split) => {
+                    // Several parts on several connections: ordered as a whole.
+                    turn.prev_done().await;
+                    if let Some(cache) = &self.cache {
+                        touched.iter().for_each(|k| cache.bump(k));
+                    }
+                    Box::pin(self.split(split, &args, &keys, &slots, up, proto)).await
+                }
                 None => err("CROSSSLOT Keys in request don't hash to the same slot"),
             }
         } else if let Some(variant) = self.cache_variant(info, &args) {
             Box::pin(
                 self.clone()
-                    .cached_read(variant, args.clone(), slots[0], up, proto),
+                    .cached_read(variant, args.clone(), slots[0], up, proto, turn),
             )
             .await
         } else {
-            self.single(slots[0], info.kind, raw, up).await
+            self.single_via(slots[0], info.kind, false, raw, up, Some(turn))
+                .await
         };
-        if info.kind == Kind::Write
-            && let Some(cache) = &self.cache
-        {
-            for &i in &keys {
-                if cache.covers(&args[i]) {
-                    Box::pin(cache.invalidate(&args[i], "own_write")).await;
-                }
+        if let Some(cache) = &self.cache {
+            for k in &touched {
+                Box::pin(cache.invalidate(k, "own_write")).await;
             }
         }
         reply
+    }
+
+    /// The keys a write touches that the local cache covers.
+    fn touched_keys(&self, info: &CommandInfo, args: &[Bytes], keys: &[usize]) -> Vec<Bytes> {
+        match &self.cache {
+            Some(cache) if info.kind == Kind::Write => keys
+                .iter()
+                .filter(|&&i| cache.covers(&args[i]))
+                .map(|&i| args[i].clone())
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn cache_variant(&self, info: &CommandInfo, args: &[Bytes]) -> Option<Variant> {
@@ -395,6 +425,10 @@ impl Router {
         cache.covers(&args[1]).then_some(variant)
     }
 
+    /// A cacheable read at its place in the client's order: once everything
+    /// before it has been sent (so a write before it has invalidated the key
+    /// and removed older fills) a hit is taken; a miss joins or starts the
+    /// key's shared fill once only reads are still in flight before it.
     async fn cached_read(
         self: Arc<Self>,
         variant: Variant,
@@ -402,17 +436,15 @@ impl Router {
         slot: u16,
         up: Proto,
         proto: u8,
+        turn: &mut Turn,
     ) -> Bytes {
         let Some(cache) = self.cache.clone() else {
+            let cmd = resp::command_bytes(&args);
             return self
-                .single(slot, Kind::Read, resp::command_bytes(&args), up)
+                .single_via(slot, Kind::Read, false, cmd, up, Some(turn))
                 .await;
         };
-        let tracked = self
-            .registry
-            .current()
-            .shard(slot)
-            .is_some_and(|s| s.primary.tracked.load(Ordering::SeqCst));
+        turn.prev_sent().await;
         let key = CacheKey {
             variant,
             proto,
@@ -423,27 +455,55 @@ impl Router {
                 Bytes::new()
             },
         };
+        if let Some(hit) = cache.try_hit(&key) {
+            turn.same_as_prev();
+            return hit;
+        }
+        if !turn.only_reads_before() {
+            // A write before it is still in flight: a fill could overtake it
+            // on another connection, so wait for it.
+            turn.prev_done().await;
+        }
+        let tracked = self
+            .registry
+            .current()
+            .shard(slot)
+            .is_some_and(|s| s.primary.tracked.load(Ordering::SeqCst));
         let this = self.clone();
-        cache
-            .get_or_fetch(key, tracked, async move {
-                // Fills read the primary: invalidations come from the
-                // primary, and a lagging replica could hand us a value older
-                // than the last invalidation, which would then stick until
-                // the TTL. Fills are rare (one per key per change), so the
-                // primary's cost is small.
-                this.single_via(slot, Kind::Read, true, resp::command_bytes(&args), up)
-                    .await
-            })
-            .await
+        let fill = move |mut fill_turn: Turn| async move {
+            // Fills read the primary: invalidations come from the primary,
+            // and a lagging replica could hand us a value older than the last
+            // invalidation, which would then stick until the TTL. Fills are
+            // rare (one per key per change), so the primary's cost is small.
+            let cmd = resp::command_bytes(&args);
+            let reply = this
+                .single_via(slot, Kind::Read, true, cmd, up, Some(&mut fill_turn))
+                .await;
+            fill_turn.finish().await;
+            reply
+        };
+        match cache.lookup(key, tracked, fill).await {
+            Lookup::Hit(value) => value,
+            Lookup::Fill { mut stage, value } => {
+                // Sent once the fill is: only reads are before it, so the
+                // connection does not matter (a read after a run of reads).
+                let _ = stage.wait_for(|s| *s != Stage::Waiting).await;
+                turn.sent(0, false);
+                LocalCache::fill_result(value).await
+            }
+        }
     }
 
     /// Send one command for `slot`, following MOVED/ASK and retrying a failed
     /// read once on another node.
     pub async fn single(self: &Arc<Self>, slot: u16, kind: Kind, cmd: Bytes, up: Proto) -> Bytes {
-        self.single_via(slot, kind, false, cmd, up).await
+        self.single_via(slot, kind, false, cmd, up, None).await
     }
 
-    /// [`Router::single`], optionally forcing a read to the primary.
+    /// [`Router::single`] at the place `turn` gives it in its client's order
+    /// (none: the caller ordered it as a whole), optionally forcing a read to
+    /// the primary. A read forced to the primary is not retried elsewhere: a
+    /// replica may not have what the primary was asked for.
     async fn single_via(
         self: &Arc<Self>,
         slot: u16,
@@ -451,11 +511,20 @@ impl Router {
         to_primary: bool,
         cmd: Bytes,
         up: Proto,
+        mut turn: Option<&mut Turn>,
     ) -> Bytes {
         let mut redirect: Option<(Arc<Node>, bool)> = None;
         let mut avoid: Option<Arc<Node>> = None;
-        let mut retried = false;
+        let mut retried = to_primary;
         for attempt in 0..MAX_REDIRECTS {
+            if attempt > 0
+                && let Some(t) = turn.as_deref_mut()
+            {
+                // Whatever was queued behind our first attempt has its reply
+                // by now; what comes next must wait for this one.
+                t.resending();
+                t.prev_done().await;
+            }
             let (node, asking) = match redirect.take() {
                 Some(r) => r,
                 None => match self.pick(slot, kind, to_primary, avoid.as_ref()) {
@@ -481,7 +550,8 @@ impl Router {
             } else {
                 (cmd.clone(), 1)
             };
-            match node.request(up, bytes, n).await {
+            let write = kind != Kind::Read;
+            match node.request_in(up, bytes, n, turn.as_deref_mut(), write).await {
                 Ok(mut replies) => {
                     let reply = replies.pop().unwrap_or_default();
                     if let Some(target) = redirect_target(&reply, b"MOVED ") {
@@ -510,7 +580,20 @@ impl Router {
                     self.registry.request_refresh();
                     return upstream_error(&node.addr, kind, e);
                 }
+                Err(ref e) if turn.as_deref().is_some_and(|t| t.later_write_sent()) => {
+                    self.registry.request_refresh();
+                    return err(format!(
+                        "ERR cachetier: read failed on {} ({e}) and was not retried: a write this connection sent after it was already sent, and a retry could observe it",
+                        node.addr
+                    ));
+                }
                 Err(_) => {}
+            }
+            if turn.as_deref().is_some_and(|t| t.later_write_sent()) {
+                return err(format!(
+                    "ERR cachetier: {} could not serve the read, which was not retried: a write this connection sent after it was already sent, and a retry could observe it",
+                    node.addr
+                ));
             }
             // Retry a read once, elsewhere (reads are idempotent), and learn
             // the layout soon: a failing node may mean a failover is under way.
@@ -594,7 +677,12 @@ impl Router {
             let s = slots[pos];
             async move {
                 let get = vec![Bytes::from_static(b"GET"), key];
-                this.cached_read(Variant::Get, get, s, up, proto).await
+                // The MGET is ordered as a whole; its parts need no turn of
+                // their own.
+                let (mut turn, _) = Turn::detached();
+                let reply = this.cached_read(Variant::Get, get, s, up, proto, &mut turn).await;
+                turn.finish().await;
+                reply
             }
         });
         let (replies, cached_replies) =
@@ -1079,7 +1167,9 @@ impl Router {
     }
 
     /// Run `bytes` (holding `replies` commands) on the client's WATCH
-    /// connection, after everything the client sent before it there.
+    /// connection. Like every path but the keyed ones it is ordered as a
+    /// whole (see [`Router::dispatch`]): after everything the client sent
+    /// before it has its reply.
     fn watch_call(
         self: &Arc<Self>,
         st: &mut ClientState,
@@ -1087,19 +1177,20 @@ impl Router {
         watch: Arc<Watch>,
         bytes: Bytes,
         replies: usize,
+        touched: Vec<Bytes>,
     ) -> Action {
-        st.self_ordered = true;
-        let prev = st.barrier.take();
-        let (done, barrier) = tokio::sync::watch::channel(false);
-        st.barrier = Some(barrier);
         let this = self.clone();
         let up = st.upstream_proto();
         self.timed(info, async move {
-            if let Some(mut prev) = prev {
-                let _ = prev.wait_for(|d| *d).await;
+            if let Some(cache) = &this.cache {
+                touched.iter().for_each(|k| cache.bump(k));
             }
             let reply = this.on_watch_conn(&watch, bytes, replies, up).await;
-            done.send_replace(true);
+            if let Some(cache) = &this.cache {
+                for k in &touched {
+                    cache.invalidate(k, "own_write").await;
+                }
+            }
             reply
         })
     }
@@ -1198,24 +1289,16 @@ impl Router {
                         watch.slot
                     ))));
                 }
-                if info.kind == Kind::Write
-                    && let Some(cache) = &self.cache
-                    && let Ok(keys) = commands::key_indices(info, args)
-                {
-                    for i in keys {
-                        if cache.covers(&args[i]) {
-                            cache.bump(&args[i]);
-                        }
-                    }
-                }
-                Some(self.watch_call(st, info, watch, raw.clone(), 1))
+                let keys = commands::key_indices(info, args).unwrap_or_default();
+                let touched = self.touched_keys(info, args, &keys);
+                Some(self.watch_call(st, info, watch, raw.clone(), 1, touched))
             }
-            Kind::AnyPrimary => Some(self.watch_call(st, info, watch, raw.clone(), 1)),
+            Kind::AnyPrimary => Some(self.watch_call(st, info, watch, raw.clone(), 1, Vec::new())),
             Kind::Server => match info.name {
                 "watch" => Some(self.watch_command(st, info, args, raw)),
                 "unwatch" => {
                     st.watch = None;
-                    Some(self.watch_call(st, info, watch, raw.clone(), 1))
+                    Some(self.watch_call(st, info, watch, raw.clone(), 1, Vec::new()))
                 }
                 _ => None,
             },
@@ -1252,7 +1335,7 @@ impl Router {
                 w
             }
         };
-        self.watch_call(st, info, watch, raw.clone(), 1)
+        self.watch_call(st, info, watch, raw.clone(), 1, Vec::new())
     }
 
     fn queue_in_multi(
@@ -1326,6 +1409,7 @@ impl Router {
         cmds: Vec<Vec<Bytes>>,
     ) -> Action {
         let mut block = BytesMut::new();
+        let mut touched = Vec::new();
         resp::encode_command(&["MULTI"], &mut block);
         for args in &cmds {
             if let Some(ci) = args.first().and_then(|n| commands::lookup(n)) {
@@ -1339,17 +1423,17 @@ impl Router {
                     _ => {}
                 }
                 if let (Some(cache), Ok(keys)) = (&self.cache, commands::key_indices(ci, args)) {
-                    for i in keys {
-                        if cache.covers(&args[i]) {
-                            cache.bump(&args[i]);
-                        }
-                    }
+                    touched.extend(
+                        keys.iter()
+                            .filter(|&&i| cache.covers(&args[i]))
+                            .map(|&i| args[i].clone()),
+                    );
                 }
             }
             resp::encode_command(args, &mut block);
         }
         resp::encode_command(&["EXEC"], &mut block);
-        self.watch_call(st, info, watch, block.freeze(), cmds.len() + 2)
+        self.watch_call(st, info, watch, block.freeze(), cmds.len() + 2, touched)
     }
 
     /// Run a queued transaction as one contiguous MULTI..EXEC block on the

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use crate::gate::ReadState;
 use crate::lock;
+use crate::order::Turn;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -75,9 +76,13 @@ impl ConnState {
 
 #[derive(Clone)]
 struct Conn {
+    /// Unique per connection: [`Turn`]s compare it to keep a client's order.
+    id: u64,
     tx: mpsc::UnboundedSender<Request>,
     state: Arc<ConnState>,
 }
+
+static NEXT_CONN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Settings shared by every node.
 #[derive(Debug, Clone)]
@@ -207,6 +212,19 @@ impl Node {
         bytes: Bytes,
         replies: usize,
     ) -> Result<Vec<Bytes>, UpstreamError> {
+        self.request_in(proto, bytes, replies, None, false).await
+    }
+
+    /// [`Node::request`] in a client's order: queued only where `turn`
+    /// allows (see `order.rs`), marking the turn sent on that connection.
+    pub async fn request_in(
+        &self,
+        proto: Proto,
+        bytes: Bytes,
+        replies: usize,
+        turn: Option<&mut Turn>,
+        write: bool,
+    ) -> Result<Vec<Bytes>, UpstreamError> {
         struct InFlight<'a>(&'a AtomicUsize);
         impl Drop for InFlight<'_> {
             fn drop(&mut self) {
@@ -217,7 +235,7 @@ impl Node {
         let _guard = InFlight(&self.in_flight);
         // Latency is observed by the connection's reader (write of the batch
         // to read of the reply, one clock read per batch, not per request).
-        let result = match self.enqueue(proto, bytes, replies).await {
+        let result = match self.enqueue(proto, bytes, replies, turn, write).await {
             Ok(rx) => match rx.await {
                 Ok(r) => r,
                 Err(_) => Err(UpstreamError::Closed("connection task ended".into())),
@@ -239,26 +257,36 @@ impl Node {
         proto: Proto,
         bytes: Bytes,
         replies: usize,
+        mut turn: Option<&mut Turn>,
+        write: bool,
     ) -> Result<oneshot::Receiver<Result<Vec<Bytes>, UpstreamError>>, UpstreamError> {
         let (tx, rx) = oneshot::channel();
         let mut req = Request { bytes, replies, tx };
         let idx = proto as usize;
-        for _ in 0..2 {
+        for _ in 0..3 {
             // Fast path: send under the slot's lock (an unbounded send never
             // waits) instead of cloning the connection handle per request.
+            let mut out_of_turn = false;
             {
                 let slot = lock(&self.conns[idx]);
                 if let Some(c) = slot.as_ref()
                     && !c.state.dead.load(Ordering::SeqCst)
                 {
-                    match c.tx.send(req) {
-                        Ok(()) => return Ok(rx),
-                        Err(mpsc::error::SendError(r)) => {
-                            req = r;
-                            c.state.dead.store(true, Ordering::SeqCst);
+                    if turn.as_deref().is_none_or(|t| t.may_send_on(c.id, write)) {
+                        match send_in_turn(c, req, turn.as_deref(), write) {
+                            Ok(()) => return Ok(rx),
+                            Err(r) => req = r,
                         }
+                    } else {
+                        out_of_turn = true;
                     }
                 }
+            }
+            if out_of_turn {
+                if let Some(t) = turn.as_deref_mut() {
+                    t.prev_done().await;
+                }
+                continue;
             }
             let conn = lock(&self.conns[idx]).clone();
             let conn = match conn {
@@ -267,12 +295,14 @@ impl Node {
                 // needed when (re)connecting, not on every request.
                 _ => Box::pin(self.connect_shared(proto)).await?,
             };
-            match conn.tx.send(req) {
+            if let Some(t) = turn.as_deref_mut()
+                && !t.may_send_on(conn.id, write)
+            {
+                t.prev_done().await;
+            }
+            match send_in_turn(&conn, req, turn.as_deref(), write) {
                 Ok(()) => return Ok(rx),
-                Err(mpsc::error::SendError(r)) => {
-                    req = r;
-                    conn.state.dead.store(true, Ordering::SeqCst);
-                }
+                Err(r) => req = r,
             }
         }
         Err(UpstreamError::Closed("connection closed while sending".into()))
@@ -318,7 +348,28 @@ impl Node {
             timeout,
             self.latency.clone(),
         ));
-        Ok(Conn { tx, state })
+        Ok(Conn {
+            id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+            tx,
+            state,
+        })
+    }
+
+    fn is_current(&self, state: &Arc<ConnState>) -> bool {
+        self.conns
+            .iter()
+            .any(|c| lock(c).as_ref().is_some_and(|c| Arc::ptr_eq(&c.state, state)))
+    }
+
+    /// Install `conn` as the connection for `proto`, closing the one it
+    /// replaces (marked dead first, so its end is not taken for a failure).
+    fn install(&self, proto: Proto, conn: Option<Conn>) {
+        let old = std::mem::replace(&mut *lock(&self.conns[proto as usize]), conn);
+        if let Some(old) = old {
+            old.state.dead.store(true, Ordering::SeqCst);
+            old.state
+                .close(&UpstreamError::Closed("replaced after a probe".into()));
+        }
     }
 
     /// Take the node out of rotation and start probing it.
@@ -345,18 +396,39 @@ impl Node {
                 // the response timeout, which a stopped process cannot give even
                 // though its kernel still accepts the TCP connection.
                 if let Ok(conn) = node.open(Proto::Resp2).await {
-                    *lock(&node.conns[0]) = Some(conn);
-                    if let Some(old) = lock(&node.conns[1]).take() {
-                        old.state
-                            .close(&UpstreamError::Closed("replaced after probe".into()));
-                    }
+                    node.install(Proto::Resp2, Some(conn));
+                    node.install(Proto::Resp3, None);
+                    // Probing ends before the node is healthy again, so a
+                    // failure from here on starts a new probe instead of
+                    // being swallowed by this one.
+                    node.probing.store(false, Ordering::SeqCst);
                     node.healthy.store(true, Ordering::SeqCst);
                     tracing::info!(node = %node.addr, "node back in rotation after a successful probe");
-                    break;
+                    return;
                 }
             }
             node.probing.store(false, Ordering::SeqCst);
         });
+    }
+}
+
+/// Queue `req` on `conn`, marking `turn` sent there; gives the request back
+/// (and marks the connection dead) when its writer has gone.
+fn send_in_turn(conn: &Conn, req: Request, turn: Option<&Turn>, write: bool) -> Result<(), Request> {
+    if write && let Some(t) = turn {
+        t.note_write();
+    }
+    match conn.tx.send(req) {
+        Ok(()) => {
+            if let Some(t) = turn {
+                t.sent(conn.id, write);
+            }
+            Ok(())
+        }
+        Err(mpsc::error::SendError(r)) => {
+            conn.state.dead.store(true, Ordering::SeqCst);
+            Err(r)
+        }
     }
 }
 
@@ -559,9 +631,12 @@ async fn reader(
     let is_failure = matches!(why, UpstreamError::Timeout | UpstreamError::Protocol(_))
         || !state.dead.load(Ordering::SeqCst);
     state.close(&why);
+    // Only the node's current connection speaks for it: the end of one the
+    // probe already replaced says nothing about the node.
     if is_failure
         && let Some(node) = node.upgrade()
         && !node.retired.load(Ordering::Relaxed)
+        && node.is_current(&state)
     {
         node.mark_down();
     }

@@ -1,0 +1,211 @@
+//! The sidecar behaves like one Redis server: a client's commands take
+//! effect in the order it sent them, and it reads what it wrote (issue 9).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use cachetier_sidecar::Sidecar;
+use redis::AsyncCommands;
+use support::{Cluster, all_serving, client, config};
+
+fn cached(cluster: &Cluster, prefix: &str) -> cachetier_sidecar::Config {
+    let mut cfg = config(cluster);
+    cfg.cache = cachetier_sidecar::CacheConfig {
+        prefixes: vec![prefix.into()],
+        ttl: Duration::from_secs(60),
+        max_bytes: 1 << 20,
+    };
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_through_the_local_cache_executes_in_the_order_it_was_sent() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(cached(&cluster, "k:")).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    for i in 0..300 {
+        let _: () = c.set("k:1", "old").await.unwrap();
+        // Miss/fill, then a coalesced miss, overtaken by nothing behind them.
+        let got: (String, String, String) = redis::pipe()
+            .cmd("GET")
+            .arg("k:1")
+            .cmd("GET")
+            .arg("k:1")
+            .cmd("SET")
+            .arg("k:1")
+            .arg("new")
+            .ignore()
+            .cmd("GET")
+            .arg("k:1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(
+            (got.0.as_str(), got.1.as_str(), got.2.as_str()),
+            ("old", "old", "new"),
+            "try {i}"
+        );
+    }
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_merged_multi_key_commands_keep_their_place_in_a_pipeline() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(cached(&cluster, "k:")).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    for i in 0..100 {
+        let _: () = redis::cmd("MSET")
+            .arg(&["k:a", "a0", "x:b", "b0"])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let (before, after): (Vec<String>, Vec<String>) = redis::pipe()
+            .cmd("MGET")
+            .arg(&["k:a", "x:b"])
+            .cmd("MSET")
+            .arg(&["k:a", "a1", "x:b", "b1"])
+            .ignore()
+            .cmd("MGET")
+            .arg(&["k:a", "x:b"])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(before, vec!["a0", "b0"], "try {i}");
+        assert_eq!(after, vec!["a1", "b1"], "try {i}");
+    }
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_retried_after_the_watchdog_never_sees_a_later_write_of_its_client() {
+    let cluster = Cluster::start(3, 1);
+    let cfg = cachetier_sidecar::Config {
+        read_policy: cachetier_sidecar::ReadPolicy::ReplicasOnly,
+        ..config(&cluster)
+    };
+    let key = "retry:{r}";
+    let (primary, replicas) = cluster.shard_of(key);
+    cluster.by_addr(&primary).cli(&["SET", key, "old"]);
+    cluster.by_addr(&primary).cli(&["WAIT", "1", "2000"]);
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let replica = cluster.by_addr(&replicas[0]);
+    replica.signal("-STOP");
+    // The GET waits on the stopped replica while the SET behind it is
+    // applied on the primary; the watchdog then fails the GET's connection.
+    let got: Vec<redis::Value> = redis::pipe()
+        .ignore_errors()
+        .cmd("GET")
+        .arg(key)
+        .cmd("SET")
+        .arg(key)
+        .arg("new")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    replica.signal("-CONT");
+    match &got[0] {
+        redis::Value::BulkString(v) => assert_eq!(v, b"old", "the read saw the write behind it"),
+        redis::Value::ServerError(_) => {}
+        other => panic!("unexpected reply {other:?}"),
+    }
+    let now: String = c.get(key).await.unwrap();
+    assert_eq!(now, "new");
+    sidecar.shutdown().await;
+}
+
+/// Reads `key` in a bounded loop until `stop`; returns the number of errors.
+fn reader_loop(
+    mut con: redis::aio::MultiplexedConnection,
+    key: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut errors = 0;
+        for _ in 0..1_000_000 {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            if con.get::<_, Option<String>>(key).await.is_err() {
+                errors += 1;
+            }
+        }
+        errors
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_replica_is_back_within_a_second_and_stays_with_resp2_and_resp3_clients() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cluster = Cluster::start(3, 2);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("flap", "v").await.unwrap();
+    let (_, replicas) = cluster.shard_of("flap");
+    let victim = cluster.by_addr(&replicas[0]);
+    let victim_addr = victim.addr();
+    let url3 = format!("redis://{}/?protocol=resp3", sidecar.local_addr());
+    let resp3 = redis::Client::open(url3)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let mut loads = Vec::new();
+    for _ in 0..4 {
+        loads.push(reader_loop(c.clone(), "flap", stop.clone()));
+        loads.push(reader_loop(resp3.clone(), "flap", stop.clone()));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let state = |s: &Sidecar| {
+        s.node_states()
+            .into_iter()
+            .find(|n| n.addr == victim_addr)
+            .map(|n| (n.healthy, n.gate_open))
+    };
+    victim.signal("-STOP");
+    support::eventually("stopped replica out of rotation", Duration::from_secs(3), || {
+        state(&sidecar) == Some((false, false))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    victim.signal("-CONT");
+    support::eventually("resumed replica back within 1 s", Duration::from_secs(1), || {
+        state(&sidecar) == Some((true, true))
+    })
+    .await;
+    let closures = sidecar
+        .metrics()
+        .watchdog_closures
+        .with_label_values(&[victim_addr.as_str()])
+        .get();
+    for _ in 0..100 {
+        assert_eq!(
+            state(&sidecar),
+            Some((true, true)),
+            "the replica stays in rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loads {
+        l.await.unwrap();
+    }
+    assert_eq!(
+        sidecar
+            .metrics()
+            .watchdog_closures
+            .with_label_values(&[victim_addr.as_str()])
+            .get(),
+        closures,
+        "no further watchdog closure after the resume"
+    );
+    sidecar.shutdown().await;
+}

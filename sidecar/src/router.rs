@@ -705,6 +705,11 @@ impl Router {
                     }
                 }
                 for (&pos, reply) in cached.iter().zip(cached_replies) {
+                    // MGET answers nil for a key holding another type; the
+                    // per-key GET it was served by says WRONGTYPE instead.
+                    if reply.starts_with(b"-WRONGTYPE") {
+                        continue;
+                    }
                     if reply.starts_with(b"-") {
                         return reply;
                     }

@@ -209,3 +209,18 @@ async fn a_resumed_replica_is_back_within_a_second_and_stays_with_resp2_and_resp
     );
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mget_answers_nil_for_a_cached_key_that_holds_no_string_like_redis() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(cached(&cluster, "k:")).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let _: () = c.hset("k:hash", "f", "v").await.unwrap();
+    let _: () = c.set("k:str", "s").await.unwrap();
+    let _: () = c.set("plain", "p").await.unwrap();
+    for _ in 0..2 {
+        let got: Vec<Option<String>> = c.mget(&["k:hash", "k:str", "plain", "k:none"]).await.unwrap();
+        assert_eq!(got, vec![None, Some("s".into()), Some("p".into()), None]);
+    }
+    sidecar.shutdown().await;
+}

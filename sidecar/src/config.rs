@@ -129,6 +129,9 @@ pub struct Config {
     pub topology_refresh: Duration,
     /// On shutdown, how long in-flight client requests may take to finish.
     pub drain_timeout: Duration,
+    /// A client's reads of a slot it has just written go to the primary
+    /// until a replica has caught up past the write (see README).
+    pub read_your_writes: bool,
     pub cache: CacheConfig,
     /// Bounds on client requests.
     pub limits: Limits,
@@ -149,6 +152,7 @@ impl Default for Config {
             gate_interval: Duration::from_secs(1),
             topology_refresh: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            read_your_writes: true,
             cache: CacheConfig::default(),
             limits: Limits::default(),
             auth: None,
@@ -322,6 +326,10 @@ pub struct Args {
     /// Read-gate polling interval (e.g. 1s).
     #[arg(long, env = "CACHETIER_GATE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub gate_interval: Duration,
+    /// Route a client's reads of a slot it just wrote to the primary until a
+    /// replica has caught up past the write (true | false).
+    #[arg(long, env = "CACHETIER_READ_YOUR_WRITES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub read_your_writes: bool,
     /// Periodic topology refresh interval (e.g. 10s).
     #[arg(long, env = "CACHETIER_TOPOLOGY_REFRESH", default_value = "10s", value_parser = parse_duration)]
     pub topology_refresh: Duration,
@@ -378,6 +386,7 @@ impl From<Args> for Config {
             gate_interval: a.gate_interval,
             topology_refresh: a.topology_refresh,
             drain_timeout: a.drain_timeout,
+            read_your_writes: a.read_your_writes,
             cache: CacheConfig {
                 prefixes: a.cache_prefixes.into_iter().filter(|p| !p.is_empty()).collect(),
                 ttl: a.cache_ttl,
@@ -451,6 +460,9 @@ mod tests {
         );
         let a = Args::try_parse_from(["x", "--seed", "a:1"]).unwrap();
         assert_eq!(a.worker_threads, 1, "one event loop unless asked otherwise");
+        assert!(a.read_your_writes, "read-your-writes is on unless turned off");
+        let a = Args::try_parse_from(["x", "--seed", "a:1", "--read-your-writes", "false"]).unwrap();
+        assert!(!Config::from(a).read_your_writes);
         let a = Args::try_parse_from(["x", "--seed", "a:1", "--worker-threads", "4"]).unwrap();
         assert_eq!(a.worker_threads, 4);
         let err = Args::try_parse_from(["x", "--seed", "a:1", "--worker-threads", "many"])

@@ -25,7 +25,7 @@
 //! its first poll shows it in sync.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::resp;
 use crate::topology::Registry;
@@ -129,19 +129,32 @@ async fn poll_or_skip(node: Arc<Node>) -> Option<ReplicaInfo> {
 }
 
 /// Poll every shard's nodes each `interval` and open or close replica gates.
+///
+/// The same polls tell read-your-writes routing how far each replica has
+/// caught up: the primary's offset is polled after the round started, so a
+/// replica whose offset reaches it (in this round, or in the next one) holds
+/// everything the primary had when the round started.
 pub async fn run(registry: Arc<Registry>, interval: Duration, max_lag: u64) {
+    // Per primary: the previous round's start and the primary's offset then.
+    let mut previous: std::collections::HashMap<String, (Instant, u64)> = Default::default();
     loop {
         let topo = registry.current();
+        let started = Instant::now();
         let mut shard_jobs = Vec::new();
         for shard in &topo.shards {
             let primary = shard.primary.clone();
             let replicas = shard.replicas.clone();
             let registry = registry.clone();
+            let before = previous.get(&primary.addr).copied();
             shard_jobs.push(async move {
                 let p = poll_or_skip(primary.clone());
                 let rs = futures_util::future::join_all(replicas.iter().cloned().map(poll_or_skip));
                 let (p, rs) = futures_util::future::join(p, rs).await;
                 let primary_offset = p.and_then(|p| p.master_offset);
+                for (node, info) in replicas.iter().zip(&rs) {
+                    let offset = info.as_ref().and_then(|i| i.offset);
+                    caught_up(node, offset, before, primary_offset.map(|o| (started, o)));
+                }
                 for (node, info) in replicas.iter().zip(rs) {
                     // A promoted replica: the slot map needs a refresh now.
                     if info.as_ref().is_some_and(|i| !i.is_replica) {
@@ -155,11 +168,31 @@ pub async fn run(registry: Arc<Registry>, interval: Duration, max_lag: u64) {
                     }
                     node.set_read_state(state);
                 }
+                primary_offset.map(|o| (primary.addr.clone(), (started, o)))
             });
         }
-        futures_util::future::join_all(shard_jobs).await;
+        let offsets = futures_util::future::join_all(shard_jobs).await;
+        previous = offsets.into_iter().flatten().collect();
         drop(topo);
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// Record how far `replica` (at `offset`) has caught up, given the primary's
+/// offset at earlier round starts.
+fn caught_up(
+    replica: &Node,
+    offset: Option<u64>,
+    before: Option<(Instant, u64)>,
+    now: Option<(Instant, u64)>,
+) {
+    let Some(offset) = offset else {
+        return;
+    };
+    for (at, primary_offset) in [before, now].into_iter().flatten() {
+        if offset >= primary_offset {
+            replica.set_caught_up(at);
+        }
     }
 }
 

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub node_serving: IntGaugeVec,
     /// Reads that wanted a replica but fell back to the primary.
     pub primary_fallbacks: IntCounter,
+    /// Reads sent to a primary because the client wrote the slot and no
+    /// replica has caught up past that write yet (read-your-writes).
+    pub read_your_writes_primary_reads: IntCounter,
     /// Reads retried on another node after an upstream failure.
     pub read_retries: IntCounter,
     /// Topology refreshes by result (`ok`, `error`).
@@ -110,6 +113,10 @@ impl Metrics {
             "primary_fallbacks_total",
             "Reads sent to a primary because no replica was serving",
         )?;
+        let read_your_writes_primary_reads = IntCounter::new(
+            "read_your_writes_primary_reads_total",
+            "Reads sent to a primary because the client wrote the slot and no replica had caught up",
+        )?;
         let read_retries = IntCounter::new(
             "read_retries_total",
             "Reads retried on another node after a failure",
@@ -138,6 +145,7 @@ impl Metrics {
         registry.register(Box::new(node_serving.clone()))?;
         registry.register(Box::new(primary_fallbacks.clone()))?;
         registry.register(Box::new(read_retries.clone()))?;
+        registry.register(Box::new(read_your_writes_primary_reads.clone()))?;
         registry.register(Box::new(topology_refreshes.clone()))?;
         registry.register(Box::new(redirects.clone()))?;
         registry.register(Box::new(client_connections.clone()))?;
@@ -158,6 +166,7 @@ impl Metrics {
             node_serving,
             primary_fallbacks,
             read_retries,
+            read_your_writes_primary_reads,
             topology_refreshes,
             redirects,
             client_connections,

@@ -20,8 +20,10 @@
 //!
 //! This module does no I/O: it only orders.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -47,6 +49,46 @@ pub struct ClientOrder {
     /// Sequence number of the latest write of this client that was sent.
     last_write_sent: AtomicU64,
     next_seq: AtomicU64,
+    /// Slots this client wrote recently, for read-your-writes routing. At
+    /// most one entry per slot; dropped once every replica has caught up.
+    writes: std::sync::Mutex<HashMap<u16, Written>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Written {
+    /// Writes of the slot sent and not yet replied.
+    pending: u32,
+    /// When the latest reply arrived.
+    replied: Option<Instant>,
+}
+
+/// What a read of a slot this client wrote must see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFloor {
+    /// A write of the slot is in flight: only the primary will have it.
+    Pending,
+    /// A replica must hold everything its primary had at this instant
+    /// (`Node::caught_up_since`), which includes the write.
+    RepliedAt(Instant),
+}
+
+/// Marks slots written while alive (see [`ClientOrder::writing`]).
+#[derive(Debug)]
+pub struct WriteMark {
+    client: Arc<ClientOrder>,
+    slots: Vec<u16>,
+}
+
+impl Drop for WriteMark {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut writes = crate::lock(&self.client.writes);
+        for s in &self.slots {
+            let w = writes.entry(*s).or_default();
+            w.pending = w.pending.saturating_sub(1);
+            w.replied = Some(now);
+        }
+    }
 }
 
 /// Runs once, at the moment a turn's request is queued upstream.
@@ -71,6 +113,43 @@ impl std::fmt::Debug for Turn {
 }
 
 impl ClientOrder {
+    /// A write of `slots` is about to be sent; the mark ends it when dropped
+    /// (after the reply, or when the client goes away).
+    pub fn writing(self: &Arc<Self>, mut slots: Vec<u16>) -> WriteMark {
+        slots.sort_unstable();
+        slots.dedup();
+        let mut writes = crate::lock(&self.writes);
+        for s in &slots {
+            writes.entry(*s).or_default().pending += 1;
+        }
+        drop(writes);
+        WriteMark {
+            client: self.clone(),
+            slots,
+        }
+    }
+
+    /// What a read of `slot` must see, if this client wrote it recently.
+    pub fn read_floor(&self, slot: u16) -> Option<ReadFloor> {
+        let w = *crate::lock(&self.writes).get(&slot)?;
+        match (w.pending, w.replied) {
+            (0, Some(at)) => Some(ReadFloor::RepliedAt(at)),
+            (0, None) => None,
+            _ => Some(ReadFloor::Pending),
+        }
+    }
+
+    /// Every replica of `slot` has caught up past the client's last write.
+    pub fn forget(&self, slot: u16, floor: ReadFloor) {
+        let mut writes = crate::lock(&self.writes);
+        if let Some(w) = writes.get(&slot)
+            && w.pending == 0
+            && w.replied.map(ReadFloor::RepliedAt) == Some(floor)
+        {
+            writes.remove(&slot);
+        }
+    }
+
     /// The next turn after `last` (the previous turn's stage, if any);
     /// returns the turn and the receiver the next command will wait on.
     pub fn next(self: &Arc<Self>, last: Option<watch::Receiver<Stage>>) -> (Turn, watch::Receiver<Stage>) {
@@ -187,6 +266,10 @@ impl Turn {
         self.client.last_write_sent.load(Ordering::SeqCst) > self.seq
     }
 
+    pub fn client(&self) -> &Arc<ClientOrder> {
+        &self.client
+    }
+
     /// The command has its reply: done once everything before it is.
     pub async fn finish(mut self) {
         self.prev_done().await;
@@ -242,6 +325,20 @@ mod tests {
         write.note_write();
         assert!(read.later_write_sent());
         assert!(!write.later_write_sent());
+    }
+
+    #[test]
+    fn a_written_slot_needs_the_primary_until_the_write_is_replied_then_a_caught_up_replica() {
+        let client = Arc::new(ClientOrder::default());
+        assert_eq!(client.read_floor(7), None);
+        let mark = client.writing(vec![7, 7]);
+        assert_eq!(client.read_floor(7), Some(ReadFloor::Pending));
+        drop(mark);
+        let Some(floor @ ReadFloor::RepliedAt(_)) = client.read_floor(7) else {
+            panic!("a replied write sets a floor");
+        };
+        client.forget(7, floor);
+        assert_eq!(client.read_floor(7), None);
     }
 
     #[tokio::test]

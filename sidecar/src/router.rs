@@ -20,7 +20,7 @@ use crate::commands::{self, CommandInfo, KeyError, Kind, Split};
 use crate::config::Config;
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
-use crate::order::{ClientOrder, Stage, Turn};
+use crate::order::{ClientOrder, ReadFloor, Stage, Turn};
 use crate::resp::{self, Frame};
 use crate::slot;
 use crate::topology::Registry;
@@ -365,6 +365,9 @@ impl Router {
         }
         let slots: Vec<u16> = keys.iter().map(|&i| slot::slot(&args[i])).collect();
         let same = slots.iter().all(|&s| s == slots[0]);
+        // Reads of these slots after this write must see it (read-your-writes).
+        let _written = (info.kind == Kind::Write && self.config.read_your_writes)
+            .then(|| turn.client().writing(slots.clone()));
         let cached_mget = info.split == Some(Split::Array)
             && self
                 .cache
@@ -380,7 +383,8 @@ impl Router {
                     if let Some(cache) = &self.cache {
                         touched.iter().for_each(|k| cache.bump(k));
                     }
-                    Box::pin(self.split(split, &args, &keys, &slots, up, proto)).await
+                    let order = turn.client().clone();
+                    Box::pin(self.split(split, &args, &keys, &slots, up, proto, &order)).await
                 }
                 None => err("CROSSSLOT Keys in request don't hash to the same slot"),
             }
@@ -525,9 +529,15 @@ impl Router {
                 t.resending();
                 t.prev_done().await;
             }
+            let floor = match turn.as_deref() {
+                Some(t) if kind == Kind::Read && !to_primary && self.config.read_your_writes => {
+                    t.client().read_floor(slot).map(|f| (t.client().clone(), f))
+                }
+                _ => None,
+            };
             let (node, asking) = match redirect.take() {
                 Some(r) => r,
-                None => match self.pick(slot, kind, to_primary, avoid.as_ref()) {
+                None => match self.pick(slot, kind, to_primary, avoid.as_ref(), floor) {
                     Some(n) => (n, false),
                     None => {
                         self.registry.request_refresh();
@@ -605,17 +615,51 @@ impl Router {
         err("ERR cachetier: too many MOVED/ASK redirects")
     }
 
-    fn pick(&self, slot: u16, kind: Kind, to_primary: bool, avoid: Option<&Arc<Node>>) -> Option<Arc<Node>> {
+    /// The node for a command of `slot`. `floor`: the client wrote the slot,
+    /// so a read may only use a replica that has caught up past that write.
+    fn pick(
+        &self,
+        slot: u16,
+        kind: Kind,
+        to_primary: bool,
+        avoid: Option<&Arc<Node>>,
+        floor: Option<(Arc<ClientOrder>, ReadFloor)>,
+    ) -> Option<Arc<Node>> {
         let topo = self.registry.current();
         let shard = topo.shard(slot)?;
         if kind != Kind::Read || to_primary {
             return Some(shard.primary.clone());
         }
+        let eligible: Vec<Arc<Node>>;
+        let replicas = match floor {
+            None => &shard.replicas,
+            Some((client, floor)) => {
+                eligible = match floor {
+                    ReadFloor::Pending => Vec::new(),
+                    ReadFloor::RepliedAt(at) => shard
+                        .replicas
+                        .iter()
+                        .filter(|r| r.caught_up_since(at))
+                        .cloned()
+                        .collect(),
+                };
+                if eligible.len() == shard.replicas.len() {
+                    client.forget(slot, floor);
+                    &shard.replicas
+                } else if eligible.is_empty() && self.config.read_policy != crate::config::ReadPolicy::Primary
+                {
+                    self.metrics.read_your_writes_primary_reads.inc();
+                    return Some(shard.primary.clone());
+                } else {
+                    &eligible
+                }
+            }
+        };
         let p = balance::pick(
             self.config.read_policy,
             self.config.reads_include_primary,
             &shard.primary,
-            &shard.replicas,
+            replicas,
             avoid,
             &mut rand::rng(),
         );
@@ -626,6 +670,9 @@ impl Router {
     }
 
     /// Split a cross-slot MGET/MSET/DEL/UNLINK/EXISTS/TOUCH per slot and merge.
+    /// The whole command is ordered by its caller; each part gets a turn of
+    /// its own only for read-your-writes and the retry rule.
+    #[allow(clippy::too_many_arguments)]
     async fn split(
         self: &Arc<Self>,
         split: Split,
@@ -634,6 +681,7 @@ impl Router {
         slots: &[u16],
         up: Proto,
         proto: u8,
+        order: &Arc<ClientOrder>,
     ) -> Bytes {
         let name = &args[0];
         let per_key = if split == Split::AllOk { 2 } else { 1 };
@@ -669,7 +717,12 @@ impl Router {
             let cmd = resp::command_bytes(&sub);
             let this = self.clone();
             let s = *s;
-            async move { this.single(s, kind, cmd, up).await }
+            let (mut part, _) = order.next(None);
+            async move {
+                let reply = this.single_via(s, kind, false, cmd, up, Some(&mut part)).await;
+                part.finish().await;
+                reply
+            }
         });
         let cached_futs = cached.iter().map(|&pos| {
             let this = self.clone();
@@ -1358,11 +1411,16 @@ impl Router {
                     return Action::Reply(err("EXECABORT Transaction discarded because of previous errors."));
                 }
                 if let Some(watch) = watch {
-                    return self.exec_watched(st, info, watch, cmds);
+                    let mark = self
+                        .config
+                        .read_your_writes
+                        .then(|| st.order.writing(vec![watch.slot]));
+                    return self.exec_watched(st, info, watch, cmds, mark);
                 }
                 let this = self.clone();
                 let up = st.upstream_proto();
-                self.timed(info, async move { this.exec(cmds, up).await })
+                let order = self.config.read_your_writes.then(|| st.order.clone());
+                self.timed(info, async move { this.exec(cmds, up, order).await })
             }
             "discard" => {
                 st.multi = None;
@@ -1412,6 +1470,7 @@ impl Router {
         info: &'static CommandInfo,
         watch: Arc<Watch>,
         cmds: Vec<Vec<Bytes>>,
+        mark: Option<crate::order::WriteMark>,
     ) -> Action {
         let mut block = BytesMut::new();
         let mut touched = Vec::new();
@@ -1438,13 +1497,27 @@ impl Router {
             resp::encode_command(args, &mut block);
         }
         resp::encode_command(&["EXEC"], &mut block);
-        self.watch_call(st, info, watch, block.freeze(), cmds.len() + 2, touched)
+        let action = self.watch_call(st, info, watch, block.freeze(), cmds.len() + 2, touched);
+        match action {
+            // The transaction's writes count as pending until its reply.
+            Action::Later(fut) => Action::Later(Box::pin(async move {
+                let reply = fut.await;
+                drop(mark);
+                reply
+            })),
+            other => other,
+        }
     }
 
     /// Run a queued transaction as one contiguous MULTI..EXEC block on the
     /// slot's primary. The block is written back to back on the shared
     /// connection, so no other client's command can land inside it.
-    async fn exec(self: Arc<Self>, cmds: Vec<Vec<Bytes>>, up: Proto) -> Bytes {
+    async fn exec(
+        self: Arc<Self>,
+        cmds: Vec<Vec<Bytes>>,
+        up: Proto,
+        order: Option<Arc<ClientOrder>>,
+    ) -> Bytes {
         if cmds.is_empty() {
             return encode(&Frame::Array(Vec::new()));
         }
@@ -1479,6 +1552,7 @@ impl Router {
         }
         resp::encode_command(&["EXEC"], &mut block);
         let block = block.freeze();
+        let _written = order.zip(slot).map(|(o, s)| o.writing(vec![s]));
         let reply = self.exec_block(block, cmds.len(), slot, up).await;
         if let Some(c) = &self.cache {
             for k in &touched {

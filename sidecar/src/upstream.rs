@@ -110,6 +110,9 @@ pub struct Node {
     /// A primary whose `CLIENT TRACKING` connection is established: the local
     /// cache may keep entries for its slots (see `cache.rs`).
     pub tracked: AtomicBool,
+    /// A replica holds everything its primary had at this instant (from the
+    /// read gate's offset polls): read-your-writes routing (`order.rs`).
+    caught_up: Mutex<Option<Instant>>,
     conns: [Mutex<Option<Conn>>; 2],
     connecting: [tokio::sync::Mutex<()>; 2],
     this: Weak<Node>,
@@ -142,6 +145,7 @@ impl Node {
             probing: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             tracked: AtomicBool::new(false),
+            caught_up: Mutex::new(None),
             conns: [Mutex::new(None), Mutex::new(None)],
             connecting: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
             this: this.clone(),
@@ -174,6 +178,19 @@ impl Node {
         } else {
             ReadState::Closed
         });
+    }
+
+    /// The replica holds everything its primary had at `at`.
+    pub fn set_caught_up(&self, at: Instant) {
+        let mut c = lock(&self.caught_up);
+        if c.is_none_or(|t| t < at) {
+            *c = Some(at);
+        }
+    }
+
+    /// Does the replica hold everything its primary had at `at`?
+    pub fn caught_up_since(&self, at: Instant) -> bool {
+        lock(&self.caught_up).is_some_and(|t| t > at)
     }
 
     pub fn in_flight(&self) -> usize {

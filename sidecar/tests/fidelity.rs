@@ -224,3 +224,48 @@ async fn mget_answers_nil_for_a_cached_key_that_holds_no_string_like_redis() {
     }
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reads_its_own_writes_while_the_replica_catches_up() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    // Large values take the replica a while to apply.
+    let mut c = client(&sidecar).await;
+    let big = "x".repeat(8 << 20);
+    for i in 0..8 {
+        let value = format!("{i}{big}");
+        let _: () = c.set("ryw:big", &value).await.unwrap();
+        let got: Option<String> = c.get("ryw:big").await.unwrap();
+        assert!(
+            got.as_deref() == Some(value.as_str()),
+            "round {i}: read an older value"
+        );
+    }
+    // Many clients, each writing then reading its own key, no pipelining.
+    let mut tasks = Vec::new();
+    for t in 0..20 {
+        let mut con = client(&sidecar).await;
+        tasks.push(tokio::spawn(async move {
+            let mut stale = 0;
+            for i in 0..100 {
+                let key = format!("ryw:{t}:{}", i % 10);
+                let _: () = con.set(&key, i).await.unwrap();
+                if con.get::<_, Option<i64>>(&key).await.unwrap() != Some(i) {
+                    stale += 1;
+                }
+            }
+            stale
+        }));
+    }
+    let mut stale = 0;
+    for t in tasks {
+        stale += t.await.unwrap();
+    }
+    assert_eq!(stale, 0, "reads that missed the client's own write");
+    assert!(
+        sidecar.metrics().read_your_writes_primary_reads.get() > 0,
+        "the reads behind writes went to the primaries"
+    );
+    sidecar.shutdown().await;
+}

@@ -431,6 +431,27 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
     t
 });
 
+/// Commands known to keep a node busy for long (scripts and functions run
+/// as long as they like; `KEYS`, `FLUSHALL`/`FLUSHDB` and `SCRIPT` walk or
+/// drop everything): they run on a connection of their own with the slow
+/// bound, so they neither trip the watchdog nor fail other clients'
+/// requests on the shared connection.
+pub fn is_slow(name: &str) -> bool {
+    matches!(
+        name,
+        "eval"
+            | "evalsha"
+            | "eval_ro"
+            | "evalsha_ro"
+            | "fcall"
+            | "fcall_ro"
+            | "keys"
+            | "flushall"
+            | "flushdb"
+            | "script"
+    )
+}
+
 /// Look a command up by its (case-insensitive) name.
 pub fn lookup(name: &[u8]) -> Option<&'static CommandInfo> {
     if name.len() > 32 {

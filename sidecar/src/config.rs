@@ -121,6 +121,10 @@ pub struct Config {
     /// Watchdog: the oldest outstanding request on an upstream connection may
     /// wait this long before the connection is closed and the node leaves rotation.
     pub response_timeout: Duration,
+    /// Bound on a command known to be slow (`EVAL`/`EVALSHA`/`FCALL`, `KEYS`,
+    /// `FLUSHALL`/`FLUSHDB`, `SCRIPT` fan-outs): it runs on a connection of
+    /// its own, and its node is not judged silent while it runs, up to this.
+    pub slow_command_timeout: Duration,
     /// A replica lagging its primary by more than this many bytes gets no reads.
     pub max_lag_bytes: u64,
     /// How often each replica's `INFO replication` is polled for the read gate.
@@ -148,6 +152,7 @@ impl Default for Config {
             read_policy: ReadPolicy::Random,
             reads_include_primary: false,
             response_timeout: Duration::from_secs(1),
+            slow_command_timeout: Duration::from_secs(10),
             max_lag_bytes: 1024 * 1024,
             gate_interval: Duration::from_secs(1),
             topology_refresh: Duration::from_secs(10),
@@ -191,6 +196,11 @@ impl Config {
         if self.response_timeout.is_zero() {
             return Err(Error::Config(
                 "response timeout must be positive (--response-timeout / CACHETIER_RESPONSE_TIMEOUT)".into(),
+            ));
+        }
+        if self.slow_command_timeout < self.response_timeout {
+            return Err(Error::Config(
+                "the slow-command timeout must be at least the response timeout (--slow-command-timeout / CACHETIER_SLOW_COMMAND_TIMEOUT)".into(),
             ));
         }
         Ok(())
@@ -320,6 +330,9 @@ pub struct Args {
     /// Watchdog timeout per upstream connection (e.g. 1s, 500ms).
     #[arg(long, env = "CACHETIER_RESPONSE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub response_timeout: Duration,
+    /// Bound on known-slow commands: scripts, functions, KEYS, FLUSHALL/FLUSHDB (e.g. 10s).
+    #[arg(long, env = "CACHETIER_SLOW_COMMAND_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub slow_command_timeout: Duration,
     /// Replication lag (bytes) above which a replica gets no reads (e.g. 1MiB).
     #[arg(long, env = "CACHETIER_MAX_LAG_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
     pub max_lag_bytes: u64,
@@ -382,6 +395,7 @@ impl From<Args> for Config {
             read_policy: a.read_policy,
             reads_include_primary: a.reads_include_primary,
             response_timeout: a.response_timeout,
+            slow_command_timeout: a.slow_command_timeout,
             max_lag_bytes: a.max_lag_bytes,
             gate_interval: a.gate_interval,
             topology_refresh: a.topology_refresh,

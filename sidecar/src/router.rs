@@ -352,7 +352,11 @@ impl Router {
         };
         if keys.is_empty() {
             turn.prev_done().await;
-            return Box::pin(self.any_primary(resp::command_bytes(&args), up)).await;
+            let cmd = resp::command_bytes(&args);
+            if commands::is_slow(info.name) {
+                return Box::pin(self.slow_single(None, cmd, up)).await;
+            }
+            return Box::pin(self.any_primary(cmd, up)).await;
         }
         let touched = self.touched_keys(info, &args, &keys);
         if let Some(cache) = &self.cache
@@ -375,7 +379,18 @@ impl Router {
                 .is_some_and(|c| keys.iter().any(|&i| c.covers(&args[i])));
         // The split and cached paths are boxed so that their large state
         // machines do not inflate (and get copied with) every request's future.
-        let reply = if !same || cached_mget {
+        let reply = if commands::is_slow(info.name) {
+            // On a connection of its own: ordered as a whole.
+            turn.prev_done().await;
+            if let Some(cache) = &self.cache {
+                touched.iter().for_each(|k| cache.bump(k));
+            }
+            if same {
+                Box::pin(self.slow_single(Some(slots[0]), raw, up)).await
+            } else {
+                err("CROSSSLOT Keys in request don't hash to the same slot")
+            }
+        } else if !same || cached_mget {
             match info.split {
                 Some(split) => {
                     // Several parts on several connections: ordered as a whole.
@@ -814,6 +829,50 @@ impl Router {
         }
     }
 
+    /// A known-slow command on a connection of its own to `slot`'s primary
+    /// (any primary without a slot), following MOVED/ASK.
+    async fn slow_single(self: &Arc<Self>, slot: Option<u16>, cmd: Bytes, up: Proto) -> Bytes {
+        let mut target: Option<(Arc<Node>, bool)> = None;
+        for _ in 0..MAX_REDIRECTS {
+            let (node, asking) = match (target.take(), slot) {
+                (Some(t), _) => t,
+                (None, Some(s)) => match self.registry.current().shard(s) {
+                    Some(sh) => (sh.primary.clone(), false),
+                    None => return err(format!("CLUSTERDOWN Hash slot {s} is not served")),
+                },
+                (None, None) => {
+                    let primaries = self.primaries();
+                    match primaries.get(rand::rng().random_range(0..primaries.len().max(1))) {
+                        Some(n) => (n.clone(), false),
+                        None => return err("CLUSTERDOWN cachetier: topology not known yet"),
+                    }
+                }
+            };
+            let (bytes, n) = if asking {
+                let mut b = BytesMut::from(&resp::command_bytes(&["ASKING"])[..]);
+                b.extend_from_slice(&cmd);
+                (b.freeze(), 2)
+            } else {
+                (cmd.clone(), 1)
+            };
+            match node.slow_request(up, bytes, n).await {
+                Ok(mut r) => {
+                    let reply = r.pop().unwrap_or_default();
+                    if let Some(t) = redirect_target(&reply, b"MOVED ") {
+                        self.registry.request_refresh();
+                        target = Some((self.registry.node(&t), false));
+                    } else if let Some(t) = redirect_target(&reply, b"ASK ") {
+                        target = Some((self.registry.node(&t), true));
+                    } else {
+                        return reply;
+                    }
+                }
+                Err(e) => return upstream_error(&node.addr, Kind::Write, &e),
+            }
+        }
+        err("ERR cachetier: too many MOVED/ASK redirects")
+    }
+
     fn primaries(&self) -> Vec<Arc<Node>> {
         self.registry
             .current()
@@ -823,8 +882,9 @@ impl Router {
             .collect()
     }
 
-    /// Send `cmd` to every primary; Err carries the first error reply.
-    async fn fan_out(self: &Arc<Self>, cmd: Bytes, up: Proto) -> Result<Vec<Bytes>, Bytes> {
+    /// Send `cmd` to every primary (a known-slow one on connections of its
+    /// own); Err carries the first error reply.
+    async fn fan_out(self: &Arc<Self>, cmd: Bytes, up: Proto, slow: bool) -> Result<Vec<Bytes>, Bytes> {
         let primaries = self.primaries();
         if primaries.is_empty() {
             self.registry.request_refresh();
@@ -832,7 +892,14 @@ impl Router {
         }
         let futs = primaries.iter().map(|n| {
             let cmd = cmd.clone();
-            async move { (n.addr.clone(), n.request(up, cmd, 1).await) }
+            async move {
+                let r = if slow {
+                    n.slow_request(up, cmd, 1).await
+                } else {
+                    n.request(up, cmd, 1).await
+                };
+                (n.addr.clone(), r)
+            }
         });
         let mut out = Vec::new();
         for (addr, r) in join_all(futs).await {
@@ -1068,7 +1135,7 @@ impl Router {
     async fn fanned(self: Arc<Self>, name: &'static str, args: Vec<Bytes>, up: Proto, proto: u8) -> Bytes {
         let cmd = resp::command_bytes(&args);
         match name {
-            "dbsize" => match self.fan_out(cmd, up).await {
+            "dbsize" => match self.fan_out(cmd, up, false).await {
                 Ok(rs) => {
                     let mut total = 0i64;
                     for r in rs {
@@ -1084,12 +1151,12 @@ impl Router {
                 if let Some(c) = &self.cache {
                     c.flush(None, "flush");
                 }
-                match self.fan_out(cmd, up).await {
+                match self.fan_out(cmd, up, true).await {
                     Ok(_) => ok(),
                     Err(e) => e,
                 }
             }
-            "keys" => match self.fan_out(cmd, up).await {
+            "keys" => match self.fan_out(cmd, up, true).await {
                 Ok(rs) => {
                     let mut all = Vec::new();
                     for r in rs {
@@ -1194,11 +1261,11 @@ impl Router {
     async fn script(self: Arc<Self>, args: Vec<Bytes>, cmd: Bytes, up: Proto) -> Bytes {
         let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
         match sub.as_str() {
-            "LOAD" | "FLUSH" => match self.fan_out(cmd, up).await {
+            "LOAD" | "FLUSH" => match self.fan_out(cmd, up, true).await {
                 Ok(mut rs) => rs.pop().unwrap_or_else(ok),
                 Err(e) => e,
             },
-            "EXISTS" => match self.fan_out(cmd, up).await {
+            "EXISTS" => match self.fan_out(cmd, up, false).await {
                 Ok(rs) => {
                     let mut acc: Option<Vec<i64>> = None;
                     for r in rs {

@@ -70,6 +70,7 @@ impl Sidecar {
         let metrics = Metrics::new()?;
         let settings = UpstreamSettings {
             response_timeout: config.response_timeout,
+            slow_timeout: config.slow_command_timeout,
             metrics: metrics.clone(),
             auth: config.auth.clone(),
         };

@@ -88,6 +88,9 @@ static NEXT_CONN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
     pub response_timeout: Duration,
+    /// Bound on a command known to be slow (scripts, `KEYS`, `FLUSHALL`…),
+    /// which runs on a connection of its own.
+    pub slow_timeout: Duration,
     pub metrics: Metrics,
     pub auth: Option<crate::config::Credentials>,
 }
@@ -115,6 +118,10 @@ pub struct Node {
     caught_up: Mutex<Option<Instant>>,
     conns: [Mutex<Option<Conn>>; 2],
     connecting: [tokio::sync::Mutex<()>; 2],
+    /// Known-slow commands running on this node, and until when at most.
+    busy: Mutex<(usize, Option<Instant>)>,
+    /// Idle connections for known-slow commands, per protocol.
+    slow_pool: [Mutex<Vec<Dedicated>>; 2],
     this: Weak<Node>,
 }
 
@@ -148,6 +155,8 @@ impl Node {
             caught_up: Mutex::new(None),
             conns: [Mutex::new(None), Mutex::new(None)],
             connecting: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
+            busy: Mutex::new((0, None)),
+            slow_pool: [Mutex::new(Vec::new()), Mutex::new(Vec::new())],
             this: this.clone(),
         })
     }
@@ -372,6 +381,58 @@ impl Node {
         })
     }
 
+    /// While a known-slow command runs here (up to its bound), the node's
+    /// shared connections are not judged silent: Redis is single-threaded,
+    /// so everything else waits behind the command.
+    fn busy_until(&self) -> Option<Instant> {
+        match *lock(&self.busy) {
+            (n, until) if n > 0 => until,
+            _ => None,
+        }
+    }
+
+    /// Run a command known to be slow on a connection of its own, bounded by
+    /// the slow-command timeout rather than the response timeout.
+    pub async fn slow_request(
+        &self,
+        proto: Proto,
+        bytes: Bytes,
+        replies: usize,
+    ) -> Result<Vec<Bytes>, UpstreamError> {
+        struct Busy<'a>(&'a Node);
+        impl Drop for Busy<'_> {
+            fn drop(&mut self) {
+                let mut b = lock(&self.0.busy);
+                b.0 = b.0.saturating_sub(1);
+            }
+        }
+        let bound = self.settings.slow_timeout;
+        let pooled = lock(&self.slow_pool[proto as usize]).pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => {
+                let timeout = self.settings.response_timeout;
+                Dedicated::open(&self.addr, proto, timeout, self.settings.auth.as_ref()).await?
+            }
+        };
+        conn.timeout = bound;
+        let _busy = {
+            let mut b = lock(&self.busy);
+            let until = Instant::now() + bound;
+            b.0 += 1;
+            b.1 = Some(b.1.map_or(until, |u| u.max(until)));
+            Busy(self)
+        };
+        let result = conn.call(&bytes, replies).await;
+        if result.is_ok() {
+            let mut pool = lock(&self.slow_pool[proto as usize]);
+            if pool.len() < 4 {
+                pool.push(conn);
+            }
+        }
+        result
+    }
+
     fn is_current(&self, state: &Arc<ConnState>) -> bool {
         self.conns
             .iter()
@@ -579,6 +640,7 @@ async fn reader(
     // Keeps its progress across reads: a huge reply is checked once, not
     // rescanned on every read.
     let mut checker = resp::Checker::new(Limits::upstream());
+    let mut last_bytes = Instant::now();
     let why = loop {
         // Deliver every complete reply already buffered.
         let mut bad = None;
@@ -617,17 +679,18 @@ async fn reader(
         if let Some(e) = bad {
             break e;
         }
-        let oldest = lock(&state.pending).front().map(|p| p.sent);
-        let deadline = oldest.map(|t| tokio::time::Instant::from_std(t + timeout));
+        let deadline = silence_deadline(&state, &node, last_bytes, timeout);
         tokio::select! {
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => break UpstreamError::Closed("eof".into()),
-                Ok(_) => {}
+                // Bytes arriving are life, even mid-way through a large reply.
+                Ok(_) => last_bytes = Instant::now(),
                 Err(e) => break UpstreamError::Closed(e.to_string()),
             },
-            _ = sleep_until_opt(deadline) => {
-                let still = lock(&state.pending).front().map(|p| p.sent) == oldest;
-                if still {
+            _ = sleep_until_opt(deadline.map(tokio::time::Instant::from_std)) => {
+                // Judge again: the front may have changed, or a slow command
+                // may have started on the node meanwhile.
+                if silence_deadline(&state, &node, last_bytes, timeout).is_some_and(|d| d <= Instant::now()) {
                     break UpstreamError::Timeout;
                 }
             }
@@ -659,6 +722,21 @@ async fn reader(
     }
 }
 
+/// When the oldest outstanding request counts as unanswered: `timeout`
+/// after it was sent or after the node's last bytes, whichever is later, and
+/// not before a known-slow command running on the node reaches its bound.
+fn silence_deadline(
+    state: &ConnState,
+    node: &Weak<Node>,
+    last_bytes: Instant,
+    timeout: Duration,
+) -> Option<Instant> {
+    let sent = lock(&state.pending).front().map(|p| p.sent)?;
+    let silent_from = sent.max(last_bytes) + timeout;
+    let busy = node.upgrade().and_then(|n| n.busy_until());
+    Some(busy.map_or(silent_from, |b| silent_from.max(b)))
+}
+
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -673,7 +751,8 @@ pub struct Dedicated {
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     buf: BytesMut,
-    timeout: Duration,
+    /// Bound on each call.
+    pub timeout: Duration,
     broken: bool,
 }
 

@@ -269,3 +269,43 @@ async fn a_client_reads_its_own_writes_while_the_replica_catches_up() {
     );
     sidecar.shutdown().await;
 }
+
+const BUSY_1500MS: &str = "local s = redis.call('TIME') \
+    while true do \
+      local n = redis.call('TIME') \
+      if (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > 1500000 then break end \
+    end \
+    return 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_script_is_not_a_silent_node_and_fails_nobody_elses_writes() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut script_client = client(&sidecar).await;
+    let mut writer = client(&sidecar).await;
+    let _: () = writer.set("{slow}warm", 1).await.unwrap();
+    let script = tokio::spawn(async move {
+        redis::cmd("EVAL")
+            .arg(BUSY_1500MS)
+            .arg(1)
+            .arg("{slow}key")
+            .query_async::<i64>(&mut script_client)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..20 {
+        let r: redis::RedisResult<()> = writer.set(format!("{{slow}}k{i}"), i).await;
+        assert!(r.is_ok(), "write {i} failed: {r:?}");
+    }
+    assert_eq!(script.await.unwrap().unwrap(), 1, "the script's own reply");
+    assert_eq!(
+        sidecar
+            .metrics()
+            .watchdog_closures
+            .with_label_values(&[cluster.shard_of("{slow}key").0.as_str()])
+            .get(),
+        0,
+        "no watchdog closure for a node busy with a script"
+    );
+    sidecar.shutdown().await;
+}

@@ -410,7 +410,11 @@ impl Router {
             )
             .await
         } else {
-            self.single_via(slots[0], info.kind, false, raw, up, Some(turn))
+            // A cursor is only meaningful on the node that issued it (each
+            // process seeds its hash tables differently): iterate on the
+            // key's primary.
+            let cursor = matches!(info.name, "hscan" | "sscan" | "zscan");
+            self.single_via(slots[0], info.kind, cursor, raw, up, Some(turn))
                 .await
         };
         if let Some(cache) = &self.cache {

@@ -309,3 +309,54 @@ async fn a_slow_script_is_not_a_silent_node_and_fails_nobody_elses_writes() {
     );
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hscan_sscan_and_zscan_iterate_on_the_keys_primary() {
+    let cluster = Cluster::start(3, 2);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let fields: Vec<(String, i64)> = (0..500).map(|i| (format!("f{i}"), i)).collect();
+    let _: () = c.hset_multiple("cur:{h}", &fields).await.unwrap();
+    let members: Vec<String> = fields.iter().map(|(f, _)| f.clone()).collect();
+    let _: () = c.sadd("cur:{h}s", &members).await.unwrap();
+    let scored: Vec<(i64, String)> = fields.iter().map(|(f, i)| (*i, f.clone())).collect();
+    let _: () = c.zadd_multiple("cur:{h}z", &scored).await.unwrap();
+    let (primary, _) = cluster.shard_of("cur:{h}");
+    cluster.by_addr(&primary).cli(&["WAIT", "2", "2000"]);
+    // Another client: the writer's own reads would go to the primary anyway.
+    let mut c = client(&sidecar).await;
+    cluster.reset_stats();
+    let mut calls = 0;
+    for (cmd, key, step) in [
+        ("HSCAN", "cur:{h}", 2),
+        ("SSCAN", "cur:{h}s", 1),
+        ("ZSCAN", "cur:{h}z", 2),
+    ] {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut cursor = "0".to_string();
+        for _ in 0..1000 {
+            let (next, items): (String, Vec<String>) = redis::cmd(cmd)
+                .arg(key)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(20)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            calls += 1;
+            seen.extend(items.into_iter().step_by(step));
+            cursor = next;
+            if cursor == "0" {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 500, "{cmd} saw every element once");
+    }
+    let on_primary: u64 = ["hscan", "sscan", "zscan"]
+        .iter()
+        .map(|c| cluster.by_addr(&primary).calls(c))
+        .sum();
+    assert_eq!(on_primary, calls, "every cursor call went to the key's primary");
+    sidecar.shutdown().await;
+}

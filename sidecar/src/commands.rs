@@ -506,14 +506,15 @@ pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, Key
                 // EVAL with no keys: route to any primary.
                 return Ok(Vec::new());
             }
-            if n < at + 1 + numkeys {
+            // Client input: compare without arithmetic that could overflow.
+            if n.saturating_sub(at + 1) < numkeys {
                 return Err(KeyError::WrongArity);
             }
             Ok((at + 1..at + 1 + numkeys).collect())
         }
         KeySpec::DestNumkeys => {
             let numkeys = numeric(args.get(2))?;
-            if n < 3 + numkeys {
+            if n.saturating_sub(3) < numkeys {
                 return Err(KeyError::WrongArity);
             }
             let mut keys = vec![1];
@@ -521,13 +522,14 @@ pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, Key
             Ok(keys)
         }
         KeySpec::Streams => {
-            if args.iter().any(|a| a.eq_ignore_ascii_case(b"block")) {
-                return Err(KeyError::Blocking);
-            }
             let at = args
                 .iter()
                 .position(|a| a.eq_ignore_ascii_case(b"streams"))
                 .ok_or(KeyError::WrongArity)?;
+            // Only an option before STREAMS blocks; a stream may be named `block`.
+            if args[..at].iter().any(|a| a.eq_ignore_ascii_case(b"block")) {
+                return Err(KeyError::Blocking);
+            }
             let rest = n - at - 1;
             if rest == 0 || !rest.is_multiple_of(2) {
                 return Err(KeyError::WrongArity);

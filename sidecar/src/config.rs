@@ -198,6 +198,17 @@ impl Config {
                 "response timeout must be positive (--response-timeout / CACHETIER_RESPONSE_TIMEOUT)".into(),
             ));
         }
+        if self.gate_interval.is_zero() {
+            return Err(Error::Config(
+                "the read-gate interval must be positive, e.g. 1s (--gate-interval / CACHETIER_GATE_INTERVAL)".into(),
+            ));
+        }
+        if self.topology_refresh.is_zero() {
+            return Err(Error::Config(
+                "the topology refresh interval must be positive, e.g. 10s (--topology-refresh / CACHETIER_TOPOLOGY_REFRESH)"
+                    .into(),
+            ));
+        }
         if self.slow_command_timeout < self.response_timeout {
             return Err(Error::Config(
                 "the slow-command timeout must be at least the response timeout (--slow-command-timeout / CACHETIER_SLOW_COMMAND_TIMEOUT)".into(),
@@ -432,6 +443,35 @@ mod tests {
         assert_eq!(parse_bytes("64MiB").unwrap(), 64 << 20);
         assert!(parse_bytes("lots").unwrap_err().contains("MiB"));
         assert!(parse_ttl("2h").is_err());
+    }
+
+    #[test]
+    fn zero_poll_intervals_are_refused_naming_the_flag() {
+        let base = Config {
+            seeds: vec!["a:1".into()],
+            ..Config::default()
+        };
+        base.validate().unwrap();
+        let gate = Config {
+            gate_interval: Duration::ZERO,
+            ..base.clone()
+        };
+        assert!(
+            gate.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--gate-interval")
+        );
+        let topo = Config {
+            topology_refresh: Duration::ZERO,
+            ..base
+        };
+        assert!(
+            topo.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--topology-refresh")
+        );
     }
 
     #[test]

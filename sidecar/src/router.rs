@@ -959,6 +959,8 @@ impl Router {
                 st.name = None;
                 st.multi = None;
                 st.multi_failed = false;
+                // Unwatches: dropping the WATCH connection does that.
+                st.watch = None;
                 reply(Bytes::from_static(b"+RESET\r\n"))
             }
             "client" => reply(self.client(st, &sub, &args)),
@@ -991,11 +993,14 @@ impl Router {
     }
 
     fn hello(&self, st: &mut ClientState, args: &[Bytes]) -> Bytes {
+        // Check everything first: a failed HELLO changes nothing, as in Redis.
+        let mut proto = st.proto;
+        let mut name = None;
         let mut i = 1;
         if let Some(v) = args.get(1) {
             match v.as_ref() {
-                b"2" => st.proto = 2,
-                b"3" => st.proto = 3,
+                b"2" => proto = 2,
+                b"3" => proto = 3,
                 _ => return err("NOPROTO unsupported protocol version"),
             }
             i = 2;
@@ -1003,7 +1008,7 @@ impl Router {
         while i < args.len() {
             match upper(&args[i]).as_str() {
                 "SETNAME" if i + 1 < args.len() => {
-                    st.name = Some(args[i + 1].clone());
+                    name = Some(args[i + 1].clone());
                     i += 2;
                 }
                 "AUTH" if i + 2 < args.len() => {
@@ -1016,12 +1021,20 @@ impl Router {
                 _ => return err("ERR syntax error in HELLO"),
             }
         }
+        st.proto = proto;
+        if name.is_some() {
+            st.name = name;
+        }
         let p = st.proto;
         encode(&map(
             p,
             vec![
                 (bulk("server"), bulk("redis")),
-                (bulk("version"), bulk("7.0.0")),
+                // The upstream's version; a guess only before any node answered.
+                (
+                    bulk("version"),
+                    bulk(&self.registry.redis_version().unwrap_or_else(|| "7.0.0".into())),
+                ),
                 (bulk("proto"), Frame::Integer(i64::from(p))),
                 (bulk("id"), Frame::Integer(st.id as i64)),
                 (bulk("mode"), bulk("standalone")),
@@ -1098,7 +1111,12 @@ impl Router {
     fn info_text(&self) -> String {
         let topo = self.registry.current();
         let mut s = String::new();
-        s.push_str("# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\n");
+        s.push_str("# Server\r\n");
+        // The version the cluster's nodes report (clients check features by it).
+        if let Some(v) = self.registry.redis_version() {
+            s.push_str(&format!("redis_version:{v}\r\n"));
+        }
+        s.push_str("redis_mode:standalone\r\n");
         s.push_str(&format!(
             "cachetier_sidecar_version:{}\r\n",
             env!("CARGO_PKG_VERSION")

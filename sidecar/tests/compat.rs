@@ -1,0 +1,116 @@
+//! Small ways a plain client expects the sidecar to act like one Redis 7
+//! server (issue 9, items 8 and 12), against real redis-server processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use cachetier_sidecar::Sidecar;
+use redis::AsyncCommands;
+use support::{Cluster, client, config, http_get};
+
+fn proto_of(hello: &redis::Value) -> Option<i64> {
+    let items: Vec<(redis::Value, redis::Value)> = match hello {
+        redis::Value::Map(m) => m.clone(),
+        redis::Value::Array(a) => a.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect(),
+        _ => return None,
+    };
+    items.into_iter().find_map(|(k, v)| match (k, v) {
+        (redis::Value::BulkString(k), redis::Value::Int(p)) if k == b"proto" => Some(p),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_state_commands_behave_like_redis() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+
+    // RESET drops a WATCH: keys of another slot work again, EXEC has no MULTI.
+    let _: () = redis::cmd("WATCH").arg("{a}x").query_async(&mut c).await.unwrap();
+    let r: String = redis::cmd("RESET").query_async(&mut c).await.unwrap();
+    assert_eq!(r, "RESET");
+    let _: () = c.set("{b}y", 1).await.unwrap();
+    let e = redis::cmd("EXEC").query_async::<()>(&mut c).await.unwrap_err();
+    assert!(e.to_string().contains("EXEC without MULTI"), "{e}");
+
+    // HELLO 3 with bad credentials fails and leaves the protocol alone.
+    let e = redis::cmd("HELLO")
+        .arg(3)
+        .arg("AUTH")
+        .arg("default")
+        .arg("wrong")
+        .query_async::<redis::Value>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("AUTH") || e.to_string().contains("WRONGPASS"),
+        "{e}"
+    );
+    let hello: redis::Value = redis::cmd("HELLO").query_async(&mut c).await.unwrap();
+    assert_eq!(proto_of(&hello), Some(2), "{hello:?}");
+
+    // A numkeys no argument list can hold is an error reply, not a crash.
+    let e = redis::cmd("EVAL")
+        .arg("return 1")
+        .arg("18446744073709551615")
+        .query_async::<i64>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(e.kind() != redis::ErrorKind::Io, "{e}");
+    let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    assert_eq!(pong, "PONG");
+
+    // A stream may be called `block`.
+    let _: String = redis::cmd("XADD")
+        .arg("block")
+        .arg("*")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let got: redis::Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg("block")
+        .arg("0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(format!("{got:?}").contains("block"), "{got:?}");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_reports_the_upstream_redis_version() {
+    let cluster = Cluster::start(3, 0);
+    let version = cluster.nodes[0].info_field("server", "redis_version").unwrap();
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let info: String = redis::cmd("INFO").query_async(&mut c).await.unwrap();
+    assert!(info.contains(&format!("redis_version:{version}\r\n")), "{info}");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_false_when_the_topology_is_lost() {
+    let cluster = Cluster::start(3, 0);
+    let cfg = cachetier_sidecar::Config {
+        topology_refresh: Duration::from_millis(200),
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let maddr = sidecar.metrics_addr().unwrap();
+    assert!(http_get(maddr, "/readyz").await.0.contains("200"));
+    drop(cluster);
+    support::eventually("readyz says not ready", Duration::from_secs(10), || {
+        !sidecar.metrics().is_ready()
+    })
+    .await;
+    assert!(http_get(maddr, "/readyz").await.0.contains("503"));
+    sidecar.shutdown().await;
+}

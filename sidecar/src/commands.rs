@@ -351,6 +351,8 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
             "readonly",
             "readwrite",
             "script",
+            "function",
+            "config",
             "reset",
         ],
         Server,
@@ -390,7 +392,6 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
     add(&["watch"], Server, kall());
     add(
         &[
-            "config",
             "shutdown",
             "debug",
             "monitor",
@@ -408,7 +409,6 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
             "latency",
             "acl",
             "module",
-            "function",
             "sync",
             "psync",
             "asking",

@@ -338,11 +338,12 @@ impl Router {
     ) -> Bytes {
         let keys = match commands::key_indices(info, &args) {
             Ok(k) => k,
+            // The sidecar cannot find the keys: Redis words the error (it
+            // checks the arguments, and refuses keys of a slot it does not
+            // own, so nothing runs on the wrong node).
             Err(KeyError::WrongArity) => {
-                return err(format!(
-                    "ERR wrong number of arguments for '{}' command",
-                    info.name
-                ));
+                turn.prev_done().await;
+                return Box::pin(self.on_primary(None, resp::command_bytes(&args), up, false)).await;
             }
             Err(KeyError::Blocking) => {
                 return err(
@@ -354,7 +355,7 @@ impl Router {
             turn.prev_done().await;
             let cmd = resp::command_bytes(&args);
             if commands::is_slow(info.name) {
-                return Box::pin(self.slow_single(None, cmd, up)).await;
+                return Box::pin(self.on_primary(None, cmd, up, true)).await;
             }
             return Box::pin(self.any_primary(cmd, up)).await;
         }
@@ -386,7 +387,7 @@ impl Router {
                 touched.iter().for_each(|k| cache.bump(k));
             }
             if same {
-                Box::pin(self.slow_single(Some(slots[0]), raw, up)).await
+                Box::pin(self.on_primary(Some(slots[0]), raw, up, true)).await
             } else {
                 err("CROSSSLOT Keys in request don't hash to the same slot")
             }
@@ -833,9 +834,9 @@ impl Router {
         }
     }
 
-    /// A known-slow command on a connection of its own to `slot`'s primary
-    /// (any primary without a slot), following MOVED/ASK.
-    async fn slow_single(self: &Arc<Self>, slot: Option<u16>, cmd: Bytes, up: Proto) -> Bytes {
+    /// `cmd` on `slot`'s primary (any primary without a slot), following
+    /// MOVED/ASK; a known-slow command on a connection of its own.
+    async fn on_primary(self: &Arc<Self>, slot: Option<u16>, cmd: Bytes, up: Proto, slow: bool) -> Bytes {
         let mut target: Option<(Arc<Node>, bool)> = None;
         for _ in 0..MAX_REDIRECTS {
             let (node, asking) = match (target.take(), slot) {
@@ -859,7 +860,12 @@ impl Router {
             } else {
                 (cmd.clone(), 1)
             };
-            match node.slow_request(up, bytes, n).await {
+            let result = if slow {
+                node.slow_request(up, bytes, n).await
+            } else {
+                node.request(up, bytes, n).await
+            };
+            match result {
                 Ok(mut r) => {
                     let reply = r.pop().unwrap_or_default();
                     if let Some(t) = redirect_target(&reply, b"MOVED ") {
@@ -985,7 +991,19 @@ impl Router {
             }
             "exec" => reply(err("ERR EXEC without MULTI")),
             "discard" => reply(err("ERR DISCARD without MULTI")),
-            "dbsize" | "flushall" | "flushdb" | "keys" | "scan" | "randomkey" | "script" => {
+            "config" => match sub.as_str() {
+                // Every node of a tier runs the same configuration.
+                "GET" => self.timed(info, async move {
+                    this.on_primary(None, resp::command_bytes(&args), up, false).await
+                }),
+                "SET" => reply(err(
+                    "ERR cachetier: CONFIG SET is not proxied: set Redis parameters in the CacheTier's spec.redisConfig, which the operator applies to every node",
+                )),
+                _ => reply(err(format!(
+                    "ERR cachetier: CONFIG {sub} is administrative and not proxied; run it against a Redis node directly"
+                ))),
+            },
+            "dbsize" | "flushall" | "flushdb" | "keys" | "scan" | "randomkey" | "script" | "function" => {
                 self.timed(info, async move { this.fanned(info.name, args, up, proto).await })
             }
             _ => reply(err(format!("ERR cachetier: '{}' is not supported", info.name))),
@@ -1208,6 +1226,7 @@ impl Router {
             }
             "scan" => self.scan(args, up).await,
             "script" => self.script(args, cmd, up).await,
+            "function" => self.function(args, cmd, up).await,
             _ => err("ERR cachetier: unsupported"),
         }
     }
@@ -1277,6 +1296,39 @@ impl Router {
                 Frame::Bulk(Bytes::from(out_cursor.to_string())),
                 keys,
             ]));
+        }
+    }
+
+    /// `FUNCTION`: changes go to every primary (so `FCALL` works on any
+    /// key); reads of the library set come from one primary.
+    async fn function(self: Arc<Self>, args: Vec<Bytes>, cmd: Bytes, up: Proto) -> Bytes {
+        let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
+        match sub.as_str() {
+            "LOAD" | "DELETE" | "FLUSH" | "RESTORE" => match self.fan_out(cmd, up, true).await {
+                Ok(mut rs) => rs.pop().unwrap_or_else(ok),
+                Err(e) => e,
+            },
+            // A function runs on one node; kill it wherever it runs.
+            "KILL" => {
+                let futs = self.primaries().into_iter().map(|n| {
+                    let cmd = cmd.clone();
+                    async move { n.slow_request(up, cmd, 1).await }
+                });
+                let replies: Vec<Bytes> = join_all(futs)
+                    .await
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .filter_map(|mut r| r.pop())
+                    .collect();
+                match replies.iter().find(|r| r.starts_with(b"+")) {
+                    Some(r) => r.clone(),
+                    None => replies
+                        .into_iter()
+                        .next()
+                        .unwrap_or_else(|| err("CLUSTERDOWN cachetier: no primary answered")),
+                }
+            }
+            _ => self.on_primary(None, cmd, up, false).await,
         }
     }
 

@@ -114,3 +114,107 @@ async fn readyz_turns_false_when_the_topology_is_lost() {
     assert!(http_get(maddr, "/readyz").await.0.contains("503"));
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argument_errors_are_redis_own_and_config_get_is_answered() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    for (numkeys, wording) in [("0", "numkeys"), ("2", "Number of keys")] {
+        let e = redis::cmd("SINTERCARD")
+            .arg(numkeys)
+            .arg("a")
+            .query_async::<i64>(&mut c)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(wording), "Redis's own wording: {e}");
+    }
+    let got: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(got[0], "maxmemory-policy");
+    let e = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("redisConfig"), "{e}");
+    sidecar.shutdown().await;
+}
+
+const LIBRARY: &str = "#!lua name=cachetierlib\n\
+    redis.register_function('settwice', function(keys, args) \
+      redis.call('SET', keys[1], args[1]) return redis.call('GET', keys[1]) end)\n\
+    redis.register_function{function_name='peek', callback=function(keys, args) \
+      return redis.call('GET', keys[1]) end, flags={'no-writes'}}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_are_loaded_on_every_primary_and_called_by_key() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let name: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(LIBRARY)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(name, "cachetierlib");
+    for n in &cluster.nodes {
+        if n.info_field("replication", "role").as_deref() == Some("master") {
+            assert!(
+                n.cli(&["FUNCTION", "LIST"]).contains("cachetierlib"),
+                "on {}",
+                n.addr()
+            );
+        }
+    }
+    // Keys on different primaries.
+    for i in 0..10 {
+        let key = format!("fn:{i}");
+        let v: String = redis::cmd("FCALL")
+            .arg("settwice")
+            .arg(1)
+            .arg(&key)
+            .arg(i)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(v, i.to_string());
+        let v: String = redis::cmd("FCALL_RO")
+            .arg("peek")
+            .arg(1)
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(v, i.to_string());
+    }
+    let list: redis::Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(format!("{list:?}").contains("cachetierlib"), "{list:?}");
+    let _: () = redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg("cachetierlib")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    for n in &cluster.nodes {
+        assert!(!n.cli(&["FUNCTION", "LIST"]).contains("cachetierlib"));
+    }
+    sidecar.shutdown().await;
+}

@@ -1686,15 +1686,8 @@ impl Router {
                 }
             }
         }
-        let mut block = BytesMut::new();
-        resp::encode_command(&["MULTI"], &mut block);
-        for args in &cmds {
-            resp::encode_command(args, &mut block);
-        }
-        resp::encode_command(&["EXEC"], &mut block);
-        let block = block.freeze();
         let _written = order.zip(slot).map(|(o, s)| o.writing(vec![s]));
-        let reply = self.exec_block(block, cmds.len(), slot, up).await;
+        let reply = self.exec_block(&cmds, slot, up).await;
         if let Some(c) = &self.cache {
             for k in &touched {
                 c.invalidate(k, "own_write").await;
@@ -1703,9 +1696,30 @@ impl Router {
         reply
     }
 
-    async fn exec_block(self: &Arc<Self>, block: Bytes, n: usize, slot: Option<u16>, up: Proto) -> Bytes {
+    /// `MULTI`, the queued commands, `EXEC` as one block, preceded by
+    /// `ASKING` when `asking` (Redis keeps the flag for a whole `MULTI`).
+    /// Returns the block and how many replies it produces.
+    fn tx_block(cmds: &[Vec<Bytes>], asking: bool) -> (Bytes, usize) {
+        let mut block = BytesMut::new();
+        if asking {
+            resp::encode_command(&["ASKING"], &mut block);
+        }
+        resp::encode_command(&["MULTI"], &mut block);
+        for args in cmds {
+            resp::encode_command(args, &mut block);
+        }
+        resp::encode_command(&["EXEC"], &mut block);
+        (block.freeze(), cmds.len() + 2 + usize::from(asking))
+    }
+
+    /// Run a transaction on its slot's primary, following MOVED, ASK (the
+    /// slot is migrating and its keys are on the importing node) and
+    /// TRYAGAIN (keys split mid-migration) as a single command would.
+    async fn exec_block(self: &Arc<Self>, cmds: &[Vec<Bytes>], slot: Option<u16>, up: Proto) -> Bytes {
         let mut target: Option<Arc<Node>> = None;
-        for _ in 0..MAX_REDIRECTS {
+        let mut asking = false;
+        for attempt in 0..MAX_REDIRECTS {
+            let (block, n) = Self::tx_block(cmds, asking);
             let node = match (&target, slot) {
                 (Some(n), _) => n.clone(),
                 (None, Some(s)) => match self.registry.current().shard(s) {
@@ -1717,12 +1731,23 @@ impl Router {
                     None => return err("CLUSTERDOWN cachetier: topology not known yet"),
                 },
             };
-            match node.request(up, block.clone(), n + 2).await {
+            match node.request(up, block, n).await {
                 Ok(replies) => {
                     let moved = replies.iter().find_map(|r| redirect_target(r, b"MOVED "));
                     if let Some(addr) = moved {
                         self.registry.request_refresh();
                         target = Some(self.registry.node(&addr));
+                        asking = false;
+                        continue;
+                    }
+                    if let Some(addr) = replies.iter().find_map(|r| redirect_target(r, b"ASK ")) {
+                        self.metrics.redirects.with_label_values(&["ask"]).inc();
+                        target = Some(self.registry.node(&addr));
+                        asking = true;
+                        continue;
+                    }
+                    if replies.iter().any(|r| r.starts_with(b"-TRYAGAIN")) && attempt + 1 < MAX_REDIRECTS {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                     let last = replies.last().cloned().unwrap_or_default();

@@ -200,15 +200,20 @@ fn caught_up(
 pub fn export(registry: &Registry, metrics: &crate::metrics::Metrics) {
     let topo = registry.current();
     for shard in &topo.shards {
+        let addr = shard.primary.addr.as_str();
         metrics
             .node_serving
-            .with_label_values(&[shard.primary.addr.as_str(), "primary"])
+            .with_label_values(&[addr, "primary"])
             .set(i64::from(shard.primary.is_healthy()));
+        // A node that changed role keeps one series, not both.
+        let _ = metrics.node_serving.remove_label_values(&[addr, "replica"]);
         for r in &shard.replicas {
+            let addr = r.addr.as_str();
             metrics
                 .node_serving
-                .with_label_values(&[r.addr.as_str(), "replica"])
+                .with_label_values(&[addr, "replica"])
                 .set(i64::from(r.serving_replica()));
+            let _ = metrics.node_serving.remove_label_values(&[addr, "primary"]);
         }
     }
 }

@@ -220,9 +220,21 @@ impl Node {
         self.retired.load(Ordering::Relaxed)
     }
 
-    /// Close connections and stop background work: the node left the topology.
+    /// Close connections and stop background work: the node left the
+    /// topology. Its metric series go too, so a churning cluster does not
+    /// grow the exposition without bound.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
+        let m = &self.settings.metrics;
+        let addr = self.addr.as_str();
+        let _ = m.upstream_latency.remove_label_values(&[addr]);
+        let _ = m.watchdog_closures.remove_label_values(&[addr]);
+        for role in ["primary", "replica"] {
+            let _ = m.node_serving.remove_label_values(&[addr, role]);
+        }
+        for reason in ["connect", "timeout", "closed", "protocol"] {
+            let _ = m.upstream_errors.remove_label_values(&[addr, reason]);
+        }
         for slot in &self.conns {
             if let Some(c) = lock(slot).take() {
                 c.state

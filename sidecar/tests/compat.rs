@@ -252,3 +252,31 @@ async fn a_transaction_follows_ask_while_its_slot_migrates() {
     assert_eq!(v, 2);
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_leaves_the_cluster_leaves_the_metrics_too() {
+    let mut cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let maddr = sidecar.metrics_addr().unwrap();
+    let i = cluster
+        .nodes
+        .iter()
+        .position(|n| n.info_field("replication", "role").as_deref() == Some("slave"))
+        .unwrap();
+    let gone = cluster.nodes.remove(i);
+    let (addr, id) = (gone.addr(), gone.node_id());
+    support::eventually("the replica's series is exported", Duration::from_secs(5), || {
+        sidecar.metrics().render().contains(&format!("node=\"{addr}\""))
+    })
+    .await;
+    drop(gone);
+    for n in &cluster.nodes {
+        n.cli(&["CLUSTER", "FORGET", &id]);
+    }
+    sidecar.refresh_topology().await.unwrap();
+    assert!(sidecar.node_states().iter().all(|n| n.addr != addr));
+    let (_, body) = http_get(maddr, "/metrics").await;
+    assert!(!body.contains(&format!("node=\"{addr}\"")), "{body}");
+    sidecar.shutdown().await;
+}

@@ -15,6 +15,7 @@
 //! or [`run`] (serves until a shutdown future resolves).
 
 pub mod balance;
+pub mod blocking;
 pub mod cache;
 pub mod commands;
 pub mod config;

@@ -154,6 +154,8 @@ pub struct Router {
     pub cache: Option<Arc<LocalCache>>,
     /// Resolved on a command's first use, so unused commands export nothing.
     per_command: Vec<std::sync::OnceLock<Arc<CommandMetrics>>>,
+    /// Bounds the blocking connections of all clients (`blocking.rs`).
+    pub(crate) blocking_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Router {
@@ -172,6 +174,7 @@ impl Router {
             metrics,
             cache,
             per_command,
+            blocking_permits: crate::blocking::permits(),
         }
     }
 
@@ -345,11 +348,6 @@ impl Router {
                 turn.prev_done().await;
                 return Box::pin(self.on_primary(None, resp::command_bytes(&args), up, false)).await;
             }
-            Err(KeyError::Blocking) => {
-                return err(
-                    "ERR blocking XREAD/XREADGROUP (BLOCK) is not supported by the cachetier sidecar",
-                );
-            }
         };
         if keys.is_empty() {
             turn.prev_done().await;
@@ -380,7 +378,16 @@ impl Router {
                 .is_some_and(|c| keys.iter().any(|&i| c.covers(&args[i])));
         // The split and cached paths are boxed so that their large state
         // machines do not inflate (and get copied with) every request's future.
-        let reply = if commands::is_slow(info.name) {
+        let reply = if let Some(block) = commands::block_timeout(info.name, &args) {
+            // On the client's own connection: ordered as a whole.
+            turn.prev_done().await;
+            if same {
+                let cell = turn.client().blocking.clone();
+                Box::pin(self.blocking(&cell, slots[0], raw, block, up)).await
+            } else {
+                err("CROSSSLOT Keys in request don't hash to the same slot")
+            }
+        } else if commands::is_slow(info.name) {
             // On a connection of its own: ordered as a whole.
             turn.prev_done().await;
             if let Some(cache) = &self.cache {

@@ -280,3 +280,89 @@ async fn a_node_that_leaves_the_cluster_leaves_the_metrics_too() {
     assert!(!body.contains(&format!("node=\"{addr}\"")), "{body}");
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brpop_worker_loop_works_unchanged_and_stalls_nobody() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let (primary, _) = cluster.shard_of("{q}jobs");
+    let mut worker = client(&sidecar).await;
+    let mut producer = client(&sidecar).await;
+    let mut other = client(&sidecar).await;
+    // Blocks longer than the response timeout on an empty list: nil, no error.
+    let none: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg("{q}empty")
+        .arg(1.5)
+        .query_async(&mut worker)
+        .await
+        .unwrap();
+    assert_eq!(none, None);
+    let jobs = tokio::spawn(async move {
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            let job: Option<(String, String)> = redis::cmd("BRPOP")
+                .arg("{q}jobs")
+                .arg(2)
+                .query_async(&mut worker)
+                .await
+                .unwrap();
+            if let Some((_, j)) = job {
+                got.push(j);
+            }
+            if got.len() == 100 {
+                break;
+            }
+        }
+        got
+    });
+    for batch in 0..10 {
+        // While the worker waits, the same primary answers everyone else.
+        for _ in 0..5 {
+            let _: Option<String> = other.get("{q}other").await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for j in 0..10 {
+            let _: () = producer.lpush("{q}jobs", batch * 10 + j).await.unwrap();
+        }
+    }
+    let got = jobs.await.unwrap();
+    assert_eq!(got, (0..100).map(|i| i.to_string()).collect::<Vec<_>>());
+    // XREAD BLOCK: times out with nil, or returns what is there.
+    let nothing: redis::Value = redis::cmd("XREAD")
+        .arg("BLOCK")
+        .arg(1200)
+        .arg("STREAMS")
+        .arg("{q}stream")
+        .arg("$")
+        .query_async(&mut producer)
+        .await
+        .unwrap();
+    assert_eq!(nothing, redis::Value::Nil);
+    let _: String = redis::cmd("XADD")
+        .arg("{q}stream")
+        .arg("*")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let entry: redis::Value = redis::cmd("XREAD")
+        .arg("BLOCK")
+        .arg(0)
+        .arg("STREAMS")
+        .arg("{q}stream")
+        .arg("0")
+        .query_async(&mut producer)
+        .await
+        .unwrap();
+    assert!(format!("{entry:?}").contains("{q}stream"), "{entry:?}");
+    assert_eq!(
+        sidecar
+            .metrics()
+            .watchdog_closures
+            .with_label_values(&[primary.as_str()])
+            .get(),
+        0
+    );
+    sidecar.shutdown().await;
+}

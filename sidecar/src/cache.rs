@@ -442,12 +442,8 @@ async fn track(
         cmd.push(p);
     }
     let mut out = BytesMut::new();
-    let mut awaiting: usize = 2;
-    if let Some(auth) = auth {
-        resp::encode_command(&auth.auth_command(), &mut out);
-        awaiting += 1;
-    }
-    resp::encode_command(&["HELLO", "3"], &mut out);
+    // The same opening as every connection, in RESP3 for the pushes.
+    let mut awaiting = crate::upstream::opening(auth, crate::upstream::Proto::Resp3, &mut out) + 1;
     resp::encode_command(&cmd, &mut out);
     if let Err(e) = wr.write_all(&out).await {
         return format!("write: {e}");

@@ -52,9 +52,6 @@ pub struct ClientOrder {
     /// Slots this client wrote recently, for read-your-writes routing. At
     /// most one entry per slot; dropped once every replica has caught up.
     writes: std::sync::Mutex<HashMap<u16, Written>>,
-    /// The client's connection for blocking commands (`blocking.rs`), which
-    /// its commands share like their order.
-    pub blocking: crate::blocking::BlockingCell,
 }
 
 #[derive(Debug, Clone, Copy, Default)]

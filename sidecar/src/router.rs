@@ -15,6 +15,7 @@ use rand::Rng;
 use rand::seq::SliceRandom;
 
 use crate::balance;
+use crate::blocking::BlockingCell;
 use crate::cache::{CacheKey, LocalCache, Lookup, Variant};
 use crate::commands::{self, CommandInfo, KeyError, Kind, Split};
 use crate::config::Config;
@@ -47,6 +48,8 @@ pub struct ClientState {
     order: Arc<ClientOrder>,
     /// The stage of the client's latest command that went upstream.
     last: Option<tokio::sync::watch::Receiver<Stage>>,
+    /// The client's connection for blocking commands (`blocking.rs`).
+    blocking: BlockingCell,
 }
 
 /// A client's WATCH connection, opened on first use.
@@ -67,6 +70,7 @@ impl Default for ClientState {
             watch: None,
             order: Arc::new(ClientOrder::default()),
             last: None,
+            blocking: BlockingCell::default(),
         }
     }
 }
@@ -293,8 +297,9 @@ impl Router {
                 let Some(mut turn) = turn.take() else {
                     return Action::Reply(err("ERR cachetier: command without a place in order"));
                 };
+                let blocking = st.blocking.clone();
                 self.timed(info, async move {
-                    let reply = this.keyed(info, args, raw, up, proto, &mut turn).await;
+                    let reply = this.keyed(info, args, raw, up, proto, &mut turn, &blocking).await;
                     turn.finish().await;
                     reply
                 })
@@ -330,6 +335,7 @@ impl Router {
     }
 
     /// Route a keyed command by its slot(s).
+    #[allow(clippy::too_many_arguments)]
     async fn keyed(
         self: Arc<Self>,
         info: &'static CommandInfo,
@@ -338,6 +344,7 @@ impl Router {
         up: Proto,
         proto: u8,
         turn: &mut Turn,
+        blocking: &BlockingCell,
     ) -> Bytes {
         let keys = match commands::key_indices(info, &args) {
             Ok(k) => k,
@@ -382,8 +389,7 @@ impl Router {
             // On the client's own connection: ordered as a whole.
             turn.prev_done().await;
             if same {
-                let cell = turn.client().blocking.clone();
-                Box::pin(self.blocking(&cell, slots[0], raw, block, up)).await
+                Box::pin(self.blocking(blocking, slots[0], raw, block, up)).await
             } else {
                 err("CROSSSLOT Keys in request don't hash to the same slot")
             }

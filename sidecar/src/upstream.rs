@@ -15,9 +15,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
-use crate::gate::ReadState;
 use crate::lock;
 use crate::order::Turn;
+use crate::replica::ReadState;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -522,6 +522,23 @@ fn send_in_turn(conn: &Conn, req: Request, turn: Option<&Turn>, write: bool) -> 
     }
 }
 
+/// The commands that open every upstream connection (data, WATCH, blocking,
+/// slow, topology, tracking): `AUTH` with the tier's credentials, then
+/// `HELLO 3` for RESP3. Encodes them into `out`; returns how many replies
+/// they produce (each must not be an error).
+pub fn opening(auth: Option<&crate::config::Credentials>, proto: Proto, out: &mut BytesMut) -> usize {
+    let mut n = 0;
+    if let Some(auth) = auth {
+        resp::encode_command(&auth.auth_command(), out);
+        n += 1;
+    }
+    if proto == Proto::Resp3 {
+        resp::encode_command(&["HELLO", "3"], out);
+        n += 1;
+    }
+    n
+}
+
 /// Connect and prepare a connection: `HELLO 3` for RESP3 and `READONLY` so a
 /// replica serves reads for its slots instead of answering MOVED.
 async fn handshake(
@@ -537,15 +554,7 @@ async fn handshake(
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let mut out = BytesMut::new();
-    let mut expected = 1;
-    if let Some(auth) = auth {
-        resp::encode_command(&auth.auth_command(), &mut out);
-        expected += 1;
-    }
-    if proto == Proto::Resp3 {
-        resp::encode_command(&["HELLO", "3"], &mut out);
-        expected += 1;
-    }
+    let expected = opening(auth, proto, &mut out) + 1;
     resp::encode_command(&["READONLY"], &mut out);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let fut = async {
@@ -832,15 +841,13 @@ pub async fn oneshot_command(
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
         let (mut rd, mut wr) = stream.into_split();
         let mut out = BytesMut::new();
-        if let Some(auth) = auth {
-            resp::encode_command(&auth.auth_command(), &mut out);
-        }
+        let opened = opening(auth, Proto::Resp2, &mut out);
         resp::encode_command(args, &mut out);
         wr.write_all(&out)
             .await
             .map_err(|e| UpstreamError::Closed(e.to_string()))?;
         let mut buf = BytesMut::new();
-        if auth.is_some() {
+        for _ in 0..opened {
             let raw = read_frame(&mut rd, &mut buf).await?;
             if let Some(err) = resp::error_text(&raw) {
                 return Err(UpstreamError::Protocol(String::from_utf8_lossy(err).into_owned()));

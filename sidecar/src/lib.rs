@@ -21,6 +21,7 @@ pub mod blocking;
 pub mod cache;
 pub mod commands;
 pub mod config;
+pub mod connect;
 pub mod error;
 pub mod gate;
 pub mod metrics;

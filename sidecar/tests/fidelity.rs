@@ -360,3 +360,26 @@ async fn hscan_sscan_and_zscan_iterate_on_the_keys_primary() {
     assert_eq!(on_primary, calls, "every cursor call went to the key's primary");
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_reads_fall_back_to_replicas_while_its_primary_is_down() {
+    let cluster = Cluster::start(3, 1);
+    // One gate poll at start (gates open), none after: no replica is ever
+    // known to have caught up past the write below.
+    let cfg = cachetier_sidecar::Config {
+        gate_interval: Duration::from_secs(120),
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("down:{d}", "v").await.unwrap();
+    let (primary, _) = cluster.shard_of("down:{d}");
+    let primary = cluster.by_addr(&primary);
+    primary.cli(&["WAIT", "1", "2000"]);
+    primary.signal("-STOP");
+    let got: redis::RedisResult<Option<String>> = c.get("down:{d}").await;
+    primary.signal("-CONT");
+    assert_eq!(got.unwrap().as_deref(), Some("v"));
+    sidecar.shutdown().await;
+}

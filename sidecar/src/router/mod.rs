@@ -674,6 +674,9 @@ impl Router {
         let eligible: Vec<Arc<Node>>;
         let replicas = match floor {
             None => &shard.replicas,
+            // The primary is out of rotation: availability first, as before
+            // read-your-writes (its own write would fail now too).
+            Some(_) if !shard.primary.is_healthy() => &shard.replicas,
             Some((client, floor)) => {
                 eligible = match floor {
                     ReadFloor::Pending => Vec::new(),

@@ -383,3 +383,85 @@ async fn a_writers_reads_fall_back_to_replicas_while_its_primary_is_down() {
     assert_eq!(got.unwrap().as_deref(), Some("v"));
     sidecar.shutdown().await;
 }
+
+/// Forwards 127.0.0.1:<returned port> to `to`, replies in chunks with a
+/// pause after each large one: a node that is slow to stream but never
+/// silent for long.
+async fn trickling_relay(to: u16, pause: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut ur, mut uw) = upstream.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut uw).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 128 * 1024];
+                loop {
+                    let n = match ur.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if n > 16 * 1024 {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_value_still_streaming_is_life_not_silence() {
+    let cluster = Cluster::start(3, 0);
+    let key = "big:{t}";
+    let (primary, _) = cluster.shard_of(key);
+    let node = cluster.by_addr(&primary);
+    // The primary announces the relay as its address, so the sidecar
+    // reaches it only through the relay.
+    let relay = trickling_relay(node.port, Duration::from_millis(150)).await;
+    let relay_addr = format!("127.0.0.1:{relay}");
+    node.cli(&["CONFIG", "SET", "cluster-announce-port", &relay.to_string()]);
+    support::eventually(
+        "every node knows the relay address",
+        Duration::from_secs(10),
+        || {
+            cluster
+                .nodes
+                .iter()
+                .all(|n| n.cli(&["CLUSTER", "NODES"]).contains(&format!("{relay_addr}@")))
+        },
+    )
+    .await;
+    let cfg = cachetier_sidecar::Config {
+        read_policy: cachetier_sidecar::ReadPolicy::Primary,
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    assert!(sidecar.node_states().iter().any(|n| n.addr == relay_addr));
+    let mut c = client(&sidecar).await;
+    // 2 MiB at 128 KiB per 150 ms: about 2.4 s to stream, never silent 1 s.
+    let value = "v".repeat(2 << 20);
+    let _: () = c.set(key, &value).await.unwrap();
+    let got: Option<String> = c.get(key).await.unwrap();
+    assert!(got.as_deref() == Some(value.as_str()), "the value arrived whole");
+    assert_eq!(
+        sidecar
+            .metrics()
+            .watchdog_closures
+            .with_label_values(&[relay_addr.as_str()])
+            .get(),
+        0
+    );
+    sidecar.shutdown().await;
+}

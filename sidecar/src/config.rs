@@ -139,6 +139,15 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Bounds on client requests.
     pub limits: Limits,
+    /// Most client connections at once (Redis' `maxclients`); one more is
+    /// told `-ERR max number of clients reached` and closed.
+    pub max_clients: usize,
+    /// Most reply bytes waiting for one client that does not read (Redis'
+    /// `client-output-buffer-limit`); past it the client is disconnected.
+    pub client_output_limit: u64,
+    /// Largest request being received from one client (Redis'
+    /// `client-query-buffer-limit`).
+    pub client_query_limit: u64,
     /// Upstream credentials; `None` for a tier without a password.
     pub auth: Option<Credentials>,
 }
@@ -160,6 +169,9 @@ impl Default for Config {
             read_your_writes: true,
             cache: CacheConfig::default(),
             limits: Limits::default(),
+            max_clients: 10_000,
+            client_output_limit: 1024 * 1024 * 1024,
+            client_query_limit: 1024 * 1024 * 1024,
             auth: None,
         }
     }
@@ -196,6 +208,14 @@ impl Config {
         if self.response_timeout.is_zero() {
             return Err(Error::Config(
                 "response timeout must be positive (--response-timeout / CACHETIER_RESPONSE_TIMEOUT)".into(),
+            ));
+        }
+        if self.max_clients == 0
+            || self.client_output_limit < 1024 * 1024
+            || self.client_query_limit < 1024 * 1024
+        {
+            return Err(Error::Config(
+                "--max-clients must be at least 1 and --client-output-limit / --client-query-limit at least 1MiB (CACHETIER_MAX_CLIENTS, CACHETIER_CLIENT_OUTPUT_LIMIT, CACHETIER_CLIENT_QUERY_LIMIT)".into(),
             ));
         }
         if self.gate_interval.is_zero() {
@@ -354,6 +374,20 @@ pub struct Args {
     /// replica has caught up past the write (true | false).
     #[arg(long, env = "CACHETIER_READ_YOUR_WRITES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub read_your_writes: bool,
+    /// Most client connections at once (like Redis' maxclients).
+    #[arg(
+        long,
+        env = "CACHETIER_MAX_CLIENTS",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    pub max_clients: usize,
+    /// Reply bytes one non-reading client may have waiting before it is disconnected (e.g. 1GiB).
+    #[arg(long, env = "CACHETIER_CLIENT_OUTPUT_LIMIT", default_value = "1GiB", value_parser = parse_bytes)]
+    pub client_output_limit: u64,
+    /// Largest request one client may send (e.g. 1GiB).
+    #[arg(long, env = "CACHETIER_CLIENT_QUERY_LIMIT", default_value = "1GiB", value_parser = parse_bytes)]
+    pub client_query_limit: u64,
     /// Periodic topology refresh interval (e.g. 10s).
     #[arg(long, env = "CACHETIER_TOPOLOGY_REFRESH", default_value = "10s", value_parser = parse_duration)]
     pub topology_refresh: Duration,
@@ -418,6 +452,9 @@ impl From<Args> for Config {
                 max_bytes: a.cache_max_bytes,
             },
             limits: Limits::default(),
+            max_clients: a.max_clients,
+            client_output_limit: a.client_output_limit,
+            client_query_limit: a.client_query_limit,
             auth: a.password.map(|password| Credentials {
                 username: a.username,
                 password,

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub topology_refreshes: IntCounterVec,
     pub redirects: IntCounterVec,
     pub client_connections: IntGauge,
+    /// Clients disconnected for not reading their replies (output limit).
+    pub output_limit_closes: IntCounter,
     ready: Arc<AtomicBool>,
 }
 
@@ -130,6 +132,10 @@ impl Metrics {
             &["kind"],
         )?;
         let client_connections = IntGauge::new("client_connections", "Open client connections")?;
+        let output_limit_closes = IntCounter::new(
+            "client_output_limit_closes_total",
+            "Clients disconnected because their unread replies passed the output limit",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(upstream_latency.clone()))?;
@@ -149,6 +155,7 @@ impl Metrics {
         registry.register(Box::new(topology_refreshes.clone()))?;
         registry.register(Box::new(redirects.clone()))?;
         registry.register(Box::new(client_connections.clone()))?;
+        registry.register(Box::new(output_limit_closes.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -170,6 +177,7 @@ impl Metrics {
             topology_refreshes,
             redirects,
             client_connections,
+            output_limit_closes,
             ready: Arc::new(AtomicBool::new(false)),
         })
     }

@@ -366,3 +366,109 @@ async fn a_brpop_worker_loop_works_unchanged_and_stalls_nobody() {
     );
     sidecar.shutdown().await;
 }
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_at_its_output_limit_and_others_carry_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(3, 0);
+    let cfg = cachetier_sidecar::Config {
+        client_output_limit: 8 << 20,
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let mut other = client(&sidecar).await;
+    let _: () = other.set("big:out", "x".repeat(256 << 10)).await.unwrap();
+    let before = peak_rss_kib();
+    // 4000 GETs of 256 KiB (1 GB of replies), never read.
+    let mut greedy = tokio::net::TcpStream::connect(sidecar.local_addr())
+        .await
+        .unwrap();
+    let get = b"*2\r\n$3\r\nGET\r\n$7\r\nbig:out\r\n".repeat(4000);
+    greedy.write_all(&get).await.unwrap();
+    for _ in 0..50 {
+        let v: String = other.get("big:out").await.unwrap();
+        assert_eq!(v.len(), 256 << 10);
+    }
+    support::eventually("the greedy client is closed", Duration::from_secs(20), || {
+        sidecar.metrics().output_limit_closes.get() == 1
+    })
+    .await;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), greedy.read_to_end(&mut received)).await;
+    assert!(read.is_ok(), "the connection was closed");
+    assert!(received.len() < 4000 * (256 << 10), "{} bytes", received.len());
+    let grown_mib = (peak_rss_kib() - before) / 1024;
+    assert!(grown_mib < 256, "peak RSS grew by {grown_mib} MiB");
+    let pong: String = redis::cmd("PING").query_async(&mut other).await.unwrap();
+    assert_eq!(pong, "PONG");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_beyond_max_clients_are_told_so_and_closed() {
+    use tokio::io::AsyncReadExt;
+    let cluster = Cluster::start(3, 0);
+    let cfg = cachetier_sidecar::Config {
+        max_clients: 2,
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let mut a = client(&sidecar).await;
+    let b = client(&sidecar).await;
+    let _: String = redis::cmd("PING").query_async(&mut a).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(sidecar.local_addr())
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(5), third.read_to_string(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, "-ERR max number of clients reached\r\n");
+    drop(b);
+    support::eventually("a place is free again", Duration::from_secs(5), || {
+        sidecar.metrics().client_connections.get() == 1
+    })
+    .await;
+    let mut again = client(&sidecar).await;
+    let _: String = redis::cmd("PING").query_async(&mut again).await.unwrap();
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_the_query_limit_is_refused_and_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(3, 0);
+    let cfg = cachetier_sidecar::Config {
+        client_query_limit: 1 << 20,
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(sidecar.local_addr())
+        .await
+        .unwrap();
+    // One SET whose value (4 MiB) never completes within the limit.
+    s.write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4194304\r\n")
+        .await
+        .unwrap();
+    let chunk = vec![b'x'; 64 << 10];
+    for _ in 0..32 {
+        if s.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.contains("client query limit"), "{reply}");
+    sidecar.shutdown().await;
+}

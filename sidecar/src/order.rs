@@ -266,6 +266,20 @@ impl Turn {
         self.client.last_write_sent.load(Ordering::SeqCst) > self.seq
     }
 
+    /// A turn for one part of this command (a split's per-slot request):
+    /// the same place in the order and client, nothing before it, since the
+    /// whole command is ordered by this turn.
+    pub fn part(&self) -> Turn {
+        let (me, _) = watch::channel(Stage::Waiting);
+        Turn {
+            seq: self.seq,
+            prev: None,
+            me,
+            client: self.client.clone(),
+            on_sent: std::sync::Mutex::new(None),
+        }
+    }
+
     pub fn client(&self) -> &Arc<ClientOrder> {
         &self.client
     }
@@ -325,6 +339,18 @@ mod tests {
         write.note_write();
         assert!(read.later_write_sent());
         assert!(!write.later_write_sent());
+    }
+
+    #[tokio::test]
+    async fn a_part_writes_at_its_commands_place_not_after_the_commands_behind_it() {
+        let client = Arc::new(ClientOrder::default());
+        let (whole, rx) = client.next(None);
+        let (later_read, _) = client.next(Some(rx));
+        whole.part().note_write();
+        assert!(
+            !later_read.later_write_sent(),
+            "the split write came before the read"
+        );
     }
 
     #[test]

@@ -420,8 +420,7 @@ impl Router {
                     if let Some(cache) = &self.cache {
                         touched.iter().for_each(|k| cache.bump(k));
                     }
-                    let order = turn.client().clone();
-                    Box::pin(self.split(split, &args, &keys, &slots, up, proto, &order)).await
+                    Box::pin(self.split(split, &args, &keys, &slots, up, proto, turn)).await
                 }
                 None => err("CROSSSLOT Keys in request don't hash to the same slot"),
             }

@@ -16,7 +16,7 @@ impl Router {
         slots: &[u16],
         up: Proto,
         proto: u8,
-        order: &Arc<ClientOrder>,
+        whole: &Turn,
     ) -> Bytes {
         let name = &args[0];
         let per_key = if split == Split::AllOk { 2 } else { 1 };
@@ -52,7 +52,7 @@ impl Router {
             let cmd = resp::command_bytes(&sub);
             let this = self.clone();
             let s = *s;
-            let (mut part, _) = order.next(None);
+            let mut part = whole.part();
             async move {
                 let reply = this.single_via(s, kind, false, cmd, up, Some(&mut part)).await;
                 part.finish().await;

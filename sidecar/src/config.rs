@@ -229,11 +229,6 @@ impl Config {
                     .into(),
             ));
         }
-        if self.slow_command_timeout < self.response_timeout {
-            return Err(Error::Config(
-                "the slow-command timeout must be at least the response timeout (--slow-command-timeout / CACHETIER_SLOW_COMMAND_TIMEOUT)".into(),
-            ));
-        }
         Ok(())
     }
 }

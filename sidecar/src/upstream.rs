@@ -412,7 +412,8 @@ impl Node {
                 b.0 = b.0.saturating_sub(1);
             }
         }
-        let bound = self.settings.slow_timeout;
+        // Never tighter than the ordinary bound.
+        let bound = self.settings.slow_timeout.max(self.settings.response_timeout);
         let pooled = lock(&self.slow_pool[proto as usize]).pop();
         let mut conn = match pooled {
             Some(c) => c,

@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use crate::config::CacheConfig;
 use crate::lock;
 use crate::metrics::Metrics;
+use crate::order::{Stage, Turn};
 use crate::resp::{self, Frame, Limits};
 use crate::slot;
 use crate::topology::Registry;
@@ -76,6 +77,18 @@ struct Entry {
 }
 type Waiter = watch::Receiver<Option<Bytes>>;
 
+/// What [`LocalCache::lookup`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    Hit(Bytes),
+    /// A shared fill: `stage` says when its request is queued upstream,
+    /// `value` delivers its reply.
+    Fill {
+        stage: watch::Receiver<Stage>,
+        value: Waiter,
+    },
+}
+
 pub struct LocalCache {
     cache: moka::future::Cache<CacheKey, Entry>,
     ttl: Duration,
@@ -83,7 +96,7 @@ pub struct LocalCache {
     fill_gen: AtomicU64,
     prefixes: Vec<Vec<u8>>,
     epochs: Vec<AtomicU64>,
-    inflight: Mutex<HashMap<CacheKey, Waiter>>,
+    inflight: Mutex<HashMap<CacheKey, (Waiter, watch::Receiver<Stage>)>>,
     /// Keys that may have `HGET` entries (those need a predicate to invalidate).
     hget_keys: Mutex<HashSet<Bytes>>,
     metrics: Metrics,
@@ -164,20 +177,38 @@ impl LocalCache {
     where
         F: Future<Output = Bytes> + Send + 'static,
     {
+        match self.lookup(key, cacheable, move |_turn| fetch).await {
+            Lookup::Hit(v) => v,
+            Lookup::Fill { value, .. } => Self::fill_result(value).await,
+        }
+    }
+
+    /// A fresh entry for `key`, or the key's shared fill: joined if one is in
+    /// flight, else started with `fetch`, which gets the fill's [`Turn`] to
+    /// mark when its request is queued upstream (its askers' successors may
+    /// follow it on that connection, see `order.rs`).
+    pub async fn lookup<F, Fut>(self: &Arc<Self>, key: CacheKey, cacheable: bool, fetch: F) -> Lookup
+    where
+        F: FnOnce(Turn) -> Fut,
+        Fut: Future<Output = Bytes> + Send + 'static,
+    {
         let mut rechecked = false;
-        let mut rx = loop {
+        loop {
             if let Some(e) = self.cache.get(&key).await
                 && e.epoch == self.epoch(&key.key)
                 && tokio::time::Instant::now() < e.expires
             {
                 self.metrics.cache_hits.inc();
-                return e.value;
+                return Lookup::Hit(e.value);
             }
             let mut inflight = lock(&self.inflight);
-            if let Some(rx) = inflight.get(&key) {
+            if let Some((value, stage)) = inflight.get(&key) {
                 self.metrics.cache_misses.inc();
                 self.metrics.coalesced.inc();
-                break rx.clone();
+                return Lookup::Fill {
+                    stage: stage.clone(),
+                    value: value.clone(),
+                };
             }
             // A fetch may have finished between our cache lookup and taking
             // the lock (it inserts, then leaves the in-flight map): look again
@@ -188,53 +219,71 @@ impl LocalCache {
                 continue;
             }
             self.metrics.cache_misses.inc();
-            {
-                let (tx, rx) = watch::channel(None);
-                inflight.insert(key.clone(), rx.clone());
-                let epoch = self.epoch(&key.key);
-                let gen_at_start = self.fill_gen.load(Ordering::SeqCst);
-                let this = self.clone();
-                tokio::spawn(async move {
-                    let value = fetch.await;
-                    let ok = !value.starts_with(b"-");
-                    let unchanged = |c: &LocalCache| {
-                        c.epoch(&key.key) == epoch && c.fill_gen.load(Ordering::SeqCst) == gen_at_start
-                    };
-                    if cacheable && ok && unchanged(&this) {
-                        if key.variant == Variant::HGet {
-                            lock(&this.hget_keys).insert(key.key.clone());
-                        }
-                        let entry = Entry {
-                            value: value.clone(),
-                            epoch,
-                            expires: tokio::time::Instant::now() + this.ttl,
-                        };
-                        this.cache.insert(key.clone(), entry).await;
-                        // An invalidation between the check and the insert wins.
-                        if !unchanged(&this) {
-                            this.cache.invalidate(&key).await;
-                        }
-                    }
-                    {
-                        let mut inflight = lock(&this.inflight);
-                        // Only remove our own entry: an invalidation may have
-                        // replaced it with a newer fetch.
-                        if inflight
-                            .get(&key)
-                            .is_some_and(|r| r.same_channel(&tx.subscribe()))
-                        {
-                            inflight.remove(&key);
-                        }
-                    }
-                    tx.send_replace(Some(value));
-                });
-                break rx;
-            }
-        };
-        match rx.wait_for(|v| v.is_some()).await {
+            let (tx, rx) = watch::channel(None);
+            let (turn, stage) = Turn::detached();
+            inflight.insert(key.clone(), (rx.clone(), stage.clone()));
+            drop(inflight);
+            self.spawn_fill(key, cacheable, tx, fetch(turn));
+            return Lookup::Fill { stage, value: rx };
+        }
+    }
+
+    /// The fill's reply, once it arrives.
+    pub async fn fill_result(mut value: Waiter) -> Bytes {
+        match value.wait_for(|v| v.is_some()).await {
             Ok(v) => v.clone().unwrap_or_default(),
             Err(_) => Bytes::from_static(b"-ERR cachetier: cache fetch was cancelled\r\n"),
         }
+    }
+
+    /// Run a fill in its own task (its askers may go away; the others still
+    /// get the value) and keep its result unless an invalidation raced it.
+    fn spawn_fill<Fut>(
+        self: &Arc<Self>,
+        key: CacheKey,
+        cacheable: bool,
+        tx: watch::Sender<Option<Bytes>>,
+        fetch: Fut,
+    ) where
+        Fut: Future<Output = Bytes> + Send + 'static,
+    {
+        let epoch = self.epoch(&key.key);
+        let gen_at_start = self.fill_gen.load(Ordering::SeqCst);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let value = fetch.await;
+            let ok = !value.starts_with(b"-");
+            let unchanged = |c: &LocalCache| {
+                c.epoch(&key.key) == epoch && c.fill_gen.load(Ordering::SeqCst) == gen_at_start
+            };
+            if cacheable && ok && unchanged(&this) {
+                if key.variant == Variant::HGet {
+                    lock(&this.hget_keys).insert(key.key.clone());
+                }
+                let entry = Entry {
+                    value: value.clone(),
+                    epoch,
+                    expires: tokio::time::Instant::now() + this.ttl,
+                };
+                this.cache.insert(key.clone(), entry).await;
+                // An invalidation between the check and the insert wins.
+                if !unchanged(&this) {
+                    this.cache.invalidate(&key).await;
+                }
+            }
+            {
+                let mut inflight = lock(&this.inflight);
+                // Only remove our own entry: an invalidation may have
+                // replaced it with a newer fetch.
+                if inflight
+                    .get(&key)
+                    .is_some_and(|(r, _)| r.same_channel(&tx.subscribe()))
+                {
+                    inflight.remove(&key);
+                }
+            }
+            tx.send_replace(Some(value));
+        });
     }
 
     /// Make every entry for `key` unservable at once and racing fetches
@@ -393,12 +442,8 @@ async fn track(
         cmd.push(p);
     }
     let mut out = BytesMut::new();
-    let mut awaiting: usize = 2;
-    if let Some(auth) = auth {
-        resp::encode_command(&auth.auth_command(), &mut out);
-        awaiting += 1;
-    }
-    resp::encode_command(&["HELLO", "3"], &mut out);
+    // The same opening as every connection, in RESP3 for the pushes.
+    let mut awaiting = crate::upstream::opening(auth, crate::upstream::Proto::Resp3, &mut out) + 1;
     resp::encode_command(&cmd, &mut out);
     if let Err(e) = wr.write_all(&out).await {
         return format!("write: {e}");

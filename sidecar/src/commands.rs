@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 
 /// How a command is handled.
@@ -71,7 +73,7 @@ pub struct CommandInfo {
     pub id: usize,
 }
 
-const BLOCKING: &str = "blocking commands are not supported by the cachetier sidecar: they would stall an upstream connection shared by many clients";
+const WAIT: &str = "WAIT/WAITAOF count the writes of one connection; through the cachetier sidecar's shared upstream connections they cannot mean what they mean in Redis";
 const PUBSUB: &str =
     "pub/sub subscriptions are not supported by the cachetier sidecar; subscribe on a Redis node directly";
 const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
@@ -351,28 +353,27 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
             "readonly",
             "readwrite",
             "script",
+            "function",
+            "config",
             "reset",
         ],
         Server,
         KeySpec::None,
     );
     add(&["time", "publish", "lastsave"], AnyPrimary, KeySpec::None);
+    // Blocking forms run on a connection of the client's own (`block_timeout`).
     add(
-        &[
-            "blpop",
-            "brpop",
-            "brpoplpush",
-            "blmove",
-            "blmpop",
-            "bzpopmin",
-            "bzpopmax",
-            "bzmpop",
-            "wait",
-            "waitaof",
-        ],
-        Unsupported(BLOCKING),
-        KeySpec::None,
+        &["blpop", "brpop", "bzpopmin", "bzpopmax"],
+        Write,
+        KeySpec::Range {
+            first: 1,
+            last: -2,
+            step: 1,
+        },
     );
+    add(&["brpoplpush", "blmove"], Write, k12());
+    add(&["blmpop", "bzmpop"], Write, KeySpec::Numkeys { at: 2 });
+    add(&["wait", "waitaof"], Unsupported(WAIT), KeySpec::None);
     add(
         &[
             "subscribe",
@@ -390,7 +391,6 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
     add(&["watch"], Server, kall());
     add(
         &[
-            "config",
             "shutdown",
             "debug",
             "monitor",
@@ -408,7 +408,6 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
             "latency",
             "acl",
             "module",
-            "function",
             "sync",
             "psync",
             "asking",
@@ -430,6 +429,27 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
     }
     t
 });
+
+/// Commands known to keep a node busy for long (scripts and functions run
+/// as long as they like; `KEYS`, `FLUSHALL`/`FLUSHDB` and `SCRIPT` walk or
+/// drop everything): they run on a connection of their own with the slow
+/// bound, so they neither trip the watchdog nor fail other clients'
+/// requests on the shared connection.
+pub fn is_slow(name: &str) -> bool {
+    matches!(
+        name,
+        "eval"
+            | "evalsha"
+            | "eval_ro"
+            | "evalsha_ro"
+            | "fcall"
+            | "fcall_ro"
+            | "keys"
+            | "flushall"
+            | "flushdb"
+            | "script"
+    )
+}
 
 /// Look a command up by its (case-insensitive) name.
 pub fn lookup(name: &[u8]) -> Option<&'static CommandInfo> {
@@ -458,8 +478,34 @@ pub fn count() -> usize {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyError {
     WrongArity,
-    /// The command is blocking in this form (`XREAD BLOCK`).
-    Blocking,
+}
+
+/// For a command in its blocking form, how long it may block by its own
+/// arguments: `Some(None)` for ever (timeout 0), `Some(Some(d))` for `d`;
+/// `None` when it does not block. A timeout that does not parse counts as
+/// zero seconds bounded: Redis will refuse it at once.
+pub fn block_timeout(name: &str, args: &[Bytes]) -> Option<Option<Duration>> {
+    let secs = |a: Option<&Bytes>| {
+        let s: f64 = a.and_then(|a| std::str::from_utf8(a).ok())?.parse().ok()?;
+        Some(s)
+    };
+    let seconds = match name {
+        "blpop" | "brpop" | "bzpopmin" | "bzpopmax" | "brpoplpush" | "blmove" => secs(args.last()),
+        "blmpop" | "bzmpop" => secs(args.get(1)),
+        "xread" | "xreadgroup" => {
+            let streams = args.iter().position(|a| a.eq_ignore_ascii_case(b"streams"))?;
+            let at = args[..streams]
+                .iter()
+                .position(|a| a.eq_ignore_ascii_case(b"block"))?;
+            secs(args.get(at + 1)).map(|ms| ms / 1000.0)
+        }
+        _ => return None,
+    };
+    match seconds {
+        Some(0.0) => Some(None),
+        Some(s) => Some(Some(Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO))),
+        None => Some(Some(Duration::ZERO)),
+    }
 }
 
 /// Indices of the key arguments of `args` under `spec`.
@@ -485,14 +531,15 @@ pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, Key
                 // EVAL with no keys: route to any primary.
                 return Ok(Vec::new());
             }
-            if n < at + 1 + numkeys {
+            // Client input: compare without arithmetic that could overflow.
+            if n.saturating_sub(at + 1) < numkeys {
                 return Err(KeyError::WrongArity);
             }
             Ok((at + 1..at + 1 + numkeys).collect())
         }
         KeySpec::DestNumkeys => {
             let numkeys = numeric(args.get(2))?;
-            if n < 3 + numkeys {
+            if n.saturating_sub(3) < numkeys {
                 return Err(KeyError::WrongArity);
             }
             let mut keys = vec![1];
@@ -500,9 +547,6 @@ pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, Key
             Ok(keys)
         }
         KeySpec::Streams => {
-            if args.iter().any(|a| a.eq_ignore_ascii_case(b"block")) {
-                return Err(KeyError::Blocking);
-            }
             let at = args
                 .iter()
                 .position(|a| a.eq_ignore_ascii_case(b"streams"))
@@ -547,6 +591,29 @@ mod tests {
     }
 
     #[test]
+    fn blocking_forms_know_their_own_timeout_and_a_stream_may_be_named_block() {
+        assert_eq!(
+            block_timeout("blpop", &args("BLPOP a 1.5")),
+            Some(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(block_timeout("brpop", &args("BRPOP a 0")), Some(None));
+        assert_eq!(
+            block_timeout("blmpop", &args("BLMPOP 2 1 a LEFT")),
+            Some(Some(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            block_timeout("xread", &args("XREAD BLOCK 250 STREAMS a $")),
+            Some(Some(Duration::from_millis(250)))
+        );
+        assert_eq!(block_timeout("xread", &args("XREAD STREAMS block 0")), None);
+        assert_eq!(block_timeout("get", &args("GET a")), None);
+        assert_eq!(
+            block_timeout("blpop", &args("BLPOP a soon")),
+            Some(Some(Duration::ZERO))
+        );
+    }
+
+    #[test]
     fn key_positions_follow_each_command_shape() {
         let get = lookup(b"get").unwrap();
         assert_eq!(key_indices(get, &args("GET k")).unwrap(), vec![1]);
@@ -570,8 +637,15 @@ mod tests {
             vec![4, 5]
         );
         assert_eq!(
-            key_indices(xread, &args("XREAD BLOCK 0 STREAMS a 0")).unwrap_err(),
-            KeyError::Blocking
+            key_indices(xread, &args("XREAD BLOCK 0 STREAMS a 0")).unwrap(),
+            vec![4]
+        );
+        let blpop = lookup(b"blpop").unwrap();
+        assert_eq!(key_indices(blpop, &args("BLPOP a b 5")).unwrap(), vec![1, 2]);
+        let blmpop = lookup(b"blmpop").unwrap();
+        assert_eq!(
+            key_indices(blmpop, &args("BLMPOP 0 2 a b LEFT")).unwrap(),
+            vec![3, 4]
         );
         let bitop = lookup(b"bitop").unwrap();
         assert_eq!(

@@ -121,6 +121,10 @@ pub struct Config {
     /// Watchdog: the oldest outstanding request on an upstream connection may
     /// wait this long before the connection is closed and the node leaves rotation.
     pub response_timeout: Duration,
+    /// Bound on a command known to be slow (`EVAL`/`EVALSHA`/`FCALL`, `KEYS`,
+    /// `FLUSHALL`/`FLUSHDB`, `SCRIPT` fan-outs): it runs on a connection of
+    /// its own, and its node is not judged silent while it runs, up to this.
+    pub slow_command_timeout: Duration,
     /// A replica lagging its primary by more than this many bytes gets no reads.
     pub max_lag_bytes: u64,
     /// How often each replica's `INFO replication` is polled for the read gate.
@@ -129,9 +133,21 @@ pub struct Config {
     pub topology_refresh: Duration,
     /// On shutdown, how long in-flight client requests may take to finish.
     pub drain_timeout: Duration,
+    /// A client's reads of a slot it has just written go to the primary
+    /// until a replica has caught up past the write (see README).
+    pub read_your_writes: bool,
     pub cache: CacheConfig,
     /// Bounds on client requests.
     pub limits: Limits,
+    /// Most client connections at once (Redis' `maxclients`); one more is
+    /// told `-ERR max number of clients reached` and closed.
+    pub max_clients: usize,
+    /// Most reply bytes waiting for one client that does not read (Redis'
+    /// `client-output-buffer-limit`); past it the client is disconnected.
+    pub client_output_limit: u64,
+    /// Largest request being received from one client (Redis'
+    /// `client-query-buffer-limit`).
+    pub client_query_limit: u64,
     /// Upstream credentials; `None` for a tier without a password.
     pub auth: Option<Credentials>,
 }
@@ -145,12 +161,17 @@ impl Default for Config {
             read_policy: ReadPolicy::Random,
             reads_include_primary: false,
             response_timeout: Duration::from_secs(1),
+            slow_command_timeout: Duration::from_secs(10),
             max_lag_bytes: 1024 * 1024,
             gate_interval: Duration::from_secs(1),
             topology_refresh: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            read_your_writes: true,
             cache: CacheConfig::default(),
             limits: Limits::default(),
+            max_clients: 10_000,
+            client_output_limit: 1024 * 1024 * 1024,
+            client_query_limit: 1024 * 1024 * 1024,
             auth: None,
         }
     }
@@ -187,6 +208,25 @@ impl Config {
         if self.response_timeout.is_zero() {
             return Err(Error::Config(
                 "response timeout must be positive (--response-timeout / CACHETIER_RESPONSE_TIMEOUT)".into(),
+            ));
+        }
+        if self.max_clients == 0
+            || self.client_output_limit < 1024 * 1024
+            || self.client_query_limit < 1024 * 1024
+        {
+            return Err(Error::Config(
+                "--max-clients must be at least 1 and --client-output-limit / --client-query-limit at least 1MiB (CACHETIER_MAX_CLIENTS, CACHETIER_CLIENT_OUTPUT_LIMIT, CACHETIER_CLIENT_QUERY_LIMIT)".into(),
+            ));
+        }
+        if self.gate_interval.is_zero() {
+            return Err(Error::Config(
+                "the read-gate interval must be positive, e.g. 1s (--gate-interval / CACHETIER_GATE_INTERVAL)".into(),
+            ));
+        }
+        if self.topology_refresh.is_zero() {
+            return Err(Error::Config(
+                "the topology refresh interval must be positive, e.g. 10s (--topology-refresh / CACHETIER_TOPOLOGY_REFRESH)"
+                    .into(),
             ));
         }
         Ok(())
@@ -316,12 +356,33 @@ pub struct Args {
     /// Watchdog timeout per upstream connection (e.g. 1s, 500ms).
     #[arg(long, env = "CACHETIER_RESPONSE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub response_timeout: Duration,
+    /// Bound on known-slow commands: scripts, functions, KEYS, FLUSHALL/FLUSHDB (e.g. 10s).
+    #[arg(long, env = "CACHETIER_SLOW_COMMAND_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub slow_command_timeout: Duration,
     /// Replication lag (bytes) above which a replica gets no reads (e.g. 1MiB).
     #[arg(long, env = "CACHETIER_MAX_LAG_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
     pub max_lag_bytes: u64,
     /// Read-gate polling interval (e.g. 1s).
     #[arg(long, env = "CACHETIER_GATE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub gate_interval: Duration,
+    /// Route a client's reads of a slot it just wrote to the primary until a
+    /// replica has caught up past the write (true | false).
+    #[arg(long, env = "CACHETIER_READ_YOUR_WRITES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub read_your_writes: bool,
+    /// Most client connections at once (like Redis' maxclients).
+    #[arg(
+        long,
+        env = "CACHETIER_MAX_CLIENTS",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    pub max_clients: usize,
+    /// Reply bytes one non-reading client may have waiting before it is disconnected (e.g. 1GiB).
+    #[arg(long, env = "CACHETIER_CLIENT_OUTPUT_LIMIT", default_value = "1GiB", value_parser = parse_bytes)]
+    pub client_output_limit: u64,
+    /// Largest request one client may send (e.g. 1GiB).
+    #[arg(long, env = "CACHETIER_CLIENT_QUERY_LIMIT", default_value = "1GiB", value_parser = parse_bytes)]
+    pub client_query_limit: u64,
     /// Periodic topology refresh interval (e.g. 10s).
     #[arg(long, env = "CACHETIER_TOPOLOGY_REFRESH", default_value = "10s", value_parser = parse_duration)]
     pub topology_refresh: Duration,
@@ -374,16 +435,21 @@ impl From<Args> for Config {
             read_policy: a.read_policy,
             reads_include_primary: a.reads_include_primary,
             response_timeout: a.response_timeout,
+            slow_command_timeout: a.slow_command_timeout,
             max_lag_bytes: a.max_lag_bytes,
             gate_interval: a.gate_interval,
             topology_refresh: a.topology_refresh,
             drain_timeout: a.drain_timeout,
+            read_your_writes: a.read_your_writes,
             cache: CacheConfig {
                 prefixes: a.cache_prefixes.into_iter().filter(|p| !p.is_empty()).collect(),
                 ttl: a.cache_ttl,
                 max_bytes: a.cache_max_bytes,
             },
             limits: Limits::default(),
+            max_clients: a.max_clients,
+            client_output_limit: a.client_output_limit,
+            client_query_limit: a.client_query_limit,
             auth: a.password.map(|password| Credentials {
                 username: a.username,
                 password,
@@ -409,6 +475,35 @@ mod tests {
         assert_eq!(parse_bytes("64MiB").unwrap(), 64 << 20);
         assert!(parse_bytes("lots").unwrap_err().contains("MiB"));
         assert!(parse_ttl("2h").is_err());
+    }
+
+    #[test]
+    fn zero_poll_intervals_are_refused_naming_the_flag() {
+        let base = Config {
+            seeds: vec!["a:1".into()],
+            ..Config::default()
+        };
+        base.validate().unwrap();
+        let gate = Config {
+            gate_interval: Duration::ZERO,
+            ..base.clone()
+        };
+        assert!(
+            gate.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--gate-interval")
+        );
+        let topo = Config {
+            topology_refresh: Duration::ZERO,
+            ..base
+        };
+        assert!(
+            topo.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--topology-refresh")
+        );
     }
 
     #[test]
@@ -451,6 +546,9 @@ mod tests {
         );
         let a = Args::try_parse_from(["x", "--seed", "a:1"]).unwrap();
         assert_eq!(a.worker_threads, 1, "one event loop unless asked otherwise");
+        assert!(a.read_your_writes, "read-your-writes is on unless turned off");
+        let a = Args::try_parse_from(["x", "--seed", "a:1", "--read-your-writes", "false"]).unwrap();
+        assert!(!Config::from(a).read_your_writes);
         let a = Args::try_parse_from(["x", "--seed", "a:1", "--worker-threads", "4"]).unwrap();
         assert_eq!(a.worker_threads, 4);
         let err = Args::try_parse_from(["x", "--seed", "a:1", "--worker-threads", "many"])

@@ -5,9 +5,11 @@
 //! It is responsible for the data path: the RESP codec ([`resp`]), slot
 //! routing ([`slot`], [`commands`], [`router`]), topology discovery
 //! ([`topology`]), read balancing over healthy replicas ([`balance`]), the
-//! response watchdog ([`upstream`]), the replica read gate ([`gate`]), the
-//! local hot-key cache with server-assisted invalidation ([`cache`]), and its
-//! own metrics ([`metrics`]). It is *not* responsible for the cluster itself:
+//! response watchdog ([`upstream`]), the replica read gate ([`gate`], whose
+//! pure decisions live in [`replica`]), each client's execution order and
+//! read-your-writes state ([`order`]), blocking commands on a client's own
+//! connection ([`blocking`]), the local hot-key cache with server-assisted
+//! invalidation ([`cache`]), and its own metrics ([`metrics`]). It is *not* responsible for the cluster itself:
 //! creating, scaling, failing over or repairing nodes is the operator's job;
 //! the sidecar only observes the cluster and routes around trouble.
 //!
@@ -15,12 +17,16 @@
 //! or [`run`] (serves until a shutdown future resolves).
 
 pub mod balance;
+pub mod blocking;
 pub mod cache;
 pub mod commands;
 pub mod config;
+pub mod connect;
 pub mod error;
 pub mod gate;
 pub mod metrics;
+pub mod order;
+pub mod replica;
 pub mod resp;
 pub mod router;
 pub mod server;

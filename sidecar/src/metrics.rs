@@ -52,12 +52,17 @@ pub struct Metrics {
     pub node_serving: IntGaugeVec,
     /// Reads that wanted a replica but fell back to the primary.
     pub primary_fallbacks: IntCounter,
+    /// Reads sent to a primary because the client wrote the slot and no
+    /// replica has caught up past that write yet (read-your-writes).
+    pub read_your_writes_primary_reads: IntCounter,
     /// Reads retried on another node after an upstream failure.
     pub read_retries: IntCounter,
     /// Topology refreshes by result (`ok`, `error`).
     pub topology_refreshes: IntCounterVec,
     pub redirects: IntCounterVec,
     pub client_connections: IntGauge,
+    /// Clients disconnected for not reading their replies (output limit).
+    pub output_limit_closes: IntCounter,
     ready: Arc<AtomicBool>,
 }
 
@@ -110,6 +115,10 @@ impl Metrics {
             "primary_fallbacks_total",
             "Reads sent to a primary because no replica was serving",
         )?;
+        let read_your_writes_primary_reads = IntCounter::new(
+            "read_your_writes_primary_reads_total",
+            "Reads sent to a primary because the client wrote the slot and no replica had caught up",
+        )?;
         let read_retries = IntCounter::new(
             "read_retries_total",
             "Reads retried on another node after a failure",
@@ -123,6 +132,10 @@ impl Metrics {
             &["kind"],
         )?;
         let client_connections = IntGauge::new("client_connections", "Open client connections")?;
+        let output_limit_closes = IntCounter::new(
+            "client_output_limit_closes_total",
+            "Clients disconnected because their unread replies passed the output limit",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(upstream_latency.clone()))?;
@@ -138,9 +151,11 @@ impl Metrics {
         registry.register(Box::new(node_serving.clone()))?;
         registry.register(Box::new(primary_fallbacks.clone()))?;
         registry.register(Box::new(read_retries.clone()))?;
+        registry.register(Box::new(read_your_writes_primary_reads.clone()))?;
         registry.register(Box::new(topology_refreshes.clone()))?;
         registry.register(Box::new(redirects.clone()))?;
         registry.register(Box::new(client_connections.clone()))?;
+        registry.register(Box::new(output_limit_closes.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -158,9 +173,11 @@ impl Metrics {
             node_serving,
             primary_fallbacks,
             read_retries,
+            read_your_writes_primary_reads,
             topology_refreshes,
             redirects,
             client_connections,
+            output_limit_closes,
             ready: Arc::new(AtomicBool::new(false)),
         })
     }

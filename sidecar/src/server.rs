@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -38,6 +38,9 @@ use crate::upstream::UpstreamSettings;
 /// Most requests one client may have in flight before the sidecar stops
 /// reading from it (backpressure instead of unbounded buffering).
 const MAX_PIPELINE: usize = 4096;
+
+/// Reply bytes waiting for a client above which its requests are not read.
+const READ_PAUSE: usize = 1024 * 1024;
 
 /// A running sidecar. Dropping it does not stop it; call [`Sidecar::shutdown`].
 #[derive(Debug)]
@@ -70,6 +73,7 @@ impl Sidecar {
         let metrics = Metrics::new()?;
         let settings = UpstreamSettings {
             response_timeout: config.response_timeout,
+            slow_timeout: config.slow_command_timeout,
             metrics: metrics.clone(),
             auth: config.auth.clone(),
         };
@@ -249,6 +253,13 @@ async fn accept_loop(
     loop {
         tokio::select! {
             r = listener.accept() => match r {
+                Ok((mut stream, _)) if clients.len() >= router.config.max_clients => {
+                    // Like Redis at maxclients: say why, then close.
+                    clients.spawn(async move {
+                        let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+                        let _ = stream.shutdown().await;
+                    });
+                }
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
                     clients.spawn(serve_client(stream, router.clone(), stop.clone()));
@@ -277,6 +288,8 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     router.metrics.client_connections.inc();
     let (mut rd, mut wr) = stream.into_split();
     let limits = router.config.limits;
+    let output_limit = usize::try_from(router.config.client_output_limit).unwrap_or(usize::MAX);
+    let query_limit = usize::try_from(router.config.client_query_limit).unwrap_or(usize::MAX);
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut pending: FuturesOrdered<ReplyFuture> = FuturesOrdered::new();
@@ -284,7 +297,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     let mut checker = resp::Checker::new(limits);
     let mut reading = !*stop.borrow();
     loop {
-        while reading && pending.len() < MAX_PIPELINE && out.len() < 1024 * 1024 {
+        while reading && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE {
             match resp::parse_request_with(&mut inbuf, &mut checker, &limits) {
                 // Nothing of this client in flight: a local-cache hit is
                 // answered straight into the output buffer, with no future.
@@ -302,52 +315,62 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                         reading = false;
                     }
                 },
+                Ok(None) if inbuf.len() > query_limit => {
+                    let b = error_frame(
+                        "ERR cachetier: request larger than the client query limit; closing the connection",
+                    );
+                    pending.push_back(Box::pin(std::future::ready(b)));
+                    reading = false;
+                }
                 Ok(None) => break,
                 Err(e) => {
-                    let mut b = BytesMut::new();
-                    Frame::Error(bytes::Bytes::from(format!("ERR {e}; closing the connection")))
-                        .encode(&mut b);
-                    pending.push_back(Box::pin(std::future::ready(b.freeze())));
+                    let b = error_frame(&format!("ERR {e}; closing the connection"));
+                    pending.push_back(Box::pin(std::future::ready(b)));
                     reading = false;
                 }
             }
         }
-        // Replies answered in place go out now, unless a pending reply
-        // follows them (then they go out in front of it, in order).
-        if !out.is_empty() && pending.is_empty() {
-            if wr.write_all(&out).await.is_err() {
-                break;
-            }
-            out.clear();
-        }
-        if !reading && pending.is_empty() {
+        if !reading && pending.is_empty() && out.is_empty() {
             break;
         }
         tokio::select! {
-            r = rd.read_buf(&mut inbuf), if reading && pending.len() < MAX_PIPELINE && out.len() < 1024 * 1024 => match r {
+            r = rd.read_buf(&mut inbuf), if reading && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE => match r {
                 // The client half-closed: answer what it sent, then close.
                 Ok(0) => reading = false,
                 Ok(_) => {}
                 Err(_) => break,
             },
+            // Replies keep moving into the output buffer while a write waits
+            // for a client that does not read, so the limit below sees them.
             Some(reply) = pending.next(), if !pending.is_empty() => {
                 out.extend_from_slice(&reply);
-                while out.len() < 1024 * 1024 {
+                while out.len() <= output_limit {
                     match pending.next().now_or_never() {
                         Some(Some(r)) => out.extend_from_slice(&r),
                         _ => break,
                     }
                 }
-                if wr.write_all(&out).await.is_err() {
+                if out.len() > output_limit {
+                    router.metrics.output_limit_closes.inc();
+                    tracing::warn!(bytes = out.len(), "client output limit reached; closing the connection");
                     break;
                 }
-                out.clear();
             }
+            w = wr.write(&out), if !out.is_empty() => match w {
+                Ok(n) if n > 0 => out.advance(n),
+                _ => break,
+            },
             _ = stop.changed(), if reading => reading = false,
         }
     }
     let _ = wr.shutdown().await;
     router.metrics.client_connections.dec();
+}
+
+fn error_frame(msg: &str) -> bytes::Bytes {
+    let mut b = BytesMut::new();
+    Frame::Error(bytes::Bytes::copy_from_slice(msg.as_bytes())).encode(&mut b);
+    b.freeze()
 }
 
 #[cfg(test)]

@@ -88,6 +88,10 @@ pub struct Registry {
     metrics: Metrics,
     refresh_now: Notify,
     last_refresh: Mutex<Option<Instant>>,
+    /// When a refresh last succeeded.
+    last_ok: Mutex<Option<Instant>>,
+    /// `redis_version` of the cluster's nodes, learned on the first refresh.
+    version: Mutex<Option<String>>,
 }
 
 impl Registry {
@@ -100,6 +104,8 @@ impl Registry {
             metrics,
             refresh_now: Notify::new(),
             last_refresh: Mutex::new(None),
+            last_ok: Mutex::new(None),
+            version: Mutex::new(None),
         })
     }
 
@@ -174,7 +180,13 @@ impl Registry {
             }
         }
         if let Some((_, specs)) = best {
+            if lock(&self.version).is_none()
+                && let Some(primary) = specs.first().map(|s| s.primary.clone())
+            {
+                self.learn_version(&primary, timeout).await;
+            }
             self.install(specs);
+            *lock(&self.last_ok) = Some(Instant::now());
             self.metrics.topology_refreshes.with_label_values(&["ok"]).inc();
             self.metrics.set_ready(true);
             return Ok(());
@@ -184,6 +196,24 @@ impl Registry {
             .with_label_values(&["error"])
             .inc();
         Err(Error::NoTopology(last_err))
+    }
+
+    /// The upstream nodes' `redis_version`, once known.
+    pub fn redis_version(&self) -> Option<String> {
+        lock(&self.version).clone()
+    }
+
+    async fn learn_version(&self, addr: &str, timeout: Duration) {
+        let info =
+            upstream::oneshot_command(addr, &["INFO", "server"], timeout, self.settings.auth.as_ref()).await;
+        if let Ok(Frame::Bulk(b) | Frame::Verbatim(b)) = info {
+            let text = String::from_utf8_lossy(&b);
+            let v = text
+                .lines()
+                .find_map(|l| l.trim_end().strip_prefix("redis_version:"))
+                .map(str::to_string);
+            *lock(&self.version) = v;
+        }
     }
 
     /// Close every node's connections and stop their probes (shutdown).
@@ -272,6 +302,12 @@ impl Registry {
             }
             if let Err(e) = self.refresh().await {
                 tracing::warn!(error = %e, "topology refresh failed; keeping the previous topology");
+                // Lost: no answer for three intervals (at least 3 s). Not
+                // ready until a refresh succeeds again.
+                let stale = (interval * 3).max(Duration::from_secs(3));
+                if lock(&self.last_ok).is_none_or(|t| t.elapsed() > stale) {
+                    self.metrics.set_ready(false);
+                }
             }
         }
     }

@@ -15,27 +15,22 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
-use crate::gate::ReadState;
 use crate::lock;
+use crate::order::Turn;
+use crate::replica::ReadState;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::connect::handshake;
+pub use crate::connect::{Dedicated, Proto, oneshot_command, opening};
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
-use crate::resp::{self, Frame, Limits};
-
-/// RESP protocol version of an upstream connection (index into `Node::conns`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proto {
-    Resp2 = 0,
-    Resp3 = 1,
-}
+use crate::resp::{self, Limits};
 
 type ReplyTx = oneshot::Sender<Result<Vec<Bytes>, UpstreamError>>;
 
@@ -75,14 +70,21 @@ impl ConnState {
 
 #[derive(Clone)]
 struct Conn {
+    /// Unique per connection: [`Turn`]s compare it to keep a client's order.
+    id: u64,
     tx: mpsc::UnboundedSender<Request>,
     state: Arc<ConnState>,
 }
+
+static NEXT_CONN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Settings shared by every node.
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
     pub response_timeout: Duration,
+    /// Bound on a command known to be slow (scripts, `KEYS`, `FLUSHALL`…),
+    /// which runs on a connection of its own.
+    pub slow_timeout: Duration,
     pub metrics: Metrics,
     pub auth: Option<crate::config::Credentials>,
 }
@@ -105,8 +107,15 @@ pub struct Node {
     /// A primary whose `CLIENT TRACKING` connection is established: the local
     /// cache may keep entries for its slots (see `cache.rs`).
     pub tracked: AtomicBool,
+    /// A replica holds everything its primary had at this instant (from the
+    /// read gate's offset polls): read-your-writes routing (`order.rs`).
+    caught_up: Mutex<Option<Instant>>,
     conns: [Mutex<Option<Conn>>; 2],
     connecting: [tokio::sync::Mutex<()>; 2],
+    /// Known-slow commands running on this node, and until when at most.
+    busy: Mutex<(usize, Option<Instant>)>,
+    /// Idle connections for known-slow commands, per protocol.
+    slow_pool: [Mutex<Vec<Dedicated>>; 2],
     this: Weak<Node>,
 }
 
@@ -137,8 +146,11 @@ impl Node {
             probing: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             tracked: AtomicBool::new(false),
+            caught_up: Mutex::new(None),
             conns: [Mutex::new(None), Mutex::new(None)],
             connecting: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
+            busy: Mutex::new((0, None)),
+            slow_pool: [Mutex::new(Vec::new()), Mutex::new(Vec::new())],
             this: this.clone(),
         })
     }
@@ -171,6 +183,19 @@ impl Node {
         });
     }
 
+    /// The replica holds everything its primary had at `at`.
+    pub fn set_caught_up(&self, at: Instant) {
+        let mut c = lock(&self.caught_up);
+        if c.is_none_or(|t| t < at) {
+            *c = Some(at);
+        }
+    }
+
+    /// Does the replica hold everything its primary had at `at`?
+    pub fn caught_up_since(&self, at: Instant) -> bool {
+        lock(&self.caught_up).is_some_and(|t| t > at)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -189,9 +214,21 @@ impl Node {
         self.retired.load(Ordering::Relaxed)
     }
 
-    /// Close connections and stop background work: the node left the topology.
+    /// Close connections and stop background work: the node left the
+    /// topology. Its metric series go too, so a churning cluster does not
+    /// grow the exposition without bound.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
+        let m = &self.settings.metrics;
+        let addr = self.addr.as_str();
+        let _ = m.upstream_latency.remove_label_values(&[addr]);
+        let _ = m.watchdog_closures.remove_label_values(&[addr]);
+        for role in ["primary", "replica"] {
+            let _ = m.node_serving.remove_label_values(&[addr, role]);
+        }
+        for reason in ["connect", "timeout", "closed", "protocol"] {
+            let _ = m.upstream_errors.remove_label_values(&[addr, reason]);
+        }
         for slot in &self.conns {
             if let Some(c) = lock(slot).take() {
                 c.state
@@ -207,6 +244,19 @@ impl Node {
         bytes: Bytes,
         replies: usize,
     ) -> Result<Vec<Bytes>, UpstreamError> {
+        self.request_in(proto, bytes, replies, None, false).await
+    }
+
+    /// [`Node::request`] in a client's order: queued only where `turn`
+    /// allows (see `order.rs`), marking the turn sent on that connection.
+    pub async fn request_in(
+        &self,
+        proto: Proto,
+        bytes: Bytes,
+        replies: usize,
+        turn: Option<&mut Turn>,
+        write: bool,
+    ) -> Result<Vec<Bytes>, UpstreamError> {
         struct InFlight<'a>(&'a AtomicUsize);
         impl Drop for InFlight<'_> {
             fn drop(&mut self) {
@@ -217,7 +267,7 @@ impl Node {
         let _guard = InFlight(&self.in_flight);
         // Latency is observed by the connection's reader (write of the batch
         // to read of the reply, one clock read per batch, not per request).
-        let result = match self.enqueue(proto, bytes, replies).await {
+        let result = match self.enqueue(proto, bytes, replies, turn, write).await {
             Ok(rx) => match rx.await {
                 Ok(r) => r,
                 Err(_) => Err(UpstreamError::Closed("connection task ended".into())),
@@ -239,26 +289,36 @@ impl Node {
         proto: Proto,
         bytes: Bytes,
         replies: usize,
+        mut turn: Option<&mut Turn>,
+        write: bool,
     ) -> Result<oneshot::Receiver<Result<Vec<Bytes>, UpstreamError>>, UpstreamError> {
         let (tx, rx) = oneshot::channel();
         let mut req = Request { bytes, replies, tx };
         let idx = proto as usize;
-        for _ in 0..2 {
+        for _ in 0..3 {
             // Fast path: send under the slot's lock (an unbounded send never
             // waits) instead of cloning the connection handle per request.
+            let mut out_of_turn = false;
             {
                 let slot = lock(&self.conns[idx]);
                 if let Some(c) = slot.as_ref()
                     && !c.state.dead.load(Ordering::SeqCst)
                 {
-                    match c.tx.send(req) {
-                        Ok(()) => return Ok(rx),
-                        Err(mpsc::error::SendError(r)) => {
-                            req = r;
-                            c.state.dead.store(true, Ordering::SeqCst);
+                    if turn.as_deref().is_none_or(|t| t.may_send_on(c.id, write)) {
+                        match send_in_turn(c, req, turn.as_deref(), write) {
+                            Ok(()) => return Ok(rx),
+                            Err(r) => req = r,
                         }
+                    } else {
+                        out_of_turn = true;
                     }
                 }
+            }
+            if out_of_turn {
+                if let Some(t) = turn.as_deref_mut() {
+                    t.prev_done().await;
+                }
+                continue;
             }
             let conn = lock(&self.conns[idx]).clone();
             let conn = match conn {
@@ -267,12 +327,14 @@ impl Node {
                 // needed when (re)connecting, not on every request.
                 _ => Box::pin(self.connect_shared(proto)).await?,
             };
-            match conn.tx.send(req) {
+            if let Some(t) = turn.as_deref_mut()
+                && !t.may_send_on(conn.id, write)
+            {
+                t.prev_done().await;
+            }
+            match send_in_turn(&conn, req, turn.as_deref(), write) {
                 Ok(()) => return Ok(rx),
-                Err(mpsc::error::SendError(r)) => {
-                    req = r;
-                    conn.state.dead.store(true, Ordering::SeqCst);
-                }
+                Err(r) => req = r,
             }
         }
         Err(UpstreamError::Closed("connection closed while sending".into()))
@@ -318,7 +380,81 @@ impl Node {
             timeout,
             self.latency.clone(),
         ));
-        Ok(Conn { tx, state })
+        Ok(Conn {
+            id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+            tx,
+            state,
+        })
+    }
+
+    /// While a known-slow command runs here (up to its bound), the node's
+    /// shared connections are not judged silent: Redis is single-threaded,
+    /// so everything else waits behind the command.
+    fn busy_until(&self) -> Option<Instant> {
+        match *lock(&self.busy) {
+            (n, until) if n > 0 => until,
+            _ => None,
+        }
+    }
+
+    /// Run a command known to be slow on a connection of its own, bounded by
+    /// the slow-command timeout rather than the response timeout.
+    pub async fn slow_request(
+        &self,
+        proto: Proto,
+        bytes: Bytes,
+        replies: usize,
+    ) -> Result<Vec<Bytes>, UpstreamError> {
+        struct Busy<'a>(&'a Node);
+        impl Drop for Busy<'_> {
+            fn drop(&mut self) {
+                let mut b = lock(&self.0.busy);
+                b.0 = b.0.saturating_sub(1);
+            }
+        }
+        // Never tighter than the ordinary bound.
+        let bound = self.settings.slow_timeout.max(self.settings.response_timeout);
+        let pooled = lock(&self.slow_pool[proto as usize]).pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => {
+                let timeout = self.settings.response_timeout;
+                Dedicated::open(&self.addr, proto, timeout, self.settings.auth.as_ref()).await?
+            }
+        };
+        conn.timeout = bound;
+        let _busy = {
+            let mut b = lock(&self.busy);
+            let until = Instant::now() + bound;
+            b.0 += 1;
+            b.1 = Some(b.1.map_or(until, |u| u.max(until)));
+            Busy(self)
+        };
+        let result = conn.call(&bytes, replies).await;
+        if result.is_ok() {
+            let mut pool = lock(&self.slow_pool[proto as usize]);
+            if pool.len() < 4 {
+                pool.push(conn);
+            }
+        }
+        result
+    }
+
+    fn is_current(&self, state: &Arc<ConnState>) -> bool {
+        self.conns
+            .iter()
+            .any(|c| lock(c).as_ref().is_some_and(|c| Arc::ptr_eq(&c.state, state)))
+    }
+
+    /// Install `conn` as the connection for `proto`, closing the one it
+    /// replaces (marked dead first, so its end is not taken for a failure).
+    fn install(&self, proto: Proto, conn: Option<Conn>) {
+        let old = std::mem::replace(&mut *lock(&self.conns[proto as usize]), conn);
+        if let Some(old) = old {
+            old.state.dead.store(true, Ordering::SeqCst);
+            old.state
+                .close(&UpstreamError::Closed("replaced after a probe".into()));
+        }
     }
 
     /// Take the node out of rotation and start probing it.
@@ -345,14 +481,15 @@ impl Node {
                 // the response timeout, which a stopped process cannot give even
                 // though its kernel still accepts the TCP connection.
                 if let Ok(conn) = node.open(Proto::Resp2).await {
-                    *lock(&node.conns[0]) = Some(conn);
-                    if let Some(old) = lock(&node.conns[1]).take() {
-                        old.state
-                            .close(&UpstreamError::Closed("replaced after probe".into()));
-                    }
+                    node.install(Proto::Resp2, Some(conn));
+                    node.install(Proto::Resp3, None);
+                    // Probing ends before the node is healthy again, so a
+                    // failure from here on starts a new probe instead of
+                    // being swallowed by this one.
+                    node.probing.store(false, Ordering::SeqCst);
                     node.healthy.store(true, Ordering::SeqCst);
                     tracing::info!(node = %node.addr, "node back in rotation after a successful probe");
-                    break;
+                    return;
                 }
             }
             node.probing.store(false, Ordering::SeqCst);
@@ -360,64 +497,22 @@ impl Node {
     }
 }
 
-/// Connect and prepare a connection: `HELLO 3` for RESP3 and `READONLY` so a
-/// replica serves reads for its slots instead of answering MOVED.
-async fn handshake(
-    addr: &str,
-    proto: Proto,
-    timeout: Duration,
-    auth: Option<&crate::config::Credentials>,
-) -> Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut), UpstreamError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| UpstreamError::Connect("connect timed out".into()))?
-        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let mut out = BytesMut::new();
-    let mut expected = 1;
-    if let Some(auth) = auth {
-        resp::encode_command(&auth.auth_command(), &mut out);
-        expected += 1;
+/// Queue `req` on `conn`, marking `turn` sent there; gives the request back
+/// (and marks the connection dead) when its writer has gone.
+fn send_in_turn(conn: &Conn, req: Request, turn: Option<&Turn>, write: bool) -> Result<(), Request> {
+    if write && let Some(t) = turn {
+        t.note_write();
     }
-    if proto == Proto::Resp3 {
-        resp::encode_command(&["HELLO", "3"], &mut out);
-        expected += 1;
-    }
-    resp::encode_command(&["READONLY"], &mut out);
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    let fut = async {
-        wr.write_all(&out)
-            .await
-            .map_err(|e| UpstreamError::Closed(e.to_string()))?;
-        for _ in 0..expected {
-            let raw = read_frame(&mut rd, &mut buf).await?;
-            if let Some(err) = resp::error_text(&raw) {
-                return Err(UpstreamError::Protocol(String::from_utf8_lossy(err).into_owned()));
+    match conn.tx.send(req) {
+        Ok(()) => {
+            if let Some(t) = turn {
+                t.sent(conn.id, write);
             }
+            Ok(())
         }
-        Ok(())
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| UpstreamError::Timeout)??;
-    Ok((rd, wr, buf))
-}
-
-async fn read_frame(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<Bytes, UpstreamError> {
-    let mut checker = resp::Checker::new(Limits::upstream());
-    loop {
-        match checker.check(buf) {
-            Ok(Some(n)) => return Ok(buf.split_to(n).freeze()),
-            Ok(None) => {}
-            Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
-        }
-        let n = rd
-            .read_buf(buf)
-            .await
-            .map_err(|e| UpstreamError::Closed(e.to_string()))?;
-        if n == 0 {
-            return Err(UpstreamError::Closed("eof".into()));
+        Err(mpsc::error::SendError(r)) => {
+            conn.state.dead.store(true, Ordering::SeqCst);
+            Err(r)
         }
     }
 }
@@ -490,6 +585,7 @@ async fn reader(
     // Keeps its progress across reads: a huge reply is checked once, not
     // rescanned on every read.
     let mut checker = resp::Checker::new(Limits::upstream());
+    let mut last_bytes = Instant::now();
     let why = loop {
         // Deliver every complete reply already buffered.
         let mut bad = None;
@@ -528,17 +624,18 @@ async fn reader(
         if let Some(e) = bad {
             break e;
         }
-        let oldest = lock(&state.pending).front().map(|p| p.sent);
-        let deadline = oldest.map(|t| tokio::time::Instant::from_std(t + timeout));
+        let deadline = silence_deadline(&state, &node, last_bytes, timeout);
         tokio::select! {
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => break UpstreamError::Closed("eof".into()),
-                Ok(_) => {}
+                // Bytes arriving are life, even mid-way through a large reply.
+                Ok(_) => last_bytes = Instant::now(),
                 Err(e) => break UpstreamError::Closed(e.to_string()),
             },
-            _ = sleep_until_opt(deadline) => {
-                let still = lock(&state.pending).front().map(|p| p.sent) == oldest;
-                if still {
+            _ = sleep_until_opt(deadline.map(tokio::time::Instant::from_std)) => {
+                // Judge again: the front may have changed, or a slow command
+                // may have started on the node meanwhile.
+                if silence_deadline(&state, &node, last_bytes, timeout).is_some_and(|d| d <= Instant::now()) {
                     break UpstreamError::Timeout;
                 }
             }
@@ -559,12 +656,30 @@ async fn reader(
     let is_failure = matches!(why, UpstreamError::Timeout | UpstreamError::Protocol(_))
         || !state.dead.load(Ordering::SeqCst);
     state.close(&why);
+    // Only the node's current connection speaks for it: the end of one the
+    // probe already replaced says nothing about the node.
     if is_failure
         && let Some(node) = node.upgrade()
         && !node.retired.load(Ordering::Relaxed)
+        && node.is_current(&state)
     {
         node.mark_down();
     }
+}
+
+/// When the oldest outstanding request counts as unanswered: `timeout`
+/// after it was sent or after the node's last bytes, whichever is later, and
+/// not before a known-slow command running on the node reaches its bound.
+fn silence_deadline(
+    state: &ConnState,
+    node: &Weak<Node>,
+    last_bytes: Instant,
+    timeout: Duration,
+) -> Option<Instant> {
+    let sent = lock(&state.pending).front().map(|p| p.sent)?;
+    let silent_from = sent.max(last_bytes) + timeout;
+    let busy = node.upgrade().and_then(|n| n.busy_until());
+    Some(busy.map_or(silent_from, |b| silent_from.max(b)))
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
@@ -572,101 +687,4 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// A connection owned by one client for a `WATCH … EXEC` optimistic
-/// transaction: strictly one call at a time, each bounded by the response
-/// timeout; after any failure it refuses further calls (the watch is lost).
-pub struct Dedicated {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
-    buf: BytesMut,
-    timeout: Duration,
-    broken: bool,
-}
-
-impl std::fmt::Debug for Dedicated {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dedicated").field("broken", &self.broken).finish()
-    }
-}
-
-impl Dedicated {
-    pub async fn open(
-        addr: &str,
-        proto: Proto,
-        timeout: Duration,
-        auth: Option<&crate::config::Credentials>,
-    ) -> Result<Dedicated, UpstreamError> {
-        let (rd, wr, buf) = handshake(addr, proto, timeout, auth).await?;
-        Ok(Dedicated {
-            rd,
-            wr,
-            buf,
-            timeout,
-            broken: false,
-        })
-    }
-
-    pub async fn call(&mut self, bytes: &[u8], replies: usize) -> Result<Vec<Bytes>, UpstreamError> {
-        if self.broken {
-            return Err(UpstreamError::Closed(
-                "an earlier call on this WATCH connection failed".into(),
-            ));
-        }
-        let Dedicated { rd, wr, buf, .. } = self;
-        let fut = async {
-            wr.write_all(bytes)
-                .await
-                .map_err(|e| UpstreamError::Closed(e.to_string()))?;
-            let mut out = Vec::with_capacity(replies);
-            for _ in 0..replies {
-                out.push(read_frame(rd, buf).await?);
-            }
-            Ok(out)
-        };
-        let result = match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamError::Timeout),
-        };
-        if result.is_err() {
-            self.broken = true;
-        }
-        result
-    }
-}
-
-/// One command on a fresh connection (topology discovery), bounded by `timeout`.
-pub async fn oneshot_command(
-    addr: &str,
-    args: &[&str],
-    timeout: Duration,
-    auth: Option<&crate::config::Credentials>,
-) -> Result<Frame, UpstreamError> {
-    let fut = async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        let (mut rd, mut wr) = stream.into_split();
-        let mut out = BytesMut::new();
-        if let Some(auth) = auth {
-            resp::encode_command(&auth.auth_command(), &mut out);
-        }
-        resp::encode_command(args, &mut out);
-        wr.write_all(&out)
-            .await
-            .map_err(|e| UpstreamError::Closed(e.to_string()))?;
-        let mut buf = BytesMut::new();
-        if auth.is_some() {
-            let raw = read_frame(&mut rd, &mut buf).await?;
-            if let Some(err) = resp::error_text(&raw) {
-                return Err(UpstreamError::Protocol(String::from_utf8_lossy(err).into_owned()));
-            }
-        }
-        let raw = read_frame(&mut rd, &mut buf).await?;
-        resp::parse(&raw).map_err(|e| UpstreamError::Protocol(e.to_string()))
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| UpstreamError::Timeout)?
 }

@@ -1,0 +1,382 @@
+//! Per-client execution order: a client's commands take effect in the order
+//! it sent them, as on one Redis server, although they run as concurrent
+//! futures over shared upstream connections, a spawned cache fill, the
+//! WATCH connection and split per-slot parts.
+//!
+//! Every command that leaves the sidecar holds a [`Turn`]: a link in a chain
+//! to the client's previous such command. A command may send its request
+//! once its predecessor is [`Stage::Done`] (replied, and so has everything
+//! before it), or when the predecessor is [`Stage::Sent`] on the very
+//! upstream connection this command is about to use: one connection
+//! executes in the order it is written to. Anything else (another node,
+//! another connection, a split or a fan-out) waits for the predecessor's
+//! reply. Reads need no order among themselves: a run of reads spreads over
+//! replicas freely ([`Stage::ReadsSent`]). Pipelines to one node therefore
+//! stay pipelined, and nothing can overtake a command on another path.
+//!
+//! A read retried on another node after a failure could observe a write the
+//! client sent after it; such a retry is refused instead
+//! ([`Turn::later_write_sent`]).
+//!
+//! This module does no I/O: it only orders.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+/// How far a command has got, as its successor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Not sent yet, or sending again after a redirect or a retry.
+    Waiting,
+    /// Its request is queued on upstream connection `id`, and every earlier
+    /// command of the client is either done or queued before it there.
+    Sent(u64),
+    /// A read that is queued somewhere, and every earlier command is either
+    /// done or such a read: reads need no order among themselves, so a read
+    /// after it may go anywhere; a write must wait for it to be done.
+    ReadsSent,
+    /// Replied, and so has every earlier command.
+    Done,
+}
+
+/// What all of one client's turns share.
+#[derive(Debug, Default)]
+pub struct ClientOrder {
+    /// Sequence number of the latest write of this client that was sent.
+    last_write_sent: AtomicU64,
+    next_seq: AtomicU64,
+    /// Slots this client wrote recently, for read-your-writes routing. At
+    /// most one entry per slot; dropped once every replica has caught up.
+    writes: std::sync::Mutex<HashMap<u16, Written>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Written {
+    /// Writes of the slot sent and not yet replied.
+    pending: u32,
+    /// When the latest reply arrived.
+    replied: Option<Instant>,
+}
+
+/// What a read of a slot this client wrote must see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFloor {
+    /// A write of the slot is in flight: only the primary will have it.
+    Pending,
+    /// A replica must hold everything its primary had at this instant
+    /// (`Node::caught_up_since`), which includes the write.
+    RepliedAt(Instant),
+}
+
+/// Marks slots written while alive (see [`ClientOrder::writing`]).
+#[derive(Debug)]
+pub struct WriteMark {
+    client: Arc<ClientOrder>,
+    slots: Vec<u16>,
+}
+
+impl Drop for WriteMark {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut writes = crate::lock(&self.client.writes);
+        for s in &self.slots {
+            let w = writes.entry(*s).or_default();
+            w.pending = w.pending.saturating_sub(1);
+            w.replied = Some(now);
+        }
+    }
+}
+
+/// Runs once, at the moment a turn's request is queued upstream.
+type OnSent = Box<dyn FnOnce() + Send>;
+
+/// One command's place in its client's order.
+pub struct Turn {
+    seq: u64,
+    prev: Option<watch::Receiver<Stage>>,
+    me: watch::Sender<Stage>,
+    client: Arc<ClientOrder>,
+    on_sent: std::sync::Mutex<Option<OnSent>>,
+}
+
+impl std::fmt::Debug for Turn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Turn")
+            .field("seq", &self.seq)
+            .field("stage", &*self.me.borrow())
+            .finish()
+    }
+}
+
+impl ClientOrder {
+    /// A write of `slots` is about to be sent; the mark ends it when dropped
+    /// (after the reply, or when the client goes away).
+    pub fn writing(self: &Arc<Self>, mut slots: Vec<u16>) -> WriteMark {
+        slots.sort_unstable();
+        slots.dedup();
+        let mut writes = crate::lock(&self.writes);
+        for s in &slots {
+            writes.entry(*s).or_default().pending += 1;
+        }
+        drop(writes);
+        WriteMark {
+            client: self.clone(),
+            slots,
+        }
+    }
+
+    /// What a read of `slot` must see, if this client wrote it recently.
+    pub fn read_floor(&self, slot: u16) -> Option<ReadFloor> {
+        let w = *crate::lock(&self.writes).get(&slot)?;
+        match (w.pending, w.replied) {
+            (0, Some(at)) => Some(ReadFloor::RepliedAt(at)),
+            (0, None) => None,
+            _ => Some(ReadFloor::Pending),
+        }
+    }
+
+    /// Every replica of `slot` has caught up past the client's last write.
+    pub fn forget(&self, slot: u16, floor: ReadFloor) {
+        let mut writes = crate::lock(&self.writes);
+        if let Some(w) = writes.get(&slot)
+            && w.pending == 0
+            && w.replied.map(ReadFloor::RepliedAt) == Some(floor)
+        {
+            writes.remove(&slot);
+        }
+    }
+
+    /// The next turn after `last` (the previous turn's stage, if any);
+    /// returns the turn and the receiver the next command will wait on.
+    pub fn next(self: &Arc<Self>, last: Option<watch::Receiver<Stage>>) -> (Turn, watch::Receiver<Stage>) {
+        let prev = last.filter(|p| !matches!(*p.borrow(), Stage::Done) && p.has_changed().is_ok());
+        let (me, rx) = watch::channel(Stage::Waiting);
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        (
+            Turn {
+                seq,
+                prev,
+                me,
+                client: self.clone(),
+                on_sent: std::sync::Mutex::new(None),
+            },
+            rx,
+        )
+    }
+}
+
+impl Turn {
+    /// A turn with nothing before it and no client (a cache fill shared by
+    /// several clients, or a part of a command already ordered as a whole).
+    pub fn detached() -> (Turn, watch::Receiver<Stage>) {
+        Arc::new(ClientOrder::default()).next(None)
+    }
+
+    /// The turn's predecessor was a command without upstream work after all:
+    /// hand its predecessor back so the chain stays intact.
+    pub fn into_prev(self) -> Option<watch::Receiver<Stage>> {
+        self.prev
+    }
+
+    fn prev_stage(&self) -> Stage {
+        self.prev.as_ref().map_or(Stage::Done, |p| *p.borrow())
+    }
+
+    /// May this command's request (a write, or a read) be queued on
+    /// connection `conn` now?
+    pub fn may_send_on(&self, conn: u64, write: bool) -> bool {
+        match self.prev_stage() {
+            Stage::Done => true,
+            Stage::Sent(c) => c == conn,
+            Stage::ReadsSent => !write,
+            Stage::Waiting => false,
+        }
+    }
+
+    pub fn prev_is_done(&self) -> bool {
+        self.prev_stage() == Stage::Done
+    }
+
+    /// Is everything before this turn done or a read already sent?
+    pub fn only_reads_before(&self) -> bool {
+        matches!(self.prev_stage(), Stage::Done | Stage::ReadsSent)
+    }
+
+    /// Wait until every earlier command of the client has its reply. A
+    /// dropped predecessor (its client is gone) counts as done.
+    pub async fn prev_done(&mut self) {
+        if let Some(p) = self.prev.as_mut() {
+            let _ = p.wait_for(|s| *s == Stage::Done).await;
+        }
+        self.prev = None;
+    }
+
+    /// Wait until the predecessor has at least been sent.
+    pub async fn prev_sent(&mut self) {
+        if let Some(p) = self.prev.as_mut() {
+            let _ = p.wait_for(|s| *s != Stage::Waiting).await;
+        }
+    }
+
+    /// Run `f` when the request is queued (a write invalidates the local
+    /// cache's entries there: every earlier command has been sent, so their
+    /// fills have taken their epochs, and nothing later has looked yet).
+    pub fn on_sent(&self, f: impl FnOnce() + Send + 'static) {
+        *crate::lock(&self.on_sent) = Some(Box::new(f));
+    }
+
+    /// The request (a write, or a read) was queued on connection `conn`.
+    pub fn sent(&self, conn: u64, write: bool) {
+        if let Some(f) = crate::lock(&self.on_sent).take() {
+            f();
+        }
+        let stage = match self.prev_stage() {
+            Stage::Done | Stage::ReadsSent if !write => Stage::ReadsSent,
+            _ => Stage::Sent(conn),
+        };
+        self.me.send_replace(stage);
+    }
+
+    /// Take the predecessor's stage as ours: a command answered without
+    /// upstream work at this point of the order (a cache hit).
+    pub fn same_as_prev(&self) {
+        let s = self.prev_stage();
+        if s != Stage::Done {
+            self.me.send_replace(s);
+        }
+    }
+
+    /// About to send again (redirect, retry): successors must wait for us.
+    pub fn resending(&self) {
+        self.me.send_replace(Stage::Waiting);
+    }
+
+    /// A write of this turn is about to be queued.
+    pub fn note_write(&self) {
+        self.client.last_write_sent.fetch_max(self.seq, Ordering::SeqCst);
+    }
+
+    /// Has a write sent after this command already been queued? Then a
+    /// retry of this read elsewhere might observe it.
+    pub fn later_write_sent(&self) -> bool {
+        self.client.last_write_sent.load(Ordering::SeqCst) > self.seq
+    }
+
+    /// A turn for one part of this command (a split's per-slot request):
+    /// the same place in the order and client, nothing before it, since the
+    /// whole command is ordered by this turn.
+    pub fn part(&self) -> Turn {
+        let (me, _) = watch::channel(Stage::Waiting);
+        Turn {
+            seq: self.seq,
+            prev: None,
+            me,
+            client: self.client.clone(),
+            on_sent: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn client(&self) -> &Arc<ClientOrder> {
+        &self.client
+    }
+
+    /// The command has its reply: done once everything before it is.
+    pub async fn finish(mut self) {
+        self.prev_done().await;
+        self.me.send_replace(Stage::Done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_turn_may_share_only_its_predecessors_connection_until_that_is_done() {
+        let client = Arc::new(ClientOrder::default());
+        let (first, rx) = client.next(None);
+        let (mut second, _rx2) = client.next(Some(rx));
+        assert!(!second.may_send_on(7, true), "predecessor not sent yet");
+        first.sent(7, true);
+        assert!(second.may_send_on(7, true));
+        assert!(
+            !second.may_send_on(8, false),
+            "another connection could overtake it"
+        );
+        first.finish().await;
+        assert!(second.may_send_on(8, true));
+        second.prev_done().await;
+    }
+
+    #[tokio::test]
+    async fn reads_spread_freely_but_a_write_waits_for_the_reads_before_it() {
+        let client = Arc::new(ClientOrder::default());
+        let (r1, rx1) = client.next(None);
+        let (r2, rx2) = client.next(Some(rx1));
+        let (w, _) = client.next(Some(rx2));
+        r1.sent(1, false);
+        assert!(
+            r2.may_send_on(2, false),
+            "a read after a read may use another node"
+        );
+        r2.sent(2, false);
+        assert!(!w.may_send_on(2, true), "a write waits until the reads are done");
+        r1.finish().await;
+        r2.finish().await;
+        assert!(w.may_send_on(3, true));
+    }
+
+    #[tokio::test]
+    async fn a_read_knows_when_a_later_write_was_sent() {
+        let client = Arc::new(ClientOrder::default());
+        let (read, rx) = client.next(None);
+        let (write, _) = client.next(Some(rx));
+        assert!(!read.later_write_sent());
+        write.note_write();
+        assert!(read.later_write_sent());
+        assert!(!write.later_write_sent());
+    }
+
+    #[tokio::test]
+    async fn a_part_writes_at_its_commands_place_not_after_the_commands_behind_it() {
+        let client = Arc::new(ClientOrder::default());
+        let (whole, rx) = client.next(None);
+        let (later_read, _) = client.next(Some(rx));
+        whole.part().note_write();
+        assert!(
+            !later_read.later_write_sent(),
+            "the split write came before the read"
+        );
+    }
+
+    #[test]
+    fn a_written_slot_needs_the_primary_until_the_write_is_replied_then_a_caught_up_replica() {
+        let client = Arc::new(ClientOrder::default());
+        assert_eq!(client.read_floor(7), None);
+        let mark = client.writing(vec![7, 7]);
+        assert_eq!(client.read_floor(7), Some(ReadFloor::Pending));
+        drop(mark);
+        let Some(floor @ ReadFloor::RepliedAt(_)) = client.read_floor(7) else {
+            panic!("a replied write sets a floor");
+        };
+        client.forget(7, floor);
+        assert_eq!(client.read_floor(7), None);
+    }
+
+    #[tokio::test]
+    async fn a_finished_or_dropped_predecessor_is_not_waited_for() {
+        let client = Arc::new(ClientOrder::default());
+        let (first, rx) = client.next(None);
+        first.finish().await;
+        let (second, rx2) = client.next(Some(rx));
+        assert!(second.prev_is_done());
+        drop(second);
+        let (mut third, _) = client.next(Some(rx2));
+        third.prev_done().await;
+        assert!(third.prev_is_done());
+    }
+}

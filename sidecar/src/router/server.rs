@@ -1,0 +1,452 @@
+//! Commands a single Redis server answers about itself: connection state
+//! (`HELLO`, `AUTH`, `CLIENT`, `RESET`…), `INFO`, and the server-wide
+//! commands fanned out to every primary and merged (`DBSIZE`, `KEYS`,
+//! `FLUSHALL`, `SCAN`, `SCRIPT`, `FUNCTION`, `CONFIG GET`).
+
+use super::*;
+
+impl Router {
+    pub(super) fn server_command(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        args: Vec<Bytes>,
+    ) -> Action {
+        let proto = st.proto;
+        let up = st.upstream_proto();
+        let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
+        let this = self.clone();
+        let reply = |b: Bytes| {
+            this.count(info.name, if b.starts_with(b"-") { "error" } else { "ok" });
+            Action::Reply(b)
+        };
+        match info.name {
+            "ping" => match args.len() {
+                1 => reply(Bytes::from_static(b"+PONG\r\n")),
+                2 => reply(encode(&Frame::Bulk(args[1].clone()))),
+                _ => reply(err("ERR wrong number of arguments for 'ping' command")),
+            },
+            "echo" if args.len() == 2 => reply(encode(&Frame::Bulk(args[1].clone()))),
+            "echo" => reply(err("ERR wrong number of arguments for 'echo' command")),
+            "quit" => {
+                self.count(info.name, "ok");
+                Action::Close(ok())
+            }
+            "select" => match args.get(1).map(|a| a.as_ref()) {
+                Some(b"0") if args.len() == 2 => reply(ok()),
+                _ => reply(err("ERR cachetier: Redis Cluster has only database 0 (SELECT 0)")),
+            },
+            "readonly" | "readwrite" => reply(ok()),
+            "auth" => reply(self.check_auth(&args[1..])),
+            "hello" => reply(self.hello(st, &args)),
+            "reset" => {
+                st.proto = 2;
+                st.name = None;
+                st.multi = None;
+                st.multi_failed = false;
+                // Unwatches: dropping the WATCH connection does that.
+                st.watch = None;
+                reply(Bytes::from_static(b"+RESET\r\n"))
+            }
+            "client" => reply(self.client(st, &sub, &args)),
+            "command" => reply(match sub.as_str() {
+                "COUNT" => encode(&Frame::Integer(commands::count() as i64)),
+                // The sidecar's table carries routing facts, not Redis' command
+                // documentation; clients that ask get an empty answer and
+                // fall back to sending commands as typed.
+                "" | "DOCS" | "LIST" => encode(&Frame::Array(Vec::new())),
+                "INFO" => encode(&Frame::Array(
+                    args[2..].iter().map(|_| Frame::NullArray).collect(),
+                )),
+                _ => err(format!("ERR cachetier: COMMAND {sub} is not supported")),
+            }),
+            "info" => reply(encode(&Frame::Bulk(Bytes::from(self.info_text())))),
+            "unwatch" => reply(ok()),
+            "watch" => self.watch_command(st, info, &args, &resp::command_bytes(&args)),
+            "multi" => {
+                st.multi = Some(Vec::new());
+                st.multi_failed = false;
+                reply(ok())
+            }
+            "exec" => reply(err("ERR EXEC without MULTI")),
+            "discard" => reply(err("ERR DISCARD without MULTI")),
+            "config" => match sub.as_str() {
+                // Every node of a tier runs the same configuration.
+                "GET" => self.timed(info, async move {
+                    this.on_primary(None, resp::command_bytes(&args), up, false).await
+                }),
+                "SET" => reply(err(
+                    "ERR cachetier: CONFIG SET is not proxied: set Redis parameters in the CacheTier's spec.redisConfig, which the operator applies to every node",
+                )),
+                _ => reply(err(format!(
+                    "ERR cachetier: CONFIG {sub} is administrative and not proxied; run it against a Redis node directly"
+                ))),
+            },
+            "dbsize" | "flushall" | "flushdb" | "keys" | "scan" | "randomkey" | "script" | "function" => {
+                self.timed(info, async move { this.fanned(info.name, args, up, proto).await })
+            }
+            _ => reply(err(format!("ERR cachetier: '{}' is not supported", info.name))),
+        }
+    }
+
+    pub(super) fn hello(&self, st: &mut ClientState, args: &[Bytes]) -> Bytes {
+        // Check everything first: a failed HELLO changes nothing, as in Redis.
+        let mut proto = st.proto;
+        let mut name = None;
+        let mut i = 1;
+        if let Some(v) = args.get(1) {
+            match v.as_ref() {
+                b"2" => proto = 2,
+                b"3" => proto = 3,
+                _ => return err("NOPROTO unsupported protocol version"),
+            }
+            i = 2;
+        }
+        while i < args.len() {
+            match upper(&args[i]).as_str() {
+                "SETNAME" if i + 1 < args.len() => {
+                    name = Some(args[i + 1].clone());
+                    i += 2;
+                }
+                "AUTH" if i + 2 < args.len() => {
+                    let r = self.check_auth(&args[i + 1..i + 3]);
+                    if r.starts_with(b"-") {
+                        return r;
+                    }
+                    i += 3;
+                }
+                _ => return err("ERR syntax error in HELLO"),
+            }
+        }
+        st.proto = proto;
+        if name.is_some() {
+            st.name = name;
+        }
+        let p = st.proto;
+        encode(&map(
+            p,
+            vec![
+                (bulk("server"), bulk("redis")),
+                // The upstream's version; a guess only before any node answered.
+                (
+                    bulk("version"),
+                    bulk(&self.registry.redis_version().unwrap_or_else(|| "7.0.0".into())),
+                ),
+                (bulk("proto"), Frame::Integer(i64::from(p))),
+                (bulk("id"), Frame::Integer(st.id as i64)),
+                (bulk("mode"), bulk("standalone")),
+                (bulk("role"), bulk("master")),
+                (bulk("modules"), Frame::Array(Vec::new())),
+            ],
+        ))
+    }
+
+    /// `AUTH [user] password` from a client: accepted when it matches the
+    /// sidecar's own upstream credentials (apps keep their configuration),
+    /// refused otherwise, like Redis would.
+    pub(super) fn check_auth(&self, args: &[Bytes]) -> Bytes {
+        let Some(creds) = &self.config.auth else {
+            return err(
+                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            );
+        };
+        let (user, pass) = match args {
+            [p] => (None, p),
+            [u, p] => (Some(u), p),
+            _ => return err("ERR wrong number of arguments for 'auth' command"),
+        };
+        let user_ok = match (user, &creds.username) {
+            (None, None) => true,
+            (None, Some(_)) => false,
+            (Some(u), None) => u.as_ref() == b"default",
+            (Some(u), Some(c)) => u.as_ref() == c.as_bytes(),
+        };
+        if user_ok && pass.as_ref() == creds.password.as_bytes() {
+            ok()
+        } else {
+            err("WRONGPASS invalid username-password pair or user is disabled.")
+        }
+    }
+
+    pub(super) fn client(&self, st: &mut ClientState, sub: &str, args: &[Bytes]) -> Bytes {
+        match sub {
+            "SETNAME" if args.len() == 3 => {
+                if args[2].iter().any(|&b| b == b' ' || b == b'\n') {
+                    return err("ERR Client names cannot contain spaces, newlines or special characters.");
+                }
+                st.name = if args[2].is_empty() {
+                    None
+                } else {
+                    Some(args[2].clone())
+                };
+                ok()
+            }
+            "GETNAME" => match &st.name {
+                Some(n) => encode(&Frame::Bulk(n.clone())),
+                None => encode(&null(st.proto)),
+            },
+            "ID" => encode(&Frame::Integer(st.id as i64)),
+            // Client libraries announce themselves; nothing to do with it.
+            "SETINFO" => ok(),
+            "INFO" => {
+                let name = st
+                    .name
+                    .as_ref()
+                    .map(|n| String::from_utf8_lossy(n).into_owned())
+                    .unwrap_or_default();
+                encode(&Frame::Bulk(Bytes::from(format!(
+                    "id={} name={} db=0 resp={}\n",
+                    st.id, name, st.proto
+                ))))
+            }
+            _ => err(format!(
+                "ERR cachetier: CLIENT {sub} is not supported by the sidecar"
+            )),
+        }
+    }
+
+    pub(super) fn info_text(&self) -> String {
+        let topo = self.registry.current();
+        let mut s = String::new();
+        s.push_str("# Server\r\n");
+        // The version the cluster's nodes report (clients check features by it).
+        if let Some(v) = self.registry.redis_version() {
+            s.push_str(&format!("redis_version:{v}\r\n"));
+        }
+        s.push_str("redis_mode:standalone\r\n");
+        s.push_str(&format!(
+            "cachetier_sidecar_version:{}\r\n",
+            env!("CARGO_PKG_VERSION")
+        ));
+        s.push_str(&format!("read_policy:{}\r\n", self.config.read_policy.as_str()));
+        // Client libraries read these on connect (ioredis waits for loading:0).
+        s.push_str("# Persistence\r\nloading:0\r\n");
+        s.push_str("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n");
+        s.push_str(&format!(
+            "# Cluster\r\ncluster_enabled:0\r\ncachetier_shards:{}\r\n",
+            topo.shards.len()
+        ));
+        for (i, shard) in topo.shards.iter().enumerate() {
+            let replicas: Vec<String> = shard
+                .replicas
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}={}",
+                        r.addr,
+                        if r.serving_replica() { "serving" } else { "gated" }
+                    )
+                })
+                .collect();
+            s.push_str(&format!(
+                "shard{i}:primary={}{},replicas={}\r\n",
+                shard.primary.addr,
+                if shard.primary.is_healthy() { "" } else { "(down)" },
+                replicas.join(";")
+            ));
+        }
+        if let Some(c) = &self.cache {
+            s.push_str(&format!("# Cache\r\ncache_bytes:{}\r\n", c.weighted_size()));
+        }
+        s
+    }
+
+    pub(super) async fn fanned(
+        self: Arc<Self>,
+        name: &'static str,
+        args: Vec<Bytes>,
+        up: Proto,
+        proto: u8,
+    ) -> Bytes {
+        let cmd = resp::command_bytes(&args);
+        match name {
+            "dbsize" => match self.fan_out(cmd, up, false).await {
+                Ok(rs) => {
+                    let mut total = 0i64;
+                    for r in rs {
+                        if let Ok(Frame::Integer(i)) = resp::parse(&r) {
+                            total += i;
+                        }
+                    }
+                    encode(&Frame::Integer(total))
+                }
+                Err(e) => e,
+            },
+            "flushall" | "flushdb" => {
+                if let Some(c) = &self.cache {
+                    c.flush(None, "flush");
+                }
+                match self.fan_out(cmd, up, true).await {
+                    Ok(_) => ok(),
+                    Err(e) => e,
+                }
+            }
+            "keys" => match self.fan_out(cmd, up, true).await {
+                Ok(rs) => {
+                    let mut all = Vec::new();
+                    for r in rs {
+                        if let Ok(Frame::Array(items)) | Ok(Frame::Set(items)) = resp::parse(&r) {
+                            all.extend(items);
+                        }
+                    }
+                    encode(&Frame::Array(all))
+                }
+                Err(e) => e,
+            },
+            "randomkey" => {
+                let mut primaries = self.primaries();
+                primaries.shuffle(&mut rand::rng());
+                for n in primaries {
+                    match n.request(up, cmd.clone(), 1).await {
+                        Ok(mut r) => {
+                            let reply = r.pop().unwrap_or_default();
+                            if reply.starts_with(b"$") && !reply.starts_with(b"$-1") {
+                                return reply;
+                            }
+                        }
+                        Err(e) => return upstream_error(&n.addr, Kind::Read, &e),
+                    }
+                }
+                encode(&null(proto))
+            }
+            "scan" => self.scan(args, up).await,
+            "script" => self.script(args, cmd, up).await,
+            "function" => self.function(args, cmd, up).await,
+            _ => err("ERR cachetier: unsupported"),
+        }
+    }
+
+    /// SCAN over every shard. The cursor packs the shard index into the low
+    /// 14 bits and the node's own cursor above it; a node cursor of 0 moves
+    /// to the next shard's primary. Shards are ordered by first slot, so the
+    /// walk is stable while the topology is; a reshard mid-walk may repeat or
+    /// skip keys (Redis' own SCAN guarantees hold per node only).
+    pub(super) async fn scan(self: Arc<Self>, args: Vec<Bytes>, up: Proto) -> Bytes {
+        let Some(cursor) = args
+            .get(1)
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.parse::<u64>().ok())
+        else {
+            return err("ERR invalid cursor");
+        };
+        let primaries = self.primaries();
+        if primaries.is_empty() {
+            return err("CLUSTERDOWN cachetier: topology not known yet");
+        }
+        let mut shard = (cursor & 0x3FFF) as usize;
+        let mut node_cursor = cursor >> 14;
+        if shard >= primaries.len() {
+            return err("ERR invalid cursor");
+        }
+        loop {
+            let mut sub: Vec<Bytes> = vec![Bytes::from_static(b"SCAN"), Bytes::from(node_cursor.to_string())];
+            sub.extend(args[2..].iter().cloned());
+            let node = &primaries[shard];
+            let reply = match node.request(up, resp::command_bytes(&sub), 1).await {
+                Ok(mut r) => r.pop().unwrap_or_default(),
+                Err(e) => return upstream_error(&node.addr, Kind::Read, &e),
+            };
+            let Ok(Frame::Array(mut parts)) = resp::parse(&reply) else {
+                return reply;
+            };
+            if parts.len() != 2 {
+                return err("ERR cachetier: unexpected SCAN reply");
+            }
+            let keys = parts.pop().unwrap_or(Frame::Array(Vec::new()));
+            let next = match parts.pop() {
+                Some(Frame::Bulk(b)) => std::str::from_utf8(&b)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0),
+                _ => 0,
+            };
+            let out_cursor = if next != 0 {
+                if next >= (1 << 50) {
+                    return err("ERR cachetier: node cursor too large to combine");
+                }
+                (next << 14) | shard as u64
+            } else if shard + 1 < primaries.len() {
+                shard += 1;
+                node_cursor = 0;
+                // An empty page from a finished shard: keep going so the
+                // client does not see many empty pages.
+                if matches!(&keys, Frame::Array(k) if k.is_empty()) {
+                    continue;
+                }
+                shard as u64
+            } else {
+                0
+            };
+            return encode(&Frame::Array(vec![
+                Frame::Bulk(Bytes::from(out_cursor.to_string())),
+                keys,
+            ]));
+        }
+    }
+
+    /// `FUNCTION`: changes go to every primary (so `FCALL` works on any
+    /// key); reads of the library set come from one primary.
+    pub(super) async fn function(self: Arc<Self>, args: Vec<Bytes>, cmd: Bytes, up: Proto) -> Bytes {
+        let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
+        match sub.as_str() {
+            "LOAD" | "DELETE" | "FLUSH" | "RESTORE" => match self.fan_out(cmd, up, true).await {
+                Ok(mut rs) => rs.pop().unwrap_or_else(ok),
+                Err(e) => e,
+            },
+            // A function runs on one node; kill it wherever it runs.
+            "KILL" => {
+                let futs = self.primaries().into_iter().map(|n| {
+                    let cmd = cmd.clone();
+                    async move { n.slow_request(up, cmd, 1).await }
+                });
+                let replies: Vec<Bytes> = join_all(futs)
+                    .await
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .filter_map(|mut r| r.pop())
+                    .collect();
+                match replies.iter().find(|r| r.starts_with(b"+")) {
+                    Some(r) => r.clone(),
+                    None => replies
+                        .into_iter()
+                        .next()
+                        .unwrap_or_else(|| err("CLUSTERDOWN cachetier: no primary answered")),
+                }
+            }
+            _ => self.on_primary(None, cmd, up, false).await,
+        }
+    }
+
+    pub(super) async fn script(self: Arc<Self>, args: Vec<Bytes>, cmd: Bytes, up: Proto) -> Bytes {
+        let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
+        match sub.as_str() {
+            "LOAD" | "FLUSH" => match self.fan_out(cmd, up, true).await {
+                Ok(mut rs) => rs.pop().unwrap_or_else(ok),
+                Err(e) => e,
+            },
+            "EXISTS" => match self.fan_out(cmd, up, false).await {
+                Ok(rs) => {
+                    let mut acc: Option<Vec<i64>> = None;
+                    for r in rs {
+                        let Ok(Frame::Array(items)) = resp::parse(&r) else {
+                            return r;
+                        };
+                        let v: Vec<i64> = items
+                            .iter()
+                            .map(|f| matches!(f, Frame::Integer(1)) as i64)
+                            .collect();
+                        acc = Some(match acc {
+                            None => v,
+                            Some(a) => a.iter().zip(&v).map(|(x, y)| x & y).collect(),
+                        });
+                    }
+                    encode(&Frame::Array(
+                        acc.unwrap_or_default().into_iter().map(Frame::Integer).collect(),
+                    ))
+                }
+                Err(e) => e,
+            },
+            _ => err(format!("ERR cachetier: SCRIPT {sub} is not supported")),
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! Transactions: `MULTI` queued in the sidecar and sent as one block to the
+//! slot's primary (following MOVED/ASK/TRYAGAIN), and `WATCH` on a
+//! connection of the client's own.
+
+use super::*;
+
+impl Router {
+    /// Run `bytes` (holding `replies` commands) on the client's WATCH
+    /// connection. Like every path but the keyed ones it is ordered as a
+    /// whole (see [`Router::dispatch`]): after everything the client sent
+    /// before it has its reply.
+    pub(super) fn watch_call(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        watch: Arc<Watch>,
+        bytes: Bytes,
+        replies: usize,
+        touched: Vec<Bytes>,
+    ) -> Action {
+        let this = self.clone();
+        let up = st.upstream_proto();
+        self.timed(info, async move {
+            if let Some(cache) = &this.cache {
+                touched.iter().for_each(|k| cache.bump(k));
+            }
+            let reply = this.on_watch_conn(&watch, bytes, replies, up).await;
+            if let Some(cache) = &this.cache {
+                for k in &touched {
+                    cache.invalidate(k, "own_write").await;
+                }
+            }
+            reply
+        })
+    }
+
+    pub(super) async fn on_watch_conn(
+        &self,
+        watch: &Watch,
+        bytes: Bytes,
+        replies: usize,
+        up: Proto,
+    ) -> Bytes {
+        let mut conn = watch.conn.lock().await;
+        if conn.is_none() {
+            let Some(addr) = self
+                .registry
+                .current()
+                .shard(watch.slot)
+                .map(|s| s.primary.addr.clone())
+            else {
+                return err(format!("CLUSTERDOWN Hash slot {} is not served", watch.slot));
+            };
+            match crate::upstream::Dedicated::open(
+                &addr,
+                up,
+                self.config.response_timeout,
+                self.config.auth.as_ref(),
+            )
+            .await
+            {
+                Ok(c) => *conn = Some(c),
+                Err(e) => return upstream_error(&addr, Kind::Write, &e),
+            }
+        }
+        let Some(c) = conn.as_mut() else {
+            return err("ERR cachetier: WATCH connection unavailable");
+        };
+        match c.call(&bytes, replies).await {
+            Ok(mut r) => {
+                let last = r.pop().unwrap_or_default();
+                if redirect_target(&last, b"MOVED ").is_some() || redirect_target(&last, b"ASK ").is_some() {
+                    self.registry.request_refresh();
+                    return err("ERR cachetier: the watched slot moved during WATCH; retry the transaction");
+                }
+                if last.starts_with(b"-EXECABORT")
+                    && let Some(first) = r.iter().skip(1).find(|x| x.starts_with(b"-"))
+                {
+                    let why = resp::error_text(first)
+                        .map(|t| String::from_utf8_lossy(t).into_owned())
+                        .unwrap_or_default();
+                    return err(format!(
+                        "EXECABORT Transaction discarded because of previous errors: {why}"
+                    ));
+                }
+                last
+            }
+            Err(e) => err(format!(
+                "ERR cachetier: WATCH connection failed ({e}); the watch is lost and a transaction in flight may or may not have been applied"
+            )),
+        }
+    }
+
+    /// Slot shared by every key of `args`, or the error reply to send.
+    pub(super) fn single_slot(info: &CommandInfo, args: &[Bytes]) -> Result<Option<u16>, Bytes> {
+        let keys = commands::key_indices(info, args).map_err(|_| {
+            err(format!(
+                "ERR wrong number of arguments for '{}' command",
+                info.name
+            ))
+        })?;
+        let mut slot = None;
+        for i in keys {
+            let s = slot::slot(&args[i]);
+            if slot.is_some_and(|x| x != s) {
+                return Err(err("CROSSSLOT Keys in request don't hash to the same slot"));
+            }
+            slot = Some(s);
+        }
+        Ok(slot)
+    }
+
+    /// Commands while a WATCH is active. `None`: handle as usual (local
+    /// commands, MULTI).
+    pub(super) fn on_watch(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        args: &[Bytes],
+        raw: &Bytes,
+    ) -> Option<Action> {
+        let watch = st.watch.clone()?;
+        match info.kind {
+            Kind::Read | Kind::Write => {
+                let slot = match Self::single_slot(info, args) {
+                    Ok(s) => s,
+                    Err(e) => return Some(Action::Reply(e)),
+                };
+                if let Some(s) = slot
+                    && s != watch.slot
+                {
+                    return Some(Action::Reply(err(format!(
+                        "CROSSSLOT cachetier: while WATCH is active, commands must use keys of the watched slot {} (this one uses slot {s})",
+                        watch.slot
+                    ))));
+                }
+                let keys = commands::key_indices(info, args).unwrap_or_default();
+                let touched = self.touched_keys(info, args, &keys);
+                Some(self.watch_call(st, info, watch, raw.clone(), 1, touched))
+            }
+            Kind::AnyPrimary => Some(self.watch_call(st, info, watch, raw.clone(), 1, Vec::new())),
+            Kind::Server => match info.name {
+                "watch" => Some(self.watch_command(st, info, args, raw)),
+                "unwatch" => {
+                    st.watch = None;
+                    Some(self.watch_call(st, info, watch, raw.clone(), 1, Vec::new()))
+                }
+                _ => None,
+            },
+            Kind::Unsupported(_) => None,
+        }
+    }
+
+    pub(super) fn watch_command(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        args: &[Bytes],
+        raw: &Bytes,
+    ) -> Action {
+        let slot = match Self::single_slot(info, args) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Action::Reply(err("ERR wrong number of arguments for 'watch' command")),
+            Err(e) => return Action::Reply(e),
+        };
+        let watch = match &st.watch {
+            Some(w) if w.slot != slot => {
+                return Action::Reply(err(format!(
+                    "CROSSSLOT cachetier: all WATCHed keys must be in one slot (already watching slot {})",
+                    w.slot
+                )));
+            }
+            Some(w) => w.clone(),
+            None => {
+                let w = Arc::new(Watch {
+                    slot,
+                    conn: tokio::sync::Mutex::new(None),
+                });
+                st.watch = Some(w.clone());
+                w
+            }
+        };
+        self.watch_call(st, info, watch, raw.clone(), 1, Vec::new())
+    }
+
+    pub(super) fn queue_in_multi(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        args: Vec<Bytes>,
+    ) -> Action {
+        match info.name {
+            "exec" => {
+                let cmds = st.multi.take().unwrap_or_default();
+                let failed = std::mem::take(&mut st.multi_failed);
+                let watch = st.watch.take();
+                if failed {
+                    return Action::Reply(err("EXECABORT Transaction discarded because of previous errors."));
+                }
+                if let Some(watch) = watch {
+                    let mark = self
+                        .config
+                        .read_your_writes
+                        .then(|| st.order.writing(vec![watch.slot]));
+                    return self.exec_watched(st, info, watch, cmds, mark);
+                }
+                let this = self.clone();
+                let up = st.upstream_proto();
+                let order = self.config.read_your_writes.then(|| st.order.clone());
+                self.timed(info, async move { this.exec(cmds, up, order).await })
+            }
+            "discard" => {
+                st.multi = None;
+                st.multi_failed = false;
+                // DISCARD also unwatches; dropping the connection does that.
+                st.watch = None;
+                Action::Reply(ok())
+            }
+            "multi" => Action::Reply(err("ERR MULTI calls can not be nested")),
+            _ => {
+                let refusal = match info.kind {
+                    Kind::Read | Kind::Write => match commands::key_indices(info, &args) {
+                        Ok(_) => None,
+                        Err(_) => Some(format!(
+                            "ERR wrong number of arguments for '{}' command",
+                            info.name
+                        )),
+                    },
+                    Kind::Unsupported(reason) => Some(format!("ERR {reason}")),
+                    Kind::AnyPrimary => None,
+                    Kind::Server => Some(format!(
+                        "ERR cachetier: '{}' cannot run inside MULTI through the sidecar",
+                        info.name
+                    )),
+                };
+                match refusal {
+                    Some(e) => {
+                        st.multi_failed = true;
+                        Action::Reply(err(e))
+                    }
+                    None => {
+                        if let Some(q) = st.multi.as_mut() {
+                            q.push(args);
+                        }
+                        Action::Reply(Bytes::from_static(b"+QUEUED\r\n"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// EXEC after WATCH: the queued block runs on the WATCH connection, where
+    /// Redis checks the watched keys.
+    pub(super) fn exec_watched(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        watch: Arc<Watch>,
+        cmds: Vec<Vec<Bytes>>,
+        mark: Option<crate::order::WriteMark>,
+    ) -> Action {
+        let mut block = BytesMut::new();
+        let mut touched = Vec::new();
+        resp::encode_command(&["MULTI"], &mut block);
+        for args in &cmds {
+            if let Some(ci) = args.first().and_then(|n| commands::lookup(n)) {
+                match Self::single_slot(ci, args) {
+                    Ok(Some(s)) if s != watch.slot => {
+                        return Action::Reply(err(
+                            "CROSSSLOT Keys in request don't hash to the same slot (a watched transaction must stay in the watched slot)",
+                        ));
+                    }
+                    Err(e) => return Action::Reply(e),
+                    _ => {}
+                }
+                if let (Some(cache), Ok(keys)) = (&self.cache, commands::key_indices(ci, args)) {
+                    touched.extend(
+                        keys.iter()
+                            .filter(|&&i| cache.covers(&args[i]))
+                            .map(|&i| args[i].clone()),
+                    );
+                }
+            }
+            resp::encode_command(args, &mut block);
+        }
+        resp::encode_command(&["EXEC"], &mut block);
+        let action = self.watch_call(st, info, watch, block.freeze(), cmds.len() + 2, touched);
+        match action {
+            // The transaction's writes count as pending until its reply.
+            Action::Later(fut) => Action::Later(Box::pin(async move {
+                let reply = fut.await;
+                drop(mark);
+                reply
+            })),
+            other => other,
+        }
+    }
+
+    /// Run a queued transaction as one contiguous MULTI..EXEC block on the
+    /// slot's primary. The block is written back to back on the shared
+    /// connection, so no other client's command can land inside it.
+    pub(super) async fn exec(
+        self: Arc<Self>,
+        cmds: Vec<Vec<Bytes>>,
+        up: Proto,
+        order: Option<Arc<ClientOrder>>,
+    ) -> Bytes {
+        if cmds.is_empty() {
+            return encode(&Frame::Array(Vec::new()));
+        }
+        let mut slot: Option<u16> = None;
+        let mut touched: Vec<Bytes> = Vec::new();
+        for args in &cmds {
+            let Some(info) = args.first().and_then(|n| commands::lookup(n)) else {
+                continue;
+            };
+            if let Ok(keys) = commands::key_indices(info, args) {
+                for i in keys {
+                    let s = slot::slot(&args[i]);
+                    if slot.is_some_and(|x| x != s) {
+                        return err(
+                            "CROSSSLOT Keys in request don't hash to the same slot (a transaction through the sidecar must stay in one slot)",
+                        );
+                    }
+                    slot = Some(s);
+                    if let Some(c) = &self.cache
+                        && c.covers(&args[i])
+                    {
+                        c.bump(&args[i]);
+                        touched.push(args[i].clone());
+                    }
+                }
+            }
+        }
+        let _written = order.zip(slot).map(|(o, s)| o.writing(vec![s]));
+        let reply = self.exec_block(&cmds, slot, up).await;
+        if let Some(c) = &self.cache {
+            for k in &touched {
+                c.invalidate(k, "own_write").await;
+            }
+        }
+        reply
+    }
+
+    /// `MULTI`, the queued commands, `EXEC` as one block, preceded by
+    /// `ASKING` when `asking` (Redis keeps the flag for a whole `MULTI`).
+    /// Returns the block and how many replies it produces.
+    pub(super) fn tx_block(cmds: &[Vec<Bytes>], asking: bool) -> (Bytes, usize) {
+        let mut block = BytesMut::new();
+        if asking {
+            resp::encode_command(&["ASKING"], &mut block);
+        }
+        resp::encode_command(&["MULTI"], &mut block);
+        for args in cmds {
+            resp::encode_command(args, &mut block);
+        }
+        resp::encode_command(&["EXEC"], &mut block);
+        (block.freeze(), cmds.len() + 2 + usize::from(asking))
+    }
+
+    /// Run a transaction on its slot's primary, following MOVED, ASK (the
+    /// slot is migrating and its keys are on the importing node) and
+    /// TRYAGAIN (keys split mid-migration) as a single command would.
+    pub(super) async fn exec_block(
+        self: &Arc<Self>,
+        cmds: &[Vec<Bytes>],
+        slot: Option<u16>,
+        up: Proto,
+    ) -> Bytes {
+        let mut target: Option<Arc<Node>> = None;
+        let mut asking = false;
+        for attempt in 0..MAX_REDIRECTS {
+            let (block, n) = Self::tx_block(cmds, asking);
+            let node = match (&target, slot) {
+                (Some(n), _) => n.clone(),
+                (None, Some(s)) => match self.registry.current().shard(s) {
+                    Some(sh) => sh.primary.clone(),
+                    None => return err(format!("CLUSTERDOWN Hash slot {s} is not served")),
+                },
+                (None, None) => match self.primaries().into_iter().next() {
+                    Some(n) => n,
+                    None => return err("CLUSTERDOWN cachetier: topology not known yet"),
+                },
+            };
+            match node.request(up, block, n).await {
+                Ok(replies) => {
+                    let moved = replies.iter().find_map(|r| redirect_target(r, b"MOVED "));
+                    if let Some(addr) = moved {
+                        self.registry.request_refresh();
+                        target = Some(self.registry.node(&addr));
+                        asking = false;
+                        continue;
+                    }
+                    if let Some(addr) = replies.iter().find_map(|r| redirect_target(r, b"ASK ")) {
+                        self.metrics.redirects.with_label_values(&["ask"]).inc();
+                        target = Some(self.registry.node(&addr));
+                        asking = true;
+                        continue;
+                    }
+                    if replies.iter().any(|r| r.starts_with(b"-TRYAGAIN")) && attempt + 1 < MAX_REDIRECTS {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    let last = replies.last().cloned().unwrap_or_default();
+                    // A command refused at queue time aborts EXEC; surface its
+                    // reason with the abort.
+                    if last.starts_with(b"-EXECABORT")
+                        && let Some(first) =
+                            replies[1..replies.len() - 1].iter().find(|r| r.starts_with(b"-"))
+                    {
+                        let why = resp::error_text(first)
+                            .map(|t| String::from_utf8_lossy(t).into_owned())
+                            .unwrap_or_default();
+                        return err(format!(
+                            "EXECABORT Transaction discarded because of previous errors: {why}"
+                        ));
+                    }
+                    return last;
+                }
+                Err(e) => return upstream_error(&node.addr, Kind::Write, &e),
+            }
+        }
+        err("ERR cachetier: too many MOVED redirects for a transaction")
+    }
+}

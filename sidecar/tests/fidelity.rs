@@ -1,0 +1,467 @@
+//! The sidecar behaves like one Redis server: a client's commands take
+//! effect in the order it sent them, and it reads what it wrote (issue 9).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use cachetier_sidecar::Sidecar;
+use redis::AsyncCommands;
+use support::{Cluster, all_serving, client, config};
+
+fn cached(cluster: &Cluster, prefix: &str) -> cachetier_sidecar::Config {
+    let mut cfg = config(cluster);
+    cfg.cache = cachetier_sidecar::CacheConfig {
+        prefixes: vec![prefix.into()],
+        ttl: Duration::from_secs(60),
+        max_bytes: 1 << 20,
+    };
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_through_the_local_cache_executes_in_the_order_it_was_sent() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(cached(&cluster, "k:")).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    for i in 0..300 {
+        let _: () = c.set("k:1", "old").await.unwrap();
+        // Miss/fill, then a coalesced miss, overtaken by nothing behind them.
+        let got: (String, String, String) = redis::pipe()
+            .cmd("GET")
+            .arg("k:1")
+            .cmd("GET")
+            .arg("k:1")
+            .cmd("SET")
+            .arg("k:1")
+            .arg("new")
+            .ignore()
+            .cmd("GET")
+            .arg("k:1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(
+            (got.0.as_str(), got.1.as_str(), got.2.as_str()),
+            ("old", "old", "new"),
+            "try {i}"
+        );
+    }
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_merged_multi_key_commands_keep_their_place_in_a_pipeline() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(cached(&cluster, "k:")).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    for i in 0..100 {
+        let _: () = redis::cmd("MSET")
+            .arg(&["k:a", "a0", "x:b", "b0"])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let (before, after): (Vec<String>, Vec<String>) = redis::pipe()
+            .cmd("MGET")
+            .arg(&["k:a", "x:b"])
+            .cmd("MSET")
+            .arg(&["k:a", "a1", "x:b", "b1"])
+            .ignore()
+            .cmd("MGET")
+            .arg(&["k:a", "x:b"])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(before, vec!["a0", "b0"], "try {i}");
+        assert_eq!(after, vec!["a1", "b1"], "try {i}");
+    }
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_retried_after_the_watchdog_never_sees_a_later_write_of_its_client() {
+    let cluster = Cluster::start(3, 1);
+    let cfg = cachetier_sidecar::Config {
+        read_policy: cachetier_sidecar::ReadPolicy::ReplicasOnly,
+        ..config(&cluster)
+    };
+    let key = "retry:{r}";
+    let (primary, replicas) = cluster.shard_of(key);
+    cluster.by_addr(&primary).cli(&["SET", key, "old"]);
+    cluster.by_addr(&primary).cli(&["WAIT", "1", "2000"]);
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let replica = cluster.by_addr(&replicas[0]);
+    replica.signal("-STOP");
+    // The GET waits on the stopped replica while the SET behind it is
+    // applied on the primary; the watchdog then fails the GET's connection.
+    let got: Vec<redis::Value> = redis::pipe()
+        .ignore_errors()
+        .cmd("GET")
+        .arg(key)
+        .cmd("SET")
+        .arg(key)
+        .arg("new")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    replica.signal("-CONT");
+    match &got[0] {
+        redis::Value::BulkString(v) => assert_eq!(v, b"old", "the read saw the write behind it"),
+        redis::Value::ServerError(_) => {}
+        other => panic!("unexpected reply {other:?}"),
+    }
+    let now: String = c.get(key).await.unwrap();
+    assert_eq!(now, "new");
+    sidecar.shutdown().await;
+}
+
+/// Reads `key` in a bounded loop until `stop`; returns the number of errors.
+fn reader_loop(
+    mut con: redis::aio::MultiplexedConnection,
+    key: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut errors = 0;
+        for _ in 0..1_000_000 {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            if con.get::<_, Option<String>>(key).await.is_err() {
+                errors += 1;
+            }
+        }
+        errors
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_replica_is_back_within_a_second_and_stays_with_resp2_and_resp3_clients() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cluster = Cluster::start(3, 2);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("flap", "v").await.unwrap();
+    let (_, replicas) = cluster.shard_of("flap");
+    let victim = cluster.by_addr(&replicas[0]);
+    let victim_addr = victim.addr();
+    let url3 = format!("redis://{}/?protocol=resp3", sidecar.local_addr());
+    let resp3 = redis::Client::open(url3)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let mut loads = Vec::new();
+    for _ in 0..4 {
+        loads.push(reader_loop(c.clone(), "flap", stop.clone()));
+        loads.push(reader_loop(resp3.clone(), "flap", stop.clone()));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let state = |s: &Sidecar| {
+        s.node_states()
+            .into_iter()
+            .find(|n| n.addr == victim_addr)
+            .map(|n| (n.healthy, n.gate_open))
+    };
+    victim.signal("-STOP");
+    support::eventually("stopped replica out of rotation", Duration::from_secs(3), || {
+        state(&sidecar) == Some((false, false))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    victim.signal("-CONT");
+    support::eventually("resumed replica back within 1 s", Duration::from_secs(1), || {
+        state(&sidecar) == Some((true, true))
+    })
+    .await;
+    let closures = sidecar
+        .metrics()
+        .watchdog_closures
+        .with_label_values(&[victim_addr.as_str()])
+        .get();
+    for _ in 0..100 {
+        assert_eq!(
+            state(&sidecar),
+            Some((true, true)),
+            "the replica stays in rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loads {
+        l.await.unwrap();
+    }
+    assert_eq!(
+        sidecar
+            .metrics()
+            .watchdog_closures
+            .with_label_values(&[victim_addr.as_str()])
+            .get(),
+        closures,
+        "no further watchdog closure after the resume"
+    );
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mget_answers_nil_for_a_cached_key_that_holds_no_string_like_redis() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(cached(&cluster, "k:")).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let _: () = c.hset("k:hash", "f", "v").await.unwrap();
+    let _: () = c.set("k:str", "s").await.unwrap();
+    let _: () = c.set("plain", "p").await.unwrap();
+    for _ in 0..2 {
+        let got: Vec<Option<String>> = c.mget(&["k:hash", "k:str", "plain", "k:none"]).await.unwrap();
+        assert_eq!(got, vec![None, Some("s".into()), Some("p".into()), None]);
+    }
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reads_its_own_writes_while_the_replica_catches_up() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    // Large values take the replica a while to apply.
+    let mut c = client(&sidecar).await;
+    let big = "x".repeat(8 << 20);
+    for i in 0..8 {
+        let value = format!("{i}{big}");
+        let _: () = c.set("ryw:big", &value).await.unwrap();
+        let got: Option<String> = c.get("ryw:big").await.unwrap();
+        assert!(
+            got.as_deref() == Some(value.as_str()),
+            "round {i}: read an older value"
+        );
+    }
+    // Many clients, each writing then reading its own key, no pipelining.
+    let mut tasks = Vec::new();
+    for t in 0..20 {
+        let mut con = client(&sidecar).await;
+        tasks.push(tokio::spawn(async move {
+            let mut stale = 0;
+            for i in 0..100 {
+                let key = format!("ryw:{t}:{}", i % 10);
+                let _: () = con.set(&key, i).await.unwrap();
+                if con.get::<_, Option<i64>>(&key).await.unwrap() != Some(i) {
+                    stale += 1;
+                }
+            }
+            stale
+        }));
+    }
+    let mut stale = 0;
+    for t in tasks {
+        stale += t.await.unwrap();
+    }
+    assert_eq!(stale, 0, "reads that missed the client's own write");
+    assert!(
+        sidecar.metrics().read_your_writes_primary_reads.get() > 0,
+        "the reads behind writes went to the primaries"
+    );
+    sidecar.shutdown().await;
+}
+
+const BUSY_1500MS: &str = "local s = redis.call('TIME') \
+    while true do \
+      local n = redis.call('TIME') \
+      if (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > 1500000 then break end \
+    end \
+    return 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_script_is_not_a_silent_node_and_fails_nobody_elses_writes() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut script_client = client(&sidecar).await;
+    let mut writer = client(&sidecar).await;
+    let _: () = writer.set("{slow}warm", 1).await.unwrap();
+    let script = tokio::spawn(async move {
+        redis::cmd("EVAL")
+            .arg(BUSY_1500MS)
+            .arg(1)
+            .arg("{slow}key")
+            .query_async::<i64>(&mut script_client)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..20 {
+        let r: redis::RedisResult<()> = writer.set(format!("{{slow}}k{i}"), i).await;
+        assert!(r.is_ok(), "write {i} failed: {r:?}");
+    }
+    assert_eq!(script.await.unwrap().unwrap(), 1, "the script's own reply");
+    assert_eq!(
+        sidecar
+            .metrics()
+            .watchdog_closures
+            .with_label_values(&[cluster.shard_of("{slow}key").0.as_str()])
+            .get(),
+        0,
+        "no watchdog closure for a node busy with a script"
+    );
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hscan_sscan_and_zscan_iterate_on_the_keys_primary() {
+    let cluster = Cluster::start(3, 2);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let fields: Vec<(String, i64)> = (0..500).map(|i| (format!("f{i}"), i)).collect();
+    let _: () = c.hset_multiple("cur:{h}", &fields).await.unwrap();
+    let members: Vec<String> = fields.iter().map(|(f, _)| f.clone()).collect();
+    let _: () = c.sadd("cur:{h}s", &members).await.unwrap();
+    let scored: Vec<(i64, String)> = fields.iter().map(|(f, i)| (*i, f.clone())).collect();
+    let _: () = c.zadd_multiple("cur:{h}z", &scored).await.unwrap();
+    let (primary, _) = cluster.shard_of("cur:{h}");
+    cluster.by_addr(&primary).cli(&["WAIT", "2", "2000"]);
+    // Another client: the writer's own reads would go to the primary anyway.
+    let mut c = client(&sidecar).await;
+    cluster.reset_stats();
+    let mut calls = 0;
+    for (cmd, key, step) in [
+        ("HSCAN", "cur:{h}", 2),
+        ("SSCAN", "cur:{h}s", 1),
+        ("ZSCAN", "cur:{h}z", 2),
+    ] {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut cursor = "0".to_string();
+        for _ in 0..1000 {
+            let (next, items): (String, Vec<String>) = redis::cmd(cmd)
+                .arg(key)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(20)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            calls += 1;
+            seen.extend(items.into_iter().step_by(step));
+            cursor = next;
+            if cursor == "0" {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 500, "{cmd} saw every element once");
+    }
+    let on_primary: u64 = ["hscan", "sscan", "zscan"]
+        .iter()
+        .map(|c| cluster.by_addr(&primary).calls(c))
+        .sum();
+    assert_eq!(on_primary, calls, "every cursor call went to the key's primary");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_reads_fall_back_to_replicas_while_its_primary_is_down() {
+    let cluster = Cluster::start(3, 1);
+    // One gate poll at start (gates open), none after: no replica is ever
+    // known to have caught up past the write below.
+    let cfg = cachetier_sidecar::Config {
+        gate_interval: Duration::from_secs(120),
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("down:{d}", "v").await.unwrap();
+    let (primary, _) = cluster.shard_of("down:{d}");
+    let primary = cluster.by_addr(&primary);
+    primary.cli(&["WAIT", "1", "2000"]);
+    primary.signal("-STOP");
+    let got: redis::RedisResult<Option<String>> = c.get("down:{d}").await;
+    primary.signal("-CONT");
+    assert_eq!(got.unwrap().as_deref(), Some("v"));
+    sidecar.shutdown().await;
+}
+
+/// Forwards 127.0.0.1:<returned port> to `to`, replies in chunks with a
+/// pause after each large one: a node that is slow to stream but never
+/// silent for long.
+async fn trickling_relay(to: u16, pause: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut ur, mut uw) = upstream.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut uw).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 128 * 1024];
+                loop {
+                    let n = match ur.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if n > 16 * 1024 {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_value_still_streaming_is_life_not_silence() {
+    let cluster = Cluster::start(3, 0);
+    let key = "big:{t}";
+    let (primary, _) = cluster.shard_of(key);
+    let node = cluster.by_addr(&primary);
+    // The primary announces the relay as its address, so the sidecar
+    // reaches it only through the relay.
+    let relay = trickling_relay(node.port, Duration::from_millis(150)).await;
+    let relay_addr = format!("127.0.0.1:{relay}");
+    node.cli(&["CONFIG", "SET", "cluster-announce-port", &relay.to_string()]);
+    support::eventually(
+        "every node knows the relay address",
+        Duration::from_secs(10),
+        || {
+            cluster
+                .nodes
+                .iter()
+                .all(|n| n.cli(&["CLUSTER", "NODES"]).contains(&format!("{relay_addr}@")))
+        },
+    )
+    .await;
+    let cfg = cachetier_sidecar::Config {
+        read_policy: cachetier_sidecar::ReadPolicy::Primary,
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    assert!(sidecar.node_states().iter().any(|n| n.addr == relay_addr));
+    let mut c = client(&sidecar).await;
+    // 2 MiB at 128 KiB per 150 ms: about 2.4 s to stream, never silent 1 s.
+    let value = "v".repeat(2 << 20);
+    let _: () = c.set(key, &value).await.unwrap();
+    let got: Option<String> = c.get(key).await.unwrap();
+    assert!(got.as_deref() == Some(value.as_str()), "the value arrived whole");
+    assert_eq!(
+        sidecar
+            .metrics()
+            .watchdog_closures
+            .with_label_values(&[relay_addr.as_str()])
+            .get(),
+        0
+    );
+    sidecar.shutdown().await;
+}

@@ -94,6 +94,10 @@ fn config_env(tier: &CacheTier, namespace: &str, port: u16, metrics: u16) -> Vec
             "CACHETIER_MAX_LAG_BYTES",
             spec.read_gate.max_lag_bytes.to_string(),
         ),
+        env(
+            "CACHETIER_READ_YOUR_WRITES",
+            spec.sidecar.read_your_writes.to_string(),
+        ),
     ];
     let cache = &spec.sidecar.local_cache;
     if cache.enabled {

@@ -47,6 +47,7 @@ pub fn sidecar_config(spec: &CacheTierSpec, options: &SidecarOptions, seeds: &[S
             ReadPolicy::ReplicasOnly => cachetier_sidecar::ReadPolicy::ReplicasOnly,
         },
         response_timeout: spec.health.response_timeout.into(),
+        read_your_writes: spec.sidecar.read_your_writes,
         // The schema bounds maxLagBytes at >= 0; a negative value cannot get here.
         max_lag_bytes: u64::try_from(spec.read_gate.max_lag_bytes).unwrap_or(0),
         cache: if cache.enabled {
@@ -168,6 +169,12 @@ mod tests {
         cachetier_crds::validate::parse_manifest(yaml).unwrap().spec
     }
 
+    fn spec_default() -> CacheTierSpec {
+        spec(
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec: {shards: 1, maxMemory: 64Mi}\n",
+        )
+    }
+
     const OPTIONS: SidecarOptions = SidecarOptions {
         port: None,
         metrics: None,
@@ -176,7 +183,7 @@ mod tests {
     #[test]
     fn the_manifest_sidecar_section_becomes_the_sidecar_config() {
         let spec = spec(
-            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec:\n  shards: 3\n  maxMemory: 64Mi\n  health: {responseTimeout: 750ms}\n  readGate: {maxLagBytes: 4096}\n  sidecar:\n    readPolicy: bestOfTwo\n    localCache: {enabled: true, keyPrefixes: ['p:'], ttl: 30s, maxBytes: 2048}\n",
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec:\n  shards: 3\n  maxMemory: 64Mi\n  health: {responseTimeout: 750ms}\n  readGate: {maxLagBytes: 4096}\n  sidecar:\n    readPolicy: bestOfTwo\n    readYourWrites: false\n    localCache: {enabled: true, keyPrefixes: ['p:'], ttl: 30s, maxBytes: 2048}\n",
         );
         let seeds: Vec<SocketAddr> = vec!["127.0.0.1:7000".parse().unwrap()];
         let config = sidecar_config(&spec, &OPTIONS, &seeds);
@@ -187,6 +194,11 @@ mod tests {
         assert_eq!(config.cache.prefixes, vec!["p:".to_string()]);
         assert_eq!(config.cache.ttl, std::time::Duration::from_secs(30));
         assert_eq!(config.cache.max_bytes, 2048);
+        assert!(!config.read_your_writes);
+        assert!(
+            sidecar_config(&spec_default(), &OPTIONS, &seeds).read_your_writes,
+            "on unless the spec turns it off"
+        );
         config.validate().unwrap();
     }
 

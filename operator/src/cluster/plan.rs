@@ -333,8 +333,9 @@ impl<'a> Ctx<'a> {
 pub fn plan(input: PlanInput<'_>) -> Plan {
     let ctx = Ctx::new(input);
     let mut out = Plan::default();
-    let stages: [fn(&Ctx<'_>, &mut Plan); 10] = [
+    let stages: [fn(&Ctx<'_>, &mut Plan); 11] = [
         failover,
+        orphans::orphaned,
         create_missing,
         forget_stale,
         meet,
@@ -609,6 +610,7 @@ fn replicate(ctx: &Ctx<'_>, out: &mut Plan) {
         let Some(primary_t) = ctx.target(primary) else {
             continue;
         };
+        let primary_has_data = ctx.slot_count(&primary_t.id) > 0;
         for v in ctx.nodes_of(shard) {
             if v.pool.name == primary.pool.name || !ctx.usable(v) {
                 continue;
@@ -618,6 +620,21 @@ fn replicate(ctx: &Ctx<'_>, out: &mut Plan) {
             };
             let right_primary = r.myself.master_id.as_deref() == Some(primary_t.id.as_str());
             let empty_master = r.myself.master && ctx.slot_count(&me.id) == 0;
+            // A replica of a slot owner holds that shard's data: re-pointing it
+            // to a primary without slots (e.g. a node that came back empty)
+            // would make it drop the data.
+            let follows_owner = r.myself.replica
+                && r.myself
+                    .master_id
+                    .as_deref()
+                    .is_some_and(|m| ctx.slot_count(m) > 0);
+            if follows_owner && !primary_has_data && !right_primary {
+                out.waiting.push(format!(
+                    "{} replicates a slot owner; not re-pointing it to {}, which owns no slot",
+                    v.pool.name, primary.pool.name
+                ));
+                continue;
+            }
             if (r.myself.replica && !right_primary) || empty_master {
                 if r.knows(&primary_t.id) {
                     out.actions.push(Action::Replicate {
@@ -714,6 +731,11 @@ fn remove(ctx: &Ctx<'_>, out: &mut Plan) {
 
 fn rebalance(ctx: &Ctx<'_>, out: &mut Plan) {
     let tier = ctx.input.tier;
+    if orphans::has_orphans(ctx) {
+        out.waiting
+            .push("some slots are owned by a node that is no pool node; rebalancing waits".into());
+        return;
+    }
     // (shard, primary, count)
     let mut shards: Vec<(u32, Target, usize)> = Vec::new();
     for shard in ctx.pool_shards() {
@@ -848,5 +870,6 @@ fn settle(ctx: &Ctx<'_>, out: &mut Plan) {
     }
 }
 
+mod orphans;
 #[cfg(test)]
 mod tests;

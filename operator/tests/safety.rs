@@ -13,8 +13,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cachetier_crds::{CacheTierStatus, NodeRole, Phase};
-use cachetier_operator::cluster::{NodePool as _, PoolNode, Reconciler};
+use cachetier_operator::cluster::conn::Conns;
+use cachetier_operator::cluster::execute::{Reach, execute};
+use cachetier_operator::cluster::plan::Target;
+use cachetier_operator::cluster::{Action, NodePool as _, PoolNode, Reconciler};
 use cachetier_operator::local::LocalPool;
+use rand::{Rng, SeedableRng};
 use support::*;
 use tokio::time::Instant;
 
@@ -182,4 +186,245 @@ async fn a_primary_restarted_empty_before_redis_fails_over_never_wipes_its_shard
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_restarted_empty_after_redis_failed_over_joins_as_the_survivors_replica() {
     primary_restarted_empty("reborn2", false).await;
+}
+
+/// `n` keys that all hash to `slot`.
+fn keys_in_slot(slot: u16, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("s{i}"))
+        .filter(|k| key_slot(k) == slot)
+        .take(n)
+        .collect()
+}
+
+fn first_slot(shard: &cachetier_crds::ShardStatus) -> u16 {
+    let range = &shard.slots[0];
+    range.split('-').next().unwrap().parse().unwrap()
+}
+
+async fn target_of(pool: &LocalPool, name: &str) -> Target {
+    let n = node_named(pool, name).await;
+    Target {
+        name: n.name.clone(),
+        addr: n.addr,
+        id: my_id(n.addr).await,
+    }
+}
+
+/// Whether a CLUSTER NODES line lists `slot` among its owned ranges.
+fn line_owns(line: &str, slot: u16) -> bool {
+    line.split_whitespace()
+        .skip(8)
+        .filter(|w| !w.starts_with('['))
+        .any(|w| {
+            let (a, b) = w.split_once('-').unwrap_or((w, w));
+            (a.parse::<u16>().unwrap()..=b.parse::<u16>().unwrap()).contains(&slot)
+        })
+}
+
+/// The slot ranges `addr` says it owns itself.
+async fn own_slots(addr: SocketAddr) -> String {
+    let text = query_string(addr, &["CLUSTER", "NODES"]).await;
+    text.lines().find(|l| l.contains("myself")).unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_planned_from_a_node_that_no_longer_owns_the_slot_never_hands_it_over() {
+    let pool = pool("steal");
+    let t = tier("steal", 3, 0);
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    // The slot belongs to shard 2; a stale plan (another operator moved it, or
+    // a failover) says shard 0 owns it and moves it to shard 1.
+    let slot = first_slot(&status.shards[2]);
+    let keys = keys_in_slot(slot, 20);
+    let mut client = ClusterClient::new(addrs(&status)).await;
+    for k in &keys {
+        client.set(k, "v").await.unwrap();
+    }
+    let from = target_of(&pool, &status.shards[0].nodes[0].name).await;
+    let to = target_of(&pool, &status.shards[1].nodes[0].name).await;
+    let view = rec.observe().await.unwrap();
+    let mut conns = Conns::new(Duration::from_secs(1));
+    let stale = Action::MigrateSlots {
+        from,
+        to: to.clone(),
+        slots: vec![slot],
+    };
+    let _ = execute(pool.as_ref(), &mut conns, &t, &Reach::from_view(&view), &stale).await;
+
+    let line = own_slots(to.addr).await;
+    let status = rec.converge(Duration::from_secs(30)).await.unwrap();
+    let mut client = ClusterClient::new(addrs(&status)).await;
+    let mut lost = Vec::new();
+    for k in &keys {
+        if client.get(k).await.unwrap().is_none() {
+            lost.push(k.clone());
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of 20 keys of slot {slot} lost; the destination said: {line}",
+        lost.len()
+    );
+    assert!(
+        !line_owns(&line, slot),
+        "the destination took slot {slot}: {line}"
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migrating_to_a_node_that_is_slow_to_answer_once_is_not_rolled_back() {
+    let pool = pool("slowdst");
+    let t = tier("slowdst", 2, 0);
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    let slot = first_slot(&status.shards[0]);
+    let keys = keys_in_slot(slot, 40);
+    let mut client = ClusterClient::new(addrs(&status)).await;
+    for k in &keys {
+        client.set(k, "v").await.unwrap();
+    }
+    let src = target_of(&pool, &status.shards[0].nodes[0].name).await;
+    let dst = target_of(&pool, &status.shards[1].nodes[0].name).await;
+    // A migration interrupted half-way: half the keys are on the destination.
+    let mut d = conn(dst.addr).await;
+    let mut s = conn(src.addr).await;
+    let slot_s = slot.to_string();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(&slot_s)
+        .arg("IMPORTING")
+        .arg(&src.id)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(&slot_s)
+        .arg("MIGRATING")
+        .arg(&dst.id)
+        .query_async(&mut s)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(dst.addr.port())
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(&keys[..20])
+        .query_async(&mut s)
+        .await
+        .unwrap();
+
+    let pid = node_named(&pool, &dst.name).await.pid.unwrap();
+    signal(pid, "STOP");
+    let round = rec.round().await;
+    let line = own_slots(src.addr).await;
+    signal(pid, "CONT");
+    round.unwrap();
+    assert!(
+        line.contains(&format!("[{slot}->-{}]", dst.id)),
+        "one slow answer rolled the slot back: {line}"
+    );
+    let status = rec.converge(Duration::from_secs(30)).await.unwrap();
+    let mut client = ClusterClient::new(addrs(&status)).await;
+    for k in &keys {
+        assert_eq!(client.get(k).await.unwrap().as_deref(), Some("v"), "{k} lost");
+    }
+    assert!(open_slots(&addrs(&status)).await.is_empty());
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_cannot_move_is_reported_on_progressing_and_does_not_fail_every_round() {
+    let pool = pool("stuck");
+    let mut t = tier("stuck", 2, 0);
+    // The destination refuses any bulk over 1 MiB, so a list whose DUMP is
+    // bigger than that can never be RESTOREd there.
+    t.redis_config.insert("proto-max-bulk-len".into(), "1mb".into());
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    let slot = first_slot(&status.shards[0]);
+    let keys = keys_in_slot(slot, 21);
+    let (big, small) = keys.split_first().unwrap();
+    let src = target_of(&pool, &status.shards[0].nodes[0].name).await;
+    let dst = target_of(&pool, &status.shards[1].nodes[0].name).await;
+    let mut s = conn(src.addr).await;
+    // Random elements: the RDB payload must not compress below the limit.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for _ in 0..6 {
+        let mut push = redis::cmd("RPUSH");
+        push.arg(big);
+        for _ in 0..500 {
+            let element: String = (0..1024)
+                .map(|_| char::from(rng.random_range(b'!'..=b'~')))
+                .collect();
+            push.arg(element);
+        }
+        let _: u64 = push.query_async(&mut s).await.unwrap();
+    }
+    for k in small {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg("v")
+            .query_async(&mut s)
+            .await
+            .unwrap();
+    }
+    let mut d = conn(dst.addr).await;
+    let slot_s = slot.to_string();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(&slot_s)
+        .arg("IMPORTING")
+        .arg(&src.id)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(&slot_s)
+        .arg("MIGRATING")
+        .arg(&dst.id)
+        .query_async(&mut s)
+        .await
+        .unwrap();
+
+    let mut last = None;
+    for _ in 0..3 {
+        let round = rec.round().await.unwrap();
+        assert!(round.error.is_none(), "a round failed: {:?}", round.error);
+        last = Some(round.status);
+    }
+    let status = last.unwrap();
+    let progressing = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap();
+    assert_eq!(progressing.reason, "KeyCannotMove", "{progressing:?}");
+    assert!(
+        progressing.message.contains(&format!("slot {slot}")) && progressing.message.contains(big.as_str()),
+        "{}",
+        progressing.message
+    );
+    // The small keys moved; the big one is still served by its owner.
+    for k in small {
+        let (n,): (u64,) = redis::pipe()
+            .cmd("ASKING")
+            .ignore()
+            .cmd("EXISTS")
+            .arg(k)
+            .query_async(&mut d)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{k} did not move");
+    }
+    let n: u64 = redis::cmd("LLEN").arg(big).query_async(&mut s).await.unwrap();
+    assert_eq!(n, 3000);
+    pool.shutdown().await;
 }

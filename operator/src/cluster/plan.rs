@@ -491,16 +491,24 @@ fn fix_open_slots(ctx: &Ctx<'_>, out: &mut Plan) {
             if !handled.insert(*slot) {
                 continue;
             }
-            match by_id(to_id)
-                .filter(|t| usable_master(t))
-                .and_then(|t| ctx.target(t))
-            {
-                Some(to) => out.actions.push(Action::FinishMigration {
+            let dest = by_id(to_id);
+            match dest.filter(|t| usable_master(t)).and_then(|t| ctx.target(t)) {
+                // A node that does not own the slot has nothing to migrate:
+                // its MIGRATING state is left over and is cleared.
+                Some(to) if r.myself.owns(*slot) => out.actions.push(Action::FinishMigration {
                     slot: *slot,
                     from: me.clone(),
                     to,
                 }),
-                None => out.actions.push(Action::AbortMigration {
+                // One slow answer is not a dead destination: keys may already
+                // be there, and rolling back would hide them.
+                None if dest.is_some_and(|t| t.reported().is_none() && !ctx.is_failed(t)) => {
+                    out.waiting.push(format!(
+                        "slot {slot} is migrating from {} to a node that did not answer; waiting until it answers or is Failed",
+                        me.name
+                    ));
+                }
+                _ => out.actions.push(Action::AbortMigration {
                     slot: *slot,
                     node: me.clone(),
                 }),

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::config::TierConfig;
 use super::conn::Conns;
-use super::execute::{Reach, execute};
+use super::execute::{Outcome, Reach, StuckKey, execute};
 use super::health::{HealthMonitor, HealthRecord};
 use super::plan::{Action, Plan, PlanInput, plan};
 use super::pool::NodePool;
@@ -31,6 +31,10 @@ const ROUND_BUDGET: Duration = Duration::from_secs(2);
 
 /// Slots moved per pipelined migration step.
 const MIGRATE_CHUNK: usize = 32;
+
+/// How long a slot with a key that could not move is left alone before the
+/// next attempt, so one huge key does not cost every round a `MIGRATE` timeout.
+const STUCK_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The outcome of one round.
 #[derive(Debug)]
@@ -57,6 +61,7 @@ pub struct Reconciler<P> {
     sync: SyncTracker,
     events: Events,
     primaries: HashMap<u32, String>,
+    stuck: HashMap<u16, (StuckKey, Instant)>,
     status_tx: watch::Sender<Option<CacheTierStatus>>,
 }
 
@@ -80,6 +85,7 @@ impl<P: NodePool> Reconciler<P> {
             sync: SyncTracker::default(),
             events: Events::default(),
             primaries: HashMap::new(),
+            stuck: HashMap::new(),
             status_tx,
         }
     }
@@ -130,6 +136,7 @@ impl<P: NodePool> Reconciler<P> {
         let health = self.health.snapshot();
         self.sync.observe(&view, now);
         self.notice_failovers(&view);
+        self.forget_unstuck(&view, now);
         let plan = plan(PlanInput {
             tier: &self.tier,
             view: &view,
@@ -187,7 +194,12 @@ impl<P: NodePool> Reconciler<P> {
         {
             // A long migration is executed in small chunks so the budget applies.
             let steps: Vec<Action> = match action {
+                Action::FinishMigration { slot, .. } if self.stuck.contains_key(slot) => Vec::new(),
                 Action::MigrateSlots { from, to, slots } => slots
+                    .iter()
+                    .copied()
+                    .filter(|s| !self.stuck.contains_key(s))
+                    .collect::<Vec<u16>>()
                     .chunks(MIGRATE_CHUNK)
                     .map(|chunk| Action::MigrateSlots {
                         slots: chunk.to_vec(),
@@ -205,9 +217,13 @@ impl<P: NodePool> Reconciler<P> {
                     info!(tier = %self.tier.name, "{step}");
                 }
                 match execute(self.pool.as_ref(), &mut self.conns, &self.tier, &reach, step).await {
-                    Ok(()) => {
+                    Ok(Outcome { stuck }) => {
                         executed += 1;
                         self.events.executed(step);
+                        for key in stuck {
+                            self.stuck.insert(key.slot, (key, Instant::now()));
+                        }
+                        self.events.stuck_keys = self.stuck.values().map(|(k, _)| k.clone()).collect();
                     }
                     Err(e) => {
                         warn!(tier = %self.tier.name, step = %step, error = %e, "step failed; will re-observe");
@@ -224,6 +240,21 @@ impl<P: NodePool> Reconciler<P> {
             executed,
             error,
         })
+    }
+
+    /// Drops stuck-key records of slots that are no longer open, and of
+    /// those whose backoff is over (the next plan tries them again).
+    fn forget_unstuck(&mut self, view: &ClusterView, now: Instant) {
+        let open: Vec<u16> = view
+            .nodes
+            .iter()
+            .filter_map(|v| v.reported())
+            .flat_map(|r| r.myself.migrating.iter().map(|(s, _)| *s))
+            .collect();
+        self.stuck.retain(|slot, (_, at)| {
+            open.contains(slot) && now.saturating_duration_since(*at) < STUCK_BACKOFF
+        });
+        self.events.stuck_keys = self.stuck.values().map(|(k, _)| k.clone()).collect();
     }
 
     fn notice_failovers(&mut self, view: &ClusterView) {

@@ -82,6 +82,8 @@ pub struct Events {
     pub last_failover: Option<FailoverRecord>,
     /// The most recent eviction.
     pub last_eviction: Option<EvictionRecord>,
+    /// Keys that could not be moved; their slots stay open until they can.
+    pub stuck_keys: Vec<crate::cluster::execute::StuckKey>,
 }
 
 /// RFC 3339 time of now.
@@ -454,7 +456,27 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
             format!("{slots_covered} of {SLOTS} slots are served by a reachable primary"),
         )
     }];
+    let stuck = input.events.stuck_keys.first();
     conditions.push(match (input.plan.actions.first(), input.plan.waiting.first()) {
+        _ if stuck.is_some() => {
+            let k = stuck.map_or_else(String::new, |k| {
+                format!("slot {}: key {:?} cannot be moved: {}", k.slot, k.key, k.error)
+            });
+            let more = input.events.stuck_keys.len() - 1;
+            let message = if more > 0 {
+                format!("{k} (+{more} more)")
+            } else {
+                k
+            };
+            condition(
+                prev,
+                generation,
+                CONDITION_PROGRESSING,
+                true,
+                "KeyCannotMove",
+                message,
+            )
+        }
         (Some(a), _) => {
             let reason = match a {
                 Action::CreateNode { .. } => "CreatingNodes",

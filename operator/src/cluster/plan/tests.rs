@@ -507,3 +507,13 @@ fn a_gone_slot_owner_with_no_replica_left_is_forgotten_so_its_slots_are_reassign
     let p = fx.plan(&tier(3, 1));
     assert!(p.actions.contains(&Action::Forget { id: old }), "{p:?}");
 }
+
+#[test]
+fn a_slot_migrating_to_a_node_that_did_not_answer_once_waits_instead_of_rolling_back() {
+    let mut fx = Fx::tier_3x1();
+    fx.lines[0].2.migrating.push((10, id(1, 0)));
+    fx.unreachable.push((1, 0));
+    let p = fx.plan(&tier(3, 1));
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert!(p.waiting.iter().any(|w| w.contains("slot 10")), "{p:?}");
+}

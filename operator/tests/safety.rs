@@ -17,7 +17,7 @@ use cachetier_operator::cluster::conn::Conns;
 use cachetier_operator::cluster::execute::{Reach, execute};
 use cachetier_operator::cluster::plan::Target;
 use cachetier_operator::cluster::{Action, NodePool as _, PoolNode, Reconciler};
-use cachetier_operator::local::LocalPool;
+use cachetier_operator::local::{LocalPool, LocalTier};
 use rand::{Rng, SeedableRng};
 use support::*;
 use tokio::time::Instant;
@@ -427,4 +427,256 @@ async fn a_key_that_cannot_move_is_reported_on_progressing_and_does_not_fail_eve
     let n: u64 = redis::cmd("LLEN").arg(big).query_async(&mut s).await.unwrap();
     assert_eq!(n, 3000);
     pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_cluster_forgot_while_it_is_alive_rejoins() {
+    let pool = pool("forgot");
+    let t = tier("forgot", 2, 1);
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    let name = status.shards[1].nodes[1].name.clone();
+    let lost = node_named(&pool, &name).await;
+    let lost_id = my_id(lost.addr).await;
+    for n in pool.list().await.unwrap().iter().filter(|n| n.name != name) {
+        let _: String = query_string(n.addr, &["CLUSTER", "FORGET", &lost_id]).await;
+    }
+    let status = rec.converge(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status.ready.as_deref(), Some("4/4"));
+    for n in pool.list().await.unwrap() {
+        let text = query_string(n.addr, &["CLUSTER", "NODES"]).await;
+        assert!(
+            text.contains(&lost_id),
+            "{} does not know {name} again: {text}",
+            n.name
+        );
+    }
+    pool.shutdown().await;
+}
+
+/// A pool that announces an invalid cluster bus port (0) for one node, so
+/// every MEET towards it is refused.
+struct WrongBusPort {
+    inner: std::sync::Arc<LocalPool>,
+    name: String,
+}
+
+impl cachetier_operator::cluster::NodePool for WrongBusPort {
+    async fn create(
+        &self,
+        tier: &cachetier_operator::cluster::TierConfig,
+        shard: u32,
+        ordinal: u32,
+    ) -> cachetier_operator::Result<PoolNode> {
+        self.inner.create(tier, shard, ordinal).await
+    }
+    async fn destroy(&self, name: &str) -> cachetier_operator::Result<()> {
+        self.inner.destroy(name).await
+    }
+    async fn list(&self) -> cachetier_operator::Result<Vec<PoolNode>> {
+        let mut nodes = self.inner.list().await?;
+        for n in nodes.iter_mut().filter(|n| n.name == self.name) {
+            n.bus_port = 0;
+        }
+        Ok(nodes)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meet_that_fails_is_an_error_of_the_round_not_progress() {
+    let inner = pool("badmeet");
+    let t = tier("badmeet", 2, 0);
+    let pool = std::sync::Arc::new(WrongBusPort {
+        inner: inner.clone(),
+        name: "badmeet-0-0".into(),
+    });
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let start = Instant::now();
+    let mut failed_meet = None;
+    while start.elapsed() < Duration::from_secs(5) {
+        let round = rec.round().await.unwrap();
+        let meets = round
+            .plan
+            .actions
+            .iter()
+            .all(|a| matches!(a, Action::Meet { .. }));
+        if meets && !round.plan.actions.is_empty() && round.error.is_some() {
+            failed_meet = Some(round);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let round = failed_meet.expect("a MEET towards an invalid bus port never failed a round");
+    assert_eq!(
+        round.executed, 0,
+        "a failed MEET counted as progress: {:?}",
+        round.plan
+    );
+    inner.shutdown().await;
+}
+
+/// Writes `w:i` and reads back a random acknowledged one after each write,
+/// until `stop`; a write may fail (a failover window), a read may not. The
+/// client's seeds follow the pool, as a real client's discovery follows the
+/// cluster (every original node may be replaced during a rollout).
+async fn write_read_load(
+    pool: std::sync::Arc<LocalPool>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<usize>, usize, Vec<String>) {
+    let seeds = |nodes: Vec<PoolNode>| nodes.into_iter().map(|n| n.addr).collect::<Vec<_>>();
+    let mut client = ClusterClient::new(seeds(pool.list().await.unwrap())).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let (mut acked, mut write_errors, mut read_errors) = (Vec::new(), 0, Vec::new());
+    for i in 0..20_000usize {
+        if *stop.borrow() {
+            break;
+        }
+        if i % 20 == 0 {
+            client.set_seeds(seeds(pool.list().await.unwrap()));
+        }
+        match client.set(&format!("w:{i}"), &format!("v:{i}")).await {
+            Ok(()) => acked.push(i),
+            Err(_) => write_errors += 1,
+        }
+        if let Some(&j) = acked.get(rng.random_range(0..acked.len().max(1))) {
+            match client.get(&format!("w:{j}")).await {
+                Ok(Some(v)) if v == format!("v:{j}") => {}
+                other => read_errors.push(format!("w:{j}: {other:?}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (acked, write_errors, read_errors)
+}
+
+/// A node's value of `key`; `None` when it does not answer (e.g. it is being
+/// replaced right now).
+async fn config_of(addr: SocketAddr, key: &str) -> Option<String> {
+    let ask = async {
+        let mut c = redis::Client::open(format!("redis://{addr}/"))
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        let v: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .ok()?;
+        v.get(1).cloned()
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn all_nodes_report(pool: &LocalPool, key: &str, want: &str) -> bool {
+    for n in pool.list().await.unwrap() {
+        if config_of(n.addr, key).await.as_deref() != Some(want) {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_max_memory_policy_and_redis_config_edit_reaches_every_running_node_under_load() {
+    let t = tier("cfg", 2, 1);
+    let handle = LocalTier::start(t.clone(), pool_options()).unwrap();
+    handle.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(write_read_load(handle.pool().clone(), stop_rx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut edited = t.clone();
+    edited.max_memory_policy = "allkeys-lru".into();
+    edited.max_memory_bytes = 48 << 20;
+    edited.redis_config.insert("hz".into(), "20".into());
+    handle.update(edited);
+    let start = Instant::now();
+    loop {
+        let pool = handle.pool();
+        if all_nodes_report(pool, "maxmemory-policy", "allkeys-lru").await
+            && all_nodes_report(pool, "maxmemory", &(48u64 << 20).to_string()).await
+            && all_nodes_report(pool, "hz", "20").await
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the edit did not reach every running node"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_tx.send_replace(true);
+    let (acked, write_errors, read_errors) = load.await.unwrap();
+    assert!(read_errors.is_empty(), "{read_errors:?}");
+    assert_eq!(write_errors, 0);
+    assert!(!acked.is_empty());
+    handle.shutdown().await;
+}
+
+/// Slow: about 20–40 s (four nodes replaced one after another, each with a full sync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_only_setting_is_rolled_out_one_node_at_a_time_without_a_read_error_or_a_lost_key() {
+    let t = tier("roll", 2, 1);
+    let handle = LocalTier::start(t.clone(), pool_options()).unwrap();
+    let status = handle.wait_ready(Duration::from_secs(60)).await.unwrap();
+    write_replicated(&status, 1000).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(write_read_load(handle.pool().clone(), stop_rx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut edited = t.clone();
+    edited.redis_config.insert("databases".into(), "4".into());
+    edited.max_memory_policy = "allkeys-lru".into();
+    handle.update(edited);
+    let mut rx = handle.subscribe();
+    let start = Instant::now();
+    let mut fewest_ready = 4;
+    loop {
+        // Not holding the watch's lock across the awaits below.
+        let current = rx.borrow_and_update().clone();
+        if let Some(s) = current {
+            let ready: usize = s
+                .ready
+                .as_deref()
+                .and_then(|r| r.split('/').next()?.parse().ok())
+                .unwrap_or(0);
+            fewest_ready = fewest_ready.min(ready);
+            if s.phase == Some(Phase::Ready)
+                && all_nodes_report(handle.pool(), "databases", "4").await
+                && all_nodes_report(handle.pool(), "maxmemory-policy", "allkeys-lru").await
+            {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "rollout did not finish: {:?}",
+            handle.status()
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+    }
+    stop_tx.send_replace(true);
+    let (acked, _write_errors, read_errors) = load.await.unwrap();
+    assert!(read_errors.is_empty(), "{read_errors:?}");
+    assert!(
+        fewest_ready >= 3,
+        "more than one node was out at once ({fewest_ready}/4 ready)"
+    );
+    let status = handle.status().unwrap();
+    let seeds = addrs(&status);
+    assert!(lost_keys(seeds.clone(), 1000).await.is_empty());
+    let mut client = ClusterClient::new(seeds).await;
+    for i in acked {
+        assert_eq!(
+            client.get(&format!("w:{i}")).await.unwrap(),
+            Some(format!("v:{i}")),
+            "w:{i} lost"
+        );
+    }
+    handle.shutdown().await;
 }

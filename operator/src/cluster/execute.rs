@@ -86,10 +86,9 @@ pub async fn execute<P: NodePool>(
                 .arg(peer.port())
                 .arg(bus)
                 .to_owned();
-            // A handshake already in progress makes MEET fail; that is progress too.
-            if let Err(e) = conns.query::<()>(*node, &cmd).await {
-                debug!(error = %e, "meet not sent");
-            }
+            // Fails while a handshake with the peer is in progress (or the
+            // address is bad): not progress, the reconciler backs off.
+            conns.query::<()>(*node, &cmd).await?;
         }
         Action::Replicate { node, primary } => {
             conns
@@ -117,6 +116,14 @@ pub async fn execute<P: NodePool>(
                     redis::cmd("CLUSTER").arg("SETSLOT").arg(*slot).arg("STABLE"),
                 )
                 .await?;
+        }
+        Action::SetConfig { node, settings } => {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("SET");
+            for (k, v) in settings {
+                cmd.arg(k).arg(v);
+            }
+            conns.query::<()>(node.addr, &cmd).await?;
         }
         Action::Failover { to, kind, .. } => {
             let mut cmd = redis::cmd("CLUSTER");

@@ -147,6 +147,7 @@ impl Fx {
                     others,
                     state_ok: true,
                     repl: repl.clone(),
+                    config: Default::default(),
                 })
             };
             nodes.push(NodeView { pool, report });

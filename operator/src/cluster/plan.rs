@@ -32,7 +32,7 @@ pub struct Target {
 }
 
 /// Why a node is removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Removal {
     /// A replica Failed for longer than `evictAfter`.
     Evicted {
@@ -43,6 +43,11 @@ pub enum Removal {
     ShardRemoved,
     /// Its ordinal is beyond `spec.replicasPerShard`.
     ReplicaRemoved,
+    /// Replaced to take restart-only settings; the create stage starts it again.
+    Restarted {
+        /// The settings that need the restart.
+        settings: String,
+    },
 }
 
 /// How a replica is promoted.
@@ -127,6 +132,13 @@ pub enum Action {
         /// The slots, in order.
         slots: Vec<u16>,
     },
+    /// `CONFIG SET` of runtime settings on one node.
+    SetConfig {
+        /// The node.
+        node: Target,
+        /// (name, value) pairs.
+        settings: Vec<(String, String)>,
+    },
     /// Promote `to`, a replica of shard `shard`'s primary `from`.
     Failover {
         /// Shard.
@@ -157,6 +169,10 @@ impl fmt::Display for Action {
             Self::AbortMigration { slot, node } => write!(f, "roll back open slot {slot} on {}", node.name),
             Self::MigrateSlots { from, to, slots } => {
                 write!(f, "migrate {} slot(s) {} -> {}", slots.len(), from.name, to.name)
+            }
+            Self::SetConfig { node, settings } => {
+                let keys: Vec<&str> = settings.iter().map(|(k, _)| k.as_str()).collect();
+                write!(f, "set {} on {}", keys.join(", "), node.name)
             }
             Self::Failover { from, to, kind, .. } => write!(f, "{kind:?} failover {from} -> {}", to.name),
         }
@@ -333,18 +349,20 @@ impl<'a> Ctx<'a> {
 pub fn plan(input: PlanInput<'_>) -> Plan {
     let ctx = Ctx::new(input);
     let mut out = Plan::default();
-    let stages: [fn(&Ctx<'_>, &mut Plan); 11] = [
+    let stages: [fn(&Ctx<'_>, &mut Plan); 13] = [
         failover,
         orphans::orphaned,
         create_missing,
         forget_stale,
         meet,
+        rollout::configure,
         fix_open_slots,
         assign_unowned,
         replicate,
         remove,
         rebalance,
         settle,
+        rollout::restart_rollout,
     ];
     for stage in stages {
         stage(&ctx, &mut out);
@@ -453,30 +471,52 @@ fn meet(ctx: &Ctx<'_>, out: &mut Plan) {
         let (Some(r), Some(id)) = (v.reported(), ctx.id(v)) else {
             continue;
         };
-        if id != anchor_id && !r.knows(anchor_id) && !anchor_report.knows(id) {
-            out.actions.push(Action::Meet {
-                node: v.pool.addr,
-                peer: anchor.pool.addr,
-            });
+        if id == anchor_id || anchor_report.knows(id) {
+            continue;
         }
+        // A node the cluster forgot still knows the cluster, so it would never
+        // meet anyone itself: the anchor meets it instead.
+        let (node, peer) = if r.knows(anchor_id) {
+            (anchor.pool.addr, v.pool.addr)
+        } else {
+            (v.pool.addr, anchor.pool.addr)
+        };
+        out.actions.push(Action::Meet { node, peer });
     }
     if !out.actions.is_empty() {
         return;
     }
     // Everyone reachable must know everyone reachable before slots or replicas
-    // are assigned: `CLUSTER REPLICATE` and `SETSLOT` name nodes by id.
+    // are assigned: `CLUSTER REPLICATE` and `SETSLOT` name nodes by id. A node
+    // that forgot a peer which still knows it ignores gossip about that peer
+    // for a minute (Redis's forget ban), so one-sided pairs meet directly, a
+    // few per round.
+    let mut unknown = None;
     for a in &reachable {
         for b in &reachable {
-            if let (Some(ra), Some(idb)) = (a.reported(), ctx.id(b))
+            if let (Some(ra), Some(ida), Some(idb)) = (a.reported(), ctx.id(a), ctx.id(b))
                 && !ra.knows(idb)
             {
-                out.waiting
-                    .push(format!("{} does not know {} yet", a.pool.name, b.pool.name));
-                return;
+                unknown.get_or_insert_with(|| format!("{} does not know {} yet", a.pool.name, b.pool.name));
+                if b.reported().is_some_and(|rb| rb.knows(ida)) && out.actions.len() < MEETS_PER_ROUND {
+                    out.actions.push(Action::Meet {
+                        node: a.pool.addr,
+                        peer: b.pool.addr,
+                    });
+                }
             }
         }
     }
+    if out.actions.is_empty()
+        && let Some(w) = unknown
+    {
+        out.waiting.push(w);
+    }
 }
+
+/// Most one-sided MEETs planned per round (gossip usually closes such gaps
+/// by itself within a moment; the MEETs are for nodes a forget ban blocks).
+const MEETS_PER_ROUND: usize = 8;
 
 fn fix_open_slots(ctx: &Ctx<'_>, out: &mut Plan) {
     let view = ctx.input.view;
@@ -760,6 +800,15 @@ fn rebalance(ctx: &Ctx<'_>, out: &mut Plan) {
             ));
             return;
         }
+        // A node answers -CLUSTERDOWN until it reports ok (Redis keeps a new
+        // node failed for its first seconds): no slot moves to it before.
+        if p.reported().is_some_and(|r| !r.state_ok) {
+            out.waiting.push(format!(
+                "{} does not report cluster_state:ok yet; rebalancing waits",
+                p.pool.name
+            ));
+            return;
+        }
         shards.push((shard, t, n));
     }
     let desired: Vec<&(u32, Target, usize)> = shards.iter().filter(|s| s.0 < tier.shards).collect();
@@ -879,5 +928,6 @@ fn settle(ctx: &Ctx<'_>, out: &mut Plan) {
 }
 
 mod orphans;
+mod rollout;
 #[cfg(test)]
 mod tests;

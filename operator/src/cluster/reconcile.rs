@@ -13,7 +13,7 @@ use std::time::Duration;
 use cachetier_crds::{CacheTierStatus, Phase};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::config::TierConfig;
 use super::conn::Conns;
@@ -21,6 +21,7 @@ use super::execute::{Outcome, Reach, StuckKey, execute};
 use super::health::{HealthMonitor, HealthRecord};
 use super::plan::{Action, Plan, PlanInput, plan};
 use super::pool::NodePool;
+use super::settings;
 use super::status::{self, Events, StatusInput, SyncTracker};
 use super::view::{ClusterView, observe};
 use crate::{Error, Result};
@@ -63,6 +64,11 @@ pub struct Reconciler<P> {
     primaries: HashMap<u32, String>,
     stuck: HashMap<u16, (StuckKey, Instant)>,
     status_tx: watch::Sender<Option<CacheTierStatus>>,
+}
+
+/// Pause after the `n`-th failing round in a row: 100 ms doubling, at most 2 s.
+pub fn error_backoff(n: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << n.saturating_sub(1).min(5))).min(Duration::from_secs(2))
 }
 
 /// Timeout of the reconciler's commands: the probe timeout, at least 200 ms.
@@ -125,7 +131,8 @@ impl<P: NodePool> Reconciler<P> {
         let nodes = self.pool.list().await?;
         let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
         self.health.track(&addrs);
-        Ok(observe(&mut self.conns, &nodes).await)
+        let keys: Vec<String> = settings::desired(&self.tier).into_keys().collect();
+        Ok(observe(&mut self.conns, &nodes, &keys).await)
     }
 
     /// One round: observe, plan, publish the status, execute the plan (for
@@ -225,6 +232,12 @@ impl<P: NodePool> Reconciler<P> {
                         }
                         self.events.stuck_keys = self.stuck.values().map(|(k, _)| k.clone()).collect();
                     }
+                    // MEETs are independent of each other: one that fails
+                    // does not stop the others, but none counts as progress.
+                    Err(e) if matches!(step, Action::Meet { .. }) => {
+                        debug!(tier = %self.tier.name, step = %step, error = %e, "meet failed");
+                        error = Some(e);
+                    }
                     Err(e) => {
                         warn!(tier = %self.tier.name, step = %step, error = %e, "step failed; will re-observe");
                         error = Some(e);
@@ -303,6 +316,7 @@ impl<P: NodePool> Reconciler<P> {
     /// Reconciles forever: rounds back to back while there is work, one every
     /// `timing.resync_interval` once converged. Takes tier changes from `tiers`.
     pub async fn run(&mut self, mut tiers: watch::Receiver<TierConfig>) {
+        let mut failures = 0u32;
         loop {
             let latest = tiers.borrow_and_update().clone();
             if latest != self.tier {
@@ -310,13 +324,21 @@ impl<P: NodePool> Reconciler<P> {
                 info!(tier = %tier.name, shards = tier.shards, replicas = tier.replicas_per_shard, "spec changed");
                 self.set_tier(tier);
             }
-            let pause = match self.round().await {
+            let outcome = self.round().await;
+            // A failed step is retried after a pause that doubles with every
+            // failing round in a row, so it cannot make this loop spin.
+            failures = match &outcome {
+                Ok(r) if r.error.is_none() => 0,
+                _ => failures.saturating_add(1),
+            };
+            let pause = match outcome {
+                Ok(r) if r.error.is_some() => error_backoff(failures),
                 Ok(r) if r.executed > 0 => Duration::ZERO,
                 Ok(r) if r.plan.is_converged() => self.tier.timing.resync_interval,
                 Ok(_) => Duration::from_millis(50),
                 Err(e) => {
                     warn!(tier = %self.tier.name, error = %e, "round failed");
-                    Duration::from_millis(500)
+                    error_backoff(failures).max(Duration::from_millis(500))
                 }
             };
             if !pause.is_zero() {
@@ -326,5 +348,17 @@ impl<P: NodePool> Reconciler<P> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_rounds_back_off_doubling_from_100_ms_up_to_2_s() {
+        let pauses: Vec<u64> = (1..=8).map(|n| error_backoff(n).as_millis() as u64).collect();
+        assert_eq!(pauses, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(error_backoff(u32::MAX), Duration::from_secs(2));
     }
 }

@@ -488,6 +488,7 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
                 | Action::FinishMigration { .. }
                 | Action::AbortMigration { .. } => "Resharding",
                 Action::Failover { .. } => "FailingOver",
+                Action::SetConfig { .. } => "Reconfiguring",
             };
             let more = input.plan.actions.len() - 1;
             let message = if more > 0 {

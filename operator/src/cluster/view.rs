@@ -178,6 +178,8 @@ pub struct Reported {
     pub state_ok: bool,
     /// Replication state.
     pub repl: ReplInfo,
+    /// The node's `CONFIG GET` answer for the settings the spec sets.
+    pub config: BTreeMap<String, String>,
 }
 
 impl Reported {
@@ -265,25 +267,32 @@ impl ClusterView {
         {
             return Some(r.myself.id.clone());
         }
-        // Unreachable: the most recent claim by another node about this address.
+        // Unreachable: the most recent claim by another node about this
+        // address, or about this name (the announced hostname is the pool
+        // name; the operator may reach the node at another address than
+        // the cluster does).
         self.nodes
             .iter()
             .filter_map(NodeView::reported)
             .flat_map(|r| r.others.iter())
-            .filter(|l| l.addr == Some(node.addr) && !l.handshake)
-            .max_by_key(|l| l.config_epoch)
+            .filter(|l| !l.handshake)
+            .filter(|l| l.addr == Some(node.addr) || l.hostname.as_deref() == Some(node.name.as_str()))
+            .max_by_key(|l| (l.addr == Some(node.addr), l.config_epoch))
             .map(|l| l.id.clone())
     }
 }
 
-/// Asks every pool node for its view of the cluster, concurrently. A node that
-/// does not answer within the connections' timeout is reported as unreachable.
-pub async fn observe(conns: &mut Conns, pool_nodes: &[PoolNode]) -> ClusterView {
+/// Asks every pool node for its view of the cluster (and its values of
+/// `config_keys`), concurrently. A node that does not answer within the
+/// connections' timeout is reported as unreachable.
+pub async fn observe(conns: &mut Conns, pool_nodes: &[PoolNode], config_keys: &[String]) -> ClusterView {
     let futures = pool_nodes.iter().map(|node| {
         let node = node.clone();
         let mut local = conns.split_for(node.addr);
         async move {
-            let report = report(&mut local, node.addr).await.map_err(|e| e.to_string());
+            let report = report(&mut local, node.addr, config_keys)
+                .await
+                .map_err(|e| e.to_string());
             (NodeView { pool: node, report }, local)
         }
     });
@@ -295,12 +304,45 @@ pub async fn observe(conns: &mut Conns, pool_nodes: &[PoolNode]) -> ClusterView 
     ClusterView { nodes }
 }
 
-async fn report(conns: &mut Conns, addr: SocketAddr) -> Result<Reported> {
-    let nodes: String = conns.query(addr, redis::cmd("CLUSTER").arg("NODES")).await?;
-    let info: String = conns.query(addr, redis::cmd("CLUSTER").arg("INFO")).await?;
-    let repl: String = conns
-        .query(addr, redis::cmd("INFO").arg("replication").arg("persistence"))
-        .await?;
+/// One pipeline: `CLUSTER NODES`, `CLUSTER INFO`, `INFO`, `CONFIG GET keys…`.
+async fn report(conns: &mut Conns, addr: SocketAddr, config_keys: &[String]) -> Result<Reported> {
+    let mut cmds = vec![
+        redis::cmd("CLUSTER").arg("NODES").to_owned(),
+        redis::cmd("CLUSTER").arg("INFO").to_owned(),
+        redis::cmd("INFO")
+            .arg("replication")
+            .arg("persistence")
+            .to_owned(),
+    ];
+    if !config_keys.is_empty() {
+        cmds.push(redis::cmd("CONFIG").arg("GET").arg(config_keys).to_owned());
+    }
+    let mut replies = conns.pipeline(addr, &cmds).await?.into_iter();
+    let mut text = |command: &str| -> Result<String> {
+        let value = replies.next().ok_or_else(|| Error::Protocol {
+            addr,
+            command: command.into(),
+            detail: "no reply".into(),
+        })?;
+        value
+            .and_then(|v| redis::from_redis_value::<String>(v).map_err(redis::RedisError::from))
+            .map_err(|source| Error::Command {
+                addr,
+                command: command.into(),
+                source,
+            })
+    };
+    let nodes = text("CLUSTER NODES")?;
+    let info = text("CLUSTER INFO")?;
+    let repl = text("INFO")?;
+    // An old server that refuses several keys in one CONFIG GET only loses
+    // the drift check, never the observation.
+    let config: BTreeMap<String, String> = replies
+        .next()
+        .and_then(Result::ok)
+        .and_then(|v| redis::from_redis_value::<HashMap<String, String>>(v).ok())
+        .map(|m| m.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect())
+        .unwrap_or_default();
     let lines = parse_cluster_nodes(&nodes).map_err(|detail| Error::Protocol {
         addr,
         command: "CLUSTER NODES".into(),
@@ -317,6 +359,7 @@ async fn report(conns: &mut Conns, addr: SocketAddr) -> Result<Reported> {
         others,
         state_ok: info.lines().any(|l| l.trim_end() == "cluster_state:ok"),
         repl: parse_repl_info(&repl),
+        config,
     })
 }
 

@@ -76,8 +76,11 @@ pub(super) fn orphans<'a>(ctx: &Ctx<'a>) -> Vec<Orphan<'a>> {
 /// another incarnation, or the cluster agreed it failed.
 fn gone_because(ctx: &Ctx<'_>, line: &NodeLine) -> Option<String> {
     let view = ctx.input.view;
+    // Only a node that answers with another id proves a new incarnation; one
+    // that does not answer may be the very same node behind a partition.
+    let other_id = |v: &NodeView| v.reported().is_some_and(|r| r.myself.id != line.id);
     if let Some(host) = &line.hostname
-        && view.nodes.iter().any(|v| &v.pool.name == host)
+        && view.nodes.iter().any(|v| &v.pool.name == host && other_id(v))
     {
         return Some(format!("{host} runs as a new node"));
     }

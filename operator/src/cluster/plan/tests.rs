@@ -517,3 +517,30 @@ fn a_slot_migrating_to_a_node_that_did_not_answer_once_waits_instead_of_rolling_
     assert!(p.actions.is_empty(), "{p:?}");
     assert!(p.waiting.iter().any(|w| w.contains("slot 10")), "{p:?}");
 }
+
+#[test]
+fn a_node_the_cluster_forgot_is_met_by_the_anchor_because_it_still_knows_everyone() {
+    let fx = Fx::tier_3x1().all_healthy();
+    // Everyone but t-2-1 itself forgot t-2-1.
+    let forgotten = id(2, 1);
+    let mut view = fx.view();
+    for v in &mut view.nodes {
+        if let Ok(r) = &mut v.report {
+            r.others.retain(|l| l.id != forgotten);
+        }
+    }
+    let p = plan(PlanInput {
+        tier: &tier(3, 1),
+        view: &view,
+        health: &fx.health,
+        now: Instant::now(),
+    });
+    assert_eq!(
+        p.actions,
+        vec![Action::Meet {
+            node: addr(0, 0),
+            peer: addr(2, 1)
+        }],
+        "{p:?}"
+    );
+}

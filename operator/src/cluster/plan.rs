@@ -385,6 +385,15 @@ fn failover(ctx: &Ctx<'_>, out: &mut Plan) {
         if ctx.slot_count(primary_id) == 0 || !ctx.is_failed(primary) {
             continue;
         }
+        // Only the cluster's own verdict justifies forcing: a primary that
+        // only the operator cannot reach keeps serving (the status says so).
+        if !ctx.input.view.cluster_flags_failed(primary_id) {
+            out.waiting.push(format!(
+                "primary {} does not answer the operator, but the cluster does not flag it failed; nothing is forced",
+                primary.pool.name
+            ));
+            continue;
+        }
         if ctx.failed_for(primary) < grace {
             out.waiting.push(format!(
                 "primary {} failed; giving Redis Cluster until {grace:?} to promote a replica",
@@ -398,9 +407,13 @@ fn failover(ctx: &Ctx<'_>, out: &mut Plan) {
             .nodes
             .iter()
             .filter(|v| ctx.usable(v))
+            // The candidate must have completed a sync.
             .filter(|v| {
-                v.reported()
-                    .is_some_and(|r| r.myself.replica && r.myself.master_id.as_deref() == Some(primary_id))
+                v.reported().is_some_and(|r| {
+                    r.myself.replica
+                        && r.myself.master_id.as_deref() == Some(primary_id)
+                        && (r.repl.synced || r.repl.offset > 0)
+                })
             })
             .max_by_key(|v| (v.reported().map_or(0, |r| r.repl.offset), v.pool.shard == shard));
         match best.and_then(|v| ctx.target(v)) {
@@ -710,6 +723,11 @@ fn remove(ctx: &Ctx<'_>, out: &mut Plan) {
         let owns = ctx.id(v).is_some_and(|id| ctx.slot_count(id) > 0);
         let failed_for = ctx.failed_for(v);
         if failed_for < tier.health.evict_after || !ctx.is_failed(v) {
+            continue;
+        }
+        // A node the cluster still sees alive is only cut off from the
+        // operator: evicting it would destroy a working node.
+        if ctx.id(v).is_some_and(|id| ctx.input.view.cluster_sees_alive(id)) {
             continue;
         }
         // A failed slot owner is replaced only when its shard has nobody left

@@ -209,7 +209,13 @@ fn node_status(
         },
     };
     let mut lag = None;
+    // The operator cannot reach it, yet the cluster sees it alive: a
+    // partition between the operator and the node, not a dead node.
+    let only_operator = id.is_some_and(|id| input.view.cluster_sees_alive(id));
     let not_serving: Option<String> = match (v.reported(), state) {
+        (None, _) | (_, NodeHealth::Failed) if only_operator => {
+            Some("unreachable by the operator only; the cluster still sees it".into())
+        }
         (None, _) => Some("unreachable".into()),
         (_, NodeHealth::Failed) => Some("failed health probes".into()),
         (_, NodeHealth::Unknown) => Some("not probed yet".into()),
@@ -305,7 +311,9 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
                 .is_none_or(|h| h.state != NodeHealth::Failed)
     };
 
-    let slots_covered: usize = view.nodes.iter().filter(|v| usable(v)).map(owned).sum();
+    // A primary only the operator cannot reach still serves its clients.
+    let serves = |v: &NodeView| usable(v) || id_of(v).is_some_and(|id| view.cluster_sees_alive(&id));
+    let slots_covered: usize = view.nodes.iter().filter(|v| serves(v)).map(owned).sum();
     let any_owned = owners.iter().any(Option::is_some);
 
     let mut shard_ids: Vec<u32> = view.nodes.iter().map(|v| v.pool.shard).collect();

@@ -144,6 +144,9 @@ pub struct ReplInfo {
     /// Replication offset: `master_repl_offset` of a primary, or the offset a
     /// replica has processed (`slave_repl_offset`).
     pub offset: i64,
+    /// `repl_backlog_active:1`: a replica has this once it completed a sync
+    /// (an idle primary's offset can stay 0, so the offset cannot tell).
+    pub synced: bool,
 }
 
 /// Parses `INFO` text (any sections) into [`ReplInfo`].
@@ -164,6 +167,7 @@ pub fn parse_repl_info(text: &str) -> ReplInfo {
         sync_in_progress: map.get("master_sync_in_progress") == Some(&"1"),
         loading: map.get("loading") == Some(&"1"),
         offset: map.get(offset_key).and_then(|v| v.parse().ok()).unwrap_or(0),
+        synced: map.get("repl_backlog_active") == Some(&"1"),
     }
 }
 
@@ -258,6 +262,36 @@ impl ClusterView {
             .into_iter()
             .map(|o| o.map(|(_, id)| id.to_string()))
             .collect()
+    }
+
+    /// Whether the cluster itself agrees that `id` failed: a majority of the
+    /// reachable slot-owning primaries (other than `id`) flag it `fail` or
+    /// `fail?`. Redis's own failure detection, not the operator's probes, is
+    /// what tells a dead node from one only the operator cannot reach. `fail?`
+    /// counts because with two shards Redis can never reach a `fail` verdict
+    /// (that needs a majority of all primaries, the dead one included).
+    pub fn cluster_flags_failed(&self, id: &str) -> bool {
+        let voters: Vec<&Reported> = self
+            .nodes
+            .iter()
+            .filter_map(NodeView::reported)
+            .filter(|r| r.myself.master && !r.myself.slots.is_empty() && r.myself.id != id)
+            .collect();
+        let flagged = voters
+            .iter()
+            .filter(|r| r.others.iter().any(|l| l.id == id && (l.fail || l.pfail)))
+            .count();
+        !voters.is_empty() && flagged * 2 > voters.len()
+    }
+
+    /// Whether some reachable node still sees `id` alive (known, neither
+    /// `fail?` nor `fail`).
+    pub fn cluster_sees_alive(&self, id: &str) -> bool {
+        self.nodes
+            .iter()
+            .filter_map(NodeView::reported)
+            .flat_map(|r| r.others.iter())
+            .any(|l| l.id == id && !l.pfail && !l.fail && !l.handshake)
     }
 
     /// The node id of a pool node: its own report, or what others say about its address.

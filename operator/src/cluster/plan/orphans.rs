@@ -11,9 +11,10 @@
 //! Rules (see `docs/cluster.md`, "A node that comes back empty"):
 //! - an orphan owner is *gone* when the pool has a different incarnation under
 //!   its announced name or address, or when a majority of the reachable
-//!   slot-owning primaries flag it `fail`;
-//! - a gone owner with a replica in the pool that completed a sync (non-zero
-//!   offset) → `CLUSTER FAILOVER TAKEOVER` on the most up-to-date one;
+//!   slot-owning primaries flag it `fail` (or `fail?`, see
+//!   `ClusterView::cluster_flags_failed`);
+//! - a gone owner with a replica in the pool that completed a sync →
+//!   `CLUSTER FAILOVER TAKEOVER` on the most up-to-date one;
 //! - a gone owner with no replica left → forgotten everywhere, so its slots
 //!   become unowned and are reassigned (the data was already lost);
 //! - an owner that is not known to be gone is left alone (another operator's
@@ -92,21 +93,8 @@ fn gone_because(ctx: &Ctx<'_>, line: &NodeLine) -> Option<String> {
     {
         return Some(format!("{} now runs a new node at {addr}", v.pool.name));
     }
-    let voters: Vec<&NodeView> = view
-        .nodes
-        .iter()
-        .filter(|v| {
-            v.reported().is_some_and(|r| r.myself.master)
-                && ctx.id(v).is_some_and(|id| ctx.slot_count(id) > 0)
-        })
-        .collect();
-    let flagged = voters
-        .iter()
-        .filter_map(|v| v.reported())
-        .filter(|r| r.others.iter().any(|l| l.id == line.id && l.fail))
-        .count();
-    (!voters.is_empty() && flagged * 2 > voters.len())
-        .then(|| format!("{flagged} of {} primaries flag it failed", voters.len()))
+    view.cluster_flags_failed(&line.id)
+        .then(|| "a majority of the primaries flag it failing".to_string())
 }
 
 /// The stage: promote the survivor of each gone orphan, or forget an orphan
@@ -119,7 +107,7 @@ pub(super) fn orphaned(ctx: &Ctx<'_>, out: &mut Plan) {
             .replicas
             .iter()
             .filter(|v| ctx.usable(v))
-            .filter(|v| v.reported().is_some_and(|r| r.repl.offset > 0))
+            .filter(|v| v.reported().is_some_and(|r| r.repl.synced || r.repl.offset > 0))
             .max_by_key(|v| v.reported().map_or(0, |r| r.repl.offset));
         if let Some(to) = best.and_then(|v| ctx.target(v).map(|t| (v.pool.shard, t))) {
             out.actions.push(Action::Failover {

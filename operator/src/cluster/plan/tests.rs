@@ -489,6 +489,7 @@ fn a_replica_of_a_slot_owner_is_never_pointed_at_a_primary_without_slots() {
     // nothing is forced, and the survivor is not re-pointed to the newcomer.
     let (mut fx, _) = reborn_primary();
     fx.stale[0].hostname = None;
+    fx.stale[0].pfail = false;
     let p = fx.plan(&tier(3, 1));
     assert!(
         p.actions.iter().all(
@@ -541,6 +542,47 @@ fn a_node_the_cluster_forgot_is_met_by_the_anchor_because_it_still_knows_everyon
             node: addr(0, 0),
             peer: addr(2, 1)
         }],
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_primary_only_the_operator_cannot_reach_is_never_forced_over_nor_evicted() {
+    let mut t = tier(3, 1);
+    t.health.evict_after = Duration::from_secs(1);
+    let start = Instant::now();
+    let fx = Fx::tier_3x1().cut_off(1, 0, start).cut_off(2, 1, start);
+    let p = fx.plan_at(&t, start + Duration::from_secs(3600));
+    assert!(
+        p.actions.iter().all(|a| !matches!(
+            a,
+            Action::Failover { .. } | Action::DestroyNode { .. } | Action::Forget { .. }
+        )),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_takeover_candidate_must_have_completed_a_sync() {
+    let t = tier(2, 1);
+    let start = Instant::now();
+    let split = even_split(2);
+    let never_synced = Fx::default()
+        .primary(0, 0, &[split[0]])
+        .replica(0, 1, (0, 0), 0)
+        .primary(1, 0, &[split[1]])
+        .replica(1, 1, (1, 0), 100)
+        .failed(0, 0, start);
+    let p = never_synced.plan_at(&t, start + Duration::from_secs(3600));
+    assert!(
+        p.actions.iter().all(|a| !matches!(a, Action::Failover { .. })),
+        "{p:?}"
+    );
+    // The same with a synced replica is taken over (the rule above is what held it back).
+    let synced = never_synced.repl(0, 1, |r| r.synced = true);
+    let p = synced.plan_at(&t, start + Duration::from_secs(3600));
+    assert!(
+        matches!(&p.actions[..], [Action::Failover { to, kind: FailoverKind::Takeover, .. }] if to.name == "t-0-1"),
         "{p:?}"
     );
 }

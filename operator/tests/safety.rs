@@ -117,6 +117,14 @@ async fn primary_restarted_empty(name: &str, before_failover: bool) {
     let old_id = my_id(old.addr).await;
 
     signal(old.pid.unwrap(), "KILL");
+    let killed = Instant::now();
+    while pool.is_running(&primary_name) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the process did not die"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     if !before_failover {
         let start = Instant::now();
         loop {
@@ -679,4 +687,49 @@ async fn a_restart_only_setting_is_rolled_out_one_node_at_a_time_without_a_read_
         );
     }
     handle.shutdown().await;
+}
+
+/// Slow-ish: about 20–40 s. Two operators drive one tier at once (a lease
+/// can be lost mid-step): each plans from its own observations and both
+/// migrate slots concurrently during a 3 → 5 reshard.
+///
+/// Known failure (issue 8, item 6, not fixed yet): in about two runs of
+/// three some slots end up owned by nobody and `ADDSLOTS` is refused for
+/// ever (a concurrent `SETSLOT … NODE` broadcast reassigns a slot the other
+/// reconciler just gave to another node). Run it with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known failure: two reconcilers can leave slots unowned (issue 8 item 6)"]
+async fn two_reconcilers_resharding_one_tier_at_once_lose_no_key_and_leave_no_slot_open() {
+    const KEYS: usize = 3000;
+    let pool = pool("twin");
+    let status = Reconciler::new(pool.clone(), tier("twin", 3, 0))
+        .converge(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut client = ClusterClient::new(addrs(&status)).await;
+    for i in 0..KEYS {
+        client.set(&format!("k:{i}"), &format!("v:{i}")).await.unwrap();
+    }
+    let five = tier("twin", 5, 0);
+    let mut a = Reconciler::new(pool.clone(), five.clone());
+    let mut b = Reconciler::new(pool.clone(), five.clone());
+    let (ra, rb) = tokio::join!(
+        a.converge(Duration::from_secs(90)),
+        b.converge(Duration::from_secs(90))
+    );
+    let status = Reconciler::new(pool.clone(), five)
+        .converge(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let live = addrs(&status);
+    assert_eq!(open_slots(&live).await, Vec::<String>::new());
+    let lost = lost_keys(live, KEYS).await;
+    assert!(
+        lost.is_empty(),
+        "{} keys lost (a: {ra:?}, b: {rb:?}), e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(3)]
+    );
+    assert_eq!(status.current_shards, 5);
+    pool.shutdown().await;
 }

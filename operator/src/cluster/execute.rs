@@ -14,7 +14,7 @@ use super::config::TierConfig;
 use super::conn::Conns;
 use super::plan::{Action, FailoverKind, Target};
 use super::pool::NodePool;
-use super::view::ClusterView;
+use super::view::{ClusterView, parse_cluster_nodes};
 use crate::{Error, Result};
 
 /// Where an action may need to reach besides its own nodes.
@@ -232,9 +232,38 @@ async fn migrate_slots(
         }
         pending = more;
     }
-    let empty = empty_slots(conns, from, &drained).await?;
+    let still_ours = still_migrating_to(conns, from, to, &drained).await?;
+    let empty = empty_slots(conns, from, &still_ours).await?;
     assign(conns, reach, from, to, &empty).await?;
     Ok(outcome)
+}
+
+/// The slots of `slots` that `from` still migrates to `to`: another
+/// operator may have re-targeted one meanwhile (its keys then went
+/// elsewhere), and assigning it to `to` would orphan them.
+async fn still_migrating_to(
+    conns: &mut Conns,
+    from: &Target,
+    to: &Target,
+    slots: &[u16],
+) -> Result<Vec<u16>> {
+    if slots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text: String = conns.query(from.addr, redis::cmd("CLUSTER").arg("NODES")).await?;
+    let lines = parse_cluster_nodes(&text).map_err(|detail| Error::Protocol {
+        addr: from.addr,
+        command: "CLUSTER NODES".into(),
+        detail,
+    })?;
+    let Some(me) = lines.into_iter().find(|l| l.myself) else {
+        return Ok(Vec::new());
+    };
+    Ok(slots
+        .iter()
+        .copied()
+        .filter(|s| me.migrating.iter().any(|(m, id)| m == s && id == &to.id))
+        .collect())
 }
 
 /// Up to `migrate_batch` key names of each slot on `from`.

@@ -385,9 +385,15 @@ async fn migrate(
         .arg("")
         .arg(0)
         .arg(timeout_ms)
-        .arg("REPLACE")
-        .arg("KEYS")
-        .arg(keys);
+        .arg("REPLACE");
+    match &tier.auth {
+        Some(a) => match &a.username {
+            Some(user) => cmd.arg("AUTH2").arg(user).arg(&a.password),
+            None => cmd.arg("AUTH").arg(&a.password),
+        },
+        None => &mut cmd,
+    };
+    cmd.arg("KEYS").arg(keys);
     let _: redis::Value = conns
         .query_within(from.addr, &cmd, tier.timing.migrate_timeout + conns.timeout())
         .await?;

@@ -24,6 +24,7 @@ pub fn tier(shards: u32, replicas: u32) -> TierConfig {
         health: Default::default(),
         max_lag_bytes: 1 << 20,
         timing: Default::default(),
+        auth: None,
     }
 }
 

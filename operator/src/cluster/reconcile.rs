@@ -80,8 +80,9 @@ impl<P: NodePool> Reconciler<P> {
     /// A reconciler for `tier` on `pool`. It starts with no memory: its first
     /// round sees whatever the pool and the cluster hold.
     pub fn new(pool: Arc<P>, tier: TierConfig) -> Self {
-        let conns = Conns::new(conn_timeout(&tier));
-        let health = HealthMonitor::new(tier.health);
+        let conns = Conns::with_auth(conn_timeout(&tier), tier.auth.clone());
+        let mut health = HealthMonitor::new(tier.health);
+        health.set_auth(tier.auth.clone());
         let (status_tx, _) = watch::channel(None);
         Self {
             pool,
@@ -104,9 +105,11 @@ impl<P: NodePool> Reconciler<P> {
     /// Changes the desired tier; the next round works towards it.
     pub fn set_tier(&mut self, tier: TierConfig) {
         self.health.set_config(tier.health);
-        // Keep the cached connections (e.g. mid-reshard) unless their timeout changes.
-        if self.conns.timeout() != conn_timeout(&tier) {
-            self.conns = Conns::new(conn_timeout(&tier));
+        self.health.set_auth(tier.auth.clone());
+        // Keep the cached connections (e.g. mid-reshard) unless their timeout
+        // or credentials change.
+        if self.conns.timeout() != conn_timeout(&tier) || tier.auth != self.tier.auth {
+            self.conns = Conns::with_auth(conn_timeout(&tier), tier.auth.clone());
         }
         self.tier = tier;
     }

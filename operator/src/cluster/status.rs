@@ -18,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::config::TierConfig;
-use super::health::HealthRecord;
+use super::health::{AUTH_ERROR, HealthRecord};
 use super::plan::{Action, FailoverKind, Plan, Removal, ranges};
 use super::view::{ClusterView, NodeView, SLOTS};
 
@@ -212,7 +212,11 @@ fn node_status(
     // The operator cannot reach it, yet the cluster sees it alive: a
     // partition between the operator and the node, not a dead node.
     let only_operator = id.is_some_and(|id| input.view.cluster_sees_alive(id));
+    let auth_error = health
+        .and_then(|h| h.last_error.clone())
+        .filter(|e| state == NodeHealth::Failed && e.starts_with(AUTH_ERROR));
     let not_serving: Option<String> = match (v.reported(), state) {
+        _ if auth_error.is_some() => auth_error.map(|e| format!("configuration error: {e}")),
         (None, _) | (_, NodeHealth::Failed) if only_operator => {
             Some("unreachable by the operator only; the cluster still sees it".into())
         }
@@ -539,7 +543,17 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
                 .get(&v.pool.addr)
                 .is_some_and(|h| h.state == NodeHealth::Failed)
         });
-        let reason = if failed { "NodeFailed" } else { "NodesNotReady" };
+        let auth = input.health.values().any(|h| {
+            h.state == NodeHealth::Failed
+                && h.last_error.as_deref().is_some_and(|e| e.starts_with(AUTH_ERROR))
+        });
+        let reason = if auth {
+            "AuthenticationFailed"
+        } else if failed {
+            "NodeFailed"
+        } else {
+            "NodesNotReady"
+        };
         condition(
             prev,
             generation,

@@ -733,3 +733,38 @@ async fn two_reconcilers_resharding_one_tier_at_once_lose_no_key_and_leave_no_sl
     assert_eq!(status.current_shards, 5);
     pool.shutdown().await;
 }
+
+/// A node that already holds keys (it ran before, or was reset with its
+/// data) cannot `CLUSTER REPLICATE`; in a cache tier it is flushed (it owns
+/// no slot) and attached, instead of failing the same step for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slotless_node_that_holds_keys_is_flushed_and_attached_in_a_cache_tier() {
+    let pool = pool("dirty");
+    let mut t = tier("dirty", 1, 1);
+    // Only so that the test can put keys on a node outside the slot routing.
+    t.redis_config.insert("enable-debug-command".into(), "yes".into());
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    let replica: SocketAddr = status.shards[0].nodes[1].address.parse().unwrap();
+    let mut c = conn(replica).await;
+    let _: () = redis::cmd("CLUSTER")
+        .arg("RESET")
+        .arg("HARD")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(100)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let n: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(n, 100);
+
+    let status = rec.converge(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status.ready.as_deref(), Some("2/2"));
+    let info = query_string(replica, &["INFO", "replication"]).await;
+    assert!(info.contains("role:slave"), "{info}");
+    pool.shutdown().await;
+}

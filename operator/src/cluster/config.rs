@@ -151,6 +151,19 @@ impl TierConfig {
         })
     }
 
+    /// Whether the tier only caches: no persistence enabled through
+    /// `redisConfig` (the operator itself writes `save ""` and
+    /// `appendonly no`). Only then may a node's stray keys be flushed.
+    pub fn is_cache(&self) -> bool {
+        let set = |key: &str| {
+            self.redis_config
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.trim().trim_matches('"').to_ascii_lowercase())
+        };
+        set("appendonly").is_none_or(|v| v != "yes") && set("save").is_none_or(|v| v.is_empty())
+    }
+
     /// Nodes the spec asks for.
     pub fn total_nodes(&self) -> u32 {
         self.shards * (1 + self.replicas_per_shard)
@@ -350,5 +363,18 @@ mod tests {
             !format!("{:?}", cfg.auth).contains("pw\""),
             "Debug must not print the password"
         );
+    }
+
+    #[test]
+    fn a_tier_is_a_cache_unless_redis_config_turns_persistence_on() {
+        let mut cfg = tier();
+        assert!(cfg.is_cache());
+        cfg.redis_config.insert("save".into(), "\"\"".into());
+        assert!(cfg.is_cache());
+        cfg.redis_config.insert("appendonly".into(), "yes".into());
+        assert!(!cfg.is_cache());
+        cfg.redis_config.remove("appendonly");
+        cfg.redis_config.insert("save".into(), "900 1".into());
+        assert!(!cfg.is_cache());
     }
 }

@@ -95,6 +95,9 @@ pub async fn execute<P: NodePool>(
                 .query::<()>(node.addr, redis::cmd("CLUSTER").arg("REPLICATE").arg(&primary.id))
                 .await?;
         }
+        Action::Flush { node } => {
+            conns.query::<()>(node.addr, &redis::cmd("FLUSHALL")).await?;
+        }
         Action::AddSlots { node, ranges } => {
             let mut cmd = redis::cmd("CLUSTER");
             cmd.arg("ADDSLOTSRANGE");

@@ -99,6 +99,12 @@ pub enum Action {
         /// Its primary.
         primary: Target,
     },
+    /// `FLUSHALL` on a master that owns no slot but holds keys, so that it
+    /// can replicate (cache tiers only).
+    Flush {
+        /// The node.
+        node: Target,
+    },
     /// `CLUSTER ADDSLOTSRANGE` on a primary.
     AddSlots {
         /// The primary.
@@ -160,6 +166,7 @@ impl fmt::Display for Action {
             Self::Forget { id } => write!(f, "forget stale node {id}"),
             Self::Meet { node, peer } => write!(f, "meet {node} -> {peer}"),
             Self::Replicate { node, primary } => write!(f, "{} replicates {}", node.name, primary.name),
+            Self::Flush { node } => write!(f, "flush {}, which holds keys but owns no slot", node.name),
             Self::AddSlots { node, ranges } => {
                 write!(f, "add {} slot range(s) to {}", ranges.len(), node.name)
             }

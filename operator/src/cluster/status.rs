@@ -494,7 +494,7 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
                 Action::CreateNode { .. } => "CreatingNodes",
                 Action::DestroyNode { .. } | Action::Forget { .. } => "RemovingNodes",
                 Action::Meet { .. } => "JoiningNodes",
-                Action::Replicate { .. } => "AttachingReplicas",
+                Action::Replicate { .. } | Action::Flush { .. } => "AttachingReplicas",
                 Action::AddSlots { .. } => "AssigningSlots",
                 Action::MigrateSlots { .. }
                 | Action::FinishMigration { .. }

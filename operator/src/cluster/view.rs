@@ -147,6 +147,8 @@ pub struct ReplInfo {
     /// `repl_backlog_active:1`: a replica has this once it completed a sync
     /// (an idle primary's offset can stay 0, so the offset cannot tell).
     pub synced: bool,
+    /// Keys in db 0 (`INFO keyspace`).
+    pub keys: u64,
 }
 
 /// Parses `INFO` text (any sections) into [`ReplInfo`].
@@ -168,6 +170,11 @@ pub fn parse_repl_info(text: &str) -> ReplInfo {
         loading: map.get("loading") == Some(&"1"),
         offset: map.get(offset_key).and_then(|v| v.parse().ok()).unwrap_or(0),
         synced: map.get("repl_backlog_active") == Some(&"1"),
+        keys: map
+            .get("db0")
+            .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("keys=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
     }
 }
 
@@ -346,6 +353,7 @@ async fn report(conns: &mut Conns, addr: SocketAddr, config_keys: &[String]) -> 
         redis::cmd("INFO")
             .arg("replication")
             .arg("persistence")
+            .arg("keyspace")
             .to_owned(),
     ];
     if !config_keys.is_empty() {

@@ -36,6 +36,18 @@ pub(super) fn replicate(ctx: &Ctx<'_>, out: &mut Plan) {
                 continue;
             }
             if (r.myself.replica && !right_primary) || empty_master {
+                // `CLUSTER REPLICATE` refuses a master holding keys. It owns no
+                // slot, so its keys are served by nobody: a cache drops them.
+                if empty_master && r.repl.keys > 0 {
+                    if !ctx.input.tier.is_cache() {
+                        out.waiting.push(format!(
+                            "{} holds {} keys but owns no slot; the tier persists data (redisConfig), so it is not flushed: empty or remove it",
+                            v.pool.name, r.repl.keys
+                        ));
+                        continue;
+                    }
+                    out.actions.push(Action::Flush { node: me.clone() });
+                }
                 if r.knows(&primary_t.id) {
                     out.actions.push(Action::Replicate {
                         node: me,

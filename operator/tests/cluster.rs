@@ -713,7 +713,11 @@ async fn reshard_of_a_million_keys_under_client_load() {
     });
 
     let start = Instant::now();
-    tier_handle.update(tier("million", 6, 1));
+    // The edit keeps the 1 GiB maxmemory: spec edits reach running nodes,
+    // so the default 64 MiB would make the loaded primaries refuse writes.
+    let mut six = tier("million", 6, 1);
+    six.max_memory_bytes = t.max_memory_bytes;
+    tier_handle.update(six);
     let six = wait_for(&tier_handle, "6 shards", Duration::from_secs(1200), |s| {
         balanced(s, 6)
     })

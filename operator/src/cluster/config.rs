@@ -65,6 +65,26 @@ impl Default for Timing {
     }
 }
 
+/// Credentials every node requires and every operator connection presents
+/// (`spec.auth`; the controller reads them from the Secret, local mode from
+/// an environment variable or a file).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// ACL user; `None` is Redis's `default` user (`requirepass`).
+    pub username: Option<String>,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 /// Everything the core needs to know about one tier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierConfig {
@@ -88,6 +108,8 @@ pub struct TierConfig {
     pub max_lag_bytes: u64,
     /// Internal timings.
     pub timing: Timing,
+    /// Credentials, when `spec.auth` is set and resolved.
+    pub auth: Option<Auth>,
 }
 
 impl TierConfig {
@@ -124,7 +146,22 @@ impl TierConfig {
             },
             max_lag_bytes: u64::try_from(spec.read_gate.max_lag_bytes).unwrap_or(0),
             timing: Timing::default(),
+            // Resolving `spec.auth` (a Secret, or a local file) is the caller's job.
+            auth: None,
         })
+    }
+
+    /// Whether the tier only caches: no persistence enabled through
+    /// `redisConfig` (the operator itself writes `save ""` and
+    /// `appendonly no`). Only then may a node's stray keys be flushed.
+    pub fn is_cache(&self) -> bool {
+        let set = |key: &str| {
+            self.redis_config
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.trim().trim_matches('"').to_ascii_lowercase())
+        };
+        set("appendonly").is_none_or(|v| v != "yes") && set("save").is_none_or(|v| v.is_empty())
     }
 
     /// Nodes the spec asks for.
@@ -219,6 +256,22 @@ pub fn render_redis_conf(tier: &TierConfig, endpoint: &NodeEndpoint, dir: &str) 
     );
     line("save", "\"\"");
     line("appendonly", "no");
+    if let Some(auth) = &tier.auth {
+        match &auth.username {
+            None => line("requirepass", &quote(&auth.password)),
+            Some(user) => {
+                let acl = format!(
+                    "{} on {} ~* &* +@all",
+                    quote(user),
+                    quote(&format!(">{}", auth.password))
+                );
+                line("user", &acl);
+                line("user", "default off");
+                line("masteruser", &quote(user));
+            }
+        }
+        line("masterauth", &quote(&auth.password));
+    }
     for (k, v) in &tier.redis_config {
         line(k, v);
     }
@@ -279,5 +332,49 @@ mod tests {
         assert!(conf.ends_with("hz 20\nrepl-backlog-size 64mb\n"));
         assert_eq!(conf.matches("repl-backlog-size").count(), 1);
         assert!(conf.contains("save \"\"\nappendonly no\n"));
+    }
+
+    #[test]
+    fn auth_makes_every_node_require_the_password_and_replicate_with_it() {
+        let mut cfg = tier();
+        let endpoint = NodeEndpoint {
+            bind: "127.0.0.1".into(),
+            port: 7000,
+            bus_port: 17000,
+            hostname: None,
+            prefer_hostname: false,
+        };
+        cfg.auth = Some(Auth {
+            username: None,
+            password: "p \"q".into(),
+        });
+        let conf = render_redis_conf(&cfg, &endpoint, "/tmp/x");
+        assert!(
+            conf.contains("requirepass \"p \\\"q\"\nmasterauth \"p \\\"q\"\n"),
+            "{conf}"
+        );
+        cfg.auth = Some(Auth {
+            username: Some("app".into()),
+            password: "pw".into(),
+        });
+        let conf = render_redis_conf(&cfg, &endpoint, "/tmp/x");
+        assert!(conf.contains("user \"app\" on \">pw\" ~* &* +@all\nuser default off\nmasteruser \"app\"\nmasterauth \"pw\"\n"), "{conf}");
+        assert!(
+            !format!("{:?}", cfg.auth).contains("pw\""),
+            "Debug must not print the password"
+        );
+    }
+
+    #[test]
+    fn a_tier_is_a_cache_unless_redis_config_turns_persistence_on() {
+        let mut cfg = tier();
+        assert!(cfg.is_cache());
+        cfg.redis_config.insert("save".into(), "\"\"".into());
+        assert!(cfg.is_cache());
+        cfg.redis_config.insert("appendonly".into(), "yes".into());
+        assert!(!cfg.is_cache());
+        cfg.redis_config.remove("appendonly");
+        cfg.redis_config.insert("save".into(), "900 1".into());
+        assert!(!cfg.is_cache());
     }
 }

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Cmd, FromRedisValue};
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, IntoConnectionInfo};
+
+use super::config::Auth;
 
 use crate::{Error, Result};
 
@@ -17,6 +19,7 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct Conns {
     timeout: Duration,
+    auth: Option<Auth>,
     map: HashMap<SocketAddr, MultiplexedConnection>,
 }
 
@@ -34,8 +37,15 @@ fn describe(cmd: &Cmd) -> String {
 impl Conns {
     /// Connections whose connect and commands time out after `timeout`.
     pub fn new(timeout: Duration) -> Self {
+        Self::with_auth(timeout, None)
+    }
+
+    /// Connections that authenticate with `auth` (`AUTH [user] password` on
+    /// connect).
+    pub fn with_auth(timeout: Duration, auth: Option<Auth>) -> Self {
         Self {
             timeout,
+            auth,
             map: HashMap::new(),
         }
     }
@@ -49,8 +59,17 @@ impl Conns {
         if let Some(c) = self.map.get(&addr) {
             return Ok(c.clone());
         }
-        let client = redis::Client::open(format!("redis://{addr}/"))
+        let mut info = format!("redis://{addr}/")
+            .into_connection_info()
             .map_err(|source| Error::Connect { addr, source })?;
+        if let Some(auth) = &self.auth {
+            let mut redis = info.redis_settings().clone().set_password(&auth.password);
+            if let Some(user) = &auth.username {
+                redis = redis.set_username(user);
+            }
+            info = info.set_redis_settings(redis);
+        }
+        let client = redis::Client::open(info).map_err(|source| Error::Connect { addr, source })?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(None);
@@ -159,6 +178,7 @@ impl Conns {
         }
         Conns {
             timeout: self.timeout,
+            auth: self.auth.clone(),
             map,
         }
     }

@@ -14,7 +14,7 @@ use super::config::TierConfig;
 use super::conn::Conns;
 use super::plan::{Action, FailoverKind, Target};
 use super::pool::NodePool;
-use super::view::ClusterView;
+use super::view::{ClusterView, parse_cluster_nodes};
 use crate::{Error, Result};
 
 /// Where an action may need to reach besides its own nodes.
@@ -52,7 +52,7 @@ pub async fn execute<P: NodePool>(
     tier: &TierConfig,
     reach: &Reach,
     action: &Action,
-) -> Result<()> {
+) -> Result<Outcome> {
     debug!(%action, "executing");
     match action {
         Action::CreateNode { shard, ordinal } => {
@@ -86,15 +86,17 @@ pub async fn execute<P: NodePool>(
                 .arg(peer.port())
                 .arg(bus)
                 .to_owned();
-            // A handshake already in progress makes MEET fail; that is progress too.
-            if let Err(e) = conns.query::<()>(*node, &cmd).await {
-                debug!(error = %e, "meet not sent");
-            }
+            // Fails while a handshake with the peer is in progress (or the
+            // address is bad): not progress, the reconciler backs off.
+            conns.query::<()>(*node, &cmd).await?;
         }
         Action::Replicate { node, primary } => {
             conns
                 .query::<()>(node.addr, redis::cmd("CLUSTER").arg("REPLICATE").arg(&primary.id))
                 .await?;
+        }
+        Action::Flush { node } => {
+            conns.query::<()>(node.addr, &redis::cmd("FLUSHALL")).await?;
         }
         Action::AddSlots { node, ranges } => {
             let mut cmd = redis::cmd("CLUSTER");
@@ -105,10 +107,10 @@ pub async fn execute<P: NodePool>(
             conns.query::<()>(node.addr, &cmd).await?;
         }
         Action::FinishMigration { slot, from, to } => {
-            migrate_slots(conns, tier, reach, from, to, &[*slot]).await?;
+            return migrate_slots(conns, tier, reach, from, to, &[*slot]).await;
         }
         Action::MigrateSlots { from, to, slots } => {
-            migrate_slots(conns, tier, reach, from, to, slots).await?;
+            return migrate_slots(conns, tier, reach, from, to, slots).await;
         }
         Action::AbortMigration { slot, node } => {
             conns
@@ -117,6 +119,14 @@ pub async fn execute<P: NodePool>(
                     redis::cmd("CLUSTER").arg("SETSLOT").arg(*slot).arg("STABLE"),
                 )
                 .await?;
+        }
+        Action::SetConfig { node, settings } => {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("SET");
+            for (k, v) in settings {
+                cmd.arg(k).arg(v);
+            }
+            conns.query::<()>(node.addr, &cmd).await?;
         }
         Action::Failover { to, kind, .. } => {
             let mut cmd = redis::cmd("CLUSTER");
@@ -127,7 +137,7 @@ pub async fn execute<P: NodePool>(
             conns.query::<()>(to.addr, &cmd).await?;
         }
     }
-    Ok(())
+    Ok(Outcome::default())
 }
 
 async fn forget_everywhere(conns: &mut Conns, reach: &Reach, id: &str, except: Option<SocketAddr>) {
@@ -142,11 +152,47 @@ async fn forget_everywhere(conns: &mut Conns, reach: &Reach, id: &str, except: O
     }
 }
 
+/// Most bytes (by `MEMORY USAGE`) one `MIGRATE` call carries; a single key
+/// larger than this moves alone.
+pub const MIGRATE_MAX_BYTES: u64 = 8 << 20;
+
+/// A key that could not be moved even on its own (e.g. too large for the
+/// `MIGRATE` timeout): its slot stays open and the tier reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StuckKey {
+    /// The slot left open.
+    pub slot: u16,
+    /// The key (lossy UTF-8).
+    pub key: String,
+    /// Why it did not move.
+    pub error: String,
+}
+
+/// What executing an action left for the status to report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Keys that could not be moved.
+    pub stuck: Vec<StuckKey>,
+}
+
+fn setslot(slot: u16, state: &str, id: &str) -> Cmd {
+    redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg(state)
+        .arg(id)
+        .to_owned()
+}
+
 /// Moves `slots` from `from` to `to`, in pipelines: mark every slot
-/// IMPORTING on `to` and MIGRATING on `from`, move each slot's keys in batches,
-/// then assign the slots to `to` — on `to` first (so it serves them), then on
-/// `from`, then on every other primary. Every step tolerates having been done
-/// already, and an interruption leaves open slots that the next plan finishes.
+/// IMPORTING on `to` and MIGRATING on `from`, move each slot's keys in batches
+/// bounded in keys and bytes, then assign to `to` only the slots that were
+/// really set MIGRATING on `from` and hold no key there any more — on `to`
+/// first (so it serves them), then on `from`, then on every other primary.
+/// A slot whose MIGRATING failed (`from` is no longer its owner) is never
+/// assigned: that would hand another node's slot to `to`. Every step tolerates
+/// having been done already, and an interruption leaves open slots that the
+/// next plan finishes.
 async fn migrate_slots(
     conns: &mut Conns,
     tier: &TierConfig,
@@ -154,15 +200,7 @@ async fn migrate_slots(
     from: &Target,
     to: &Target,
     slots: &[u16],
-) -> Result<()> {
-    let setslot = |slot: u16, state: &str, id: &str| {
-        redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg(state)
-            .arg(id)
-            .to_owned()
-    };
+) -> Result<Outcome> {
     let importing: Vec<Cmd> = slots.iter().map(|&s| setslot(s, "IMPORTING", &from.id)).collect();
     for (slot, outcome) in slots.iter().zip(conns.pipeline(to.addr, &importing).await?) {
         if let Err(e) = outcome {
@@ -174,25 +212,86 @@ async fn migrate_slots(
     for (&slot, outcome) in slots.iter().zip(conns.pipeline(from.addr, &migrating).await?) {
         match outcome {
             Ok(_) => pending.push(slot),
-            Err(e) => debug!(slot, error = %e, "migrating not set (no longer the owner?)"),
+            Err(e) => debug!(slot, error = %e, "migrating not set (no longer the owner?); not assigning it"),
         }
     }
-    let batch = tier.timing.migrate_batch.max(1);
-    let timeout_ms = u64::try_from(tier.timing.migrate_timeout.as_millis()).unwrap_or(u64::MAX);
+    let mut outcome = Outcome::default();
+    let mut drained = Vec::new();
     while !pending.is_empty() {
-        let listing: Vec<Cmd> = pending
-            .iter()
-            .map(|&s| {
-                redis::cmd("CLUSTER")
-                    .arg("GETKEYSINSLOT")
-                    .arg(s)
-                    .arg(batch)
-                    .to_owned()
-            })
-            .collect();
-        let listed = conns.pipeline(from.addr, &listing).await?;
         let mut more = Vec::new();
-        for (&slot, outcome) in pending.iter().zip(listed) {
+        for (slot, keys) in list_keys(conns, tier, from, &pending).await? {
+            if keys.is_empty() {
+                drained.push(slot);
+                continue;
+            }
+            let full = keys.len() >= tier.timing.migrate_batch.max(1);
+            match move_keys(conns, tier, from, to, slot, keys).await? {
+                Some(stuck) => outcome.stuck.push(stuck),
+                // While a slot is migrating, writes of keys the source lacks are
+                // redirected (ASK): no new key appears, so a short batch was the last.
+                None if full => more.push(slot),
+                None => drained.push(slot),
+            }
+        }
+        pending = more;
+    }
+    let still_ours = still_migrating_to(conns, from, to, &drained).await?;
+    let empty = empty_slots(conns, from, &still_ours).await?;
+    assign(conns, reach, from, to, &empty).await?;
+    Ok(outcome)
+}
+
+/// The slots of `slots` that `from` still migrates to `to`: another
+/// operator may have re-targeted one meanwhile (its keys then went
+/// elsewhere), and assigning it to `to` would orphan them.
+async fn still_migrating_to(
+    conns: &mut Conns,
+    from: &Target,
+    to: &Target,
+    slots: &[u16],
+) -> Result<Vec<u16>> {
+    if slots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text: String = conns.query(from.addr, redis::cmd("CLUSTER").arg("NODES")).await?;
+    let lines = parse_cluster_nodes(&text).map_err(|detail| Error::Protocol {
+        addr: from.addr,
+        command: "CLUSTER NODES".into(),
+        detail,
+    })?;
+    let Some(me) = lines.into_iter().find(|l| l.myself) else {
+        return Ok(Vec::new());
+    };
+    Ok(slots
+        .iter()
+        .copied()
+        .filter(|s| me.migrating.iter().any(|(m, id)| m == s && id == &to.id))
+        .collect())
+}
+
+/// Up to `migrate_batch` key names of each slot on `from`.
+async fn list_keys(
+    conns: &mut Conns,
+    tier: &TierConfig,
+    from: &Target,
+    slots: &[u16],
+) -> Result<Vec<(u16, Vec<Vec<u8>>)>> {
+    let batch = tier.timing.migrate_batch.max(1);
+    let listing: Vec<Cmd> = slots
+        .iter()
+        .map(|&s| {
+            redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(s)
+                .arg(batch)
+                .to_owned()
+        })
+        .collect();
+    let listed = conns.pipeline(from.addr, &listing).await?;
+    slots
+        .iter()
+        .zip(listed)
+        .map(|(&slot, outcome)| {
             let keys: Vec<Vec<u8>> = outcome
                 .and_then(|v| redis::from_redis_value(v).map_err(redis::RedisError::from))
                 .map_err(|source| Error::Command {
@@ -200,29 +299,127 @@ async fn migrate_slots(
                     command: "CLUSTER GETKEYSINSLOT".into(),
                     source,
                 })?;
-            if keys.is_empty() {
-                continue;
-            }
-            let mut cmd = redis::cmd("MIGRATE");
-            cmd.arg(to.addr.ip().to_string())
-                .arg(to.addr.port())
-                .arg("")
+            Ok((slot, keys))
+        })
+        .collect()
+}
+
+/// Splits `keys` into runs of at most [`MIGRATE_MAX_BYTES`] (by `MEMORY USAGE`).
+async fn byte_bounded(conns: &mut Conns, from: &Target, keys: Vec<Vec<u8>>) -> Result<Vec<Vec<Vec<u8>>>> {
+    let usage: Vec<Cmd> = keys
+        .iter()
+        .map(|k| {
+            redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(k)
+                .arg("SAMPLES")
                 .arg(0)
-                .arg(timeout_ms)
-                .arg("REPLACE")
-                .arg("KEYS")
-                .arg(&keys);
-            let _: redis::Value = conns
-                .query_within(from.addr, &cmd, tier.timing.migrate_timeout + conns.timeout())
-                .await?;
-            // While a slot is migrating, writes of keys the source lacks are
-            // redirected (ASK): no new key appears, so a short batch was the last.
-            if keys.len() >= batch {
-                more.push(slot);
+                .to_owned()
+        })
+        .collect();
+    let sizes = conns.pipeline(from.addr, &usage).await?;
+    let mut runs: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut bytes = 0u64;
+    for (key, size) in keys.into_iter().zip(sizes) {
+        // A key deleted meanwhile reports nil: it costs nothing to move.
+        let size = size
+            .ok()
+            .and_then(|v| redis::from_redis_value::<Option<u64>>(v).ok().flatten())
+            .unwrap_or(0);
+        match runs.last_mut() {
+            Some(run) if bytes.saturating_add(size) <= MIGRATE_MAX_BYTES => {
+                bytes = bytes.saturating_add(size);
+                run.push(key);
+            }
+            _ => {
+                bytes = size;
+                runs.push(vec![key]);
             }
         }
-        pending = more;
     }
+    Ok(runs)
+}
+
+/// Moves `keys` of `slot`; a batch that fails is retried key by key, and the
+/// first key that fails on its own is returned as stuck (the slot stays open).
+/// Only a failure to reach `from` at all is an error.
+async fn move_keys(
+    conns: &mut Conns,
+    tier: &TierConfig,
+    from: &Target,
+    to: &Target,
+    slot: u16,
+    keys: Vec<Vec<u8>>,
+) -> Result<Option<StuckKey>> {
+    for run in byte_bounded(conns, from, keys).await? {
+        if migrate(conns, tier, from, to, &run).await.is_ok() {
+            continue;
+        }
+        for key in run {
+            match migrate(conns, tier, from, to, std::slice::from_ref(&key)).await {
+                Ok(()) => {}
+                Err(e @ Error::Connect { .. }) => return Err(e),
+                Err(e) => {
+                    let key = String::from_utf8_lossy(&key).into_owned();
+                    warn!(slot, %key, error = %e, "key cannot be moved; the slot stays open");
+                    return Ok(Some(StuckKey {
+                        slot,
+                        key,
+                        error: e.to_string(),
+                    }));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+async fn migrate(
+    conns: &mut Conns,
+    tier: &TierConfig,
+    from: &Target,
+    to: &Target,
+    keys: &[Vec<u8>],
+) -> Result<()> {
+    let timeout_ms = u64::try_from(tier.timing.migrate_timeout.as_millis()).unwrap_or(u64::MAX);
+    let mut cmd = redis::cmd("MIGRATE");
+    cmd.arg(to.addr.ip().to_string())
+        .arg(to.addr.port())
+        .arg("")
+        .arg(0)
+        .arg(timeout_ms)
+        .arg("REPLACE");
+    match &tier.auth {
+        Some(a) => match &a.username {
+            Some(user) => cmd.arg("AUTH2").arg(user).arg(&a.password),
+            None => cmd.arg("AUTH").arg(&a.password),
+        },
+        None => &mut cmd,
+    };
+    cmd.arg("KEYS").arg(keys);
+    let _: redis::Value = conns
+        .query_within(from.addr, &cmd, tier.timing.migrate_timeout + conns.timeout())
+        .await?;
+    Ok(())
+}
+
+/// The slots of `slots` that hold no key on `from`.
+async fn empty_slots(conns: &mut Conns, from: &Target, slots: &[u16]) -> Result<Vec<u16>> {
+    let count: Vec<Cmd> = slots
+        .iter()
+        .map(|&s| redis::cmd("CLUSTER").arg("COUNTKEYSINSLOT").arg(s).to_owned())
+        .collect();
+    let counts = conns.pipeline(from.addr, &count).await?;
+    Ok(slots
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| matches!(n, Ok(redis::Value::Int(0))))
+        .map(|(&s, _)| s)
+        .collect())
+}
+
+/// `SETSLOT … NODE to` on `to`, `from`, then every other primary.
+async fn assign(conns: &mut Conns, reach: &Reach, from: &Target, to: &Target, slots: &[u16]) -> Result<()> {
     let assign: Vec<Cmd> = slots.iter().map(|&s| setslot(s, "NODE", &to.id)).collect();
     for (&slot, outcome) in slots.iter().zip(conns.pipeline(to.addr, &assign).await?) {
         outcome.map_err(|source| Error::Command {

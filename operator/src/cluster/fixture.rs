@@ -24,6 +24,7 @@ pub fn tier(shards: u32, replicas: u32) -> TierConfig {
         health: Default::default(),
         max_lag_bytes: 1 << 20,
         timing: Default::default(),
+        auth: None,
     }
 }
 
@@ -45,6 +46,8 @@ pub fn name(shard: u32, ordinal: u32) -> String {
 pub struct Fx {
     pub lines: Vec<(u32, u32, NodeLine, ReplInfo)>,
     pub unreachable: Vec<(u32, u32)>,
+    /// Nodes the cluster itself flags `fail` (others' lines of them).
+    pub dead: Vec<(u32, u32)>,
     pub loners: Vec<(u32, u32)>,
     pub stale: Vec<NodeLine>,
     pub health: HashMap<SocketAddr, HealthRecord>,
@@ -86,6 +89,7 @@ impl Fx {
             r.is_master = false;
             r.link_up = true;
             r.offset = offset;
+            r.synced = offset > 0;
         })
     }
 
@@ -99,7 +103,16 @@ impl Fx {
         fx
     }
 
+    /// The node is dead: Failed by the probes since `since`, unreachable,
+    /// and flagged `fail` by every other node.
     pub fn failed(mut self, shard: u32, ordinal: u32, since: Instant) -> Self {
+        self.dead.push((shard, ordinal));
+        self.cut_off(shard, ordinal, since)
+    }
+
+    /// Only the operator cannot reach the node: Failed by the probes since
+    /// `since` and unreachable, while the cluster still sees it alive.
+    pub fn cut_off(mut self, shard: u32, ordinal: u32, since: Instant) -> Self {
         let mut r = HealthRecord::default();
         for _ in 0..3 {
             r.record(Err("no reply".into()), since, 3);
@@ -133,10 +146,14 @@ impl Fx {
                         .iter()
                         .filter(|(s, o, _, _)| (s, o) != (shard, ordinal))
                         .filter(|(s, o, _, _)| !self.loners.contains(&(*s, *o)))
-                        .map(|(_, _, l, _)| {
+                        .map(|(s, o, l, _)| {
                             let mut l = l.clone();
                             l.migrating.clear();
                             l.importing.clear();
+                            if self.dead.contains(&(*s, *o)) {
+                                l.fail = true;
+                                l.connected = false;
+                            }
                             l
                         })
                         .chain(self.stale.iter().cloned())
@@ -147,6 +164,7 @@ impl Fx {
                     others,
                     state_ok: true,
                     repl: repl.clone(),
+                    config: Default::default(),
                 })
             };
             nodes.push(NodeView { pool, report });

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::config::HealthConfig;
+use super::config::{Auth, HealthConfig};
 
 /// The probe history of one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +122,78 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<Duration, Stri
     }
 }
 
+/// Why a probe failed when the node answered but refused the credentials:
+/// a configuration error (wrong or missing password), not a dead node.
+pub const AUTH_ERROR: &str = "authentication";
+
+fn bulk(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(format!("${}\r\n", s.len()).as_bytes());
+    out.extend_from_slice(s);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A health probe that presents `auth` first: `AUTH [user] password` then
+/// `PING`, all within `timeout`. `-NOAUTH` or `-WRONGPASS` (with or without
+/// credentials) fails it with an [`AUTH_ERROR`] message; any other reply
+/// to `PING` is an answer, as in [`probe`].
+pub async fn probe_as(addr: SocketAddr, timeout: Duration, auth: Option<&Auth>) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut request = Vec::new();
+    let replies = match auth {
+        Some(a) => {
+            let n = if a.username.is_some() { 3 } else { 2 };
+            request.extend_from_slice(format!("*{n}\r\n").as_bytes());
+            bulk(&mut request, b"AUTH");
+            if let Some(user) = &a.username {
+                bulk(&mut request, user.as_bytes());
+            }
+            bulk(&mut request, a.password.as_bytes());
+            2
+        }
+        None => 1,
+    };
+    request.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+        stream
+            .write_all(&request)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        // Simple replies are one line each; keep at most 1 KiB.
+        let mut buf = Vec::with_capacity(256);
+        let mut chunk = [0u8; 256];
+        while buf.windows(2).filter(|w| w == b"\r\n").count() < replies {
+            let n = stream.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("connection closed".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.len() > 1024 {
+                return Err("reply too long".to_string());
+            }
+        }
+        let text = String::from_utf8_lossy(&buf);
+        for line in text.split("\r\n").take(replies) {
+            if line.starts_with("-NOAUTH") || line.starts_with("-WRONGPASS") || line.starts_with("-ERR AUTH")
+            {
+                return Err(format!("{AUTH_ERROR}: {line}"));
+            }
+            if !line.starts_with(['+', '-']) {
+                return Err(format!("unexpected reply {line:?}"));
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(())) => Ok(start.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no reply within {timeout:?}")),
+    }
+}
+
 type Records = Arc<Mutex<HashMap<SocketAddr, HealthRecord>>>;
 
 fn lock(records: &Records) -> MutexGuard<'_, HashMap<SocketAddr, HealthRecord>> {
@@ -133,6 +205,7 @@ fn lock(records: &Records) -> MutexGuard<'_, HashMap<SocketAddr, HealthRecord>> 
 #[derive(Debug)]
 pub struct HealthMonitor {
     config: HealthConfig,
+    auth: Option<Auth>,
     records: Records,
     tasks: HashMap<SocketAddr, JoinHandle<()>>,
 }
@@ -142,6 +215,7 @@ impl HealthMonitor {
     pub fn new(config: HealthConfig) -> Self {
         Self {
             config,
+            auth: None,
             records: Arc::default(),
             tasks: HashMap::new(),
         }
@@ -151,6 +225,18 @@ impl HealthMonitor {
     pub fn set_config(&mut self, config: HealthConfig) {
         if config != self.config {
             self.config = config;
+            let targets: Vec<SocketAddr> = self.tasks.keys().copied().collect();
+            for (_, task) in self.tasks.drain() {
+                task.abort();
+            }
+            self.track(&targets);
+        }
+    }
+
+    /// Changes the credentials probes present; running probes restart.
+    pub fn set_auth(&mut self, auth: Option<Auth>) {
+        if auth != self.auth {
+            self.auth = auth;
             let targets: Vec<SocketAddr> = self.tasks.keys().copied().collect();
             for (_, task) in self.tasks.drain() {
                 task.abort();
@@ -177,9 +263,10 @@ impl HealthMonitor {
             }
             let records = self.records.clone();
             let config = self.config;
+            let auth = self.auth.clone();
             lock(&records).entry(addr).or_default();
             self.tasks
-                .insert(addr, tokio::spawn(probe_loop(addr, config, records)));
+                .insert(addr, tokio::spawn(probe_loop(addr, config, auth, records)));
         }
     }
 
@@ -197,11 +284,11 @@ impl Drop for HealthMonitor {
     }
 }
 
-async fn probe_loop(addr: SocketAddr, config: HealthConfig, records: Records) {
+async fn probe_loop(addr: SocketAddr, config: HealthConfig, auth: Option<Auth>, records: Records) {
     let retry = config.probe_interval.min(config.response_timeout);
     loop {
         let start = Instant::now();
-        let outcome = probe(addr, config.response_timeout).await;
+        let outcome = probe_as(addr, config.response_timeout, auth.as_ref()).await;
         let failed = outcome.is_err();
         {
             let mut map = lock(&records);

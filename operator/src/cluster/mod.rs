@@ -18,6 +18,7 @@ pub mod health;
 pub mod plan;
 pub mod pool;
 pub mod reconcile;
+pub mod settings;
 pub mod status;
 pub mod view;
 

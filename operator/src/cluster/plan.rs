@@ -32,7 +32,7 @@ pub struct Target {
 }
 
 /// Why a node is removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Removal {
     /// A replica Failed for longer than `evictAfter`.
     Evicted {
@@ -43,6 +43,11 @@ pub enum Removal {
     ShardRemoved,
     /// Its ordinal is beyond `spec.replicasPerShard`.
     ReplicaRemoved,
+    /// Replaced to take restart-only settings; the create stage starts it again.
+    Restarted {
+        /// The settings that need the restart.
+        settings: String,
+    },
 }
 
 /// How a replica is promoted.
@@ -94,6 +99,12 @@ pub enum Action {
         /// Its primary.
         primary: Target,
     },
+    /// `FLUSHALL` on a master that owns no slot but holds keys, so that it
+    /// can replicate (cache tiers only).
+    Flush {
+        /// The node.
+        node: Target,
+    },
     /// `CLUSTER ADDSLOTSRANGE` on a primary.
     AddSlots {
         /// The primary.
@@ -127,6 +138,13 @@ pub enum Action {
         /// The slots, in order.
         slots: Vec<u16>,
     },
+    /// `CONFIG SET` of runtime settings on one node.
+    SetConfig {
+        /// The node.
+        node: Target,
+        /// (name, value) pairs.
+        settings: Vec<(String, String)>,
+    },
     /// Promote `to`, a replica of shard `shard`'s primary `from`.
     Failover {
         /// Shard.
@@ -148,6 +166,7 @@ impl fmt::Display for Action {
             Self::Forget { id } => write!(f, "forget stale node {id}"),
             Self::Meet { node, peer } => write!(f, "meet {node} -> {peer}"),
             Self::Replicate { node, primary } => write!(f, "{} replicates {}", node.name, primary.name),
+            Self::Flush { node } => write!(f, "flush {}, which holds keys but owns no slot", node.name),
             Self::AddSlots { node, ranges } => {
                 write!(f, "add {} slot range(s) to {}", ranges.len(), node.name)
             }
@@ -157,6 +176,10 @@ impl fmt::Display for Action {
             Self::AbortMigration { slot, node } => write!(f, "roll back open slot {slot} on {}", node.name),
             Self::MigrateSlots { from, to, slots } => {
                 write!(f, "migrate {} slot(s) {} -> {}", slots.len(), from.name, to.name)
+            }
+            Self::SetConfig { node, settings } => {
+                let keys: Vec<&str> = settings.iter().map(|(k, _)| k.as_str()).collect();
+                write!(f, "set {} on {}", keys.join(", "), node.name)
             }
             Self::Failover { from, to, kind, .. } => write!(f, "{kind:?} failover {from} -> {}", to.name),
         }
@@ -333,17 +356,20 @@ impl<'a> Ctx<'a> {
 pub fn plan(input: PlanInput<'_>) -> Plan {
     let ctx = Ctx::new(input);
     let mut out = Plan::default();
-    let stages: [fn(&Ctx<'_>, &mut Plan); 10] = [
-        failover,
-        create_missing,
-        forget_stale,
-        meet,
-        fix_open_slots,
-        assign_unowned,
-        replicate,
-        remove,
-        rebalance,
-        settle,
+    let stages: [fn(&Ctx<'_>, &mut Plan); 13] = [
+        failover::failover,
+        orphans::orphaned,
+        members::create_missing,
+        members::forget_stale,
+        members::meet,
+        rollout::configure,
+        slots::fix_open_slots,
+        slots::assign_unowned,
+        roles::replicate,
+        roles::remove,
+        balance::rebalance,
+        balance::settle,
+        rollout::restart_rollout,
     ];
     for stage in stages {
         stage(&ctx, &mut out);
@@ -354,499 +380,12 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
     out
 }
 
-fn failover(ctx: &Ctx<'_>, out: &mut Plan) {
-    let grace = ctx.input.tier.timing.node_timeout + ctx.input.tier.timing.failover_margin;
-    for shard in ctx.pool_shards() {
-        let Some(primary) = ctx.primary_of(shard) else {
-            continue;
-        };
-        let Some(primary_id) = ctx.id(primary) else {
-            continue;
-        };
-        if ctx.slot_count(primary_id) == 0 || !ctx.is_failed(primary) {
-            continue;
-        }
-        if ctx.failed_for(primary) < grace {
-            out.waiting.push(format!(
-                "primary {} failed; giving Redis Cluster until {grace:?} to promote a replica",
-                primary.pool.name
-            ));
-            continue;
-        }
-        let best = ctx
-            .input
-            .view
-            .nodes
-            .iter()
-            .filter(|v| ctx.usable(v))
-            .filter(|v| {
-                v.reported()
-                    .is_some_and(|r| r.myself.replica && r.myself.master_id.as_deref() == Some(primary_id))
-            })
-            .max_by_key(|v| (v.reported().map_or(0, |r| r.repl.offset), v.pool.shard == shard));
-        match best.and_then(|v| ctx.target(v)) {
-            Some(to) => out.actions.push(Action::Failover {
-                shard,
-                from: primary.pool.name.clone(),
-                to,
-                kind: FailoverKind::Takeover,
-            }),
-            None => out.waiting.push(format!(
-                "primary {} failed and has no healthy replica",
-                primary.pool.name
-            )),
-        }
-    }
-    // Waiting for Redis to promote must not stall everything else.
-    if out.actions.is_empty() {
-        out.waiting.clear();
-    }
-}
-
-fn create_missing(ctx: &Ctx<'_>, out: &mut Plan) {
-    let tier = ctx.input.tier;
-    for shard in 0..tier.shards {
-        for ordinal in 0..=tier.replicas_per_shard {
-            let exists = ctx
-                .input
-                .view
-                .nodes
-                .iter()
-                .any(|v| v.pool.shard == shard && v.pool.ordinal == ordinal);
-            if !exists {
-                out.actions.push(Action::CreateNode { shard, ordinal });
-            }
-        }
-    }
-}
-
-fn forget_stale(ctx: &Ctx<'_>, out: &mut Plan) {
-    let known: Vec<&String> = ctx.ids.values().collect();
-    for (id, line) in ctx.input.view.all_lines() {
-        if !known.contains(&&id) && line.slots.is_empty() {
-            out.actions.push(Action::Forget { id });
-        }
-    }
-}
-
-fn meet(ctx: &Ctx<'_>, out: &mut Plan) {
-    let reachable: Vec<&NodeView> = ctx
-        .input
-        .view
-        .nodes
-        .iter()
-        .filter(|v| v.reported().is_some())
-        .collect();
-    let Some(anchor) = reachable.iter().max_by_key(|v| {
-        (
-            ctx.id(v).map_or(0, |id| ctx.slot_count(id)),
-            std::cmp::Reverse(v.pool.shard),
-        )
-    }) else {
-        return;
-    };
-    let (Some(anchor_report), Some(anchor_id)) = (anchor.reported(), ctx.id(anchor)) else {
-        return;
-    };
-    for v in &reachable {
-        let (Some(r), Some(id)) = (v.reported(), ctx.id(v)) else {
-            continue;
-        };
-        if id != anchor_id && !r.knows(anchor_id) && !anchor_report.knows(id) {
-            out.actions.push(Action::Meet {
-                node: v.pool.addr,
-                peer: anchor.pool.addr,
-            });
-        }
-    }
-    if !out.actions.is_empty() {
-        return;
-    }
-    // Everyone reachable must know everyone reachable before slots or replicas
-    // are assigned: `CLUSTER REPLICATE` and `SETSLOT` name nodes by id.
-    for a in &reachable {
-        for b in &reachable {
-            if let (Some(ra), Some(idb)) = (a.reported(), ctx.id(b))
-                && !ra.knows(idb)
-            {
-                out.waiting
-                    .push(format!("{} does not know {} yet", a.pool.name, b.pool.name));
-                return;
-            }
-        }
-    }
-}
-
-fn fix_open_slots(ctx: &Ctx<'_>, out: &mut Plan) {
-    let view = ctx.input.view;
-    let by_id = |id: &str| view.nodes.iter().find(|v| ctx.id(v) == Some(id));
-    let usable_master = |v: &NodeView| ctx.usable(v) && v.reported().is_some_and(|r| r.myself.master);
-    let mut handled = std::collections::BTreeSet::new();
-    for v in &view.nodes {
-        let (Some(r), Some(me)) = (v.reported(), ctx.target(v)) else {
-            continue;
-        };
-        for (slot, to_id) in &r.myself.migrating {
-            if !handled.insert(*slot) {
-                continue;
-            }
-            match by_id(to_id)
-                .filter(|t| usable_master(t))
-                .and_then(|t| ctx.target(t))
-            {
-                Some(to) => out.actions.push(Action::FinishMigration {
-                    slot: *slot,
-                    from: me.clone(),
-                    to,
-                }),
-                None => out.actions.push(Action::AbortMigration {
-                    slot: *slot,
-                    node: me.clone(),
-                }),
-            }
-        }
-    }
-    for v in &view.nodes {
-        let (Some(r), Some(me)) = (v.reported(), ctx.target(v)) else {
-            continue;
-        };
-        for (slot, from_id) in &r.myself.importing {
-            if !handled.insert(*slot) {
-                continue;
-            }
-            // Finish from whoever owns the slot now: the recorded source, or —
-            // if the source died mid-migration and was failed over — its
-            // promoted replica, so the keys already moved here stay served.
-            let owner = ctx.owners[usize::from(*slot)].as_deref();
-            let source = by_id(from_id)
-                .filter(|s| usable_master(s))
-                .filter(|s| s.reported().is_some_and(|sr| sr.myself.owns(*slot)))
-                .or_else(|| owner.and_then(by_id).filter(|o| usable_master(o)))
-                .filter(|s| ctx.id(s) != Some(me.id.as_str()))
-                .and_then(|s| ctx.target(s));
-            let owner_down = owner.is_some_and(|o| o != me.id && by_id(o).is_none_or(|v| !usable_master(v)));
-            match source {
-                Some(from) => out.actions.push(Action::FinishMigration {
-                    slot: *slot,
-                    from,
-                    to: me.clone(),
-                }),
-                None if owner_down => out.waiting.push(format!(
-                    "slot {slot} is importing on {} but its owner is down; waiting for its failover",
-                    me.name
-                )),
-                None => out.actions.push(Action::AbortMigration {
-                    slot: *slot,
-                    node: me.clone(),
-                }),
-            }
-        }
-    }
-}
-
-fn assign_unowned(ctx: &Ctx<'_>, out: &mut Plan) {
-    let unowned: Vec<u16> = (0..SLOTS)
-        .filter(|&s| ctx.owners[usize::from(s)].is_none())
-        .collect();
-    if unowned.is_empty() {
-        return;
-    }
-    let shards = ctx.input.tier.shards;
-    let mut primaries = Vec::new();
-    for shard in 0..shards {
-        match ctx
-            .primary_of(shard)
-            .filter(|p| ctx.usable(p))
-            .and_then(|p| ctx.target(p))
-        {
-            Some(t) => primaries.push(t),
-            None => {
-                out.waiting
-                    .push(format!("shard {shard} has no usable primary to take slots"));
-                return;
-            }
-        }
-    }
-    if unowned.len() == usize::from(SLOTS) {
-        for (node, range) in primaries.into_iter().zip(even_split(shards)) {
-            out.actions.push(Action::AddSlots {
-                node,
-                ranges: vec![range],
-            });
-        }
-        return;
-    }
-    // Some slots lost their owner (a shard lost every node): give them to the
-    // primaries with the fewest slots, in contiguous chunks.
-    let mut counts: Vec<(usize, Target)> = primaries
-        .into_iter()
-        .map(|t| (ctx.slot_count(&t.id), t))
-        .collect();
-    let mut assigned: BTreeMap<String, (Target, Vec<u16>)> = BTreeMap::new();
-    for slot in unowned {
-        counts.sort_by_key(|(n, t)| (*n, t.name.clone()));
-        let Some((n, t)) = counts.first_mut() else { return };
-        *n += 1;
-        assigned
-            .entry(t.id.clone())
-            .or_insert_with(|| (t.clone(), Vec::new()))
-            .1
-            .push(slot);
-    }
-    for (_, (node, slots)) in assigned {
-        out.actions.push(Action::AddSlots {
-            node,
-            ranges: ranges(&slots),
-        });
-    }
-}
-
-fn replicate(ctx: &Ctx<'_>, out: &mut Plan) {
-    for shard in ctx.pool_shards() {
-        let Some(primary) = ctx.primary_of(shard) else {
-            continue;
-        };
-        let Some(primary_t) = ctx.target(primary) else {
-            continue;
-        };
-        for v in ctx.nodes_of(shard) {
-            if v.pool.name == primary.pool.name || !ctx.usable(v) {
-                continue;
-            }
-            let (Some(r), Some(me)) = (v.reported(), ctx.target(v)) else {
-                continue;
-            };
-            let right_primary = r.myself.master_id.as_deref() == Some(primary_t.id.as_str());
-            let empty_master = r.myself.master && ctx.slot_count(&me.id) == 0;
-            if (r.myself.replica && !right_primary) || empty_master {
-                if r.knows(&primary_t.id) {
-                    out.actions.push(Action::Replicate {
-                        node: me,
-                        primary: primary_t.clone(),
-                    });
-                } else {
-                    out.waiting
-                        .push(format!("{} does not know {} yet", v.pool.name, primary.pool.name));
-                }
-            }
-        }
-    }
-}
-
-fn remove(ctx: &Ctx<'_>, out: &mut Plan) {
-    let tier = ctx.input.tier;
-    let destroy = |v: &NodeView, reason: Removal| Action::DestroyNode {
-        name: v.pool.name.clone(),
-        shard: v.pool.shard,
-        id: ctx.id(v).map(str::to_string),
-        reason,
-    };
-    for v in &ctx.input.view.nodes {
-        let owns = ctx.id(v).is_some_and(|id| ctx.slot_count(id) > 0);
-        let failed_for = ctx.failed_for(v);
-        if failed_for < tier.health.evict_after || !ctx.is_failed(v) {
-            continue;
-        }
-        // A failed slot owner is replaced only when its shard has nobody left
-        // to promote (a cache accepts the data loss; the slots are reassigned).
-        let shard_has_help = ctx
-            .nodes_of(v.pool.shard)
-            .any(|o| o.pool.name != v.pool.name && ctx.usable(o));
-        if !owns || !shard_has_help {
-            out.actions.push(destroy(v, Removal::Evicted { failed_for }));
-        }
-    }
-    if !out.actions.is_empty() {
-        return;
-    }
-    // Replicas beyond replicasPerShard; a primary among them hands over first.
-    for shard in 0..tier.shards {
-        let primary = ctx.primary_of(shard);
-        for v in ctx
-            .nodes_of(shard)
-            .filter(|v| v.pool.ordinal > tier.replicas_per_shard)
-        {
-            let is_primary = primary.is_some_and(|p| p.pool.name == v.pool.name);
-            if !is_primary {
-                out.actions.push(destroy(v, Removal::ReplicaRemoved));
-                continue;
-            }
-            let Some(pid) = ctx.id(v) else { continue };
-            let heir = ctx
-                .nodes_of(shard)
-                .filter(|o| ctx.wanted(o) && ctx.usable(o))
-                .filter(|o| {
-                    o.reported()
-                        .is_some_and(|r| r.myself.master_id.as_deref() == Some(pid) && r.repl.link_up)
-                })
-                .max_by_key(|o| o.reported().map_or(0, |r| r.repl.offset))
-                .and_then(|o| ctx.target(o));
-            match heir {
-                Some(to) => out.actions.push(Action::Failover {
-                    shard,
-                    from: v.pool.name.clone(),
-                    to,
-                    kind: FailoverKind::Graceful,
-                }),
-                None => out.waiting.push(format!(
-                    "{} is to be removed but no in-sync replica can take over yet",
-                    v.pool.name
-                )),
-            }
-        }
-    }
-    // Shards beyond spec.shards, once their slots have moved away.
-    for shard in ctx.pool_shards().into_iter().filter(|&s| s >= tier.shards) {
-        let empty = ctx
-            .nodes_of(shard)
-            .all(|v| ctx.id(v).is_none_or(|id| ctx.slot_count(id) == 0));
-        if empty {
-            // Replicas first, so none is left replicating a destroyed primary.
-            let mut nodes: Vec<&NodeView> = ctx.nodes_of(shard).collect();
-            let primary_name = ctx.primary_of(shard).map(|p| p.pool.name.clone());
-            nodes.sort_by_key(|v| Some(&v.pool.name) == primary_name.as_ref());
-            for v in nodes {
-                out.actions.push(destroy(v, Removal::ShardRemoved));
-            }
-        }
-    }
-}
-
-fn rebalance(ctx: &Ctx<'_>, out: &mut Plan) {
-    let tier = ctx.input.tier;
-    // (shard, primary, count)
-    let mut shards: Vec<(u32, Target, usize)> = Vec::new();
-    for shard in ctx.pool_shards() {
-        let Some(p) = ctx.primary_of(shard) else { continue };
-        let Some(t) = ctx.target(p) else { continue };
-        let n = ctx.slot_count(&t.id);
-        if shard >= tier.shards && n == 0 {
-            continue;
-        }
-        if !ctx.usable(p) {
-            out.waiting.push(format!(
-                "primary {} is not usable; rebalancing waits",
-                p.pool.name
-            ));
-            return;
-        }
-        shards.push((shard, t, n));
-    }
-    let desired: Vec<&(u32, Target, usize)> = shards.iter().filter(|s| s.0 < tier.shards).collect();
-    if desired.len() < tier.shards as usize {
-        out.waiting.push("not every shard has a primary yet".into());
-        return;
-    }
-    let total = u32::from(SLOTS) as usize;
-    let n = desired.len();
-    // The remainder goes to the shards that already have the most, so a
-    // balanced cluster never moves a slot.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(desired[i].2), desired[i].0));
-    let mut target: HashMap<u32, usize> = HashMap::new();
-    for (rank, &i) in order.iter().enumerate() {
-        target.insert(desired[i].0, total / n + usize::from(rank < total % n));
-    }
-    let balanced = shards.iter().all(|(s, _, c)| {
-        target.get(s).is_some_and(|t| c.abs_diff(*t) <= 1) || (*s >= tier.shards && *c == 0)
-    });
-    let within_one = {
-        let counts: Vec<usize> = desired.iter().map(|d| d.2).collect();
-        let max = counts.iter().max().copied().unwrap_or(0);
-        let min = counts.iter().min().copied().unwrap_or(0);
-        max - min <= 1 && shards.iter().all(|(s, _, c)| *s < tier.shards || *c == 0)
-    };
-    if balanced && within_one {
-        return;
-    }
-    let mut surplus: Vec<(Target, Vec<u16>)> = Vec::new();
-    let mut deficit: Vec<(Target, usize)> = Vec::new();
-    for (s, t, c) in &shards {
-        let want = target.get(s).copied().unwrap_or(0);
-        if *c > want {
-            let mut owned = ctx.owned_slots(&t.id);
-            // Give away from the top of the range, keeping ranges contiguous.
-            let keep = owned.len() - (c - want);
-            let give = owned.split_off(keep);
-            surplus.push((t.clone(), give));
-        } else if *c < want {
-            deficit.push((t.clone(), want - c));
-        }
-    }
-    // Each source spreads over every destination (scale-in empties a shard into
-    // all remaining shards, not into one).
-    surplus.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.name.cmp(&b.0.name)));
-    for (from, mut give) in surplus {
-        while !give.is_empty() {
-            deficit.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.name.cmp(&b.0.name)));
-            let Some((to, need)) = deficit.first_mut() else {
-                break;
-            };
-            if *need == 0 {
-                break;
-            }
-            // Small chunks interleave destinations so each gets its share.
-            let take = (*need).min(give.len()).min(64);
-            let slots = give.drain(..take).collect();
-            *need -= take;
-            match out.actions.last_mut() {
-                Some(Action::MigrateSlots {
-                    from: f,
-                    to: t,
-                    slots: existing,
-                }) if f.id == from.id && t.id == to.id => existing.extend::<Vec<u16>>(slots),
-                _ => out.actions.push(Action::MigrateSlots {
-                    from: from.clone(),
-                    to: to.clone(),
-                    slots,
-                }),
-            }
-        }
-    }
-}
-
-/// Nothing left to do, but the cluster is converged only once every node
-/// agrees that it serves (`cluster_state:ok`) — gossip takes a moment.
-fn settle(ctx: &Ctx<'_>, out: &mut Plan) {
-    // With `cluster-require-full-coverage no` a node reports ok even while its
-    // slot map is incomplete, so every node's map must also match the owners.
-    let owned: BTreeMap<&str, usize> = ctx
-        .by_owner
-        .iter()
-        .map(|(id, s)| (id.as_str(), s.len()))
-        .collect();
-    for v in &ctx.input.view.nodes {
-        let Some(r) = v.reported() else { continue };
-        if !r.state_ok {
-            out.waiting
-                .push(format!("{} does not report cluster_state:ok yet", v.pool.name));
-            return;
-        }
-        let seen: BTreeMap<&str, usize> = std::iter::once(&r.myself)
-            .chain(r.others.iter())
-            .filter(|l| !l.slots.is_empty())
-            .map(|l| (l.id.as_str(), l.slot_count() as usize))
-            .collect();
-        if seen != owned {
-            out.waiting
-                .push(format!("{} has not learned the slot map yet", v.pool.name));
-            return;
-        }
-        // Every replica must be known as the replica of its primary (clients
-        // discover replicas this way, and a manual failover needs it).
-        for other in ctx.input.view.nodes.iter().filter_map(NodeView::reported) {
-            let me = &other.myself;
-            if me.replica
-                && let Some(line) = r.others.iter().find(|l| l.id == me.id)
-                && line.master_id != me.master_id
-            {
-                out.waiting
-                    .push(format!("{} has not learned the replicas yet", v.pool.name));
-                return;
-            }
-        }
-    }
-}
-
+mod balance;
+mod failover;
+mod members;
+mod orphans;
+mod roles;
+mod rollout;
+mod slots;
 #[cfg(test)]
 mod tests;

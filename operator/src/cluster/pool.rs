@@ -37,9 +37,10 @@ pub fn node_name(tier: &str, shard: u32, ordinal: u32) -> String {
 
 /// Creates, destroys and lists the nodes of one tier.
 pub trait NodePool: Send + Sync {
-    /// Starts the node for (`shard`, `ordinal`) with `tier`'s settings and
-    /// returns once it accepts connections. The node is empty and knows no
-    /// other node.
+    /// Ensures the node for (`shard`, `ordinal`) runs with `tier`'s settings
+    /// and returns once it accepts connections. A node of that name that
+    /// already runs is returned unchanged (two reconcilers may ask at once);
+    /// a new one is empty and knows no other node.
     fn create(
         &self,
         tier: &TierConfig,

@@ -13,14 +13,15 @@ use std::time::Duration;
 use cachetier_crds::{CacheTierStatus, Phase};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::config::TierConfig;
 use super::conn::Conns;
-use super::execute::{Reach, execute};
+use super::execute::{Outcome, Reach, StuckKey, execute};
 use super::health::{HealthMonitor, HealthRecord};
 use super::plan::{Action, Plan, PlanInput, plan};
 use super::pool::NodePool;
+use super::settings;
 use super::status::{self, Events, StatusInput, SyncTracker};
 use super::view::{ClusterView, observe};
 use crate::{Error, Result};
@@ -31,6 +32,10 @@ const ROUND_BUDGET: Duration = Duration::from_secs(2);
 
 /// Slots moved per pipelined migration step.
 const MIGRATE_CHUNK: usize = 32;
+
+/// How long a slot with a key that could not move is left alone before the
+/// next attempt, so one huge key does not cost every round a `MIGRATE` timeout.
+const STUCK_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The outcome of one round.
 #[derive(Debug)]
@@ -57,7 +62,13 @@ pub struct Reconciler<P> {
     sync: SyncTracker,
     events: Events,
     primaries: HashMap<u32, String>,
+    stuck: HashMap<u16, (StuckKey, Instant)>,
     status_tx: watch::Sender<Option<CacheTierStatus>>,
+}
+
+/// Pause after the `n`-th failing round in a row: 100 ms doubling, at most 2 s.
+pub fn error_backoff(n: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << n.saturating_sub(1).min(5))).min(Duration::from_secs(2))
 }
 
 /// Timeout of the reconciler's commands: the probe timeout, at least 200 ms.
@@ -69,8 +80,9 @@ impl<P: NodePool> Reconciler<P> {
     /// A reconciler for `tier` on `pool`. It starts with no memory: its first
     /// round sees whatever the pool and the cluster hold.
     pub fn new(pool: Arc<P>, tier: TierConfig) -> Self {
-        let conns = Conns::new(conn_timeout(&tier));
-        let health = HealthMonitor::new(tier.health);
+        let conns = Conns::with_auth(conn_timeout(&tier), tier.auth.clone());
+        let mut health = HealthMonitor::new(tier.health);
+        health.set_auth(tier.auth.clone());
         let (status_tx, _) = watch::channel(None);
         Self {
             pool,
@@ -80,6 +92,7 @@ impl<P: NodePool> Reconciler<P> {
             sync: SyncTracker::default(),
             events: Events::default(),
             primaries: HashMap::new(),
+            stuck: HashMap::new(),
             status_tx,
         }
     }
@@ -92,9 +105,11 @@ impl<P: NodePool> Reconciler<P> {
     /// Changes the desired tier; the next round works towards it.
     pub fn set_tier(&mut self, tier: TierConfig) {
         self.health.set_config(tier.health);
-        // Keep the cached connections (e.g. mid-reshard) unless their timeout changes.
-        if self.conns.timeout() != conn_timeout(&tier) {
-            self.conns = Conns::new(conn_timeout(&tier));
+        self.health.set_auth(tier.auth.clone());
+        // Keep the cached connections (e.g. mid-reshard) unless their timeout
+        // or credentials change.
+        if self.conns.timeout() != conn_timeout(&tier) || tier.auth != self.tier.auth {
+            self.conns = Conns::with_auth(conn_timeout(&tier), tier.auth.clone());
         }
         self.tier = tier;
     }
@@ -119,7 +134,8 @@ impl<P: NodePool> Reconciler<P> {
         let nodes = self.pool.list().await?;
         let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
         self.health.track(&addrs);
-        Ok(observe(&mut self.conns, &nodes).await)
+        let keys: Vec<String> = settings::desired(&self.tier).into_keys().collect();
+        Ok(observe(&mut self.conns, &nodes, &keys).await)
     }
 
     /// One round: observe, plan, publish the status, execute the plan (for
@@ -130,6 +146,7 @@ impl<P: NodePool> Reconciler<P> {
         let health = self.health.snapshot();
         self.sync.observe(&view, now);
         self.notice_failovers(&view);
+        self.forget_unstuck(&view, now);
         let plan = plan(PlanInput {
             tier: &self.tier,
             view: &view,
@@ -187,7 +204,12 @@ impl<P: NodePool> Reconciler<P> {
         {
             // A long migration is executed in small chunks so the budget applies.
             let steps: Vec<Action> = match action {
+                Action::FinishMigration { slot, .. } if self.stuck.contains_key(slot) => Vec::new(),
                 Action::MigrateSlots { from, to, slots } => slots
+                    .iter()
+                    .copied()
+                    .filter(|s| !self.stuck.contains_key(s))
+                    .collect::<Vec<u16>>()
                     .chunks(MIGRATE_CHUNK)
                     .map(|chunk| Action::MigrateSlots {
                         slots: chunk.to_vec(),
@@ -205,9 +227,19 @@ impl<P: NodePool> Reconciler<P> {
                     info!(tier = %self.tier.name, "{step}");
                 }
                 match execute(self.pool.as_ref(), &mut self.conns, &self.tier, &reach, step).await {
-                    Ok(()) => {
+                    Ok(Outcome { stuck }) => {
                         executed += 1;
                         self.events.executed(step);
+                        for key in stuck {
+                            self.stuck.insert(key.slot, (key, Instant::now()));
+                        }
+                        self.events.stuck_keys = self.stuck.values().map(|(k, _)| k.clone()).collect();
+                    }
+                    // MEETs are independent of each other: one that fails
+                    // does not stop the others, but none counts as progress.
+                    Err(e) if matches!(step, Action::Meet { .. }) => {
+                        debug!(tier = %self.tier.name, step = %step, error = %e, "meet failed");
+                        error = Some(e);
                     }
                     Err(e) => {
                         warn!(tier = %self.tier.name, step = %step, error = %e, "step failed; will re-observe");
@@ -224,6 +256,21 @@ impl<P: NodePool> Reconciler<P> {
             executed,
             error,
         })
+    }
+
+    /// Drops stuck-key records of slots that are no longer open, and of
+    /// those whose backoff is over (the next plan tries them again).
+    fn forget_unstuck(&mut self, view: &ClusterView, now: Instant) {
+        let open: Vec<u16> = view
+            .nodes
+            .iter()
+            .filter_map(|v| v.reported())
+            .flat_map(|r| r.myself.migrating.iter().map(|(s, _)| *s))
+            .collect();
+        self.stuck.retain(|slot, (_, at)| {
+            open.contains(slot) && now.saturating_duration_since(*at) < STUCK_BACKOFF
+        });
+        self.events.stuck_keys = self.stuck.values().map(|(k, _)| k.clone()).collect();
     }
 
     fn notice_failovers(&mut self, view: &ClusterView) {
@@ -272,6 +319,7 @@ impl<P: NodePool> Reconciler<P> {
     /// Reconciles forever: rounds back to back while there is work, one every
     /// `timing.resync_interval` once converged. Takes tier changes from `tiers`.
     pub async fn run(&mut self, mut tiers: watch::Receiver<TierConfig>) {
+        let mut failures = 0u32;
         loop {
             let latest = tiers.borrow_and_update().clone();
             if latest != self.tier {
@@ -279,13 +327,21 @@ impl<P: NodePool> Reconciler<P> {
                 info!(tier = %tier.name, shards = tier.shards, replicas = tier.replicas_per_shard, "spec changed");
                 self.set_tier(tier);
             }
-            let pause = match self.round().await {
+            let outcome = self.round().await;
+            // A failed step is retried after a pause that doubles with every
+            // failing round in a row, so it cannot make this loop spin.
+            failures = match &outcome {
+                Ok(r) if r.error.is_none() => 0,
+                _ => failures.saturating_add(1),
+            };
+            let pause = match outcome {
+                Ok(r) if r.error.is_some() => error_backoff(failures),
                 Ok(r) if r.executed > 0 => Duration::ZERO,
                 Ok(r) if r.plan.is_converged() => self.tier.timing.resync_interval,
                 Ok(_) => Duration::from_millis(50),
                 Err(e) => {
                     warn!(tier = %self.tier.name, error = %e, "round failed");
-                    Duration::from_millis(500)
+                    error_backoff(failures).max(Duration::from_millis(500))
                 }
             };
             if !pause.is_zero() {
@@ -295,5 +351,17 @@ impl<P: NodePool> Reconciler<P> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_rounds_back_off_doubling_from_100_ms_up_to_2_s() {
+        let pauses: Vec<u64> = (1..=8).map(|n| error_backoff(n).as_millis() as u64).collect();
+        assert_eq!(pauses, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(error_backoff(u32::MAX), Duration::from_secs(2));
     }
 }

@@ -18,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::config::TierConfig;
-use super::health::HealthRecord;
+use super::health::{AUTH_ERROR, HealthRecord};
 use super::plan::{Action, FailoverKind, Plan, Removal, ranges};
 use super::view::{ClusterView, NodeView, SLOTS};
 
@@ -82,6 +82,8 @@ pub struct Events {
     pub last_failover: Option<FailoverRecord>,
     /// The most recent eviction.
     pub last_eviction: Option<EvictionRecord>,
+    /// Keys that could not be moved; their slots stay open until they can.
+    pub stuck_keys: Vec<crate::cluster::execute::StuckKey>,
 }
 
 /// RFC 3339 time of now.
@@ -207,7 +209,17 @@ fn node_status(
         },
     };
     let mut lag = None;
+    // The operator cannot reach it, yet the cluster sees it alive: a
+    // partition between the operator and the node, not a dead node.
+    let only_operator = id.is_some_and(|id| input.view.cluster_sees_alive(id));
+    let auth_error = health
+        .and_then(|h| h.last_error.clone())
+        .filter(|e| state == NodeHealth::Failed && e.starts_with(AUTH_ERROR));
     let not_serving: Option<String> = match (v.reported(), state) {
+        _ if auth_error.is_some() => auth_error.map(|e| format!("configuration error: {e}")),
+        (None, _) | (_, NodeHealth::Failed) if only_operator => {
+            Some("unreachable by the operator only; the cluster still sees it".into())
+        }
         (None, _) => Some("unreachable".into()),
         (_, NodeHealth::Failed) => Some("failed health probes".into()),
         (_, NodeHealth::Unknown) => Some("not probed yet".into()),
@@ -303,7 +315,9 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
                 .is_none_or(|h| h.state != NodeHealth::Failed)
     };
 
-    let slots_covered: usize = view.nodes.iter().filter(|v| usable(v)).map(owned).sum();
+    // A primary only the operator cannot reach still serves its clients.
+    let serves = |v: &NodeView| usable(v) || id_of(v).is_some_and(|id| view.cluster_sees_alive(&id));
+    let slots_covered: usize = view.nodes.iter().filter(|v| serves(v)).map(owned).sum();
     let any_owned = owners.iter().any(Option::is_some);
 
     let mut shard_ids: Vec<u32> = view.nodes.iter().map(|v| v.pool.shard).collect();
@@ -454,18 +468,39 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
             format!("{slots_covered} of {SLOTS} slots are served by a reachable primary"),
         )
     }];
+    let stuck = input.events.stuck_keys.first();
     conditions.push(match (input.plan.actions.first(), input.plan.waiting.first()) {
+        _ if stuck.is_some() => {
+            let k = stuck.map_or_else(String::new, |k| {
+                format!("slot {}: key {:?} cannot be moved: {}", k.slot, k.key, k.error)
+            });
+            let more = input.events.stuck_keys.len() - 1;
+            let message = if more > 0 {
+                format!("{k} (+{more} more)")
+            } else {
+                k
+            };
+            condition(
+                prev,
+                generation,
+                CONDITION_PROGRESSING,
+                true,
+                "KeyCannotMove",
+                message,
+            )
+        }
         (Some(a), _) => {
             let reason = match a {
                 Action::CreateNode { .. } => "CreatingNodes",
                 Action::DestroyNode { .. } | Action::Forget { .. } => "RemovingNodes",
                 Action::Meet { .. } => "JoiningNodes",
-                Action::Replicate { .. } => "AttachingReplicas",
+                Action::Replicate { .. } | Action::Flush { .. } => "AttachingReplicas",
                 Action::AddSlots { .. } => "AssigningSlots",
                 Action::MigrateSlots { .. }
                 | Action::FinishMigration { .. }
                 | Action::AbortMigration { .. } => "Resharding",
                 Action::Failover { .. } => "FailingOver",
+                Action::SetConfig { .. } => "Reconfiguring",
             };
             let more = input.plan.actions.len() - 1;
             let message = if more > 0 {
@@ -508,7 +543,17 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
                 .get(&v.pool.addr)
                 .is_some_and(|h| h.state == NodeHealth::Failed)
         });
-        let reason = if failed { "NodeFailed" } else { "NodesNotReady" };
+        let auth = input.health.values().any(|h| {
+            h.state == NodeHealth::Failed
+                && h.last_error.as_deref().is_some_and(|e| e.starts_with(AUTH_ERROR))
+        });
+        let reason = if auth {
+            "AuthenticationFailed"
+        } else if failed {
+            "NodeFailed"
+        } else {
+            "NodesNotReady"
+        };
         condition(
             prev,
             generation,

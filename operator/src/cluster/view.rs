@@ -144,6 +144,11 @@ pub struct ReplInfo {
     /// Replication offset: `master_repl_offset` of a primary, or the offset a
     /// replica has processed (`slave_repl_offset`).
     pub offset: i64,
+    /// `repl_backlog_active:1`: a replica has this once it completed a sync
+    /// (an idle primary's offset can stay 0, so the offset cannot tell).
+    pub synced: bool,
+    /// Keys in db 0 (`INFO keyspace`).
+    pub keys: u64,
 }
 
 /// Parses `INFO` text (any sections) into [`ReplInfo`].
@@ -164,6 +169,12 @@ pub fn parse_repl_info(text: &str) -> ReplInfo {
         sync_in_progress: map.get("master_sync_in_progress") == Some(&"1"),
         loading: map.get("loading") == Some(&"1"),
         offset: map.get(offset_key).and_then(|v| v.parse().ok()).unwrap_or(0),
+        synced: map.get("repl_backlog_active") == Some(&"1"),
+        keys: map
+            .get("db0")
+            .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("keys=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
     }
 }
 
@@ -178,6 +189,8 @@ pub struct Reported {
     pub state_ok: bool,
     /// Replication state.
     pub repl: ReplInfo,
+    /// The node's `CONFIG GET` answer for the settings the spec sets.
+    pub config: BTreeMap<String, String>,
 }
 
 impl Reported {
@@ -258,6 +271,36 @@ impl ClusterView {
             .collect()
     }
 
+    /// Whether the cluster itself agrees that `id` failed: a majority of the
+    /// reachable slot-owning primaries (other than `id`) flag it `fail` or
+    /// `fail?`. Redis's own failure detection, not the operator's probes, is
+    /// what tells a dead node from one only the operator cannot reach. `fail?`
+    /// counts because with two shards Redis can never reach a `fail` verdict
+    /// (that needs a majority of all primaries, the dead one included).
+    pub fn cluster_flags_failed(&self, id: &str) -> bool {
+        let voters: Vec<&Reported> = self
+            .nodes
+            .iter()
+            .filter_map(NodeView::reported)
+            .filter(|r| r.myself.master && !r.myself.slots.is_empty() && r.myself.id != id)
+            .collect();
+        let flagged = voters
+            .iter()
+            .filter(|r| r.others.iter().any(|l| l.id == id && (l.fail || l.pfail)))
+            .count();
+        !voters.is_empty() && flagged * 2 > voters.len()
+    }
+
+    /// Whether some reachable node still sees `id` alive (known, neither
+    /// `fail?` nor `fail`).
+    pub fn cluster_sees_alive(&self, id: &str) -> bool {
+        self.nodes
+            .iter()
+            .filter_map(NodeView::reported)
+            .flat_map(|r| r.others.iter())
+            .any(|l| l.id == id && !l.pfail && !l.fail && !l.handshake)
+    }
+
     /// The node id of a pool node: its own report, or what others say about its address.
     pub fn id_of(&self, node: &PoolNode) -> Option<String> {
         if let Some(view) = self.nodes.iter().find(|v| v.pool.name == node.name)
@@ -265,25 +308,32 @@ impl ClusterView {
         {
             return Some(r.myself.id.clone());
         }
-        // Unreachable: the most recent claim by another node about this address.
+        // Unreachable: the most recent claim by another node about this
+        // address, or about this name (the announced hostname is the pool
+        // name; the operator may reach the node at another address than
+        // the cluster does).
         self.nodes
             .iter()
             .filter_map(NodeView::reported)
             .flat_map(|r| r.others.iter())
-            .filter(|l| l.addr == Some(node.addr) && !l.handshake)
-            .max_by_key(|l| l.config_epoch)
+            .filter(|l| !l.handshake)
+            .filter(|l| l.addr == Some(node.addr) || l.hostname.as_deref() == Some(node.name.as_str()))
+            .max_by_key(|l| (l.addr == Some(node.addr), l.config_epoch))
             .map(|l| l.id.clone())
     }
 }
 
-/// Asks every pool node for its view of the cluster, concurrently. A node that
-/// does not answer within the connections' timeout is reported as unreachable.
-pub async fn observe(conns: &mut Conns, pool_nodes: &[PoolNode]) -> ClusterView {
+/// Asks every pool node for its view of the cluster (and its values of
+/// `config_keys`), concurrently. A node that does not answer within the
+/// connections' timeout is reported as unreachable.
+pub async fn observe(conns: &mut Conns, pool_nodes: &[PoolNode], config_keys: &[String]) -> ClusterView {
     let futures = pool_nodes.iter().map(|node| {
         let node = node.clone();
         let mut local = conns.split_for(node.addr);
         async move {
-            let report = report(&mut local, node.addr).await.map_err(|e| e.to_string());
+            let report = report(&mut local, node.addr, config_keys)
+                .await
+                .map_err(|e| e.to_string());
             (NodeView { pool: node, report }, local)
         }
     });
@@ -295,12 +345,46 @@ pub async fn observe(conns: &mut Conns, pool_nodes: &[PoolNode]) -> ClusterView 
     ClusterView { nodes }
 }
 
-async fn report(conns: &mut Conns, addr: SocketAddr) -> Result<Reported> {
-    let nodes: String = conns.query(addr, redis::cmd("CLUSTER").arg("NODES")).await?;
-    let info: String = conns.query(addr, redis::cmd("CLUSTER").arg("INFO")).await?;
-    let repl: String = conns
-        .query(addr, redis::cmd("INFO").arg("replication").arg("persistence"))
-        .await?;
+/// One pipeline: `CLUSTER NODES`, `CLUSTER INFO`, `INFO`, `CONFIG GET keys…`.
+async fn report(conns: &mut Conns, addr: SocketAddr, config_keys: &[String]) -> Result<Reported> {
+    let mut cmds = vec![
+        redis::cmd("CLUSTER").arg("NODES").to_owned(),
+        redis::cmd("CLUSTER").arg("INFO").to_owned(),
+        redis::cmd("INFO")
+            .arg("replication")
+            .arg("persistence")
+            .arg("keyspace")
+            .to_owned(),
+    ];
+    if !config_keys.is_empty() {
+        cmds.push(redis::cmd("CONFIG").arg("GET").arg(config_keys).to_owned());
+    }
+    let mut replies = conns.pipeline(addr, &cmds).await?.into_iter();
+    let mut text = |command: &str| -> Result<String> {
+        let value = replies.next().ok_or_else(|| Error::Protocol {
+            addr,
+            command: command.into(),
+            detail: "no reply".into(),
+        })?;
+        value
+            .and_then(|v| redis::from_redis_value::<String>(v).map_err(redis::RedisError::from))
+            .map_err(|source| Error::Command {
+                addr,
+                command: command.into(),
+                source,
+            })
+    };
+    let nodes = text("CLUSTER NODES")?;
+    let info = text("CLUSTER INFO")?;
+    let repl = text("INFO")?;
+    // An old server that refuses several keys in one CONFIG GET only loses
+    // the drift check, never the observation.
+    let config: BTreeMap<String, String> = replies
+        .next()
+        .and_then(Result::ok)
+        .and_then(|v| redis::from_redis_value::<HashMap<String, String>>(v).ok())
+        .map(|m| m.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect())
+        .unwrap_or_default();
     let lines = parse_cluster_nodes(&nodes).map_err(|detail| Error::Protocol {
         addr,
         command: "CLUSTER NODES".into(),
@@ -317,6 +401,7 @@ async fn report(conns: &mut Conns, addr: SocketAddr) -> Result<Reported> {
         others,
         state_ok: info.lines().any(|l| l.trim_end() == "cluster_state:ok"),
         repl: parse_repl_info(&repl),
+        config,
     })
 }
 

@@ -157,6 +157,45 @@ pub struct LocalOptions {
     /// The sidecar to start in front of the tier once it serves every slot;
     /// `None` runs the tier alone.
     pub sidecar: Option<SidecarOptions>,
+    /// Where the password comes from when the manifest sets `spec.auth`
+    /// (local mode has no Secrets).
+    pub auth: LocalAuth,
+}
+
+/// Local-mode stand-in for the Secret that `spec.auth` names.
+#[derive(Debug, Clone, Default)]
+pub struct LocalAuth {
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// A file holding the password (one trailing newline is ignored).
+    pub password_file: Option<PathBuf>,
+    /// ACL user name; without it the `default` user (`requirepass`).
+    pub username: Option<String>,
+}
+
+impl LocalAuth {
+    /// The credentials, read now; `Ok(None)` when no source is set.
+    pub fn resolve(&self) -> Result<Option<crate::cluster::config::Auth>> {
+        let invalid = |p: String| cachetier_crds::validate::Invalid { problems: vec![p] };
+        let password = match (&self.password_env, &self.password_file) {
+            (Some(var), _) => std::env::var(var)
+                .map_err(|_| invalid(format!("spec.auth: environment variable {var} is not set")))?,
+            (None, Some(path)) => std::fs::read_to_string(path).map_err(|source| Error::Io {
+                context: format!("spec.auth: cannot read {}", path.display()),
+                source,
+            })?,
+            (None, None) => return Ok(None),
+        };
+        let password = password.strip_suffix('\n').unwrap_or(&password);
+        let password = password.strip_suffix('\r').unwrap_or(password).to_string();
+        if password.is_empty() {
+            return Err(invalid("spec.auth: the password is empty".into()).into());
+        }
+        Ok(Some(crate::cluster::config::Auth {
+            username: self.username.clone(),
+            password,
+        }))
+    }
 }
 
 impl LocalOptions {
@@ -172,6 +211,7 @@ impl LocalOptions {
             timing: Timing::default(),
             until_ready: false,
             sidecar: None,
+            auth: LocalAuth::default(),
         }
     }
 }
@@ -182,6 +222,17 @@ fn parse(options: &LocalOptions, text: &str) -> Result<(CacheTierSpec, TierConfi
     let tier = cachetier_crds::validate::parse_manifest(text)?;
     let mut config = TierConfig::from_tier(&tier)?;
     config.timing = options.timing;
+    if tier.spec.auth.is_some() {
+        config.auth = options.auth.resolve()?;
+        if config.auth.is_none() {
+            return Err(cachetier_crds::validate::Invalid {
+                problems: vec![
+                    "spec.auth is set: local mode reads the password from LocalOptions.auth (an environment variable or a file)".into(),
+                ],
+            }
+            .into());
+        }
+    }
     Ok((tier.spec, config))
 }
 

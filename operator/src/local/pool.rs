@@ -113,6 +113,8 @@ pub struct LocalPool {
     root: PathBuf,
     start_timeout: Duration,
     nodes: Mutex<BTreeMap<String, LocalNode>>,
+    /// Names whose process is being started right now.
+    creating: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Finds `program` the way a shell would.
@@ -155,6 +157,7 @@ impl LocalPool {
             root,
             start_timeout: options.start_timeout,
             nodes: Mutex::new(BTreeMap::new()),
+            creating: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 
@@ -204,9 +207,49 @@ impl Drop for LocalPool {
     }
 }
 
+/// Releases a name reserved for creation when the creation ends (or is dropped).
+struct Creating<'a> {
+    pool: &'a LocalPool,
+    name: String,
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.pool
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
+}
+
 impl NodePool for LocalPool {
+    /// Ensures the node runs: a running node of that name is returned as it
+    /// is (two operators may both ask for it), a dead one is replaced by a
+    /// new, empty process on a new port, and a name already being started
+    /// is an error to retry.
     async fn create(&self, tier: &TierConfig, shard: u32, ordinal: u32) -> Result<PoolNode> {
         let name = node_name(&self.tier, shard, ordinal);
+        if let Some(n) = self.lock().get_mut(&name)
+            && matches!(n.child.try_wait(), Ok(None))
+        {
+            return Ok(n.node.clone());
+        }
+        if !self
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone())
+        {
+            return Err(Error::NodeStart {
+                name,
+                detail: "already being started".into(),
+            });
+        }
+        let _reserved = Creating {
+            pool: self,
+            name: name.clone(),
+        };
         let (port, bus_port) = self.ports.next_pair().ok_or_else(|| Error::NoFreePort {
             detail: format!("while creating {name}"),
         })?;

@@ -64,6 +64,7 @@ pub fn tier(name: &str, shards: u32, replicas: u32) -> TierConfig {
             migrate_batch: 100,
             migrate_timeout: Duration::from_secs(5),
         },
+        auth: None,
     }
 }
 
@@ -143,6 +144,7 @@ pub fn key_slot(key: &str) -> u16 {
 /// a node it knew is gone. Counts what it followed.
 pub struct ClusterClient {
     seeds: Vec<SocketAddr>,
+    password: Option<String>,
     slots: Vec<Option<SocketAddr>>,
     conns: HashMap<SocketAddr, MultiplexedConnection>,
     pub moved: u64,
@@ -158,8 +160,14 @@ fn redirect(e: &RedisError) -> Option<(bool, SocketAddr)> {
 
 impl ClusterClient {
     pub async fn new(seeds: Vec<SocketAddr>) -> Self {
+        Self::with_password(seeds, None).await
+    }
+
+    /// A client that authenticates every connection with `password`.
+    pub async fn with_password(seeds: Vec<SocketAddr>, password: Option<String>) -> Self {
         let mut c = Self {
             seeds,
+            password,
             slots: vec![None; 16384],
             conns: HashMap::new(),
             moved: 0,
@@ -174,7 +182,13 @@ impl ClusterClient {
         if let Some(c) = self.conns.get(&addr) {
             return Ok(c.clone());
         }
-        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        let mut info = redis::IntoConnectionInfo::into_connection_info(format!("redis://{addr}/"))?;
+        if let Some(p) = &self.password {
+            info = info
+                .clone()
+                .set_redis_settings(info.redis_settings().clone().set_password(p));
+        }
+        let client = redis::Client::open(info)?;
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)));

@@ -440,3 +440,149 @@ proptest! {
         prop_assert!(!moves_again);
     }
 }
+
+/// Shard 1 of a 3×1 tier whose primary t-1-0 came back empty as a new node:
+/// the old id still owns the slots (hearsay), t-1-1 still replicates it.
+fn reborn_primary() -> (Fx, String) {
+    let split = even_split(3);
+    let old = "e".repeat(40);
+    let mut fx = Fx::default()
+        .primary(0, 0, &[split[0]])
+        .replica(0, 1, (0, 0), 100)
+        .empty(1, 0)
+        .node(1, 1, |l, r| {
+            l.master = false;
+            l.replica = true;
+            l.master_id = Some("e".repeat(40));
+            r.is_master = false;
+            r.offset = 100;
+        })
+        .primary(2, 0, &[split[2]])
+        .replica(2, 1, (2, 0), 100);
+    fx.lines[2].2.id = "a".repeat(40);
+    fx.stale.push(NodeLine {
+        id: old.clone(),
+        addr: Some(SocketAddr::from(([127, 0, 0, 1], 9999))),
+        hostname: Some("t-1-0".into()),
+        master: true,
+        pfail: true,
+        config_epoch: 10,
+        slots: vec![split[1]],
+        ..NodeLine::default()
+    });
+    (fx.all_healthy(), old)
+}
+
+#[test]
+fn a_primary_that_came_back_empty_gets_its_survivor_promoted_never_the_newcomer() {
+    let (fx, _) = reborn_primary();
+    let p = fx.plan(&tier(3, 1));
+    assert!(
+        matches!(&p.actions[..], [Action::Failover { to, kind: FailoverKind::Takeover, .. }] if to.name == "t-1-1"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_replica_of_a_slot_owner_is_never_pointed_at_a_primary_without_slots() {
+    // The owner is not known to be gone (no name, no address, no `fail`):
+    // nothing is forced, and the survivor is not re-pointed to the newcomer.
+    let (mut fx, _) = reborn_primary();
+    fx.stale[0].hostname = None;
+    fx.stale[0].pfail = false;
+    let p = fx.plan(&tier(3, 1));
+    assert!(
+        p.actions.iter().all(
+            |a| !matches!(a, Action::Replicate { node, .. } if node.name == "t-1-1")
+                && !matches!(a, Action::Failover { .. } | Action::MigrateSlots { .. })
+        ),
+        "{p:?}"
+    );
+    assert!(!p.waiting.is_empty(), "{p:?}");
+}
+
+#[test]
+fn a_gone_slot_owner_with_no_replica_left_is_forgotten_so_its_slots_are_reassigned() {
+    let (mut fx, old) = reborn_primary();
+    fx.lines.retain(|(s, o, _, _)| (*s, *o) != (1, 1));
+    let p = fx.plan(&tier(3, 1));
+    assert!(p.actions.contains(&Action::Forget { id: old }), "{p:?}");
+}
+
+#[test]
+fn a_slot_migrating_to_a_node_that_did_not_answer_once_waits_instead_of_rolling_back() {
+    let mut fx = Fx::tier_3x1();
+    fx.lines[0].2.migrating.push((10, id(1, 0)));
+    fx.unreachable.push((1, 0));
+    let p = fx.plan(&tier(3, 1));
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert!(p.waiting.iter().any(|w| w.contains("slot 10")), "{p:?}");
+}
+
+#[test]
+fn a_node_the_cluster_forgot_is_met_by_the_anchor_because_it_still_knows_everyone() {
+    let fx = Fx::tier_3x1().all_healthy();
+    // Everyone but t-2-1 itself forgot t-2-1.
+    let forgotten = id(2, 1);
+    let mut view = fx.view();
+    for v in &mut view.nodes {
+        if let Ok(r) = &mut v.report {
+            r.others.retain(|l| l.id != forgotten);
+        }
+    }
+    let p = plan(PlanInput {
+        tier: &tier(3, 1),
+        view: &view,
+        health: &fx.health,
+        now: Instant::now(),
+    });
+    assert_eq!(
+        p.actions,
+        vec![Action::Meet {
+            node: addr(0, 0),
+            peer: addr(2, 1)
+        }],
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_primary_only_the_operator_cannot_reach_is_never_forced_over_nor_evicted() {
+    let mut t = tier(3, 1);
+    t.health.evict_after = Duration::from_secs(1);
+    let start = Instant::now();
+    let fx = Fx::tier_3x1().cut_off(1, 0, start).cut_off(2, 1, start);
+    let p = fx.plan_at(&t, start + Duration::from_secs(3600));
+    assert!(
+        p.actions.iter().all(|a| !matches!(
+            a,
+            Action::Failover { .. } | Action::DestroyNode { .. } | Action::Forget { .. }
+        )),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_takeover_candidate_must_have_completed_a_sync() {
+    let t = tier(2, 1);
+    let start = Instant::now();
+    let split = even_split(2);
+    let never_synced = Fx::default()
+        .primary(0, 0, &[split[0]])
+        .replica(0, 1, (0, 0), 0)
+        .primary(1, 0, &[split[1]])
+        .replica(1, 1, (1, 0), 100)
+        .failed(0, 0, start);
+    let p = never_synced.plan_at(&t, start + Duration::from_secs(3600));
+    assert!(
+        p.actions.iter().all(|a| !matches!(a, Action::Failover { .. })),
+        "{p:?}"
+    );
+    // The same with a synced replica is taken over (the rule above is what held it back).
+    let synced = never_synced.repl(0, 1, |r| r.synced = true);
+    let p = synced.plan_at(&t, start + Duration::from_secs(3600));
+    assert!(
+        matches!(&p.actions[..], [Action::Failover { to, kind: FailoverKind::Takeover, .. }] if to.name == "t-0-1"),
+        "{p:?}"
+    );
+}

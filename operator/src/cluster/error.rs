@@ -97,6 +97,10 @@ pub enum Error {
     /// Leader election failed.
     #[error("leader election: {0}")]
     Lease(String),
+    /// The Secret that `spec.auth` names is missing or lacks a key (the
+    /// tier waits for it; retried, since creating the Secret changes no tier).
+    #[error("spec.auth: {0}")]
+    AuthSecret(String),
     /// A Kubernetes object could not be rendered (a bug, not a user error).
     #[error("cannot render a Kubernetes object: {0}")]
     Render(String),
@@ -128,6 +132,7 @@ impl Error {
             Self::Render(_) => "render",
             Self::Kubernetes { .. } => "kubernetes",
             Self::Lease(_) => "lease",
+            Self::AuthSecret(_) => "auth_secret",
         }
     }
 

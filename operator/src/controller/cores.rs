@@ -8,11 +8,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cachetier_crds::{CacheTier, CacheTierStatus};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::pool::KubePool;
+use crate::cluster::config::Auth;
 use crate::cluster::error::Error;
 use crate::cluster::{Reconciler, TierConfig};
 
@@ -30,6 +33,43 @@ impl Drop for Core {
     }
 }
 
+/// The password (and ACL user) from the tier's Secret, when `spec.auth` is set.
+async fn credentials(client: &kube::Client, tier: &CacheTier) -> Result<Option<Auth>, Error> {
+    let Some(auth) = &tier.spec.auth else {
+        return Ok(None);
+    };
+    let namespace = tier.metadata.namespace.clone().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let secret = secrets
+        .get_opt(&auth.secret_name)
+        .await
+        .map_err(|e| Error::Kubernetes {
+            context: format!("reading Secret {namespace}/{}", auth.secret_name),
+            source: Box::new(e),
+        })?;
+    let secret = secret.ok_or_else(|| {
+        Error::AuthSecret(format!("Secret {namespace}/{} does not exist", auth.secret_name))
+    })?;
+    let value = |key: &str| -> Result<String, Error> {
+        let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| {
+            Error::AuthSecret(format!(
+                "Secret {}/{} has no key {key:?}",
+                namespace, auth.secret_name
+            ))
+        })?;
+        String::from_utf8(bytes.0.clone()).map_err(|_| {
+            Error::AuthSecret(format!(
+                "key {key:?} of Secret {}/{} is not UTF-8",
+                namespace, auth.secret_name
+            ))
+        })
+    };
+    Ok(Some(Auth {
+        password: value(&auth.password_key)?,
+        username: auth.username_key.as_deref().map(value).transpose()?,
+    }))
+}
+
 /// The cores of every tier this replica leads.
 #[derive(Debug, Default)]
 pub struct Cores {
@@ -38,10 +78,16 @@ pub struct Cores {
 }
 
 impl Cores {
-    /// Starts the tier's core if it has none, hands it the current spec, and
-    /// returns the latest status it computed (none before its first round).
-    pub fn ensure(&self, client: kube::Client, tier: &CacheTier) -> Result<Option<CacheTierStatus>, Error> {
-        let config = TierConfig::from_tier(tier)?;
+    /// Starts the tier's core if it has none, hands it the current spec
+    /// (with the credentials from the Secret `spec.auth` names), and returns
+    /// the latest status it computed (none before its first round).
+    pub async fn ensure(
+        &self,
+        client: kube::Client,
+        tier: &CacheTier,
+    ) -> Result<Option<CacheTierStatus>, Error> {
+        let mut config = TierConfig::from_tier(tier)?;
+        config.auth = credentials(&client, tier).await?;
         let key = ObjectRef::from_obj(tier);
         let mut running = crate::controller::lock(&self.running);
         if let Some(core) = running.get(&key).filter(|c| !c.task.is_finished()) {
@@ -106,5 +152,77 @@ impl Cores {
     /// Whether none runs.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+
+    use super::*;
+
+    fn tier() -> CacheTier {
+        serde_json::from_value(json!({
+            "apiVersion": "cachetier.io/v1alpha1", "kind": "CacheTier",
+            "metadata": {"name": "t", "namespace": "ns", "uid": "u"},
+            "spec": {"shards": 1, "maxMemory": "1Gi", "auth": {"secretName": "t-auth", "usernameKey": "user"}}
+        }))
+        .unwrap()
+    }
+
+    async fn answer_secret(
+        handle: &mut tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        status: u16,
+        body: serde_json::Value,
+    ) {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(request.uri().path(), "/api/v1/namespaces/ns/secrets/t-auth");
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+
+    #[tokio::test]
+    async fn the_tiers_secret_gives_the_core_its_password_and_user() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let t = tier();
+        let asking = tokio::spawn(async move { credentials(&client, &t).await });
+        // "s3cret" and "app", base64.
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "t-auth"}, "data": {"password": "czNjcmV0", "user": "YXBw"}});
+        answer_secret(&mut handle, 200, secret).await;
+        let auth = asking.await.unwrap().unwrap().unwrap();
+        assert_eq!(
+            (auth.username.as_deref(), auth.password.as_str()),
+            (Some("app"), "s3cret")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_secret_or_key_is_named_in_the_error() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let t = tier();
+        let c = client.clone();
+        let asking = tokio::spawn(async move { credentials(&c, &t).await });
+        let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "secrets \"t-auth\" not found"});
+        answer_secret(&mut handle, 404, not_found).await;
+        let err = asking.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("Secret ns/t-auth does not exist"), "{err}");
+        let t = tier();
+        let asking = tokio::spawn(async move { credentials(&client, &t).await });
+        answer_secret(&mut handle, 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "t-auth"}, "data": {"password": "czNjcmV0"}})).await;
+        let err = asking.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("has no key \"user\""), "{err}");
     }
 }

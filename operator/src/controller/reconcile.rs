@@ -109,7 +109,7 @@ async fn reconcile_leader(tier: &CacheTier, ctx: &Context) -> Result<Action, Err
     let objects = reconcile::desired(tier)?;
     apply_all(&ctx.client, tier, &objects).await?;
     let computed = match &ctx.cores {
-        Some(cores) => cores.ensure(ctx.client.clone(), tier)?,
+        Some(cores) => cores.ensure(ctx.client.clone(), tier).await?,
         None => None,
     };
     // Before the core's first round, say that the tier is being built.

@@ -120,8 +120,10 @@ async fn reconcile_leader(tier: &CacheTier, ctx: &Context) -> Result<Action, Err
         &status,
         tier.status.as_ref(),
     );
-    let status = report::publishable(status, &name, tier.meta().generation);
+    // Every node's readiness gate, from the whole status (the published one
+    // lists only the nodes worth a look on a large tier).
     mark_serving(tier, ctx, &status).await?;
+    let status = report::publishable(status, &name, tier.meta().generation);
     publish(tier, ctx, &key, status).await?;
     Ok(Action::requeue(RESYNC))
 }

@@ -14,12 +14,30 @@ use kube::runtime::events::{Event, EventType};
 
 use crate::reconcile::TIER_LABEL;
 
-/// The status as published: volatile per-node figures removed, the scale
-/// subresource's selector filled in.
+/// Above this many nodes, a shard's status lists its primary and the nodes
+/// that are not fine only, so 1000 shards × 6 nodes stay far below etcd's
+/// 1.5 MiB object limit.
+pub const FULL_DETAIL_NODES: usize = 60;
+
+/// The status as published: volatile per-node figures removed, per-node
+/// detail bounded, the scale subresource's selector filled in.
 pub fn publishable(mut status: CacheTierStatus, tier: &str, generation: Option<i64>) -> CacheTierStatus {
-    for node in status.shards.iter_mut().flat_map(|s| s.nodes.iter_mut()) {
-        node.rtt_micros = None;
-        node.lag_bytes = None;
+    let nodes: usize = status.shards.iter().map(|s| s.nodes.len()).sum();
+    for shard in &mut status.shards {
+        if nodes > FULL_DETAIL_NODES {
+            let fine = |n: &cachetier_crds::NodeStatus| {
+                n.health == cachetier_crds::NodeHealth::Healthy && n.serving && n.reason.is_none()
+            };
+            let mut index = 0;
+            shard.nodes.retain(|n| {
+                index += 1;
+                index == 1 || !fine(n)
+            });
+        }
+        for node in &mut shard.nodes {
+            node.rtt_micros = None;
+            node.lag_bytes = None;
+        }
     }
     status.selector = Some(format!("{TIER_LABEL}={tier}"));
     status.observed_generation = generation;
@@ -206,6 +224,55 @@ mod tests {
             Some(&a),
             &publishable(status(Phase::Degraded), "t", Some(1))
         ));
+    }
+
+    #[test]
+    fn a_thousand_shard_status_lists_only_primaries_and_troubled_nodes() {
+        let node = |name: String, healthy: bool| NodeStatus {
+            name,
+            address: "10.0.0.1:6379".into(),
+            node_id: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            health: if healthy {
+                cachetier_crds::NodeHealth::Healthy
+            } else {
+                cachetier_crds::NodeHealth::Failed
+            },
+            serving: healthy,
+            rtt_micros: Some(100),
+            ..NodeStatus::default()
+        };
+        let shards = (0..1000)
+            .map(|s| ShardStatus {
+                index: s,
+                slots: vec!["0-16".into()],
+                nodes: (0..6)
+                    .map(|o| node(format!("t-{s}-{o}"), !(s == 7 && o == 3)))
+                    .collect(),
+            })
+            .collect();
+        let status = publishable(
+            CacheTierStatus {
+                shards,
+                ..CacheTierStatus::default()
+            },
+            "t",
+            None,
+        );
+        assert_eq!(
+            status.shards[0].nodes.len(),
+            1,
+            "only the primary of a fine shard"
+        );
+        assert_eq!(
+            status.shards[7]
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>(),
+            ["t-7-0", "t-7-3"]
+        );
+        let bytes = serde_json::to_vec(&status).unwrap().len();
+        assert!(bytes < 512 * 1024, "status of 6000 nodes is {bytes} bytes");
     }
 
     #[test]

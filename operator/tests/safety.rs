@@ -693,10 +693,13 @@ async fn a_restart_only_setting_is_rolled_out_one_node_at_a_time_without_a_read_
 /// can be lost mid-step): each plans from its own observations and both
 /// migrate slots concurrently during a 3 → 5 reshard.
 ///
-/// Known failure (issue 8, item 6, not fixed yet): in about two runs of
-/// three some slots end up owned by nobody and `ADDSLOTS` is refused for
-/// ever (a concurrent `SETSLOT … NODE` broadcast reassigns a slot the other
-/// reconciler just gave to another node). Run it with `--ignored`.
+/// Known failure (issue 8, item 6, not fixed yet), in about half the runs:
+/// either some slots end up owned by nobody and `ADDSLOTS` is refused for
+/// ever, or a few keys are lost. When the two pick different destinations
+/// for one slot, one's `MIGRATE` puts keys on its destination, the other
+/// assigns the slot to its own, and its `SETSLOT … NODE` broadcast clears
+/// the first destination's IMPORTING state: those keys sit in a slot their
+/// node does not own. Run it with `--ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "known failure: two reconcilers can leave slots unowned (issue 8 item 6)"]
 async fn two_reconcilers_resharding_one_tier_at_once_lose_no_key_and_leave_no_slot_open() {

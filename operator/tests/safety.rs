@@ -836,3 +836,36 @@ async fn a_slotless_node_that_holds_keys_is_flushed_and_attached_in_a_cache_tier
     assert!(info.contains("role:slave"), "{info}");
     pool.shutdown().await;
 }
+
+/// Redis clamps `hz` to 500: a spec asking for 1000 never reads back equal.
+/// The repeated `CONFIG SET` is done again but is not progress, so the
+/// reconciler does not spin on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_that_never_reads_back_as_written_is_not_counted_as_progress_twice() {
+    let pool = pool("clamp");
+    let t = tier("clamp", 1, 0);
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    rec.converge(Duration::from_secs(60)).await.unwrap();
+    let mut edited = t.clone();
+    edited.redis_config.insert("hz".into(), "1000".into());
+    rec.set_tier(edited);
+    let first = rec.round().await.unwrap();
+    assert!(
+        matches!(&first.plan.actions[..], [Action::SetConfig { .. }]),
+        "{:?}",
+        first.plan
+    );
+    assert_eq!(first.executed, 1);
+    let second = rec.round().await.unwrap();
+    assert!(
+        matches!(&second.plan.actions[..], [Action::SetConfig { .. }]),
+        "{:?}",
+        second.plan
+    );
+    assert_eq!(
+        second.executed, 0,
+        "the same CONFIG SET counted as progress again"
+    );
+    assert!(second.error.is_none());
+    pool.shutdown().await;
+}

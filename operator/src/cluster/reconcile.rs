@@ -63,6 +63,8 @@ pub struct Reconciler<P> {
     events: Events,
     primaries: HashMap<u32, String>,
     stuck: HashMap<u16, (StuckKey, Instant)>,
+    /// The `CONFIG SET` steps of the previous round, by description.
+    last_configs: std::collections::HashSet<String>,
     status_tx: watch::Sender<Option<CacheTierStatus>>,
 }
 
@@ -93,6 +95,7 @@ impl<P: NodePool> Reconciler<P> {
             events: Events::default(),
             primaries: HashMap::new(),
             stuck: HashMap::new(),
+            last_configs: std::collections::HashSet::new(),
             status_tx,
         }
     }
@@ -197,6 +200,7 @@ impl<P: NodePool> Reconciler<P> {
                 }
             }
         }
+        let mut configs = std::collections::HashSet::new();
         'steps: for action in plan
             .actions
             .iter()
@@ -226,9 +230,21 @@ impl<P: NodePool> Reconciler<P> {
                 if !matches!(step, Action::MigrateSlots { .. } | Action::FinishMigration { .. }) {
                     info!(tier = %self.tier.name, "{step}");
                 }
+                // A setting Redis reports in another form than the spec would be
+                // set again every round: the repeat is done but is not progress,
+                // so the loop pauses instead of spinning.
+                let config = matches!(step, Action::SetConfig { .. }).then(|| step.to_string());
+                let repeat = config.as_ref().is_some_and(|c| self.last_configs.contains(c));
+                if let Some(c) = config {
+                    configs.insert(c);
+                }
                 match execute(self.pool.as_ref(), &mut self.conns, &self.tier, &reach, step).await {
                     Ok(Outcome { stuck }) => {
-                        executed += 1;
+                        if repeat {
+                            warn!(tier = %self.tier.name, step = %step, "setting still differs after CONFIG SET");
+                        } else {
+                            executed += 1;
+                        }
                         self.events.executed(step);
                         for key in stuck {
                             self.stuck.insert(key.slot, (key, Instant::now()));
@@ -249,6 +265,7 @@ impl<P: NodePool> Reconciler<P> {
                 }
             }
         }
+        self.last_configs = configs;
         Ok(Round {
             view,
             plan,

@@ -5,159 +5,28 @@
 //! Not responsible for publishing the status (Kubernetes writes it to the API,
 //! local mode prints it).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use cachetier_crds::{
-    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CacheTierStatus, EvictionRecord,
-    FailoverRecord, NodeHealth, NodeRole, NodeStatus, Phase, ShardStatus,
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CacheTierStatus, NodeHealth, NodeRole, Phase,
+    ShardStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use tokio::time::Instant;
 
 use super::config::TierConfig;
 use super::health::{AUTH_ERROR, HealthRecord};
 use super::plan::{Action, FailoverKind, Plan, Removal, ranges};
 use super::view::{ClusterView, NodeView, SLOTS};
 
-/// Condition type: some replica keeps restarting its full sync.
-pub const CONDITION_SYNC_LOOP: &str = "SyncLoop";
+mod events;
+mod node;
+#[cfg(test)]
+mod tests;
 
-/// Full-sync restarts within [`SYNC_LOOP_WINDOW`] that count as a loop.
-pub const SYNC_LOOP_RESTARTS: usize = 3;
-/// Window of sync-loop detection.
-pub const SYNC_LOOP_WINDOW: Duration = Duration::from_secs(600);
-
-/// Remembers when each replica started a full sync, to detect a replica whose
-/// sync keeps restarting (replication buffers too small for the write rate).
-#[derive(Debug, Default)]
-pub struct SyncTracker {
-    syncing: HashMap<String, bool>,
-    starts: HashMap<String, VecDeque<Instant>>,
-}
-
-impl SyncTracker {
-    /// Records one observation made at `now`.
-    pub fn observe(&mut self, view: &ClusterView, now: Instant) {
-        for v in &view.nodes {
-            let Some(r) = v.reported() else { continue };
-            let syncing = r.myself.replica && r.repl.sync_in_progress;
-            let was = self.syncing.insert(v.pool.name.clone(), syncing).unwrap_or(false);
-            if syncing && !was {
-                self.starts.entry(v.pool.name.clone()).or_default().push_back(now);
-            }
-        }
-        for starts in self.starts.values_mut() {
-            while starts
-                .front()
-                .is_some_and(|t| now.saturating_duration_since(*t) > SYNC_LOOP_WINDOW)
-            {
-                starts.pop_front();
-            }
-        }
-        self.starts
-            .retain(|name, s| !s.is_empty() && self.syncing.contains_key(name));
-    }
-
-    /// Replicas that started a full sync [`SYNC_LOOP_RESTARTS`] times or more
-    /// within the window, with the count.
-    pub fn looping(&self) -> Vec<(String, usize)> {
-        let mut out: Vec<(String, usize)> = self
-            .starts
-            .iter()
-            .filter(|(_, s)| s.len() >= SYNC_LOOP_RESTARTS)
-            .map(|(n, s)| (n.clone(), s.len()))
-            .collect();
-        out.sort();
-        out
-    }
-}
-
-/// What happened recently, recorded by the reconciler as it happened.
-#[derive(Debug, Default, Clone)]
-pub struct Events {
-    /// The most recent failover.
-    pub last_failover: Option<FailoverRecord>,
-    /// The most recent eviction.
-    pub last_eviction: Option<EvictionRecord>,
-    /// Keys that could not be moved; their slots stay open until they can.
-    pub stuck_keys: Vec<crate::cluster::execute::StuckKey>,
-}
-
-/// RFC 3339 time of now.
-pub fn now_rfc3339() -> String {
-    Timestamp::now().to_string()
-}
-
-impl Events {
-    /// Records a failover that the operator executed, or saw Redis do.
-    pub fn failover(&mut self, shard: u32, from: &str, to: &str, reason: &str) {
-        self.last_failover = Some(FailoverRecord {
-            time: now_rfc3339(),
-            shard: i32::try_from(shard).unwrap_or(i32::MAX),
-            from: from.to_string(),
-            to: to.to_string(),
-            reason: reason.to_string(),
-        });
-    }
-
-    /// Records what an executed action means for the status.
-    pub fn executed(&mut self, action: &Action) {
-        match action {
-            Action::Failover {
-                shard,
-                from,
-                to,
-                kind,
-                ..
-            } => {
-                let reason = match kind {
-                    FailoverKind::Takeover => "Forced",
-                    FailoverKind::Graceful => "Planned",
-                };
-                self.failover(*shard, from, &to.name, reason);
-            }
-            Action::DestroyNode {
-                name,
-                shard,
-                reason: Removal::Evicted { failed_for },
-                ..
-            } => {
-                self.last_eviction = Some(EvictionRecord {
-                    time: now_rfc3339(),
-                    shard: i32::try_from(*shard).unwrap_or(i32::MAX),
-                    node: name.clone(),
-                    reason: format!("Failed for {failed_for:?}"),
-                });
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Name of the node owning the most slots in each shard: the shard's primary.
-pub fn shard_primaries(view: &ClusterView) -> HashMap<u32, String> {
-    let owners = view.slot_owners();
-    let mut count: HashMap<&str, usize> = HashMap::new();
-    for id in owners.iter().flatten() {
-        *count.entry(id.as_str()).or_default() += 1;
-    }
-    let mut best: HashMap<u32, (usize, String)> = HashMap::new();
-    for v in &view.nodes {
-        let Some(id) = view.id_of(&v.pool) else { continue };
-        let n = count.get(id.as_str()).copied().unwrap_or(0);
-        if n == 0 {
-            continue;
-        }
-        let e = best.entry(v.pool.shard).or_insert((0, String::new()));
-        if n > e.0 {
-            *e = (n, v.pool.name.clone());
-        }
-    }
-    best.into_iter().map(|(s, (_, n))| (s, n)).collect()
-}
+pub use events::*;
+use node::node_status;
 
 /// Everything the status is computed from.
 #[derive(Debug, Clone, Copy)]
@@ -176,86 +45,6 @@ pub struct StatusInput<'a> {
     pub sync_loops: &'a [(String, usize)],
     /// The previous status, to keep condition transition times.
     pub previous: Option<&'a CacheTierStatus>,
-}
-
-fn node_status(
-    input: &StatusInput<'_>,
-    v: &NodeView,
-    id: Option<&str>,
-    owned: usize,
-    primary_offset: Option<i64>,
-) -> NodeStatus {
-    let health = input.health.get(&v.pool.addr);
-    let state = health.map_or(NodeHealth::Unknown, |h| h.state);
-    let hearsay = || {
-        id.and_then(|id| {
-            input
-                .view
-                .nodes
-                .iter()
-                .filter_map(NodeView::reported)
-                .flat_map(|r| r.others.iter())
-                .find(|l| l.id == id)
-        })
-    };
-    let role = match v.reported() {
-        Some(r) if r.myself.master => NodeRole::Primary,
-        Some(r) if r.myself.replica => NodeRole::Replica,
-        Some(_) => NodeRole::Unknown,
-        None => match hearsay() {
-            Some(l) if l.master && owned > 0 => NodeRole::Primary,
-            Some(l) if l.replica => NodeRole::Replica,
-            _ => NodeRole::Unknown,
-        },
-    };
-    let mut lag = None;
-    // The operator cannot reach it, yet the cluster sees it alive: a
-    // partition between the operator and the node, not a dead node.
-    let only_operator = id.is_some_and(|id| input.view.cluster_sees_alive(id));
-    let auth_error = health
-        .and_then(|h| h.last_error.clone())
-        .filter(|e| state == NodeHealth::Failed && e.starts_with(AUTH_ERROR));
-    let not_serving: Option<String> = match (v.reported(), state) {
-        _ if auth_error.is_some() => auth_error.map(|e| format!("configuration error: {e}")),
-        (None, _) | (_, NodeHealth::Failed) if only_operator => {
-            Some("unreachable by the operator only; the cluster still sees it".into())
-        }
-        (None, _) => Some("unreachable".into()),
-        (_, NodeHealth::Failed) => Some("failed health probes".into()),
-        (_, NodeHealth::Unknown) => Some("not probed yet".into()),
-        (Some(r), _) if r.repl.loading => Some("loading its dataset".into()),
-        (Some(_), _) if role == NodeRole::Primary => (owned == 0).then(|| "owns no slots".into()),
-        (Some(r), _) if role == NodeRole::Replica => {
-            lag = primary_offset.map(|p| (p - r.repl.offset).max(0));
-            if r.repl.sync_in_progress {
-                Some("sync in progress".into())
-            } else if !r.repl.link_up {
-                Some("link to primary down".into())
-            } else {
-                match lag {
-                    None => Some("primary unreachable".into()),
-                    Some(l) if l > i64::try_from(input.tier.max_lag_bytes).unwrap_or(i64::MAX) => {
-                        Some(format!("lag {l} bytes over {}", input.tier.max_lag_bytes))
-                    }
-                    Some(_) => None,
-                }
-            }
-        }
-        _ => Some("not part of the cluster yet".into()),
-    };
-    NodeStatus {
-        name: v.pool.name.clone(),
-        address: v.pool.addr.to_string(),
-        node_id: id.map(str::to_string),
-        role,
-        health: state,
-        rtt_micros: health
-            .and_then(|h| h.rtt)
-            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-        lag_bytes: lag,
-        serving: not_serving.is_none(),
-        reason: not_serving,
-    }
 }
 
 fn range_text(&(a, b): &(u16, u16)) -> String {
@@ -605,162 +394,5 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
         shards,
         last_failover: input.events.last_failover.clone(),
         last_eviction: input.events.last_eviction.clone(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cluster::fixture::*;
-
-    fn status_of(fx: &Fx, tier: &TierConfig) -> CacheTierStatus {
-        let view = fx.view();
-        let plan = fx.plan(tier);
-        compute(StatusInput {
-            tier,
-            view: &view,
-            health: &fx.health,
-            plan: &plan,
-            events: &Events::default(),
-            sync_loops: &[],
-            previous: None,
-        })
-    }
-
-    fn healthy_3x1() -> Fx {
-        let mut fx = Fx::tier_3x1().all_healthy();
-        for s in 0..3 {
-            fx = fx.repl(s, 0, |r| r.offset = 100);
-        }
-        fx
-    }
-
-    fn cond<'a>(s: &'a CacheTierStatus, t: &str) -> &'a Condition {
-        s.conditions.iter().find(|c| c.type_ == t).unwrap()
-    }
-
-    #[test]
-    fn a_healthy_tier_is_ready_with_every_replica_serving() {
-        let s = status_of(&healthy_3x1(), &tier(3, 1));
-        assert_eq!(s.phase, Some(Phase::Ready));
-        assert_eq!(
-            (s.ready.as_deref(), s.slots_covered, s.current_shards),
-            (Some("6/6"), 16384, 3)
-        );
-        assert_eq!(s.shards[1].slots, vec!["5462-10922".to_string()]);
-        let replica = &s.shards[1].nodes[1];
-        assert_eq!(
-            (replica.role, replica.serving, replica.lag_bytes),
-            (NodeRole::Replica, true, Some(0))
-        );
-        assert_eq!(replica.rtt_micros, Some(100));
-        assert_eq!(cond(&s, CONDITION_READY).status, "True");
-        assert_eq!(cond(&s, CONDITION_PROGRESSING).reason, "Converged");
-        assert_eq!(cond(&s, CONDITION_DEGRADED).status, "False");
-        assert_eq!(cond(&s, CONDITION_SYNC_LOOP).status, "False");
-    }
-
-    #[test]
-    fn a_replica_serves_only_with_its_link_up_no_sync_no_loading_and_lag_within_the_gate() {
-        let t = tier(3, 1);
-        type Change = fn(&mut crate::cluster::view::ReplInfo);
-        let cases: [(&str, Change); 4] = [
-            ("sync in progress", |r| r.sync_in_progress = true),
-            ("link to primary down", |r| r.link_up = false),
-            ("loading its dataset", |r| r.loading = true),
-            ("lag", |r| r.offset = -(2 << 20)),
-        ];
-        for (reason, change) in cases {
-            let s = status_of(&healthy_3x1().repl(2, 1, change), &t);
-            let node = &s.shards[2].nodes[1];
-            assert!(!node.serving, "{reason}");
-            assert!(
-                node.reason.as_deref().unwrap().starts_with(reason),
-                "{:?}",
-                node.reason
-            );
-            assert_eq!(s.phase, Some(Phase::Degraded));
-            assert_eq!(cond(&s, CONDITION_DEGRADED).reason, "NodesNotReady");
-        }
-        // Lag exactly at the gate still serves.
-        let s = status_of(&healthy_3x1().repl(2, 1, |r| r.offset = 100 - (1 << 20)), &t);
-        assert!(s.shards[2].nodes[1].serving);
-        assert_eq!(s.shards[2].nodes[1].lag_bytes, Some(1 << 20));
-    }
-
-    #[test]
-    fn a_failed_primary_leaves_its_slots_unserved_and_the_tier_unavailable() {
-        let s = status_of(
-            &healthy_3x1().failed(0, 0, tokio::time::Instant::now()),
-            &tier(3, 1),
-        );
-        assert_eq!(s.phase, Some(Phase::Unavailable));
-        assert_eq!(s.slots_covered, 16384 - 5462);
-        assert_eq!(cond(&s, CONDITION_READY).reason, "SlotsNotServed");
-        assert_eq!(cond(&s, CONDITION_DEGRADED).reason, "NodeFailed");
-        let dead = &s.shards[0].nodes[0];
-        assert_eq!(
-            (dead.health, dead.serving, dead.role),
-            (NodeHealth::Failed, false, NodeRole::Primary)
-        );
-    }
-
-    #[test]
-    fn a_tier_with_more_shards_wanted_is_scaling() {
-        let s = status_of(&healthy_3x1(), &tier(5, 1));
-        assert_eq!(s.phase, Some(Phase::Scaling));
-        assert_eq!(cond(&s, CONDITION_PROGRESSING).reason, "CreatingNodes");
-        assert_eq!(s.total_nodes, 10);
-    }
-
-    #[test]
-    fn an_unchanged_condition_keeps_its_transition_time() {
-        let t = tier(3, 1);
-        let first = status_of(&healthy_3x1(), &t);
-        let fx = healthy_3x1();
-        let view = fx.view();
-        let plan = fx.plan(&t);
-        let second = compute(StatusInput {
-            tier: &t,
-            view: &view,
-            health: &fx.health,
-            plan: &plan,
-            events: &Events::default(),
-            sync_loops: &[("t-0-1".into(), 3)],
-            previous: Some(&first),
-        });
-        assert_eq!(
-            cond(&second, CONDITION_READY).last_transition_time,
-            cond(&first, CONDITION_READY).last_transition_time
-        );
-        assert_eq!(cond(&second, CONDITION_SYNC_LOOP).status, "True");
-        assert!(
-            cond(&second, CONDITION_SYNC_LOOP)
-                .message
-                .contains("t-0-1 restarted its full sync 3 times")
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_replica_restarting_its_full_sync_three_times_within_the_window_is_a_sync_loop() {
-        let mut tracker = SyncTracker::default();
-        let syncing = Fx::tier_3x1().repl(1, 1, |r| r.sync_in_progress = true).view();
-        let idle = Fx::tier_3x1().view();
-        for round in 0..3 {
-            tracker.observe(&syncing, Instant::now());
-            tokio::time::advance(Duration::from_secs(30)).await;
-            tracker.observe(&idle, Instant::now());
-            tokio::time::advance(Duration::from_secs(30)).await;
-            let expected = if round == 2 {
-                vec![("t-1-1".to_string(), 3)]
-            } else {
-                vec![]
-            };
-            assert_eq!(tracker.looping(), expected, "after {} restarts", round + 1);
-        }
-        // A long stable stretch clears it.
-        tokio::time::advance(SYNC_LOOP_WINDOW).await;
-        tracker.observe(&idle, Instant::now());
-        assert!(tracker.looping().is_empty());
     }
 }

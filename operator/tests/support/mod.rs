@@ -309,6 +309,25 @@ impl ClusterClient {
         self.run::<()>(key, cmd).await
     }
 
+    /// `WAIT replicas timeout_ms` on the connection that carried the last
+    /// write of `key` (the one to its slot's current owner): how many
+    /// replicas acknowledged this client's writes there.
+    pub async fn wait_replicated(
+        &mut self,
+        key: &str,
+        replicas: u32,
+        timeout_ms: u64,
+    ) -> Result<u32, String> {
+        let addr = self.slots[key_slot(key) as usize].ok_or("no owner known")?;
+        let mut c = self.conn(addr).await.map_err(|e| e.to_string())?;
+        redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout_ms)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     pub async fn get(&mut self, key: &str) -> Result<Option<String>, String> {
         let mut cmd = redis::cmd("GET");
         cmd.arg(key);

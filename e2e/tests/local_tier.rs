@@ -191,6 +191,7 @@ async fn a_plain_client_through_the_sidecar_survives_a_live_reshard_and_a_killed
     options.sidecar = Some(SidecarOptions {
         port: Some(sidecar.port()),
         metrics: None,
+        auth: None,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(run_until(options, |_seeds| async {}, async {

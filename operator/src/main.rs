@@ -140,6 +140,16 @@ enum Command {
         /// Run the tier without a sidecar.
         #[arg(long, conflicts_with_all = ["sidecar_port", "sidecar_metrics"])]
         no_sidecar: bool,
+        /// With spec.auth: the environment variable that holds the password
+        /// (local mode's stand-in for the Secret).
+        #[arg(long, value_name = "VAR")]
+        auth_password_env: Option<String>,
+        /// With spec.auth: a file that holds the password.
+        #[arg(long, value_name = "PATH", conflicts_with = "auth_password_env")]
+        auth_password_file: Option<PathBuf>,
+        /// With spec.auth: the ACL user (default: Redis's default user).
+        #[arg(long, value_name = "USER")]
+        auth_username: Option<String>,
     },
 }
 
@@ -221,13 +231,22 @@ fn main() -> anyhow::Result<ExitCode> {
             sidecar_port,
             sidecar_metrics,
             no_sidecar,
+            auth_password_env,
+            auth_password_file,
+            auth_username,
         } => {
             init_logs("text", "warn");
             let sidecar = (!no_sidecar && !until_ready).then_some(SidecarOptions {
                 port: sidecar_port,
                 metrics: sidecar_metrics,
+                auth: None,
             });
             let mut options = LocalOptions::new(file);
+            options.auth = local::LocalAuth {
+                password_env: auth_password_env,
+                password_file: auth_password_file,
+                username: auth_username,
+            };
             options.sidecar = sidecar;
             options.base_port = base_port;
             options.bus_port_offset = bus_port_offset;

@@ -227,7 +227,7 @@ fn parse(options: &LocalOptions, text: &str) -> Result<(CacheTierSpec, TierConfi
         if config.auth.is_none() {
             return Err(cachetier_crds::validate::Invalid {
                 problems: vec![
-                    "spec.auth is set: local mode reads the password from LocalOptions.auth (an environment variable or a file)".into(),
+                    "spec.auth is set: in local mode give the password with --auth-password-env VAR or --auth-password-file PATH (and --auth-username for an ACL user)".into(),
                 ],
             }
             .into());
@@ -297,10 +297,20 @@ where
         sidecar::check_listen_address(&spec, sidecar)?;
         sidecar.port = Some(sidecar.listen(&spec).port());
     }
-    if spec.auth.is_some() {
+    if let Some(auth) = &config.auth {
         println!(
-            "note: spec.auth names a Kubernetes Secret; local mode has none, so the tier runs without a password"
+            "spec.auth: every node requires the password{}; the sidecar presents it",
+            auth.username
+                .as_deref()
+                .map(|u| format!(" of ACL user {u}"))
+                .unwrap_or_default()
         );
+        if let Some(sidecar) = &mut options.sidecar {
+            sidecar.auth = Some(cachetier_sidecar::config::Credentials {
+                username: auth.username.clone(),
+                password: auth.password.clone(),
+            });
+        }
     }
     let mut pool_options = LocalPoolOptions::new(options.base_port, options.bus_port_offset);
     pool_options.redis_server = options.redis_server.clone();

@@ -8,18 +8,22 @@
 use std::net::SocketAddr;
 
 use cachetier_crds::{CacheTierSpec, ReadPolicy};
+use cachetier_sidecar::config::Credentials;
 use cachetier_sidecar::{CacheConfig, Config, Sidecar};
 
 use crate::{Error, Result};
 
 /// Where the local sidecar listens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SidecarOptions {
     /// Port on 127.0.0.1 applications connect to; `None` takes the manifest's
     /// `spec.sidecar.port`.
     pub port: Option<u16>,
     /// Where `/metrics`, `/livez` and `/readyz` are served; `None` for none.
     pub metrics: Option<SocketAddr>,
+    /// The tier's credentials when `spec.auth` is set (filled in by local mode
+    /// from the same source the nodes' password comes from).
+    pub auth: Option<Credentials>,
 }
 
 impl SidecarOptions {
@@ -59,6 +63,7 @@ pub fn sidecar_config(spec: &CacheTierSpec, options: &SidecarOptions, seeds: &[S
         } else {
             CacheConfig::default()
         },
+        auth: options.auth.clone(),
         ..Config::default()
     }
 }
@@ -178,6 +183,7 @@ mod tests {
     const OPTIONS: SidecarOptions = SidecarOptions {
         port: None,
         metrics: None,
+        auth: None,
     };
 
     #[test]
@@ -214,6 +220,7 @@ mod tests {
         let overridden = SidecarOptions {
             port: Some(6500),
             metrics: None,
+            auth: None,
         };
         assert_eq!(
             overridden.listen(&spec),
@@ -236,6 +243,7 @@ mod tests {
         let options = SidecarOptions {
             port: Some(taken.local_addr().unwrap().port()),
             metrics: None,
+            auth: None,
         };
         let spec = spec(
             "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec: {shards: 1, maxMemory: 64Mi}\n",

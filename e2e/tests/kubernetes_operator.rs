@@ -15,6 +15,8 @@ use cachetier_e2e::{Kubectl, OperatorEnv, kubernetes, split_image, wait_for};
 
 const TIER: &str = "product-cache";
 const KEYS: usize = 300;
+/// The image a tier is rolled to (the example's is `redis:7.2`).
+const ROLLED_IMAGE: &str = "redis:7.2.5";
 
 fn jsonpath(k: Kubectl, ns: &str, object: &str, path: &str) -> String {
     k.ok(&["get", "-n", ns, object, "-o", &format!("jsonpath={path}")])
@@ -227,6 +229,61 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         "key:3",
     ]);
     assert_eq!(mget.split_whitespace().collect::<Vec<_>>(), ["1", "2", "3"]);
+
+    // A new image rolls out one pod at a time through the core's graceful
+    // replace, while a client reads through the sidecar without an error.
+    // (About five minutes of reads, two a second, from the start of the roll.)
+    let reader_ns = ns.to_string();
+    let reader = std::thread::spawn(move || {
+        let script = "errors=0; for i in $(seq 1 600); do v=$(redis-cli -p 6379 get key:7); [ \"$v\" = 7 ] || errors=$((errors+1)); sleep 0.5; done; echo $errors";
+        k.ok(&[
+            "exec",
+            "-n",
+            &reader_ns,
+            "e2e-injected",
+            "-c",
+            "app",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+    });
+    k.ok(&[
+        "patch",
+        "-n",
+        ns,
+        &format!("cachetier/{TIER}"),
+        "--type=merge",
+        "-p",
+        &format!("{{\"spec\":{{\"image\":\"{ROLLED_IMAGE}\"}}}}"),
+    ]);
+    wait_for(
+        "every Redis pod to run the new image",
+        Duration::from_secs(1200),
+        || {
+            let images = k.ok(&[
+                "get",
+                "pods",
+                "-n",
+                ns,
+                "-l",
+                &format!("cachetier.io/tier={TIER}"),
+                "-o",
+                "jsonpath={.items[*].spec.containers[0].image}",
+            ]);
+            let all_new = !images.is_empty() && images.split_whitespace().all(|i| i == ROLLED_IMAGE);
+            if all_new { Ok(()) } else { Err(images) }
+        },
+    );
+    wait_ready(k, ns, 3);
+    assert_eq!(count_keys(k, ns), KEYS, "keys lost in the rolling replace");
+    let read_errors = reader.join().unwrap();
+    assert_eq!(
+        read_errors.trim(),
+        "0",
+        "reads through the sidecar failed during the rolling replace"
+    );
 
     // An operator outage never blocks pod creation (failurePolicy Ignore).
     k.ok(&["scale", "-n", ops, "deployment/cachetier", "--replicas=0"]);

@@ -51,6 +51,8 @@ pub struct Fx {
     pub loners: Vec<(u32, u32)>,
     pub stale: Vec<NodeLine>,
     pub health: HashMap<SocketAddr, HealthRecord>,
+    /// Nodes the pool reports as running an outdated definition.
+    pub outdated: Vec<(u32, u32)>,
 }
 
 impl Fx {
@@ -133,6 +135,7 @@ impl Fx {
                 bus_port: addr(*shard, *ordinal).port() + 10000,
                 hostname: None,
                 pid: None,
+                outdated: self.outdated.contains(&(*shard, *ordinal)),
             };
             let report = if self.unreachable.contains(&(*shard, *ordinal)) {
                 Err("unreachable".to_string())

@@ -28,6 +28,10 @@ pub struct PoolNode {
     pub hostname: Option<String>,
     /// Process id (local backend only), for tests that stop or kill a node.
     pub pid: Option<u32>,
+    /// The backend runs this node from an outdated definition (Kubernetes: a
+    /// pod of an older StatefulSet revision, e.g. a previous image). The core
+    /// replaces it gracefully, one node at a time, like a restart-only setting.
+    pub outdated: bool,
 }
 
 /// The name of the node for (shard, ordinal) of tier `tier`.

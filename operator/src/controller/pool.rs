@@ -10,6 +10,7 @@
 //! deletes the StatefulSet); destroying another ordinal deletes the pod, which
 //! the StatefulSet recreates empty under the same name.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -31,6 +32,8 @@ pub const POOL_FIELD_MANAGER: &str = "cachetier-operator-pool";
 /// Longest `create` waits for the new pod to run and accept connections; a
 /// pod still Pending then fails the step, and the next round tries again.
 const CREATE_WAIT: Duration = Duration::from_secs(120);
+/// The label the StatefulSet controller puts on a pod: its revision.
+const REVISION_LABEL: &str = "controller-revision-hash";
 /// Redis client port in every pod.
 const REDIS_PORT: u16 = 6379;
 /// Cluster bus port in every pod.
@@ -108,7 +111,7 @@ impl KubePool {
         let deadline = tokio::time::Instant::now() + CREATE_WAIT;
         loop {
             if let Some(found) = self.pods.get_opt(pod).await.map_err(|e| kube_error(pod, e))?
-                && let Some(node) = self.to_node(&found)
+                && let Some(node) = self.to_node(&found, &BTreeMap::new())
                 && tokio::net::TcpStream::connect(node.addr).await.is_ok()
             {
                 debug_assert_eq!((node.shard, node.ordinal), (shard, ordinal));
@@ -127,8 +130,11 @@ impl KubePool {
     }
 
     /// A running pod as a pool node; `None` for a pod without an IP yet, one
-    /// being deleted, or one this tier did not create.
-    fn to_node(&self, pod: &Pod) -> Option<PoolNode> {
+    /// being deleted, or one this tier did not create. `revisions` maps a
+    /// shard to its StatefulSet's update revision: a pod of another revision
+    /// is outdated (the template changed, e.g. a new image; `OnDelete` leaves
+    /// replacing it to the core's graceful replace).
+    fn to_node(&self, pod: &Pod, revisions: &BTreeMap<u32, String>) -> Option<PoolNode> {
         if pod.metadata.deletion_timestamp.is_some() {
             return None;
         }
@@ -141,7 +147,12 @@ impl KubePool {
             return None;
         }
         let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+        let outdated = match (labels.get(REVISION_LABEL), revisions.get(&shard)) {
+            (Some(have), Some(want)) => have != want,
+            _ => false,
+        };
         Some(PoolNode {
+            outdated,
             hostname: Some(reconcile::node_dns_name(tier, &self.namespace, &name)),
             name,
             shard,
@@ -238,7 +249,24 @@ impl NodePool for KubePool {
             .list(&ListParams::default().labels(&selector))
             .await
             .map_err(|e| kube_error("listing the tier's pods", e))?;
-        let mut nodes: Vec<PoolNode> = pods.items.iter().filter_map(|p| self.to_node(p)).collect();
+        let sets = self
+            .sets
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| kube_error("listing the tier's StatefulSets", e))?;
+        let revisions: BTreeMap<u32, String> = sets
+            .items
+            .iter()
+            .filter_map(|set| {
+                let shard = set.metadata.labels.as_ref()?.get(SHARD_LABEL)?.parse().ok()?;
+                Some((shard, set.status.as_ref()?.update_revision.clone()?))
+            })
+            .collect();
+        let mut nodes: Vec<PoolNode> = pods
+            .items
+            .iter()
+            .filter_map(|p| self.to_node(p, &revisions))
+            .collect();
         nodes.sort_by_key(|n| (n.shard, n.ordinal));
         Ok(nodes)
     }
@@ -284,7 +312,10 @@ mod api_tests {
     fn pod(name: &str, ip: Option<&str>, deleting: bool) -> Value {
         let mut pod = json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "ns", "labels": {"cachetier.io/tier": "t", "cachetier.io/shard": "0"}},
+            "metadata": {"name": name, "namespace": "ns", "labels": {
+                "cachetier.io/tier": "t", "cachetier.io/shard": "0",
+                "controller-revision-hash": if name == "t-0-0" { "t-0-old" } else { "t-0-new" }
+            }},
             "spec": {"containers": []},
             "status": {"phase": if ip.is_some() { "Running" } else { "Pending" }}
         });
@@ -324,6 +355,17 @@ mod api_tests {
         let (method, uri) = answer(&mut handle, list).await;
         assert_eq!(method, "GET");
         assert!(uri.contains("labelSelector=cachetier.io%2Ftier%3Dt"), "{uri}");
+        let sets = json!({"apiVersion": "apps/v1", "kind": "StatefulSetList", "metadata": {}, "items": [{
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "t-0", "namespace": "ns", "labels": {"cachetier.io/tier": "t", "cachetier.io/shard": "0"}},
+            "spec": {"selector": {}, "serviceName": "t-nodes", "template": {}},
+            "status": {"replicas": 4, "updateRevision": "t-0-new"}
+        }]});
+        let (_, uri) = answer(&mut handle, sets).await;
+        assert!(
+            uri.starts_with("/apis/apps/v1/namespaces/ns/statefulsets?"),
+            "{uri}"
+        );
         let nodes = listing.await.unwrap().unwrap();
         let names: Vec<_> = nodes
             .iter()
@@ -337,6 +379,12 @@ mod api_tests {
             ]
         );
         assert_eq!(nodes[0].hostname.as_deref(), Some("t-0-0.t-nodes.ns.svc"));
+        let outdated: Vec<bool> = nodes.iter().map(|n| n.outdated).collect();
+        assert_eq!(
+            outdated,
+            [true, false],
+            "t-0-0 runs the StatefulSet's old revision"
+        );
     }
 
     fn set(replicas: i32) -> Value {

@@ -324,6 +324,7 @@ impl NodePool for LocalPool {
             bus_port,
             hostname: Some(name.clone()),
             pid: child.id(),
+            outdated: false,
         };
         let previous = self.lock().insert(
             name,

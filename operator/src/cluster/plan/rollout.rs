@@ -35,7 +35,8 @@ fn in_sync(v: &NodeView) -> bool {
         .is_some_and(|r| r.myself.master || (r.repl.link_up && !r.repl.sync_in_progress && !r.repl.loading))
 }
 
-/// Replaces, one node at a time, nodes whose restart-only settings differ.
+/// Replaces, one node at a time, nodes whose restart-only settings differ or
+/// whose backend definition is outdated (a new image on Kubernetes).
 pub(super) fn restart_rollout(ctx: &Ctx<'_>, out: &mut Plan) {
     let want = settings::desired(ctx.input.tier);
     let stale: Vec<(&NodeView, Vec<String>)> = ctx
@@ -44,7 +45,13 @@ pub(super) fn restart_rollout(ctx: &Ctx<'_>, out: &mut Plan) {
         .nodes
         .iter()
         .filter_map(|v| {
-            let (_, restart) = settings::drift(&want, &v.reported()?.config);
+            let mut restart = v
+                .reported()
+                .map(|r| settings::drift(&want, &r.config).1)
+                .unwrap_or_default();
+            if v.pool.outdated {
+                restart.push("its pod template (image or pod settings)".to_string());
+            }
             (!restart.is_empty()).then_some((v, restart))
         })
         .collect();

@@ -122,6 +122,45 @@ fn a_converged_tier_plans_nothing() {
     assert!(p.is_converged(), "{p:?}");
 }
 
+#[test]
+fn an_outdated_replica_is_replaced_first_and_alone() {
+    let mut fx = Fx::tier_3x1();
+    fx.outdated = vec![(0, 0), (1, 1)];
+    let p = fx.plan(&tier(3, 1));
+    let destroyed: Vec<&str> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DestroyNode {
+                name,
+                reason: Removal::Restarted { .. },
+                ..
+            } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(destroyed, [name(1, 1).as_str()], "{p:?}");
+    assert!(
+        !p.actions.iter().any(|a| matches!(a, Action::Failover { .. })),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn an_outdated_primary_hands_over_gracefully_before_it_is_replaced() {
+    let mut fx = Fx::tier_3x1();
+    fx.outdated = vec![(2, 0)];
+    let p = fx.plan(&tier(3, 1));
+    assert!(
+        p.actions.iter().any(|a| matches!(a, Action::Failover { from, kind: FailoverKind::Graceful, .. } if *from == name(2, 0))),
+        "{p:?}"
+    );
+    assert!(
+        !p.actions.iter().any(|a| matches!(a, Action::DestroyNode { .. })),
+        "{p:?}"
+    );
+}
+
 /// Applies planned migrations to per-node slot sets.
 fn apply(fx: &mut Fx, actions: &[Action]) {
     use std::collections::BTreeSet;

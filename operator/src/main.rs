@@ -212,13 +212,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             match cachetier_operator::reconcile::render_manifest(&text) {
                 Ok(yaml) => print!("{yaml}"),
-                Err(Error::Invalid(invalid)) => {
-                    eprintln!("{} is not a valid CacheTier:", file.display());
-                    for problem in &invalid.problems {
-                        eprintln!("  {problem}");
-                    }
-                    return Ok(ExitCode::from(2));
-                }
+                Err(Error::Invalid(invalid)) => return Ok(refused(&file, &invalid)),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -241,7 +235,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 metrics: sidecar_metrics,
                 auth: None,
             });
-            let mut options = LocalOptions::new(file);
+            let mut options = LocalOptions::new(file.clone());
             options.auth = local::LocalAuth {
                 password_env: auth_password_env,
                 password_file: auth_password_file,
@@ -256,13 +250,7 @@ fn main() -> anyhow::Result<ExitCode> {
             let outcome = runtime.block_on(local::run(options, |_seeds| async {}));
             match outcome {
                 Ok(()) => {}
-                Err(Error::Invalid(invalid)) => {
-                    eprintln!("the manifest is not a valid CacheTier:");
-                    for problem in &invalid.problems {
-                        eprintln!("  {problem}");
-                    }
-                    return Ok(ExitCode::from(2));
-                }
+                Err(Error::Invalid(invalid)) => return Ok(refused(&file, &invalid)),
                 Err(e @ Error::RedisServerMissing { .. }) => {
                     eprintln!("{e}");
                     return Ok(ExitCode::from(1));
@@ -290,4 +278,13 @@ fn init_logs(format: &str, default_level: &str) {
     } else {
         builder.init();
     }
+}
+
+/// Says why a manifest was refused, one problem a line; exit status 2.
+fn refused(file: &std::path::Path, invalid: &cachetier_crds::validate::Invalid) -> ExitCode {
+    eprintln!("{} is not a valid CacheTier:", file.display());
+    for problem in &invalid.problems {
+        eprintln!("  {problem}");
+    }
+    ExitCode::from(2)
 }

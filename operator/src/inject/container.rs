@@ -2,12 +2,11 @@
 
 use cachetier_crds::{CacheTier, ReadPolicy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Probe, SecretKeySelector,
-    SecurityContext,
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Probe, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::reconcile::{node_dns_name, shard_name};
+use crate::reconcile::{node_dns_name, secret_env, shard_name};
 
 /// The sidecar image the webhook injects (the operator's `--sidecar-image`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,21 +24,6 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.to_string(),
         value: Some(value.into()),
-        ..EnvVar::default()
-    }
-}
-
-fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
-    EnvVar {
-        name: name.to_string(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.to_string(),
-                key: key.to_string(),
-                optional: Some(false),
-            }),
-            ..EnvVarSource::default()
-        }),
         ..EnvVar::default()
     }
 }

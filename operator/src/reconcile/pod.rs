@@ -172,7 +172,9 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+/// An environment variable from a key of a Secret (a password never goes into
+/// a ConfigMap or an argument in plain text).
+pub fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
         name: name.to_string(),
         value_from: Some(EnvVarSource {

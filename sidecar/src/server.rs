@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cache::{self, LocalCache};
+use crate::cache::LocalCache;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gate;
@@ -33,6 +33,7 @@ use crate::metrics::{self, Metrics};
 use crate::resp::{self, Frame};
 use crate::router::{Action, ClientState, ReplyFuture, Router};
 use crate::topology::Registry;
+use crate::tracking;
 use crate::upstream::UpstreamSettings;
 
 /// Most requests one client may have in flight before the sidecar stops
@@ -62,9 +63,19 @@ pub struct NodeState {
     pub healthy: bool,
     /// Replicas: the read gate is open. Primaries: always true.
     pub gate_open: bool,
+    /// The local cache's tracking connection to it is established (only a
+    /// current primary's can be; entries of its slots may be cached).
+    pub tracked: bool,
 }
 
 impl Sidecar {
+    /// The address of the primary this sidecar routes `slot` to now (tests
+    /// and diagnostics: a MOVED is followed at once, the map follows soon).
+    pub fn slot_owner(&self, slot: u16) -> Option<String> {
+        let topo = self.router.registry.current();
+        topo.shard(slot).map(|s| s.primary.addr.clone())
+    }
+
     /// Validate `config`, discover the topology (a failure is logged and
     /// retried in the background; `/readyz` says when it is known), bind the
     /// listener and the metrics server, and start serving.
@@ -129,7 +140,7 @@ impl Sidecar {
             config.max_lag_bytes,
         )));
         if let Some(cache) = &cache {
-            background.push(tokio::spawn(cache::run_tracking(
+            background.push(tokio::spawn(tracking::run(
                 cache.clone(),
                 registry.clone(),
                 config.response_timeout,
@@ -195,6 +206,7 @@ impl Sidecar {
                 primary: true,
                 healthy: shard.primary.is_healthy(),
                 gate_open: true,
+                tracked: shard.primary.tracked.load(std::sync::atomic::Ordering::SeqCst),
             });
             for r in &shard.replicas {
                 out.push(NodeState {
@@ -202,6 +214,7 @@ impl Sidecar {
                     primary: false,
                     healthy: r.is_healthy(),
                     gate_open: r.gate_open(),
+                    tracked: r.tracked.load(std::sync::atomic::Ordering::SeqCst),
                 });
             }
         }

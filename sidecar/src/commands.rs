@@ -74,8 +74,7 @@ pub struct CommandInfo {
 }
 
 const WAIT: &str = "WAIT/WAITAOF count the writes of one connection; through the cachetier sidecar's shared upstream connections they cannot mean what they mean in Redis";
-const PUBSUB: &str =
-    "pub/sub subscriptions are not supported by the cachetier sidecar; subscribe on a Redis node directly";
+const PUBSUB: &str = "sharded pub/sub (SSUBSCRIBE/SUNSUBSCRIBE/SPUBLISH) and subscribing inside MULTI are not supported by the cachetier sidecar";
 const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
 
 fn k1() -> KeySpec {

@@ -26,6 +26,7 @@ pub mod error;
 pub mod gate;
 pub mod metrics;
 pub mod order;
+pub mod pubsub;
 pub mod replica;
 pub mod resp;
 pub mod router;

@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gate;
 use crate::metrics::{self, Metrics};
+use crate::pubsub::{self, Step, Subscriber};
 use crate::resp::{self, Frame};
 use crate::router::{Action, ClientState, ReplyFuture, Router};
 use crate::topology::Registry;
@@ -309,9 +310,54 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     let mut st = ClientState::default();
     let mut checker = resp::Checker::new(limits);
     let mut reading = !*stop.borrow();
+    // The client's subscription connection, once it subscribes (`pubsub.rs`),
+    // and a request waiting for its turn there.
+    let mut sub: Option<Subscriber> = None;
+    let mut held: Option<resp::Request> = None;
     loop {
-        while reading && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE {
-            match resp::parse_request_with(&mut inbuf, &mut checker, &limits) {
+        while (reading || held.is_some()) && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE {
+            let parsed = match held.take() {
+                Some(req) => Ok(Some(req)),
+                None if !reading => break,
+                None => resp::parse_request_with(&mut inbuf, &mut checker, &limits),
+            };
+            let parsed = match parsed {
+                Ok(Some(req)) => {
+                    let name = req.args.first().cloned().unwrap_or_default();
+                    // Inside MULTI the router queues or refuses it.
+                    let step = if st.multi.is_some() {
+                        Step::Ordinary
+                    } else {
+                        pubsub::step(sub.as_ref(), st.proto, &name, pending.is_empty())
+                    };
+                    match step {
+                        Step::Ordinary => {
+                            if name.eq_ignore_ascii_case(b"reset") {
+                                // Closing it ends every subscription, as RESET does.
+                                sub = None;
+                            }
+                            Ok(Some(req))
+                        }
+                        Step::Hold => {
+                            held = Some(req);
+                            break;
+                        }
+                        Step::Refuse(b) => {
+                            out.extend_from_slice(&b);
+                            continue;
+                        }
+                        Step::Forward => {
+                            if let Err(b) = forward_subscription(&router, &mut sub, st.proto, &req.raw).await
+                            {
+                                out.extend_from_slice(&b);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                other => other,
+            };
+            match parsed {
                 // Nothing of this client in flight: a local-cache hit is
                 // answered straight into the output buffer, with no future.
                 Ok(Some(req))
@@ -343,7 +389,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 }
             }
         }
-        if !reading && pending.is_empty() && out.is_empty() {
+        if !reading && held.is_none() && pending.is_empty() && out.is_empty() {
             break;
         }
         tokio::select! {
@@ -373,11 +419,80 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 Ok(n) if n > 0 => out.advance(n),
                 _ => break,
             },
+            r = subscription_read(&mut sub), if sub.is_some() && out.len() <= output_limit => {
+                let drained = match (r, sub.as_mut()) {
+                    (Ok(()), Some(s)) => s.drain(&mut out),
+                    (Err(e), _) => Err(e),
+                    (Ok(()), None) => Ok(()),
+                };
+                if let Err(e) = drained {
+                    tracing::debug!(error = %e, "subscription connection lost; closing the client");
+                    break;
+                }
+                if out.len() > output_limit {
+                    router.metrics.output_limit_closes.inc();
+                    tracing::warn!(bytes = out.len(), "subscriber output limit reached; closing the connection");
+                    break;
+                }
+            }
             _ = stop.changed(), if reading => reading = false,
         }
     }
     let _ = wr.shutdown().await;
     router.metrics.client_connections.dec();
+}
+
+/// Send a subscription command on the client's own connection, opening it
+/// (to a primary) first if needed; the error reply to give on failure.
+async fn forward_subscription(
+    router: &Router,
+    sub: &mut Option<Subscriber>,
+    proto: u8,
+    raw: &[u8],
+) -> std::result::Result<(), bytes::Bytes> {
+    if sub.is_none() {
+        let topo = router.registry.current();
+        let Some(shard) = topo.shards.iter().find(|s| s.primary.is_healthy()) else {
+            return Err(error_frame("CLUSTERDOWN cachetier: no primary to subscribe on"));
+        };
+        let opened = Subscriber::open(
+            &shard.primary.addr,
+            proto,
+            router.config.response_timeout,
+            router.config.auth.as_ref(),
+        )
+        .await;
+        match opened {
+            Ok(s) => *sub = Some(s),
+            Err(e) => {
+                return Err(error_frame(&format!(
+                    "ERR cachetier: could not open a subscription connection to {}: {e}",
+                    shard.primary.addr
+                )));
+            }
+        }
+    }
+    let Some(s) = sub.as_mut() else {
+        return Err(error_frame("ERR cachetier: no subscription connection"));
+    };
+    if let Err(e) = s.forward(raw).await {
+        *sub = None;
+        return Err(error_frame(&format!(
+            "ERR cachetier: subscription connection lost: {e}"
+        )));
+    }
+    Ok(())
+}
+
+/// Read from the client's subscription connection (pending for ever when
+/// there is none; the select guards that).
+async fn subscription_read(
+    sub: &mut Option<Subscriber>,
+) -> std::result::Result<(), crate::error::UpstreamError> {
+    match sub.as_mut() {
+        Some(s) => s.read().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn error_frame(msg: &str) -> bytes::Bytes {

@@ -74,7 +74,8 @@ pub struct CommandInfo {
 }
 
 const WAIT: &str = "WAIT/WAITAOF count the writes of one connection; through the cachetier sidecar's shared upstream connections they cannot mean what they mean in Redis";
-const PUBSUB: &str = "sharded pub/sub (SSUBSCRIBE/SUNSUBSCRIBE/SPUBLISH) and subscribing inside MULTI are not supported by the cachetier sidecar";
+const PUBSUB: &str =
+    "SSUBSCRIBE/SUNSUBSCRIBE and subscribing inside MULTI are not supported by the cachetier sidecar";
 const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
 
 fn k1() -> KeySpec {
@@ -355,11 +356,14 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
             "function",
             "config",
             "reset",
+            "pubsub",
         ],
         Server,
         KeySpec::None,
     );
     add(&["time", "publish", "lastsave"], AnyPrimary, KeySpec::None);
+    // A shard channel lives in its name's slot, like a key.
+    add(&["spublish"], Write, k1());
     // Blocking forms run on a connection of the client's own (`block_timeout`).
     add(
         &["blpop", "brpop", "bzpopmin", "bzpopmax"],
@@ -381,8 +385,6 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
             "unsubscribe",
             "punsubscribe",
             "sunsubscribe",
-            "spublish",
-            "pubsub",
         ],
         Unsupported(PUBSUB),
         KeySpec::None,

@@ -237,14 +237,13 @@ async fn malformed_requests_get_clear_errors_and_do_not_disturb_other_clients() 
         .await
         .unwrap_err();
     assert!(e.to_string().contains("WAIT"), "{e}");
-    // (SUBSCRIBE is served now, see tests/pubsub.rs; sharded pub/sub is not.)
-    let e = redis::cmd("SPUBLISH")
+    // (SUBSCRIBE is served now, see tests/pubsub.rs; SSUBSCRIBE is not.)
+    let e = redis::cmd("SSUBSCRIBE")
         .arg("ch")
-        .arg("m")
         .query_async::<()>(&mut bystander)
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("sharded pub/sub"), "{e}");
+    assert!(e.to_string().contains("SSUBSCRIBE"), "{e}");
 
     // Inline commands (telnet style) work.
     let (reply, _) = raw_exchange(addr, b"PING\r\nQUIT\r\n").await;

@@ -187,3 +187,68 @@ async fn a_redis_crate_pubsub_client_receives_what_another_client_publishes() {
     );
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_counts_every_primarys_subscribers_and_spublish_goes_to_the_channels_shard() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    // One subscriber through the sidecar, one straight on each node.
+    let mut via = Raw::connect(&sidecar.local_addr().to_string()).await;
+    via.send(&["SUBSCRIBE", "a", "b"]).await;
+    via.send(&["PSUBSCRIBE", "p*"]).await;
+    via.frames(3).await;
+    let mut direct = Vec::new();
+    for n in &cluster.nodes {
+        let mut d = Raw::connect(&n.addr()).await;
+        d.send(&["SUBSCRIBE", "b", "c"]).await;
+        d.frames(2).await;
+        direct.push(d);
+    }
+    let mut channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    channels.sort();
+    assert_eq!(channels, vec!["a", "b", "c"], "united over the primaries");
+    let numsub: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("a")
+        .arg("b")
+        .arg("zz")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(numsub, vec![("a".into(), 1), ("b".into(), 4), ("zz".into(), 0)]);
+    let numpat: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(numpat, 1);
+
+    // A shard channel lives on its slot's primary.
+    let (owner, _) = cluster.shard_of("orders:eu");
+    let mut shard_sub = Raw::connect(&owner).await;
+    shard_sub.send(&["SSUBSCRIBE", "orders:eu"]).await;
+    shard_sub.frame().await;
+    let shard_channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("SHARDCHANNELS")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(shard_channels, vec!["orders:eu"]);
+    let received: i64 = redis::cmd("SPUBLISH")
+        .arg("orders:eu")
+        .arg("o9")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(received, 1, "delivered on the channel's shard");
+    assert_eq!(
+        &shard_sub.frame().await[..],
+        b"*3\r\n$8\r\nsmessage\r\n$9\r\norders:eu\r\n$2\r\no9\r\n"
+    );
+    sidecar.shutdown().await;
+}

@@ -31,6 +31,7 @@ use crate::slot;
 use crate::topology::Registry;
 use crate::upstream::{Node, Proto};
 
+mod pubsub_query;
 mod server;
 mod split;
 mod transaction;

@@ -20,6 +20,7 @@ use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use rand::seq::IndexedRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -393,7 +394,8 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
             break;
         }
         tokio::select! {
-            r = rd.read_buf(&mut inbuf), if reading && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE => match r {
+            // Not while a request waits for its turn (bounded input).
+            r = rd.read_buf(&mut inbuf), if reading && held.is_none() && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE => match r {
                 // The client half-closed: answer what it sent, then close.
                 Ok(0) => reading = false,
                 Ok(_) => {}
@@ -451,12 +453,20 @@ async fn forward_subscription(
     raw: &[u8],
 ) -> std::result::Result<(), bytes::Bytes> {
     if sub.is_none() {
+        // Any primary hears every channel; a random one spreads subscribers
+        // (and the delivery work) over the shards.
         let topo = router.registry.current();
-        let Some(shard) = topo.shards.iter().find(|s| s.primary.is_healthy()) else {
+        let healthy: Vec<&Arc<crate::upstream::Node>> = topo
+            .shards
+            .iter()
+            .map(|s| &s.primary)
+            .filter(|p| p.is_healthy())
+            .collect();
+        let Some(primary) = healthy.choose(&mut rand::rng()) else {
             return Err(error_frame("CLUSTERDOWN cachetier: no primary to subscribe on"));
         };
         let opened = Subscriber::open(
-            &shard.primary.addr,
+            &primary.addr,
             proto,
             router.config.response_timeout,
             router.config.auth.as_ref(),
@@ -467,7 +477,7 @@ async fn forward_subscription(
             Err(e) => {
                 return Err(error_frame(&format!(
                     "ERR cachetier: could not open a subscription connection to {}: {e}",
-                    shard.primary.addr
+                    primary.addr
                 )));
             }
         }

@@ -74,8 +74,7 @@ pub struct CommandInfo {
 }
 
 const WAIT: &str = "WAIT/WAITAOF count the writes of one connection; through the cachetier sidecar's shared upstream connections they cannot mean what they mean in Redis";
-const PUBSUB: &str =
-    "SSUBSCRIBE/SUNSUBSCRIBE and subscribing inside MULTI are not supported by the cachetier sidecar";
+const PUBSUB: &str = "subscribing inside MULTI is not supported by the cachetier sidecar";
 const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
 
 fn k1() -> KeySpec {

@@ -8,6 +8,11 @@
 //! confirmations, messages, RESP3 pushes, the RESP2 subscribed-mode `PING`
 //! reply — is copied to the client as it is, so the frames are Redis's own.
 //!
+//! `SSUBSCRIBE`/`SUNSUBSCRIBE` go to the primary of their channel's slot:
+//! the first subscription command of a client picks the node (a random
+//! primary for the others), and a shard channel of another shard on the
+//! same client connection is refused.
+//!
 //! Order: a subscription command is sent once everything the client sent
 //! before it has its reply; behind each one the sidecar sends a
 //! `PING <marker>` of its own and swallows its reply, so it knows when the
@@ -41,15 +46,26 @@ pub enum Step {
 
 /// The subscription commands that go on the client's own connection.
 fn is_subscription_command(name: &[u8]) -> bool {
-    ["subscribe", "psubscribe", "unsubscribe", "punsubscribe"]
-        .iter()
-        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
+    [
+        "subscribe",
+        "psubscribe",
+        "unsubscribe",
+        "punsubscribe",
+        "ssubscribe",
+        "sunsubscribe",
+    ]
+    .iter()
+    .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
 }
 
-/// Allowed in RESP2 subscribed mode besides the subscription commands (the
-/// shard ones are refused by the router as not supported).
+/// A shard-channel command: its channel's slot decides the node.
+pub fn is_shard_command(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"ssubscribe") || name.eq_ignore_ascii_case(b"sunsubscribe")
+}
+
+/// Allowed in RESP2 subscribed mode besides the subscription commands.
 fn allowed_when_subscribed(name: &[u8]) -> bool {
-    ["ping", "quit", "reset", "ssubscribe", "sunsubscribe"]
+    ["ping", "quit", "reset"]
         .iter()
         .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
 }
@@ -72,8 +88,12 @@ pub struct Subscriber {
     buf: BytesMut,
     checker: resp::Checker,
     proto: u8,
-    /// The subscription count of the latest confirmation.
+    /// The node it is connected to.
+    pub addr: String,
+    /// Channels and patterns, as the latest confirmation counted them.
     count: i64,
+    /// Shard channels (Redis counts them apart).
+    shard_count: i64,
     /// Marker tokens sent and not yet answered, oldest first.
     markers: VecDeque<Bytes>,
     next_marker: u64,
@@ -104,7 +124,9 @@ impl Subscriber {
             buf,
             checker: resp::Checker::new(Limits::upstream()),
             proto,
+            addr: addr.to_string(),
             count: 0,
+            shard_count: 0,
             markers: VecDeque::new(),
             next_marker: 0,
         })
@@ -113,7 +135,7 @@ impl Subscriber {
     /// Subscribed (RESP2 restrictions apply) as far as the last settled
     /// confirmation says.
     pub fn subscribed(&self) -> bool {
-        self.count > 0
+        self.count > 0 || self.shard_count > 0
     }
 
     /// Every forwarded command has all its confirmations.
@@ -155,8 +177,10 @@ impl Subscriber {
                 self.markers.pop_front();
                 continue;
             }
-            if let Some(count) = confirmation_count(&frame) {
-                self.count = count;
+            match confirmation_count(&frame) {
+                Some((true, n)) => self.shard_count = n,
+                Some((false, n)) => self.count = n,
+                None => {}
             }
             out.extend_from_slice(&raw);
         }
@@ -177,14 +201,17 @@ impl Subscriber {
     }
 }
 
-/// The subscription count a (un)subscribe confirmation reports.
-fn confirmation_count(frame: &Frame) -> Option<i64> {
+/// The subscription count a (un)subscribe confirmation reports, and whether
+/// it counts shard channels.
+fn confirmation_count(frame: &Frame) -> Option<(bool, i64)> {
     let items = match frame {
         Frame::Array(items) | Frame::Push(items) => items,
         _ => return None,
     };
     match items.as_slice() {
-        [Frame::Bulk(kind), _, Frame::Integer(n)] if is_subscription_command(kind) => Some(*n),
+        [Frame::Bulk(kind), _, Frame::Integer(n)] if is_subscription_command(kind) => {
+            Some((is_shard_command(kind), *n))
+        }
         _ => None,
     }
 }
@@ -243,7 +270,7 @@ mod tests {
             Frame::Bulk(Bytes::from_static(b"ch")),
             Frame::Integer(0),
         ]);
-        assert_eq!(confirmation_count(&f), Some(0));
+        assert_eq!(confirmation_count(&f), Some((false, 0)));
         let m = Frame::Push(vec![
             Frame::Bulk(Bytes::from_static(b"message")),
             Frame::Bulk(Bytes::from_static(b"ch")),

@@ -348,8 +348,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                             continue;
                         }
                         Step::Forward => {
-                            if let Err(b) = forward_subscription(&router, &mut sub, st.proto, &req.raw).await
-                            {
+                            if let Err(b) = forward_subscription(&router, &mut sub, st.proto, &req).await {
                                 out.extend_from_slice(&b);
                             }
                             continue;
@@ -450,18 +449,46 @@ async fn forward_subscription(
     router: &Router,
     sub: &mut Option<Subscriber>,
     proto: u8,
-    raw: &[u8],
+    req: &resp::Request,
 ) -> std::result::Result<(), bytes::Bytes> {
+    let topo = router.registry.current();
+    // A shard channel lives on its slot's primary.
+    let shard_owner = match (req.args.first(), req.args.get(1)) {
+        (Some(name), Some(channel)) if pubsub::is_shard_command(name) => {
+            match topo.shard(crate::slot::slot(channel)) {
+                Some(s) => Some(s.primary.clone()),
+                None => {
+                    return Err(error_frame(
+                        "CLUSTERDOWN cachetier: the channel's slot is not served",
+                    ));
+                }
+            }
+        }
+        _ => None,
+    };
+    if let (Some(s), Some(owner)) = (sub.as_ref(), &shard_owner)
+        && s.addr != owner.addr
+        && req
+            .args
+            .first()
+            .is_some_and(|n| n.eq_ignore_ascii_case(b"ssubscribe"))
+    {
+        return Err(error_frame(
+            "ERR cachetier: this connection's subscriptions are on another shard than this shard channel's; subscribe to it on another connection",
+        ));
+    }
     if sub.is_none() {
         // Any primary hears every channel; a random one spreads subscribers
         // (and the delivery work) over the shards.
-        let topo = router.registry.current();
-        let healthy: Vec<&Arc<crate::upstream::Node>> = topo
-            .shards
-            .iter()
-            .map(|s| &s.primary)
-            .filter(|p| p.is_healthy())
-            .collect();
+        let healthy: Vec<&Arc<crate::upstream::Node>> = match &shard_owner {
+            Some(owner) => vec![owner],
+            None => topo
+                .shards
+                .iter()
+                .map(|s| &s.primary)
+                .filter(|p| p.is_healthy())
+                .collect(),
+        };
         let Some(primary) = healthy.choose(&mut rand::rng()) else {
             return Err(error_frame("CLUSTERDOWN cachetier: no primary to subscribe on"));
         };
@@ -485,7 +512,7 @@ async fn forward_subscription(
     let Some(s) = sub.as_mut() else {
         return Err(error_frame("ERR cachetier: no subscription connection"));
     };
-    if let Err(e) = s.forward(raw).await {
+    if let Err(e) = s.forward(&req.raw).await {
         *sub = None;
         return Err(error_frame(&format!(
             "ERR cachetier: subscription connection lost: {e}"

@@ -252,3 +252,55 @@ async fn pubsub_counts_every_primarys_subscribers_and_spublish_goes_to_the_chann
     );
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_channel_subscriber_is_served_by_its_slots_primary() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut publisher = client(&sidecar).await;
+    let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
+    sub.send(&["SSUBSCRIBE", "orders:eu"]).await;
+    assert_eq!(
+        &sub.frame().await[..],
+        b"*3\r\n$10\r\nssubscribe\r\n$9\r\norders:eu\r\n:1\r\n"
+    );
+    // Subscribed mode holds for shard channels too.
+    sub.send(&["GET", "k"]).await;
+    assert!(String::from_utf8_lossy(&sub.frame().await).contains("Can't execute 'get'"));
+    let received: i64 = redis::cmd("SPUBLISH")
+        .arg("orders:eu")
+        .arg("o1")
+        .query_async(&mut publisher)
+        .await
+        .unwrap();
+    assert_eq!(received, 1);
+    assert_eq!(
+        &sub.frame().await[..],
+        b"*3\r\n$8\r\nsmessage\r\n$9\r\norders:eu\r\n$2\r\no1\r\n"
+    );
+    // One client connection's subscriptions share one node.
+    let (eu_owner, _) = cluster.shard_of("orders:eu");
+    let other = (0..100)
+        .map(|i| format!("orders:{i}"))
+        .find(|c| cluster.shard_of(c).0 != eu_owner)
+        .unwrap();
+    sub.send(&["SSUBSCRIBE", &other]).await;
+    let refused = sub.frame().await;
+    assert!(
+        String::from_utf8_lossy(&refused).contains("another shard"),
+        "{refused:?}"
+    );
+    // A plain UNSUBSCRIBE leaves the shard channel (Redis counts it apart).
+    sub.send(&["UNSUBSCRIBE"]).await;
+    sub.frame().await;
+    sub.send(&["GET", "k"]).await;
+    assert!(String::from_utf8_lossy(&sub.frame().await).contains("Can't execute 'get'"));
+    sub.send(&["SUNSUBSCRIBE"]).await;
+    assert_eq!(
+        &sub.frame().await[..],
+        b"*3\r\n$12\r\nsunsubscribe\r\n$9\r\norders:eu\r\n:0\r\n"
+    );
+    sub.send(&["SET", "k", "v"]).await;
+    assert_eq!(&sub.frame().await[..], b"+OK\r\n");
+    sidecar.shutdown().await;
+}

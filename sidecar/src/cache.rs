@@ -12,30 +12,31 @@
 //!   BCAST PREFIX ...`) whose invalidation pushes evict keys changed by
 //!   *anyone*, within milliseconds;
 //! * entries are only kept for slots whose primary's tracking connection is up;
-//!   when it drops, the entries it covered are flushed;
-//! * a fetch that raced with an invalidation is not inserted (striped epochs).
+//!   when it drops, the entries it covered are flushed (see `tracking.rs`);
+//! * an entry lives at most its key's own remaining TTL (`PTTL`, read with
+//!   the fill), so a key Redis is slow to expire is not served past it;
+//! * invalidation is per key: every fill of a key gets an [`Alive`] flag,
+//!   indexed by key, that its entry shares; an invalidation clears the key's
+//!   flags synchronously, so a fill that raced it is not kept and its entry,
+//!   if already in, is unservable at once. Writes of other keys leave an
+//!   entry alone however many there are.
 //!
 //! Concurrent identical misses are coalesced: the first starts one upstream
 //! fetch in a task, the others wait on its result.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::config::CacheConfig;
 use crate::lock;
 use crate::metrics::Metrics;
 use crate::order::{Stage, Turn};
-use crate::resp::{self, Frame, Limits};
 use crate::slot;
-use crate::topology::Registry;
-use crate::upstream::Node;
 
 /// Which read a cached reply answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,20 +63,52 @@ impl CacheKey {
     }
 }
 
-/// Invalidation epochs are striped by key hash; an entry is served only while
-/// its stripe's epoch is the one it was filled under, so a bump invalidates
-/// synchronously (before the write that caused it is even sent).
-const STRIPES: usize = 4096;
+/// Cleared when the key is invalidated: shared by a fill and the entry it
+/// inserts, so an invalidation at any time after the fill started makes its
+/// value unservable at once (before the write that caused it is even sent).
+type Alive = Arc<AtomicBool>;
 
 #[derive(Debug, Clone)]
 struct Entry {
     value: Bytes,
-    epoch: u64,
+    alive: Alive,
     /// The TTL bound, on tokio's clock (so it is testable with paused time);
     /// moka's own TTL, on its clock, reclaims the memory.
     expires: tokio::time::Instant,
 }
 type Waiter = watch::Receiver<Option<Bytes>>;
+
+impl Entry {
+    fn servable(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) && tokio::time::Instant::now() < self.expires
+    }
+}
+
+/// What a fill brings back: the reply, and at most how long it may be kept
+/// (`None`: the cache's TTL). See [`life_from_pttl`].
+pub type Filled = (Bytes, Option<Duration>);
+
+/// The bound a key's `PTTL` reply puts on its entry: its remaining life, none
+/// for a key without a TTL (or without the key: a nil reply), and zero (do
+/// not keep) for a reply that is not a number.
+pub fn life_from_pttl(reply: &[u8]) -> Option<Duration> {
+    let n = reply
+        .strip_prefix(b":")
+        .and_then(|r| r.strip_suffix(b"\r\n"))
+        .and_then(|r| std::str::from_utf8(r).ok())
+        .and_then(|r| r.parse::<i64>().ok());
+    match n {
+        Some(ms) if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
+        Some(-1 | -2) => None,
+        _ => Some(Duration::ZERO),
+    }
+}
+
+/// A fill in flight: its askers join it until an invalidation of its key.
+struct InFlight {
+    value: Waiter,
+    stage: watch::Receiver<Stage>,
+}
 
 /// What [`LocalCache::lookup`] found.
 #[derive(Debug)]
@@ -95,10 +128,10 @@ pub struct LocalCache {
     /// Bumped by flushes: a fill that started before a flush is not kept.
     fill_gen: AtomicU64,
     prefixes: Vec<Vec<u8>>,
-    epochs: Vec<AtomicU64>,
-    inflight: Mutex<HashMap<CacheKey, (Waiter, watch::Receiver<Stage>)>>,
-    /// Keys that may have `HGET` entries (those need a predicate to invalidate).
-    hget_keys: Mutex<HashSet<Bytes>>,
+    /// The [`Alive`] flags of every fill and entry of each key (all variants
+    /// and fields), pruned of the ones nothing holds any more.
+    alive: Mutex<HashMap<Bytes, Vec<Alive>>>,
+    inflight: Mutex<HashMap<CacheKey, InFlight>>,
     metrics: Metrics,
 }
 
@@ -109,10 +142,6 @@ impl std::fmt::Debug for LocalCache {
             .field("bytes", &self.cache.weighted_size())
             .finish()
     }
-}
-
-fn stripe(key: &[u8]) -> usize {
-    usize::from(slot::crc16(key)) % STRIPES
 }
 
 impl LocalCache {
@@ -133,10 +162,9 @@ impl LocalCache {
             cache,
             ttl: cfg.ttl.min(CacheConfig::MAX_TTL),
             prefixes: cfg.prefixes.iter().map(|p| p.as_bytes().to_vec()).collect(),
-            epochs: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             fill_gen: AtomicU64::new(0),
+            alive: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
-            hget_keys: Mutex::new(HashSet::new()),
             metrics,
         })
     }
@@ -149,8 +177,17 @@ impl LocalCache {
         self.prefixes.iter().any(|p| key.starts_with(p))
     }
 
-    fn epoch(&self, key: &[u8]) -> u64 {
-        self.epochs[stripe(key)].load(Ordering::SeqCst)
+    /// A new [`Alive`] flag for a fill of `key`, indexed so an invalidation
+    /// of the key finds it.
+    fn new_alive(&self, key: &Bytes) -> Alive {
+        let alive = Arc::new(AtomicBool::new(true));
+        let mut map = lock(&self.alive);
+        let flags = map.entry(key.clone()).or_default();
+        // Flags only the index still holds belong to fills that were not
+        // kept or entries moka dropped.
+        flags.retain(|f| Arc::strong_count(f) > 1 && f.load(Ordering::SeqCst));
+        flags.push(alive.clone());
+        alive
     }
 
     /// A fresh entry for `key`, without waiting: the client task's fast path
@@ -162,7 +199,7 @@ impl LocalCache {
         // moka's `get` completes on its first poll; if it ever did not, the
         // ordinary path answers instead.
         let e = self.cache.get(key).now_or_never().flatten()?;
-        if e.epoch == self.epoch(&key.key) && tokio::time::Instant::now() < e.expires {
+        if e.servable() {
             self.metrics.cache_hits.inc();
             Some(e.value)
         } else {
@@ -175,7 +212,7 @@ impl LocalCache {
     /// fetch is still coalesced but its result is not kept.
     pub async fn get_or_fetch<F>(self: &Arc<Self>, key: CacheKey, cacheable: bool, fetch: F) -> Bytes
     where
-        F: Future<Output = Bytes> + Send + 'static,
+        F: Future<Output = Filled> + Send + 'static,
     {
         match self.lookup(key, cacheable, move |_turn| fetch).await {
             Lookup::Hit(v) => v,
@@ -190,24 +227,23 @@ impl LocalCache {
     pub async fn lookup<F, Fut>(self: &Arc<Self>, key: CacheKey, cacheable: bool, fetch: F) -> Lookup
     where
         F: FnOnce(Turn) -> Fut,
-        Fut: Future<Output = Bytes> + Send + 'static,
+        Fut: Future<Output = Filled> + Send + 'static,
     {
         let mut rechecked = false;
         loop {
             if let Some(e) = self.cache.get(&key).await
-                && e.epoch == self.epoch(&key.key)
-                && tokio::time::Instant::now() < e.expires
+                && e.servable()
             {
                 self.metrics.cache_hits.inc();
                 return Lookup::Hit(e.value);
             }
             let mut inflight = lock(&self.inflight);
-            if let Some((value, stage)) = inflight.get(&key) {
+            if let Some(f) = inflight.get(&key) {
                 self.metrics.cache_misses.inc();
                 self.metrics.coalesced.inc();
                 return Lookup::Fill {
-                    stage: stage.clone(),
-                    value: value.clone(),
+                    stage: f.stage.clone(),
+                    value: f.value.clone(),
                 };
             }
             // A fetch may have finished between our cache lookup and taking
@@ -219,11 +255,18 @@ impl LocalCache {
                 continue;
             }
             self.metrics.cache_misses.inc();
+            // Before the fill is joinable, so an invalidation from now on
+            // reaches it.
+            let alive = self.new_alive(&key.key);
             let (tx, rx) = watch::channel(None);
             let (turn, stage) = Turn::detached();
-            inflight.insert(key.clone(), (rx.clone(), stage.clone()));
+            let fill = InFlight {
+                value: rx.clone(),
+                stage: stage.clone(),
+            };
+            inflight.insert(key.clone(), fill);
             drop(inflight);
-            self.spawn_fill(key, cacheable, tx, fetch(turn));
+            self.spawn_fill(key, cacheable, tx, alive, fetch(turn));
             return Lookup::Fill { stage, value: rx };
         }
     }
@@ -237,36 +280,39 @@ impl LocalCache {
     }
 
     /// Run a fill in its own task (its askers may go away; the others still
-    /// get the value) and keep its result unless an invalidation raced it.
+    /// get the value) and keep its result unless an invalidation or a flush
+    /// raced it, for at most the cache TTL and the key's own remaining life.
     fn spawn_fill<Fut>(
         self: &Arc<Self>,
         key: CacheKey,
         cacheable: bool,
         tx: watch::Sender<Option<Bytes>>,
+        alive: Alive,
         fetch: Fut,
     ) where
-        Fut: Future<Output = Bytes> + Send + 'static,
+        Fut: Future<Output = Filled> + Send + 'static,
     {
-        let epoch = self.epoch(&key.key);
         let gen_at_start = self.fill_gen.load(Ordering::SeqCst);
         let this = self.clone();
         tokio::spawn(async move {
-            let value = fetch.await;
+            // The key's PTTL was read after this instant: counting its life
+            // from here errs on the short side.
+            let started = tokio::time::Instant::now();
+            let (value, key_life) = fetch.await;
             let ok = !value.starts_with(b"-");
+            let life = key_life.map_or(this.ttl, |l| l.min(this.ttl));
             let unchanged = |c: &LocalCache| {
-                c.epoch(&key.key) == epoch && c.fill_gen.load(Ordering::SeqCst) == gen_at_start
+                alive.load(Ordering::SeqCst) && c.fill_gen.load(Ordering::SeqCst) == gen_at_start
             };
-            if cacheable && ok && unchanged(&this) {
-                if key.variant == Variant::HGet {
-                    lock(&this.hget_keys).insert(key.key.clone());
-                }
+            if cacheable && ok && !life.is_zero() && unchanged(&this) {
                 let entry = Entry {
                     value: value.clone(),
-                    epoch,
-                    expires: tokio::time::Instant::now() + this.ttl,
+                    alive: alive.clone(),
+                    expires: started + life,
                 };
                 this.cache.insert(key.clone(), entry).await;
-                // An invalidation between the check and the insert wins.
+                // A flush between the check and the insert wins (an
+                // invalidation clears `alive`, which the entry shares).
                 if !unchanged(&this) {
                     this.cache.invalidate(&key).await;
                 }
@@ -277,7 +323,7 @@ impl LocalCache {
                 // replaced it with a newer fetch.
                 if inflight
                     .get(&key)
-                    .is_some_and(|(r, _)| r.same_channel(&tx.subscribe()))
+                    .is_some_and(|f| f.value.same_channel(&tx.subscribe()))
                 {
                     inflight.remove(&key);
                 }
@@ -286,15 +332,20 @@ impl LocalCache {
         });
     }
 
-    /// Make every entry for `key` unservable at once and racing fetches
-    /// discard their result. Synchronous, so a write can call it before it
-    /// is sent and a read pipelined behind that write cannot see the old value.
+    /// Make every entry for `key` (and only `key`) unservable at once and
+    /// racing fetches discard their result. Synchronous, so a write can call
+    /// it before it is sent and a read pipelined behind that write cannot see
+    /// the old value.
     pub fn bump(&self, key: &[u8]) {
-        self.epochs[stripe(key)].fetch_add(1, Ordering::SeqCst);
+        if let Some(flags) = lock(&self.alive).remove(key) {
+            flags.iter().for_each(|f| f.store(false, Ordering::SeqCst));
+        }
         lock(&self.inflight).retain(|k, _| k.key.as_ref() != key);
     }
 
-    /// [`LocalCache::bump`], then drop the entries to free their memory.
+    /// [`LocalCache::bump`], then drop the entries to free their memory
+    /// (`HGET` entries, one per field, are left to the TTL and the byte
+    /// bound: finding them would take a scan).
     pub async fn invalidate(&self, key: &[u8], source: &str) {
         self.bump(key);
         let key = Bytes::copy_from_slice(key);
@@ -314,34 +365,34 @@ impl LocalCache {
                 }
             }
         }
-        let had_hget = lock(&self.hget_keys).remove(&key);
-        if had_hget {
-            let k = key.clone();
-            let _ = self
-                .cache
-                .invalidate_entries_if(move |ck, _| ck.variant == Variant::HGet && ck.key == k);
-            self.metrics
-                .cache_invalidations
-                .with_label_values(&[source])
-                .inc();
-        }
     }
 
-    /// Drop every entry whose key hashes into `slots` (a shard whose tracking
-    /// connection dropped), or everything when `slots` is `None`.
+    /// Make every entry whose key hashes into `slots` (a shard whose tracking
+    /// connection dropped), or every entry when `slots` is `None`,
+    /// unservable at once, and drop them.
     pub fn flush(&self, slots: Option<Vec<(u16, u16)>>, source: &str) {
         self.fill_gen.fetch_add(1, Ordering::SeqCst);
         lock(&self.inflight).clear();
+        let in_ranges = |ranges: &[(u16, u16)], key: &[u8]| {
+            let s = slot::slot(key);
+            ranges.iter().any(|&(a, b)| a <= s && s <= b)
+        };
+        {
+            let mut map = lock(&self.alive);
+            map.retain(|key, flags| {
+                let hit = slots.as_deref().is_none_or(|r| in_ranges(r, key));
+                if hit {
+                    flags.iter().for_each(|f| f.store(false, Ordering::SeqCst));
+                }
+                !hit
+            });
+        }
         match slots {
-            None => {
-                self.cache.invalidate_all();
-                lock(&self.hget_keys).clear();
-            }
+            None => self.cache.invalidate_all(),
             Some(ranges) => {
-                let _ = self.cache.invalidate_entries_if(move |k, _| {
-                    let s = slot::slot(&k.key);
-                    ranges.iter().any(|&(a, b)| a <= s && s <= b)
-                });
+                let _ = self
+                    .cache
+                    .invalidate_entries_if(move |k, _| in_ranges(&ranges, &k.key));
             }
         }
         self.metrics
@@ -353,6 +404,11 @@ impl LocalCache {
     /// Run pending maintenance and publish size gauges.
     pub async fn export(&self) {
         self.cache.run_pending_tasks().await;
+        // Flags only the index holds: fills not kept, entries moka dropped.
+        lock(&self.alive).retain(|_, flags| {
+            flags.retain(|f| Arc::strong_count(f) > 1 && f.load(Ordering::SeqCst));
+            !flags.is_empty()
+        });
         self.metrics
             .cache_bytes
             .set(i64::try_from(self.cache.weighted_size()).unwrap_or(i64::MAX));
@@ -367,157 +423,6 @@ impl LocalCache {
 
     pub async fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks().await;
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Keep one tracking connection per current primary.
-pub async fn run_tracking(
-    cache: Arc<LocalCache>,
-    registry: Arc<Registry>,
-    timeout: Duration,
-    auth: Option<crate::config::Credentials>,
-) {
-    // Dropping the map (this task aborted on shutdown) aborts every session.
-    let mut tasks: HashMap<String, AbortOnDrop> = HashMap::new();
-    let mut last_primaries: Vec<String> = Vec::new();
-    loop {
-        let topo = registry.current();
-        let mut primaries: Vec<String> = topo.shards.iter().map(|s| s.primary.addr.clone()).collect();
-        primaries.sort();
-        if primaries != last_primaries && !last_primaries.is_empty() {
-            // Slot ownership moved: entries may now belong to untracked shards.
-            cache.flush(None, "topology");
-        }
-        last_primaries = primaries.clone();
-        tasks.retain(|addr, h| primaries.contains(addr) && !h.0.is_finished());
-        for shard in &topo.shards {
-            let addr = shard.primary.addr.clone();
-            if tasks.contains_key(&addr) {
-                continue;
-            }
-            let node = shard.primary.clone();
-            let slots = shard.slots.clone();
-            let cache = cache.clone();
-            let auth = auth.clone();
-            tasks.insert(
-                addr,
-                AbortOnDrop(tokio::spawn(async move {
-                    let why = track(&cache, &node, timeout, auth.as_ref()).await;
-                    node.tracked.store(false, Ordering::SeqCst);
-                    tracing::warn!(node = %node.addr, %why, "tracking connection lost; flushing the entries it covered");
-                    cache.flush(Some(slots), "tracking_lost");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                })),
-            );
-        }
-        drop(topo);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// One tracking session; returns why it ended.
-async fn track(
-    cache: &LocalCache,
-    node: &Node,
-    timeout: Duration,
-    auth: Option<&crate::config::Credentials>,
-) -> String {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return format!("connect: {e}"),
-        Err(_) => return "connect timed out".into(),
-    };
-    let (mut rd, mut wr) = stream.into_split();
-    let mut cmd: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"on", b"BCAST"];
-    for p in cache.prefixes() {
-        cmd.push(b"PREFIX");
-        cmd.push(p);
-    }
-    let mut out = BytesMut::new();
-    // The same opening as every connection, in RESP3 for the pushes.
-    let mut awaiting = crate::upstream::opening(auth, crate::upstream::Proto::Resp3, &mut out) + 1;
-    resp::encode_command(&cmd, &mut out);
-    if let Err(e) = wr.write_all(&out).await {
-        return format!("write: {e}");
-    }
-    let mut buf = BytesMut::with_capacity(4096);
-    // Resumable: a large push arriving over many reads is checked once.
-    let mut checker = resp::Checker::new(Limits::upstream());
-    let mut ping_sent: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
-    let mut tick = tokio::time::interval(timeout.min(Duration::from_secs(1)));
-    loop {
-        loop {
-            let n = match checker.check(&buf) {
-                Ok(Some(n)) => n,
-                Ok(None) => break,
-                Err(e) => return format!("protocol: {e}"),
-            };
-            let raw = buf.split_to(n).freeze();
-            let Ok(frame) = resp::parse(&raw) else {
-                return "unparseable frame".into();
-            };
-            match frame {
-                Frame::Push(items) => {
-                    let is_inval =
-                        matches!(items.first(), Some(Frame::Bulk(b)) if b.as_ref() == b"invalidate");
-                    if !is_inval {
-                        continue;
-                    }
-                    match items.get(1) {
-                        Some(Frame::Array(keys)) | Some(Frame::Set(keys)) => {
-                            for k in keys {
-                                if let Frame::Bulk(k) = k {
-                                    cache.invalidate(k, "tracking").await;
-                                }
-                            }
-                        }
-                        // A null key list means "everything" (FLUSHALL).
-                        _ => cache.flush(None, "tracking"),
-                    }
-                }
-                Frame::Error(e) | Frame::BulkError(e) => {
-                    return format!("error: {}", String::from_utf8_lossy(&e));
-                }
-                _ => {
-                    if awaiting > 0 {
-                        awaiting -= 1;
-                        if awaiting == 0 {
-                            node.tracked.store(true, Ordering::SeqCst);
-                            tracing::debug!(node = %node.addr, "tracking established");
-                        }
-                    }
-                    // Any reply proves liveness (PONG or the handshake).
-                    ping_sent = None;
-                }
-            }
-        }
-        tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => return "eof".into(),
-                Ok(_) => {}
-                Err(e) => return format!("read: {e}"),
-            },
-            _ = tick.tick() => {
-                if let Some(at) = ping_sent {
-                    if at.elapsed() >= timeout {
-                        return "no reply to PING within the response timeout".into();
-                    }
-                } else {
-                    if let Err(e) = wr.write_all(&resp::command_bytes(&["PING"])).await {
-                        return format!("write: {e}");
-                    }
-                    ping_sent = Some(tokio::time::Instant::now());
-                }
-            }
-        }
     }
 }
 
@@ -548,13 +453,68 @@ mod tests {
         calls: &Arc<AtomicUsize>,
         value: &'static str,
         delay: Duration,
-    ) -> impl Future<Output = Bytes> + Send + 'static {
+    ) -> impl Future<Output = Filled> + Send + 'static {
         let calls = calls.clone();
         async move {
             calls.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(delay).await;
-            Bytes::from_static(value.as_bytes())
+            (Bytes::from_static(value.as_bytes()), None)
         }
+    }
+
+    #[test]
+    fn a_pttl_reply_bounds_the_entry_by_the_keys_remaining_life() {
+        assert_eq!(life_from_pttl(b":1500\r\n"), Some(Duration::from_millis(1500)));
+        assert_eq!(life_from_pttl(b":0\r\n"), Some(Duration::ZERO));
+        assert_eq!(life_from_pttl(b":-1\r\n"), None, "no TTL of its own");
+        assert_eq!(life_from_pttl(b":-2\r\n"), None, "no key: a nil reply");
+        assert_eq!(life_from_pttl(b"-ERR x\r\n"), Some(Duration::ZERO), "not kept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_lives_no_longer_than_the_life_its_fill_brought() {
+        let c = cache(Duration::from_secs(60), 1 << 20);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let read = |c: &Arc<LocalCache>| {
+            let calls = calls.clone();
+            let c = c.clone();
+            async move {
+                c.get_or_fetch(key("hot:px"), true, async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    (Bytes::from_static(b"+v\r\n"), Some(Duration::from_millis(300)))
+                })
+                .await
+            }
+        };
+        read(&c).await;
+        tokio::time::advance(Duration::from_millis(299)).await;
+        read(&c).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "still within the key's life");
+        tokio::time::advance(Duration::from_millis(2)).await;
+        read(&c).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "refetched once the key's life is over"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalidating_a_key_leaves_every_other_key_servable() {
+        let c = cache(Duration::from_secs(60), 1 << 20);
+        let calls = Arc::new(AtomicUsize::new(0));
+        for i in 0..100 {
+            let f = counting_fetch(&calls, "+v\r\n", Duration::ZERO);
+            c.get_or_fetch(key(&format!("hot:{i}")), true, f).await;
+        }
+        for i in 100..10_100 {
+            c.bump(format!("hot:{i}").as_bytes());
+        }
+        c.bump(b"hot:0");
+        let servable = (0..100)
+            .filter(|i| c.try_hit(&key(&format!("hot:{i}"))).is_some())
+            .count();
+        assert_eq!(servable, 99, "only the invalidated key is gone");
     }
 
     #[tokio::test]

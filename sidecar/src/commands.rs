@@ -74,8 +74,7 @@ pub struct CommandInfo {
 }
 
 const WAIT: &str = "WAIT/WAITAOF count the writes of one connection; through the cachetier sidecar's shared upstream connections they cannot mean what they mean in Redis";
-const PUBSUB: &str =
-    "pub/sub subscriptions are not supported by the cachetier sidecar; subscribe on a Redis node directly";
+const PUBSUB: &str = "subscribing inside MULTI is not supported by the cachetier sidecar";
 const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
 
 fn k1() -> KeySpec {
@@ -356,11 +355,14 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
             "function",
             "config",
             "reset",
+            "pubsub",
         ],
         Server,
         KeySpec::None,
     );
     add(&["time", "publish", "lastsave"], AnyPrimary, KeySpec::None);
+    // A shard channel lives in its name's slot, like a key.
+    add(&["spublish"], Write, k1());
     // Blocking forms run on a connection of the client's own (`block_timeout`).
     add(
         &["blpop", "brpop", "bzpopmin", "bzpopmax"],
@@ -382,8 +384,6 @@ static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
             "unsubscribe",
             "punsubscribe",
             "sunsubscribe",
-            "spublish",
-            "pubsub",
         ],
         Unsupported(PUBSUB),
         KeySpec::None,

@@ -9,7 +9,7 @@
 //! pure decisions live in [`replica`]), each client's execution order and
 //! read-your-writes state ([`order`]), blocking commands on a client's own
 //! connection ([`blocking`]), the local hot-key cache with server-assisted
-//! invalidation ([`cache`]), and its own metrics ([`metrics`]). It is *not* responsible for the cluster itself:
+//! invalidation ([`cache`], fed by [`tracking`]), and its own metrics ([`metrics`]). It is *not* responsible for the cluster itself:
 //! creating, scaling, failing over or repairing nodes is the operator's job;
 //! the sidecar only observes the cluster and routes around trouble.
 //!
@@ -26,12 +26,14 @@ pub mod error;
 pub mod gate;
 pub mod metrics;
 pub mod order;
+pub mod pubsub;
 pub mod replica;
 pub mod resp;
 pub mod router;
 pub mod server;
 pub mod slot;
 pub mod topology;
+pub mod tracking;
 pub mod upstream;
 
 pub use config::{CacheConfig, Config, ReadPolicy};

@@ -20,19 +20,22 @@ use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use rand::seq::IndexedRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cache::{self, LocalCache};
+use crate::cache::LocalCache;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gate;
 use crate::metrics::{self, Metrics};
+use crate::pubsub::{self, Step, Subscriber};
 use crate::resp::{self, Frame};
 use crate::router::{Action, ClientState, ReplyFuture, Router};
 use crate::topology::Registry;
+use crate::tracking;
 use crate::upstream::UpstreamSettings;
 
 /// Most requests one client may have in flight before the sidecar stops
@@ -62,9 +65,19 @@ pub struct NodeState {
     pub healthy: bool,
     /// Replicas: the read gate is open. Primaries: always true.
     pub gate_open: bool,
+    /// The local cache's tracking connection to it is established (only a
+    /// current primary's can be; entries of its slots may be cached).
+    pub tracked: bool,
 }
 
 impl Sidecar {
+    /// The address of the primary this sidecar routes `slot` to now (tests
+    /// and diagnostics: a MOVED is followed at once, the map follows soon).
+    pub fn slot_owner(&self, slot: u16) -> Option<String> {
+        let topo = self.router.registry.current();
+        topo.shard(slot).map(|s| s.primary.addr.clone())
+    }
+
     /// Validate `config`, discover the topology (a failure is logged and
     /// retried in the background; `/readyz` says when it is known), bind the
     /// listener and the metrics server, and start serving.
@@ -129,7 +142,7 @@ impl Sidecar {
             config.max_lag_bytes,
         )));
         if let Some(cache) = &cache {
-            background.push(tokio::spawn(cache::run_tracking(
+            background.push(tokio::spawn(tracking::run(
                 cache.clone(),
                 registry.clone(),
                 config.response_timeout,
@@ -195,6 +208,7 @@ impl Sidecar {
                 primary: true,
                 healthy: shard.primary.is_healthy(),
                 gate_open: true,
+                tracked: shard.primary.tracked.load(std::sync::atomic::Ordering::SeqCst),
             });
             for r in &shard.replicas {
                 out.push(NodeState {
@@ -202,6 +216,7 @@ impl Sidecar {
                     primary: false,
                     healthy: r.is_healthy(),
                     gate_open: r.gate_open(),
+                    tracked: r.tracked.load(std::sync::atomic::Ordering::SeqCst),
                 });
             }
         }
@@ -296,9 +311,53 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     let mut st = ClientState::default();
     let mut checker = resp::Checker::new(limits);
     let mut reading = !*stop.borrow();
+    // The client's subscription connection, once it subscribes (`pubsub.rs`),
+    // and a request waiting for its turn there.
+    let mut sub: Option<Subscriber> = None;
+    let mut held: Option<resp::Request> = None;
     loop {
-        while reading && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE {
-            match resp::parse_request_with(&mut inbuf, &mut checker, &limits) {
+        while (reading || held.is_some()) && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE {
+            let parsed = match held.take() {
+                Some(req) => Ok(Some(req)),
+                None if !reading => break,
+                None => resp::parse_request_with(&mut inbuf, &mut checker, &limits),
+            };
+            let parsed = match parsed {
+                Ok(Some(req)) => {
+                    let name = req.args.first().cloned().unwrap_or_default();
+                    // Inside MULTI the router queues or refuses it.
+                    let step = if st.multi.is_some() {
+                        Step::Ordinary
+                    } else {
+                        pubsub::step(sub.as_ref(), st.proto, &name, pending.is_empty())
+                    };
+                    match step {
+                        Step::Ordinary => {
+                            if name.eq_ignore_ascii_case(b"reset") {
+                                // Closing it ends every subscription, as RESET does.
+                                sub = None;
+                            }
+                            Ok(Some(req))
+                        }
+                        Step::Hold => {
+                            held = Some(req);
+                            break;
+                        }
+                        Step::Refuse(b) => {
+                            out.extend_from_slice(&b);
+                            continue;
+                        }
+                        Step::Forward => {
+                            if let Err(b) = forward_subscription(&router, &mut sub, st.proto, &req).await {
+                                out.extend_from_slice(&b);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                other => other,
+            };
+            match parsed {
                 // Nothing of this client in flight: a local-cache hit is
                 // answered straight into the output buffer, with no future.
                 Ok(Some(req))
@@ -330,11 +389,12 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 }
             }
         }
-        if !reading && pending.is_empty() && out.is_empty() {
+        if !reading && held.is_none() && pending.is_empty() && out.is_empty() {
             break;
         }
         tokio::select! {
-            r = rd.read_buf(&mut inbuf), if reading && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE => match r {
+            // Not while a request waits for its turn (bounded input).
+            r = rd.read_buf(&mut inbuf), if reading && held.is_none() && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE => match r {
                 // The client half-closed: answer what it sent, then close.
                 Ok(0) => reading = false,
                 Ok(_) => {}
@@ -360,11 +420,116 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 Ok(n) if n > 0 => out.advance(n),
                 _ => break,
             },
+            r = subscription_read(&mut sub), if sub.is_some() && out.len() <= output_limit => {
+                let drained = match (r, sub.as_mut()) {
+                    (Ok(()), Some(s)) => s.drain(&mut out),
+                    (Err(e), _) => Err(e),
+                    (Ok(()), None) => Ok(()),
+                };
+                if let Err(e) = drained {
+                    tracing::debug!(error = %e, "subscription connection lost; closing the client");
+                    break;
+                }
+                if out.len() > output_limit {
+                    router.metrics.output_limit_closes.inc();
+                    tracing::warn!(bytes = out.len(), "subscriber output limit reached; closing the connection");
+                    break;
+                }
+            }
             _ = stop.changed(), if reading => reading = false,
         }
     }
     let _ = wr.shutdown().await;
     router.metrics.client_connections.dec();
+}
+
+/// Send a subscription command on the client's own connection, opening it
+/// (to a primary) first if needed; the error reply to give on failure.
+async fn forward_subscription(
+    router: &Router,
+    sub: &mut Option<Subscriber>,
+    proto: u8,
+    req: &resp::Request,
+) -> std::result::Result<(), bytes::Bytes> {
+    let topo = router.registry.current();
+    // A shard channel lives on its slot's primary.
+    let shard_owner = match (req.args.first(), req.args.get(1)) {
+        (Some(name), Some(channel)) if pubsub::is_shard_command(name) => {
+            match topo.shard(crate::slot::slot(channel)) {
+                Some(s) => Some(s.primary.clone()),
+                None => {
+                    return Err(error_frame(
+                        "CLUSTERDOWN cachetier: the channel's slot is not served",
+                    ));
+                }
+            }
+        }
+        _ => None,
+    };
+    if let (Some(s), Some(owner)) = (sub.as_ref(), &shard_owner)
+        && s.addr != owner.addr
+        && req
+            .args
+            .first()
+            .is_some_and(|n| n.eq_ignore_ascii_case(b"ssubscribe"))
+    {
+        return Err(error_frame(
+            "ERR cachetier: this connection's subscriptions are on another shard than this shard channel's; subscribe to it on another connection",
+        ));
+    }
+    if sub.is_none() {
+        // Any primary hears every channel; a random one spreads subscribers
+        // (and the delivery work) over the shards.
+        let healthy: Vec<&Arc<crate::upstream::Node>> = match &shard_owner {
+            Some(owner) => vec![owner],
+            None => topo
+                .shards
+                .iter()
+                .map(|s| &s.primary)
+                .filter(|p| p.is_healthy())
+                .collect(),
+        };
+        let Some(primary) = healthy.choose(&mut rand::rng()) else {
+            return Err(error_frame("CLUSTERDOWN cachetier: no primary to subscribe on"));
+        };
+        let opened = Subscriber::open(
+            &primary.addr,
+            proto,
+            router.config.response_timeout,
+            router.config.auth.as_ref(),
+        )
+        .await;
+        match opened {
+            Ok(s) => *sub = Some(s),
+            Err(e) => {
+                return Err(error_frame(&format!(
+                    "ERR cachetier: could not open a subscription connection to {}: {e}",
+                    primary.addr
+                )));
+            }
+        }
+    }
+    let Some(s) = sub.as_mut() else {
+        return Err(error_frame("ERR cachetier: no subscription connection"));
+    };
+    if let Err(e) = s.forward(&req.raw).await {
+        *sub = None;
+        return Err(error_frame(&format!(
+            "ERR cachetier: subscription connection lost: {e}"
+        )));
+    }
+    Ok(())
+}
+
+/// Read from the client's subscription connection (pending for ever when
+/// there is none; the select guards that).
+async fn subscription_read(
+    sub: &mut Option<Subscriber>,
+) -> std::result::Result<(), crate::error::UpstreamError> {
+    match sub.as_mut() {
+        Some(s) => s.read().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn error_frame(msg: &str) -> bytes::Bytes {

@@ -20,7 +20,7 @@ use rand::seq::SliceRandom;
 
 use crate::balance;
 use crate::blocking::BlockingCell;
-use crate::cache::{CacheKey, LocalCache, Lookup, Variant};
+use crate::cache::{self, CacheKey, LocalCache, Lookup, Variant};
 use crate::commands::{self, CommandInfo, KeyError, Kind, Split};
 use crate::config::Config;
 use crate::error::UpstreamError;
@@ -31,6 +31,7 @@ use crate::slot;
 use crate::topology::Registry;
 use crate::upstream::{Node, Proto};
 
+mod pubsub_query;
 mod server;
 mod split;
 mod transaction;
@@ -519,12 +520,16 @@ impl Router {
             // and a lagging replica could hand us a value older than the last
             // invalidation, which would then stick until the TTL. Fills are
             // rare (one per key per change), so the primary's cost is small.
+            // The key's own remaining life bounds the entry (Redis may be
+            // late expiring it); read right behind the value, same node.
             let cmd = resp::command_bytes(&args);
-            let reply = this
-                .single_via(slot, Kind::Read, true, cmd, up, Some(&mut fill_turn))
-                .await;
+            let pttl = resp::command_bytes(&[&b"PTTL"[..], &args[1][..]]);
+            let (reply, life) = tokio::join!(
+                this.single_via(slot, Kind::Read, true, cmd, up, Some(&mut fill_turn)),
+                this.single_via(slot, Kind::Read, true, pttl, up, None),
+            );
             fill_turn.finish().await;
-            reply
+            (reply, cache::life_from_pttl(&life))
         };
         match cache.lookup(key, tracked, fill).await {
             Lookup::Hit(value) => value,

@@ -1,0 +1,306 @@
+//! Pub/sub through the sidecar against real Redis Clusters on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use cachetier_sidecar::Sidecar;
+use cachetier_sidecar::resp::{self, Frame, Limits};
+use redis::AsyncCommands;
+use support::{Cluster, client, config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A raw RESP connection, as redis-py or redis-cli speak it.
+struct Raw {
+    s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn connect(addr: &str) -> Raw {
+        Raw {
+            s: TcpStream::connect(addr).await.unwrap(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, args: &[&str]) {
+        self.s.write_all(&resp::command_bytes(args)).await.unwrap();
+    }
+
+    /// The next frame, as raw bytes (within 5 s).
+    async fn frame(&mut self) -> Bytes {
+        let mut checker = resp::Checker::new(Limits::upstream());
+        loop {
+            if let Some(n) = checker.check(&self.buf).unwrap() {
+                return self.buf.split_to(n).freeze();
+            }
+            let read = tokio::time::timeout(Duration::from_secs(5), self.s.read_buf(&mut self.buf));
+            let n = read.await.expect("a frame within 5 s").unwrap();
+            assert!(n > 0, "connection closed");
+        }
+    }
+
+    async fn frames(&mut self, n: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(self.frame().await);
+        }
+        out
+    }
+}
+
+/// The subscriber's side of a RESP2 session, its replies as raw bytes.
+async fn resp2_subscriber_session(sub: &mut Raw) -> Vec<Bytes> {
+    let mut got = Vec::new();
+    sub.send(&["SUBSCRIBE", "news", "sport"]).await;
+    got.extend(sub.frames(2).await);
+    // Subscribed mode: only subscription commands, PING, QUIT and RESET.
+    sub.send(&["GET", "k"]).await;
+    sub.send(&["PING"]).await;
+    sub.send(&["PSUBSCRIBE", "w*"]).await;
+    got.extend(sub.frames(3).await);
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resp2_subscriber_sees_messages_and_subscribed_mode_as_from_redis() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut publisher = client(&sidecar).await;
+
+    // The same session straight against the node owning `k` (another one
+    // would answer MOVED first), for the exact bytes.
+    let (owner, _) = cluster.shard_of("k");
+    let mut direct = Raw::connect(&owner).await;
+    let expected = resp2_subscriber_session(&mut direct).await;
+    let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
+    let got = resp2_subscriber_session(&mut sub).await;
+    assert_eq!(got, expected, "same replies as Redis itself");
+    assert!(
+        String::from_utf8_lossy(&got[2]).contains("Can't execute 'get'"),
+        "{:?}",
+        got[2]
+    );
+
+    // A publisher on another connection (PUBLISH goes to one primary; the
+    // cluster broadcasts it to the subscriber's node).
+    let _: i64 = publisher.publish("news", "hello").await.unwrap();
+    let _: i64 = publisher.publish("weather", "rain").await.unwrap();
+    let msgs = sub.frames(2).await;
+    assert_eq!(
+        &msgs[0][..],
+        b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
+    );
+    assert_eq!(
+        &msgs[1][..],
+        b"*4\r\n$8\r\npmessage\r\n$2\r\nw*\r\n$7\r\nweather\r\n$4\r\nrain\r\n"
+    );
+
+    // Leaving subscribed mode: ordinary commands work again, in order.
+    sub.send(&["UNSUBSCRIBE"]).await;
+    sub.send(&["PUNSUBSCRIBE"]).await;
+    sub.send(&["SET", "after", "1"]).await;
+    let tail = sub.frames(4).await;
+    assert_eq!(resp::parse(&tail[2]).unwrap(), int_frame(0), "{:?}", tail[2]);
+    assert_eq!(&tail[3][..], b"+OK\r\n");
+    sidecar.shutdown().await;
+}
+
+fn int_frame(n: i64) -> Frame {
+    Frame::Array(vec![
+        Frame::Bulk(Bytes::from_static(b"punsubscribe")),
+        Frame::Bulk(Bytes::from_static(b"w*")),
+        Frame::Integer(n),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resp3_subscriber_gets_push_frames_and_may_run_other_commands() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut publisher = client(&sidecar).await;
+    let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
+    sub.send(&["HELLO", "3"]).await;
+    let hello = sub.frame().await;
+    assert!(hello.starts_with(b"%"), "{hello:?}");
+    sub.send(&["SUBSCRIBE", "jobs"]).await;
+    assert_eq!(
+        &sub.frame().await[..],
+        b">3\r\n$9\r\nsubscribe\r\n$4\r\njobs\r\n:1\r\n"
+    );
+    // RESP3 has no subscribed mode: any command runs.
+    sub.send(&["SET", "r3", "v"]).await;
+    assert_eq!(&sub.frame().await[..], b"+OK\r\n");
+    sub.send(&["GET", "r3"]).await;
+    assert_eq!(&sub.frame().await[..], b"$1\r\nv\r\n");
+    let _: i64 = publisher.publish("jobs", "j1").await.unwrap();
+    assert_eq!(
+        &sub.frame().await[..],
+        b">3\r\n$7\r\nmessage\r\n$4\r\njobs\r\n$2\r\nj1\r\n"
+    );
+    // RESET ends the subscriptions and the protocol, as in Redis.
+    sub.send(&["RESET"]).await;
+    assert_eq!(&sub.frame().await[..], b"+RESET\r\n");
+    let _: i64 = publisher.publish("jobs", "j2").await.unwrap();
+    sub.send(&["PING"]).await;
+    assert_eq!(&sub.frame().await[..], b"+PONG\r\n", "no message after RESET");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_crate_pubsub_client_receives_what_another_client_publishes() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let url = format!("redis://{}/", sidecar.local_addr());
+    let mut pubsub = redis::Client::open(url)
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub.subscribe("orders").await.unwrap();
+    pubsub.psubscribe("audit.*").await.unwrap();
+    let mut publisher = client(&sidecar).await;
+    let _: i64 = publisher.publish("orders", "o1").await.unwrap();
+    let _: i64 = publisher.publish("audit.login", "u1").await.unwrap();
+    let mut stream = pubsub.on_message();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), futures_util::StreamExt::next(&mut stream))
+            .await
+            .expect("a message within 5 s")
+            .unwrap();
+        got.push((
+            msg.get_channel_name().to_string(),
+            msg.get_payload::<String>().unwrap(),
+        ));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("orders".into(), "o1".into()),
+            ("audit.login".into(), "u1".into())
+        ]
+    );
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_counts_every_primarys_subscribers_and_spublish_goes_to_the_channels_shard() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    // One subscriber through the sidecar, one straight on each node.
+    let mut via = Raw::connect(&sidecar.local_addr().to_string()).await;
+    via.send(&["SUBSCRIBE", "a", "b"]).await;
+    via.send(&["PSUBSCRIBE", "p*"]).await;
+    via.frames(3).await;
+    let mut direct = Vec::new();
+    for n in &cluster.nodes {
+        let mut d = Raw::connect(&n.addr()).await;
+        d.send(&["SUBSCRIBE", "b", "c"]).await;
+        d.frames(2).await;
+        direct.push(d);
+    }
+    let mut channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    channels.sort();
+    assert_eq!(channels, vec!["a", "b", "c"], "united over the primaries");
+    let numsub: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("a")
+        .arg("b")
+        .arg("zz")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(numsub, vec![("a".into(), 1), ("b".into(), 4), ("zz".into(), 0)]);
+    let numpat: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(numpat, 1);
+
+    // A shard channel lives on its slot's primary.
+    let (owner, _) = cluster.shard_of("orders:eu");
+    let mut shard_sub = Raw::connect(&owner).await;
+    shard_sub.send(&["SSUBSCRIBE", "orders:eu"]).await;
+    shard_sub.frame().await;
+    let shard_channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("SHARDCHANNELS")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(shard_channels, vec!["orders:eu"]);
+    let received: i64 = redis::cmd("SPUBLISH")
+        .arg("orders:eu")
+        .arg("o9")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(received, 1, "delivered on the channel's shard");
+    assert_eq!(
+        &shard_sub.frame().await[..],
+        b"*3\r\n$8\r\nsmessage\r\n$9\r\norders:eu\r\n$2\r\no9\r\n"
+    );
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_channel_subscriber_is_served_by_its_slots_primary() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut publisher = client(&sidecar).await;
+    let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
+    sub.send(&["SSUBSCRIBE", "orders:eu"]).await;
+    assert_eq!(
+        &sub.frame().await[..],
+        b"*3\r\n$10\r\nssubscribe\r\n$9\r\norders:eu\r\n:1\r\n"
+    );
+    // Subscribed mode holds for shard channels too.
+    sub.send(&["GET", "k"]).await;
+    assert!(String::from_utf8_lossy(&sub.frame().await).contains("Can't execute 'get'"));
+    let received: i64 = redis::cmd("SPUBLISH")
+        .arg("orders:eu")
+        .arg("o1")
+        .query_async(&mut publisher)
+        .await
+        .unwrap();
+    assert_eq!(received, 1);
+    assert_eq!(
+        &sub.frame().await[..],
+        b"*3\r\n$8\r\nsmessage\r\n$9\r\norders:eu\r\n$2\r\no1\r\n"
+    );
+    // One client connection's subscriptions share one node.
+    let (eu_owner, _) = cluster.shard_of("orders:eu");
+    let other = (0..100)
+        .map(|i| format!("orders:{i}"))
+        .find(|c| cluster.shard_of(c).0 != eu_owner)
+        .unwrap();
+    sub.send(&["SSUBSCRIBE", &other]).await;
+    let refused = sub.frame().await;
+    assert!(
+        String::from_utf8_lossy(&refused).contains("another shard"),
+        "{refused:?}"
+    );
+    // A plain UNSUBSCRIBE leaves the shard channel (Redis counts it apart).
+    sub.send(&["UNSUBSCRIBE"]).await;
+    sub.frame().await;
+    sub.send(&["GET", "k"]).await;
+    assert!(String::from_utf8_lossy(&sub.frame().await).contains("Can't execute 'get'"));
+    sub.send(&["SUNSUBSCRIBE"]).await;
+    assert_eq!(
+        &sub.frame().await[..],
+        b"*3\r\n$12\r\nsunsubscribe\r\n$9\r\norders:eu\r\n:0\r\n"
+    );
+    sub.send(&["SET", "k", "v"]).await;
+    assert_eq!(&sub.frame().await[..], b"+OK\r\n");
+    sidecar.shutdown().await;
+}

@@ -201,7 +201,7 @@ mod tests {
         // "s3cret" and "app", base64.
         let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "t-auth"}, "data": {"password": "czNjcmV0", "user": "YXBw"}});
         answer_secret(&mut handle, 200, secret).await;
-        let auth = asking.await.unwrap().unwrap().unwrap();
+        let auth = bounded(asking).await.unwrap().unwrap();
         assert_eq!(
             (auth.username.as_deref(), auth.password.as_str()),
             (Some("app"), "s3cret")
@@ -217,12 +217,21 @@ mod tests {
         let asking = tokio::spawn(async move { credentials(&c, &t).await });
         let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "secrets \"t-auth\" not found"});
         answer_secret(&mut handle, 404, not_found).await;
-        let err = asking.await.unwrap().unwrap_err().to_string();
+        let err = bounded(asking).await.unwrap_err().to_string();
         assert!(err.contains("Secret ns/t-auth does not exist"), "{err}");
         let t = tier();
         let asking = tokio::spawn(async move { credentials(&client, &t).await });
         answer_secret(&mut handle, 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "t-auth"}, "data": {"password": "czNjcmV0"}})).await;
-        let err = asking.await.unwrap().unwrap_err().to_string();
+        let err = bounded(asking).await.unwrap_err().to_string();
         assert!(err.contains("has no key \"user\""), "{err}");
+    }
+
+    /// A spawned call's result, or a failure after 10 s (a request the test did
+    /// not answer would otherwise hang the test for ever).
+    async fn bounded<T>(task: tokio::task::JoinHandle<T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("the call did not finish: a request went unanswered?")
+            .expect("the call panicked")
     }
 }

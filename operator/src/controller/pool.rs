@@ -366,7 +366,7 @@ mod api_tests {
             uri.starts_with("/apis/apps/v1/namespaces/ns/statefulsets?"),
             "{uri}"
         );
-        let nodes = listing.await.unwrap().unwrap();
+        let nodes = bounded(listing).await.unwrap();
         let names: Vec<_> = nodes
             .iter()
             .map(|n| (n.name.as_str(), n.addr.to_string()))
@@ -403,7 +403,7 @@ mod api_tests {
             (method.as_str(), uri.as_str()),
             ("DELETE", "/api/v1/namespaces/ns/pods/t-0-1?")
         );
-        middle.await.unwrap().unwrap();
+        bounded(middle).await.unwrap();
 
         let p = pool.clone();
         let last = tokio::spawn(async move { p.destroy("t-0-2").await });
@@ -415,6 +415,15 @@ mod api_tests {
                 && uri.contains("fieldManager=cachetier-operator-pool"),
             "{uri}"
         );
-        last.await.unwrap().unwrap();
+        bounded(last).await.unwrap();
+    }
+
+    /// A spawned call's result, or a failure after 10 s (a request the test did
+    /// not answer would otherwise hang the test for ever).
+    async fn bounded<T>(task: tokio::task::JoinHandle<T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("the call did not finish: a request went unanswered?")
+            .expect("the call panicked")
     }
 }

@@ -119,7 +119,7 @@ async fn a_new_tier_is_applied_object_by_object_then_its_status_is_written() {
     );
     assert_eq!(body["reason"], "Bootstrapping");
     respond(send, &body);
-    let action = task.await.unwrap().unwrap();
+    let action = bounded(task).await.unwrap();
     assert_eq!(
         action,
         kube::runtime::controller::Action::requeue(super::reconcile::RESYNC)
@@ -161,7 +161,7 @@ async fn an_invalid_spec_touches_no_object_and_says_why_in_a_condition_and_an_ev
         (Some("InvalidSpec"), Some("Warning"))
     );
     respond(send, &body);
-    let action = task.await.unwrap().unwrap();
+    let action = bounded(task).await.unwrap();
     assert_eq!(action, kube::runtime::controller::Action::await_change());
     assert!(
         ctx.metrics
@@ -184,4 +184,13 @@ async fn a_replica_without_the_lease_makes_no_request_at_all() {
         request.is_err() || request.is_ok_and(|r| r.is_none()),
         "a standby sent a request"
     );
+}
+
+/// A spawned call's result, or a failure after 10 s (a request the test did
+/// not answer would otherwise hang the test for ever).
+async fn bounded<T>(task: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(10), task)
+        .await
+        .expect("the call did not finish: a request went unanswered?")
+        .expect("the call panicked")
 }

@@ -764,10 +764,21 @@ async fn shutdown_answers_requests_already_read_then_stops_accepting() {
         .unwrap();
     let replies = 1 + rest.windows(5).filter(|w| w == b"$-1\r\n").count();
     assert_eq!(replies, 100, "every request read before shutdown is answered");
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "no longer accepting"
-    );
+    if let Ok(mut again) = tokio::net::TcpStream::connect(addr).await {
+        // Say who answered, so a failure tells a late-closing listener apart
+        // from another process that took the port.
+        let _ = again.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n").await;
+        let mut who = vec![0u8; 300];
+        let n = tokio::time::timeout(Duration::from_secs(1), again.read(&mut who))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+        panic!(
+            "still accepting on {addr} after shutdown; it answers: {:?}",
+            String::from_utf8_lossy(&who[..n])
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,6 +115,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed Kubernetes API call, saying what was being done.
+    pub fn kubernetes(context: impl Into<String>, source: kube::Error) -> Self {
+        Self::Kubernetes {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
     /// A short, stable name of the failure class, for metric labels.
     pub fn label(&self) -> &'static str {
         match self {

@@ -43,10 +43,7 @@ async fn credentials(client: &kube::Client, tier: &CacheTier) -> Result<Option<A
     let secret = secrets
         .get_opt(&auth.secret_name)
         .await
-        .map_err(|e| Error::Kubernetes {
-            context: format!("reading Secret {namespace}/{}", auth.secret_name),
-            source: Box::new(e),
-        })?;
+        .map_err(|e| Error::kubernetes(format!("reading Secret {namespace}/{}", auth.secret_name), e))?;
     let secret = secret.ok_or_else(|| {
         Error::AuthSecret(format!("Secret {namespace}/{} does not exist", auth.secret_name))
     })?;

@@ -77,18 +77,14 @@ pub struct WebhookOptions {
     pub sidecar_image: String,
 }
 
-fn kube(context: &str) -> impl Fn(kube::Error) -> Error + '_ {
-    move |e| Error::Kubernetes {
-        context: context.to_string(),
-        source: Box::new(e),
-    }
-}
-
 /// Runs the controller until SIGTERM or Ctrl-C.
 pub async fn run(options: RunOptions) -> Result<(), Error> {
-    let client = kube::Client::try_default().await.map_err(kube(
-        "connecting to the API server (in-cluster config or KUBECONFIG)",
-    ))?;
+    let client = kube::Client::try_default().await.map_err(|e| {
+        Error::kubernetes(
+            "connecting to the API server (in-cluster config or KUBECONFIG)",
+            e,
+        )
+    })?;
     let metrics = Arc::new(Metrics::new().map_err(|e| Error::Render(e.to_string()))?);
     tokio::spawn(metrics::serve(options.metrics, metrics.clone()).await?);
 

@@ -53,13 +53,6 @@ pub struct KubePool {
     scaling: Arc<tokio::sync::Mutex<()>>,
 }
 
-fn kube_error(context: &str, e: kube::Error) -> Error {
-    Error::Kubernetes {
-        context: context.to_string(),
-        source: Box::new(e),
-    }
-}
-
 impl KubePool {
     /// A pool for `tier` (as stored by the API server).
     pub fn new(client: kube::Client, tier: CacheTier) -> Self {
@@ -102,7 +95,7 @@ impl KubePool {
         self.sets
             .patch(name, &params, &Patch::Apply(&patch))
             .await
-            .map_err(|e| kube_error(&format!("scaling StatefulSet {name} to {replicas}"), e))?;
+            .map_err(|e| Error::kubernetes(format!("scaling StatefulSet {name} to {replicas}"), e))?;
         Ok(())
     }
 
@@ -110,7 +103,11 @@ impl KubePool {
     async fn wait_running(&self, pod: &str, shard: u32, ordinal: u32) -> Result<PoolNode, Error> {
         let deadline = tokio::time::Instant::now() + CREATE_WAIT;
         loop {
-            if let Some(found) = self.pods.get_opt(pod).await.map_err(|e| kube_error(pod, e))?
+            if let Some(found) = self
+                .pods
+                .get_opt(pod)
+                .await
+                .map_err(|e| Error::kubernetes(pod, e))?
                 && let Some(node) = self.to_node(&found, &BTreeMap::new())
                 && tokio::net::TcpStream::connect(node.addr).await.is_ok()
             {
@@ -180,7 +177,7 @@ impl NodePool for KubePool {
             .sets
             .get_opt(&set_name)
             .await
-            .map_err(|e| kube_error(&set_name, e))?;
+            .map_err(|e| Error::kubernetes(&set_name, e))?;
         let replicas = match existing {
             Some(set) => set.spec.and_then(|s| s.replicas).unwrap_or(1),
             None => {
@@ -189,7 +186,7 @@ impl NodePool for KubePool {
                 self.sets
                     .patch(&set_name, &params, &Patch::Apply(&set))
                     .await
-                    .map_err(|e| kube_error(&format!("creating StatefulSet {set_name}"), e))?;
+                    .map_err(|e| Error::kubernetes(format!("creating StatefulSet {set_name}"), e))?;
                 0
             }
         };
@@ -213,7 +210,7 @@ impl NodePool for KubePool {
             .sets
             .get_opt(&set_name)
             .await
-            .map_err(|e| kube_error(&set_name, e))?
+            .map_err(|e| Error::kubernetes(&set_name, e))?
         else {
             return Ok(());
         };
@@ -224,11 +221,16 @@ impl NodePool for KubePool {
             self.sets
                 .delete(&set_name, &DeleteParams::foreground())
                 .await
-                .map_err(|e| kube_error(&format!("deleting StatefulSet {set_name}"), e))?;
+                .map_err(|e| Error::kubernetes(format!("deleting StatefulSet {set_name}"), e))?;
             match self.pdbs.delete(&set_name, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(kube_error(&format!("deleting PodDisruptionBudget {set_name}"), e)),
+                Err(e) => {
+                    return Err(Error::kubernetes(
+                        format!("deleting PodDisruptionBudget {set_name}"),
+                        e,
+                    ));
+                }
             }
         } else if ordinal == last {
             self.set_replicas(&set_name, replicas - 1).await?;
@@ -236,7 +238,7 @@ impl NodePool for KubePool {
             match self.pods.delete(name, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(kube_error(&format!("deleting pod {name}"), e)),
+                Err(e) => return Err(Error::kubernetes(format!("deleting pod {name}"), e)),
             }
         }
         Ok(())
@@ -248,12 +250,12 @@ impl NodePool for KubePool {
             .pods
             .list(&ListParams::default().labels(&selector))
             .await
-            .map_err(|e| kube_error("listing the tier's pods", e))?;
+            .map_err(|e| Error::kubernetes("listing the tier's pods", e))?;
         let sets = self
             .sets
             .list(&ListParams::default().labels(&selector))
             .await
-            .map_err(|e| kube_error("listing the tier's StatefulSets", e))?;
+            .map_err(|e| Error::kubernetes("listing the tier's StatefulSets", e))?;
         let revisions: BTreeMap<u32, String> = sets
             .items
             .iter()

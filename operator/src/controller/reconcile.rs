@@ -183,10 +183,7 @@ where
         &Patch::Apply(object),
     )
     .await
-    .map_err(|e| Error::Kubernetes {
-        context: format!("applying {} {name}", K::kind(&())),
-        source: Box::new(e),
-    })?;
+    .map_err(|e| Error::kubernetes(format!("applying {} {name}", K::kind(&())), e))?;
     Ok(())
 }
 
@@ -218,10 +215,7 @@ async fn publish(
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(|e| Error::Kubernetes {
-        context: format!("writing the status of CacheTier {}", tier.name_any()),
-        source: Box::new(e),
-    })?;
+    .map_err(|e| Error::kubernetes(format!("writing the status of CacheTier {}", tier.name_any()), e))?;
     crate::controller::lock(&ctx.written).insert(key.clone(), (status, tokio::time::Instant::now()));
     for event in events {
         record(tier, ctx, &event).await;
@@ -257,10 +251,10 @@ async fn mark_serving(tier: &CacheTier, ctx: &Context, status: &CacheTierStatus)
             // The pod is gone (replaced): nothing to mark.
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => {
-                return Err(Error::Kubernetes {
-                    context: format!("setting {SERVING_CONDITION} on pod {}", node.name),
-                    source: Box::new(e),
-                });
+                return Err(Error::kubernetes(
+                    format!("setting {SERVING_CONDITION} on pod {}", node.name),
+                    e,
+                ));
             }
         }
     }

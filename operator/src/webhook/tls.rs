@@ -238,17 +238,10 @@ pub async fn load(client: &kube::Client, source: &Source) -> Result<Pem, Error> 
             ..
         } => {
             let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-            let kube_err = |what: &str| {
-                let what = what.to_string();
-                move |e| Error::Kubernetes {
-                    context: what.clone(),
-                    source: Box::new(e),
-                }
-            };
             let existing = secrets
                 .get_opt(secret)
                 .await
-                .map_err(kube_err("reading the webhook Secret"))?;
+                .map_err(|e| Error::kubernetes("reading the webhook Secret", e))?;
             if let Some(pem) = existing.as_ref().and_then(secret_pem).filter(|p| !due(p)) {
                 return Ok(pem);
             }
@@ -289,11 +282,11 @@ pub async fn load(client: &kube::Client, source: &Source) -> Result<Pem, Error> 
                     let theirs = secrets
                         .get(secret)
                         .await
-                        .map_err(kube_err("re-reading the webhook Secret"))?;
+                        .map_err(|e| Error::kubernetes("re-reading the webhook Secret", e))?;
                     secret_pem(&theirs)
                         .ok_or_else(|| tls_error("the Secret", "written by another replica but unreadable"))
                 }
-                Err(e) => Err(kube_err("writing the webhook Secret")(e)),
+                Err(e) => Err(Error::kubernetes("writing the webhook Secret", e)),
             }
         }
     }
@@ -303,15 +296,12 @@ pub async fn load(client: &kube::Client, source: &Source) -> Result<Pem, Error> 
 /// the `caBundle` fields only).
 pub async fn publish_ca(client: &kube::Client, configuration: &str, ca: &str) -> Result<(), Error> {
     let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let current = configurations
-        .get(configuration)
-        .await
-        .map_err(|e| Error::Kubernetes {
-            context: format!(
-                "reading MutatingWebhookConfiguration {configuration} (installed by the Helm chart)"
-            ),
-            source: Box::new(e),
-        })?;
+    let current = configurations.get(configuration).await.map_err(|e| {
+        Error::kubernetes(
+            format!("reading MutatingWebhookConfiguration {configuration} (installed by the Helm chart)"),
+            e,
+        )
+    })?;
     let bundle = ByteString(ca.as_bytes().to_vec());
     let webhooks: Vec<_> = current
         .webhooks
@@ -332,10 +322,7 @@ pub async fn publish_ca(client: &kube::Client, configuration: &str, ca: &str) ->
             &Patch::Apply(&patch),
         )
         .await
-        .map_err(|e| Error::Kubernetes {
-            context: format!("writing the caBundle of {configuration}"),
-            source: Box::new(e),
-        })?;
+        .map_err(|e| Error::kubernetes(format!("writing the caBundle of {configuration}"), e))?;
     Ok(())
 }
 

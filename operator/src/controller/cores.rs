@@ -154,13 +154,10 @@ impl Cores {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use http::{Request, Response};
-    use kube::client::Body;
     use serde_json::json;
 
     use super::*;
+    use crate::controller::mock::{self, bounded};
 
     fn tier() -> CacheTier {
         serde_json::from_value(json!({
@@ -171,28 +168,18 @@ mod tests {
         .unwrap()
     }
 
-    async fn answer_secret(
-        handle: &mut tower_test::mock::Handle<Request<Body>, Response<Body>>,
-        status: u16,
-        body: serde_json::Value,
-    ) {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(request.uri().path(), "/api/v1/namespaces/ns/secrets/t-auth");
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                .unwrap(),
+    async fn answer_secret(handle: &mut mock::Handle, status: u16, body: serde_json::Value) {
+        let (_, uri, _, send) = mock::next(handle).await;
+        assert_eq!(
+            uri.split('?').next(),
+            Some("/api/v1/namespaces/ns/secrets/t-auth")
         );
+        mock::respond(send, status, &body);
     }
 
     #[tokio::test]
     async fn the_tiers_secret_gives_the_core_its_password_and_user() {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "default");
+        let (client, mut handle) = mock::client();
         let t = tier();
         let asking = tokio::spawn(async move { credentials(&client, &t).await });
         // "s3cret" and "app", base64.
@@ -207,8 +194,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_secret_or_key_is_named_in_the_error() {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "default");
+        let (client, mut handle) = mock::client();
         let t = tier();
         let c = client.clone();
         let asking = tokio::spawn(async move { credentials(&c, &t).await });
@@ -221,14 +207,5 @@ mod tests {
         answer_secret(&mut handle, 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "t-auth"}, "data": {"password": "czNjcmV0"}})).await;
         let err = bounded(asking).await.unwrap_err().to_string();
         assert!(err.contains("has no key \"user\""), "{err}");
-    }
-
-    /// A spawned call's result, or a failure after 10 s (a request the test did
-    /// not answer would otherwise hang the test for ever).
-    async fn bounded<T>(task: tokio::task::JoinHandle<T>) -> T {
-        tokio::time::timeout(std::time::Duration::from_secs(10), task)
-            .await
-            .expect("the call did not finish: a request went unanswered?")
-            .expect("the call panicked")
     }
 }

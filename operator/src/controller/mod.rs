@@ -12,6 +12,8 @@
 
 pub mod cores;
 pub mod metrics;
+#[cfg(test)]
+mod mock;
 pub mod pool;
 #[cfg(test)]
 mod rbac_tests;

@@ -289,19 +289,13 @@ mod tests {
 /// The pool against kube's mock API server.
 #[cfg(test)]
 mod api_tests {
-    use std::time::Duration;
-
-    use http::{Request, Response};
-    use kube::client::Body;
     use serde_json::{Value, json};
 
     use super::*;
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    use crate::controller::mock::{self, Handle, bounded};
 
     fn pool() -> (KubePool, Handle) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "default");
+        let (client, handle) = mock::client();
         let tier: CacheTier = serde_json::from_value(json!({
             "apiVersion": "cachetier.io/v1alpha1", "kind": "CacheTier",
             "metadata": {"name": "t", "namespace": "ns", "uid": "u"},
@@ -331,17 +325,9 @@ mod api_tests {
     }
 
     async fn answer(handle: &mut Handle, body: Value) -> (String, String) {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-            .await
-            .expect("no request")
-            .expect("client gone");
-        let seen = (request.method().to_string(), request.uri().to_string());
-        send.send_response(
-            Response::builder()
-                .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                .unwrap(),
-        );
-        seen
+        let (method, uri, _, send) = mock::next(handle).await;
+        mock::respond(send, 200, &body);
+        (method, uri)
     }
 
     #[tokio::test]
@@ -418,14 +404,5 @@ mod api_tests {
             "{uri}"
         );
         bounded(last).await.unwrap();
-    }
-
-    /// A spawned call's result, or a failure after 10 s (a request the test did
-    /// not answer would otherwise hang the test for ever).
-    async fn bounded<T>(task: tokio::task::JoinHandle<T>) -> T {
-        tokio::time::timeout(std::time::Duration::from_secs(10), task)
-            .await
-            .expect("the call did not finish: a request went unanswered?")
-            .expect("the call panicked")
     }
 }

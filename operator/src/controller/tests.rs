@@ -6,16 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cachetier_crds::CacheTier;
-use http::{Request, Response};
-use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::Value;
 use tokio::sync::watch;
 
 use super::metrics::Metrics;
+use super::mock::{self, Handle, bounded, next, respond};
 use super::reconcile::{Context, reconcile};
-
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 fn tier(extra: &str) -> CacheTier {
     let yaml = format!(
@@ -26,8 +23,7 @@ fn tier(extra: &str) -> CacheTier {
 }
 
 fn context(leader: bool) -> (Arc<Context>, Handle, watch::Sender<bool>) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
+    let (client, handle) = mock::client();
     let reporter = Reporter {
         controller: "cachetier-operator".into(),
         instance: Some("test".into()),
@@ -40,34 +36,6 @@ fn context(leader: bool) -> (Arc<Context>, Handle, watch::Sender<bool>) {
         handle,
         tx,
     )
-}
-
-/// One request: method, path and query, and the JSON body.
-async fn next(
-    handle: &mut Handle,
-) -> (
-    String,
-    String,
-    Value,
-    tower_test::mock::SendResponse<Response<Body>>,
-) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("the reconcile made no further request")
-        .expect("the client went away");
-    let method = request.method().to_string();
-    let uri = request.uri().to_string();
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (method, uri, body, send)
-}
-
-fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
 }
 
 #[tokio::test]
@@ -99,7 +67,7 @@ async fn a_new_tier_is_applied_object_by_object_then_its_status_is_written() {
                 "replicas belong to the node pool: {body}"
             );
         }
-        respond(send, &body);
+        respond(send, 200, &body);
     }
     let (method, uri, body, send) = next(&mut handle).await;
     assert_eq!(method, "PATCH");
@@ -110,7 +78,7 @@ async fn a_new_tier_is_applied_object_by_object_then_its_status_is_written() {
     assert_eq!(body["status"]["phase"], "Bootstrapping");
     assert_eq!(body["status"]["selector"], "cachetier.io/tier=t");
     assert_eq!(body["status"]["observedGeneration"], 2);
-    respond(send, &serde_json::to_value(t.as_ref()).unwrap());
+    respond(send, 200, &serde_json::to_value(t.as_ref()).unwrap());
     // Bootstrapping is worth an Event.
     let (method, uri, body, send) = next(&mut handle).await;
     assert_eq!(
@@ -118,7 +86,7 @@ async fn a_new_tier_is_applied_object_by_object_then_its_status_is_written() {
         ("POST", "/apis/events.k8s.io/v1/namespaces/ns/events?")
     );
     assert_eq!(body["reason"], "Bootstrapping");
-    respond(send, &body);
+    respond(send, 200, &body);
     let action = bounded(task).await.unwrap();
     assert_eq!(
         action,
@@ -153,14 +121,14 @@ async fn an_invalid_spec_touches_no_object_and_says_why_in_a_condition_and_an_ev
         ready["message"].as_str().unwrap().contains("operator owns: PORT"),
         "{ready}"
     );
-    respond(send, &serde_json::to_value(t.as_ref()).unwrap());
+    respond(send, 200, &serde_json::to_value(t.as_ref()).unwrap());
     let (method, _, body, send) = next(&mut handle).await;
     assert_eq!(method, "POST");
     assert_eq!(
         (body["reason"].as_str(), body["type"].as_str()),
         (Some("InvalidSpec"), Some("Warning"))
     );
-    respond(send, &body);
+    respond(send, 200, &body);
     let action = bounded(task).await.unwrap();
     assert_eq!(action, kube::runtime::controller::Action::await_change());
     assert!(
@@ -184,13 +152,4 @@ async fn a_replica_without_the_lease_makes_no_request_at_all() {
         request.is_err() || request.is_ok_and(|r| r.is_none()),
         "a standby sent a request"
     );
-}
-
-/// A spawned call's result, or a failure after 10 s (a request the test did
-/// not answer would otherwise hang the test for ever).
-async fn bounded<T>(task: tokio::task::JoinHandle<T>) -> T {
-    tokio::time::timeout(std::time::Duration::from_secs(10), task)
-        .await
-        .expect("the call did not finish: a request went unanswered?")
-        .expect("the call panicked")
 }

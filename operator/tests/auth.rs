@@ -45,7 +45,7 @@ async fn a_tier_with_a_password_requires_it_everywhere_and_still_bootstraps_repl
         "replicas synced with masterauth"
     );
 
-    let node = pool.list().await.unwrap()[0].addr;
+    let node = pool.list().await.unwrap().nodes[0].addr;
     let mut anonymous = conn(node).await;
     let refused = redis::cmd("GET")
         .arg("x")

@@ -102,6 +102,7 @@ async fn node_named(
     pool.list()
         .await
         .unwrap()
+        .nodes
         .into_iter()
         .find(|n| n.name == name)
         .unwrap()
@@ -264,7 +265,15 @@ async fn a_replica_failed_past_evict_after_is_replaced_and_serves_only_after_its
     };
     let eviction = status.last_eviction.clone().unwrap();
     assert_eq!(eviction.node, name);
-    assert!(!pool.list().await.unwrap().iter().any(|n| n.addr == old.addr));
+    assert!(
+        !pool
+            .list()
+            .await
+            .unwrap()
+            .nodes
+            .iter()
+            .any(|n| n.addr == old.addr)
+    );
     let status = rec.converge(Duration::from_secs(30)).await.unwrap();
     assert_eq!(status.ready.as_deref(), Some("2/2"));
     // The new replica holds the data.
@@ -554,7 +563,7 @@ async fn replicas_scale_up_and_down_and_a_primary_being_removed_hands_over_grace
         ("reps-0-2", "Planned")
     );
     assert_eq!(down.shards[0].nodes[0].name, "reps-0-0");
-    assert_eq!(tier_handle.pool().list().await.unwrap().len(), 2);
+    assert_eq!(tier_handle.pool().list().await.unwrap().nodes.len(), 2);
     let mut client = ClusterClient::new(addrs(&down)).await;
     for i in 0..1000 {
         assert_eq!(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cachetier_crds::Phase;
-use cachetier_operator::cluster::{NodePool, PoolNode, Reconciler, TierConfig};
+use cachetier_operator::cluster::{Listing, NodePool, Reconciler, TierConfig};
 use cachetier_operator::local::LocalPool;
 use cachetier_testkit::{Cut, Relay};
 use support::*;
@@ -26,23 +26,18 @@ struct Relayed {
 }
 
 impl NodePool for Relayed {
-    async fn create(
-        &self,
-        tier: &TierConfig,
-        shard: u32,
-        ordinal: u32,
-    ) -> cachetier_operator::Result<PoolNode> {
-        self.inner.create(tier, shard, ordinal).await
+    async fn ensure(&self, tier: &TierConfig, shard: u32, ordinal: u32) -> cachetier_operator::Result<()> {
+        self.inner.ensure(tier, shard, ordinal).await
     }
     async fn destroy(&self, name: &str) -> cachetier_operator::Result<()> {
         self.inner.destroy(name).await
     }
-    async fn list(&self) -> cachetier_operator::Result<Vec<PoolNode>> {
-        let mut nodes = self.inner.list().await?;
-        for n in nodes.iter_mut().filter(|n| n.name == self.name) {
+    async fn list(&self) -> cachetier_operator::Result<Listing> {
+        let mut listing = self.inner.list().await?;
+        for n in listing.nodes.iter_mut().filter(|n| n.name == self.name) {
             n.addr = self.relay.addr();
         }
-        Ok(nodes)
+        Ok(listing)
     }
 }
 
@@ -64,7 +59,7 @@ async fn a_primary_only_the_operator_cannot_reach_keeps_its_slots_and_the_tier_s
         .unwrap();
     let primary = status.shards[0].nodes[0].name.clone();
     let real: SocketAddr = status.shards[0].nodes[0].address.parse().unwrap();
-    let direct: Vec<SocketAddr> = inner.list().await.unwrap().iter().map(|n| n.addr).collect();
+    let direct: Vec<SocketAddr> = inner.list().await.unwrap().nodes.iter().map(|n| n.addr).collect();
     let pool = Arc::new(Relayed {
         inner: inner.clone(),
         name: primary.clone(),

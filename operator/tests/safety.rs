@@ -16,7 +16,8 @@ use cachetier_crds::{CacheTierStatus, NodeRole, Phase};
 use cachetier_operator::cluster::conn::Conns;
 use cachetier_operator::cluster::execute::{Reach, execute};
 use cachetier_operator::cluster::plan::Target;
-use cachetier_operator::cluster::{Action, NodePool as _, PoolNode, Reconciler};
+use cachetier_operator::cluster::pool::node_name;
+use cachetier_operator::cluster::{Action, Listing, NodePool as _, PoolNode, Reconciler};
 use cachetier_operator::local::{LocalPool, LocalTier};
 use rand::{Rng, SeedableRng};
 use support::*;
@@ -35,6 +36,7 @@ async fn node_named(pool: &LocalPool, name: &str) -> PoolNode {
     pool.list()
         .await
         .unwrap()
+        .nodes
         .into_iter()
         .find(|n| n.name == name)
         .unwrap()
@@ -141,11 +143,15 @@ async fn primary_restarted_empty(name: &str, before_failover: bool, under_load: 
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let reborn = pool.create(&t, 1, 0).await.unwrap();
+    pool.ensure(&t, 1, 0).await.unwrap();
+    let reborn = pool
+        .wait_running(&node_name(&t.name, 1, 0), Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_ne!(my_id(reborn.addr).await, old_id, "the new process is a new node");
 
     let converged = rec.converge(Duration::from_secs(45)).await;
-    let nodes = pool.list().await.unwrap();
+    let nodes = pool.list().await.unwrap().nodes;
     let seeds: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
     if let Some(writer) = writer {
         // Keep writing a moment past convergence, then check every write
@@ -217,14 +223,14 @@ async fn replicated_writes(
     acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> Vec<String> {
     let seeds = |nodes: Vec<PoolNode>| nodes.into_iter().map(|n| n.addr).collect::<Vec<_>>();
-    let mut client = ClusterClient::new(seeds(pool.list().await.unwrap())).await;
+    let mut client = ClusterClient::new(seeds(pool.list().await.unwrap().nodes)).await;
     let mut replicated = Vec::new();
     for i in 0..50_000usize {
         if *stop.borrow() {
             break;
         }
         if i % 20 == 0 {
-            client.set_seeds(seeds(pool.list().await.unwrap()));
+            client.set_seeds(seeds(pool.list().await.unwrap().nodes));
         }
         let key = format!("l:{i}");
         let ok = match tokio::time::timeout(Duration::from_secs(2), client.set(&key, "w")).await {
@@ -511,12 +517,12 @@ async fn a_node_the_cluster_forgot_while_it_is_alive_rejoins() {
     let name = status.shards[1].nodes[1].name.clone();
     let lost = node_named(&pool, &name).await;
     let lost_id = my_id(lost.addr).await;
-    for n in pool.list().await.unwrap().iter().filter(|n| n.name != name) {
+    for n in pool.list().await.unwrap().nodes.iter().filter(|n| n.name != name) {
         let _: String = query_string(n.addr, &["CLUSTER", "FORGET", &lost_id]).await;
     }
     let status = rec.converge(Duration::from_secs(30)).await.unwrap();
     assert_eq!(status.ready.as_deref(), Some("4/4"));
-    for n in pool.list().await.unwrap() {
+    for n in pool.list().await.unwrap().nodes {
         let text = query_string(n.addr, &["CLUSTER", "NODES"]).await;
         assert!(
             text.contains(&lost_id),
@@ -535,23 +541,23 @@ struct WrongBusPort {
 }
 
 impl cachetier_operator::cluster::NodePool for WrongBusPort {
-    async fn create(
+    async fn ensure(
         &self,
         tier: &cachetier_operator::cluster::TierConfig,
         shard: u32,
         ordinal: u32,
-    ) -> cachetier_operator::Result<PoolNode> {
-        self.inner.create(tier, shard, ordinal).await
+    ) -> cachetier_operator::Result<()> {
+        self.inner.ensure(tier, shard, ordinal).await
     }
     async fn destroy(&self, name: &str) -> cachetier_operator::Result<()> {
         self.inner.destroy(name).await
     }
-    async fn list(&self) -> cachetier_operator::Result<Vec<PoolNode>> {
-        let mut nodes = self.inner.list().await?;
-        for n in nodes.iter_mut().filter(|n| n.name == self.name) {
+    async fn list(&self) -> cachetier_operator::Result<Listing> {
+        let mut listing = self.inner.list().await?;
+        for n in listing.nodes.iter_mut().filter(|n| n.name == self.name) {
             n.bus_port = 0;
         }
-        Ok(nodes)
+        Ok(listing)
     }
 }
 
@@ -597,7 +603,7 @@ async fn write_read_load(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> (Vec<usize>, usize, Vec<String>) {
     let seeds = |nodes: Vec<PoolNode>| nodes.into_iter().map(|n| n.addr).collect::<Vec<_>>();
-    let mut client = ClusterClient::new(seeds(pool.list().await.unwrap())).await;
+    let mut client = ClusterClient::new(seeds(pool.list().await.unwrap().nodes)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let (mut acked, mut write_errors, mut read_errors) = (Vec::new(), 0, Vec::new());
     for i in 0..20_000usize {
@@ -605,7 +611,7 @@ async fn write_read_load(
             break;
         }
         if i % 20 == 0 {
-            client.set_seeds(seeds(pool.list().await.unwrap()));
+            client.set_seeds(seeds(pool.list().await.unwrap().nodes));
         }
         match client.set(&format!("w:{i}"), &format!("v:{i}")).await {
             Ok(()) => acked.push(i),
@@ -646,7 +652,7 @@ async fn config_of(addr: SocketAddr, key: &str) -> Option<String> {
 }
 
 async fn all_nodes_report(pool: &LocalPool, key: &str, want: &str) -> bool {
-    for n in pool.list().await.unwrap() {
+    for n in pool.list().await.unwrap().nodes {
         if config_of(n.addr, key).await.as_deref() != Some(want) {
             return false;
         }
@@ -868,4 +874,133 @@ async fn a_setting_that_never_reads_back_as_written_is_not_counted_as_progress_t
     );
     assert!(second.error.is_none());
     pool.shutdown().await;
+}
+
+/// The local pool, except that nodes of `held` shards are requested but do
+/// not start until the test releases them: a Pending pod, as the core sees it.
+struct Held {
+    inner: std::sync::Arc<LocalPool>,
+    held: std::sync::Mutex<BTreeSet<u32>>,
+    requested: std::sync::Mutex<BTreeSet<(u32, u32)>>,
+}
+
+impl Held {
+    fn held(&self, shard: u32) -> bool {
+        self.held.lock().unwrap().contains(&shard)
+    }
+}
+
+impl cachetier_operator::cluster::NodePool for Held {
+    async fn ensure(
+        &self,
+        tier: &cachetier_operator::cluster::TierConfig,
+        shard: u32,
+        ordinal: u32,
+    ) -> cachetier_operator::Result<()> {
+        if self.held(shard) {
+            self.requested.lock().unwrap().insert((shard, ordinal));
+            return Ok(());
+        }
+        self.inner.ensure(tier, shard, ordinal).await
+    }
+    async fn destroy(&self, name: &str) -> cachetier_operator::Result<()> {
+        self.inner.destroy(name).await
+    }
+    async fn list(&self) -> cachetier_operator::Result<Listing> {
+        let mut listing = self.inner.list().await?;
+        for &(shard, ordinal) in self.requested.lock().unwrap().iter() {
+            if self.held(shard) {
+                listing.pending.push(cachetier_operator::cluster::PendingNode {
+                    name: node_name("pending", shard, ordinal),
+                    shard,
+                    ordinal,
+                    detail: "Unschedulable: held by the test".into(),
+                });
+            }
+        }
+        Ok(listing)
+    }
+}
+
+/// Slow-ish: about 15–25 s. A scale-out whose new shard's nodes stay
+/// pending (pods that cannot be scheduled) does not stop the round: a
+/// primary killed meanwhile is failed over and replaced, the pending nodes
+/// are reported on the tier, not requested in a loop, and once they start
+/// the reshard completes with no key lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_nodes_do_not_block_failover_and_the_reshard_finishes_once_they_run() {
+    const KEYS: usize = 1000;
+    let inner = pool("pending");
+    let pool = std::sync::Arc::new(Held {
+        inner: inner.clone(),
+        held: std::sync::Mutex::new(BTreeSet::from([2])),
+        requested: std::sync::Mutex::new(BTreeSet::new()),
+    });
+    let mut two = tier("pending", 2, 1);
+    two.health.evict_after = Duration::from_secs(2);
+    let mut three = tier("pending", 3, 1);
+    three.health = two.health;
+    let mut rec = Reconciler::new(pool.clone(), two);
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    write_replicated(&status, KEYS).await;
+    let victim = node_named(&inner, &status.shards[0].nodes[0].name).await;
+
+    rec.set_tier(three);
+    signal(victim.pid.unwrap(), "KILL");
+    let start = Instant::now();
+    let healed = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "shard 0 was not failed over while shard 2 was pending"
+        );
+        let round = rec.round().await.unwrap();
+        let s = &round.status;
+        let shard0 = s.shards.iter().find(|sh| sh.index == 0).unwrap();
+        let replaced = shard0.nodes.len() == 2
+            && shard0.nodes[0].name != victim.name
+            && shard0
+                .nodes
+                .iter()
+                .all(|n| n.serving || n.role == NodeRole::Primary);
+        if s.slots_covered == 16384
+            && replaced
+            && shard0.nodes.iter().all(|n| n.address != victim.addr.to_string())
+        {
+            break round;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let pending: Vec<&str> = healed
+        .status
+        .shards
+        .iter()
+        .flat_map(|s| s.nodes.iter())
+        .filter(|n| {
+            n.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("pending: Unschedulable"))
+        })
+        .map(|n| n.name.as_str())
+        .collect();
+    assert_eq!(pending, ["pending-2-0", "pending-2-1"], "{:?}", healed.status);
+    assert!(
+        !healed
+            .plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::CreateNode { shard: 2, .. })),
+        "a pending node is requested again: {:?}",
+        healed.plan
+    );
+    assert_eq!(
+        healed.status.current_shards, 2,
+        "no slot moved to a shard with no node"
+    );
+
+    pool.held.lock().unwrap().clear();
+    let status = rec.converge(Duration::from_secs(90)).await.unwrap();
+    assert_eq!(status.current_shards, 3);
+    assert_eq!(status.ready.as_deref(), Some("6/6"));
+    assert!(lost_keys(addrs(&status), KEYS).await.is_empty());
+    inner.shutdown().await;
 }

@@ -56,12 +56,13 @@ pub async fn execute<P: NodePool>(
     debug!(%action, "executing");
     match action {
         Action::CreateNode { shard, ordinal } => {
-            pool.create(tier, *shard, *ordinal).await?;
+            pool.ensure(tier, *shard, *ordinal).await?;
         }
         Action::DestroyNode { name, id, .. } => {
             let addr = pool
                 .list()
                 .await?
+                .nodes
                 .into_iter()
                 .find(|n| &n.name == name)
                 .map(|n| n.addr);

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::config::TierConfig;
 use super::health::HealthRecord;
 use super::plan::{Plan, PlanInput, even_split, plan};
-use super::pool::PoolNode;
+use super::pool::{PendingNode, PoolNode};
 use super::view::{ClusterView, NodeLine, NodeView, ReplInfo, Reported};
 
 pub fn tier(shards: u32, replicas: u32) -> TierConfig {
@@ -53,6 +53,10 @@ pub struct Fx {
     pub health: HashMap<SocketAddr, HealthRecord>,
     /// Nodes the pool reports as running an outdated definition.
     pub outdated: Vec<(u32, u32)>,
+    /// Nodes the pool was asked for that do not run yet.
+    pub pending: Vec<(u32, u32)>,
+    /// Nodes the pool reports as going away.
+    pub terminating: Vec<(u32, u32)>,
 }
 
 impl Fx {
@@ -136,6 +140,8 @@ impl Fx {
                 hostname: None,
                 pid: None,
                 outdated: self.outdated.contains(&(*shard, *ordinal)),
+                incarnation: String::new(),
+                terminating: self.terminating.contains(&(*shard, *ordinal)),
             };
             let report = if self.unreachable.contains(&(*shard, *ordinal)) {
                 Err("unreachable".to_string())
@@ -172,7 +178,19 @@ impl Fx {
             };
             nodes.push(NodeView { pool, report });
         }
-        ClusterView { nodes }
+        ClusterView {
+            nodes,
+            pending: self
+                .pending
+                .iter()
+                .map(|&(shard, ordinal)| PendingNode {
+                    name: name(shard, ordinal),
+                    shard,
+                    ordinal,
+                    detail: "Unschedulable".into(),
+                })
+                .collect(),
+        }
     }
 
     pub fn plan_at(&self, tier: &TierConfig, now: Instant) -> Plan {

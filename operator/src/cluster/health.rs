@@ -270,6 +270,15 @@ impl HealthMonitor {
         }
     }
 
+    /// Forgets what was learned about `addr` (another node now has that
+    /// address); the next [`track`](Self::track) probes it afresh.
+    pub fn forget(&mut self, addr: SocketAddr) {
+        if let Some(task) = self.tasks.remove(&addr) {
+            task.abort();
+        }
+        lock(&self.records).remove(&addr);
+    }
+
     /// The current record of every tracked node.
     pub fn snapshot(&self) -> HashMap<SocketAddr, HealthRecord> {
         lock(&self.records).clone()

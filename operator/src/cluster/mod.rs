@@ -24,5 +24,5 @@ pub mod view;
 
 pub use config::{HealthConfig, TierConfig, Timing};
 pub use plan::{Action, Plan};
-pub use pool::{NodePool, PoolNode};
+pub use pool::{Listing, NodePool, PendingNode, PoolNode};
 pub use reconcile::{Reconciler, Round};

@@ -300,8 +300,9 @@ impl<'a> Ctx<'a> {
     }
 
     /// Healthy by probe and answering commands.
+    /// Whether `v` answers, is not failed and is not going away.
     fn usable(&self, v: &NodeView) -> bool {
-        v.reported().is_some() && !self.is_failed(v)
+        v.reported().is_some() && !self.is_failed(v) && !v.pool.terminating
     }
 
     fn slot_count(&self, id: &str) -> usize {
@@ -376,6 +377,17 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
         if !out.actions.is_empty() || !out.waiting.is_empty() {
             break;
         }
+    }
+    // Nothing else to do, but requested nodes do not run yet: not converged.
+    if out.is_converged()
+        && let Some(p) = ctx.input.view.pending.first()
+    {
+        let others = match ctx.input.view.pending.len() - 1 {
+            0 => String::new(),
+            n => format!(", and {n} more node(s)"),
+        };
+        out.waiting
+            .push(format!("{} is pending ({}){others}", p.name, p.detail));
     }
     out
 }

@@ -20,7 +20,7 @@ use super::conn::Conns;
 use super::execute::{Outcome, Reach, StuckKey, execute};
 use super::health::{HealthMonitor, HealthRecord};
 use super::plan::{Action, Plan, PlanInput, plan};
-use super::pool::NodePool;
+use super::pool::{NodePool, PoolNode};
 use super::settings;
 use super::status::{self, Events, StatusInput, SyncTracker};
 use super::view::{ClusterView, observe};
@@ -65,6 +65,8 @@ pub struct Reconciler<P> {
     stuck: HashMap<u16, (StuckKey, Instant)>,
     /// The `CONFIG SET` steps of the previous round, by description.
     last_configs: std::collections::HashSet<String>,
+    /// Which node (name, incarnation) each address belonged to last round.
+    identities: HashMap<SocketAddr, (String, String)>,
     status_tx: watch::Sender<Option<CacheTierStatus>>,
 }
 
@@ -96,6 +98,7 @@ impl<P: NodePool> Reconciler<P> {
             primaries: HashMap::new(),
             stuck: HashMap::new(),
             last_configs: std::collections::HashSet::new(),
+            identities: HashMap::new(),
             status_tx,
         }
     }
@@ -134,11 +137,31 @@ impl<P: NodePool> Reconciler<P> {
 
     /// Lists the pool, starts probing new nodes and observes the cluster.
     pub async fn observe(&mut self) -> Result<ClusterView> {
-        let nodes = self.pool.list().await?;
-        let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+        let listing = self.pool.list().await?;
+        self.follow_identities(&listing.nodes);
+        let addrs: Vec<SocketAddr> = listing.nodes.iter().map(|n| n.addr).collect();
         self.health.track(&addrs);
         let keys: Vec<String> = settings::desired(&self.tier).into_keys().collect();
-        Ok(observe(&mut self.conns, &nodes, &keys).await)
+        Ok(observe(&mut self.conns, listing, &keys).await)
+    }
+
+    /// Health records and connections belong to a node (name and
+    /// incarnation), not to an address: when an address now belongs to
+    /// another node (a pod IP reused, a port handed out again), what was
+    /// learned about the old one is dropped before anything reads it.
+    fn follow_identities(&mut self, nodes: &[PoolNode]) {
+        let now: HashMap<SocketAddr, (String, String)> = nodes
+            .iter()
+            .map(|n| (n.addr, (n.name.clone(), n.incarnation.clone())))
+            .collect();
+        for (addr, identity) in &now {
+            if self.identities.get(addr).is_some_and(|before| before != identity) {
+                debug!(tier = %self.tier.name, %addr, node = %identity.0, "address now belongs to another node");
+                self.health.forget(*addr);
+                self.conns.drop_connection(*addr);
+            }
+        }
+        self.identities = now;
     }
 
     /// One round: observe, plan, publish the status, execute the plan (for
@@ -173,8 +196,10 @@ impl<P: NodePool> Reconciler<P> {
         let started = Instant::now();
         let mut executed = 0;
         let mut error = None;
-        // New nodes start in parallel: a 99-node tier should not wait for 99
-        // processes one after another.
+        // Nodes are requested in parallel (a 99-node tier should not wait for
+        // 99 API calls one after another); a request returns at once and the
+        // node is listed as pending until it runs, so nothing here waits for
+        // a node to start.
         let creates: Vec<&Action> = plan
             .actions
             .iter()
@@ -188,14 +213,14 @@ impl<P: NodePool> Reconciler<P> {
                     return Ok(());
                 };
                 info!(tier = %tier.name, "{a}");
-                pool.create(tier, *shard, *ordinal).await.map(drop)
+                pool.ensure(tier, *shard, *ordinal).await
             }
         });
         for outcome in futures_util::future::join_all(creating).await {
             match outcome {
                 Ok(()) => executed += 1,
                 Err(e) => {
-                    warn!(tier = %self.tier.name, error = %e, "creating a node failed; will re-observe");
+                    warn!(tier = %self.tier.name, error = %e, "requesting a node failed; will re-observe");
                     error = Some(e);
                 }
             }

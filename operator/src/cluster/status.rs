@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use cachetier_crds::{
-    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CacheTierStatus, NodeHealth, NodeRole, Phase,
-    ShardStatus,
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CacheTierStatus, NodeHealth, NodeRole,
+    NodeStatus, Phase, ShardStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -18,6 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::config::TierConfig;
 use super::health::{AUTH_ERROR, HealthRecord};
 use super::plan::{Action, FailoverKind, Plan, Removal, ranges};
+use super::pool::PendingNode;
 use super::view::{ClusterView, NodeView, SLOTS};
 
 mod events;
@@ -45,6 +46,21 @@ pub struct StatusInput<'a> {
     pub sync_loops: &'a [(String, usize)],
     /// The previous status, to keep condition transition times.
     pub previous: Option<&'a CacheTierStatus>,
+}
+
+/// A node requested from the pool that does not run yet.
+fn pending_status(p: &PendingNode) -> NodeStatus {
+    NodeStatus {
+        name: p.name.clone(),
+        address: String::new(),
+        node_id: None,
+        role: NodeRole::Unknown,
+        health: NodeHealth::Unknown,
+        rtt_micros: None,
+        lag_bytes: None,
+        serving: false,
+        reason: Some(format!("pending: {}", p.detail)),
+    }
 }
 
 fn range_text(&(a, b): &(u16, u16)) -> String {
@@ -109,7 +125,12 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
     let slots_covered: usize = view.nodes.iter().filter(|v| serves(v)).map(owned).sum();
     let any_owned = owners.iter().any(Option::is_some);
 
-    let mut shard_ids: Vec<u32> = view.nodes.iter().map(|v| v.pool.shard).collect();
+    let mut shard_ids: Vec<u32> = view
+        .nodes
+        .iter()
+        .map(|v| v.pool.shard)
+        .chain(view.pending.iter().map(|p| p.shard))
+        .collect();
     shard_ids.sort_unstable();
     shard_ids.dedup();
     let mut shards = Vec::new();
@@ -145,6 +166,17 @@ pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
                     "{}: {}",
                     st.name,
                     st.reason.clone().unwrap_or_else(|| "not in its role yet".into())
+                ));
+            }
+            nodes.push(st);
+        }
+        for p in view.pending.iter().filter(|p| p.shard == shard) {
+            let st = pending_status(p);
+            if shard < tier.shards && p.ordinal <= tier.replicas_per_shard {
+                not_ready.push(format!(
+                    "{}: {}",
+                    p.name,
+                    st.reason.as_deref().unwrap_or_default()
                 ));
             }
             nodes.push(st);

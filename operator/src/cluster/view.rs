@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use futures_util::future::join_all;
 
 use super::conn::Conns;
-use super::pool::PoolNode;
+use super::pool::{Listing, PendingNode, PoolNode};
 use crate::{Error, Result};
 
 /// Number of hash slots in a Redis Cluster.
@@ -219,8 +219,11 @@ impl NodeView {
 /// The observed cluster: every pool node's report.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClusterView {
-    /// One entry per pool node, in pool order.
+    /// One entry per running pool node, in pool order.
     pub nodes: Vec<NodeView>,
+    /// Nodes the pool was asked for that do not run yet: expected, not
+    /// present. Nothing waits for them; they are not asked for again.
+    pub pending: Vec<PendingNode>,
 }
 
 impl ClusterView {
@@ -326,8 +329,8 @@ impl ClusterView {
 /// Asks every pool node for its view of the cluster (and its values of
 /// `config_keys`), concurrently. A node that does not answer within the
 /// connections' timeout is reported as unreachable.
-pub async fn observe(conns: &mut Conns, pool_nodes: &[PoolNode], config_keys: &[String]) -> ClusterView {
-    let futures = pool_nodes.iter().map(|node| {
+pub async fn observe(conns: &mut Conns, listing: Listing, config_keys: &[String]) -> ClusterView {
+    let futures = listing.nodes.iter().map(|node| {
         let node = node.clone();
         let mut local = conns.split_for(node.addr);
         async move {
@@ -342,7 +345,10 @@ pub async fn observe(conns: &mut Conns, pool_nodes: &[PoolNode], config_keys: &[
         conns.adopt(view.pool.addr, local);
         nodes.push(view);
     }
-    ClusterView { nodes }
+    ClusterView {
+        nodes,
+        pending: listing.pending,
+    }
 }
 
 /// One pipeline: `CLUSTER NODES`, `CLUSTER INFO`, `INFO`, `CONFIG GET keys…`.

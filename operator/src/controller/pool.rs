@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use cachetier_crds::CacheTier;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -24,14 +23,11 @@ use serde_json::json;
 
 use crate::cluster::config::TierConfig;
 use crate::cluster::error::Error;
-use crate::cluster::pool::{NodePool, PoolNode, node_name};
+use crate::cluster::pool::{Listing, NodePool, PendingNode, PoolNode, node_name};
 use crate::reconcile::{self, FIELD_MANAGER, SHARD_LABEL, TIER_LABEL};
 
 /// The field manager of the pool's `spec.replicas` patches.
 pub const POOL_FIELD_MANAGER: &str = "cachetier-operator-pool";
-/// Longest `create` waits for the new pod to run and accept connections; a
-/// pod still Pending then fails the step, and the next round tries again.
-const CREATE_WAIT: Duration = Duration::from_secs(120);
 /// The label the StatefulSet controller puts on a pod: its revision.
 const REVISION_LABEL: &str = "controller-revision-hash";
 /// Redis client port in every pod.
@@ -99,42 +95,13 @@ impl KubePool {
         Ok(())
     }
 
-    /// Waits until `pod` runs and accepts TCP on the Redis port.
-    async fn wait_running(&self, pod: &str, shard: u32, ordinal: u32) -> Result<PoolNode, Error> {
-        let deadline = tokio::time::Instant::now() + CREATE_WAIT;
-        loop {
-            if let Some(found) = self
-                .pods
-                .get_opt(pod)
-                .await
-                .map_err(|e| Error::kubernetes(pod, e))?
-                && let Some(node) = self.to_node(&found, &BTreeMap::new())
-                && tokio::net::TcpStream::connect(node.addr).await.is_ok()
-            {
-                debug_assert_eq!((node.shard, node.ordinal), (shard, ordinal));
-                return Ok(node);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::NodeStart {
-                    name: pod.to_string(),
-                    detail: format!(
-                        "pod not running and accepting connections after {CREATE_WAIT:?} (Pending? see `kubectl describe pod {pod}`)"
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
-    /// A running pod as a pool node; `None` for a pod without an IP yet, one
-    /// being deleted, or one this tier did not create. `revisions` maps a
-    /// shard to its StatefulSet's update revision: a pod of another revision
-    /// is outdated (the template changed, e.g. a new image; `OnDelete` leaves
-    /// replacing it to the core's graceful replace).
-    fn to_node(&self, pod: &Pod, revisions: &BTreeMap<u32, String>) -> Option<PoolNode> {
-        if pod.metadata.deletion_timestamp.is_some() {
-            return None;
-        }
+    /// What `pod` is to the core: a node (running, or terminating but still
+    /// answering), a pending node, or nothing (not one of this tier's nodes,
+    /// or going away without an address). `revisions` maps a shard to its
+    /// StatefulSet's update revision: a pod of another revision is outdated
+    /// (the template changed, e.g. a new image; `OnDelete` leaves replacing
+    /// it to the core's graceful replace).
+    fn classify(&self, pod: &Pod, revisions: &BTreeMap<u32, String>) -> Option<Listed> {
         let name = pod.metadata.name.clone()?;
         let labels = pod.metadata.labels.as_ref()?;
         let shard: u32 = labels.get(SHARD_LABEL)?.parse().ok()?;
@@ -143,21 +110,76 @@ impl KubePool {
         if name != node_name(tier, shard, ordinal) {
             return None;
         }
-        let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+        let terminating = pod.metadata.deletion_timestamp.is_some();
+        let status = pod.status.as_ref();
+        let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+        let ip: Option<IpAddr> = status
+            .and_then(|s| s.pod_ip.as_ref())
+            .and_then(|ip| ip.parse().ok());
+        let Some(ip) = ip.filter(|_| running) else {
+            if terminating {
+                return None;
+            }
+            return Some(Listed::Pending(PendingNode {
+                detail: pending_detail(pod),
+                name,
+                shard,
+                ordinal,
+            }));
+        };
         let outdated = match (labels.get(REVISION_LABEL), revisions.get(&shard)) {
             (Some(have), Some(want)) => have != want,
             _ => false,
         };
-        Some(PoolNode {
+        Some(Listed::Node(PoolNode {
             outdated,
             hostname: Some(reconcile::node_dns_name(tier, &self.namespace, &name)),
+            incarnation: pod.metadata.uid.clone().unwrap_or_default(),
+            terminating,
             name,
             shard,
             ordinal,
             addr: SocketAddr::new(ip, REDIS_PORT),
             bus_port: BUS_PORT,
             pid: None,
-        })
+        }))
+    }
+}
+
+/// A pod as the core sees it.
+enum Listed {
+    Node(PoolNode),
+    Pending(PendingNode),
+}
+
+/// Why a pod does not run yet, from its status: a failed scheduling
+/// condition, a waiting container's reason, or its phase.
+fn pending_detail(pod: &Pod) -> String {
+    let Some(status) = pod.status.as_ref() else {
+        return "pod has no status yet".into();
+    };
+    let unscheduled = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+    if let Some(c) = unscheduled {
+        let reason = c.reason.as_deref().unwrap_or("not scheduled");
+        return match c.message.as_deref() {
+            Some(m) => format!("{reason}: {m}"),
+            None => reason.to_string(),
+        };
+    }
+    let waiting = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+        .find_map(|w| w.reason.clone());
+    let phase = status.phase.as_deref().unwrap_or("Unknown");
+    match waiting {
+        Some(reason) => format!("{phase}: {reason}"),
+        None => format!("pod {phase}, no IP yet"),
     }
 }
 
@@ -169,10 +191,13 @@ fn parse_node(tier: &str, name: &str) -> Option<(u32, u32)> {
 }
 
 impl NodePool for KubePool {
-    async fn create(&self, _tier: &TierConfig, shard: u32, ordinal: u32) -> Result<PoolNode, Error> {
+    /// Applies the shard's StatefulSet if it is missing and raises its
+    /// replicas to cover `ordinal`; the StatefulSet controller creates the
+    /// pod, which is listed as pending until it runs.
+    async fn ensure(&self, _tier: &TierConfig, shard: u32, ordinal: u32) -> Result<(), Error> {
         let tier = self.tier_name();
         let set_name = reconcile::shard_name(&tier, shard);
-        let scaling = self.scaling.lock().await;
+        let _scaling = self.scaling.lock().await;
         let existing = self
             .sets
             .get_opt(&set_name)
@@ -194,9 +219,7 @@ impl NodePool for KubePool {
         if replicas < wanted {
             self.set_replicas(&set_name, wanted).await?;
         }
-        drop(scaling);
-        self.wait_running(&node_name(&tier, shard, ordinal), shard, ordinal)
-            .await
+        Ok(())
     }
 
     async fn destroy(&self, name: &str) -> Result<(), Error> {
@@ -244,8 +267,9 @@ impl NodePool for KubePool {
         Ok(())
     }
 
-    async fn list(&self) -> Result<Vec<PoolNode>, Error> {
-        let selector = format!("{TIER_LABEL}={}", self.tier_name());
+    async fn list(&self) -> Result<Listing, Error> {
+        let tier = self.tier_name();
+        let selector = format!("{TIER_LABEL}={tier}");
         let pods = self
             .pods
             .list(&ListParams::default().labels(&selector))
@@ -264,13 +288,48 @@ impl NodePool for KubePool {
                 Some((shard, set.status.as_ref()?.update_revision.clone()?))
             })
             .collect();
-        let mut nodes: Vec<PoolNode> = pods
-            .items
-            .iter()
-            .filter_map(|p| self.to_node(p, &revisions))
-            .collect();
-        nodes.sort_by_key(|n| (n.shard, n.ordinal));
-        Ok(nodes)
+        let mut listing = Listing::default();
+        for pod in &pods.items {
+            match self.classify(pod, &revisions) {
+                Some(Listed::Node(n)) => listing.nodes.push(n),
+                Some(Listed::Pending(p)) => listing.pending.push(p),
+                None => {}
+            }
+        }
+        // Ordinals a StatefulSet's replicas cover but whose pod does not
+        // exist yet are requested, not missing.
+        for set in &sets.items {
+            let Some(shard) = set
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SHARD_LABEL)?.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let replicas = set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            for ordinal in 0..u32::try_from(replicas).unwrap_or(0) {
+                let name = node_name(&tier, shard, ordinal);
+                let listed = pods
+                    .items
+                    .iter()
+                    .any(|p| p.metadata.name.as_deref() == Some(name.as_str()));
+                if !listed {
+                    listing.pending.push(PendingNode {
+                        detail: format!(
+                            "StatefulSet {} has not created the pod yet",
+                            reconcile::shard_name(&tier, shard)
+                        ),
+                        name,
+                        shard,
+                        ordinal,
+                    });
+                }
+            }
+        }
+        listing.nodes.sort_by_key(|n| (n.shard, n.ordinal));
+        listing.pending.sort_by_key(|n| (n.shard, n.ordinal));
+        Ok(listing)
     }
 }
 
@@ -308,7 +367,7 @@ mod api_tests {
     fn pod(name: &str, ip: Option<&str>, deleting: bool) -> Value {
         let mut pod = json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "ns", "labels": {
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"), "labels": {
                 "cachetier.io/tier": "t", "cachetier.io/shard": "0",
                 "controller-revision-hash": if name == "t-0-0" { "t-0-old" } else { "t-0-new" }
             }},
@@ -331,14 +390,20 @@ mod api_tests {
     }
 
     #[tokio::test]
-    async fn only_running_pods_with_an_ip_are_nodes_named_by_their_dns_name() {
+    async fn pods_map_to_running_pending_and_terminating_nodes_named_by_their_dns_name() {
         let (pool, mut handle) = pool();
         let listing = tokio::spawn(async move { pool.list().await });
+        let mut unschedulable = pod("t-0-2", None, false);
+        unschedulable["status"]["conditions"] = json!([{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient memory."
+        }]);
         let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
             pod("t-0-1", Some("10.1.0.8"), false),
             pod("t-0-0", Some("10.1.0.7"), false),
-            pod("t-0-2", None, false),
+            unschedulable,
             pod("t-0-3", Some("10.1.0.9"), true),
+            pod("t-0-5", None, true),
         ]});
         let (method, uri) = answer(&mut handle, list).await;
         assert_eq!(method, "GET");
@@ -346,7 +411,7 @@ mod api_tests {
         let sets = json!({"apiVersion": "apps/v1", "kind": "StatefulSetList", "metadata": {}, "items": [{
             "apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": {"name": "t-0", "namespace": "ns", "labels": {"cachetier.io/tier": "t", "cachetier.io/shard": "0"}},
-            "spec": {"selector": {}, "serviceName": "t-nodes", "template": {}},
+            "spec": {"replicas": 5, "selector": {}, "serviceName": "t-nodes", "template": {}},
             "status": {"replicas": 4, "updateRevision": "t-0-new"}
         }]});
         let (_, uri) = answer(&mut handle, sets).await;
@@ -354,24 +419,51 @@ mod api_tests {
             uri.starts_with("/apis/apps/v1/namespaces/ns/statefulsets?"),
             "{uri}"
         );
-        let nodes = bounded(listing).await.unwrap();
-        let names: Vec<_> = nodes
+        let listing = bounded(listing).await.unwrap();
+        let nodes: Vec<_> = listing
+            .nodes
             .iter()
-            .map(|n| (n.name.as_str(), n.addr.to_string()))
+            .map(|n| {
+                (
+                    n.name.as_str(),
+                    n.addr.to_string(),
+                    n.terminating,
+                    n.incarnation.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
-            names,
+            nodes,
             [
-                ("t-0-0", "10.1.0.7:6379".to_string()),
-                ("t-0-1", "10.1.0.8:6379".to_string())
-            ]
+                ("t-0-0", "10.1.0.7:6379".to_string(), false, "uid-t-0-0"),
+                ("t-0-1", "10.1.0.8:6379".to_string(), false, "uid-t-0-1"),
+                ("t-0-3", "10.1.0.9:6379".to_string(), true, "uid-t-0-3"),
+            ],
+            "a pod being deleted still answers until it is gone: observed, marked terminating"
         );
-        assert_eq!(nodes[0].hostname.as_deref(), Some("t-0-0.t-nodes.ns.svc"));
-        let outdated: Vec<bool> = nodes.iter().map(|n| n.outdated).collect();
+        assert_eq!(listing.nodes[0].hostname.as_deref(), Some("t-0-0.t-nodes.ns.svc"));
+        let outdated: Vec<bool> = listing.nodes.iter().map(|n| n.outdated).collect();
         assert_eq!(
             outdated,
-            [true, false],
+            [true, false, false],
             "t-0-0 runs the StatefulSet's old revision"
+        );
+        let pending: Vec<_> = listing
+            .pending
+            .iter()
+            .map(|p| (p.name.as_str(), p.detail.as_str()))
+            .collect();
+        assert_eq!(
+            pending,
+            [
+                (
+                    "t-0-2",
+                    "Unschedulable: 0/3 nodes are available: 3 Insufficient memory."
+                ),
+                ("t-0-4", "StatefulSet t-0 has not created the pod yet"),
+            ],
+            "a Pending pod and an ordinal the replicas cover without a pod are expected, not present; \
+             a pod going away without an address is neither"
         );
     }
 

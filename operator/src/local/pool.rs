@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::cluster::config::{NodeEndpoint, TierConfig, render_redis_conf};
 use crate::cluster::health::probe;
-use crate::cluster::pool::{NodePool, PoolNode, node_name};
+use crate::cluster::pool::{Listing, NodePool, PendingNode, PoolNode, node_name};
 use crate::{Error, Result};
 
 /// Hands out (client port, bus port) pairs for new nodes.
@@ -79,7 +79,8 @@ pub struct LocalPoolOptions {
     pub ports: Arc<dyn PortSource>,
     /// Parent of the pool's temporary root (default: the system temp dir).
     pub temp_parent: Option<PathBuf>,
-    /// How long a new process may take to answer `PING`.
+    /// How long a new process may take to answer `PING` before its start
+    /// counts as failed.
     pub start_timeout: Duration,
 }
 
@@ -102,6 +103,10 @@ struct LocalNode {
     node: PoolNode,
     child: Child,
     dir: PathBuf,
+    /// When it first answered `PING`; `None` while it is starting.
+    started: Option<Instant>,
+    /// When its process was started.
+    since: Instant,
 }
 
 /// A pool of `redis-server` processes on 127.0.0.1.
@@ -115,6 +120,8 @@ pub struct LocalPool {
     nodes: Mutex<BTreeMap<String, LocalNode>>,
     /// Names whose process is being started right now.
     creating: Mutex<std::collections::BTreeSet<String>>,
+    /// Why the last start of a name failed, until its next `ensure`.
+    failures: Mutex<BTreeMap<String, String>>,
 }
 
 /// Finds `program` the way a shell would.
@@ -158,6 +165,7 @@ impl LocalPool {
             start_timeout: options.start_timeout,
             nodes: Mutex::new(BTreeMap::new()),
             creating: Mutex::new(std::collections::BTreeSet::new()),
+            failures: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -223,33 +231,45 @@ impl Drop for Creating<'_> {
     }
 }
 
-impl NodePool for LocalPool {
-    /// Ensures the node runs: a running node of that name is returned as it
-    /// is (two operators may both ask for it), a dead one is replaced by a
-    /// new, empty process on a new port, and a name already being started
-    /// is an error to retry.
-    async fn create(&self, tier: &TierConfig, shard: u32, ordinal: u32) -> Result<PoolNode> {
-        let name = node_name(&self.tier, shard, ordinal);
-        if let Some(n) = self.lock().get_mut(&name)
-            && matches!(n.child.try_wait(), Ok(None))
-        {
-            return Ok(n.node.clone());
+/// How long a listing waits for a starting process's `PING`.
+const START_PROBE: Duration = Duration::from_millis(200);
+
+impl LocalPool {
+    /// Waits until `name` runs and accepts connections (tests and tools
+    /// that need a node right after [`NodePool::ensure`]).
+    pub async fn wait_running(&self, name: &str, timeout: Duration) -> Result<PoolNode> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let listing = self.list().await?;
+            if let Some(node) = listing.nodes.into_iter().find(|n| n.name == name) {
+                return Ok(node);
+            }
+            if let Some(detail) = self.failure(name) {
+                return Err(Error::NodeStart {
+                    name: name.to_string(),
+                    detail,
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NodeStart {
+                    name: name.to_string(),
+                    detail: format!("not running after {timeout:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if !self
-            .creating
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone())
-        {
-            return Err(Error::NodeStart {
-                name,
-                detail: "already being started".into(),
-            });
-        }
-        let _reserved = Creating {
-            pool: self,
-            name: name.clone(),
-        };
+    }
+
+    fn failures(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failure(&self, name: &str) -> Option<String> {
+        self.failures().get(name).cloned()
+    }
+
+    /// Starts the process of a new, empty node and records it as starting.
+    async fn start(&self, tier: &TierConfig, name: String, shard: u32, ordinal: u32) -> Result<()> {
         let (port, bus_port) = self.ports.next_pair().ok_or_else(|| Error::NoFreePort {
             detail: format!("while creating {name}"),
         })?;
@@ -272,7 +292,7 @@ impl NodePool for LocalPool {
             .map_err(io(format!("cannot write {}", conf_path.display())))?;
         let log = std::fs::File::create(dir.join("redis.log")).map_err(io("cannot create redis.log"))?;
         let log_err = log.try_clone().map_err(io("cannot open redis.log"))?;
-        let mut child = Command::new(&self.binary)
+        let child = Command::new(&self.binary)
             .arg(&conf_path)
             .current_dir(&dir)
             .stdin(Stdio::null())
@@ -292,52 +312,108 @@ impl NodePool for LocalPool {
                     }
                 }
             })?;
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-        let deadline = Instant::now() + self.start_timeout;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let detail = format!("exited with {status}: {}", log_tail(&dir));
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-                return Err(Error::NodeStart { name, detail });
-            }
-            if probe(addr, Duration::from_millis(500)).await.is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                let detail = format!(
-                    "no answer on {addr} within {:?}: {}",
-                    self.start_timeout,
-                    log_tail(&dir)
-                );
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-                return Err(Error::NodeStart { name, detail });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let pid = child.id();
         let node = PoolNode {
             name: name.clone(),
             shard,
             ordinal,
-            addr,
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             bus_port,
             hostname: Some(name.clone()),
-            pid: child.id(),
+            pid,
             outdated: false,
+            incarnation: format!("pid {} port {port}", pid.unwrap_or(0)),
+            terminating: false,
         };
         let previous = self.lock().insert(
             name,
             LocalNode {
-                node: node.clone(),
+                node,
                 child,
                 dir,
+                started: None,
+                since: Instant::now(),
             },
         );
         if let Some(mut old) = previous {
             stop(&mut old).await;
         }
-        Ok(node)
+        Ok(())
+    }
+
+    /// Checks every starting process: one that answers runs from now on; one
+    /// that exited or did not answer within the start timeout is removed and
+    /// its failure kept for the next [`NodePool::ensure`] of its name.
+    async fn settle_starting(&self) {
+        let starting: Vec<(String, SocketAddr)> = self
+            .lock()
+            .values()
+            .filter(|n| n.started.is_none())
+            .map(|n| (n.node.name.clone(), n.node.addr))
+            .collect();
+        let probes = starting.iter().map(|(_, addr)| probe(*addr, START_PROBE));
+        let answers = futures_util::future::join_all(probes).await;
+        let mut failed = Vec::new();
+        {
+            let mut nodes = self.lock();
+            for ((name, _), answer) in starting.iter().zip(answers) {
+                let Some(n) = nodes.get_mut(name) else { continue };
+                if let Ok(Some(status)) = n.child.try_wait() {
+                    let detail = format!("exited with {status}: {}", log_tail(&n.dir));
+                    failed.push((name.clone(), detail));
+                } else if answer.is_ok() {
+                    n.started = Some(Instant::now());
+                } else if n.since.elapsed() > self.start_timeout {
+                    let detail = format!(
+                        "no answer on {} within {:?}: {}",
+                        n.node.addr,
+                        self.start_timeout,
+                        log_tail(&n.dir)
+                    );
+                    failed.push((name.clone(), detail));
+                }
+            }
+        }
+        for (name, detail) in failed {
+            let removed = self.lock().remove(&name);
+            if let Some(mut node) = removed {
+                stop(&mut node).await;
+            }
+            self.failures().insert(name, detail);
+        }
+    }
+}
+
+impl NodePool for LocalPool {
+    /// Requests the node: a running or starting node of that name is left
+    /// as it is (two operators may both ask for it); a dead one is replaced
+    /// by a new, empty process on a new port, which is listed as pending
+    /// until it answers `PING`. The failure of the previous start of this
+    /// name is returned once, instead of starting again.
+    async fn ensure(&self, tier: &TierConfig, shard: u32, ordinal: u32) -> Result<()> {
+        let name = node_name(&self.tier, shard, ordinal);
+        if let Some(n) = self.lock().get_mut(&name)
+            && matches!(n.child.try_wait(), Ok(None))
+        {
+            return Ok(());
+        }
+        if let Some(detail) = self.failures().remove(&name) {
+            return Err(Error::NodeStart { name, detail });
+        }
+        if !self
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone())
+        {
+            // Another caller is starting it right now.
+            return Ok(());
+        }
+        let _reserved = Creating {
+            pool: self,
+            name: name.clone(),
+        };
+        self.start(tier, name, shard, ordinal).await
     }
 
     async fn destroy(&self, name: &str) -> Result<()> {
@@ -348,7 +424,25 @@ impl NodePool for LocalPool {
         Ok(())
     }
 
-    async fn list(&self) -> Result<Vec<PoolNode>> {
-        Ok(self.lock().values().map(|n| n.node.clone()).collect())
+    async fn list(&self) -> Result<Listing> {
+        self.settle_starting().await;
+        let mut listing = Listing::default();
+        for n in self.lock().values() {
+            if n.started.is_some() {
+                listing.nodes.push(n.node.clone());
+            } else {
+                listing.pending.push(PendingNode {
+                    name: n.node.name.clone(),
+                    shard: n.node.shard,
+                    ordinal: n.node.ordinal,
+                    detail: format!(
+                        "starting for {:?} (pid {})",
+                        n.since.elapsed(),
+                        n.node.pid.unwrap_or(0)
+                    ),
+                });
+            }
+        }
+        Ok(listing)
     }
 }

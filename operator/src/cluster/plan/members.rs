@@ -6,12 +6,15 @@ pub(super) fn create_missing(ctx: &Ctx<'_>, out: &mut Plan) {
     let tier = ctx.input.tier;
     for shard in 0..tier.shards {
         for ordinal in 0..=tier.replicas_per_shard {
-            let exists = ctx
-                .input
-                .view
+            let view = ctx.input.view;
+            let exists = view
                 .nodes
                 .iter()
-                .any(|v| v.pool.shard == shard && v.pool.ordinal == ordinal);
+                .any(|v| v.pool.shard == shard && v.pool.ordinal == ordinal)
+                || view
+                    .pending
+                    .iter()
+                    .any(|p| p.shard == shard && p.ordinal == ordinal);
             if !exists {
                 out.actions.push(Action::CreateNode { shard, ordinal });
             }

@@ -58,6 +58,13 @@ pub(super) fn restart_rollout(ctx: &Ctx<'_>, out: &mut Plan) {
     if stale.is_empty() {
         return;
     }
+    if let Some(p) = ctx.input.view.pending.first() {
+        out.waiting.push(format!(
+            "restart-only settings wait until {} runs ({})",
+            p.name, p.detail
+        ));
+        return;
+    }
     if let Some(v) = ctx
         .input
         .view

@@ -392,6 +392,51 @@ fn an_evicted_replica_is_recreated_in_its_shard() {
 }
 
 #[test]
+fn a_pending_node_is_not_requested_again_and_the_tier_waits_for_it() {
+    let mut fx = Fx::tier_3x1();
+    fx.lines.retain(|(s, o, _, _)| (*s, *o) != (2, 1));
+    fx.pending.push((2, 1));
+    let p = fx.plan(&tier(3, 1));
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert_eq!(p.waiting, vec!["t-2-1 is pending (Unschedulable)".to_string()]);
+}
+
+#[test]
+fn a_restart_rollout_waits_while_a_node_is_pending() {
+    let mut fx = Fx::tier_3x1();
+    fx.outdated.push((0, 1));
+    fx.lines.retain(|(s, o, _, _)| (*s, *o) != (2, 1));
+    fx.pending.push((2, 1));
+    let p = fx.plan(&tier(3, 1));
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert_eq!(
+        p.waiting,
+        vec!["restart-only settings wait until t-2-1 runs (Unschedulable)".to_string()]
+    );
+}
+
+#[test]
+fn a_terminating_replica_is_never_the_heir_of_a_failed_primary() {
+    let t = tier(3, 2);
+    let start = Instant::now();
+    let split = even_split(3);
+    let mut fx = Fx::default();
+    for s in 0..3 {
+        fx = fx
+            .primary(s, 0, &[split[s as usize]])
+            .replica(s, 1, (s, 0), 100)
+            .replica(s, 2, (s, 0), 500);
+    }
+    let mut fx = fx.failed(1, 0, start);
+    fx.terminating.push((1, 2));
+    let late = fx.plan_at(&t, start + t.timing.node_timeout + t.timing.failover_margin);
+    let Action::Failover { to, .. } = &late.actions[0] else {
+        panic!("{late:?}")
+    };
+    assert_eq!(to.name, "t-1-1", "t-1-2 has the higher offset but is going away");
+}
+
+#[test]
 fn fewer_replicas_removes_the_extra_ones_and_a_primary_among_them_hands_over_first() {
     let split = even_split(1);
     let fx = Fx::default().replica(0, 0, (0, 1), 10).primary(0, 1, &[split[0]]);

@@ -60,3 +60,13 @@ pub fn redis_config(schema: &mut Schema) {
         value.insert("maxLength".into(), json!(MAX_REDIS_CONFIG_VALUE_LENGTH));
     }
 }
+
+/// An object whose fields the API server keeps as sent (no schema below it):
+/// `podOverrides`, which takes any part of a pod template. No CEL rule reads
+/// it, so it needs no bounds.
+pub fn free_form_object(_: &mut schemars::SchemaGenerator) -> Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}

@@ -165,10 +165,12 @@ pub struct CacheTierSpec {
     #[schemars(range(min = 0, max = 5))]
     pub replicas_per_shard: i32,
 
-    /// Redis server image for the cluster nodes (Redis 7 or newer).
-    #[serde(default = "default_image")]
+    /// Redis server image for the cluster nodes (Redis 7 or newer). Without
+    /// it, the operator's `--redis-image` (default `redis:7.2`); changing
+    /// either rolls the pods one at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub image: String,
+    pub image: Option<String>,
 
     /// Compute resources of each Redis container. Set `limits.memory` above
     /// `maxMemory`: replication buffers and fragmentation live outside maxmemory.
@@ -264,6 +266,20 @@ pub struct CacheTierSpec {
     /// Extra annotations on the Redis pods.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
+
+    /// Escape hatch for pod settings this spec does not model: a
+    /// strategic-merge patch (as `kubectl patch --type strategic` takes it)
+    /// applied last to the Redis pods' template, shaped like a pod template:
+    /// `{metadata: {...}, spec: {...}}`. Lists merge by their Kubernetes key
+    /// (containers, volumes and env by `name`, volumeMounts by `mountPath`,
+    /// ports by `containerPort`), `null` removes a field, `$patch: delete`
+    /// removes a list item and `$patch: replace` replaces a map. The
+    /// operator's own labels still win, and the result must be a valid pod
+    /// template. Changing the Redis container's command, ports or volumes
+    /// can break the tier: prefer the modelled fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::bounds::free_form_object")]
+    pub pod_overrides: Option<serde_json::Value>,
 }
 
 /// Default spreading of a tier's Redis pods over Kubernetes nodes.
@@ -283,12 +299,9 @@ fn default_replicas_per_shard() -> i32 {
     1
 }
 
-/// The Redis image used when `spec.image` is not set.
+/// The Redis image used when neither `spec.image` nor the operator's
+/// `--redis-image` is set.
 pub const DEFAULT_IMAGE: &str = "redis:7.2";
-
-fn default_image() -> String {
-    DEFAULT_IMAGE.to_string()
-}
 
 /// Redis `maxmemory-policy`: which keys Redis evicts when memory is full.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]

@@ -91,6 +91,9 @@ enum Command {
         /// The sidecar image the webhook injects.
         #[arg(long, default_value = DEFAULT_SIDECAR_IMAGE, env = "CACHETIER_SIDECAR_IMAGE")]
         sidecar_image: String,
+        /// The Redis image of tiers that do not set `spec.image`.
+        #[arg(long, default_value = cachetier_crds::DEFAULT_IMAGE, env = "CACHETIER_REDIS_IMAGE")]
+        redis_image: String,
     },
     /// Print the Kubernetes objects (YAML) the operator applies for a CacheTier
     /// manifest: ConfigMap, Services, a StatefulSet and a PodDisruptionBudget
@@ -103,6 +106,9 @@ enum Command {
         /// The CacheTier manifest (YAML).
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// The Redis image of a tier that does not set `spec.image`.
+        #[arg(long, default_value = cachetier_crds::DEFAULT_IMAGE, env = "CACHETIER_REDIS_IMAGE")]
+        redis_image: String,
     },
     /// Run a CacheTier on local redis-server processes, with a sidecar in
     /// front, until Ctrl-C.
@@ -172,6 +178,7 @@ fn main() -> anyhow::Result<ExitCode> {
             webhook_service,
             webhook_configuration,
             sidecar_image,
+            redis_image,
         } => {
             init_logs(&log_format, "info");
             let identity = identity
@@ -200,6 +207,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 identity,
                 lease_seconds,
                 webhook,
+                defaults: cachetier_operator::reconcile::Defaults { redis_image },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             if let Err(e) = runtime.block_on(cachetier_operator::controller::run(options)) {
@@ -207,10 +215,11 @@ fn main() -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Command::Render { file } => {
+        Command::Render { file, redis_image } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            match cachetier_operator::reconcile::render_manifest(&text) {
+            let defaults = cachetier_operator::reconcile::Defaults { redis_image };
+            match cachetier_operator::reconcile::render_manifest(&text, &defaults) {
                 Ok(yaml) => print!("{yaml}"),
                 Err(Error::Invalid(invalid)) => return Ok(refused(&file, &invalid)),
                 Err(e) => return Err(e.into()),

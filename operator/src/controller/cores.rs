@@ -72,9 +72,18 @@ async fn credentials(client: &kube::Client, tier: &CacheTier) -> Result<Option<A
 pub struct Cores {
     running: Mutex<HashMap<ObjectRef<CacheTier>, Core>>,
     swept: Mutex<Vec<ObjectRef<CacheTier>>>,
+    defaults: crate::reconcile::Defaults,
 }
 
 impl Cores {
+    /// No cores yet; new shards' StatefulSets are built with `defaults`.
+    pub fn new(defaults: crate::reconcile::Defaults) -> Self {
+        Self {
+            defaults,
+            ..Self::default()
+        }
+    }
+
     /// Starts the tier's core if it has none, hands it the current spec
     /// (with the credentials from the Secret `spec.auth` names), and returns
     /// the latest status it computed (none before its first round).
@@ -96,7 +105,7 @@ impl Cores {
             });
             return Ok(core.status.borrow().clone());
         }
-        let pool = Arc::new(KubePool::new(client, tier.clone()));
+        let pool = Arc::new(KubePool::new(client, tier.clone(), self.defaults.clone()));
         let mut reconciler = Reconciler::new(pool.clone(), config.clone());
         let status = reconciler.subscribe();
         let (spec, specs) = watch::channel(config);

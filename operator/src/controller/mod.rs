@@ -66,6 +66,8 @@ pub struct RunOptions {
     pub lease_seconds: u64,
     /// The sidecar-injection webhook, when this replica serves it.
     pub webhook: Option<WebhookOptions>,
+    /// What a tier's spec leaves unset (`--redis-image`).
+    pub defaults: crate::reconcile::Defaults,
 }
 
 /// How the webhook is served.
@@ -105,13 +107,16 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         controller: FIELD_MANAGER.to_string(),
         instance: Some(options.identity.clone()),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Recorder::new(client.clone(), reporter),
-        metrics.clone(),
-        leader.clone(),
-        Some(Cores::default()),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Recorder::new(client.clone(), reporter),
+            metrics.clone(),
+            leader.clone(),
+            Some(Cores::new(options.defaults.clone())),
+        )
+        .with_defaults(options.defaults.clone()),
+    );
     tokio::spawn(follow_leadership(leader, ctx.clone()));
 
     let ns = options.namespace.as_deref();

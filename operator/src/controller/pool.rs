@@ -47,11 +47,13 @@ pub struct KubePool {
     /// The core creates a shard's nodes in parallel; their read-then-raise of
     /// `replicas` must not interleave (a later "1" would undo an earlier "2").
     scaling: Arc<tokio::sync::Mutex<()>>,
+    /// What the tier's spec leaves unset, for building StatefulSets.
+    defaults: reconcile::Defaults,
 }
 
 impl KubePool {
     /// A pool for `tier` (as stored by the API server).
-    pub fn new(client: kube::Client, tier: CacheTier) -> Self {
+    pub fn new(client: kube::Client, tier: CacheTier, defaults: reconcile::Defaults) -> Self {
         let namespace = tier.metadata.namespace.clone().unwrap_or_default();
         Self {
             pods: Api::namespaced(client.clone(), &namespace),
@@ -60,6 +62,7 @@ impl KubePool {
             namespace,
             tier: Arc::new(RwLock::new(tier)),
             scaling: Arc::new(tokio::sync::Mutex::new(())),
+            defaults,
         }
     }
 
@@ -206,7 +209,7 @@ impl NodePool for KubePool {
         let replicas = match existing {
             Some(set) => set.spec.and_then(|s| s.replicas).unwrap_or(1),
             None => {
-                let set = reconcile::shard_stateful_set(&self.current_tier()?, shard)?;
+                let set = reconcile::shard_stateful_set(&self.current_tier()?, shard, &self.defaults)?;
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 self.sets
                     .patch(&set_name, &params, &Patch::Apply(&set))
@@ -361,7 +364,10 @@ mod api_tests {
             "spec": {"shards": 1, "maxMemory": "1Gi"}
         }))
         .unwrap();
-        (KubePool::new(client, tier), handle)
+        (
+            KubePool::new(client, tier, reconcile::Defaults::default()),
+            handle,
+        )
     }
 
     fn pod(name: &str, ip: Option<&str>, deleting: bool) -> Value {

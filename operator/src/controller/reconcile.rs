@@ -50,6 +50,8 @@ pub struct Context {
     written: Mutex<HashMap<ObjectRef<CacheTier>, (CacheTierStatus, tokio::time::Instant)>>,
     /// The serving condition last set on each pod (namespace, name).
     serving: Mutex<HashMap<(String, String), bool>>,
+    /// What a tier's spec leaves unset.
+    defaults: reconcile::Defaults,
 }
 
 impl std::fmt::Debug for Context {
@@ -75,7 +77,14 @@ impl Context {
             cores,
             written: Mutex::new(HashMap::new()),
             serving: Mutex::new(HashMap::new()),
+            defaults: reconcile::Defaults::default(),
         }
+    }
+
+    /// The same context with the operator's defaults for unset spec fields.
+    pub fn with_defaults(mut self, defaults: reconcile::Defaults) -> Self {
+        self.defaults = defaults;
+        self
     }
 }
 
@@ -106,7 +115,7 @@ async fn reconcile_leader(tier: &CacheTier, ctx: &Context) -> Result<Action, Err
         report_invalid(tier, ctx, &key, &invalid).await?;
         return Ok(Action::await_change());
     }
-    let objects = reconcile::desired(tier)?;
+    let objects = reconcile::desired(tier, &ctx.defaults)?;
     apply_all(&ctx.client, tier, &objects).await?;
     let computed = match &ctx.cores {
         Some(cores) => cores.ensure(ctx.client.clone(), tier).await?,

@@ -23,6 +23,10 @@ fn cases() -> Vec<(PathBuf, PathBuf)> {
             golden.join("inputs/single-node.yaml"),
             golden.join("single-node.yaml"),
         ),
+        (
+            golden.join("inputs/overrides.yaml"),
+            golden.join("overrides.yaml"),
+        ),
     ]
 }
 
@@ -32,7 +36,7 @@ fn every_example_tier_renders_exactly_its_golden_objects() {
     let mut stale = Vec::new();
     for (input, golden) in cases() {
         let text = std::fs::read_to_string(&input).unwrap();
-        let rendered = super::render_manifest(&text).unwrap();
+        let rendered = super::render_manifest(&text, &super::Defaults::default()).unwrap();
         if update {
             std::fs::write(&golden, &rendered).unwrap();
         } else if std::fs::read_to_string(&golden).ok().as_deref() != Some(rendered.as_str()) {
@@ -52,7 +56,7 @@ fn a_tier_becomes_one_statefulset_and_pdb_per_shard_owned_by_the_tier() {
     let mut tier = cachetier_crds::validate::parse_manifest(&text).unwrap();
     tier.metadata.namespace = Some("ns".into());
     tier.metadata.uid = Some("uid-1".into());
-    let objects = super::desired(&tier).unwrap();
+    let objects = super::desired(&tier, &super::Defaults::default()).unwrap();
     let names: Vec<String> = objects.iter().map(super::Desired::describe).collect();
     assert_eq!(
         names,
@@ -72,11 +76,88 @@ fn a_tier_becomes_one_statefulset_and_pdb_per_shard_owned_by_the_tier() {
     assert_eq!(yaml.matches("uid: uid-1").count(), objects.len());
 }
 
+/// The Redis image of every StatefulSet built from `text`.
+fn images(text: &str, defaults: &super::Defaults) -> Vec<String> {
+    let mut tier = cachetier_crds::validate::parse_manifest(text).unwrap();
+    tier.metadata.namespace = Some("ns".into());
+    tier.metadata.uid = Some("uid-1".into());
+    super::desired(&tier, defaults)
+        .unwrap()
+        .iter()
+        .filter_map(|o| match o {
+            super::Desired::StatefulSet(s) => s.spec.as_ref()?.template.spec.as_ref()?.containers[0]
+                .image
+                .clone(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn spec_image_wins_and_without_it_the_operators_default_image_is_used() {
+    let minimal = std::fs::read_to_string(root().join("../crds/examples/minimal.yaml")).unwrap();
+    let full = std::fs::read_to_string(root().join("../crds/examples/full.yaml")).unwrap();
+    let mirror = super::Defaults {
+        redis_image: "registry.internal/redis:7.2.5".into(),
+    };
+    assert_eq!(images(&minimal, &super::Defaults::default()), ["redis:7.2"; 3]);
+    assert_eq!(images(&minimal, &mirror), ["registry.internal/redis:7.2.5"; 3]);
+    assert!(images(&full, &mirror).iter().all(|i| i == "redis:7.2"));
+}
+
+#[test]
+fn pod_overrides_cannot_take_the_operators_labels_and_must_leave_a_valid_template() {
+    let base = std::fs::read_to_string(root().join("tests/golden/inputs/overrides.yaml")).unwrap();
+    let relabel = base.replace(
+        "  podOverrides:\n    metadata:\n",
+        "  podOverrides:\n    metadata:\n      labels:\n        cachetier.io/shard: \"7\"\n        team: search\n",
+    );
+    assert_ne!(relabel, base);
+    let mut tier = cachetier_crds::validate::parse_manifest(&relabel).unwrap();
+    tier.metadata.uid = Some("uid-1".into());
+    let objects = super::desired(&tier, &super::Defaults::default()).unwrap();
+    let Some(super::Desired::StatefulSet(set)) = objects
+        .iter()
+        .find(|o| matches!(o, super::Desired::StatefulSet(_)))
+    else {
+        panic!("no StatefulSet")
+    };
+    let labels = set
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        labels["cachetier.io/shard"], "0",
+        "the selector's label stays the operator's"
+    );
+    assert_eq!(labels["team"], "search", "other labels pass");
+
+    let broken = base.replace("containerPort: 9121", "containerPort: nine");
+    let mut tier = cachetier_crds::validate::parse_manifest(&broken).unwrap();
+    tier.metadata.uid = Some("uid-1".into());
+    let err = super::desired(&tier, &super::Defaults::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("spec.podOverrides: the patched pod template is not valid"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_tier_the_api_server_has_not_stored_is_refused() {
     let text = std::fs::read_to_string(root().join("../crds/examples/minimal.yaml")).unwrap();
     let tier = cachetier_crds::validate::parse_manifest(&text).unwrap();
-    let err = super::desired(&tier).unwrap_err().to_string();
+    let err = super::desired(&tier, &super::Defaults::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("metadata.namespace: Required value"), "{err}");
 }
 
@@ -100,7 +181,7 @@ fn the_rendered_config_and_arguments_start_a_real_redis_server() {
     let text = std::fs::read_to_string(root().join("tests/golden/inputs/auth.yaml")).unwrap();
     let mut tier = cachetier_crds::validate::parse_manifest(&text).unwrap();
     tier.metadata.uid = Some("uid-1".into());
-    let objects = super::desired(&tier).unwrap();
+    let objects = super::desired(&tier, &super::Defaults::default()).unwrap();
     let conf = objects
         .iter()
         .find_map(|o| match o {

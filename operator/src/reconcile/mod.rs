@@ -16,6 +16,7 @@
 mod golden;
 mod names;
 mod objects;
+mod overrides;
 mod pod;
 
 pub use names::{
@@ -60,10 +61,26 @@ impl Desired {
     }
 }
 
+/// Operator-wide defaults for what a tier's spec leaves unset (set by the
+/// operator's flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defaults {
+    /// The Redis image of a tier without `spec.image` (`--redis-image`).
+    pub redis_image: String,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            redis_image: cachetier_crds::DEFAULT_IMAGE.to_string(),
+        }
+    }
+}
+
 /// Every object of `tier`, in apply order (config and Services before the pods
 /// that use them).
-pub fn desired(tier: &CacheTier) -> Result<Vec<Desired>, Error> {
-    let ctx = names::Context::of(tier)?;
+pub fn desired(tier: &CacheTier, defaults: &Defaults) -> Result<Vec<Desired>, Error> {
+    let ctx = names::Context::of(tier, defaults)?;
     let config = TierConfig::from_tier(tier)?;
     let mut out = vec![
         Desired::ConfigMap(objects::config_map(&ctx, &config)),
@@ -73,7 +90,7 @@ pub fn desired(tier: &CacheTier) -> Result<Vec<Desired>, Error> {
     for shard in 0..config.shards {
         out.push(Desired::StatefulSet(Box::new(pod::stateful_set(
             &ctx, tier, shard,
-        ))));
+        )?)));
         out.push(Desired::PodDisruptionBudget(objects::pod_disruption_budget(
             &ctx, tier, shard,
         )));
@@ -83,9 +100,9 @@ pub fn desired(tier: &CacheTier) -> Result<Vec<Desired>, Error> {
 
 /// The StatefulSet of one shard, as [`desired`] builds it (the node pool
 /// creates a new shard's StatefulSet with it).
-pub fn shard_stateful_set(tier: &CacheTier, shard: u32) -> Result<StatefulSet, Error> {
-    let ctx = names::Context::of(tier)?;
-    Ok(pod::stateful_set(&ctx, tier, shard))
+pub fn shard_stateful_set(tier: &CacheTier, shard: u32, defaults: &Defaults) -> Result<StatefulSet, Error> {
+    let ctx = names::Context::of(tier, defaults)?;
+    pod::stateful_set(&ctx, tier, shard)
 }
 
 /// `objects` as one multi-document YAML stream (what `cachetier-operator
@@ -137,11 +154,11 @@ pub const RENDER_UID: &str = "00000000-0000-0000-0000-000000000000";
 /// Validates a CacheTier manifest and renders its objects as YAML, offline:
 /// a missing namespace becomes [`RENDER_NAMESPACE`], the owner UID
 /// [`RENDER_UID`].
-pub fn render_manifest(text: &str) -> Result<String, Error> {
+pub fn render_manifest(text: &str, defaults: &Defaults) -> Result<String, Error> {
     let mut tier = cachetier_crds::validate::parse_manifest(text)?;
     tier.metadata
         .namespace
         .get_or_insert_with(|| RENDER_NAMESPACE.to_string());
     tier.metadata.uid.get_or_insert_with(|| RENDER_UID.to_string());
-    to_yaml(&desired(&tier)?)
+    to_yaml(&desired(&tier, defaults)?)
 }

@@ -7,6 +7,7 @@ use cachetier_crds::validate::Invalid;
 use cachetier_crds::{CacheTier, GROUP, VERSION};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
+use super::Defaults;
 use crate::cluster::error::Error;
 
 /// The field manager of every server-side apply the operator makes.
@@ -52,6 +53,8 @@ pub fn node_dns_name(tier: &str, namespace: &str, pod: &str) -> String {
 pub(super) struct Context {
     pub name: String,
     pub namespace: String,
+    /// `spec.image`, or the operator's default.
+    pub redis_image: String,
     owner: OwnerReference,
 }
 
@@ -59,7 +62,7 @@ impl Context {
     /// The tier's name, namespace and owner reference; a tier without a UID has
     /// not been stored by an API server, and owning objects by it would orphan
     /// them.
-    pub fn of(tier: &CacheTier) -> Result<Self, Error> {
+    pub fn of(tier: &CacheTier, defaults: &Defaults) -> Result<Self, Error> {
         let missing = |field: &str| Invalid {
             problems: vec![format!(
                 "metadata.{field}: Required value (set by the API server)"
@@ -83,6 +86,11 @@ impl Context {
         Ok(Self {
             name,
             namespace,
+            redis_image: tier
+                .spec
+                .image
+                .clone()
+                .unwrap_or_else(|| defaults.redis_image.clone()),
             owner,
         })
     }

@@ -23,6 +23,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::names::{BUS_PORT, Context, REDIS_PORT, config_map_name, headless_service_name, shard_name};
 use super::objects::{DATA_DIR, REDIS_CONF_KEY};
+use super::overrides;
+use crate::cluster::error::Error;
 
 /// The pod condition the operator sets once a node serves (its slots, or reads
 /// as an in-sync replica); the pod is Ready only then.
@@ -37,8 +39,22 @@ const PRE_STOP_SECONDS: i64 = 5;
 /// Grace period of a Redis pod: the pre-stop pause plus a clean shutdown.
 const TERMINATION_GRACE_SECONDS: i64 = 30;
 
-/// The StatefulSet of `shard`.
-pub(super) fn stateful_set(ctx: &Context, tier: &CacheTier, shard: u32) -> StatefulSet {
+/// The StatefulSet of `shard`, with `spec.podOverrides` merged into its pod
+/// template last (the operator's labels still win: the selector needs them).
+pub(super) fn stateful_set(ctx: &Context, tier: &CacheTier, shard: u32) -> Result<StatefulSet, Error> {
+    let mut set = base_stateful_set(ctx, tier, shard);
+    if let (Some(patch), Some(spec)) = (&tier.spec.pod_overrides, set.spec.as_mut()) {
+        let mut template = overrides::apply(&spec.template, patch)?;
+        let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
+        meta.labels
+            .get_or_insert_with(BTreeMap::new)
+            .extend(ctx.shard_labels(shard));
+        spec.template = template;
+    }
+    Ok(set)
+}
+
+fn base_stateful_set(ctx: &Context, tier: &CacheTier, shard: u32) -> StatefulSet {
     let labels = ctx.shard_labels(shard);
     StatefulSet {
         metadata: ctx.meta(shard_name(&ctx.name, shard), labels.clone()),
@@ -264,7 +280,7 @@ fn redis_container(ctx: &Context, tier: &CacheTier) -> Container {
     let (args, env) = redis_args(ctx, tier);
     Container {
         name: "redis".to_string(),
-        image: Some(tier.spec.image.clone()),
+        image: Some(ctx.redis_image.clone()),
         command: Some(vec!["redis-server".to_string()]),
         args: Some(args),
         env: Some(env),
@@ -333,7 +349,7 @@ fn redis_container(ctx: &Context, tier: &CacheTier) -> Container {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconcile::SHARD_LABEL;
+    use crate::reconcile::{Defaults, SHARD_LABEL};
 
     fn tier(extra: &str) -> CacheTier {
         let yaml = format!(
@@ -345,7 +361,7 @@ mod tests {
     #[test]
     fn a_shard_spreads_over_nodes_by_default_and_the_knob_changes_the_scope() {
         let t = tier("");
-        let ctx = Context::of(&t).unwrap();
+        let ctx = Context::of(&t, &Defaults::default()).unwrap();
         let affinity = default_affinity(&ctx, AntiAffinity::Shard, 1).unwrap();
         let term = &affinity
             .pod_anti_affinity
@@ -382,7 +398,7 @@ mod tests {
     #[test]
     fn the_password_reaches_redis_from_the_secret_and_never_appears_in_plain_text() {
         let t = tier(", auth: {secretName: s, usernameKey: user}");
-        let ctx = Context::of(&t).unwrap();
+        let ctx = Context::of(&t, &Defaults::default()).unwrap();
         let (args, env) = redis_args(&ctx, &t);
         assert!(
             args.windows(3)
@@ -401,7 +417,7 @@ mod tests {
             "an ACL user, not the default user's password"
         );
         let plain = tier(", auth: {secretName: s}");
-        let (args, _) = redis_args(&Context::of(&plain).unwrap(), &plain);
+        let (args, _) = redis_args(&Context::of(&plain, &Defaults::default()).unwrap(), &plain);
         assert!(
             args.windows(2)
                 .any(|w| w == ["--requirepass", "$(REDIS_PASSWORD)"])
@@ -420,7 +436,7 @@ mod tests {
     #[test]
     fn the_operators_labels_win_over_the_users_pod_labels() {
         let t = tier(", podLabels: {cachetier.io/tier: other, team: a}");
-        let set = stateful_set(&Context::of(&t).unwrap(), &t, 0);
+        let set = stateful_set(&Context::of(&t, &Defaults::default()).unwrap(), &t, 0).unwrap();
         let labels = set.spec.unwrap().template.metadata.unwrap().labels.unwrap();
         assert_eq!(labels["cachetier.io/tier"], "t");
         assert_eq!(labels["team"], "a");

@@ -115,7 +115,16 @@ async fn reconcile_leader(tier: &CacheTier, ctx: &Context) -> Result<Action, Err
         report_invalid(tier, ctx, &key, &invalid).await?;
         return Ok(Action::await_change());
     }
-    let objects = reconcile::desired(tier, &ctx.defaults)?;
+    // The spec passed validation; building can still refuse it (a
+    // podOverrides patch that leaves an invalid pod template).
+    let objects = match reconcile::desired(tier, &ctx.defaults) {
+        Err(Error::Invalid(invalid)) => {
+            ctx.metrics.reconcile_failed("invalid");
+            report_invalid(tier, ctx, &key, &invalid).await?;
+            return Ok(Action::await_change());
+        }
+        other => other?,
+    };
     apply_all(&ctx.client, tier, &objects).await?;
     let computed = match &ctx.cores {
         Some(cores) => cores.ensure(ctx.client.clone(), tier).await?,

@@ -139,6 +139,61 @@ async fn an_invalid_spec_touches_no_object_and_says_why_in_a_condition_and_an_ev
 }
 
 #[tokio::test]
+async fn pod_overrides_that_break_the_pod_template_touch_no_object_and_say_why() {
+    let (ctx, mut handle, _leader) = context(true);
+    let t = Arc::new(tier(
+        ", podOverrides: {spec: {containers: [{name: redis, ports: [{containerPort: nine}]}]}}",
+    ));
+    let task = tokio::spawn(reconcile(t.clone(), ctx.clone()));
+    let (method, uri, body, send) = next(&mut handle).await;
+    assert_eq!(method, "PATCH");
+    assert!(uri.contains("/cachetiers/t/status?"), "{uri}");
+    assert_eq!(body["status"]["phase"], "Invalid");
+    let message = body["status"]["conditions"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.podOverrides: the patched pod template is not valid"),
+        "{message}"
+    );
+    respond(send, 200, &serde_json::to_value(t.as_ref()).unwrap());
+    let (method, _, body, send) = next(&mut handle).await;
+    assert_eq!(
+        (method.as_str(), body["reason"].as_str()),
+        ("POST", Some("InvalidSpec"))
+    );
+    respond(send, 200, &body);
+    let action = bounded(task).await.unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+}
+
+#[tokio::test]
+async fn the_operators_redis_image_is_applied_to_a_tier_without_spec_image() {
+    let (client, mut handle) = mock::client();
+    let reporter = Reporter {
+        controller: "cachetier-operator".into(),
+        instance: Some("test".into()),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let (_tx, rx) = watch::channel(true);
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let ctx = Arc::new(Context::new(client, recorder, metrics, rx, None).with_defaults(
+        crate::reconcile::Defaults {
+            redis_image: "mirror.internal/redis:7.2.5".into(),
+        },
+    ));
+    let task = tokio::spawn(reconcile(Arc::new(tier("")), ctx));
+    let mut images = Vec::new();
+    while images.len() < 2 {
+        let (_, uri, body, send) = next(&mut handle).await;
+        if uri.contains("/statefulsets/") {
+            images.push(body["spec"]["template"]["spec"]["containers"][0]["image"].clone());
+        }
+        respond(send, 200, &body);
+    }
+    assert_eq!(images, ["mirror.internal/redis:7.2.5"; 2]);
+    task.abort();
+}
+
+#[tokio::test]
 async fn a_replica_without_the_lease_makes_no_request_at_all() {
     let (ctx, mut handle, leader) = context(true);
     leader.send_replace(false);

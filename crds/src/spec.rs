@@ -150,7 +150,11 @@ fn max_memory_headroom_rule() -> Rule {
     validation = max_memory_headroom_rule(),
     validation = Rule::new("self.podDisruptionBudget.maxUnavailable <= self.shards * (1 + self.replicasPerShard)")
         .message("podDisruptionBudget.maxUnavailable cannot exceed the number of nodes (shards * (1 + replicasPerShard))")
-        .field_path(".podDisruptionBudget.maxUnavailable")
+        .field_path(".podDisruptionBudget.maxUnavailable"),
+    // A StatefulSet's volumeClaimTemplates cannot change.
+    validation = Rule::new("has(self.persistence) == has(oldSelf.persistence) && (!has(self.persistence) || self.persistence == oldSelf.persistence)")
+        .message("persistence cannot be added, removed or changed on an existing tier (StatefulSet volume claims are immutable): create a new tier")
+        .field_path(".persistence")
 )]
 pub struct CacheTierSpec {
     /// Number of shards (primaries). The 16384 hash slots are spread evenly across
@@ -266,6 +270,17 @@ pub struct CacheTierSpec {
     /// Extra annotations on the Redis pods.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
+
+    /// A persistent volume per node for Redis's data directory (`nodes.conf`,
+    /// and the RDB/AOF files when `redisConfig` turns on `save` or
+    /// `appendonly`). Without it (the default for a cache) the directory is
+    /// an `emptyDir`: a pod recreated on another node starts empty and
+    /// full-syncs from its shard. With it, a restarted pod keeps its cluster
+    /// identity and data; a node the operator replaces (eviction, rollout)
+    /// gets a fresh volume, and scaling in or deleting the tier deletes the
+    /// volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence: Option<PersistenceSpec>,
 
     /// Escape hatch for pod settings this spec does not model: a
     /// strategic-merge patch (as `kubectl patch --type strategic` takes it)
@@ -571,6 +586,21 @@ fn default_cache_ttl() -> Duration {
 
 fn default_cache_max_bytes() -> i64 {
     64 * 1024 * 1024
+}
+
+/// One PersistentVolumeClaim per Redis node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PersistenceSpec {
+    /// Size of each node's volume, like `maxMemory` (`8Gi`). With `appendonly`
+    /// or `save` on, allow a few times `maxMemory` (rewrites need room).
+    #[schemars(length(min = 1, max = 32), regex(pattern = MEMORY_PATTERN))]
+    pub size: String,
+
+    /// StorageClass of the volumes; the cluster's default class without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
 }
 
 /// The PodDisruptionBudget of the tier's pods.

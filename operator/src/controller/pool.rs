@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use cachetier_crds::CacheTier;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
@@ -30,6 +30,8 @@ use crate::reconcile::{self, FIELD_MANAGER, SHARD_LABEL, TIER_LABEL};
 pub const POOL_FIELD_MANAGER: &str = "cachetier-operator-pool";
 /// The label the StatefulSet controller puts on a pod: its revision.
 const REVISION_LABEL: &str = "controller-revision-hash";
+/// How a pending node without a pod is described.
+const NOT_CREATED: &str = "pod not created yet";
 /// Redis client port in every pod.
 const REDIS_PORT: u16 = 6379;
 /// Cluster bus port in every pod.
@@ -39,6 +41,7 @@ const BUS_PORT: u16 = 16379;
 #[derive(Debug, Clone)]
 pub struct KubePool {
     pods: Api<Pod>,
+    claims: Api<PersistentVolumeClaim>,
     sets: Api<StatefulSet>,
     pdbs: Api<PodDisruptionBudget>,
     namespace: String,
@@ -57,6 +60,7 @@ impl KubePool {
         let namespace = tier.metadata.namespace.clone().unwrap_or_default();
         Self {
             pods: Api::namespaced(client.clone(), &namespace),
+            claims: Api::namespaced(client.clone(), &namespace),
             sets: Api::namespaced(client.clone(), &namespace),
             pdbs: Api::namespaced(client, &namespace),
             namespace,
@@ -96,6 +100,58 @@ impl KubePool {
             .await
             .map_err(|e| Error::kubernetes(format!("scaling StatefulSet {name} to {replicas}"), e))?;
         Ok(())
+    }
+
+    fn persistent(&self) -> bool {
+        self.tier.read().is_ok_and(|t| t.spec.persistence.is_some())
+    }
+
+    async fn delete_pod(&self, name: &str) -> Result<(), Error> {
+        match self.pods.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(Error::kubernetes(format!("deleting pod {name}"), e)),
+        }
+    }
+
+    async fn delete_claim(&self, pod: &str) -> Result<(), Error> {
+        let claim = claim_name(pod);
+        match self.claims.delete(&claim, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(Error::kubernetes(format!("deleting volume claim {claim}"), e)),
+        }
+    }
+
+    /// A pod recreated while its old claim was still being deleted waits
+    /// for ever: the claim is kept while a pod names it, and the pod cannot
+    /// start without it. Deleting such a pending pod lets the claim go; the
+    /// StatefulSet then creates both anew. Returns the pods deleted.
+    async fn unblock_claims(&self, tier: &str, pending: &[PendingNode]) -> Result<Vec<String>, Error> {
+        let waiting: Vec<&PendingNode> = pending
+            .iter()
+            .filter(|p| !p.detail.starts_with(NOT_CREATED))
+            .collect();
+        if waiting.is_empty() || !self.persistent() {
+            return Ok(Vec::new());
+        }
+        let claims = self
+            .claims
+            .list(&ListParams::default().labels(&format!("{TIER_LABEL}={tier}")))
+            .await
+            .map_err(|e| Error::kubernetes("listing the tier's volume claims", e))?;
+        let usable = |pod: &str| {
+            claims.items.iter().any(|c| {
+                c.metadata.name.as_deref() == Some(claim_name(pod).as_str())
+                    && c.metadata.deletion_timestamp.is_none()
+            })
+        };
+        let mut deleted = Vec::new();
+        for p in waiting.into_iter().filter(|p| !usable(&p.name)) {
+            self.delete_pod(&p.name).await?;
+            deleted.push(p.name.clone());
+        }
+        Ok(deleted)
     }
 
     /// What `pod` is to the core: a node (running, or terminating but still
@@ -186,6 +242,11 @@ fn pending_detail(pod: &Pod) -> String {
     }
 }
 
+/// The volume claim of a pod's data directory (`{template}-{pod}`).
+fn claim_name(pod: &str) -> String {
+    format!("{}-{pod}", reconcile::DATA_VOLUME)
+}
+
 /// (shard, ordinal) from a node name `{tier}-{shard}-{ordinal}`.
 fn parse_node(tier: &str, name: &str) -> Option<(u32, u32)> {
     let rest = name.strip_prefix(tier)?.strip_prefix('-')?;
@@ -261,11 +322,12 @@ impl NodePool for KubePool {
         } else if ordinal == last {
             self.set_replicas(&set_name, replicas - 1).await?;
         } else {
-            match self.pods.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(Error::kubernetes(format!("deleting pod {name}"), e)),
+            // Replaced empty: its volume goes first (it is kept until the pod
+            // is gone), so the StatefulSet recreates the pod with a new one.
+            if self.persistent() {
+                self.delete_claim(name).await?;
             }
+            self.delete_pod(name).await?;
         }
         Ok(())
     }
@@ -320,7 +382,7 @@ impl NodePool for KubePool {
                 if !listed {
                     listing.pending.push(PendingNode {
                         detail: format!(
-                            "StatefulSet {} has not created the pod yet",
+                            "{NOT_CREATED} by StatefulSet {}",
                             reconcile::shard_name(&tier, shard)
                         ),
                         name,
@@ -330,6 +392,12 @@ impl NodePool for KubePool {
                 }
             }
         }
+        for name in self.unblock_claims(&tier, &listing.pending).await? {
+            if let Some(p) = listing.pending.iter_mut().find(|p| p.name == name) {
+                p.detail =
+                    "its volume claim was being deleted: pod deleted so that both are recreated".into();
+            }
+        }
         listing.nodes.sort_by_key(|n| (n.shard, n.ordinal));
         listing.pending.sort_by_key(|n| (n.shard, n.ordinal));
         Ok(listing)
@@ -337,170 +405,4 @@ impl NodePool for KubePool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_names_parse_back_to_shard_and_ordinal_even_with_dashes_in_the_tier() {
-        assert_eq!(parse_node("product-cache", "product-cache-2-1"), Some((2, 1)));
-        assert_eq!(parse_node("product-cache", "product-cache-x-1"), None);
-        assert_eq!(parse_node("product-cache", "other-2-1"), None);
-    }
-}
-
-/// The pool against kube's mock API server.
-#[cfg(test)]
-mod api_tests {
-    use serde_json::{Value, json};
-
-    use super::*;
-    use crate::controller::mock::{self, Handle, bounded};
-
-    fn pool() -> (KubePool, Handle) {
-        let (client, handle) = mock::client();
-        let tier: CacheTier = serde_json::from_value(json!({
-            "apiVersion": "cachetier.io/v1alpha1", "kind": "CacheTier",
-            "metadata": {"name": "t", "namespace": "ns", "uid": "u"},
-            "spec": {"shards": 1, "maxMemory": "1Gi"}
-        }))
-        .unwrap();
-        (
-            KubePool::new(client, tier, reconcile::Defaults::default()),
-            handle,
-        )
-    }
-
-    fn pod(name: &str, ip: Option<&str>, deleting: bool) -> Value {
-        let mut pod = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"), "labels": {
-                "cachetier.io/tier": "t", "cachetier.io/shard": "0",
-                "controller-revision-hash": if name == "t-0-0" { "t-0-old" } else { "t-0-new" }
-            }},
-            "spec": {"containers": []},
-            "status": {"phase": if ip.is_some() { "Running" } else { "Pending" }}
-        });
-        if let Some(ip) = ip {
-            pod["status"]["podIP"] = json!(ip);
-        }
-        if deleting {
-            pod["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
-        }
-        pod
-    }
-
-    async fn answer(handle: &mut Handle, body: Value) -> (String, String) {
-        let (method, uri, _, send) = mock::next(handle).await;
-        mock::respond(send, 200, &body);
-        (method, uri)
-    }
-
-    #[tokio::test]
-    async fn pods_map_to_running_pending_and_terminating_nodes_named_by_their_dns_name() {
-        let (pool, mut handle) = pool();
-        let listing = tokio::spawn(async move { pool.list().await });
-        let mut unschedulable = pod("t-0-2", None, false);
-        unschedulable["status"]["conditions"] = json!([{
-            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-            "message": "0/3 nodes are available: 3 Insufficient memory."
-        }]);
-        let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
-            pod("t-0-1", Some("10.1.0.8"), false),
-            pod("t-0-0", Some("10.1.0.7"), false),
-            unschedulable,
-            pod("t-0-3", Some("10.1.0.9"), true),
-            pod("t-0-5", None, true),
-        ]});
-        let (method, uri) = answer(&mut handle, list).await;
-        assert_eq!(method, "GET");
-        assert!(uri.contains("labelSelector=cachetier.io%2Ftier%3Dt"), "{uri}");
-        let sets = json!({"apiVersion": "apps/v1", "kind": "StatefulSetList", "metadata": {}, "items": [{
-            "apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": {"name": "t-0", "namespace": "ns", "labels": {"cachetier.io/tier": "t", "cachetier.io/shard": "0"}},
-            "spec": {"replicas": 5, "selector": {}, "serviceName": "t-nodes", "template": {}},
-            "status": {"replicas": 4, "updateRevision": "t-0-new"}
-        }]});
-        let (_, uri) = answer(&mut handle, sets).await;
-        assert!(
-            uri.starts_with("/apis/apps/v1/namespaces/ns/statefulsets?"),
-            "{uri}"
-        );
-        let listing = bounded(listing).await.unwrap();
-        let nodes: Vec<_> = listing
-            .nodes
-            .iter()
-            .map(|n| {
-                (
-                    n.name.as_str(),
-                    n.addr.to_string(),
-                    n.terminating,
-                    n.incarnation.as_str(),
-                )
-            })
-            .collect();
-        assert_eq!(
-            nodes,
-            [
-                ("t-0-0", "10.1.0.7:6379".to_string(), false, "uid-t-0-0"),
-                ("t-0-1", "10.1.0.8:6379".to_string(), false, "uid-t-0-1"),
-                ("t-0-3", "10.1.0.9:6379".to_string(), true, "uid-t-0-3"),
-            ],
-            "a pod being deleted still answers until it is gone: observed, marked terminating"
-        );
-        assert_eq!(listing.nodes[0].hostname.as_deref(), Some("t-0-0.t-nodes.ns.svc"));
-        let outdated: Vec<bool> = listing.nodes.iter().map(|n| n.outdated).collect();
-        assert_eq!(
-            outdated,
-            [true, false, false],
-            "t-0-0 runs the StatefulSet's old revision"
-        );
-        let pending: Vec<_> = listing
-            .pending
-            .iter()
-            .map(|p| (p.name.as_str(), p.detail.as_str()))
-            .collect();
-        assert_eq!(
-            pending,
-            [
-                (
-                    "t-0-2",
-                    "Unschedulable: 0/3 nodes are available: 3 Insufficient memory."
-                ),
-                ("t-0-4", "StatefulSet t-0 has not created the pod yet"),
-            ],
-            "a Pending pod and an ordinal the replicas cover without a pod are expected, not present; \
-             a pod going away without an address is neither"
-        );
-    }
-
-    fn set(replicas: i32) -> Value {
-        json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "t-0", "namespace": "ns"},
-               "spec": {"replicas": replicas, "selector": {}, "serviceName": "t-nodes", "template": {}}})
-    }
-
-    #[tokio::test]
-    async fn destroying_a_middle_node_deletes_its_pod_and_the_last_one_scales_down() {
-        let (pool, mut handle) = pool();
-        let p = pool.clone();
-        let middle = tokio::spawn(async move { p.destroy("t-0-1").await });
-        assert_eq!(answer(&mut handle, set(3)).await.0, "GET");
-        let (method, uri) = answer(&mut handle, pod("t-0-1", None, true)).await;
-        assert_eq!(
-            (method.as_str(), uri.as_str()),
-            ("DELETE", "/api/v1/namespaces/ns/pods/t-0-1?")
-        );
-        bounded(middle).await.unwrap();
-
-        let p = pool.clone();
-        let last = tokio::spawn(async move { p.destroy("t-0-2").await });
-        assert_eq!(answer(&mut handle, set(3)).await.0, "GET");
-        let (method, uri) = answer(&mut handle, set(2)).await;
-        assert_eq!(method, "PATCH");
-        assert!(
-            uri.starts_with("/apis/apps/v1/namespaces/ns/statefulsets/t-0?")
-                && uri.contains("fieldManager=cachetier-operator-pool"),
-            "{uri}"
-        );
-        bounded(last).await.unwrap();
-    }
-}
+mod tests;

@@ -30,8 +30,9 @@ fn add(out: &mut Grants, resource: &str, verbs: &[&str]) {
 }
 
 /// The typed APIs the controller and webhook call methods on, by variable.
-const FIELDS: [(&str, &str); 5] = [
+const FIELDS: [(&str, &str); 6] = [
     ("self.pods", "/pods"),
+    ("self.claims", "/persistentvolumeclaims"),
     ("self.sets", "apps/statefulsets"),
     ("self.pdbs", "policy/poddisruptionbudgets"),
     ("secrets", "/secrets"),
@@ -50,6 +51,18 @@ const CALLS: [(&str, &str); 7] = [
     (".create(", "create"),
     (".replace(", "update"),
 ];
+
+/// Every `.rs` file under `dir`, in subdirectories too.
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
 
 /// Drops comment lines and puts each `.call(` that starts a line at the end of
 /// the line before.
@@ -71,10 +84,10 @@ fn join_chains(text: &str) -> String {
 fn calls() -> Grants {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut out = Grants::new();
-    let files = ["controller", "webhook"]
-        .iter()
-        .flat_map(|d| std::fs::read_dir(src.join(d)).unwrap())
-        .map(|e| e.unwrap().path());
+    let mut files = Vec::new();
+    for dir in ["controller", "webhook"] {
+        rust_files(&src.join(dir), &mut files);
+    }
     for path in files {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.contains("tests") {

@@ -23,7 +23,7 @@ pub use names::{
     FIELD_MANAGER, SHARD_LABEL, TIER_LABEL, client_service_name, config_map_name, headless_service_name,
     node_dns_name, shard_name,
 };
-pub use pod::{SERVING_CONDITION, secret_env};
+pub use pod::{DATA_VOLUME, SERVING_CONDITION, secret_env};
 
 use cachetier_crds::CacheTier;
 use k8s_openapi::api::apps::v1::StatefulSet;

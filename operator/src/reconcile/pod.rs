@@ -9,15 +9,18 @@
 
 use std::collections::BTreeMap;
 
-use cachetier_crds::{AntiAffinity, CacheTier};
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use cachetier_crds::{AntiAffinity, CacheTier, PersistenceSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector, PodAffinityTerm,
-    PodAntiAffinity, PodReadinessGate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretKeySelector, SecurityContext, SleepAction, TCPSocketAction, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    EnvVarSource, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodReadinessGate,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext,
+    SleepAction, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -31,6 +34,9 @@ use crate::cluster::error::Error;
 pub const SERVING_CONDITION: &str = "cachetier.io/serving";
 /// UID and GID of the `redis` user in the official Redis images.
 const REDIS_UID: i64 = 999;
+/// The volume of Redis's data directory (and the claim template's name: a
+/// node's claim is `data-{pod}`).
+pub const DATA_VOLUME: &str = "data";
 /// Where the ConfigMap is mounted.
 const CONFIG_DIR: &str = "/etc/cachetier";
 /// How long a terminating Redis keeps serving, so the cluster (and the core)
@@ -78,9 +84,43 @@ fn base_stateful_set(ctx: &Context, tier: &CacheTier, shard: u32) -> StatefulSet
                 }),
                 spec: Some(pod_spec(ctx, tier, shard)),
             },
+            volume_claim_templates: tier.spec.persistence.as_ref().map(|p| vec![data_claim(ctx, p)]),
+            // The operator, not the StatefulSet, decides when a node's data
+            // may go: a replaced node gets a fresh volume (the pool deletes
+            // the claim), a removed one or a deleted tier leaves none behind.
+            persistent_volume_claim_retention_policy: tier.spec.persistence.as_ref().map(|_| {
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some("Delete".to_string()),
+                    when_scaled: Some("Delete".to_string()),
+                }
+            }),
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()
+    }
+}
+
+/// The claim template of a node's data directory.
+fn data_claim(ctx: &Context, persistence: &PersistenceSpec) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.to_string()),
+            labels: Some(ctx.tier_selector()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            storage_class_name: persistence.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(persistence.size.clone()),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
     }
 }
 
@@ -93,23 +133,25 @@ fn pod_labels(tier: &CacheTier, own: BTreeMap<String, String>) -> BTreeMap<Strin
 
 fn pod_spec(ctx: &Context, tier: &CacheTier, shard: u32) -> PodSpec {
     let spec = &tier.spec;
+    let mut volumes = vec![Volume {
+        name: "config".to_string(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map_name(&ctx.name),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    // With persistence, the claim template provides `data`.
+    if spec.persistence.is_none() {
+        volumes.push(Volume {
+            name: DATA_VOLUME.to_string(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        });
+    }
     PodSpec {
         containers: vec![redis_container(ctx, tier)],
-        volumes: Some(vec![
-            Volume {
-                name: "config".to_string(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: config_map_name(&ctx.name),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "data".to_string(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
         readiness_gates: Some(vec![PodReadinessGate {
             condition_type: SERVING_CONDITION.to_string(),
         }]),
@@ -336,7 +378,7 @@ fn redis_container(ctx: &Context, tier: &CacheTier) -> Container {
                 ..VolumeMount::default()
             },
             VolumeMount {
-                name: "data".to_string(),
+                name: DATA_VOLUME.to_string(),
                 mount_path: DATA_DIR.to_string(),
                 ..VolumeMount::default()
             },

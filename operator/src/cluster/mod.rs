@@ -15,6 +15,7 @@ pub mod execute;
 #[cfg(test)]
 pub(crate) mod fixture;
 pub mod health;
+pub mod index;
 pub mod plan;
 pub mod pool;
 pub mod reconcile;

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::config::TierConfig;
 use super::health::HealthRecord;
+use super::index::Index;
 use super::view::{ClusterView, NodeView, SLOTS};
 
 /// A node the plan refers to, by name, address and cluster id.
@@ -245,36 +246,25 @@ pub fn ranges(slots: &[u16]) -> Vec<(u16, u16)> {
 
 struct Ctx<'a> {
     input: PlanInput<'a>,
-    owners: Vec<Option<String>>,
-    by_owner: HashMap<String, Vec<u16>>,
-    ids: HashMap<String, String>,
+    index: &'a Index<'a>,
+    owners: &'a [Option<String>],
+    by_owner: &'a HashMap<String, Vec<u16>>,
+    ids: &'a HashMap<String, String>,
 }
 
 impl<'a> Ctx<'a> {
-    fn new(input: PlanInput<'a>) -> Self {
-        let owners = input.view.slot_owners();
-        let ids = input
-            .view
-            .nodes
-            .iter()
-            .filter_map(|v| input.view.id_of(&v.pool).map(|id| (v.pool.name.clone(), id)))
-            .collect();
-        let mut by_owner: HashMap<String, Vec<u16>> = HashMap::new();
-        for (slot, owner) in owners.iter().enumerate() {
-            if let Some(id) = owner {
-                by_owner.entry(id.clone()).or_default().push(slot as u16);
-            }
-        }
+    fn new(input: PlanInput<'a>, index: &'a Index<'a>) -> Self {
         Self {
             input,
-            owners,
-            by_owner,
-            ids,
+            index,
+            owners: index.owners(),
+            by_owner: index.by_owner(),
+            ids: index.ids(),
         }
     }
 
-    fn id(&self, v: &NodeView) -> Option<&str> {
-        self.ids.get(&v.pool.name).map(String::as_str)
+    fn id(&self, v: &NodeView) -> Option<&'a str> {
+        self.index.id(v)
     }
 
     fn target(&self, v: &NodeView) -> Option<Target> {
@@ -285,12 +275,12 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    fn health(&self, v: &NodeView) -> Option<&HealthRecord> {
-        self.input.health.get(&v.pool.addr)
+    fn health(&self, v: &NodeView) -> Option<&'a HealthRecord> {
+        self.index.health(v)
     }
 
     fn is_failed(&self, v: &NodeView) -> bool {
-        self.health(v).is_some_and(|h| h.state == NodeHealth::Failed)
+        self.index.is_failed(v)
     }
 
     fn failed_for(&self, v: &NodeView) -> Duration {
@@ -299,53 +289,39 @@ impl<'a> Ctx<'a> {
             .map_or(Duration::ZERO, |h| h.failed_for(self.input.now))
     }
 
-    /// Healthy by probe and answering commands.
     /// Whether `v` answers, is not failed and is not going away.
     fn usable(&self, v: &NodeView) -> bool {
-        v.reported().is_some() && !self.is_failed(v) && !v.pool.terminating
+        self.index.usable(v)
     }
 
     fn slot_count(&self, id: &str) -> usize {
-        self.by_owner.get(id).map_or(0, Vec::len)
+        self.index.slot_count(id)
     }
 
     fn owned_slots(&self, id: &str) -> Vec<u16> {
-        self.by_owner.get(id).cloned().unwrap_or_default()
+        self.index.owned_slots(id)
     }
 
     fn nodes_of(&self, shard: u32) -> impl Iterator<Item = &'a NodeView> {
-        self.input
-            .view
-            .nodes
-            .iter()
-            .filter(move |v| v.pool.shard == shard)
+        self.index.nodes_of(shard)
     }
 
     fn pool_shards(&self) -> Vec<u32> {
-        let mut shards: Vec<u32> = self.input.view.nodes.iter().map(|v| v.pool.shard).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        shards
+        self.index.pool_shards()
     }
 
-    /// The primary of a shard: its node owning the most slots; with none, its
-    /// lowest-ordinal reachable master that replicates nobody.
     fn primary_of(&self, shard: u32) -> Option<&'a NodeView> {
-        let owning = self
-            .nodes_of(shard)
-            .filter_map(|v| Some((v, self.slot_count(self.id(v)?))))
-            .filter(|&(_, n)| n > 0)
-            .max_by_key(|&(v, n)| (n, std::cmp::Reverse(v.pool.ordinal)));
-        if let Some((v, _)) = owning {
-            return Some(v);
-        }
-        self.nodes_of(shard)
+        self.index.primary_of(shard)
+    }
+
+    /// The replica to promote among `candidates`: usable, with a completed
+    /// sync (a non-zero offset or an active backlog), the highest offset
+    /// first, then one of `shard`.
+    fn heir(&self, candidates: impl Iterator<Item = &'a NodeView>, shard: u32) -> Option<&'a NodeView> {
+        candidates
             .filter(|v| self.usable(v))
-            .filter(|v| {
-                v.reported()
-                    .is_some_and(|r| r.myself.master && r.myself.master_id.is_none())
-            })
-            .min_by_key(|v| v.pool.ordinal)
+            .filter(|v| v.reported().is_some_and(|r| r.repl.synced || r.repl.offset > 0))
+            .max_by_key(|v| (v.reported().map_or(0, |r| r.repl.offset), v.pool.shard == shard))
     }
 
     fn wanted(&self, v: &NodeView) -> bool {
@@ -355,7 +331,14 @@ impl<'a> Ctx<'a> {
 
 /// Computes the next steps towards `input.tier` from `input.view`.
 pub fn plan(input: PlanInput<'_>) -> Plan {
-    let ctx = Ctx::new(input);
+    let index = Index::new(input.view, input.health);
+    plan_with(input, &index)
+}
+
+/// [`plan`], reading the round's [`Index`] of `input.view` (which the
+/// status reads too).
+pub fn plan_with<'a>(input: PlanInput<'a>, index: &'a Index<'a>) -> Plan {
+    let ctx = Ctx::new(input, index);
     let mut out = Plan::default();
     let stages: [fn(&Ctx<'_>, &mut Plan); 13] = [
         failover::failover,

@@ -19,7 +19,8 @@ use super::config::TierConfig;
 use super::conn::Conns;
 use super::execute::{Outcome, Reach, StuckKey, execute};
 use super::health::{HealthMonitor, HealthRecord};
-use super::plan::{Action, Plan, PlanInput, plan};
+use super::index::Index;
+use super::plan::{Action, Plan, PlanInput, plan_with};
 use super::pool::{NodePool, PoolNode};
 use super::settings;
 use super::status::{self, Events, StatusInput, SyncTracker};
@@ -171,19 +172,26 @@ impl<P: NodePool> Reconciler<P> {
         let now = Instant::now();
         let health = self.health.snapshot();
         self.sync.observe(&view, now);
-        self.notice_failovers(&view);
+        // One index of the observation for the plan, the status and the
+        // failover record.
+        let index = Index::new(&view, &health);
+        self.notice_failovers(&index);
         self.forget_unstuck(&view, now);
-        let plan = plan(PlanInput {
-            tier: &self.tier,
-            view: &view,
-            health: &health,
-            now,
-        });
+        let plan = plan_with(
+            PlanInput {
+                tier: &self.tier,
+                view: &view,
+                health: &health,
+                now,
+            },
+            &index,
+        );
         let previous = self.status_tx.borrow().clone();
         let loops = self.sync.looping();
         let status = status::compute(StatusInput {
             tier: &self.tier,
             view: &view,
+            index: &index,
             health: &health,
             plan: &plan,
             events: &self.events,
@@ -315,8 +323,8 @@ impl<P: NodePool> Reconciler<P> {
         self.events.stuck_keys = self.stuck.values().map(|(k, _)| k.clone()).collect();
     }
 
-    fn notice_failovers(&mut self, view: &ClusterView) {
-        let now = status::shard_primaries(view);
+    fn notice_failovers(&mut self, index: &Index<'_>) {
+        let now = status::shard_primaries(index);
         for (shard, name) in &now {
             if let Some(before) = self.primaries.get(shard)
                 && before != name

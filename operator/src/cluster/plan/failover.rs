@@ -31,21 +31,11 @@ pub(super) fn failover(ctx: &Ctx<'_>, out: &mut Plan) {
             ));
             continue;
         }
-        let best = ctx
-            .input
-            .view
-            .nodes
-            .iter()
-            .filter(|v| ctx.usable(v))
-            // The candidate must have completed a sync.
-            .filter(|v| {
-                v.reported().is_some_and(|r| {
-                    r.myself.replica
-                        && r.myself.master_id.as_deref() == Some(primary_id)
-                        && (r.repl.synced || r.repl.offset > 0)
-                })
-            })
-            .max_by_key(|v| (v.reported().map_or(0, |r| r.repl.offset), v.pool.shard == shard));
+        let replicas = ctx.input.view.nodes.iter().filter(|v| {
+            v.reported()
+                .is_some_and(|r| r.myself.replica && r.myself.master_id.as_deref() == Some(primary_id))
+        });
+        let best = ctx.heir(replicas, shard);
         match best.and_then(|v| ctx.target(v)) {
             Some(to) => out.actions.push(Action::Failover {
                 shard,

@@ -103,12 +103,8 @@ fn gone_because(ctx: &Ctx<'_>, line: &NodeLine) -> Option<String> {
 pub(super) fn orphaned(ctx: &Ctx<'_>, out: &mut Plan) {
     for orphan in orphans(ctx) {
         let Some(reason) = &orphan.gone else { continue };
-        let best = orphan
-            .replicas
-            .iter()
-            .filter(|v| ctx.usable(v))
-            .filter(|v| v.reported().is_some_and(|r| r.repl.synced || r.repl.offset > 0))
-            .max_by_key(|v| v.reported().map_or(0, |r| r.repl.offset));
+        let shard = orphan.replicas.first().map_or(0, |v| v.pool.shard);
+        let best = ctx.heir(orphan.replicas.iter().copied(), shard);
         if let Some(to) = best.and_then(|v| ctx.target(v).map(|t| (v.pool.shard, t))) {
             out.actions.push(Action::Failover {
                 shard: to.0,

@@ -8,6 +8,7 @@ use cachetier_crds::{EvictionRecord, FailoverRecord};
 use k8s_openapi::jiff::Timestamp;
 use tokio::time::Instant;
 
+use crate::cluster::index::Index;
 use crate::cluster::plan::{Action, FailoverKind, Removal};
 use crate::cluster::view::ClusterView;
 
@@ -127,23 +128,10 @@ impl Events {
 }
 
 /// Name of the node owning the most slots in each shard: the shard's primary.
-pub fn shard_primaries(view: &ClusterView) -> HashMap<u32, String> {
-    let owners = view.slot_owners();
-    let mut count: HashMap<&str, usize> = HashMap::new();
-    for id in owners.iter().flatten() {
-        *count.entry(id.as_str()).or_default() += 1;
-    }
-    let mut best: HashMap<u32, (usize, String)> = HashMap::new();
-    for v in &view.nodes {
-        let Some(id) = view.id_of(&v.pool) else { continue };
-        let n = count.get(id.as_str()).copied().unwrap_or(0);
-        if n == 0 {
-            continue;
-        }
-        let e = best.entry(v.pool.shard).or_insert((0, String::new()));
-        if n > e.0 {
-            *e = (n, v.pool.name.clone());
-        }
-    }
-    best.into_iter().map(|(s, (_, n))| (s, n)).collect()
+pub fn shard_primaries(index: &Index<'_>) -> HashMap<u32, String> {
+    index
+        .pool_shards()
+        .into_iter()
+        .filter_map(|shard| Some((shard, index.slot_owner_of(shard)?.pool.name.clone())))
+        .collect()
 }

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use cachetier_crds::{CacheTierStatus, NodeHealth, NodeRole, Phase};
+use cachetier_crds::{
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CacheTierStatus, NodeHealth, NodeRole, Phase,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use tokio::time::Instant;
 
 use super::*;
@@ -11,9 +14,11 @@ use crate::cluster::fixture::*;
 fn status_of(fx: &Fx, tier: &TierConfig) -> CacheTierStatus {
     let view = fx.view();
     let plan = fx.plan(tier);
+    let index = Index::new(&view, &fx.health);
     compute(StatusInput {
         tier,
         view: &view,
+        index: &index,
         health: &fx.health,
         plan: &plan,
         events: &Events::default(),
@@ -115,9 +120,11 @@ fn an_unchanged_condition_keeps_its_transition_time() {
     let fx = healthy_3x1();
     let view = fx.view();
     let plan = fx.plan(&t);
+    let index = Index::new(&view, &fx.health);
     let second = compute(StatusInput {
         tier: &t,
         view: &view,
+        index: &index,
         health: &fx.health,
         plan: &plan,
         events: &Events::default(),

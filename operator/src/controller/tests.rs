@@ -23,6 +23,13 @@ fn tier(extra: &str) -> CacheTier {
 }
 
 fn context(leader: bool) -> (Arc<Context>, Handle, watch::Sender<bool>) {
+    context_with(leader, crate::reconcile::Defaults::default())
+}
+
+fn context_with(
+    leader: bool,
+    defaults: crate::reconcile::Defaults,
+) -> (Arc<Context>, Handle, watch::Sender<bool>) {
     let (client, handle) = mock::client();
     let reporter = Reporter {
         controller: "cachetier-operator".into(),
@@ -32,7 +39,7 @@ fn context(leader: bool) -> (Arc<Context>, Handle, watch::Sender<bool>) {
     let (tx, rx) = watch::channel(leader);
     let metrics = Arc::new(Metrics::new().unwrap());
     (
-        Arc::new(Context::new(client, recorder, metrics, rx, None)),
+        Arc::new(Context::new(client, recorder, metrics, rx, None).with_defaults(defaults)),
         handle,
         tx,
     )
@@ -167,19 +174,10 @@ async fn pod_overrides_that_break_the_pod_template_touch_no_object_and_say_why()
 
 #[tokio::test]
 async fn the_operators_redis_image_is_applied_to_a_tier_without_spec_image() {
-    let (client, mut handle) = mock::client();
-    let reporter = Reporter {
-        controller: "cachetier-operator".into(),
-        instance: Some("test".into()),
+    let mirror = crate::reconcile::Defaults {
+        redis_image: "mirror.internal/redis:7.2.5".into(),
     };
-    let recorder = Recorder::new(client.clone(), reporter);
-    let (_tx, rx) = watch::channel(true);
-    let metrics = Arc::new(Metrics::new().unwrap());
-    let ctx = Arc::new(Context::new(client, recorder, metrics, rx, None).with_defaults(
-        crate::reconcile::Defaults {
-            redis_image: "mirror.internal/redis:7.2.5".into(),
-        },
-    ));
+    let (ctx, mut handle, _leader) = context_with(true, mirror);
     let task = tokio::spawn(reconcile(Arc::new(tier("")), ctx));
     let mut images = Vec::new();
     while images.len() < 2 {

@@ -337,10 +337,9 @@ fn a_slot_importing_from_a_dead_source_is_finished_from_its_promoted_replica() {
     );
 }
 
-#[test]
-fn a_failed_primary_gets_a_takeover_only_after_redis_had_its_chance() {
-    let t = tier(3, 2);
-    let start = Instant::now();
+/// Three shards, each a primary with replicas at offsets 100 (ordinal 1)
+/// and 500 (ordinal 2).
+fn three_shards_two_replicas() -> Fx {
     let split = even_split(3);
     let mut fx = Fx::default();
     for s in 0..3 {
@@ -349,6 +348,14 @@ fn a_failed_primary_gets_a_takeover_only_after_redis_had_its_chance() {
             .replica(s, 1, (s, 0), 100)
             .replica(s, 2, (s, 0), 500);
     }
+    fx
+}
+
+#[test]
+fn a_failed_primary_gets_a_takeover_only_after_redis_had_its_chance() {
+    let t = tier(3, 2);
+    let start = Instant::now();
+    let fx = three_shards_two_replicas();
     let fx = fx.failed(1, 0, start);
     let grace = t.timing.node_timeout + t.timing.failover_margin;
     let early = fx.plan_at(&t, start + grace - Duration::from_millis(1));
@@ -419,14 +426,7 @@ fn a_restart_rollout_waits_while_a_node_is_pending() {
 fn a_terminating_replica_is_never_the_heir_of_a_failed_primary() {
     let t = tier(3, 2);
     let start = Instant::now();
-    let split = even_split(3);
-    let mut fx = Fx::default();
-    for s in 0..3 {
-        fx = fx
-            .primary(s, 0, &[split[s as usize]])
-            .replica(s, 1, (s, 0), 100)
-            .replica(s, 2, (s, 0), 500);
-    }
+    let fx = three_shards_two_replicas();
     let mut fx = fx.failed(1, 0, start);
     fx.terminating.push((1, 2));
     let late = fx.plan_at(&t, start + t.timing.node_timeout + t.timing.failover_margin);

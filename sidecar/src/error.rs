@@ -49,6 +49,10 @@ pub enum UpstreamError {
     Closed(String),
     #[error("protocol error in reply: {0}")]
     Protocol(String),
+    /// The node no longer serves a slot the connection depends on (a
+    /// subscriber's shard channel moved): the topology is stale.
+    #[error("slot moved: {0}")]
+    Moved(String),
 }
 
 impl UpstreamError {
@@ -58,6 +62,7 @@ impl UpstreamError {
             UpstreamError::Timeout => "timeout",
             UpstreamError::Closed(_) => "closed",
             UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::Moved(_) => "moved",
         }
     }
 }

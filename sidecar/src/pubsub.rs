@@ -11,7 +11,10 @@
 //! `SSUBSCRIBE`/`SUNSUBSCRIBE` go to the primary of their channel's slot:
 //! the first subscription command of a client picks the node (a random
 //! primary for the others), and a shard channel of another shard on the
-//! same client connection is refused.
+//! same client connection is refused. When a subscribed shard channel's
+//! slot moves, Redis unsubscribes the client on its own; the sidecar then
+//! closes the client's connection (as when its node goes away), so its
+//! reconnect subscribes again at the new owner.
 //!
 //! Order: a subscription command is sent once everything the client sent
 //! before it has its reply; behind each one the sidecar sends a
@@ -177,7 +180,23 @@ impl Subscriber {
                 self.markers.pop_front();
                 continue;
             }
+            // SSUBSCRIBE sent by a stale slot map: the same remedy.
+            if let Frame::Error(e) = &frame
+                && (e.starts_with(b"MOVED ") || e.starts_with(b"ASK "))
+            {
+                return Err(UpstreamError::Moved(String::from_utf8_lossy(e).into_owned()));
+            }
             match confirmation_count(&frame) {
+                // Every command the client sends is followed by a marker, so
+                // a confirmation with none outstanding is Redis's own: a
+                // shard channel's slot moved to another node. One server
+                // never does that; close the client as if its node went
+                // away, and its reconnect subscribes at the new owner.
+                Some((true, _)) if self.markers.is_empty() => {
+                    return Err(UpstreamError::Moved(
+                        "a subscribed shard channel's slot moved to another node".into(),
+                    ));
+                }
                 Some((true, n)) => self.shard_count = n,
                 Some((false, n)) => self.count = n,
                 None => {}

@@ -427,6 +427,9 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                     (Ok(()), None) => Ok(()),
                 };
                 if let Err(e) = drained {
+                    if matches!(e, crate::error::UpstreamError::Moved(_)) {
+                        router.registry.request_refresh();
+                    }
                     tracing::debug!(error = %e, "subscription connection lost; closing the client");
                     break;
                 }

@@ -304,3 +304,100 @@ async fn a_shard_channel_subscriber_is_served_by_its_slots_primary() {
     assert_eq!(&sub.frame().await[..], b"+OK\r\n");
     sidecar.shutdown().await;
 }
+
+/// Redis drops a node's shard-channel subscribers with a `sunsubscribe`
+/// they never asked for when the channel's slot moves away; one Redis server
+/// never does that, and a plain client would silently stop receiving. The
+/// sidecar closes such a subscriber's connection instead (as when its node
+/// goes away): the client's reconnect subscribes again, at the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_channel_whose_slot_moves_closes_its_subscriber_who_resubscribes_at_the_new_owner() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let addr = sidecar.local_addr().to_string();
+    let mut sub = Raw::connect(&addr).await;
+    sub.send(&["SSUBSCRIBE", "orders:eu"]).await;
+    assert_eq!(
+        &sub.frame().await[..],
+        b"*3\r\n$10\r\nssubscribe\r\n$9\r\norders:eu\r\n:1\r\n"
+    );
+    let (from, _) = cluster.shard_of("orders:eu");
+    let to = cluster.seeds().into_iter().find(|a| *a != from).unwrap();
+    let slot = cluster.by_addr(&from).cli(&["CLUSTER", "KEYSLOT", "orders:eu"]);
+    let to_id = cluster.by_addr(&to).node_id();
+    // The new owner first (it takes the slot with a new epoch), then the
+    // old one, which drops its subscribers of the slot's channels.
+    for node in [&to, &from] {
+        let set = cluster
+            .by_addr(node)
+            .cli(&["CLUSTER", "SETSLOT", slot.trim(), "NODE", &to_id]);
+        assert_eq!(set.trim(), "OK", "{node}: {set}");
+    }
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match sub.s.read_buf(&mut sub.buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => rest.extend_from_slice(&sub.buf.split()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "the subscriber was not closed");
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("sunsubscribe"),
+        "the client saw an unsubscription it never asked for: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    // As a client library does: reconnect and subscribe again. The
+    // sidecar may still route by the old slot map for a moment; a stale
+    // route closes the connection again (and refreshes the map).
+    let mut again = Raw::connect(&addr).await;
+    let mut subscribed = false;
+    for _ in 0..50 {
+        again.send(&["SSUBSCRIBE", "orders:eu"]).await;
+        let mut checker = resp::Checker::new(Limits::upstream());
+        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(n) = checker.check(&again.buf).unwrap() {
+                    return Some(again.buf.split_to(n).freeze());
+                }
+                match again.s.read_buf(&mut again.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .unwrap();
+        if reply.as_deref() == Some(&b"*3\r\n$10\r\nssubscribe\r\n$9\r\norders:eu\r\n:1\r\n"[..]) {
+            subscribed = true;
+            break;
+        }
+        assert!(reply.is_none(), "neither a subscription nor a close: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        again = Raw::connect(&addr).await;
+    }
+    assert!(subscribed);
+    let mut publisher = client(&sidecar).await;
+    let mut received = 0;
+    for _ in 0..50 {
+        received = redis::cmd("SPUBLISH")
+            .arg("orders:eu")
+            .arg("o2")
+            .query_async(&mut publisher)
+            .await
+            .unwrap();
+        if received == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(received, 1, "the new owner has the subscriber");
+    assert_eq!(
+        &again.frame().await[..],
+        b"*3\r\n$8\r\nsmessage\r\n$9\r\norders:eu\r\n$2\r\no2\r\n"
+    );
+    sidecar.shutdown().await;
+}

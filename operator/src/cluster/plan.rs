@@ -324,6 +324,27 @@ impl<'a> Ctx<'a> {
             .max_by_key(|v| (v.reported().map_or(0, |r| r.repl.offset), v.pool.shard == shard))
     }
 
+    /// The replica a live `primary` hands over to with a graceful `CLUSTER
+    /// FAILOVER`: usable, replicating it with the link up, not syncing or
+    /// loading, the highest offset first.
+    fn in_sync_heir(&self, primary: &NodeView) -> Option<&'a NodeView> {
+        let pid = self.id(primary)?;
+        self.input
+            .view
+            .nodes
+            .iter()
+            .filter(|o| self.usable(o))
+            .filter(|o| {
+                o.reported().is_some_and(|r| {
+                    r.myself.master_id.as_deref() == Some(pid)
+                        && r.repl.link_up
+                        && !r.repl.sync_in_progress
+                        && !r.repl.loading
+                })
+            })
+            .max_by_key(|o| o.reported().map_or(0, |r| r.repl.offset))
+    }
+
     fn wanted(&self, v: &NodeView) -> bool {
         v.pool.shard < self.input.tier.shards && v.pool.ordinal <= self.input.tier.replicas_per_shard
     }

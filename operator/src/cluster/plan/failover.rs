@@ -4,6 +4,10 @@
 use super::*;
 
 pub(super) fn failover(ctx: &Ctx<'_>, out: &mut Plan) {
+    hand_over_terminating(ctx, out);
+    if !out.actions.is_empty() {
+        return;
+    }
     let grace = ctx.input.tier.timing.node_timeout + ctx.input.tier.timing.failover_margin;
     for shard in ctx.pool_shards() {
         let Some(primary) = ctx.primary_of(shard) else {
@@ -52,5 +56,28 @@ pub(super) fn failover(ctx: &Ctx<'_>, out: &mut Plan) {
     // Waiting for Redis to promote must not stall everything else.
     if out.actions.is_empty() {
         out.waiting.clear();
+    }
+}
+
+/// A slot-owning primary whose pod is being deleted (a drain, `kubectl
+/// delete pod`, a node going away) still answers during its pre-stop pause:
+/// it hands over to an in-sync replica with a graceful `CLUSTER FAILOVER`
+/// (no write is lost) instead of leaving Redis to notice it gone.
+fn hand_over_terminating(ctx: &Ctx<'_>, out: &mut Plan) {
+    for shard in ctx.pool_shards() {
+        let Some(primary) = ctx.primary_of(shard) else {
+            continue;
+        };
+        if !primary.pool.terminating || !ctx.index.answers(primary) || ctx.index.owned_by(primary) == 0 {
+            continue;
+        }
+        if let Some(to) = ctx.in_sync_heir(primary).and_then(|v| ctx.target(v)) {
+            out.actions.push(Action::Failover {
+                shard,
+                from: primary.pool.name.clone(),
+                to,
+                kind: FailoverKind::Graceful,
+            });
+        }
     }
 }

@@ -94,19 +94,7 @@ pub(super) fn restart_rollout(ctx: &Ctx<'_>, out: &mut Plan) {
     let Some((primary, keys)) = stale.first() else {
         return;
     };
-    let Some(pid) = ctx.id(primary) else { return };
-    let heir = ctx
-        .input
-        .view
-        .nodes
-        .iter()
-        .filter(|o| ctx.usable(o) && in_sync(o))
-        .filter(|o| {
-            o.reported()
-                .is_some_and(|r| r.myself.master_id.as_deref() == Some(pid) && r.repl.link_up)
-        })
-        .max_by_key(|o| o.reported().map_or(0, |r| r.repl.offset))
-        .and_then(|o| ctx.target(o));
+    let heir = ctx.in_sync_heir(primary).and_then(|o| ctx.target(o));
     match heir {
         Some(to) => out.actions.push(Action::Failover {
             shard: primary.pool.shard,

@@ -437,6 +437,34 @@ fn a_terminating_replica_is_never_the_heir_of_a_failed_primary() {
 }
 
 #[test]
+fn a_primary_whose_pod_is_terminating_hands_over_gracefully_to_its_most_recent_replica() {
+    let mut fx = three_shards_two_replicas();
+    fx.terminating.push((1, 0));
+    let p = fx.plan(&tier(3, 2));
+    let Some(Action::Failover {
+        shard,
+        from,
+        to,
+        kind,
+    }) = p.actions.first()
+    else {
+        panic!("{p:?}")
+    };
+    assert_eq!(
+        (*shard, from.as_str(), to.name.as_str(), *kind),
+        (1, "t-1-0", "t-1-2", FailoverKind::Graceful)
+    );
+    // A terminating replica is simply replaced later: nothing to hand over.
+    let mut fx = three_shards_two_replicas();
+    fx.terminating.push((1, 2));
+    let p = fx.plan(&tier(3, 2));
+    assert!(
+        !p.actions.iter().any(|a| matches!(a, Action::Failover { .. })),
+        "{p:?}"
+    );
+}
+
+#[test]
 fn fewer_replicas_removes_the_extra_ones_and_a_primary_among_them_hands_over_first() {
     let split = even_split(1);
     let fx = Fx::default().replica(0, 0, (0, 1), 10).primary(0, 1, &[split[0]]);

@@ -57,6 +57,9 @@ pub struct Fx {
     pub pending: Vec<(u32, u32)>,
     /// Nodes the pool reports as going away.
     pub terminating: Vec<(u32, u32)>,
+    /// Nodes announce DNS names (`t-1-0.t-nodes.ns.svc`), as on Kubernetes,
+    /// instead of their pool names.
+    pub dns_names: bool,
 }
 
 impl Fx {
@@ -137,7 +140,9 @@ impl Fx {
                 ordinal: *ordinal,
                 addr: addr(*shard, *ordinal),
                 bus_port: addr(*shard, *ordinal).port() + 10000,
-                hostname: None,
+                hostname: self
+                    .dns_names
+                    .then(|| format!("{}.t-nodes.ns.svc", name(*shard, *ordinal))),
                 pid: None,
                 outdated: self.outdated.contains(&(*shard, *ordinal)),
                 incarnation: String::new(),

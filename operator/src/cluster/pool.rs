@@ -49,6 +49,16 @@ pub struct PoolNode {
     pub terminating: bool,
 }
 
+impl PoolNode {
+    /// The name the node announces to the cluster (`cluster-announce-hostname`,
+    /// shown in `CLUSTER NODES`): its hostname (a pod's DNS name), else its
+    /// pool name. This is how an old cluster id is matched to the name that
+    /// now runs a new node.
+    pub fn announced(&self) -> &str {
+        self.hostname.as_deref().unwrap_or(&self.name)
+    }
+}
+
 /// A node that was requested but does not run yet.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PendingNode {

@@ -312,15 +312,14 @@ impl ClusterView {
             return Some(r.myself.id.clone());
         }
         // Unreachable: the most recent claim by another node about this
-        // address, or about this name (the announced hostname is the pool
-        // name; the operator may reach the node at another address than
-        // the cluster does).
+        // address, or about the name it announces (the operator may reach
+        // the node at another address than the cluster does).
         self.nodes
             .iter()
             .filter_map(NodeView::reported)
             .flat_map(|r| r.others.iter())
             .filter(|l| !l.handshake)
-            .filter(|l| l.addr == Some(node.addr) || l.hostname.as_deref() == Some(node.name.as_str()))
+            .filter(|l| l.addr == Some(node.addr) || l.hostname.as_deref() == Some(node.announced()))
             .max_by_key(|l| (l.addr == Some(node.addr), l.config_epoch))
             .map(|l| l.id.clone())
     }

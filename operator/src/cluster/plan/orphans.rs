@@ -81,9 +81,12 @@ fn gone_because(ctx: &Ctx<'_>, line: &NodeLine) -> Option<String> {
     // that does not answer may be the very same node behind a partition.
     let other_id = |v: &NodeView| v.reported().is_some_and(|r| r.myself.id != line.id);
     if let Some(host) = &line.hostname
-        && view.nodes.iter().any(|v| &v.pool.name == host && other_id(v))
+        && let Some(v) = view
+            .nodes
+            .iter()
+            .find(|v| v.pool.announced() == host && other_id(v))
     {
-        return Some(format!("{host} runs as a new node"));
+        return Some(format!("{} runs as a new node", v.pool.name));
     }
     if let Some(addr) = line.addr
         && let Some(v) = view

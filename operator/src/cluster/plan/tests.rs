@@ -596,6 +596,21 @@ fn a_primary_that_came_back_empty_gets_its_survivor_promoted_never_the_newcomer(
 }
 
 #[test]
+fn a_pod_that_came_back_empty_under_its_dns_name_is_known_as_a_new_node() {
+    // On Kubernetes a node announces its pod's DNS name, not its pool name;
+    // without a `fail` flag, that name is the only proof the old id is gone.
+    let (mut fx, _) = reborn_primary();
+    fx.dns_names = true;
+    fx.stale[0].hostname = Some("t-1-0.t-nodes.ns.svc".into());
+    fx.stale[0].pfail = false;
+    let p = fx.plan(&tier(3, 1));
+    assert!(
+        matches!(&p.actions[..], [Action::Failover { to, kind: FailoverKind::Takeover, .. }] if to.name == "t-1-1"),
+        "{p:?}"
+    );
+}
+
+#[test]
 fn a_replica_of_a_slot_owner_is_never_pointed_at_a_primary_without_slots() {
     // The owner is not known to be gone (no name, no address, no `fail`):
     // nothing is forced, and the survivor is not re-pointed to the newcomer.

@@ -46,14 +46,18 @@ fn redis_sh(k: Kubectl, ns: &str, script: &str) -> String {
 }
 
 fn write_keys(k: Kubectl, ns: &str) {
-    // WAIT 1 makes each write replicated before it counts as acknowledged.
-    redis_sh(
+    // Each SET and its WAIT 1 share one connection (redis-cli -c follows a
+    // MOVED to the key's primary and sends the WAIT there), so a key counts
+    // as written only once its primary's replica has it.
+    let out = redis_sh(
         k,
         ns,
         &format!(
-            "for i in $(seq 1 {KEYS}); do redis-cli -c set key:$i $i >/dev/null; done; redis-cli -c wait 1 2000"
+            "for i in $(seq 1 {KEYS}); do printf 'SET key:%s %s\\nWAIT 1 2000\\n' $i $i | redis-cli -c; done"
         ),
     );
+    let acked = out.lines().filter(|l| l.trim() == "1").count();
+    assert_eq!(acked, KEYS, "not every write was replicated: {out}");
 }
 
 fn count_keys(k: Kubectl, ns: &str) -> usize {
@@ -119,13 +123,15 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         listing.contains(TIER) && listing.contains("Ready") && listing.contains("6/6"),
         "{listing}"
     );
+    // `kubectl get events` reads core/v1 Events, whose field is
+    // `involvedObject` (`regarding` exists only in events.k8s.io/v1).
     let events = k.ok(&[
         "get",
         "events",
         "-n",
         ns,
         "--field-selector",
-        &format!("regarding.name={TIER}"),
+        &format!("involvedObject.name={TIER},involvedObject.kind=CacheTier"),
     ]);
     assert!(events.contains("Ready"), "no Ready event: {events}");
 
@@ -140,8 +146,26 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         "{.status.shards[1].nodes[0].name}",
     );
     assert!(primary.starts_with(TIER), "{primary:?}");
+    let uid = jsonpath(k, ns, &format!("pod/{primary}"), "{.metadata.uid}");
     k.ok(&["delete", "pod", "-n", ns, &primary, "--wait=false"]);
-    std::thread::sleep(Duration::from_secs(10));
+    // The status must not be read before the pod is replaced: until then
+    // the old one may still answer and count as ready.
+    let start = std::time::Instant::now();
+    loop {
+        let now = k
+            .run(&["get", "pod", "-n", ns, &primary, "-o", "jsonpath={.metadata.uid}"])
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        if now.is_some_and(|u| !u.is_empty() && u != uid) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "{primary} was not recreated"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
     wait_ready(k, ns, 3);
     assert_eq!(
         count_keys(k, ns),

@@ -41,8 +41,9 @@ enum Command {
     /// Cluster pods, with leader election, until SIGTERM.
     ///
     /// In a pod it uses the ServiceAccount; outside a cluster, KUBECONFIG. It
-    /// must reach pods by their IPs (in-cluster, or a network that routes pod
-    /// IPs, e.g. kind's nodes from the host).
+    /// must reach pods by their IPs: in-cluster, or from a host whose network
+    /// routes the cluster's pod CIDR (a kind or k3d cluster's pod IPs are not
+    /// reachable from the host: run the operator in the cluster there).
     Run {
         /// Serve /metrics, /livez and /readyz here.
         #[arg(long, default_value = "0.0.0.0:8080", env = "CACHETIER_METRICS")]

@@ -201,6 +201,10 @@ fn shards(input: &StatusInput<'_>) -> Shards {
                 st.serving = false;
                 st.reason = Some("replicates another shard".into());
             }
+            if v.pool.terminating {
+                st.serving = false;
+                st.reason = Some("terminating (its pod is being deleted)".into());
+            }
             let wanted = shard < tier.shards && v.pool.ordinal <= tier.replicas_per_shard;
             if wanted && in_role && st.health == NodeHealth::Healthy && st.serving {
                 out.ready_nodes += 1;

@@ -167,11 +167,13 @@ async fn start_webhook(
     use crate::webhook::tls;
     let pem = tls::load(client, &options.certificate).await?;
     let certs = tls::Certificates::new(pem)?;
+    let mut published = true;
     if let tls::Source::Generated { configuration, .. } = &options.certificate {
         // A missing configuration (webhook not installed) is not fatal here:
-        // keep_current retries and logs.
+        // keep_current retries soon and logs.
         if let Err(e) = tls::publish_ca(client, configuration, &certs.ca()).await {
             warn!(error = %e, "cannot write the webhook caBundle yet");
+            published = false;
         }
     }
     let image = crate::inject::SidecarImage(options.sidecar_image.clone());
@@ -181,6 +183,7 @@ async fn start_webhook(
         options.certificate.clone(),
         certs,
         std::time::Duration::from_secs(600),
+        published,
     ));
     Ok(())
 }
@@ -226,11 +229,14 @@ async fn follow_leadership(mut leader: tokio::sync::watch::Receiver<bool>, ctx: 
     loop {
         let leading = *leader.borrow_and_update();
         ctx.metrics.leader.set(i64::from(leading));
-        if !leading && let Some(cores) = &ctx.cores {
-            if !cores.is_empty() {
-                warn!("lost the lease: stopping every cluster core");
+        if !leading {
+            ctx.forget_serving();
+            if let Some(cores) = &ctx.cores {
+                if !cores.is_empty() {
+                    warn!("lost the lease: stopping every cluster core");
+                }
+                cores.stop_all();
             }
-            cores.stop_all();
         }
         ctx.metrics.tiers.set(
             ctx.cores

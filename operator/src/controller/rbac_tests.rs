@@ -135,6 +135,13 @@ fn calls() -> Grants {
             );
         }
     }
+    // Owner references with `blockOwnerDeletion: true` need `update` on the
+    // owner's finalizers where the OwnerReferencesPermissionEnforcement
+    // admission plugin runs (OpenShift, hardened clusters).
+    let names = std::fs::read_to_string(src.join("reconcile/names.rs")).unwrap();
+    if names.contains("block_owner_deletion: Some(true)") {
+        add(&mut out, "cachetier.io/cachetiers/finalizers", &["update"]);
+    }
     out
 }
 

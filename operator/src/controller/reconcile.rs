@@ -48,8 +48,11 @@ pub struct Context {
     pub cores: Option<Cores>,
     /// The last status written per tier, and when.
     written: Mutex<HashMap<ObjectRef<CacheTier>, (CacheTierStatus, tokio::time::Instant)>>,
-    /// The serving condition last set on each pod (namespace, name).
-    serving: Mutex<HashMap<(String, String), bool>>,
+    /// The serving condition last set on each pod, by (namespace, name,
+    /// address, node id): a pod recreated under the same name has a new
+    /// address (and, without persistence, a new node id), so it is marked
+    /// again.
+    serving: Mutex<HashMap<PodKey, bool>>,
     /// What a tier's spec leaves unset.
     defaults: reconcile::Defaults,
 }
@@ -81,12 +84,21 @@ impl Context {
         }
     }
 
+    /// Forgets which pods were marked serving (the lease was lost: another
+    /// replica may have changed them since).
+    pub fn forget_serving(&self) {
+        crate::controller::lock(&self.serving).clear();
+    }
+
     /// The same context with the operator's defaults for unset spec fields.
     pub fn with_defaults(mut self, defaults: reconcile::Defaults) -> Self {
         self.defaults = defaults;
         self
     }
 }
+
+/// A pod as the serving cache knows it: namespace, name, address, node id.
+type PodKey = (String, String, String, Option<String>);
 
 /// Reconciles one CacheTier.
 pub async fn reconcile(tier: Arc<CacheTier>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -248,7 +260,15 @@ async fn mark_serving(tier: &CacheTier, ctx: &Context, status: &CacheTierStatus)
     let namespace = tier.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     for node in status.shards.iter().flat_map(|s| s.nodes.iter()) {
-        let key = (namespace.clone(), node.name.clone());
+        if node.address.is_empty() {
+            continue; // pending: no pod running to mark
+        }
+        let key = (
+            namespace.clone(),
+            node.name.clone(),
+            node.address.clone(),
+            node.node_id.clone(),
+        );
         if crate::controller::lock(&ctx.serving).get(&key) == Some(&node.serving) {
             continue;
         }

@@ -100,11 +100,31 @@ pub fn invalid_status(
     publishable(status, tier, generation)
 }
 
+/// The longest Event note the API server accepts (`events.k8s.io/v1`).
+const MAX_NOTE_BYTES: usize = 1024;
+
+/// `note` cut to [`MAX_NOTE_BYTES`] at a character boundary, with `…` when
+/// cut (a degraded large tier's condition message can be much longer, and
+/// the API server refuses the whole Event).
+fn bounded_note(mut note: String) -> String {
+    const MORE: &str = "…";
+    if note.len() <= MAX_NOTE_BYTES {
+        return note;
+    }
+    let mut end = MAX_NOTE_BYTES - MORE.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note.truncate(end);
+    note.push_str(MORE);
+    note
+}
+
 fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
     Event {
         type_,
         reason: reason.to_string(),
-        note: Some(note),
+        note: Some(bounded_note(note)),
         action: action.to_string(),
         secondary: None,
     }
@@ -194,6 +214,15 @@ fn condition_message(status: &CacheTierStatus, type_: &str) -> String {
 mod tests {
     use super::*;
     use cachetier_crds::{FailoverRecord, NodeStatus, ShardStatus};
+
+    #[test]
+    fn an_event_note_is_cut_to_what_the_api_server_accepts_at_a_character_boundary() {
+        let long = "é".repeat(1000);
+        let note = bounded_note(long);
+        assert!(note.len() <= MAX_NOTE_BYTES, "{}", note.len());
+        assert!(note.ends_with('…'));
+        assert_eq!(bounded_note("short".into()), "short");
+    }
 
     fn status(phase: Phase) -> CacheTierStatus {
         CacheTierStatus {

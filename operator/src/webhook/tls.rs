@@ -327,20 +327,59 @@ pub async fn publish_ca(client: &kube::Client, configuration: &str, ca: &str) ->
 }
 
 /// Keeps `certs` current: re-reads (and renews) every `every`, and keeps the
-/// webhook configuration's `caBundle` in step with a generated CA.
-pub async fn keep_current(client: kube::Client, source: Source, certs: Arc<Certificates>, every: Duration) {
+/// webhook configuration's `caBundle` in step with a generated CA. A
+/// failure is retried sooner (5 s, doubling up to `every`): until the
+/// caBundle is written the API server cannot call the webhook, and with
+/// `failurePolicy: Ignore` pods would be created without their sidecar.
+/// `published`: whether the first `caBundle` write (at start) succeeded.
+pub async fn keep_current(
+    client: kube::Client,
+    source: Source,
+    certs: Arc<Certificates>,
+    every: Duration,
+    published: bool,
+) {
+    let mut failures = u32::from(!published);
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(retry_after(failures, every)).await;
+        let mut failed = false;
         match load(&client, &source).await.and_then(|pem| certs.replace(pem)) {
             Ok(true) => info!("webhook certificate reloaded"),
             Ok(false) => {}
-            Err(e) => warn!(error = %e, "cannot refresh the webhook certificate"),
+            Err(e) => {
+                failed = true;
+                warn!(error = %e, "cannot refresh the webhook certificate");
+            }
         }
         if let Source::Generated { configuration, .. } = &source
             && let Err(e) = publish_ca(&client, configuration, &certs.ca()).await
         {
+            failed = true;
             warn!(error = %e, "cannot update the webhook caBundle");
         }
+        failures = if failed { failures.saturating_add(1) } else { 0 };
+    }
+}
+
+/// The pause before the next refresh after `failures` failed ones in a row.
+fn retry_after(failures: u32, every: Duration) -> Duration {
+    if failures == 0 {
+        return every;
+    }
+    let backoff = Duration::from_secs(5).saturating_mul(1 << (failures - 1).min(10));
+    backoff.min(every)
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_refresh_is_retried_after_5_s_doubling_up_to_the_period() {
+        let every = Duration::from_secs(600);
+        let pauses: Vec<u64> = (0..9).map(|n| retry_after(n, every).as_secs()).collect();
+        assert_eq!(pauses, vec![600, 5, 10, 20, 40, 80, 160, 320, 600]);
+        assert_eq!(retry_after(u32::MAX, every), every);
     }
 }
 

@@ -165,3 +165,18 @@ async fn a_replica_restarting_its_full_sync_three_times_within_the_window_is_a_s
     tracker.observe(&idle, Instant::now());
     assert!(tracker.looping().is_empty());
 }
+
+#[test]
+fn a_terminating_node_does_not_count_as_ready_even_while_it_answers() {
+    let mut fx = healthy_3x1();
+    fx.terminating.push((1, 1));
+    let s = status_of(&fx, &tier(3, 1));
+    assert_eq!(s.ready.as_deref(), Some("5/6"));
+    let node = s.shards[1].nodes.iter().find(|n| n.name == "t-1-1").unwrap();
+    assert!(!node.serving);
+    assert!(
+        node.reason.as_deref().unwrap().starts_with("terminating"),
+        "{node:?}"
+    );
+    assert_ne!(s.phase, Some(Phase::Ready));
+}

@@ -131,7 +131,8 @@ fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
 }
 
 /// The Events that the step from `previous` to `next` is worth: phase changes,
-/// a new failover, a new eviction.
+/// a new failover, a new kind of step (creating or removing nodes,
+/// resharding, a rollout's replacements, reconfiguring), a new eviction.
 pub fn events_between(previous: Option<&CacheTierStatus>, next: &CacheTierStatus) -> Vec<Event> {
     let mut out = Vec::new();
     let before = previous.and_then(|p| p.phase);
@@ -185,6 +186,11 @@ pub fn events_between(previous: Option<&CacheTierStatus>, next: &CacheTierStatus
             ),
         ));
     }
+    if let Some(step) = new_step(previous, next)
+        && !out.iter().any(|e| e.reason == step.reason)
+    {
+        out.push(step);
+    }
     if let Some(e) = &next.last_eviction
         && previous.and_then(|p| p.last_eviction.as_ref()) != Some(e)
     {
@@ -199,6 +205,33 @@ pub fn events_between(previous: Option<&CacheTierStatus>, next: &CacheTierStatus
         ));
     }
     out
+}
+
+/// An Event when the operator starts another kind of step: the
+/// `Progressing` condition's reason changed to one that acts (not
+/// `Converged` or `Waiting`). Steps of one kind (a reshard's many slot
+/// moves) are one Event.
+fn new_step(previous: Option<&CacheTierStatus>, next: &CacheTierStatus) -> Option<Event> {
+    let progressing = |s: &CacheTierStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_PROGRESSING && c.status == "True")
+            .cloned()
+    };
+    let now = progressing(next)?;
+    if matches!(now.reason.as_str(), "Converged" | "Waiting") {
+        return None;
+    }
+    let before = previous.and_then(progressing).map(|c| c.reason);
+    if before.as_deref() == Some(now.reason.as_str()) {
+        return None;
+    }
+    let type_ = if now.reason == "KeyCannotMove" {
+        EventType::Warning
+    } else {
+        EventType::Normal
+    };
+    Some(event(type_, &now.reason, "Reconcile", now.message))
 }
 
 fn condition_message(status: &CacheTierStatus, type_: &str) -> String {
@@ -320,6 +353,37 @@ mod tests {
         let events = events_between(Some(&status(Phase::Ready)), &after);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].reason, "Failover");
+    }
+
+    fn progressing(reason: &str, message: &str) -> CacheTierStatus {
+        let mut s = status(Phase::Scaling);
+        s.conditions = vec![Condition {
+            type_: CONDITION_PROGRESSING.into(),
+            status: "True".into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+            observed_generation: None,
+        }];
+        s
+    }
+
+    #[test]
+    fn each_new_kind_of_step_is_one_event_and_its_repeats_are_none() {
+        let resharding = progressing("Resharding", "migrate 32 slots from t-0-0 to t-3-0");
+        let again = progressing("Resharding", "migrate 32 slots from t-1-0 to t-3-0");
+        let restart = progressing("RemovingNodes", "destroy node t-0-1 (restart: maxmemory-policy)");
+        let events = events_between(Some(&resharding), &restart);
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].reason.as_str(), events[0].note.as_deref()),
+            (
+                "RemovingNodes",
+                Some("destroy node t-0-1 (restart: maxmemory-policy)")
+            )
+        );
+        assert!(events_between(Some(&resharding), &again).is_empty());
+        assert!(events_between(Some(&resharding), &progressing("Waiting", "x")).is_empty());
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod replica;
 pub mod resp;
 pub mod router;
 pub mod server;
+pub mod session;
 pub mod slot;
 pub mod topology;
 pub mod tracking;

@@ -326,10 +326,10 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 Ok(Some(req)) => {
                     let name = req.args.first().cloned().unwrap_or_default();
                     // Inside MULTI the router queues or refuses it.
-                    let step = if st.multi.is_some() {
+                    let step = if st.session.in_multi() {
                         Step::Ordinary
                     } else {
-                        pubsub::step(sub.as_ref(), st.proto, &name, pending.is_empty())
+                        pubsub::step(sub.as_ref(), st.session.proto, &name, pending.is_empty())
                     };
                     match step {
                         Step::Ordinary => {
@@ -348,7 +348,9 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                             continue;
                         }
                         Step::Forward => {
-                            if let Err(b) = forward_subscription(&router, &mut sub, st.proto, &req).await {
+                            if let Err(b) =
+                                forward_subscription(&router, &mut sub, st.session.proto, &req).await
+                            {
                                 out.extend_from_slice(&b);
                             }
                             continue;

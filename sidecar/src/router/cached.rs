@@ -10,7 +10,7 @@ impl Router {
     /// command of the same client can still be about to invalidate it.
     pub fn try_cached(&self, st: &ClientState, req: &resp::Request) -> Option<Bytes> {
         let cache = self.cache.as_ref()?;
-        if st.multi.is_some() || st.watch.is_some() {
+        if st.session.in_multi() || st.watch.is_some() {
             return None;
         }
         let info = commands::lookup(req.args.first()?)?;
@@ -18,7 +18,7 @@ impl Router {
         let start = std::time::Instant::now();
         let key = CacheKey {
             variant,
-            proto: st.proto,
+            proto: st.session.proto,
             key: req.args[1].clone(),
             field: if variant == Variant::HGet {
                 req.args[2].clone()

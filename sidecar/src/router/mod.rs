@@ -29,6 +29,7 @@ use crate::error::UpstreamError;
 use crate::metrics::Metrics;
 use crate::order::{ClientOrder, ReadFloor, Stage, Turn};
 use crate::resp::{self, Frame};
+use crate::session::{self, Exec, Session};
 use crate::slot;
 use crate::topology::Registry;
 use crate::upstream::{Node, Proto};
@@ -50,12 +51,8 @@ static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub struct ClientState {
     pub id: u64,
-    pub proto: u8,
-    pub name: Option<Bytes>,
-    /// Commands queued since MULTI.
-    pub multi: Option<Vec<Vec<Bytes>>>,
-    /// A command queued inside MULTI was refused: EXEC must abort.
-    pub multi_failed: bool,
+    /// Protocol, name and MULTI block (`session.rs`, no I/O).
+    pub session: Session,
     /// Active `WATCH`: the client's keyed commands run on a connection of
     /// its own to the watched slot's primary until EXEC, DISCARD or UNWATCH.
     pub watch: Option<Arc<Watch>>,
@@ -78,10 +75,7 @@ impl Default for ClientState {
     fn default() -> Self {
         Self {
             id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
-            proto: 2,
-            name: None,
-            multi: None,
-            multi_failed: false,
+            session: Session::default(),
             watch: None,
             order: Arc::new(ClientOrder::default()),
             last: None,
@@ -92,7 +86,7 @@ impl Default for ClientState {
 
 impl ClientState {
     fn upstream_proto(&self) -> Proto {
-        if self.proto == 3 {
+        if self.session.proto == 3 {
             Proto::Resp3
         } else {
             Proto::Resp2
@@ -253,7 +247,7 @@ impl Router {
         raw: Bytes,
         turn: &mut Option<Turn>,
     ) -> Action {
-        if st.multi.is_some() {
+        if st.session.in_multi() {
             return self.queue_in_multi(st, info, args);
         }
         if st.watch.is_some()
@@ -261,7 +255,7 @@ impl Router {
         {
             return action;
         }
-        let proto = st.proto;
+        let proto = st.session.proto;
         match info.kind {
             Kind::Unsupported(reason) => {
                 self.count(info.name, "error");

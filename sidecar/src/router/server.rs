@@ -12,7 +12,7 @@ impl Router {
         info: &'static CommandInfo,
         args: Vec<Bytes>,
     ) -> Action {
-        let proto = st.proto;
+        let proto = st.session.proto;
         let up = st.upstream_proto();
         let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
         let this = self.clone();
@@ -40,10 +40,7 @@ impl Router {
             "auth" => reply(self.check_auth(&args[1..])),
             "hello" => reply(self.hello(st, &args)),
             "reset" => {
-                st.proto = 2;
-                st.name = None;
-                st.multi = None;
-                st.multi_failed = false;
+                st.session.reset();
                 // Unwatches: dropping the WATCH connection does that.
                 st.watch = None;
                 reply(Bytes::from_static(b"+RESET\r\n"))
@@ -63,11 +60,10 @@ impl Router {
             "info" => reply(encode(&Frame::Bulk(Bytes::from(self.info_text())))),
             "unwatch" => reply(ok()),
             "watch" => self.watch_command(st, info, &args, &resp::command_bytes(&args)),
-            "multi" => {
-                st.multi = Some(Vec::new());
-                st.multi_failed = false;
-                reply(ok())
-            }
+            "multi" => reply(match st.session.multi() {
+                Ok(()) => ok(),
+                Err(e) => err(e),
+            }),
             "exec" => reply(err("ERR EXEC without MULTI")),
             "discard" => reply(err("ERR DISCARD without MULTI")),
             "config" => match sub.as_str() {
@@ -92,38 +88,18 @@ impl Router {
 
     pub(super) fn hello(&self, st: &mut ClientState, args: &[Bytes]) -> Bytes {
         // Check everything first: a failed HELLO changes nothing, as in Redis.
-        let mut proto = st.proto;
-        let mut name = None;
-        let mut i = 1;
-        if let Some(v) = args.get(1) {
-            match v.as_ref() {
-                b"2" => proto = 2,
-                b"3" => proto = 3,
-                _ => return err("NOPROTO unsupported protocol version"),
-            }
-            i = 2;
-        }
-        while i < args.len() {
-            match upper(&args[i]).as_str() {
-                "SETNAME" if i + 1 < args.len() => {
-                    name = Some(args[i + 1].clone());
-                    i += 2;
-                }
-                "AUTH" if i + 2 < args.len() => {
-                    let r = self.check_auth(&args[i + 1..i + 3]);
-                    if r.starts_with(b"-") {
-                        return r;
-                    }
-                    i += 3;
-                }
-                _ => return err("ERR syntax error in HELLO"),
+        let hello = match session::parse_hello(&args[1..]) {
+            Ok(h) => h,
+            Err(e) => return err(e),
+        };
+        if let Some((user, pass)) = &hello.auth {
+            let r = self.check_auth(&[user.clone(), pass.clone()]);
+            if r.starts_with(b"-") {
+                return r;
             }
         }
-        st.proto = proto;
-        if name.is_some() {
-            st.name = name;
-        }
-        let p = st.proto;
+        st.session.hello(hello);
+        let p = st.session.proto;
         encode(&map(
             p,
             vec![
@@ -175,29 +151,30 @@ impl Router {
                 if args[2].iter().any(|&b| b == b' ' || b == b'\n') {
                     return err("ERR Client names cannot contain spaces, newlines or special characters.");
                 }
-                st.name = if args[2].is_empty() {
+                st.session.name = if args[2].is_empty() {
                     None
                 } else {
                     Some(args[2].clone())
                 };
                 ok()
             }
-            "GETNAME" => match &st.name {
+            "GETNAME" => match &st.session.name {
                 Some(n) => encode(&Frame::Bulk(n.clone())),
-                None => encode(&null(st.proto)),
+                None => encode(&null(st.session.proto)),
             },
             "ID" => encode(&Frame::Integer(st.id as i64)),
             // Client libraries announce themselves; nothing to do with it.
             "SETINFO" => ok(),
             "INFO" => {
                 let name = st
+                    .session
                     .name
                     .as_ref()
                     .map(|n| String::from_utf8_lossy(n).into_owned())
                     .unwrap_or_default();
                 encode(&Frame::Bulk(Bytes::from(format!(
                     "id={} name={} db=0 resp={}\n",
-                    st.id, name, st.proto
+                    st.id, name, st.session.proto
                 ))))
             }
             _ => err(format!(

@@ -191,12 +191,18 @@ impl Router {
     ) -> Action {
         match info.name {
             "exec" => {
-                let cmds = st.multi.take().unwrap_or_default();
-                let failed = std::mem::take(&mut st.multi_failed);
+                let exec = st.session.exec();
+                // EXEC unwatches, whatever it does.
                 let watch = st.watch.take();
-                if failed {
-                    return Action::Reply(err("EXECABORT Transaction discarded because of previous errors."));
-                }
+                let cmds = match exec {
+                    Exec::Run(cmds) => cmds,
+                    Exec::Aborted => {
+                        return Action::Reply(err(
+                            "EXECABORT Transaction discarded because of previous errors.",
+                        ));
+                    }
+                    Exec::NotInMulti => return Action::Reply(err("ERR EXEC without MULTI")),
+                };
                 if let Some(watch) = watch {
                     let mark = self
                         .config
@@ -210,13 +216,15 @@ impl Router {
                 self.timed(info, async move { this.exec(cmds, up, order).await })
             }
             "discard" => {
-                st.multi = None;
-                st.multi_failed = false;
+                st.session.discard();
                 // DISCARD also unwatches; dropping the connection does that.
                 st.watch = None;
                 Action::Reply(ok())
             }
-            "multi" => Action::Reply(err("ERR MULTI calls can not be nested")),
+            "multi" => Action::Reply(match st.session.multi() {
+                Ok(()) => ok(),
+                Err(e) => err(e),
+            }),
             _ => {
                 let refusal = match info.kind {
                     Kind::Read | Kind::Write => match commands::key_indices(info, &args) {
@@ -235,13 +243,11 @@ impl Router {
                 };
                 match refusal {
                     Some(e) => {
-                        st.multi_failed = true;
+                        st.session.refuse_queued();
                         Action::Reply(err(e))
                     }
                     None => {
-                        if let Some(q) = st.multi.as_mut() {
-                            q.push(args);
-                        }
+                        st.session.queue(args);
                         Action::Reply(Bytes::from_static(b"+QUEUED\r\n"))
                     }
                 }

@@ -1,0 +1,235 @@
+//! A client session's own state machine, without I/O: its protocol and
+//! name (`HELLO`, `CLIENT SETNAME`, `RESET`) and its `MULTI` block. The
+//! router asks it what a command means in the current state and tells it
+//! what happened; everything that talks to Redis (the WATCH connection,
+//! subscriptions, blocking commands) lives elsewhere.
+
+use bytes::Bytes;
+
+/// What a client's connection remembers between commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// 2 or 3 (`HELLO`).
+    pub proto: u8,
+    /// `CLIENT SETNAME` / `HELLO … SETNAME`.
+    pub name: Option<Bytes>,
+    /// Commands queued since `MULTI`.
+    multi: Option<Vec<Vec<Bytes>>>,
+    /// A command queued inside `MULTI` was refused: `EXEC` must abort.
+    multi_failed: bool,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self {
+            proto: 2,
+            name: None,
+            multi: None,
+            multi_failed: false,
+        }
+    }
+}
+
+/// What `EXEC` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exec {
+    /// No `MULTI` before it.
+    NotInMulti,
+    /// A queued command was refused: Redis's `EXECABORT`.
+    Aborted,
+    /// Run these commands as one transaction.
+    Run(Vec<Vec<Bytes>>),
+}
+
+/// A parsed `HELLO [protover [AUTH user pass] [SETNAME name]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The protocol asked for, if any.
+    pub proto: Option<u8>,
+    /// `AUTH user password`, checked before anything changes.
+    pub auth: Option<(Bytes, Bytes)>,
+    /// `SETNAME name`.
+    pub name: Option<Bytes>,
+}
+
+impl Session {
+    /// Inside a `MULTI` block.
+    pub fn in_multi(&self) -> bool {
+        self.multi.is_some()
+    }
+
+    /// `MULTI`: starts a block, or Redis's error for a nested one.
+    pub fn multi(&mut self) -> Result<(), &'static str> {
+        if self.in_multi() {
+            return Err("ERR MULTI calls can not be nested");
+        }
+        self.multi = Some(Vec::new());
+        self.multi_failed = false;
+        Ok(())
+    }
+
+    /// A command accepted into the block (`+QUEUED`).
+    pub fn queue(&mut self, args: Vec<Bytes>) {
+        if let Some(q) = self.multi.as_mut() {
+            q.push(args);
+        }
+    }
+
+    /// A command refused inside the block: the block will abort.
+    pub fn refuse_queued(&mut self) {
+        if self.in_multi() {
+            self.multi_failed = true;
+        }
+    }
+
+    /// `EXEC`: ends the block.
+    pub fn exec(&mut self) -> Exec {
+        let failed = std::mem::take(&mut self.multi_failed);
+        match self.multi.take() {
+            None => Exec::NotInMulti,
+            Some(_) if failed => Exec::Aborted,
+            Some(cmds) => Exec::Run(cmds),
+        }
+    }
+
+    /// `DISCARD`: ends the block; false when there was none.
+    pub fn discard(&mut self) -> bool {
+        self.multi_failed = false;
+        self.multi.take().is_some()
+    }
+
+    /// `RESET`: back to a new connection's state.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Applies a `HELLO` whose `AUTH` (if any) succeeded.
+    pub fn hello(&mut self, hello: Hello) {
+        if let Some(p) = hello.proto {
+            self.proto = p;
+        }
+        if hello.name.is_some() {
+            self.name = hello.name;
+        }
+    }
+}
+
+/// Parses `HELLO`'s arguments (after the command name) with Redis's errors;
+/// nothing changes until the caller has checked `auth` and applied it.
+pub fn parse_hello(args: &[Bytes]) -> Result<Hello, &'static str> {
+    let mut hello = Hello {
+        proto: None,
+        auth: None,
+        name: None,
+    };
+    let mut rest = args;
+    if let Some((v, tail)) = rest.split_first() {
+        hello.proto = Some(match v.as_ref() {
+            b"2" => 2,
+            b"3" => 3,
+            _ => return Err("NOPROTO unsupported protocol version"),
+        });
+        rest = tail;
+    }
+    while let Some((option, tail)) = rest.split_first() {
+        match (option.to_ascii_uppercase().as_slice(), tail) {
+            (b"SETNAME", [name, more @ ..]) => {
+                hello.name = Some(name.clone());
+                rest = more;
+            }
+            (b"AUTH", [user, pass, more @ ..]) => {
+                hello.auth = Some((user.clone(), pass.clone()));
+                rest = more;
+            }
+            _ => return Err("ERR syntax error in HELLO"),
+        }
+    }
+    Ok(hello)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<Bytes> {
+        a.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
+    }
+
+    #[test]
+    fn multi_queues_then_exec_runs_the_block_once() {
+        let mut s = Session::default();
+        assert_eq!(s.exec(), Exec::NotInMulti);
+        s.multi().unwrap();
+        assert_eq!(s.multi(), Err("ERR MULTI calls can not be nested"));
+        s.queue(args(&["SET", "k", "v"]));
+        s.queue(args(&["GET", "k"]));
+        assert_eq!(
+            s.exec(),
+            Exec::Run(vec![args(&["SET", "k", "v"]), args(&["GET", "k"])])
+        );
+        assert!(!s.in_multi());
+        assert_eq!(s.exec(), Exec::NotInMulti);
+    }
+
+    #[test]
+    fn a_refused_command_aborts_the_block_and_the_next_block_starts_clean() {
+        let mut s = Session::default();
+        s.multi().unwrap();
+        s.queue(args(&["SET", "k", "v"]));
+        s.refuse_queued();
+        assert_eq!(s.exec(), Exec::Aborted);
+        s.multi().unwrap();
+        s.queue(args(&["GET", "k"]));
+        assert_eq!(s.exec(), Exec::Run(vec![args(&["GET", "k"])]));
+        // Outside a block a refusal marks nothing.
+        s.refuse_queued();
+        s.multi().unwrap();
+        assert_eq!(s.exec(), Exec::Run(Vec::new()));
+    }
+
+    #[test]
+    fn discard_ends_a_block_and_says_whether_there_was_one() {
+        let mut s = Session::default();
+        assert!(!s.discard());
+        s.multi().unwrap();
+        s.refuse_queued();
+        assert!(s.discard());
+        s.multi().unwrap();
+        assert_eq!(s.exec(), Exec::Run(Vec::new()));
+    }
+
+    #[test]
+    fn reset_forgets_protocol_name_and_block() {
+        let mut s = Session::default();
+        s.hello(parse_hello(&args(&["3", "SETNAME", "app"])).unwrap());
+        s.multi().unwrap();
+        s.reset();
+        assert_eq!(s, Session::default());
+    }
+
+    #[test]
+    fn hello_parses_like_redis_and_changes_nothing_by_itself() {
+        let h = parse_hello(&args(&["3", "auth", "u", "p", "SETNAME", "n"])).unwrap();
+        assert_eq!(h.proto, Some(3));
+        assert_eq!(h.auth, Some((Bytes::from("u"), Bytes::from("p"))));
+        assert_eq!(h.name, Some(Bytes::from("n")));
+        assert_eq!(parse_hello(&[]).unwrap().proto, None);
+        assert_eq!(
+            parse_hello(&args(&["4"])),
+            Err("NOPROTO unsupported protocol version")
+        );
+        assert_eq!(
+            parse_hello(&args(&["3", "AUTH", "u"])),
+            Err("ERR syntax error in HELLO")
+        );
+        assert_eq!(
+            parse_hello(&args(&["3", "SETNAME"])),
+            Err("ERR syntax error in HELLO")
+        );
+        let mut s = Session::default();
+        s.hello(parse_hello(&args(&["3"])).unwrap());
+        assert_eq!((s.proto, s.name.clone()), (3, None));
+        s.hello(parse_hello(&[]).unwrap());
+        assert_eq!(s.proto, 3, "HELLO without a version keeps the protocol");
+    }
+}

@@ -1,6 +1,7 @@
 //! Two reconcilers driving one tier at once (a lease can be lost mid-step),
 //! against real `redis-server` processes: migrations of the same slots to
-//! different destinations, and bootstraps, that run concurrently. The
+//! different destinations, and bootstraps, that run concurrently, and the
+//! leftovers a reconciler stopped between two steps leaves. The
 //! 3 → 5 reshard by two reconcilers is in `safety.rs`. Every wait is bounded.
 
 // Test code: a failed unwrap is a failed test.
@@ -187,5 +188,70 @@ async fn two_reconcilers_bootstrapping_one_tier_at_once_leave_every_slot_owned_o
         wrong.len(),
         &wrong[..wrong.len().min(5)]
     );
+    pool.shutdown().await;
+}
+
+/// A slot whose keys all reached their destination, but that the source
+/// gave away before the destination took it (an operator stopped between
+/// the two `SETSLOT … NODE`s, or another one gave it): nobody claims it, and
+/// the importer holds its keys. The importer takes it, so the keys stay
+/// served; rolling its import back would hide them, and every node that
+/// still maps the slot to its old owner refuses `ADDSLOTS` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_nobody_claims_whose_keys_sit_on_its_importer_is_taken_by_the_importer() {
+    let pool = pool("unclaimed");
+    let t = tier("unclaimed", 2, 0);
+    let mut rec = Reconciler::new(pool.clone(), t.clone());
+    let status = rec.converge(Duration::from_secs(60)).await.unwrap();
+    let slot: u16 = status.shards[0].slots[0]
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("u{i}"))
+        .filter(|k| key_slot(k) == slot)
+        .take(20)
+        .collect();
+    let mut client = ClusterClient::new(seeds(&status)).await;
+    for k in &keys {
+        client.set(k, "v").await.unwrap();
+    }
+    let a = target_of(&pool, &status.shards[0].nodes[0].name).await;
+    let b = target_of(&pool, &status.shards[1].nodes[0].name).await;
+    let (mut ca, mut cb) = (conn(a.addr).await, conn(b.addr).await);
+    let s = slot.to_string();
+    let setslot = |state: &str, id: &str| {
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(&s)
+            .arg(state)
+            .arg(id)
+            .to_owned()
+    };
+    let _: () = setslot("IMPORTING", &a.id).query_async(&mut cb).await.unwrap();
+    let _: () = setslot("MIGRATING", &b.id).query_async(&mut ca).await.unwrap();
+    let _: () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(b.addr.port())
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(&keys)
+        .query_async(&mut ca)
+        .await
+        .unwrap();
+    let _: () = setslot("NODE", &b.id).query_async(&mut ca).await.unwrap();
+    assert!(!claimed(&own_line(a.addr).await).contains(&slot));
+    assert!(!claimed(&own_line(b.addr).await).contains(&slot));
+
+    let status = rec.converge(Duration::from_secs(30)).await.unwrap();
+    assert!(claimed(&own_line(b.addr).await).contains(&slot));
+    let mut client = ClusterClient::new(seeds(&status)).await;
+    for k in &keys {
+        assert_eq!(client.get(k).await.unwrap().as_deref(), Some("v"), "{k} lost");
+    }
     pool.shutdown().await;
 }

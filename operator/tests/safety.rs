@@ -760,19 +760,14 @@ async fn a_restart_only_setting_is_rolled_out_one_node_at_a_time_without_a_read_
     handle.shutdown().await;
 }
 
-/// Slow-ish: about 20–40 s. Two operators drive one tier at once (a lease
-/// can be lost mid-step): each plans from its own observations and both
-/// migrate slots concurrently during a 3 → 5 reshard.
-///
-/// Known failure (issue 8, item 6, not fixed yet), in about half the runs:
-/// either some slots end up owned by nobody and `ADDSLOTS` is refused for
-/// ever, or a few keys are lost. When the two pick different destinations
-/// for one slot, one's `MIGRATE` puts keys on its destination, the other
-/// assigns the slot to its own, and its `SETSLOT … NODE` broadcast clears
-/// the first destination's IMPORTING state: those keys sit in a slot their
-/// node does not own. Run it with `--ignored`.
+/// About 8 s. Two operators drive one tier at once (a lease can be lost
+/// mid-step): each plans from its own observations and both migrate slots
+/// concurrently during a 3 → 5 reshard. Failed in about half the runs on
+/// the old code (slots owned by nobody, `ADDSLOTS` refused for ever, or
+/// keys lost). Now every slot change is fenced on its node and both plan
+/// the same destination for every slot (`tests/fencing.rs`, planner
+/// `a_partly_executed_reshard_keeps_every_remaining_slot_on_its_planned_destination`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure: two reconcilers can leave slots unowned (issue 8 item 6)"]
 async fn two_reconcilers_resharding_one_tier_at_once_lose_no_key_and_leave_no_slot_open() {
     const KEYS: usize = 3000;
     let pool = pool("twin");

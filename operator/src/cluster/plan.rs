@@ -129,6 +129,9 @@ pub enum Action {
         slot: u16,
         /// The node with the open state.
         node: Target,
+        /// The id it was seen migrating to or importing from: the rollback
+        /// happens only if the slot is still open towards this node.
+        peer: String,
     },
     /// Move slots from one primary to another, one slot at a time.
     MigrateSlots {
@@ -174,7 +177,9 @@ impl fmt::Display for Action {
             Self::FinishMigration { slot, from, to } => {
                 write!(f, "finish migrating slot {slot} {} -> {}", from.name, to.name)
             }
-            Self::AbortMigration { slot, node } => write!(f, "roll back open slot {slot} on {}", node.name),
+            Self::AbortMigration { slot, node, .. } => {
+                write!(f, "roll back open slot {slot} on {}", node.name)
+            }
             Self::MigrateSlots { from, to, slots } => {
                 write!(f, "migrate {} slot(s) {} -> {}", slots.len(), from.name, to.name)
             }

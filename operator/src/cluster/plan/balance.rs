@@ -42,16 +42,7 @@ pub(super) fn rebalance(ctx: &Ctx<'_>, out: &mut Plan) {
         out.waiting.push("not every shard has a primary yet".into());
         return;
     }
-    let total = u32::from(SLOTS) as usize;
-    let n = desired.len();
-    // The remainder goes to the shards that already have the most, so a
-    // balanced cluster never moves a slot.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(desired[i].2), desired[i].0));
-    let mut target: HashMap<u32, usize> = HashMap::new();
-    for (rank, &i) in order.iter().enumerate() {
-        target.insert(desired[i].0, total / n + usize::from(rank < total % n));
-    }
+    let target = targets(&desired);
     let balanced = shards.iter().all(|(s, _, c)| {
         target.get(s).is_some_and(|t| c.abs_diff(*t) <= 1) || (*s >= tier.shards && *c == 0)
     });
@@ -64,50 +55,88 @@ pub(super) fn rebalance(ctx: &Ctx<'_>, out: &mut Plan) {
     if balanced && within_one {
         return;
     }
-    let mut surplus: Vec<(Target, Vec<u16>)> = Vec::new();
-    let mut deficit: Vec<(Target, usize)> = Vec::new();
-    for (s, t, c) in &shards {
+    // Executed in reverse fill order, so a removed shard's lowest slot (the
+    // origin of its blocks) moves last.
+    for (from, to, slot) in moves(ctx, &shards, &target).into_iter().rev() {
+        match out.actions.last_mut() {
+            Some(Action::MigrateSlots {
+                from: f,
+                to: t,
+                slots,
+            }) if f.id == from.id && t.id == to.id => slots.push(slot),
+            _ => out.actions.push(Action::MigrateSlots {
+                from: from.clone(),
+                to: to.clone(),
+                slots: vec![slot],
+            }),
+        }
+    }
+}
+
+/// Slots per desired shard: `16384 / shards`, and one more for the first
+/// `16384 % shards` of those that hold more than that already (so a
+/// balanced cluster never moves a slot), then of the others, in shard order.
+/// Never by exact count: a reshard under way must not change any target.
+fn targets(desired: &[&(u32, Target, usize)]) -> HashMap<u32, usize> {
+    let total = usize::from(SLOTS);
+    let n = desired.len().max(1);
+    let (q, extra) = (total / n, total % n);
+    let mut order: Vec<(bool, u32)> = desired.iter().map(|d| (d.2 <= q, d.0)).collect();
+    order.sort_unstable();
+    order
+        .into_iter()
+        .enumerate()
+        .map(|(rank, (_, shard))| (shard, q + usize::from(rank < extra)))
+        .collect()
+}
+
+/// Slots a source interleaves per destination.
+const BLOCK: usize = 64;
+
+/// Every slot to move, with its source and destination, in fill order.
+///
+/// The destination of a slot must not depend on how far a reshard has got:
+/// two reconcilers, or one re-planning every round, then never send a slot
+/// to a different shard than the first plan did (which would overfill one
+/// shard and move slots back and forth between freshly bumped epochs).
+/// A source gives the top of its range: all above the slots it keeps, which
+/// do not change while it gives. Its given slots are cut into blocks of
+/// [`BLOCK`] counted from that boundary (from its lowest slot when it keeps
+/// none, which is why that one moves last); blocks are ordered by (block,
+/// source shard), so every destination gets a share of every source, and
+/// the destinations, in shard order, take their deficits from that order
+/// one after another. A move done only removes its slot from the order and
+/// one from its destination's deficit, so the rest keep their destination.
+fn moves<'t>(
+    ctx: &Ctx<'_>,
+    shards: &'t [(u32, Target, usize)],
+    target: &HashMap<u32, usize>,
+) -> Vec<(&'t Target, &'t Target, u16)> {
+    let mut give: Vec<(usize, u32, u16, &Target)> = Vec::new();
+    let mut deficit: Vec<(&Target, usize)> = Vec::new();
+    for (s, t, c) in shards {
         let want = target.get(s).copied().unwrap_or(0);
         if *c > want {
-            let mut owned = ctx.owned_slots(&t.id);
-            // Give away from the top of the range, keeping ranges contiguous.
-            let keep = owned.len() - (c - want);
-            let give = owned.split_off(keep);
-            surplus.push((t.clone(), give));
-        } else if *c < want {
-            deficit.push((t.clone(), want - c));
-        }
-    }
-    // Each source spreads over every destination (scale-in empties a shard into
-    // all remaining shards, not into one).
-    surplus.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.name.cmp(&b.0.name)));
-    for (from, mut give) in surplus {
-        while !give.is_empty() {
-            deficit.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.name.cmp(&b.0.name)));
-            let Some((to, need)) = deficit.first_mut() else {
-                break;
+            let owned = ctx.owned_slots(&t.id);
+            let keep = owned.len().saturating_sub(c - want);
+            let origin = match keep.checked_sub(1) {
+                Some(last) => owned[last].saturating_add(1),
+                None => owned.first().copied().unwrap_or(0),
             };
-            if *need == 0 {
-                break;
+            for &slot in &owned[keep..] {
+                give.push((usize::from(slot.saturating_sub(origin)) / BLOCK, *s, slot, t));
             }
-            // Small chunks interleave destinations so each gets its share.
-            let take = (*need).min(give.len()).min(64);
-            let slots = give.drain(..take).collect();
-            *need -= take;
-            match out.actions.last_mut() {
-                Some(Action::MigrateSlots {
-                    from: f,
-                    to: t,
-                    slots: existing,
-                }) if f.id == from.id && t.id == to.id => existing.extend::<Vec<u16>>(slots),
-                _ => out.actions.push(Action::MigrateSlots {
-                    from: from.clone(),
-                    to: to.clone(),
-                    slots,
-                }),
-            }
+        } else if *c < want {
+            deficit.push((t, want - c));
         }
     }
+    give.sort_unstable_by_key(|&(block, shard, slot, _)| (block, shard, slot));
+    let mut to = deficit
+        .into_iter()
+        .flat_map(|(t, need)| std::iter::repeat_n(t, need));
+    give.into_iter()
+        .map_while(|(_, _, slot, from)| Some((from, to.next()?, slot)))
+        .collect()
 }
 
 /// Nothing left to do, but the cluster is converged only once every node

@@ -35,6 +35,7 @@ pub(super) fn fix_open_slots(ctx: &Ctx<'_>, out: &mut Plan) {
                 _ => out.actions.push(Action::AbortMigration {
                     slot: *slot,
                     node: me.clone(),
+                    peer: to_id.clone(),
                 }),
             }
         }
@@ -71,6 +72,7 @@ pub(super) fn fix_open_slots(ctx: &Ctx<'_>, out: &mut Plan) {
                 None => out.actions.push(Action::AbortMigration {
                     slot: *slot,
                     node: me.clone(),
+                    peer: from_id.clone(),
                 }),
             }
         }

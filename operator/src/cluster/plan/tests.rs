@@ -14,6 +14,8 @@ use crate::cluster::fixture::*;
 use crate::cluster::health::HealthRecord;
 use crate::cluster::view::{NodeLine, SLOTS};
 
+mod balance;
+
 fn slot_total(actions: &[Action]) -> usize {
     actions
         .iter()
@@ -297,7 +299,7 @@ fn a_slot_migrating_to_a_dead_node_is_rolled_back() {
     let fx = fx.failed(1, 0, Instant::now());
     let p = fx.plan(&tier(3, 1));
     assert!(
-        matches!(&p.actions[..], [Action::AbortMigration { slot: 10, node }] if node.id == id(0, 0)),
+        matches!(&p.actions[..], [Action::AbortMigration { slot: 10, node, .. }] if node.id == id(0, 0)),
         "{p:?}"
     );
 }
@@ -517,26 +519,7 @@ proptest! {
         cuts in proptest::collection::vec(0u16..SLOTS, 1..8),
         shards in 1u32..9,
     ) {
-        let mut cuts = cuts;
-        cuts.sort_unstable();
-        cuts.dedup();
-        // Contiguous runs owned by len(cuts)+1 existing shards (some maybe empty).
-        let mut bounds = vec![0u32];
-        bounds.extend(cuts.iter().map(|&c| u32::from(c)));
-        bounds.push(u32::from(SLOTS));
-        let mut fx = Fx::default();
-        for (i, w) in bounds.windows(2).enumerate() {
-            let i = i as u32;
-            if w[1] > w[0] {
-                fx = fx.primary(i, 0, &[(w[0] as u16, (w[1] - 1) as u16)]);
-            } else {
-                fx = fx.empty(i, 0);
-            }
-        }
-        let existing = (bounds.len() - 1) as u32;
-        for s in existing..shards {
-            fx = fx.empty(s, 0);
-        }
+        let mut fx = balance::distribution(cuts, shards);
         let t = tier(shards, 0);
         let p = fx.plan(&t);
         let moves: Vec<Action> = p.actions.iter().filter(|a| matches!(a, Action::MigrateSlots { .. })).cloned().collect();

@@ -24,6 +24,7 @@ async fn target_of(pool: &LocalPool, name: &str) -> Target {
         .list()
         .await
         .unwrap()
+        .nodes
         .into_iter()
         .find(|n| n.name == name)
         .unwrap();
@@ -171,7 +172,7 @@ async fn two_reconcilers_bootstrapping_one_tier_at_once_leave_every_slot_owned_o
     assert_eq!(status.slots_covered, 16384);
     let mut owners = vec![0u8; 16384];
     let mut open = Vec::new();
-    for node in pool.list().await.unwrap() {
+    for node in pool.list().await.unwrap().nodes {
         let line = own_line(node.addr).await;
         if line.contains('[') {
             open.push(line.clone());

@@ -206,3 +206,52 @@ async fn a_replica_without_the_lease_makes_no_request_at_all() {
         "a standby sent a request"
     );
 }
+
+/// A leader that loses its lease stops acting at once: its cluster cores are
+/// stopped, and nothing they started reaches the API server afterwards.
+#[tokio::test]
+async fn losing_the_lease_stops_every_core_before_its_next_request() {
+    let (client, mut handle) = mock::client();
+    let reporter = Reporter {
+        controller: "cachetier-operator".into(),
+        instance: Some("test".into()),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let (leader, rx) = watch::channel(true);
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let cores = super::cores::Cores::default();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        recorder,
+        metrics,
+        rx.clone(),
+        Some(cores),
+    ));
+    let follower = tokio::spawn(super::follow_leadership(rx, ctx.clone()));
+    let t = tier("");
+    let status = ctx.cores.as_ref().unwrap().ensure(client, &t).await.unwrap();
+    assert!(status.is_none(), "no round has run yet");
+    // The core's first round lists the tier's pods.
+    let (method, uri, _, send) = next(&mut handle).await;
+    assert_eq!(method, "GET");
+    assert!(uri.starts_with("/api/v1/namespaces/ns/pods?"), "{uri}");
+    leader.send_replace(false);
+    let cores = ctx.cores.as_ref().unwrap();
+    let start = tokio::time::Instant::now();
+    while !cores.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(2), "the core still runs");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its pending request is answered; nothing may follow it.
+    respond(
+        send,
+        200,
+        &serde_json::json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+    );
+    let request = tokio::time::timeout(Duration::from_millis(500), handle.next_request()).await;
+    assert!(
+        request.is_err() || request.is_ok_and(|r| r.is_none()),
+        "a core kept talking to the API server after the lease was lost"
+    );
+    follower.abort();
+}

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use crate::config::CacheConfig;
 use crate::lock;
 use crate::metrics::Metrics;
-use crate::order::{Stage, Turn};
+use crate::order::{StageRx, Turn};
 use crate::slot;
 
 /// Which read a cached reply answers.
@@ -107,7 +107,7 @@ pub fn life_from_pttl(reply: &[u8]) -> Option<Duration> {
 /// A fill in flight: its askers join it until an invalidation of its key.
 struct InFlight {
     value: Waiter,
-    stage: watch::Receiver<Stage>,
+    stage: StageRx,
 }
 
 /// What [`LocalCache::lookup`] found.
@@ -117,7 +117,7 @@ pub enum Lookup {
     /// A shared fill: `stage` says when its request is queued upstream,
     /// `value` delivers its reply.
     Fill {
-        stage: watch::Receiver<Stage>,
+        stage: StageRx,
         value: Waiter,
     },
 }

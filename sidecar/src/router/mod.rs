@@ -25,7 +25,7 @@ use crate::commands::{self, CommandInfo, KeyError, Kind, Split};
 use crate::config::Config;
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
-use crate::order::{ClientOrder, ReadFloor, Stage, Turn};
+use crate::order::{ClientOrder, ReadFloor, Stage, StageRx, Turn};
 use crate::resp::{self, Frame};
 use crate::slot;
 use crate::topology::Registry;
@@ -56,7 +56,7 @@ pub struct ClientState {
     /// Keeps the client's commands in the order it sent them (`order.rs`).
     order: Arc<ClientOrder>,
     /// The stage of the client's latest command that went upstream.
-    last: Option<tokio::sync::watch::Receiver<Stage>>,
+    last: Option<StageRx>,
     /// The client's connection for blocking commands (`blocking.rs`).
     blocking: BlockingCell,
 }
@@ -385,8 +385,8 @@ impl Router {
         let slots: Vec<u16> = keys.iter().map(|&i| slot::slot(&args[i])).collect();
         let same = slots.iter().all(|&s| s == slots[0]);
         // Reads of these slots after this write must see it (read-your-writes).
-        let _written = (info.kind == Kind::Write && self.config.read_your_writes)
-            .then(|| turn.client().writing(slots.clone()));
+        let _written =
+            (info.kind == Kind::Write && self.config.read_your_writes).then(|| turn.client().writing(&slots));
         let cached_mget = info.split == Some(Split::Array)
             && self
                 .cache
@@ -533,10 +533,10 @@ impl Router {
         };
         match cache.lookup(key, tracked, fill).await {
             Lookup::Hit(value) => value,
-            Lookup::Fill { mut stage, value } => {
+            Lookup::Fill { stage, value } => {
                 // Sent once the fill is: only reads are before it, so the
                 // connection does not matter (a read after a run of reads).
-                let _ = stage.wait_for(|s| *s != Stage::Waiting).await;
+                stage.wait_for(|s| s != Stage::Waiting).await;
                 turn.sent(0, false);
                 LocalCache::fill_result(value).await
             }

@@ -77,9 +77,9 @@ struct StageCell {
 impl StageCell {
     fn set(&self, stage: Stage) {
         self.stage.store(stage.encode(), Ordering::SeqCst);
-        // SeqCst on both sides: a waiter that registered after this load saw
-        // `has_waiters` false only if its own re-check of `stage` (after it
-        // set the flag) comes later in the total order, so it sees the store.
+        // SeqCst on both sides: if this load misses a waiter's flag, that
+        // waiter's re-check of `stage` (made after setting the flag) comes
+        // after our store in the single SeqCst order, so it sees the stage.
         if self.has_waiters.load(Ordering::SeqCst) {
             let wakers = {
                 let mut w = crate::lock(&self.wakers);
@@ -110,6 +110,9 @@ impl StageRx {
             }
             {
                 let mut w = crate::lock(&self.0.wakers);
+                // A future polled again while it waits (a `join!` sibling
+                // woke it) registers once; a waker whose future went away
+                // stays until the next change, which wakes it for nothing.
                 if !w.iter().any(|k| k.will_wake(cx.waker())) {
                     w.push(cx.waker().clone());
                 }
@@ -139,8 +142,9 @@ pub struct ClientOrder {
     any_writes: AtomicBool,
 }
 
-/// Hashes a slot number with one multiplication (the map's keys are slot
-/// numbers of one client, not attacker-chosen strings: SipHash buys nothing).
+/// Hashes a slot number with one multiplication. The keys are slot numbers,
+/// at most 16384 distinct ones, so a client choosing its keys cannot flood a
+/// bucket the way it could with strings: SipHash buys nothing here.
 #[derive(Debug, Default, Clone, Copy)]
 struct SlotHash;
 

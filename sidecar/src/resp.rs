@@ -12,6 +12,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+mod quick;
+
 /// Hard bounds on what a peer may send. Violations are protocol errors: the
 /// connection gets one `-ERR` naming the limit and is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,6 +316,12 @@ impl Checker {
         }
     }
 
+    /// No frame in progress (the fast path of [`parse_request_with`] may
+    /// only start where the checker would start too).
+    fn is_fresh(&self) -> bool {
+        self.pos == 0 && self.stack.as_slice() == [1]
+    }
+
     fn reset(&mut self) {
         self.pos = 0;
         self.stack.clear();
@@ -537,10 +545,28 @@ pub fn parse_request_with(
     checker: &mut Checker,
     limits: &Limits,
 ) -> Result<Option<Request>, ProtocolError> {
+    parse_request_via(buf, checker, limits, true)
+}
+
+/// [`parse_request_with`], optionally without its one-pass fast path (the
+/// tests hold the two equal).
+fn parse_request_via(
+    buf: &mut BytesMut,
+    checker: &mut Checker,
+    limits: &Limits,
+    fast: bool,
+) -> Result<Option<Request>, ProtocolError> {
     loop {
         let Some(&first) = buf.first() else {
             return Ok(None);
         };
+        if fast
+            && first == b'*'
+            && checker.is_fresh()
+            && let Some(req) = quick::take(buf, checker)
+        {
+            return Ok(Some(req));
+        }
         if first == b'*' {
             let Some(len) = checker.check(buf)? else {
                 return Ok(None);
@@ -955,6 +981,50 @@ mod tests {
                     Ok(Some(_)) => {}
                     _ => break,
                 }
+            }
+        }
+
+        #[test]
+        fn the_fast_path_parses_exactly_as_the_checker_does(
+            cmds in proptest::collection::vec(proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..12), 0..11), 1..4),
+            noise in proptest::collection::vec(any::<u8>(), 0..24),
+            cut in 0usize..400,
+        ) {
+            // Commands of 0..=10 arguments (around the fast path's 8), then
+            // arbitrary bytes, offered whole and cut short.
+            let mut bytes: Vec<u8> = Vec::new();
+            for c in &cmds {
+                if c.is_empty() {
+                    bytes.extend_from_slice(b"*0\r\n");
+                } else {
+                    bytes.extend_from_slice(&command_bytes(c));
+                }
+            }
+            bytes.extend_from_slice(&noise);
+            let loose = Limits { max_bulk_len: 8, max_array_len: 9, ..Limits::default() };
+            let tight = Limits { max_bulk_len: 4, max_array_len: 3, ..Limits::default() };
+            for (data, limits) in [
+                (&bytes[..], loose),
+                (&bytes[..cut.min(bytes.len())], loose),
+                (&bytes[..], tight),
+            ] {
+                let run = |fast: bool| {
+                    let mut buf = BytesMut::from(data);
+                    let mut checker = Checker::new(limits);
+                    let mut out = Vec::new();
+                    for _ in 0..8 {
+                        match parse_request_via(&mut buf, &mut checker, &limits, fast) {
+                            Ok(Some(r)) => out.push(Ok(r)),
+                            Ok(None) => break,
+                            Err(e) => {
+                                out.push(Err(e));
+                                break;
+                            }
+                        }
+                    }
+                    (out, buf.len())
+                };
+                prop_assert_eq!(run(true), run(false));
             }
         }
 

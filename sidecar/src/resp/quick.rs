@@ -59,3 +59,56 @@ fn header(b: &[u8], pos: usize, ty: u8) -> Option<(usize, usize)> {
     let len = parse_len(&b[pos + 1..end]).ok()?;
     Some((usize::try_from(len).ok()?, end + 2))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Checker, Limits, command_bytes, parse_request_via};
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    proptest! {
+    #[test]
+    fn the_fast_path_parses_exactly_as_the_checker_does(
+        cmds in proptest::collection::vec(proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..12), 0..11), 1..4),
+        noise in proptest::collection::vec(any::<u8>(), 0..24),
+        cut in 0usize..400,
+    ) {
+        // Commands of 0..=10 arguments (around the fast path's 8), then
+        // arbitrary bytes, offered whole and cut short.
+        let mut bytes: Vec<u8> = Vec::new();
+        for c in &cmds {
+            if c.is_empty() {
+                bytes.extend_from_slice(b"*0\r\n");
+            } else {
+                bytes.extend_from_slice(&command_bytes(c));
+            }
+        }
+        bytes.extend_from_slice(&noise);
+        let loose = Limits { max_bulk_len: 8, max_array_len: 9, ..Limits::default() };
+        let tight = Limits { max_bulk_len: 4, max_array_len: 3, ..Limits::default() };
+        for (data, limits) in [
+            (&bytes[..], loose),
+            (&bytes[..cut.min(bytes.len())], loose),
+            (&bytes[..], tight),
+        ] {
+            let run = |fast: bool| {
+                let mut buf = BytesMut::from(data);
+                let mut checker = Checker::new(limits);
+                let mut out = Vec::new();
+                for _ in 0..8 {
+                    match parse_request_via(&mut buf, &mut checker, &limits, fast) {
+                        Ok(Some(r)) => out.push(Ok(r)),
+                        Ok(None) => break,
+                        Err(e) => {
+                            out.push(Err(e));
+                            break;
+                        }
+                    }
+                }
+                (out, buf.len())
+            };
+            prop_assert_eq!(run(true), run(false));
+        }
+    }
+    }
+}

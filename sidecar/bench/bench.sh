@@ -8,6 +8,10 @@
 #   sidecar/bench/bench.sh [requests]        # default 200000 per run
 #
 # Prints one table; every ratio in it comes from this one run on this machine.
+# CPU per 100k requests (utime+stime from /proc/<pid>/stat around each run) is
+# given for the sidecar, twemproxy and the redis-server itself, so each row
+# has sidecar CPU / Redis CPU from the same run. CPU time has 10 ms ticks and
+# is noisy on a shared machine: bench/instructions.sh counts instructions.
 # Uses ports 7100-7399 on 127.0.0.1 and a temp dir; stops only what it started.
 set -euo pipefail
 
@@ -16,8 +20,11 @@ CLIENTS=50
 BIN=${SIDECAR_BIN:-target/release/cachetier-sidecar}
 [ -x "$BIN" ] || BIN=${CARGO_TARGET_DIR:-target}/release/cachetier-sidecar
 [ -x "$BIN" ] || { echo "build first: cargo build --release -p cachetier-sidecar" >&2; exit 1; }
+# As the image runs it (sidecar/Dockerfile).
+export MIMALLOC_ARENA_EAGER_COMMIT=0
 WORK=$(mktemp -d /tmp/cachetier-bench.XXXXXX)
 PIDS=()
+declare -A REDIS_PID # port -> pid of the redis-server this script started
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -33,10 +40,15 @@ redis_node() { # port
     --dir "$WORK/$port" --save '' --appendonly no --repl-diskless-sync-delay 0 \
     --logfile redis.log --daemonize no >/dev/null 2>&1 &
   PIDS+=($!)
+  REDIS_PID[$port]=$!
   until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+# ms_per_100k TICKS REQUESTS: CPU milliseconds per 100k requests
+ms_per_100k() { awk -v t="$1" -v hz="$HZ" -v n="$2" 'BEGIN { printf "%.1f", t * 1000 / hz / n * 100000 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 # bench LABEL PORT PIPELINE [extra redis-benchmark args...]
@@ -71,17 +83,24 @@ SC1=$!; PIDS+=($SC1)
 until redis-cli -p 7300 ping >/dev/null 2>&1 && redis-cli -p 7200 ping >/dev/null 2>&1; do sleep 0.1; done
 
 printf '%-34s %-4s %-5s %12s %8s %8s\n' "target" "cmd" "pipe" "req/s" "p50 ms" "p99 ms"
+R1=${REDIS_PID[7100]}
 for pipe in 1 16; do
+  r0=$(cpu_ticks "$R1")
   bench "redis direct" 7100 "$pipe" -t set,get
-  tw_before=$(cpu_ticks $TW)
+  r1=$(cpu_ticks "$R1"); tw0=$(cpu_ticks "$TW")
   bench "twemproxy -> redis" 7200 "$pipe" -t set,get
-  tw_after=$(cpu_ticks $TW)
-  before=$(cpu_ticks $SC1)
+  tw1=$(cpu_ticks "$TW"); r2=$(cpu_ticks "$R1"); sc0=$(cpu_ticks "$SC1")
   bench "sidecar -> redis" 7300 "$pipe" -t set,get
-  after=$(cpu_ticks $SC1)
-  hz=$(getconf CLK_TCK)
-  awk -v t=$((after - before)) -v tw=$((tw_after - tw_before)) -v hz="$hz" -v n=$((2 * N)) \
-    'BEGIN { printf "%-34s CPU per 100k requests: sidecar %.1f ms, twemproxy %.1f ms\n", "  (P='"$pipe"')", t * 1000 / hz / n * 100000, tw * 1000 / hz / n * 100000 }'
+  sc1=$(cpu_ticks "$SC1"); r3=$(cpu_ticks "$R1")
+  n=$((2 * N))
+  direct=$(ms_per_100k $((r1 - r0)) $n)
+  side=$(ms_per_100k $((sc1 - sc0)) $n)
+  tw=$(ms_per_100k $((tw1 - tw0)) $n)
+  printf '%-34s CPU per 100k requests: sidecar %s ms, twemproxy %s ms\n' "  (P=$pipe)" "$side" "$tw"
+  printf '%-34s Redis: serving clients directly %s ms, behind twemproxy %s ms, behind the sidecar %s ms\n' \
+    "  (P=$pipe)" "$direct" "$(ms_per_100k $((r2 - r1)) $n)" "$(ms_per_100k $((r3 - r2)) $n)"
+  printf '%-34s sidecar CPU / Redis CPU (direct): %s; twemproxy / Redis: %s\n' "  (P=$pipe)" \
+    "$(ratio "$side" "$direct")" "$(ratio "$tw" "$direct")"
 done
 echo "  sidecar RSS after the single-node runs: $(rss_kib $SC1) KiB"
 
@@ -108,9 +127,21 @@ until redis-cli -p 7320 ping >/dev/null 2>&1; do sleep 0.1; done
 sleep 2
 redis-benchmark -h 127.0.0.1 -p 7110 -c 10 -n 1000 -t set -r 10 -q >/dev/null 2>&1 || true
 for p in 7100 "${ports[@]}"; do redis-cli -p "$p" config resetstat >/dev/null; done
+r0=$(cpu_ticks "$R1")
 bench "redis direct (hot keys)" 7100 1 -t get -r 10
+r1=$(cpu_ticks "$R1"); c0=$(cpu_ticks "$SCC")
 bench "sidecar+cache -> cluster (hot)" 7320 1 -t get -r 10
+c1=$(cpu_ticks "$SCC"); r2=$(cpu_ticks "$R1")
+bench "redis direct (hot keys)" 7100 16 -t get -r 10
+r3=$(cpu_ticks "$R1"); c2=$(cpu_ticks "$SCC")
 bench "sidecar+cache -> cluster (hot)" 7320 16 -t get -r 10
+c3=$(cpu_ticks "$SCC")
+for pipe in 1 16; do
+  if [ "$pipe" = 1 ]; then hit=$(ms_per_100k $((c1 - c0)) "$N"); get=$(ms_per_100k $((r1 - r0)) "$N")
+  else hit=$(ms_per_100k $((c3 - c2)) "$N"); get=$(ms_per_100k $((r3 - r2)) "$N"); fi
+  printf '%-34s CPU per 100k GETs: sidecar cache hits %s ms, Redis GETs %s ms; hit / Redis GET: %s\n' \
+    "  (hot, P=$pipe)" "$hit" "$get" "$(ratio "$hit" "$get")"
+done
 upstream=0
 for p in "${ports[@]}"; do
   c=$(redis-cli -p "$p" info commandstats | sed -n 's/^cmdstat_get:calls=\([0-9]*\),.*/\1/p')

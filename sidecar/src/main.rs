@@ -5,6 +5,12 @@ use cachetier_sidecar::Config;
 use cachetier_sidecar::config::Args;
 use clap::Parser;
 
+/// Every pipelined request allocates a handful of short-lived objects (its
+/// future, its reply channel, its argument list); with glibc's allocator that
+/// was about a third of the sidecar's instructions at `-P 16` (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = match Args::try_parse() {
         Ok(a) => a,

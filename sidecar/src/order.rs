@@ -22,10 +22,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Poll, Waker};
 use std::time::Instant;
-
-use tokio::sync::watch;
 
 /// How far a command has got, as its successor sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +42,92 @@ pub enum Stage {
     Done,
 }
 
+impl Stage {
+    fn encode(self) -> u64 {
+        match self {
+            Stage::Waiting => 0,
+            Stage::ReadsSent => 1,
+            Stage::Done => 2,
+            Stage::Sent(conn) => conn.saturating_add(3),
+        }
+    }
+
+    fn decode(v: u64) -> Stage {
+        match v {
+            0 => Stage::Waiting,
+            1 => Stage::ReadsSent,
+            2 => Stage::Done,
+            conn => Stage::Sent(conn - 3),
+        }
+    }
+}
+
+/// One turn's [`Stage`], published to whoever follows it: the next turn of
+/// its client and, for a shared cache fill, the fill's askers. Every command
+/// has one, so it costs one allocation, and a change nobody waits for costs
+/// one atomic store (no lock, no wake-up).
+#[derive(Debug, Default)]
+struct StageCell {
+    stage: AtomicU64,
+    /// Set (under the lock) while `wakers` may be non-empty.
+    has_waiters: AtomicBool,
+    wakers: std::sync::Mutex<Vec<Waker>>,
+}
+
+impl StageCell {
+    fn set(&self, stage: Stage) {
+        self.stage.store(stage.encode(), Ordering::SeqCst);
+        // SeqCst on both sides: if this load misses a waiter's flag, that
+        // waiter's re-check of `stage` (made after setting the flag) comes
+        // after our store in the single SeqCst order, so it sees the stage.
+        if self.has_waiters.load(Ordering::SeqCst) {
+            let wakers = {
+                let mut w = crate::lock(&self.wakers);
+                self.has_waiters.store(false, Ordering::SeqCst);
+                std::mem::take(&mut *w)
+            };
+            wakers.into_iter().for_each(Waker::wake);
+        }
+    }
+}
+
+/// A handle on a turn's stage: read it, or wait until it satisfies a
+/// condition. A turn dropped without finishing counts as [`Stage::Done`]
+/// (its client has gone).
+#[derive(Debug, Clone)]
+pub struct StageRx(Arc<StageCell>);
+
+impl StageRx {
+    pub fn get(&self) -> Stage {
+        Stage::decode(self.0.stage.load(Ordering::SeqCst))
+    }
+
+    /// Wait until the stage satisfies `pred`.
+    pub async fn wait_for(&self, pred: impl Fn(Stage) -> bool) {
+        std::future::poll_fn(|cx| {
+            if pred(self.get()) {
+                return Poll::Ready(());
+            }
+            {
+                let mut w = crate::lock(&self.0.wakers);
+                // A future polled again while it waits (a `join!` sibling
+                // woke it) registers once; a waker whose future went away
+                // stays until the next change, which wakes it for nothing.
+                if !w.iter().any(|k| k.will_wake(cx.waker())) {
+                    w.push(cx.waker().clone());
+                }
+                self.0.has_waiters.store(true, Ordering::SeqCst);
+            }
+            if pred(self.get()) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
 /// What all of one client's turns share.
 #[derive(Debug, Default)]
 pub struct ClientOrder {
@@ -51,7 +136,42 @@ pub struct ClientOrder {
     next_seq: AtomicU64,
     /// Slots this client wrote recently, for read-your-writes routing. At
     /// most one entry per slot; dropped once every replica has caught up.
-    writes: std::sync::Mutex<HashMap<u16, Written>>,
+    writes: std::sync::Mutex<HashMap<u16, Written, SlotHash>>,
+    /// `writes` is non-empty (kept under its lock): a read of a client that
+    /// wrote nothing recently does not take the lock.
+    any_writes: AtomicBool,
+}
+
+/// Hashes a slot number with one multiplication. The keys are slot numbers,
+/// at most 16384 distinct ones, so a client choosing its keys cannot flood a
+/// bucket the way it could with strings: SipHash buys nothing here.
+#[derive(Debug, Default, Clone, Copy)]
+struct SlotHash;
+
+impl std::hash::BuildHasher for SlotHash {
+    type Hasher = SlotHasher;
+    fn build_hasher(&self) -> SlotHasher {
+        SlotHasher(0)
+    }
+}
+
+#[derive(Debug)]
+struct SlotHasher(u64);
+
+impl std::hash::Hasher for SlotHasher {
+    fn finish(&self) -> u64 {
+        // Fibonacci hashing spreads the bits to the top, where the table
+        // takes its control bits from.
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.0 = u64::from(n);
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -76,18 +196,28 @@ pub enum ReadFloor {
 #[derive(Debug)]
 pub struct WriteMark {
     client: Arc<ClientOrder>,
-    slots: Vec<u16>,
+    /// The first slot, and any others (a single-slot write, the common
+    /// case, allocates nothing).
+    first: u16,
+    rest: Vec<u16>,
+}
+
+impl WriteMark {
+    fn slots(&self) -> impl Iterator<Item = u16> + '_ {
+        std::iter::once(self.first).chain(self.rest.iter().copied())
+    }
 }
 
 impl Drop for WriteMark {
     fn drop(&mut self) {
         let now = Instant::now();
         let mut writes = crate::lock(&self.client.writes);
-        for s in &self.slots {
-            let w = writes.entry(*s).or_default();
+        for s in self.slots() {
+            let w = writes.entry(s).or_default();
             w.pending = w.pending.saturating_sub(1);
             w.replied = Some(now);
         }
+        self.client.any_writes.store(true, Ordering::SeqCst);
     }
 }
 
@@ -97,8 +227,8 @@ type OnSent = Box<dyn FnOnce() + Send>;
 /// One command's place in its client's order.
 pub struct Turn {
     seq: u64,
-    prev: Option<watch::Receiver<Stage>>,
-    me: watch::Sender<Stage>,
+    prev: Option<StageRx>,
+    me: StageRx,
     client: Arc<ClientOrder>,
     on_sent: std::sync::Mutex<Option<OnSent>>,
 }
@@ -107,7 +237,7 @@ impl std::fmt::Debug for Turn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Turn")
             .field("seq", &self.seq)
-            .field("stage", &*self.me.borrow())
+            .field("stage", &self.me.get())
             .finish()
     }
 }
@@ -115,22 +245,34 @@ impl std::fmt::Debug for Turn {
 impl ClientOrder {
     /// A write of `slots` is about to be sent; the mark ends it when dropped
     /// (after the reply, or when the client goes away).
-    pub fn writing(self: &Arc<Self>, mut slots: Vec<u16>) -> WriteMark {
-        slots.sort_unstable();
-        slots.dedup();
-        let mut writes = crate::lock(&self.writes);
-        for s in &slots {
-            writes.entry(*s).or_default().pending += 1;
+    /// `slots` must not be empty (a keyed write has a key).
+    pub fn writing(self: &Arc<Self>, slots: &[u16]) -> WriteMark {
+        let first = slots.first().copied().unwrap_or_default();
+        let mut rest: Vec<u16> = Vec::new();
+        if slots.iter().any(|&s| s != first) {
+            rest = slots.iter().copied().filter(|&s| s != first).collect();
+            rest.sort_unstable();
+            rest.dedup();
         }
-        drop(writes);
-        WriteMark {
+        let mark = WriteMark {
             client: self.clone(),
-            slots,
+            first,
+            rest,
+        };
+        let mut writes = crate::lock(&self.writes);
+        for s in mark.slots() {
+            writes.entry(s).or_default().pending += 1;
         }
+        self.any_writes.store(true, Ordering::SeqCst);
+        drop(writes);
+        mark
     }
 
     /// What a read of `slot` must see, if this client wrote it recently.
     pub fn read_floor(&self, slot: u16) -> Option<ReadFloor> {
+        if !self.any_writes.load(Ordering::SeqCst) {
+            return None;
+        }
         let w = *crate::lock(&self.writes).get(&slot)?;
         match (w.pending, w.replied) {
             (0, Some(at)) => Some(ReadFloor::RepliedAt(at)),
@@ -147,24 +289,25 @@ impl ClientOrder {
             && w.replied.map(ReadFloor::RepliedAt) == Some(floor)
         {
             writes.remove(&slot);
+            self.any_writes.store(!writes.is_empty(), Ordering::SeqCst);
         }
     }
 
     /// The next turn after `last` (the previous turn's stage, if any);
     /// returns the turn and the receiver the next command will wait on.
-    pub fn next(self: &Arc<Self>, last: Option<watch::Receiver<Stage>>) -> (Turn, watch::Receiver<Stage>) {
-        let prev = last.filter(|p| !matches!(*p.borrow(), Stage::Done) && p.has_changed().is_ok());
-        let (me, rx) = watch::channel(Stage::Waiting);
+    pub fn next(self: &Arc<Self>, last: Option<StageRx>) -> (Turn, StageRx) {
+        let prev = last.filter(|p| p.get() != Stage::Done);
+        let me = StageRx(Arc::new(StageCell::default()));
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
         (
             Turn {
                 seq,
                 prev,
-                me,
+                me: me.clone(),
                 client: self.clone(),
                 on_sent: std::sync::Mutex::new(None),
             },
-            rx,
+            me,
         )
     }
 }
@@ -172,18 +315,18 @@ impl ClientOrder {
 impl Turn {
     /// A turn with nothing before it and no client (a cache fill shared by
     /// several clients, or a part of a command already ordered as a whole).
-    pub fn detached() -> (Turn, watch::Receiver<Stage>) {
+    pub fn detached() -> (Turn, StageRx) {
         Arc::new(ClientOrder::default()).next(None)
     }
 
     /// The turn's predecessor was a command without upstream work after all:
     /// hand its predecessor back so the chain stays intact.
-    pub fn into_prev(self) -> Option<watch::Receiver<Stage>> {
-        self.prev
+    pub fn into_prev(mut self) -> Option<StageRx> {
+        self.prev.take()
     }
 
     fn prev_stage(&self) -> Stage {
-        self.prev.as_ref().map_or(Stage::Done, |p| *p.borrow())
+        self.prev.as_ref().map_or(Stage::Done, StageRx::get)
     }
 
     /// May this command's request (a write, or a read) be queued on
@@ -209,16 +352,15 @@ impl Turn {
     /// Wait until every earlier command of the client has its reply. A
     /// dropped predecessor (its client is gone) counts as done.
     pub async fn prev_done(&mut self) {
-        if let Some(p) = self.prev.as_mut() {
-            let _ = p.wait_for(|s| *s == Stage::Done).await;
+        if let Some(p) = self.prev.take() {
+            p.wait_for(|s| s == Stage::Done).await;
         }
-        self.prev = None;
     }
 
     /// Wait until the predecessor has at least been sent.
     pub async fn prev_sent(&mut self) {
-        if let Some(p) = self.prev.as_mut() {
-            let _ = p.wait_for(|s| *s != Stage::Waiting).await;
+        if let Some(p) = self.prev.as_ref() {
+            p.wait_for(|s| s != Stage::Waiting).await;
         }
     }
 
@@ -238,7 +380,7 @@ impl Turn {
             Stage::Done | Stage::ReadsSent if !write => Stage::ReadsSent,
             _ => Stage::Sent(conn),
         };
-        self.me.send_replace(stage);
+        self.me.0.set(stage);
     }
 
     /// Take the predecessor's stage as ours: a command answered without
@@ -246,13 +388,13 @@ impl Turn {
     pub fn same_as_prev(&self) {
         let s = self.prev_stage();
         if s != Stage::Done {
-            self.me.send_replace(s);
+            self.me.0.set(s);
         }
     }
 
     /// About to send again (redirect, retry): successors must wait for us.
     pub fn resending(&self) {
-        self.me.send_replace(Stage::Waiting);
+        self.me.0.set(Stage::Waiting);
     }
 
     /// A write of this turn is about to be queued.
@@ -270,11 +412,10 @@ impl Turn {
     /// the same place in the order and client, nothing before it, since the
     /// whole command is ordered by this turn.
     pub fn part(&self) -> Turn {
-        let (me, _) = watch::channel(Stage::Waiting);
         Turn {
             seq: self.seq,
             prev: None,
-            me,
+            me: StageRx(Arc::new(StageCell::default())),
             client: self.client.clone(),
             on_sent: std::sync::Mutex::new(None),
         }
@@ -287,7 +428,17 @@ impl Turn {
     /// The command has its reply: done once everything before it is.
     pub async fn finish(mut self) {
         self.prev_done().await;
-        self.me.send_replace(Stage::Done);
+        self.me.0.set(Stage::Done);
+    }
+}
+
+impl Drop for Turn {
+    /// A turn that goes away unfinished (its client went away, or its
+    /// command needed no upstream work) holds nobody up.
+    fn drop(&mut self) {
+        if self.me.get() != Stage::Done {
+            self.me.0.set(Stage::Done);
+        }
     }
 }
 
@@ -357,7 +508,7 @@ mod tests {
     fn a_written_slot_needs_the_primary_until_the_write_is_replied_then_a_caught_up_replica() {
         let client = Arc::new(ClientOrder::default());
         assert_eq!(client.read_floor(7), None);
-        let mark = client.writing(vec![7, 7]);
+        let mark = client.writing(&[7, 7]);
         assert_eq!(client.read_floor(7), Some(ReadFloor::Pending));
         drop(mark);
         let Some(floor @ ReadFloor::RepliedAt(_)) = client.read_floor(7) else {
@@ -365,6 +516,42 @@ mod tests {
         };
         client.forget(7, floor);
         assert_eq!(client.read_floor(7), None);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_successor_wakes_when_its_predecessor_is_sent_then_done() {
+        let client = Arc::new(ClientOrder::default());
+        let (first, rx) = client.next(None);
+        let (mut second, _) = client.next(Some(rx));
+        let waiter = tokio::spawn(async move {
+            second.prev_sent().await;
+            let sent = second.prev_stage();
+            second.prev_done().await;
+            sent
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "nothing was sent yet");
+        first.sent(4, true);
+        first.finish().await;
+        let sent = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("no panic");
+        assert!(matches!(sent, Stage::Sent(4) | Stage::Done), "{sent:?}");
+    }
+
+    #[test]
+    fn every_stage_survives_its_encoding() {
+        for s in [
+            Stage::Waiting,
+            Stage::ReadsSent,
+            Stage::Done,
+            Stage::Sent(0),
+            Stage::Sent(1),
+            Stage::Sent(1 << 40),
+        ] {
+            assert_eq!(Stage::decode(s.encode()), s);
+        }
     }
 
     #[tokio::test]

@@ -315,6 +315,10 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     // and a request waiting for its turn there.
     let mut sub: Option<Subscriber> = None;
     let mut held: Option<resp::Request> = None;
+    // One future for the whole connection: making and dropping a `changed()`
+    // future on every pass registers and unregisters a waiter each time.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         while (reading || held.is_some()) && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE {
             let parsed = match held.take() {
@@ -441,7 +445,8 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                     break;
                 }
             }
-            _ = stop.changed(), if reading => reading = false,
+            // Polled until it fires once: `reading` never turns true again.
+            _ = &mut stopped, if reading => reading = false,
         }
     }
     let _ = wr.shutdown().await;

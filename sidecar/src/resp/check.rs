@@ -115,7 +115,7 @@ fn check_at(buf: &[u8], pos: usize, limits: &Limits, depth: usize) -> Result<Opt
 /// until it returns the frame length; it then resets itself for the next frame.
 #[derive(Debug, Clone)]
 pub struct Checker {
-    limits: Limits,
+    pub(super) limits: Limits,
     pos: usize,
     /// Elements still expected at each open nesting level; the bottom entry
     /// is the one top-level frame.
@@ -129,6 +129,13 @@ impl Checker {
             pos: 0,
             stack: vec![1],
         }
+    }
+
+    /// No frame in progress (the fast path of
+    /// [`parse_request_with`](super::parse_request_with) may only start
+    /// where the checker would start too).
+    pub(super) fn is_fresh(&self) -> bool {
+        self.pos == 0 && self.stack.as_slice() == [1]
     }
 
     fn reset(&mut self) {

@@ -189,6 +189,7 @@ fn line(buf: &[u8], pos: usize, max: usize) -> Result<Option<(usize, usize)>, Pr
 mod check;
 mod encode;
 mod parse;
+mod quick;
 mod request;
 #[cfg(test)]
 mod tests;

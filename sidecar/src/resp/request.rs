@@ -31,10 +31,28 @@ pub fn parse_request_with(
     checker: &mut Checker,
     limits: &Limits,
 ) -> Result<Option<Request>, ProtocolError> {
+    parse_request_via(buf, checker, limits, true)
+}
+
+/// [`parse_request_with`], optionally without its one-pass fast path (the
+/// tests hold the two equal).
+pub(super) fn parse_request_via(
+    buf: &mut BytesMut,
+    checker: &mut Checker,
+    limits: &Limits,
+    fast: bool,
+) -> Result<Option<Request>, ProtocolError> {
     loop {
         let Some(&first) = buf.first() else {
             return Ok(None);
         };
+        if fast
+            && first == b'*'
+            && checker.is_fresh()
+            && let Some(req) = super::quick::take(buf, checker)
+        {
+            return Ok(Some(req));
+        }
         if first == b'*' {
             let Some(len) = checker.check(buf)? else {
                 return Ok(None);

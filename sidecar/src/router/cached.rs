@@ -27,11 +27,11 @@ impl Router {
             },
         };
         let value = cache.try_hit(&key)?;
-        if let Some(cell) = self.per_command.get(info.id) {
-            let m = cell.get_or_init(|| self.command_metrics(info));
-            m.ok.inc();
-            m.latency.observe(start.elapsed().as_secs_f64());
-        }
+        let m = self
+            .per_command
+            .get(info.id)
+            .map(|cell| cell.get_or_init(|| self.command_metrics(info)));
+        CommandMetrics::record(m.map(|m| &**m), &value, start);
         Some(value)
     }
 
@@ -121,10 +121,10 @@ impl Router {
         };
         match cache.lookup(key, tracked, fill).await {
             Lookup::Hit(value) => value,
-            Lookup::Fill { mut stage, value } => {
+            Lookup::Fill { stage, value } => {
                 // Sent once the fill is: only reads are before it, so the
                 // connection does not matter (a read after a run of reads).
-                let _ = stage.wait_for(|s| *s != Stage::Waiting).await;
+                stage.wait_for(|s| s != Stage::Waiting).await;
                 turn.sent(0, false);
                 LocalCache::fill_result(value).await
             }

@@ -207,7 +207,7 @@ impl Router {
                     let mark = self
                         .config
                         .read_your_writes
-                        .then(|| st.order.writing(vec![watch.slot]));
+                        .then(|| st.order.writing(&[watch.slot]));
                     return self.exec_watched(st, info, watch, cmds, mark);
                 }
                 let this = self.clone();
@@ -338,7 +338,7 @@ impl Router {
                 }
             }
         }
-        let _written = order.zip(slot).map(|(o, s)| o.writing(vec![s]));
+        let _written = order.zip(slot).map(|(o, s)| o.writing(&[s]));
         let reply = self.exec_block(&cmds, slot, up).await;
         if let Some(c) = &self.cache {
             for k in &touched {

@@ -18,21 +18,9 @@ N=${1:-20000}
 BIN=${SIDECAR_BIN:-target/release/cachetier-sidecar}
 [ -x "$BIN" ] || BIN=${CARGO_TARGET_DIR:-target}/release/cachetier-sidecar
 [ -x "$BIN" ] || { echo "build first: cargo build --release -p cachetier-sidecar" >&2; exit 1; }
-export MIMALLOC_ARENA_EAGER_COMMIT=0 # as the image runs it (sidecar/Dockerfile)
-WORK=$(mktemp -d /tmp/cachetier-instr.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_ping() { # port
-  for _ in $(seq 600); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "nothing answers on port $1" >&2
-  exit 1
-}
+WORK_PREFIX=cachetier-instr
+# shellcheck source=sidecar/bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 # redis PORT [wrapper...]: a cluster-mode node owning every slot; PID in $LAST
 redis() {

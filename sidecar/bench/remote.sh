@@ -30,21 +30,9 @@ BIN=${SIDECAR_BIN:-$DIR/cachetier-sidecar}
 for b in "$BIN" "$DIR/examples/delay_relay" "$DIR/examples/zipf_load"; do
   [ -x "$b" ] || { echo "build first: cargo build --release -p cachetier-sidecar --bin cachetier-sidecar --examples" >&2; exit 1; }
 done
-export MIMALLOC_ARENA_EAGER_COMMIT=0 # as the image runs it (sidecar/Dockerfile)
-WORK=$(mktemp -d /tmp/cachetier-remote.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_ping() { # port
-  for _ in $(seq 300); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "nothing answers on port $1" >&2
-  exit 1
-}
+WORK_PREFIX=cachetier-remote
+# shellcheck source=sidecar/bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 # Redis announces the relay's port, so the sidecar's slot map (and with it
 # every data, gate and tracking connection) goes through the relay.

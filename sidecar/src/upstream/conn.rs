@@ -1,0 +1,250 @@
+//! One shared upstream connection: its queue of requests awaiting replies,
+//! the writer and reader tasks, and the response watchdog (see the parent
+//! module's doc).
+
+use super::*;
+
+pub(super) type ReplyTx = oneshot::Sender<Result<Vec<Bytes>, UpstreamError>>;
+
+pub(super) struct Request {
+    pub(super) bytes: Bytes,
+    pub(super) replies: usize,
+    pub(super) tx: ReplyTx,
+}
+
+pub(super) struct Pending {
+    pub(super) expected: usize,
+    pub(super) got: Vec<Bytes>,
+    pub(super) tx: ReplyTx,
+    pub(super) sent: Instant,
+}
+
+pub(super) struct ConnState {
+    pub(super) pending: Mutex<VecDeque<Pending>>,
+    pub(super) dead: AtomicBool,
+    pub(super) closed: watch::Sender<bool>,
+    /// Wakes the reader when the queue goes from empty to non-empty, so it
+    /// arms the watchdog for the new oldest request.
+    pub(super) armed: tokio::sync::Notify,
+}
+
+impl ConnState {
+    /// Mark dead and fail everything outstanding. Idempotent.
+    pub(super) fn close(&self, why: &UpstreamError) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.closed.send_replace(true);
+        let drained: Vec<Pending> = lock(&self.pending).drain(..).collect();
+        for p in drained {
+            let _ = p.tx.send(Err(why.clone()));
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct Conn {
+    /// Unique per connection: [`Turn`]s compare it to keep a client's order.
+    pub(super) id: u64,
+    pub(super) tx: mpsc::UnboundedSender<Request>,
+    pub(super) state: Arc<ConnState>,
+}
+
+/// Queue `req` on `conn`, marking `turn` sent there; gives the request back
+/// (and marks the connection dead) when its writer has gone.
+pub(super) fn send_in_turn(
+    conn: &Conn,
+    req: Request,
+    turn: Option<&Turn>,
+    write: bool,
+) -> Result<(), Request> {
+    if write && let Some(t) = turn {
+        t.note_write();
+    }
+    match conn.tx.send(req) {
+        Ok(()) => {
+            if let Some(t) = turn {
+                t.sent(conn.id, write);
+            }
+            Ok(())
+        }
+        Err(mpsc::error::SendError(r)) => {
+            conn.state.dead.store(true, Ordering::SeqCst);
+            Err(r)
+        }
+    }
+}
+
+pub(super) async fn writer(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    state: Arc<ConnState>,
+) {
+    let mut closed = state.closed.subscribe();
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r { Some(r) => r, None => break },
+            _ = closed.changed() => break,
+        };
+        let mut batch = Some(first);
+        let mut n = 0;
+        // One clock read per batch: every request in it is sent by the same write.
+        let sent = Instant::now();
+        while let Some(req) = batch.take() {
+            {
+                let mut p = lock(&state.pending);
+                if state.dead.load(Ordering::SeqCst) {
+                    drop(p);
+                    let _ = req
+                        .tx
+                        .send(Err(UpstreamError::Closed("connection closed".into())));
+                } else {
+                    out.extend_from_slice(&req.bytes);
+                    if p.is_empty() {
+                        state.armed.notify_one();
+                    }
+                    p.push_back(Pending {
+                        expected: req.replies.max(1),
+                        got: Vec::new(),
+                        tx: req.tx,
+                        sent,
+                    });
+                }
+            }
+            n += 1;
+            if n < 256 && out.len() < 256 * 1024 {
+                batch = rx.try_recv().ok();
+            }
+        }
+        if out.is_empty() {
+            continue;
+        }
+        if let Err(e) = wr.write_all(&out).await {
+            state.close(&UpstreamError::Closed(e.to_string()));
+            break;
+        }
+        out.clear();
+    }
+    // Refuse anything still queued.
+    rx.close();
+    while let Ok(req) = rx.try_recv() {
+        let _ = req
+            .tx
+            .send(Err(UpstreamError::Closed("connection closed".into())));
+    }
+}
+
+pub(super) async fn reader(
+    mut rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    state: Arc<ConnState>,
+    node: Weak<Node>,
+    timeout: Duration,
+    latency: prometheus::Histogram,
+) {
+    let mut closed = state.closed.subscribe();
+    // Keeps its progress across reads: a huge reply is checked once, not
+    // rescanned on every read.
+    let mut checker = resp::Checker::new(Limits::upstream());
+    let mut last_bytes = Instant::now();
+    let why = loop {
+        // Deliver every complete reply already buffered.
+        let mut bad = None;
+        let mut now = None;
+        loop {
+            match checker.check(&buf) {
+                Ok(Some(n)) => {
+                    let raw = buf.split_to(n).freeze();
+                    if raw.first() == Some(&b'>') {
+                        // Out-of-band RESP3 push (none are requested on data
+                        // connections); not a reply to anything.
+                        continue;
+                    }
+                    let mut p = lock(&state.pending);
+                    let Some(front) = p.front_mut() else {
+                        bad = Some(UpstreamError::Protocol("reply with no request".into()));
+                        break;
+                    };
+                    front.got.push(raw);
+                    if front.got.len() >= front.expected
+                        && let Some(done) = p.pop_front()
+                    {
+                        drop(p);
+                        let now = *now.get_or_insert_with(Instant::now);
+                        latency.observe(now.saturating_duration_since(done.sent).as_secs_f64());
+                        let _ = done.tx.send(Ok(done.got));
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(UpstreamError::Protocol(e.to_string()));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = bad {
+            break e;
+        }
+        let deadline = silence_deadline(&state, &node, last_bytes, timeout);
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break UpstreamError::Closed("eof".into()),
+                // Bytes arriving are life, even mid-way through a large reply.
+                Ok(_) => last_bytes = Instant::now(),
+                Err(e) => break UpstreamError::Closed(e.to_string()),
+            },
+            _ = sleep_until_opt(deadline.map(tokio::time::Instant::from_std)) => {
+                // Judge again: the front may have changed, or a slow command
+                // may have started on the node meanwhile.
+                if silence_deadline(&state, &node, last_bytes, timeout).is_some_and(|d| d <= Instant::now()) {
+                    break UpstreamError::Timeout;
+                }
+            }
+            _ = state.armed.notified(), if deadline.is_none() => {}
+            _ = closed.changed() => break UpstreamError::Closed("closed".into()),
+        }
+    };
+    if why == UpstreamError::Timeout
+        && let Some(node) = node.upgrade()
+    {
+        node.settings
+            .metrics
+            .watchdog_closures
+            .with_label_values(&[node.addr.as_str()])
+            .inc();
+        tracing::warn!(node = %node.addr, ?timeout, "watchdog: no reply in time, closing connection");
+    }
+    let is_failure = matches!(why, UpstreamError::Timeout | UpstreamError::Protocol(_))
+        || !state.dead.load(Ordering::SeqCst);
+    state.close(&why);
+    // Only the node's current connection speaks for it: the end of one the
+    // probe already replaced says nothing about the node.
+    if is_failure
+        && let Some(node) = node.upgrade()
+        && !node.retired.load(Ordering::Relaxed)
+        && node.is_current(&state)
+    {
+        node.mark_down();
+    }
+}
+
+/// When the oldest outstanding request counts as unanswered: `timeout`
+/// after it was sent or after the node's last bytes, whichever is later, and
+/// not before a known-slow command running on the node reaches its bound.
+pub(super) fn silence_deadline(
+    state: &ConnState,
+    node: &Weak<Node>,
+    last_bytes: Instant,
+    timeout: Duration,
+) -> Option<Instant> {
+    let sent = lock(&state.pending).front().map(|p| p.sent)?;
+    let silent_from = sent.max(last_bytes) + timeout;
+    let busy = node.upgrade().and_then(|n| n.busy_until());
+    Some(busy.map_or(silent_from, |b| silent_from.max(b)))
+}
+
+pub(super) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -12,34 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cachetier_crds::Phase;
-use cachetier_operator::cluster::{Listing, NodePool, Reconciler, TierConfig};
-use cachetier_operator::local::LocalPool;
+use cachetier_operator::cluster::{Listing, NodePool, Reconciler};
 use cachetier_testkit::{Cut, Relay};
 use support::*;
 use tokio::time::Instant;
-
-/// The local pool, except that the operator reaches `name` through `relay`.
-struct Relayed {
-    inner: Arc<LocalPool>,
-    name: String,
-    relay: Relay,
-}
-
-impl NodePool for Relayed {
-    async fn ensure(&self, tier: &TierConfig, shard: u32, ordinal: u32) -> cachetier_operator::Result<()> {
-        self.inner.ensure(tier, shard, ordinal).await
-    }
-    async fn destroy(&self, name: &str) -> cachetier_operator::Result<()> {
-        self.inner.destroy(name).await
-    }
-    async fn list(&self) -> cachetier_operator::Result<Listing> {
-        let mut listing = self.inner.list().await?;
-        for n in listing.nodes.iter_mut().filter(|n| n.name == self.name) {
-            n.addr = self.relay.addr();
-        }
-        Ok(listing)
-    }
-}
 
 fn own_line(text: &str) -> String {
     text.lines()
@@ -60,10 +36,17 @@ async fn a_primary_only_the_operator_cannot_reach_keeps_its_slots_and_the_tier_s
     let primary = status.shards[0].nodes[0].name.clone();
     let real: SocketAddr = status.shards[0].nodes[0].address.parse().unwrap();
     let direct: Vec<SocketAddr> = inner.list().await.unwrap().nodes.iter().map(|n| n.addr).collect();
-    let pool = Arc::new(Relayed {
+    // The operator reaches the primary through a relay the test can cut.
+    let relay = Relay::start(real).await.unwrap();
+    let through = relay.addr();
+    let name = primary.clone();
+    let pool = Arc::new(Tweaked {
         inner: inner.clone(),
-        name: primary.clone(),
-        relay: Relay::start(real).await.unwrap(),
+        tweak: move |listing: &mut Listing| {
+            for n in listing.nodes.iter_mut().filter(|n| n.name == name) {
+                n.addr = through;
+            }
+        },
     });
     let mut rec = Reconciler::new(pool.clone(), t.clone());
     rec.converge(Duration::from_secs(30)).await.unwrap();
@@ -72,7 +55,7 @@ async fn a_primary_only_the_operator_cannot_reach_keeps_its_slots_and_the_tier_s
         client.set(&format!("p:{i}"), "v").await.unwrap();
     }
 
-    pool.relay.cut(Cut::Blackhole);
+    relay.cut(Cut::Blackhole);
     let cut = Instant::now();
     let bound = t.health.response_timeout * t.health.failure_threshold
         + t.health.probe_interval
@@ -102,7 +85,7 @@ async fn a_primary_only_the_operator_cannot_reach_keeps_its_slots_and_the_tier_s
         "{degraded:?}"
     );
 
-    pool.relay.restore();
+    relay.restore();
     rec.converge(Duration::from_secs(30)).await.unwrap();
     let line = own_line(&query_string(real, &["CLUSTER", "NODES"]).await);
     assert!(

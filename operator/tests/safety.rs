@@ -533,41 +533,18 @@ async fn a_node_the_cluster_forgot_while_it_is_alive_rejoins() {
     pool.shutdown().await;
 }
 
-/// A pool that announces an invalid cluster bus port (0) for one node, so
-/// every MEET towards it is refused.
-struct WrongBusPort {
-    inner: std::sync::Arc<LocalPool>,
-    name: String,
-}
-
-impl cachetier_operator::cluster::NodePool for WrongBusPort {
-    async fn ensure(
-        &self,
-        tier: &cachetier_operator::cluster::TierConfig,
-        shard: u32,
-        ordinal: u32,
-    ) -> cachetier_operator::Result<()> {
-        self.inner.ensure(tier, shard, ordinal).await
-    }
-    async fn destroy(&self, name: &str) -> cachetier_operator::Result<()> {
-        self.inner.destroy(name).await
-    }
-    async fn list(&self) -> cachetier_operator::Result<Listing> {
-        let mut listing = self.inner.list().await?;
-        for n in listing.nodes.iter_mut().filter(|n| n.name == self.name) {
-            n.bus_port = 0;
-        }
-        Ok(listing)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_meet_that_fails_is_an_error_of_the_round_not_progress() {
     let inner = pool("badmeet");
     let t = tier("badmeet", 2, 0);
-    let pool = std::sync::Arc::new(WrongBusPort {
+    // An invalid cluster bus port (0) for one node: every MEET towards it is refused.
+    let pool = std::sync::Arc::new(Tweaked {
         inner: inner.clone(),
-        name: "badmeet-0-0".into(),
+        tweak: |listing: &mut Listing| {
+            for n in listing.nodes.iter_mut().filter(|n| n.name == "badmeet-0-0") {
+                n.bus_port = 0;
+            }
+        },
     });
     let mut rec = Reconciler::new(pool.clone(), t.clone());
     let start = Instant::now();

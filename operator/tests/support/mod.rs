@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use cachetier_operator::cluster::{HealthConfig, TierConfig, Timing};
+use cachetier_operator::cluster::{HealthConfig, Listing, NodePool, TierConfig, Timing};
 use cachetier_operator::local::pool::port_is_free;
 use cachetier_operator::local::{LocalPool, LocalPoolOptions, PortSource};
 use redis::aio::MultiplexedConnection;
@@ -376,5 +376,26 @@ impl ClusterClient {
             p.cmd("SET").arg(k).arg(value).ignore();
         }
         let _: () = p.query_async(&mut c).await.expect("pipelined SETs");
+    }
+}
+
+/// The local pool as the operator sees it through `tweak`, which edits every
+/// listing (another address for a node, a wrong bus port, …).
+pub struct Tweaked<F> {
+    pub inner: Arc<LocalPool>,
+    pub tweak: F,
+}
+
+impl<F: Fn(&mut Listing) + Send + Sync> NodePool for Tweaked<F> {
+    async fn ensure(&self, tier: &TierConfig, shard: u32, ordinal: u32) -> cachetier_operator::Result<()> {
+        self.inner.ensure(tier, shard, ordinal).await
+    }
+    async fn destroy(&self, name: &str) -> cachetier_operator::Result<()> {
+        self.inner.destroy(name).await
+    }
+    async fn list(&self) -> cachetier_operator::Result<Listing> {
+        let mut listing = self.inner.list().await?;
+        (self.tweak)(&mut listing);
+        Ok(listing)
     }
 }

@@ -225,11 +225,7 @@ impl HealthMonitor {
     pub fn set_config(&mut self, config: HealthConfig) {
         if config != self.config {
             self.config = config;
-            let targets: Vec<SocketAddr> = self.tasks.keys().copied().collect();
-            for (_, task) in self.tasks.drain() {
-                task.abort();
-            }
-            self.track(&targets);
+            self.restart();
         }
     }
 
@@ -237,12 +233,17 @@ impl HealthMonitor {
     pub fn set_auth(&mut self, auth: Option<Auth>) {
         if auth != self.auth {
             self.auth = auth;
-            let targets: Vec<SocketAddr> = self.tasks.keys().copied().collect();
-            for (_, task) in self.tasks.drain() {
-                task.abort();
-            }
-            self.track(&targets);
+            self.restart();
         }
+    }
+
+    /// Restarts every probe with the current settings.
+    fn restart(&mut self) {
+        let targets: Vec<SocketAddr> = self.tasks.keys().copied().collect();
+        for (_, task) in self.tasks.drain() {
+            task.abort();
+        }
+        self.track(&targets);
     }
 
     /// Probes exactly `targets` from now on: starts probing new addresses and

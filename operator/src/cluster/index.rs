@@ -89,6 +89,11 @@ impl<'a> Index<'a> {
         self.by_owner.get(id).cloned().unwrap_or_default()
     }
 
+    /// Every probe record, by address.
+    pub fn records(&self) -> &'a HashMap<SocketAddr, HealthRecord> {
+        self.health
+    }
+
     /// The probe record of `v`.
     pub fn health(&self, v: &NodeView) -> Option<&'a HealthRecord> {
         self.health.get(&v.pool.addr)

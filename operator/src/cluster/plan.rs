@@ -252,20 +252,11 @@ pub fn ranges(slots: &[u16]) -> Vec<(u16, u16)> {
 struct Ctx<'a> {
     input: PlanInput<'a>,
     index: &'a Index<'a>,
-    owners: &'a [Option<String>],
-    by_owner: &'a HashMap<String, Vec<u16>>,
-    ids: &'a HashMap<String, String>,
 }
 
 impl<'a> Ctx<'a> {
     fn new(input: PlanInput<'a>, index: &'a Index<'a>) -> Self {
-        Self {
-            input,
-            index,
-            owners: index.owners(),
-            by_owner: index.by_owner(),
-            ids: index.ids(),
-        }
+        Self { input, index }
     }
 
     fn id(&self, v: &NodeView) -> Option<&'a str> {
@@ -321,12 +312,21 @@ impl<'a> Ctx<'a> {
 
     /// The replica to promote among `candidates`: usable, with a completed
     /// sync (a non-zero offset or an active backlog), the highest offset
-    /// first, then one of `shard`.
-    fn heir(&self, candidates: impl Iterator<Item = &'a NodeView>, shard: u32) -> Option<&'a NodeView> {
+    /// first, then one of `shard` when one is preferred.
+    fn heir(
+        &self,
+        candidates: impl Iterator<Item = &'a NodeView>,
+        shard: Option<u32>,
+    ) -> Option<&'a NodeView> {
         candidates
             .filter(|v| self.usable(v))
             .filter(|v| v.reported().is_some_and(|r| r.repl.synced || r.repl.offset > 0))
-            .max_by_key(|v| (v.reported().map_or(0, |r| r.repl.offset), v.pool.shard == shard))
+            .max_by_key(|v| {
+                (
+                    v.reported().map_or(0, |r| r.repl.offset),
+                    Some(v.pool.shard) == shard,
+                )
+            })
     }
 
     /// The replica a live `primary` hands over to with a graceful `CLUSTER

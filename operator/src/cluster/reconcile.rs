@@ -190,9 +190,7 @@ impl<P: NodePool> Reconciler<P> {
         let loops = self.sync.looping();
         let status = status::compute(StatusInput {
             tier: &self.tier,
-            view: &view,
             index: &index,
-            health: &health,
             plan: &plan,
             events: &self.events,
             sync_loops: &loops,

@@ -5,17 +5,13 @@
 //! Not responsible for publishing the status (Kubernetes writes it to the API,
 //! local mode prints it).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-
 use cachetier_crds::{CacheTierStatus, NodeHealth, NodeRole, NodeStatus, Phase, ShardStatus};
 
 use super::config::TierConfig;
-use super::health::HealthRecord;
 use super::index::Index;
 use super::plan::{Action, FailoverKind, Plan, Removal, ranges};
 use super::pool::PendingNode;
-use super::view::{ClusterView, NodeView, SLOTS};
+use super::view::{NodeView, SLOTS};
 
 mod conditions;
 mod events;
@@ -31,12 +27,9 @@ use node::node_status;
 pub struct StatusInput<'a> {
     /// The desired tier.
     pub tier: &'a TierConfig,
-    /// The observation.
-    pub view: &'a ClusterView,
-    /// The round's index of the observation (shared with the planner).
+    /// The round's index of the observation and the probe results (shared
+    /// with the planner).
     pub index: &'a Index<'a>,
-    /// Probe results.
-    pub health: &'a HashMap<SocketAddr, HealthRecord>,
     /// The plan made from this observation.
     pub plan: &'a Plan,
     /// Recent events.
@@ -76,7 +69,7 @@ struct Shards {
 /// Computes the tier's status.
 pub fn compute(input: StatusInput<'_>) -> CacheTierStatus {
     let index = input.index;
-    let view = input.view;
+    let view = input.index.view();
     let tier = input.tier;
     // A primary only the operator cannot reach still serves its clients.
     let serves = |v: &NodeView| index.answers(v) || index.id(v).is_some_and(|id| view.cluster_sees_alive(id));
@@ -171,7 +164,7 @@ fn shards(input: &StatusInput<'_>) -> Shards {
     let index = input.index;
     let tier = input.tier;
     let mut shard_ids: Vec<u32> = index.pool_shards();
-    shard_ids.extend(input.view.pending.iter().map(|p| p.shard));
+    shard_ids.extend(input.index.view().pending.iter().map(|p| p.shard));
     shard_ids.sort_unstable();
     shard_ids.dedup();
     let mut out = Shards {
@@ -217,7 +210,7 @@ fn shards(input: &StatusInput<'_>) -> Shards {
             }
             nodes.push(st);
         }
-        for p in input.view.pending.iter().filter(|p| p.shard == shard) {
+        for p in input.index.view().pending.iter().filter(|p| p.shard == shard) {
             let st = pending_status(p);
             if shard < tier.shards && p.ordinal <= tier.replicas_per_shard {
                 out.not_ready.push(format!(

@@ -145,7 +145,8 @@ pub(super) fn settle(ctx: &Ctx<'_>, out: &mut Plan) {
     // With `cluster-require-full-coverage no` a node reports ok even while its
     // slot map is incomplete, so every node's map must also match the owners.
     let owned: BTreeMap<&str, usize> = ctx
-        .by_owner
+        .index
+        .by_owner()
         .iter()
         .map(|(id, s)| (id.as_str(), s.len()))
         .collect();

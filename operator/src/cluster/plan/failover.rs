@@ -39,7 +39,7 @@ pub(super) fn failover(ctx: &Ctx<'_>, out: &mut Plan) {
             v.reported()
                 .is_some_and(|r| r.myself.replica && r.myself.master_id.as_deref() == Some(primary_id))
         });
-        let best = ctx.heir(replicas, shard);
+        let best = ctx.heir(replicas, Some(shard));
         match best.and_then(|v| ctx.target(v)) {
             Some(to) => out.actions.push(Action::Failover {
                 shard,

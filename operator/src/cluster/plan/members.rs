@@ -23,7 +23,7 @@ pub(super) fn create_missing(ctx: &Ctx<'_>, out: &mut Plan) {
 }
 
 pub(super) fn forget_stale(ctx: &Ctx<'_>, out: &mut Plan) {
-    let known: Vec<&String> = ctx.ids.values().collect();
+    let known: Vec<&String> = ctx.index.ids().values().collect();
     for (id, line) in ctx.input.view.all_lines() {
         if !known.contains(&&id) && line.slots.is_empty() {
             out.actions.push(Action::Forget { id });

@@ -47,9 +47,9 @@ impl Orphan<'_> {
 /// Every slot owner that is no pool node's current id.
 pub(super) fn orphans<'a>(ctx: &Ctx<'a>) -> Vec<Orphan<'a>> {
     let lines = ctx.input.view.all_lines();
-    let pool_ids: Vec<&String> = ctx.ids.values().collect();
+    let pool_ids: Vec<&String> = ctx.index.ids().values().collect();
     let mut out = Vec::new();
-    for (id, count) in ctx.by_owner.iter().map(|(id, s)| (id, s.len())) {
+    for (id, count) in ctx.index.by_owner().iter().map(|(id, s)| (id, s.len())) {
         if count == 0 || pool_ids.contains(&id) {
             continue;
         }
@@ -106,8 +106,7 @@ fn gone_because(ctx: &Ctx<'_>, line: &NodeLine) -> Option<String> {
 pub(super) fn orphaned(ctx: &Ctx<'_>, out: &mut Plan) {
     for orphan in orphans(ctx) {
         let Some(reason) = &orphan.gone else { continue };
-        let shard = orphan.replicas.first().map_or(0, |v| v.pool.shard);
-        let best = ctx.heir(orphan.replicas.iter().copied(), shard);
+        let best = ctx.heir(orphan.replicas.iter().copied(), None);
         if let Some(to) = best.and_then(|v| ctx.target(v).map(|t| (v.pool.shard, t))) {
             out.actions.push(Action::Failover {
                 shard: to.0,
@@ -133,5 +132,8 @@ pub(super) fn orphaned(ctx: &Ctx<'_>, out: &mut Plan) {
 
 /// Whether some slot is owned by a node that no pool node is.
 pub(super) fn has_orphans(ctx: &Ctx<'_>) -> bool {
-    ctx.by_owner.keys().any(|id| !ctx.ids.values().any(|p| p == id))
+    ctx.index
+        .by_owner()
+        .keys()
+        .any(|id| !ctx.index.ids().values().any(|p| p == id))
 }

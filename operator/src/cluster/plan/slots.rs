@@ -51,7 +51,7 @@ pub(super) fn fix_open_slots(ctx: &Ctx<'_>, out: &mut Plan) {
             // Finish from whoever owns the slot now: the recorded source, or —
             // if the source died mid-migration and was failed over — its
             // promoted replica, so the keys already moved here stay served.
-            let owner = ctx.owners[usize::from(*slot)].as_deref();
+            let owner = ctx.index.owners()[usize::from(*slot)].as_deref();
             let source = by_id(from_id)
                 .filter(|s| usable_master(s))
                 .filter(|s| s.reported().is_some_and(|sr| sr.myself.owns(*slot)))
@@ -81,7 +81,7 @@ pub(super) fn fix_open_slots(ctx: &Ctx<'_>, out: &mut Plan) {
 
 pub(super) fn assign_unowned(ctx: &Ctx<'_>, out: &mut Plan) {
     let unowned: Vec<u16> = (0..SLOTS)
-        .filter(|&s| ctx.owners[usize::from(s)].is_none())
+        .filter(|&s| ctx.index.owners()[usize::from(s)].is_none())
         .collect();
     if unowned.is_empty() {
         return;

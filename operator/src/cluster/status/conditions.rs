@@ -44,7 +44,7 @@ pub(super) fn ready(
     any_owned: bool,
     slots_covered: usize,
 ) -> Condition {
-    let (prev, generation, view) = (input.previous, input.tier.generation, input.view);
+    let (prev, generation, view) = (input.previous, input.tier.generation, input.index.view());
     if covered && all_ok {
         condition(
             prev,
@@ -156,7 +156,7 @@ pub(super) fn progressing(input: &StatusInput<'_>) -> Condition {
 
 /// Whether some node is not ready, and why.
 pub(super) fn degraded(input: &StatusInput<'_>, not_ready: &[String]) -> Condition {
-    let (prev, generation, view) = (input.previous, input.tier.generation, input.view);
+    let (prev, generation, view) = (input.previous, input.tier.generation, input.index.view());
     if not_ready.is_empty() {
         condition(
             prev,
@@ -167,13 +167,8 @@ pub(super) fn degraded(input: &StatusInput<'_>, not_ready: &[String]) -> Conditi
             "every node is ready".into(),
         )
     } else {
-        let failed = view.nodes.iter().any(|v| {
-            input
-                .health
-                .get(&v.pool.addr)
-                .is_some_and(|h| h.state == NodeHealth::Failed)
-        });
-        let auth = input.health.values().any(|h| {
+        let failed = view.nodes.iter().any(|v| input.index.is_failed(v));
+        let auth = input.index.records().values().any(|h| {
             h.state == NodeHealth::Failed
                 && h.last_error.as_deref().is_some_and(|e| e.starts_with(AUTH_ERROR))
         });

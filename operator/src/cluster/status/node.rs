@@ -14,12 +14,13 @@ pub(super) fn node_status(
     owned: usize,
     primary_offset: Option<i64>,
 ) -> NodeStatus {
-    let health = input.health.get(&v.pool.addr);
+    let health = input.index.health(v);
     let state = health.map_or(NodeHealth::Unknown, |h| h.state);
     let hearsay = || {
         id.and_then(|id| {
             input
-                .view
+                .index
+                .view()
                 .nodes
                 .iter()
                 .filter_map(NodeView::reported)
@@ -40,7 +41,7 @@ pub(super) fn node_status(
     let mut lag = None;
     // The operator cannot reach it, yet the cluster sees it alive: a
     // partition between the operator and the node, not a dead node.
-    let only_operator = id.is_some_and(|id| input.view.cluster_sees_alive(id));
+    let only_operator = id.is_some_and(|id| input.index.view().cluster_sees_alive(id));
     let auth_error = health
         .and_then(|h| h.last_error.clone())
         .filter(|e| state == NodeHealth::Failed && e.starts_with(AUTH_ERROR));

@@ -17,9 +17,7 @@ fn status_of(fx: &Fx, tier: &TierConfig) -> CacheTierStatus {
     let index = Index::new(&view, &fx.health);
     compute(StatusInput {
         tier,
-        view: &view,
         index: &index,
-        health: &fx.health,
         plan: &plan,
         events: &Events::default(),
         sync_loops: &[],
@@ -123,9 +121,7 @@ fn an_unchanged_condition_keeps_its_transition_time() {
     let index = Index::new(&view, &fx.health);
     let second = compute(StatusInput {
         tier: &t,
-        view: &view,
         index: &index,
-        health: &fx.health,
         plan: &plan,
         events: &Events::default(),
         sync_loops: &[("t-0-1".into(), 3)],

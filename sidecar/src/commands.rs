@@ -106,8 +106,13 @@ fn k2() -> KeySpec {
     }
 }
 
-static TABLE: LazyLock<HashMap<&'static str, CommandInfo>> = LazyLock::new(|| {
-    let mut t = HashMap::new();
+/// Hashed with aHash: the name is looked up on every request, and SipHash
+/// was the largest part of that. The table is fixed, so a client's names
+/// cannot flood it.
+type Table = HashMap<&'static str, CommandInfo, ahash::RandomState>;
+
+static TABLE: LazyLock<Table> = LazyLock::new(|| {
+    let mut t = Table::default();
     let mut add = |names: &[&'static str], kind: Kind, keys: KeySpec| {
         for &name in names {
             let id = t.len();
@@ -508,6 +513,25 @@ pub fn block_timeout(name: &str, args: &[Bytes]) -> Option<Option<Duration>> {
     }
 }
 
+/// The key indices of a command whose keys are a plain range (GET, SET,
+/// HSET, MGET…), as [`key_indices`] finds them, without allocating; `None`
+/// for any other key layout or a wrong arity (the general path handles
+/// those).
+pub fn range_keys(
+    info: &CommandInfo,
+    args: &[Bytes],
+) -> Option<std::iter::StepBy<std::ops::RangeInclusive<usize>>> {
+    let KeySpec::Range { first, last, step } = info.keys else {
+        return None;
+    };
+    let n = args.len();
+    let last = if last < 0 { n as isize + last } else { last };
+    if n <= first || last < first as isize || (step > 1 && !(n - first).is_multiple_of(step)) {
+        return None;
+    }
+    Some((first..=(last as usize).min(n - 1)).step_by(step))
+}
+
 /// Indices of the key arguments of `args` under `spec`.
 pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, KeyError> {
     let n = args.len();
@@ -611,6 +635,22 @@ mod tests {
             block_timeout("blpop", &args("BLPOP a soon")),
             Some(Some(Duration::ZERO))
         );
+    }
+
+    #[test]
+    fn the_allocation_free_key_range_agrees_with_key_indices_for_every_range_command() {
+        let mut checked = 0;
+        for info in all().filter(|c| matches!(c.keys, KeySpec::Range { .. })) {
+            for n in 0..8 {
+                let a: Vec<Bytes> = (0..n).map(|i| Bytes::from(format!("a{i}"))).collect();
+                let fast: Option<Vec<usize>> = range_keys(info, &a).map(Iterator::collect);
+                let slow = key_indices(info, &a).ok();
+                assert_eq!(fast, slow, "{} with {n} arguments", info.name);
+                checked += 1;
+            }
+        }
+        assert!(checked > 100, "the table has range commands: {checked}");
+        assert!(range_keys(lookup(b"eval").unwrap(), &args("EVAL s 1 k")).is_none());
     }
 
     #[test]

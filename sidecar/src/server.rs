@@ -17,9 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures_util::FutureExt;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
 use rand::seq::IndexedRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,9 +28,10 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gate;
 use crate::metrics::{self, Metrics};
+use crate::pipeline::Pipeline;
 use crate::pubsub::{self, Step, Subscriber};
 use crate::resp::{self, Frame};
-use crate::router::{Action, ClientState, ReplyFuture, Router};
+use crate::router::{ClientState, Router};
 use crate::topology::Registry;
 use crate::tracking;
 use crate::upstream::UpstreamSettings;
@@ -307,7 +305,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     let query_limit = usize::try_from(router.config.client_query_limit).unwrap_or(usize::MAX);
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
     let mut out = BytesMut::with_capacity(16 * 1024);
-    let mut pending: FuturesOrdered<ReplyFuture> = FuturesOrdered::new();
+    let mut pending = Pipeline::default();
     let mut st = ClientState::default();
     let mut checker = resp::Checker::new(limits);
     let mut reading = !*stop.borrow();
@@ -372,25 +370,23 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 {
                     out.extend_from_slice(&hit);
                 }
-                Ok(Some(req)) => match router.dispatch(&mut st, req) {
-                    Action::Reply(b) => pending.push_back(Box::pin(std::future::ready(b))),
-                    Action::Later(f) => pending.push_back(f),
-                    Action::Close(b) => {
-                        pending.push_back(Box::pin(std::future::ready(b)));
+                Ok(Some(req)) => {
+                    let action = router.dispatch(&mut st, req, Some(pending.place()));
+                    if !pending.push(action) {
                         reading = false;
                     }
-                },
+                }
                 Ok(None) if inbuf.len() > query_limit => {
                     let b = error_frame(
                         "ERR cachetier: request larger than the client query limit; closing the connection",
                     );
-                    pending.push_back(Box::pin(std::future::ready(b)));
+                    pending.push_reply(b);
                     reading = false;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     let b = error_frame(&format!("ERR {e}; closing the connection"));
-                    pending.push_back(Box::pin(std::future::ready(b)));
+                    pending.push_reply(b);
                     reading = false;
                 }
             }
@@ -408,13 +404,9 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
             },
             // Replies keep moving into the output buffer while a write waits
             // for a client that does not read, so the limit below sees them.
-            Some(reply) = pending.next(), if !pending.is_empty() => {
-                out.extend_from_slice(&reply);
-                while out.len() <= output_limit {
-                    match pending.next().now_or_never() {
-                        Some(Some(r)) => out.extend_from_slice(&r),
-                        _ => break,
-                    }
+            () = pending.front_ready(&router), if !pending.is_empty() => {
+                while out.len() <= output_limit && let Some(r) = pending.pop_ready() {
+                    out.extend_from_slice(&r);
                 }
                 if out.len() > output_limit {
                     router.metrics.output_limit_closes.inc();

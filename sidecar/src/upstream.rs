@@ -29,11 +29,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::connect::handshake;
 pub use crate::connect::{Dedicated, Proto, oneshot_command, opening};
 use crate::error::UpstreamError;
+use crate::inbox::Inbox;
 use crate::metrics::Metrics;
 use crate::resp::{self, Limits};
 
 mod conn;
-use conn::{Conn, ConnState, Request, reader, send_in_turn, writer};
+use conn::{Conn, ConnState, Request, Sink, reader, send_in_turn, writer};
 
 static NEXT_CONN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -76,6 +77,23 @@ pub struct Node {
     /// Idle connections for known-slow commands, per protocol.
     slow_pool: [Mutex<Vec<Dedicated>>; 2],
     this: Weak<Node>,
+}
+
+/// A request sent with [`Node::send_direct`], counted in its node's
+/// in-flight requests (which the read balance compares) until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Node>);
+
+impl InFlight {
+    pub fn node(&self) -> &Arc<Node> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -234,13 +252,47 @@ impl Node {
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
-            self.settings
-                .metrics
-                .upstream_errors
-                .with_label_values(&[self.addr.as_str(), e.label()])
-                .inc();
+            self.count_error(e);
         }
         result
+    }
+
+    /// Queue a one-reply request for a client's inbox (position `seq`) at
+    /// once, from the client's own task, if this node's connection is up
+    /// and `turn` allows it there; false (nothing sent) otherwise, and the
+    /// caller takes the awaited path, which connects and waits as needed.
+    /// The reply, or the failure, reaches the inbox; the request counts as
+    /// in flight on this node until the returned guard is dropped.
+    pub fn send_direct(
+        self: &Arc<Self>,
+        proto: Proto,
+        bytes: Bytes,
+        turn: &Turn,
+        write: bool,
+        inbox: &Arc<Inbox>,
+        seq: u64,
+    ) -> Option<InFlight> {
+        let slot = lock(&self.conns[proto as usize]);
+        let c = slot.as_ref()?;
+        if c.state.dead.load(Ordering::SeqCst) || !turn.may_send_on(c.id, write) {
+            return None;
+        }
+        let req = Request {
+            bytes,
+            replies: 1,
+            sink: Sink::Inbox(inbox.clone(), seq),
+        };
+        send_in_turn(c, req, Some(turn), write).ok()?;
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(self.clone()))
+    }
+
+    pub(crate) fn count_error(&self, e: &UpstreamError) {
+        self.settings
+            .metrics
+            .upstream_errors
+            .with_label_values(&[self.addr.as_str(), e.label()])
+            .inc();
     }
 
     async fn enqueue(
@@ -252,7 +304,11 @@ impl Node {
         write: bool,
     ) -> Result<oneshot::Receiver<Result<Vec<Bytes>, UpstreamError>>, UpstreamError> {
         let (tx, rx) = oneshot::channel();
-        let mut req = Request { bytes, replies, tx };
+        let mut req = Request {
+            bytes,
+            replies,
+            sink: Sink::Channel(tx),
+        };
         let idx = proto as usize;
         for _ in 0..3 {
             // Fast path: send under the slot's lock (an unbounded send never

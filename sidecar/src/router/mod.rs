@@ -35,12 +35,14 @@ use crate::topology::Registry;
 use crate::upstream::{Node, Proto};
 
 mod cached;
+mod direct;
 mod pubsub_query;
 mod route;
 mod server;
 mod split;
 mod transaction;
 
+pub use direct::{Direct, Outcome, Place};
 use route::{redirect_target, upstream_error};
 
 const MAX_REDIRECTS: usize = 5;
@@ -101,6 +103,8 @@ pub type ReplyFuture = std::pin::Pin<Box<dyn Future<Output = Bytes> + Send>>;
 pub enum Action {
     Reply(Bytes),
     Later(ReplyFuture),
+    /// Sent from the client's task; the reply comes through its inbox.
+    Direct(Direct),
     /// Reply, then close the connection (QUIT).
     Close(Bytes),
 }
@@ -110,6 +114,7 @@ impl std::fmt::Debug for Action {
         match self {
             Action::Reply(b) => f.debug_tuple("Reply").field(b).finish(),
             Action::Later(_) => f.write_str("Later"),
+            Action::Direct(d) => f.debug_tuple("Direct").field(d).finish(),
             Action::Close(b) => f.debug_tuple("Close").field(b).finish(),
         }
     }
@@ -207,7 +212,14 @@ impl Router {
 
     /// Decide what to do with one command. Connection-state commands are
     /// applied here, synchronously, so later pipelined commands see them.
-    pub fn dispatch(self: &Arc<Self>, st: &mut ClientState, req: resp::Request) -> Action {
+    /// With a `place` in the client's pipeline, the common command is sent
+    /// at once (`direct.rs`).
+    pub fn dispatch(
+        self: &Arc<Self>,
+        st: &mut ClientState,
+        req: resp::Request,
+        place: Option<Place<'_>>,
+    ) -> Action {
         let resp::Request { raw, args } = req;
         let Some(name) = args.first() else {
             return Action::Reply(err("ERR empty command"));
@@ -225,7 +237,7 @@ impl Router {
         let (turn, next) = st.order.next(st.last.take());
         st.last = Some(next);
         let mut turn = Some(turn);
-        let action = self.dispatch_inner(st, info, args, raw, &mut turn);
+        let action = self.dispatch_inner(st, info, args, raw, &mut turn, place);
         match (action, turn) {
             // The keyed paths took the turn and order themselves.
             (action, None) => action,
@@ -260,6 +272,7 @@ impl Router {
         args: Vec<Bytes>,
         raw: Bytes,
         turn: &mut Option<Turn>,
+        place: Option<Place<'_>>,
     ) -> Action {
         if st.session.in_multi() {
             return self.queue_in_multi(st, info, args);
@@ -284,6 +297,11 @@ impl Router {
                 })
             }
             Kind::Read | Kind::Write => {
+                if let Some(place) = place
+                    && let Some(direct) = self.try_direct(st, info, &args, &raw, turn, place)
+                {
+                    return Action::Direct(direct);
+                }
                 let this = self.clone();
                 let up = st.upstream_proto();
                 let Some(mut turn) = turn.take() else {

@@ -22,7 +22,25 @@ impl Router {
         to_primary: bool,
         cmd: Bytes,
         up: Proto,
+        turn: Option<&mut Turn>,
+    ) -> Bytes {
+        self.single_from(slot, kind, to_primary, cmd, up, turn, None)
+            .await
+    }
+
+    /// [`Router::single_via`], where the first attempt may already have
+    /// been made (`first`: the node and its outcome; the direct path of
+    /// `direct.rs` sent it from the client's task).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn single_from(
+        self: &Arc<Self>,
+        slot: u16,
+        kind: Kind,
+        to_primary: bool,
+        cmd: Bytes,
+        up: Proto,
         mut turn: Option<&mut Turn>,
+        mut first: Option<(Arc<Node>, Result<Bytes, UpstreamError>)>,
     ) -> Bytes {
         let mut redirect: Option<(Arc<Node>, bool)> = None;
         let mut avoid: Option<Arc<Node>> = None;
@@ -36,41 +54,47 @@ impl Router {
                 t.resending();
                 t.prev_done().await;
             }
-            let floor = match turn.as_deref() {
-                Some(t) if kind == Kind::Read && !to_primary && self.config.read_your_writes => {
-                    t.client().read_floor(slot).map(|f| (t.client().clone(), f))
-                }
-                _ => None,
-            };
-            let (node, asking) = match redirect.take() {
-                Some(r) => r,
-                None => match self.pick(slot, kind, to_primary, avoid.as_ref(), floor) {
-                    Some(n) => (n, false),
-                    None => {
-                        self.registry.request_refresh();
-                        if attempt + 1 < MAX_REDIRECTS {
-                            // Refreshes are at most every 500 ms: wait long
-                            // enough (about 1.2 s in all) for one to land.
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            continue;
+            let (node, result) = match first.take() {
+                Some(made) => made,
+                None => {
+                    let floor = match turn.as_deref() {
+                        Some(t) if kind == Kind::Read && !to_primary && self.config.read_your_writes => {
+                            t.client().read_floor(slot).map(|f| (t.client().clone(), f))
                         }
-                        return err(format!(
-                            "CLUSTERDOWN Hash slot {slot} is not served (topology unknown or incomplete)"
-                        ));
-                    }
-                },
+                        _ => None,
+                    };
+                    let (node, asking) = match redirect.take() {
+                        Some(r) => r,
+                        None => match self.pick(slot, kind, to_primary, avoid.as_ref(), floor) {
+                            Some(n) => (n, false),
+                            None => {
+                                self.registry.request_refresh();
+                                if attempt + 1 < MAX_REDIRECTS {
+                                    // Refreshes are at most every 500 ms: wait long
+                                    // enough (about 1.2 s in all) for one to land.
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                    continue;
+                                }
+                                return err(format!(
+                                    "CLUSTERDOWN Hash slot {slot} is not served (topology unknown or incomplete)"
+                                ));
+                            }
+                        },
+                    };
+                    let (bytes, n) = if asking {
+                        let mut b = BytesMut::from(&resp::command_bytes(&["ASKING"])[..]);
+                        b.extend_from_slice(&cmd);
+                        (b.freeze(), 2)
+                    } else {
+                        (cmd.clone(), 1)
+                    };
+                    let write = kind != Kind::Read;
+                    let r = node.request_in(up, bytes, n, turn.as_deref_mut(), write).await;
+                    (node, r.map(|mut replies| replies.pop().unwrap_or_default()))
+                }
             };
-            let (bytes, n) = if asking {
-                let mut b = BytesMut::from(&resp::command_bytes(&["ASKING"])[..]);
-                b.extend_from_slice(&cmd);
-                (b.freeze(), 2)
-            } else {
-                (cmd.clone(), 1)
-            };
-            let write = kind != Kind::Read;
-            match node.request_in(up, bytes, n, turn.as_deref_mut(), write).await {
-                Ok(mut replies) => {
-                    let reply = replies.pop().unwrap_or_default();
+            match result {
+                Ok(reply) => {
                     if let Some(target) = redirect_target(&reply, b"MOVED ") {
                         self.metrics.redirects.with_label_values(&["moved"]).inc();
                         self.registry.request_refresh();
@@ -326,7 +350,7 @@ pub(super) fn upstream_error(addr: &str, kind: Kind, e: &UpstreamError) -> Bytes
 /// Error replies that say "not this node, not now" rather than anything about
 /// the command: `CLUSTERDOWN` (the node's slot map is incomplete), `LOADING`,
 /// `MASTERDOWN` (a replica cut off from its primary with stale reads disabled).
-fn is_node_state_error(reply: &[u8]) -> bool {
+pub(super) fn is_node_state_error(reply: &[u8]) -> bool {
     [&b"-CLUSTERDOWN"[..], b"-LOADING", b"-MASTERDOWN"]
         .iter()
         .any(|p| reply.starts_with(p))

@@ -6,16 +6,46 @@ use super::*;
 
 pub(super) type ReplyTx = oneshot::Sender<Result<Vec<Bytes>, UpstreamError>>;
 
+/// Where a request's replies go: a channel of its own (a request awaited by
+/// a future), or its client's inbox (a request sent straight from the
+/// client's task, always one reply; see `inbox.rs`).
+pub(super) enum Sink {
+    Channel(ReplyTx),
+    Inbox(Arc<Inbox>, u64),
+}
+
+impl Sink {
+    pub(super) fn deliver(self, result: Result<Vec<Bytes>, UpstreamError>) {
+        match self {
+            Sink::Channel(tx) => {
+                let _ = tx.send(result);
+            }
+            Sink::Inbox(inbox, seq) => {
+                inbox.push(seq, result.map(|mut r| r.pop().unwrap_or_default()));
+            }
+        }
+    }
+
+    pub(super) fn fail(self, why: UpstreamError) {
+        match self {
+            Sink::Channel(tx) => {
+                let _ = tx.send(Err(why));
+            }
+            Sink::Inbox(inbox, seq) => inbox.push(seq, Err(why)),
+        }
+    }
+}
+
 pub(super) struct Request {
     pub(super) bytes: Bytes,
     pub(super) replies: usize,
-    pub(super) tx: ReplyTx,
+    pub(super) sink: Sink,
 }
 
 pub(super) struct Pending {
     pub(super) expected: usize,
     pub(super) got: Vec<Bytes>,
-    pub(super) tx: ReplyTx,
+    pub(super) sink: Sink,
     pub(super) sent: Instant,
 }
 
@@ -35,7 +65,7 @@ impl ConnState {
         self.closed.send_replace(true);
         let drained: Vec<Pending> = lock(&self.pending).drain(..).collect();
         for p in drained {
-            let _ = p.tx.send(Err(why.clone()));
+            p.sink.fail(why.clone());
         }
     }
 }
@@ -94,9 +124,7 @@ pub(super) async fn writer(
                 let mut p = lock(&state.pending);
                 if state.dead.load(Ordering::SeqCst) {
                     drop(p);
-                    let _ = req
-                        .tx
-                        .send(Err(UpstreamError::Closed("connection closed".into())));
+                    req.sink.fail(UpstreamError::Closed("connection closed".into()));
                 } else {
                     out.extend_from_slice(&req.bytes);
                     if p.is_empty() {
@@ -105,7 +133,7 @@ pub(super) async fn writer(
                     p.push_back(Pending {
                         expected: req.replies.max(1),
                         got: Vec::new(),
-                        tx: req.tx,
+                        sink: req.sink,
                         sent,
                     });
                 }
@@ -127,9 +155,7 @@ pub(super) async fn writer(
     // Refuse anything still queued.
     rx.close();
     while let Ok(req) = rx.try_recv() {
-        let _ = req
-            .tx
-            .send(Err(UpstreamError::Closed("connection closed".into())));
+        req.sink.fail(UpstreamError::Closed("connection closed".into()));
     }
 }
 
@@ -164,14 +190,25 @@ pub(super) async fn reader(
                         bad = Some(UpstreamError::Protocol("reply with no request".into()));
                         break;
                     };
-                    front.got.push(raw);
-                    if front.got.len() >= front.expected
+                    // A one-reply request to an inbox takes its reply as it is
+                    // (no vector for it).
+                    let single = front.expected == 1 && matches!(front.sink, Sink::Inbox(..));
+                    let kept = if single {
+                        Some(raw)
+                    } else {
+                        front.got.push(raw);
+                        None
+                    };
+                    if (single || front.got.len() >= front.expected)
                         && let Some(done) = p.pop_front()
                     {
                         drop(p);
                         let now = *now.get_or_insert_with(Instant::now);
                         latency.observe(now.saturating_duration_since(done.sent).as_secs_f64());
-                        let _ = done.tx.send(Ok(done.got));
+                        match (done.sink, kept) {
+                            (Sink::Inbox(inbox, seq), Some(raw)) => inbox.push(seq, Ok(raw)),
+                            (sink, _) => sink.deliver(Ok(done.got)),
+                        }
                     }
                 }
                 Ok(None) => break,

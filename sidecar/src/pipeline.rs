@@ -1,0 +1,184 @@
+//! One client connection's outstanding replies, in the order it sent the
+//! requests. A reply is filled in by whoever produces it: the router at
+//! once (a local answer), a future (the awaited paths), or the client's
+//! inbox (a command sent directly, `router/direct.rs`); the connection
+//! writes replies out from the front as soon as they are there.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+use crate::inbox::{Delivery, Inbox};
+use crate::order::Turn;
+use crate::router::{Action, Direct, Outcome, Place, ReplyFuture, Router};
+
+enum Entry {
+    /// A future of `futures` will fill it.
+    Running,
+    /// Sent directly; its reply comes through the inbox.
+    Direct(Direct),
+    /// The reply, and the command's turn, which ends (lets commands that
+    /// wait for it go) once the reply leaves in order.
+    Ready(Bytes, Option<Turn>),
+}
+
+/// A future and its position, so a reply finds its entry.
+struct Tagged {
+    seq: u64,
+    fut: ReplyFuture,
+}
+
+impl Future for Tagged {
+    type Output = (u64, Bytes);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(u64, Bytes)> {
+        let seq = self.seq;
+        self.fut.as_mut().poll(cx).map(|b| (seq, b))
+    }
+}
+
+#[derive(Default)]
+pub struct Pipeline {
+    /// Position of `entries[0]`.
+    base: u64,
+    entries: VecDeque<Entry>,
+    futures: FuturesUnordered<Tagged>,
+    inbox: Arc<Inbox>,
+    delivered: Vec<Delivery>,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.inbox.close();
+    }
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("base", &self.base)
+            .field("entries", &self.entries.len())
+            .field("futures", &self.futures.len())
+            .finish()
+    }
+}
+
+impl Pipeline {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Where the next request's reply goes, for a command sent directly.
+    pub fn place(&self) -> Place<'_> {
+        Place {
+            inbox: &self.inbox,
+            seq: self.base + self.entries.len() as u64,
+        }
+    }
+
+    /// Queue the reply of the next request, as the router decided it.
+    /// Returns false when the connection is to close after it (QUIT).
+    pub fn push(&mut self, action: Action) -> bool {
+        match action {
+            Action::Reply(b) => self.push_reply(b),
+            Action::Close(b) => {
+                self.push_reply(b);
+                return false;
+            }
+            Action::Later(fut) => self.push_future(fut),
+            Action::Direct(d) => self.entries.push_back(Entry::Direct(d)),
+        }
+        true
+    }
+
+    pub fn push_reply(&mut self, b: Bytes) {
+        self.entries.push_back(Entry::Ready(b, None));
+    }
+
+    fn push_future(&mut self, fut: ReplyFuture) {
+        let seq = self.base + self.entries.len() as u64;
+        self.entries.push_back(Entry::Running);
+        self.futures.push(Tagged { seq, fut });
+    }
+
+    /// The front reply, if it is there.
+    pub fn pop_ready(&mut self) -> Option<Bytes> {
+        if !matches!(self.entries.front(), Some(Entry::Ready(..))) {
+            return None;
+        }
+        let Some(Entry::Ready(reply, turn)) = self.entries.pop_front() else {
+            return None;
+        };
+        self.base += 1;
+        drop(turn);
+        Some(reply)
+    }
+
+    /// Wait until the front reply is there (replies behind it fill in
+    /// meanwhile).
+    pub async fn front_ready(&mut self, router: &Arc<Router>) {
+        std::future::poll_fn(|cx| self.poll_front(cx, router)).await
+    }
+
+    fn poll_front(&mut self, cx: &mut Context<'_>, router: &Arc<Router>) -> Poll<()> {
+        loop {
+            let mut progressed = false;
+            if self.inbox.poll_take(cx, &mut self.delivered).is_ready() {
+                let mut delivered = std::mem::take(&mut self.delivered);
+                for (seq, result) in delivered.drain(..) {
+                    self.delivered_one(router, seq, result);
+                }
+                self.delivered = delivered;
+                progressed = true;
+            }
+            while let Poll::Ready(Some((seq, reply))) = self.futures.poll_next_unpin(cx) {
+                if let Some(e) = self.entry(seq) {
+                    *e = Entry::Ready(reply, None);
+                }
+                progressed = true;
+            }
+            if matches!(self.entries.front(), Some(Entry::Ready(..))) {
+                return Poll::Ready(());
+            }
+            // New futures from the inbox's deliveries have not been polled.
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn delivered_one(
+        &mut self,
+        router: &Arc<Router>,
+        seq: u64,
+        result: Result<Bytes, crate::error::UpstreamError>,
+    ) {
+        let Some(entry) = self.entry(seq) else {
+            return;
+        };
+        let Entry::Direct(d) = std::mem::replace(entry, Entry::Running) else {
+            return;
+        };
+        match router.direct_delivered(d, result) {
+            Outcome::Reply(reply, turn) => {
+                if let Some(e) = self.entry(seq) {
+                    *e = Entry::Ready(reply, Some(turn));
+                }
+            }
+            Outcome::Resume(fut) => self.futures.push(Tagged { seq, fut }),
+        }
+    }
+
+    fn entry(&mut self, seq: u64) -> Option<&mut Entry> {
+        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        self.entries.get_mut(i)
+    }
+}

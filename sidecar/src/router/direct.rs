@@ -1,0 +1,164 @@
+//! The direct path: the common command (one slot, no local cache, no
+//! blocking or slow form, no read-your-writes floor to respect) is queued
+//! on its node's shared connection from the client's own task, and its
+//! reply comes back through the client's inbox (`inbox.rs`). No future, no
+//! reply channel, no task per command: at `-P 16` this is most of what the
+//! sidecar does per request.
+//!
+//! It is the first attempt of [`Router::single_via`], made synchronously:
+//! the same node choice, the same place in the client's order (the command
+//! holds its [`Turn`], sent only where `Turn::may_send_on` allows), the same
+//! read-your-writes mark. When the first attempt is not the last (a
+//! redirect, `TRYAGAIN`, a node-state error on a read, a failed
+//! connection, or a connection this turn may not use yet), the command
+//! continues on the awaited path from exactly where it is.
+
+use super::*;
+use crate::inbox::Inbox;
+use crate::order::WriteMark;
+use crate::upstream::InFlight;
+
+/// Where a command sent directly delivers its reply.
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    pub inbox: &'a Arc<Inbox>,
+    /// Its position in the client's pipeline.
+    pub seq: u64,
+}
+
+/// A command sent directly, awaiting its reply in the client's inbox.
+#[derive(Debug)]
+pub struct Direct {
+    turn: Turn,
+    node: InFlight,
+    cmd: Bytes,
+    slot: u16,
+    kind: Kind,
+    to_primary: bool,
+    up: Proto,
+    /// Read-your-writes: the slot counts as written until the reply.
+    _written: Option<WriteMark>,
+    metrics: Option<Arc<CommandMetrics>>,
+    start: std::time::Instant,
+}
+
+/// What a direct command's delivery becomes.
+pub enum Outcome {
+    /// The client's reply. The turn ends once the reply leaves in order.
+    Reply(Bytes, Turn),
+    /// The first attempt was not the last: the rest runs as a future.
+    Resume(ReplyFuture),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Reply(b, _) => f.debug_tuple("Reply").field(b).finish(),
+            Outcome::Resume(_) => f.write_str("Resume"),
+        }
+    }
+}
+
+impl Router {
+    /// Send `args` directly if it is the common case and its connection is
+    /// up and free for it; `None` (with `turn` untouched) otherwise.
+    pub(super) fn try_direct(
+        self: &Arc<Self>,
+        st: &ClientState,
+        info: &'static CommandInfo,
+        args: &[Bytes],
+        raw: &Bytes,
+        turn: &mut Option<Turn>,
+        place: Place<'_>,
+    ) -> Option<Direct> {
+        if commands::is_slow(info.name) || commands::block_timeout(info.name, args).is_some() {
+            return None;
+        }
+        // Cached keys take the cache's paths (fills, invalidation).
+        let cached = |key: &[u8]| self.cache.as_ref().is_some_and(|c| c.covers(key));
+        let mut keys = commands::range_keys(info, args)?;
+        let first = args.get(keys.next()?)?;
+        let slot = slot::slot(first);
+        if cached(first) {
+            return None;
+        }
+        for i in keys {
+            let key = args.get(i)?;
+            if slot::slot(key) != slot || cached(key) {
+                return None;
+            }
+        }
+        let t = turn.as_ref()?;
+        let write = info.kind == Kind::Write;
+        let read_your_writes = self.config.read_your_writes;
+        // A cursor is only meaningful on the node that issued it.
+        let to_primary = matches!(info.name, "hscan" | "sscan" | "zscan");
+        if !write && !to_primary && read_your_writes && t.client().read_floor(slot).is_some() {
+            return None;
+        }
+        let node = self.pick(slot, info.kind, to_primary, None, None)?;
+        let up = st.upstream_proto();
+        let written = (write && read_your_writes).then(|| t.client().writing(&[slot]));
+        let node = node.send_direct(up, raw.clone(), t, write, place.inbox, place.seq)?;
+        let turn = turn.take()?;
+        Some(Direct {
+            turn,
+            node,
+            cmd: raw.clone(),
+            slot,
+            kind: info.kind,
+            to_primary,
+            up,
+            _written: written,
+            metrics: self.handles(info),
+            start: std::time::Instant::now(),
+        })
+    }
+
+    /// The reply (or failure) of a direct command has arrived.
+    pub fn direct_delivered(self: &Arc<Self>, d: Direct, result: Result<Bytes, UpstreamError>) -> Outcome {
+        if let Err(e) = &result {
+            d.node.node().count_error(e);
+        }
+        let result = match result {
+            Ok(reply) if !self.needs_another_attempt(&reply, d.kind) => {
+                CommandMetrics::record(d.metrics.as_deref(), &reply, d.start);
+                return Outcome::Reply(reply, d.turn);
+            }
+            other => other,
+        };
+        let this = self.clone();
+        Outcome::Resume(Box::pin(async move {
+            let Direct {
+                mut turn,
+                node,
+                cmd,
+                slot,
+                kind,
+                to_primary,
+                up,
+                _written,
+                metrics,
+                start,
+            } = d;
+            let first = Some((node.node().clone(), result));
+            drop(node);
+            let reply = this
+                .single_from(slot, kind, to_primary, cmd, up, Some(&mut turn), first)
+                .await;
+            drop(_written);
+            turn.finish().await;
+            CommandMetrics::record(metrics.as_deref(), &reply, start);
+            reply
+        }))
+    }
+
+    /// Would [`Router::single_from`] try again after this reply?
+    fn needs_another_attempt(&self, reply: &[u8], kind: Kind) -> bool {
+        reply.first() == Some(&b'-')
+            && (redirect_target(reply, b"MOVED ").is_some()
+                || redirect_target(reply, b"ASK ").is_some()
+                || reply.starts_with(b"-TRYAGAIN")
+                || (kind == Kind::Read && route::is_node_state_error(reply)))
+    }
+}

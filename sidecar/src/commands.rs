@@ -469,6 +469,35 @@ pub fn lookup(name: &[u8]) -> Option<&'static CommandInfo> {
     TABLE.get(s)
 }
 
+/// The command a client looked up last, by its exact spelling: a client's
+/// pipeline mostly repeats one command, and comparing a few bytes costs
+/// much less than hashing the name again.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Recent {
+    name: [u8; 16],
+    len: usize,
+    info: Option<&'static CommandInfo>,
+}
+
+impl Recent {
+    /// [`lookup`], answered from the last hit when the name is spelt alike.
+    pub fn lookup(&mut self, name: &[u8]) -> Option<&'static CommandInfo> {
+        if let Some(info) = self.info
+            && self.len == name.len()
+            && self.name[..self.len] == *name
+        {
+            return Some(info);
+        }
+        let info = lookup(name)?;
+        if let Some(slot) = self.name.get_mut(..name.len()) {
+            slot.copy_from_slice(name);
+            self.len = name.len();
+            self.info = Some(info);
+        }
+        Some(info)
+    }
+}
+
 /// Every command in the table.
 pub fn all() -> impl Iterator<Item = &'static CommandInfo> {
     TABLE.values()
@@ -605,6 +634,18 @@ mod tests {
         let mut ids: Vec<usize> = all().map(|c| c.id).collect();
         ids.sort_unstable();
         assert_eq!(ids, (0..count()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_recent_lookup_answers_like_the_table_for_every_spelling() {
+        let mut recent = Recent::default();
+        for name in ["GET", "GET", "get", "SET", "GET", "frobnicate", "GET", "xautoclaim", "XAUTOCLAIM"] {
+            let want = lookup(name.as_bytes()).map(|c| c.name);
+            assert_eq!(recent.lookup(name.as_bytes()).map(|c| c.name), want, "{name}");
+        }
+        let long = "x".repeat(20);
+        assert!(recent.lookup(long.as_bytes()).is_none());
+        assert_eq!(recent.lookup(b"GET").map(|c| c.name), Some("get"));
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct ClientState {
     last: Option<StageRx>,
     /// The client's connection for blocking commands (`blocking.rs`).
     blocking: BlockingCell,
+    /// Its last command's table entry.
+    recent: commands::Recent,
 }
 
 /// A client's WATCH connection, opened on first use.
@@ -82,6 +84,7 @@ impl Default for ClientState {
             order: Arc::new(ClientOrder::default()),
             last: None,
             blocking: BlockingCell::default(),
+            recent: commands::Recent::default(),
         }
     }
 }
@@ -224,7 +227,7 @@ impl Router {
         let Some(name) = args.first() else {
             return Action::Reply(err("ERR empty command"));
         };
-        let Some(info) = commands::lookup(name) else {
+        let Some(info) = st.recent.lookup(name) else {
             self.metrics
                 .requests
                 .with_label_values(&["unknown", "error"])

@@ -598,3 +598,68 @@ async fn an_ssubscribe_of_channels_of_two_slots_gets_redis_clusters_crossslot() 
     );
     sidecar.shutdown().await;
 }
+
+/// The output limit holds for messages of every shard a subscriber has
+/// shard channels on: one that does not read is closed, others carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_of_two_shards_that_never_reads_is_closed_at_its_output_limit() {
+    let cluster = Cluster::start(3, 0);
+    let cfg = cachetier_sidecar::Config {
+        client_output_limit: 1 << 20,
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let ch = channels_on_distinct_shards(&cluster, 2);
+    let mut greedy = Raw::connect(&sidecar.local_addr().to_string()).await;
+    for (i, c) in ch.iter().enumerate() {
+        greedy.send(&["SSUBSCRIBE", c]).await;
+        assert_eq!(confirmation(&greedy.frame().await).1, i as i64 + 1);
+    }
+    let mut publisher = client(&sidecar).await;
+    let payload = "x".repeat(256 << 10);
+    for i in 0..400 {
+        if sidecar.metrics().output_limit_closes.get() == 1 {
+            break;
+        }
+        let _: i64 = redis::cmd("SPUBLISH")
+            .arg(&ch[i % 2])
+            .arg(&payload)
+            .query_async(&mut publisher)
+            .await
+            .unwrap();
+    }
+    support::eventually("the subscriber is closed", Duration::from_secs(10), || {
+        sidecar.metrics().output_limit_closes.get() == 1
+    })
+    .await;
+    let v: Option<String> = publisher.get("k").await.unwrap();
+    assert_eq!(v, None, "others carry on");
+    sidecar.shutdown().await;
+}
+
+/// A client that leaves subscribed mode and switches to RESP3 gets its next
+/// confirmations as RESP3 pushes, as from one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_switches_to_resp3_gets_pushes() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = Raw::connect(&sidecar.local_addr().to_string()).await;
+    c.send(&["SUBSCRIBE", "a"]).await;
+    assert_eq!(
+        &c.frame().await[..],
+        b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"
+    );
+    c.send(&["UNSUBSCRIBE", "a"]).await;
+    assert_eq!(
+        &c.frame().await[..],
+        b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n"
+    );
+    c.send(&["HELLO", "3"]).await;
+    assert!(c.frame().await.starts_with(b"%"));
+    c.send(&["SUBSCRIBE", "b"]).await;
+    assert_eq!(
+        &c.frame().await[..],
+        b">3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:1\r\n"
+    );
+    sidecar.shutdown().await;
+}

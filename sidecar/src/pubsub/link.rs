@@ -23,7 +23,8 @@ pub(super) struct Link {
     wr: OwnedWriteHalf,
     buf: BytesMut,
     checker: resp::Checker,
-    proto: u8,
+    /// The protocol it was opened in (the client's then).
+    pub(super) proto: u8,
     /// The node it is connected to.
     pub(super) addr: String,
     /// Channels and patterns, as this node's latest confirmation counted them.

@@ -137,6 +137,15 @@ impl Subscriber {
     /// Ordinary channels and patterns share one link, opened on a random
     /// healthy primary at the first command that needs it.
     async fn forward_plain(&mut self, router: &Router, proto: u8, raw: &[u8]) -> Result<(), Bytes> {
+        // An idle link of the protocol the client spoke before a `HELLO`
+        // would answer in the wrong one.
+        if self
+            .plain
+            .as_ref()
+            .is_some_and(|l| l.proto != proto && l.settled() && !l.subscribed())
+        {
+            self.plain = None;
+        }
         if self.plain.is_none() {
             let addr = {
                 let topo = router.registry.current();

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use rand::seq::IndexedRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -350,11 +349,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                             continue;
                         }
                         Step::Forward => {
-                            if let Err(b) =
-                                forward_subscription(&router, &mut sub, st.session.proto, &req).await
-                            {
-                                out.extend_from_slice(&b);
-                            }
+                            pubsub::forward(&router, &mut sub, st.session.proto, &req, &mut out).await;
                             continue;
                         }
                     }
@@ -418,7 +413,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 Ok(n) if n > 0 => out.advance(n),
                 _ => break,
             },
-            r = subscription_read(&mut sub), if sub.is_some() && out.len() <= output_limit => {
+            r = pubsub::read(&mut sub), if sub.is_some() && out.len() <= output_limit => {
                 let drained = match (r, sub.as_mut()) {
                     (Ok(()), Some(s)) => s.drain(&mut out),
                     (Err(e), _) => Err(e),
@@ -443,95 +438,6 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     }
     let _ = wr.shutdown().await;
     router.metrics.client_connections.dec();
-}
-
-/// Send a subscription command on the client's own connection, opening it
-/// (to a primary) first if needed; the error reply to give on failure.
-async fn forward_subscription(
-    router: &Router,
-    sub: &mut Option<Subscriber>,
-    proto: u8,
-    req: &resp::Request,
-) -> std::result::Result<(), bytes::Bytes> {
-    let topo = router.registry.current();
-    // A shard channel lives on its slot's primary.
-    let shard_owner = match (req.args.first(), req.args.get(1)) {
-        (Some(name), Some(channel)) if pubsub::is_shard_command(name) => {
-            match topo.shard(crate::slot::slot(channel)) {
-                Some(s) => Some(s.primary.clone()),
-                None => {
-                    return Err(error_frame(
-                        "CLUSTERDOWN cachetier: the channel's slot is not served",
-                    ));
-                }
-            }
-        }
-        _ => None,
-    };
-    if let (Some(s), Some(owner)) = (sub.as_ref(), &shard_owner)
-        && s.addr != owner.addr
-        && req
-            .args
-            .first()
-            .is_some_and(|n| n.eq_ignore_ascii_case(b"ssubscribe"))
-    {
-        return Err(error_frame(
-            "ERR cachetier: this connection's subscriptions are on another shard than this shard channel's; subscribe to it on another connection",
-        ));
-    }
-    if sub.is_none() {
-        // Any primary hears every channel; a random one spreads subscribers
-        // (and the delivery work) over the shards.
-        let healthy: Vec<&Arc<crate::upstream::Node>> = match &shard_owner {
-            Some(owner) => vec![owner],
-            None => topo
-                .shards
-                .iter()
-                .map(|s| &s.primary)
-                .filter(|p| p.is_healthy())
-                .collect(),
-        };
-        let Some(primary) = healthy.choose(&mut rand::rng()) else {
-            return Err(error_frame("CLUSTERDOWN cachetier: no primary to subscribe on"));
-        };
-        let opened = Subscriber::open(
-            &primary.addr,
-            proto,
-            router.config.response_timeout,
-            router.config.auth.as_ref(),
-        )
-        .await;
-        match opened {
-            Ok(s) => *sub = Some(s),
-            Err(e) => {
-                return Err(error_frame(&format!(
-                    "ERR cachetier: could not open a subscription connection to {}: {e}",
-                    primary.addr
-                )));
-            }
-        }
-    }
-    let Some(s) = sub.as_mut() else {
-        return Err(error_frame("ERR cachetier: no subscription connection"));
-    };
-    if let Err(e) = s.forward(&req.raw).await {
-        *sub = None;
-        return Err(error_frame(&format!(
-            "ERR cachetier: subscription connection lost: {e}"
-        )));
-    }
-    Ok(())
-}
-
-/// Read from the client's subscription connection (pending for ever when
-/// there is none; the select guards that).
-async fn subscription_read(
-    sub: &mut Option<Subscriber>,
-) -> std::result::Result<(), crate::error::UpstreamError> {
-    match sub.as_mut() {
-        Some(s) => s.read().await,
-        None => std::future::pending().await,
-    }
 }
 
 fn error_frame(msg: &str) -> bytes::Bytes {

@@ -278,17 +278,22 @@ async fn a_shard_channel_subscriber_is_served_by_its_slots_primary() {
         &sub.frame().await[..],
         b"*3\r\n$8\r\nsmessage\r\n$9\r\norders:eu\r\n$2\r\no1\r\n"
     );
-    // One client connection's subscriptions share one node.
+    // A shard channel of another shard on the same client connection (its
+    // own upstream connection), counted with the first as one server would.
     let (eu_owner, _) = cluster.shard_of("orders:eu");
     let other = (0..100)
         .map(|i| format!("orders:{i}"))
         .find(|c| cluster.shard_of(c).0 != eu_owner)
         .unwrap();
     sub.send(&["SSUBSCRIBE", &other]).await;
-    let refused = sub.frame().await;
-    assert!(
-        String::from_utf8_lossy(&refused).contains("another shard"),
-        "{refused:?}"
+    assert_eq!(
+        confirmation(&sub.frame().await),
+        (Some(Bytes::from(other.clone())), 2)
+    );
+    sub.send(&["SUNSUBSCRIBE", &other]).await;
+    assert_eq!(
+        confirmation(&sub.frame().await),
+        (Some(Bytes::from(other.clone())), 1)
     );
     // A plain UNSUBSCRIBE leaves the shard channel (Redis counts it apart).
     sub.send(&["UNSUBSCRIBE"]).await;
@@ -398,6 +403,263 @@ async fn a_shard_channel_whose_slot_moves_closes_its_subscriber_who_resubscribes
     assert_eq!(
         &again.frame().await[..],
         b"*3\r\n$8\r\nsmessage\r\n$9\r\norders:eu\r\n$2\r\no2\r\n"
+    );
+    sidecar.shutdown().await;
+}
+
+/// Channels (shard channels, for SSUBSCRIBE) whose slots are on `n`
+/// different primaries of `cluster`, one a primary.
+fn channels_on_distinct_shards(cluster: &Cluster, n: usize) -> Vec<String> {
+    let mut owners = Vec::new();
+    let mut out = Vec::new();
+    for i in 0..1000 {
+        let c = format!("chan:{i}");
+        let (owner, _) = cluster.shard_of(&c);
+        if !owners.contains(&owner) {
+            owners.push(owner);
+            out.push(c);
+        }
+        if out.len() == n {
+            return out;
+        }
+    }
+    panic!("no {n} shards");
+}
+
+/// `(channel, count)` of a (un)subscribe confirmation.
+fn confirmation(raw: &Bytes) -> (Option<Bytes>, i64) {
+    let items = match resp::parse(raw).unwrap() {
+        Frame::Array(items) | Frame::Push(items) => items,
+        other => panic!("not a confirmation: {other:?}"),
+    };
+    let channel = match &items[1] {
+        Frame::Bulk(b) => Some(b.clone()),
+        _ => None,
+    };
+    match &items[2] {
+        Frame::Integer(n) => (channel, *n),
+        other => panic!("no count: {other:?}"),
+    }
+}
+
+/// The replies to an argument-less (S|P)UNSUBSCRIBE: Redis lists the
+/// channels in its hash table's order, so the channels as a sorted set and
+/// the counts in order.
+async fn unordered(c: &mut Raw, n: usize) -> Bytes {
+    let mut channels = Vec::new();
+    let mut counts = Vec::new();
+    for f in c.frames(n).await {
+        let (ch, count) = confirmation(&f);
+        channels.push(ch);
+        counts.push(count);
+    }
+    channels.sort();
+    Bytes::from(format!("channels {channels:?} counts {counts:?}"))
+}
+
+/// One client's session with shard channels on three shards (`ch`), a plain
+/// channel and a pattern, its replies as raw bytes; `publisher` publishes
+/// to the same server (or sidecar).
+async fn multi_shard_session(
+    c: &mut Raw,
+    publisher: &mut redis::aio::MultiplexedConnection,
+    proto: u8,
+    ch: &[String],
+) -> Vec<Bytes> {
+    let mut got = Vec::new();
+    if proto == 3 {
+        c.send(&["HELLO", "3"]).await;
+        c.frame().await; // names the server: not compared
+    }
+    for args in [
+        &["SSUBSCRIBE", ch[0].as_str()][..],
+        &["SSUBSCRIBE", ch[1].as_str()],
+        &["SUBSCRIBE", "news"],
+        &["SSUBSCRIBE", ch[2].as_str()],
+        &["PSUBSCRIBE", "n*"],
+        &["GET", "k"],
+        &["PING"],
+    ] {
+        c.send(args).await;
+        got.push(c.frame().await);
+    }
+    for (i, channel) in ch.iter().enumerate() {
+        let n: i64 = redis::cmd("SPUBLISH")
+            .arg(channel)
+            .arg(format!("m{i}"))
+            .query_async(publisher)
+            .await
+            .unwrap();
+        got.push(Bytes::from(format!("spublish reached {n}")));
+        got.push(c.frame().await);
+    }
+    let _: i64 = publisher.publish("news", "hi").await.unwrap();
+    got.extend(c.frames(2).await);
+    // Pipelined over several upstream connections: Redis's order holds.
+    let extra = format!("{}:again", ch[1]);
+    let mut pipeline = Vec::new();
+    for args in [
+        &["SSUBSCRIBE", extra.as_str()][..],
+        &["SUBSCRIBE", "x"],
+        &["SUNSUBSCRIBE", ch[0].as_str()],
+        &["PING", "between"],
+    ] {
+        pipeline.extend_from_slice(&resp::command_bytes(args));
+    }
+    c.s.write_all(&pipeline).await.unwrap();
+    got.extend(c.frames(4).await);
+    // Every shard channel, on every shard.
+    c.send(&["SUNSUBSCRIBE"]).await;
+    got.push(unordered(c, 3).await);
+    let n: i64 = redis::cmd("SPUBLISH")
+        .arg(&ch[1])
+        .arg("gone")
+        .query_async(publisher)
+        .await
+        .unwrap();
+    got.push(Bytes::from(format!("spublish after sunsubscribe reached {n}")));
+    for args in [
+        &["GET", "k"][..],
+        &["SUNSUBSCRIBE"],
+        &["SUNSUBSCRIBE", ch[2].as_str()],
+    ] {
+        c.send(args).await;
+        got.push(c.frame().await);
+    }
+    c.send(&["UNSUBSCRIBE"]).await;
+    got.push(unordered(c, 2).await);
+    for args in [
+        &["GET", "k"][..],
+        &["PUNSUBSCRIBE"],
+        &["UNSUBSCRIBE"],
+        &["GET", "k"],
+    ] {
+        c.send(args).await;
+        got.push(c.frame().await);
+    }
+    got
+}
+
+/// What one Redis server says to a client that subscribes shard channels of
+/// several shards, a channel and a pattern, the sidecar says too: the
+/// counts over all its upstream connections, every message, the end of
+/// RESP2 subscribed mode at a count of 0, argument-less unsubscribes.
+async fn multi_shard_subscriber_sees_one_servers_replies(proto: u8) {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let ch = channels_on_distinct_shards(&cluster, 3);
+    let single = support::RedisNode::start(&["--cluster-enabled", "no"]);
+    let mut direct = Raw::connect(&single.addr()).await;
+    let mut direct_pub = support::client_of(single.addr().parse().unwrap()).await;
+    let expected = multi_shard_session(&mut direct, &mut direct_pub, proto, &ch).await;
+    let mut via = Raw::connect(&sidecar.local_addr().to_string()).await;
+    let mut publisher = client(&sidecar).await;
+    let got = multi_shard_session(&mut via, &mut publisher, proto, &ch).await;
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(g, e, "reply {i}: {g:?} where one server says {e:?}");
+    }
+    assert_eq!(got.len(), expected.len());
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resp2_client_subscribes_shard_channels_of_three_shards_and_a_channel_as_on_one_server() {
+    multi_shard_subscriber_sees_one_servers_replies(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resp3_client_subscribes_shard_channels_of_three_shards_and_a_channel_as_on_one_server() {
+    multi_shard_subscriber_sees_one_servers_replies(3).await;
+}
+
+/// Shard channels of different slots in one SSUBSCRIBE: Redis Cluster's
+/// CROSSSLOT (a single server would accept them), as a cluster node says it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssubscribe_of_channels_of_two_slots_gets_redis_clusters_crossslot() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let ch = channels_on_distinct_shards(&cluster, 2);
+    let (owner, _) = cluster.shard_of(&ch[0]);
+    let mut direct = Raw::connect(&owner).await;
+    let mut via = Raw::connect(&sidecar.local_addr().to_string()).await;
+    for c in [&mut direct, &mut via] {
+        c.send(&["SSUBSCRIBE", &ch[0], &ch[1]]).await;
+    }
+    let expected = direct.frame().await;
+    assert!(expected.starts_with(b"-CROSSSLOT"), "{expected:?}");
+    assert_eq!(via.frame().await, expected);
+    // Not subscribed: ordinary commands run; then a subscription works.
+    via.send(&["SET", "k", "v"]).await;
+    assert_eq!(&via.frame().await[..], b"+OK\r\n");
+    via.send(&["SSUBSCRIBE", &ch[1]]).await;
+    assert_eq!(
+        confirmation(&via.frame().await),
+        (Some(Bytes::from(ch[1].clone())), 1)
+    );
+    sidecar.shutdown().await;
+}
+
+/// The output limit holds for messages of every shard a subscriber has
+/// shard channels on: one that does not read is closed, others carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_of_two_shards_that_never_reads_is_closed_at_its_output_limit() {
+    let cluster = Cluster::start(3, 0);
+    let cfg = cachetier_sidecar::Config {
+        client_output_limit: 1 << 20,
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let ch = channels_on_distinct_shards(&cluster, 2);
+    let mut greedy = Raw::connect(&sidecar.local_addr().to_string()).await;
+    for (i, c) in ch.iter().enumerate() {
+        greedy.send(&["SSUBSCRIBE", c]).await;
+        assert_eq!(confirmation(&greedy.frame().await).1, i as i64 + 1);
+    }
+    let mut publisher = client(&sidecar).await;
+    let payload = "x".repeat(256 << 10);
+    for i in 0..400 {
+        if sidecar.metrics().output_limit_closes.get() == 1 {
+            break;
+        }
+        let _: i64 = redis::cmd("SPUBLISH")
+            .arg(&ch[i % 2])
+            .arg(&payload)
+            .query_async(&mut publisher)
+            .await
+            .unwrap();
+    }
+    support::eventually("the subscriber is closed", Duration::from_secs(10), || {
+        sidecar.metrics().output_limit_closes.get() == 1
+    })
+    .await;
+    let v: Option<String> = publisher.get("k").await.unwrap();
+    assert_eq!(v, None, "others carry on");
+    sidecar.shutdown().await;
+}
+
+/// A client that leaves subscribed mode and switches to RESP3 gets its next
+/// confirmations as RESP3 pushes, as from one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_switches_to_resp3_gets_pushes() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = Raw::connect(&sidecar.local_addr().to_string()).await;
+    c.send(&["SUBSCRIBE", "a"]).await;
+    assert_eq!(
+        &c.frame().await[..],
+        b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"
+    );
+    c.send(&["UNSUBSCRIBE", "a"]).await;
+    assert_eq!(
+        &c.frame().await[..],
+        b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n"
+    );
+    c.send(&["HELLO", "3"]).await;
+    assert!(c.frame().await.starts_with(b"%"));
+    c.send(&["SUBSCRIBE", "b"]).await;
+    assert_eq!(
+        &c.frame().await[..],
+        b">3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:1\r\n"
     );
     sidecar.shutdown().await;
 }

@@ -1,0 +1,320 @@
+//! A client's subscriptions over several upstream connections ([`Link`]s):
+//! one for its ordinary channels and patterns, one per shard it has shard
+//! channels on. What they send is merged into the client's output a whole
+//! frame at a time, with the shard-channel counts made the client's totals.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use rand::seq::IndexedRandom;
+
+use super::link::Link;
+use super::{error_frame, is_shard_command, is_subscription_command};
+use crate::error::UpstreamError;
+use crate::resp::{self, Frame};
+use crate::router::Router;
+
+/// A client's subscription connections and what the sidecar knows of them.
+#[derive(Default)]
+pub struct Subscriber {
+    /// Ordinary channels and patterns, on a random primary (Redis Cluster
+    /// broadcasts every `PUBLISH` to every node).
+    plain: Option<Link>,
+    /// Shard channels: one link per primary, kept while it has channels or
+    /// confirmations outstanding (so at most one per shard of the cluster).
+    shards: Vec<Link>,
+    /// Where the next read starts, so no link starves the others.
+    next: usize,
+    /// A write to a link failed: its subscriptions are in doubt, so the
+    /// client is closed at the next read (as when a node goes away).
+    broken: Option<String>,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("plain", &self.plain.as_ref().map(|l| l.count))
+            .field(
+                "shards",
+                &self.shards.iter().map(|l| l.shard_count).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Subscriber {
+    fn links(&self) -> impl Iterator<Item = &Link> {
+        self.plain.iter().chain(self.shards.iter())
+    }
+
+    /// Subscribed (RESP2 restrictions apply) as far as the last settled
+    /// confirmations say: like one server, while any count is above 0.
+    pub fn subscribed(&self) -> bool {
+        self.links().any(Link::subscribed)
+    }
+
+    /// Every forwarded command has all its confirmations.
+    pub fn settled(&self) -> bool {
+        self.links().all(Link::settled)
+    }
+
+    /// Every shard link is settled: an ordinary subscription command may go
+    /// on the plain link behind its own outstanding ones, and its replies
+    /// still come after everything earlier.
+    pub(super) fn shards_settled(&self) -> bool {
+        self.shards.iter().all(Link::settled)
+    }
+
+    fn shard_total(&self) -> i64 {
+        self.shards.iter().map(|l| l.shard_count).sum()
+    }
+
+    /// Send a request the step said to forward (a subscription command, or
+    /// a `PING` in RESP2 subscribed mode); replies it has at once (errors,
+    /// Redis's answer to unsubscribing from nothing) go into `out`.
+    async fn forward(&mut self, router: &Router, proto: u8, req: &resp::Request, out: &mut BytesMut) {
+        let name = req
+            .args
+            .first()
+            .map(|n| n.to_ascii_lowercase())
+            .unwrap_or_default();
+        let bare = req.args.len() == 1;
+        let sent = if is_shard_command(&name) {
+            match req.args.get(1) {
+                Some(channel) => self.forward_shard(router, proto, channel, &req.raw).await,
+                None if name == b"sunsubscribe" => self.sunsubscribe_all(proto, &req.raw, out).await,
+                // Redis's arity error, from any node.
+                None => self.forward_plain(router, proto, &req.raw).await,
+            }
+        } else if is_subscription_command(&name) {
+            if bare && name != b"subscribe" && name != b"psubscribe" && self.plain.is_none() {
+                out.extend_from_slice(&none_left(proto, &name));
+                Ok(())
+            } else {
+                self.forward_plain(router, proto, &req.raw).await
+            }
+        } else {
+            self.forward_ping(router, proto, &req.raw).await
+        };
+        if let Err(b) = sent {
+            out.extend_from_slice(&b);
+        }
+    }
+
+    /// A shard-channel command goes to its (first) channel's slot primary;
+    /// channels of other slots get that node's own CROSSSLOT, as from Redis
+    /// Cluster.
+    async fn forward_shard(
+        &mut self,
+        router: &Router,
+        proto: u8,
+        channel: &[u8],
+        raw: &[u8],
+    ) -> Result<(), Bytes> {
+        let addr = {
+            let topo = router.registry.current();
+            match topo.shard(crate::slot::slot(channel)) {
+                Some(s) => s.primary.addr.clone(),
+                None => {
+                    return Err(error_frame(
+                        "CLUSTERDOWN cachetier: the channel's slot is not served",
+                    ));
+                }
+            }
+        };
+        let i = match self.shards.iter().position(|l| l.addr == addr) {
+            Some(i) => i,
+            None => {
+                self.shards.push(open(router, &addr, proto).await?);
+                self.shards.len() - 1
+            }
+        };
+        let link = &mut self.shards[i];
+        let sent = link.forward(raw).await;
+        self.note_sent(sent)
+    }
+
+    /// Ordinary channels and patterns share one link, opened on a random
+    /// healthy primary at the first command that needs it.
+    async fn forward_plain(&mut self, router: &Router, proto: u8, raw: &[u8]) -> Result<(), Bytes> {
+        // An idle link of the protocol the client spoke before a `HELLO`
+        // would answer in the wrong one.
+        if self
+            .plain
+            .as_ref()
+            .is_some_and(|l| l.proto != proto && l.settled() && !l.subscribed())
+        {
+            self.plain = None;
+        }
+        if self.plain.is_none() {
+            let addr = {
+                let topo = router.registry.current();
+                let healthy: Vec<&Arc<crate::upstream::Node>> = topo
+                    .shards
+                    .iter()
+                    .map(|s| &s.primary)
+                    .filter(|p| p.is_healthy())
+                    .collect();
+                match healthy.choose(&mut rand::rng()) {
+                    Some(p) => p.addr.clone(),
+                    None => return Err(error_frame("CLUSTERDOWN cachetier: no primary to subscribe on")),
+                }
+            };
+            self.plain = Some(open(router, &addr, proto).await?);
+        }
+        let Some(link) = self.plain.as_mut() else {
+            return Err(error_frame("ERR cachetier: no subscription connection"));
+        };
+        let sent = link.forward(raw).await;
+        self.note_sent(sent)
+    }
+
+    /// RESP2 subscribed mode: a link in that mode answers `PING` as one
+    /// server does there (`["pong", arg]`).
+    async fn forward_ping(&mut self, router: &Router, proto: u8, raw: &[u8]) -> Result<(), Bytes> {
+        let link = match self.plain.as_mut().filter(|l| l.subscribed()) {
+            Some(l) => l,
+            None => match self.shards.iter_mut().find(|l| l.subscribed()) {
+                Some(l) => l,
+                None => return self.forward_plain(router, proto, raw).await,
+            },
+        };
+        let sent = link.forward(raw).await;
+        self.note_sent(sent)
+    }
+
+    /// `SUNSUBSCRIBE` with no channel: on every shard link that has some
+    /// (each names its channels, the counts falling to 0 over all of them);
+    /// with none anywhere, Redis's reply for none.
+    async fn sunsubscribe_all(&mut self, proto: u8, raw: &[u8], out: &mut BytesMut) -> Result<(), Bytes> {
+        if self.shard_total() == 0 {
+            out.extend_from_slice(&none_left(proto, b"sunsubscribe"));
+            return Ok(());
+        }
+        for link in self.shards.iter_mut().filter(|l| l.shard_count > 0) {
+            if let Err(e) = link.forward(raw).await {
+                return self.note_sent(Err(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn note_sent(&mut self, sent: std::io::Result<()>) -> Result<(), Bytes> {
+        sent.map_err(|e| {
+            self.broken = Some(e.to_string());
+            error_frame(&format!("ERR cachetier: subscription connection lost: {e}"))
+        })
+    }
+
+    /// Wait until some link has data (cancel safe); a lost link ends it.
+    async fn read(&mut self) -> Result<(), UpstreamError> {
+        std::future::poll_fn(|cx| {
+            if let Some(e) = &self.broken {
+                return std::task::Poll::Ready(Err(UpstreamError::Closed(e.clone())));
+            }
+            let n = usize::from(self.plain.is_some()) + self.shards.len();
+            for k in 0..n {
+                let i = (self.next + k) % n;
+                let link = match self.plain.as_mut() {
+                    Some(p) if i == 0 => p,
+                    Some(_) => &mut self.shards[i - 1],
+                    None => &mut self.shards[i],
+                };
+                if let std::task::Poll::Ready(r) = link.poll_read(cx) {
+                    self.next = i + 1;
+                    return std::task::Poll::Ready(r);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// Move every complete frame of every link into `out` (see
+    /// [`Link::drain`]), then close the shard links left with nothing.
+    pub fn drain(&mut self, out: &mut BytesMut) -> Result<(), UpstreamError> {
+        if let Some(p) = self.plain.as_mut() {
+            p.drain(out, 0)?;
+        }
+        for i in 0..self.shards.len() {
+            let others = self.shard_total() - self.shards[i].shard_count;
+            self.shards[i].drain(out, others)?;
+        }
+        self.shards.retain(|l| !l.settled() || l.shard_count > 0);
+        Ok(())
+    }
+}
+
+async fn open(router: &Router, addr: &str, proto: u8) -> Result<Link, Bytes> {
+    Link::open(
+        addr,
+        proto,
+        router.config.response_timeout,
+        router.config.auth.as_ref(),
+    )
+    .await
+    .map_err(|e| {
+        error_frame(&format!(
+            "ERR cachetier: could not open a subscription connection to {addr}: {e}"
+        ))
+    })
+}
+
+/// Redis's reply to an argument-less unsubscribe with nothing to leave:
+/// `[kind, nil, 0]`.
+fn none_left(proto: u8, kind: &[u8]) -> Bytes {
+    let items = vec![
+        Frame::Bulk(Bytes::copy_from_slice(kind)),
+        if proto == 3 { Frame::Null } else { Frame::NullBulk },
+        Frame::Integer(0),
+    ];
+    let mut b = BytesMut::new();
+    if proto == 3 {
+        Frame::Push(items)
+    } else {
+        Frame::Array(items)
+    }
+    .encode(&mut b);
+    b.freeze()
+}
+
+/// Forward a request on the client's subscription connections, creating
+/// its subscription state at its first one; replies it gets at once go to
+/// `out`.
+pub async fn forward(
+    router: &Router,
+    sub: &mut Option<Subscriber>,
+    proto: u8,
+    req: &resp::Request,
+    out: &mut BytesMut,
+) {
+    sub.get_or_insert_with(Subscriber::default)
+        .forward(router, proto, req, out)
+        .await;
+}
+
+/// Read from the client's subscription connections (pending for ever when
+/// there are none; the select guards that).
+pub async fn read(sub: &mut Option<Subscriber>) -> Result<(), UpstreamError> {
+    match sub.as_mut() {
+        Some(s) => s.read().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_to_unsubscribe_is_answered_as_redis_does() {
+        assert_eq!(
+            &none_left(2, b"sunsubscribe")[..],
+            b"*3\r\n$12\r\nsunsubscribe\r\n$-1\r\n:0\r\n"
+        );
+        assert_eq!(
+            &none_left(3, b"unsubscribe")[..],
+            b">3\r\n$11\r\nunsubscribe\r\n_\r\n:0\r\n"
+        );
+    }
+}

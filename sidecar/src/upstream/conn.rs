@@ -172,6 +172,11 @@ pub(super) async fn reader(
     // rescanned on every read.
     let mut checker = resp::Checker::new(Limits::upstream());
     let mut last_bytes = Instant::now();
+    // The last read brought bytes: the node was alive then, and the time
+    // this task then spent delivering them is the sidecar's, not the
+    // node's silence (a long batch under load, or a 1 GB burst of replies,
+    // must not look like a silent node).
+    let mut fresh = false;
     let why = loop {
         // Deliver every complete reply already buffered.
         let mut bad = None;
@@ -221,12 +226,17 @@ pub(super) async fn reader(
         if let Some(e) = bad {
             break e;
         }
+        if std::mem::take(&mut fresh) {
+            last_bytes = Instant::now();
+        }
         let deadline = silence_deadline(&state, &node, last_bytes, timeout);
         tokio::select! {
+            // Bytes already waiting are read before the deadline is judged.
+            biased;
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => break UpstreamError::Closed("eof".into()),
                 // Bytes arriving are life, even mid-way through a large reply.
-                Ok(_) => last_bytes = Instant::now(),
+                Ok(_) => fresh = true,
                 Err(e) => break UpstreamError::Closed(e.to_string()),
             },
             _ = sleep_until_opt(deadline.map(tokio::time::Instant::from_std)) => {

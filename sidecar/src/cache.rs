@@ -135,6 +135,8 @@ pub struct LocalCache {
     /// and fields), pruned of the ones nothing holds any more.
     alive: Mutex<HashMap<Bytes, Vec<Alive>>>,
     inflight: Mutex<HashMap<CacheKey, InFlight>>,
+    /// The entries hit lately, read without moka's bookkeeping (`front.rs`).
+    front: front::Front,
     metrics: Metrics,
 }
 
@@ -168,6 +170,7 @@ impl LocalCache {
             fill_gen: AtomicU64::new(0),
             alive: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
+            front: front::Front::default(),
             metrics,
         })
     }
@@ -199,11 +202,16 @@ impl LocalCache {
     /// counts the miss.
     pub fn try_hit(&self, key: &CacheKey) -> Option<Bytes> {
         use futures_util::FutureExt;
+        if let Some(value) = self.front.get(key) {
+            self.metrics.cache_hits.inc();
+            return Some(value);
+        }
         // moka's `get` completes on its first poll; if it ever did not, the
         // ordinary path answers instead.
         let e = self.cache.get(key).now_or_never().flatten()?;
         if e.servable() {
             self.metrics.cache_hits.inc();
+            self.front.offer(key, &e);
             Some(e.value)
         } else {
             None
@@ -390,6 +398,9 @@ impl LocalCache {
                 !hit
             });
         }
+        // Its entries are unservable already (their flags are cleared);
+        // this frees them.
+        self.front.clear();
         match slots {
             None => self.cache.invalidate_all(),
             Some(ranges) => {
@@ -429,5 +440,6 @@ impl LocalCache {
     }
 }
 
+mod front;
 #[cfg(test)]
 mod tests;

@@ -639,7 +639,17 @@ mod tests {
     #[test]
     fn the_recent_lookup_answers_like_the_table_for_every_spelling() {
         let mut recent = Recent::default();
-        for name in ["GET", "GET", "get", "SET", "GET", "frobnicate", "GET", "xautoclaim", "XAUTOCLAIM"] {
+        for name in [
+            "GET",
+            "GET",
+            "get",
+            "SET",
+            "GET",
+            "frobnicate",
+            "GET",
+            "xautoclaim",
+            "XAUTOCLAIM",
+        ] {
             let want = lookup(name.as_bytes()).map(|c| c.name);
             assert_eq!(recent.lookup(name.as_bytes()).map(|c| c.name), want, "{name}");
         }

@@ -361,7 +361,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 // answered straight into the output buffer, with no future.
                 Ok(Some(req))
                     if pending.is_empty()
-                        && let Some(hit) = router.try_cached(&st, &req) =>
+                        && let Some(hit) = router.try_cached(&mut st, &req) =>
                 {
                     out.extend_from_slice(&hit);
                 }

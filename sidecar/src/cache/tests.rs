@@ -241,3 +241,52 @@ async fn the_byte_budget_bounds_the_cache() {
         c.weighted_size()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hit_from_the_front_obeys_invalidation_flushes_and_the_keys_life() {
+    let c = cache(Duration::from_secs(60), 1 << 20);
+    let fill = |c: &Arc<LocalCache>, k: &'static str, life: Option<Duration>| {
+        let c = c.clone();
+        async move {
+            c.get_or_fetch(key(k), true, async move { (Bytes::from_static(b"+v\r\n"), life) })
+                .await
+        }
+    };
+    for k in ["hot:a", "hot:b", "hot:c"] {
+        fill(&c, k, None).await;
+        // The first hit comes from moka and puts the entry in the front.
+        assert!(c.try_hit(&key(k)).is_some());
+    }
+    assert_eq!(c.front.len(), 3, "hits are kept in the front");
+    c.bump(b"hot:a");
+    assert!(
+        c.try_hit(&key("hot:a")).is_none(),
+        "a bumped key is not served from the front"
+    );
+    assert!(c.try_hit(&key("hot:b")).is_some(), "other keys still are");
+    c.flush(None, "test");
+    assert!(c.try_hit(&key("hot:b")).is_none(), "a flush reaches the front");
+    assert_eq!(c.front.len(), 0);
+    fill(&c, "hot:px", Some(Duration::from_millis(300))).await;
+    assert!(c.try_hit(&key("hot:px")).is_some());
+    tokio::time::advance(Duration::from_millis(301)).await;
+    assert!(c.try_hit(&key("hot:px")).is_none(), "past the key's own life");
+}
+
+#[tokio::test]
+async fn the_front_stays_within_its_bounds() {
+    let c = cache(Duration::from_secs(60), 64 << 20);
+    let value: &'static [u8] = Box::leak(
+        format!("${}\r\n{}\r\n", 3000, "x".repeat(3000))
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    for i in 0..(2 * front::FRONT_ENTRIES) {
+        let k = key(&format!("hot:{i}"));
+        c.get_or_fetch(k.clone(), true, async move { (Bytes::from_static(value), None) })
+            .await;
+        assert!(c.try_hit(&k).is_some());
+        assert!(c.front.len() <= front::FRONT_ENTRIES);
+        assert!(c.front.len() * value.len() <= front::FRONT_BYTES + value.len());
+    }
+}

@@ -13,13 +13,10 @@
 
 use bytes::BytesMut;
 
-use super::{Checker, Request, find_crlf, parse_len};
+use super::{Checker, Request};
 
 /// Most arguments taken on this path (their positions live on the stack).
 pub(super) const MAX_ARGS: usize = 8;
-
-/// As the [`Checker`]: a length line longer than this is not a length.
-const HEADER_MAX: usize = 64;
 
 /// The request at the front of `buf`, if it is a complete, canonical array of
 /// 1..=[`MAX_ARGS`] bulk strings within the checker's limits.
@@ -49,16 +46,36 @@ pub(super) fn take(buf: &mut BytesMut, checker: &Checker) -> Option<Request> {
 }
 
 /// `<ty><canonical non-negative length>\r\n` at `pos`: the length, and where
-/// the bytes after its line start.
+/// the bytes after its line start. Digits are read in the same pass as the
+/// line's end is found; anything unusual (a sign, a leading zero, more than
+/// 18 digits, a lone CR) is left to the general path.
 fn header(b: &[u8], pos: usize, ty: u8) -> Option<(usize, usize)> {
     if b.get(pos) != Some(&ty) {
         return None;
     }
-    let window = &b[..b.len().min(pos + 1 + HEADER_MAX + 2)];
-    let end = find_crlf(window, pos + 1)?;
-    let len = parse_len(&b[pos + 1..end]).ok()?;
-    Some((usize::try_from(len).ok()?, end + 2))
+    let first = *b.get(pos + 1)?;
+    if !first.is_ascii_digit() {
+        return None;
+    }
+    let mut n = usize::from(first - b'0');
+    let mut i = pos + 2;
+    loop {
+        let c = *b.get(i)?;
+        if c == b'\r' {
+            break;
+        }
+        // `n == 0`: a leading zero, which is not canonical.
+        if !c.is_ascii_digit() || n == 0 || i - pos > MAX_DIGITS {
+            return None;
+        }
+        n = n * 10 + usize::from(c - b'0');
+        i += 1;
+    }
+    (b.get(i + 1) == Some(&b'\n')).then_some((n, i + 2))
 }
+
+/// Digits a length may have on this path (no overflow in `usize`).
+const MAX_DIGITS: usize = 18;
 
 #[cfg(test)]
 mod tests {
@@ -66,6 +83,34 @@ mod tests {
     use super::super::{Checker, Limits, command_bytes};
     use bytes::BytesMut;
     use proptest::prelude::*;
+
+    #[test]
+    fn unusual_length_lines_are_left_to_the_general_path_and_end_alike() {
+        let cases: [&[u8]; 12] = [
+            b"*1\r\n$03\r\nGET\r\n",
+            b"*1\r\n$+3\r\nGET\r\n",
+            b"*1\r\n$-1\r\n",
+            b"*01\r\n$3\r\nGET\r\n",
+            b"*1\r\n$3\rxGET\r\n",
+            b"*1\r\n$3\nGET\r\n",
+            b"*1\r\n$99999999999999999999\r\nGET\r\n",
+            b"*1\r\n$1234567890123456789\r\nGET\r\n",
+            b"*1\r\n$\r\nGET\r\n",
+            b"*1\r\n$0\r\n\r\n",
+            b"*2\r\n$3\r\nGET\r\n$10\r\n0123456789\r\n",
+            b"*1\r\n$3 \r\nGET\r\n",
+        ];
+        for case in cases {
+            let run = |fast: bool| {
+                let limits = Limits::default();
+                let mut buf = BytesMut::from(case);
+                let mut checker = Checker::new(limits);
+                let r = parse_request_via(&mut buf, &mut checker, &limits, fast);
+                (format!("{r:?}"), buf.len())
+            };
+            assert_eq!(run(true), run(false), "{}", String::from_utf8_lossy(case));
+        }
+    }
 
     proptest! {
     #[test]

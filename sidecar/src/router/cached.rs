@@ -8,12 +8,12 @@ impl Router {
     /// future, if its entry is fresh. Only for a client with nothing else in
     /// flight (the caller checks) and no MULTI/WATCH state, so no earlier
     /// command of the same client can still be about to invalidate it.
-    pub fn try_cached(&self, st: &ClientState, req: &resp::Request) -> Option<Bytes> {
+    pub fn try_cached(&self, st: &mut ClientState, req: &resp::Request) -> Option<Bytes> {
         let cache = self.cache.as_ref()?;
         if st.session.in_multi() || st.watch.is_some() {
             return None;
         }
-        let info = commands::lookup(req.args.first()?)?;
+        let info = st.recent.lookup(req.args.first()?)?;
         let variant = self.cache_variant(info, &req.args)?;
         let start = std::time::Instant::now();
         let key = CacheKey {

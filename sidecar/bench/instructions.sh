@@ -60,7 +60,7 @@ echo "instructions per request, $N requests per test (SET+GET rows: both tests)"
 redis 7400 callgrind redis
 R=$LAST
 for pipe in 1 16; do count "redis-server, clients direct (SET+GET)" "$R" 7400 "$pipe" set,get; done
-count "redis-server, clients direct (GET, 10 keys)" "$R" 7400 1 get -r 10
+for pipe in 1 16; do count "redis-server, clients direct (GET, 10 keys)" "$R" 7400 "$pipe" get -r 10; done
 
 # The sidecar in front of a plain node.
 redis 7402
@@ -76,4 +76,4 @@ C=$!; PIDS+=($C)
 wait_ping 7404
 sleep 2 # the tracking connection
 redis-benchmark -h 127.0.0.1 -p 7402 -c 10 -n 1000 -t set -r 10 -q >/dev/null 2>&1
-count "sidecar, local-cache hits (GET, 10 keys)" "$C" 7404 1 get -r 10
+for pipe in 1 16; do count "sidecar, local-cache hits (GET, 10 keys)" "$C" 7404 "$pipe" get -r 10; done

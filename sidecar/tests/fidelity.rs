@@ -465,3 +465,41 @@ async fn a_large_value_still_streaming_is_life_not_silence() {
     );
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_that_meets_moved_keeps_its_order_and_its_replies() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let key = "moving:counter";
+    let _: () = c.set(key, 1).await.unwrap();
+    let (from, _) = cluster.shard_of(key);
+    let from = cluster.by_addr(&from);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    let slot = from.cli(&["CLUSTER", "KEYSLOT", key]).trim().to_string();
+    let (from_id, to_id) = (from.node_id(), to.node_id());
+    to.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+    from.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+    let port = to.port.to_string();
+    let migrated = from.cli(&["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key]);
+    assert!(migrated.contains("OK"), "{migrated}");
+    for n in &cluster.nodes {
+        n.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+    }
+    // The sidecar still routes the slot to its old owner: every command of
+    // this pipeline meets MOVED there first, and each must still run after
+    // the one before it.
+    let replies: (i64, String, (), i64, String, i64) = redis::pipe()
+        .incr(key, 1)
+        .get(key)
+        .set(key, 10)
+        .incr(key, 1)
+        .get(key)
+        .incr(key, 5)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(replies, (2, "2".into(), (), 11, "11".into(), 16));
+    assert!(sidecar.metrics().redirects.with_label_values(&["moved"]).get() >= 1);
+    sidecar.shutdown().await;
+}

@@ -2,8 +2,10 @@
 //!
 //! Each client connection is one task: it parses as many pipelined commands
 //! as are buffered, starts each one (they run concurrently), and writes the
-//! replies strictly in request order. A local-cache hit of a client with
-//! nothing else in flight is answered in place (no future; see
+//! replies strictly in request order (`pipeline.rs`). The common command is
+//! sent upstream from this task and answered through the client's inbox
+//! (`router/direct.rs`); the rest run as futures. A local-cache hit of a
+//! client with nothing else in flight is answered in place (no future; see
 //! `Router::try_cached`): a hot key costs one read and one write, as it
 //! would from Redis itself. A protocol error is answered with one `-ERR` and
 //! the connection is closed; nothing a client sends can affect another

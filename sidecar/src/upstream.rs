@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::connect::handshake;
 pub use crate::connect::{Dedicated, Proto, oneshot_command, opening};
@@ -379,14 +379,8 @@ impl Node {
         let timeout = self.settings.response_timeout;
         let (rd, wr, buf) = handshake(&self.addr, proto, timeout, self.settings.auth.as_ref()).await?;
         let (closed, _) = watch::channel(false);
-        let state = Arc::new(ConnState {
-            pending: Mutex::new(VecDeque::new()),
-            dead: AtomicBool::new(false),
-            closed,
-            armed: tokio::sync::Notify::new(),
-        });
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(wr, rx, state.clone()));
+        let state = Arc::new(ConnState::new(closed));
+        tokio::spawn(writer(wr, state.clone()));
         tokio::spawn(reader(
             rd,
             buf,
@@ -397,7 +391,6 @@ impl Node {
         ));
         Ok(Conn {
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
-            tx,
             state,
         })
     }

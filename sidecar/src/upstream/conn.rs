@@ -51,6 +51,10 @@ pub(super) struct Pending {
 
 pub(super) struct ConnState {
     pub(super) pending: Mutex<VecDeque<Pending>>,
+    /// Requests queued for the writer, bytes and reply sinks in order.
+    pub(super) outbox: Mutex<Outbox>,
+    /// Wakes the writer when the outbox goes from empty to non-empty.
+    pub(super) queued: tokio::sync::Notify,
     pub(super) dead: AtomicBool,
     pub(super) closed: watch::Sender<bool>,
     /// Wakes the reader when the queue goes from empty to non-empty, so it
@@ -58,14 +62,39 @@ pub(super) struct ConnState {
     pub(super) armed: tokio::sync::Notify,
 }
 
+/// What senders have queued and the writer has not taken yet. The writer
+/// swaps it with an empty one of its own, so both buffers are reused.
+#[derive(Default)]
+pub(super) struct Outbox {
+    bytes: BytesMut,
+    sinks: Vec<(Sink, usize)>,
+}
+
 impl ConnState {
+    pub(super) fn new(closed: watch::Sender<bool>) -> ConnState {
+        ConnState {
+            pending: Mutex::new(VecDeque::new()),
+            outbox: Mutex::new(Outbox::default()),
+            queued: tokio::sync::Notify::new(),
+            dead: AtomicBool::new(false),
+            closed,
+            armed: tokio::sync::Notify::new(),
+        }
+    }
+
     /// Mark dead and fail everything outstanding. Idempotent.
     pub(super) fn close(&self, why: &UpstreamError) {
         self.dead.store(true, Ordering::SeqCst);
         self.closed.send_replace(true);
+        // Under the outbox's lock: a sender either queued before this (and
+        // is failed here) or sees `dead` and gets its request back.
+        let queued = std::mem::take(&mut lock(&self.outbox).sinks);
         let drained: Vec<Pending> = lock(&self.pending).drain(..).collect();
         for p in drained {
             p.sink.fail(why.clone());
+        }
+        for (sink, _) in queued {
+            sink.fail(why.clone());
         }
     }
 }
@@ -74,12 +103,11 @@ impl ConnState {
 pub(super) struct Conn {
     /// Unique per connection: [`Turn`]s compare it to keep a client's order.
     pub(super) id: u64,
-    pub(super) tx: mpsc::UnboundedSender<Request>,
     pub(super) state: Arc<ConnState>,
 }
 
 /// Queue `req` on `conn`, marking `turn` sent there; gives the request back
-/// (and marks the connection dead) when its writer has gone.
+/// when the connection is dead.
 pub(super) fn send_in_turn(
     conn: &Conn,
     req: Request,
@@ -89,73 +117,67 @@ pub(super) fn send_in_turn(
     if write && let Some(t) = turn {
         t.note_write();
     }
-    match conn.tx.send(req) {
-        Ok(()) => {
-            if let Some(t) = turn {
-                t.sent(conn.id, write);
-            }
-            Ok(())
+    let was_empty = {
+        let mut o = lock(&conn.state.outbox);
+        if conn.state.dead.load(Ordering::SeqCst) {
+            return Err(req);
         }
-        Err(mpsc::error::SendError(r)) => {
-            conn.state.dead.store(true, Ordering::SeqCst);
-            Err(r)
-        }
+        o.bytes.extend_from_slice(&req.bytes);
+        o.sinks.push((req.sink, req.replies.max(1)));
+        o.sinks.len() == 1
+    };
+    if was_empty {
+        conn.state.queued.notify_one();
     }
+    if let Some(t) = turn {
+        t.sent(conn.id, write);
+    }
+    Ok(())
 }
 
-pub(super) async fn writer(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Request>,
-    state: Arc<ConnState>,
-) {
+/// Write whatever is queued, in one write per pass: the requests of every
+/// client that queued meanwhile share it.
+pub(super) async fn writer(mut wr: OwnedWriteHalf, state: Arc<ConnState>) {
     let mut closed = state.closed.subscribe();
-    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut batch = Outbox::default();
     loop {
-        let first = tokio::select! {
-            r = rx.recv() => match r { Some(r) => r, None => break },
-            _ = closed.changed() => break,
-        };
-        let mut batch = Some(first);
-        let mut n = 0;
-        // One clock read per batch: every request in it is sent by the same write.
-        let sent = Instant::now();
-        while let Some(req) = batch.take() {
-            {
-                let mut p = lock(&state.pending);
-                if state.dead.load(Ordering::SeqCst) {
-                    drop(p);
-                    req.sink.fail(UpstreamError::Closed("connection closed".into()));
-                } else {
-                    out.extend_from_slice(&req.bytes);
-                    if p.is_empty() {
-                        state.armed.notify_one();
-                    }
-                    p.push_back(Pending {
-                        expected: req.replies.max(1),
-                        got: Vec::new(),
-                        sink: req.sink,
-                        sent,
-                    });
+        std::mem::swap(&mut *lock(&state.outbox), &mut batch);
+        if batch.sinks.is_empty() {
+            tokio::select! {
+                () = state.queued.notified() => continue,
+                _ = closed.changed() => break,
+            }
+        }
+        {
+            // One clock read per batch: every request in it is sent by the same write.
+            let sent = Instant::now();
+            let mut p = lock(&state.pending);
+            if state.dead.load(Ordering::SeqCst) {
+                drop(p);
+                for (sink, _) in batch.sinks.drain(..) {
+                    sink.fail(UpstreamError::Closed("connection closed".into()));
                 }
+                break;
             }
-            n += 1;
-            if n < 256 && out.len() < 256 * 1024 {
-                batch = rx.try_recv().ok();
+            if p.is_empty() {
+                state.armed.notify_one();
             }
+            p.extend(batch.sinks.drain(..).map(|(sink, expected)| Pending {
+                expected,
+                got: Vec::new(),
+                sink,
+                sent,
+            }));
         }
-        if out.is_empty() {
-            continue;
-        }
-        if let Err(e) = wr.write_all(&out).await {
+        if let Err(e) = wr.write_all(&batch.bytes).await {
             state.close(&UpstreamError::Closed(e.to_string()));
             break;
         }
-        out.clear();
-    }
-    // Refuse anything still queued.
-    rx.close();
-    while let Ok(req) = rx.try_recv() {
-        req.sink.fail(UpstreamError::Closed("connection closed".into()));
+        batch.bytes.clear();
+        // A buffer grown by one huge request is not kept for ever.
+        if batch.bytes.capacity() > 1 << 20 {
+            batch.bytes = BytesMut::new();
+        }
     }
 }
 

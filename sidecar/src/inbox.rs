@@ -50,6 +50,22 @@ impl Inbox {
         }
     }
 
+    /// Deliver every reply of `replies` (emptied), in order.
+    pub fn push_all(&self, replies: &mut Vec<Delivery>) {
+        let waker = {
+            let mut s = lock(&self.state);
+            if s.closed {
+                replies.clear();
+                return;
+            }
+            s.replies.append(replies);
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// The client has gone: drop what was delivered and whatever arrives.
     pub fn close(&self) {
         let dropped = {

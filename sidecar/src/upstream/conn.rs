@@ -199,52 +199,15 @@ pub(super) async fn reader(
     // node's silence (a long batch under load, or a 1 GB burst of replies,
     // must not look like a silent node).
     let mut fresh = false;
+    // Reused across passes: the requests completed by one pass, and a run
+    // of replies for one client's inbox.
+    let mut done: Vec<Done> = Vec::new();
+    let mut run: Vec<crate::inbox::Delivery> = Vec::new();
     let why = loop {
-        // Deliver every complete reply already buffered.
-        let mut bad = None;
-        let mut now = None;
-        loop {
-            match checker.check(&buf) {
-                Ok(Some(n)) => {
-                    let raw = buf.split_to(n).freeze();
-                    if raw.first() == Some(&b'>') {
-                        // Out-of-band RESP3 push (none are requested on data
-                        // connections); not a reply to anything.
-                        continue;
-                    }
-                    let mut p = lock(&state.pending);
-                    let Some(front) = p.front_mut() else {
-                        bad = Some(UpstreamError::Protocol("reply with no request".into()));
-                        break;
-                    };
-                    // A one-reply request to an inbox takes its reply as it is
-                    // (no vector for it).
-                    let single = front.expected == 1 && matches!(front.sink, Sink::Inbox(..));
-                    let kept = if single {
-                        Some(raw)
-                    } else {
-                        front.got.push(raw);
-                        None
-                    };
-                    if (single || front.got.len() >= front.expected)
-                        && let Some(done) = p.pop_front()
-                    {
-                        drop(p);
-                        let now = *now.get_or_insert_with(Instant::now);
-                        latency.observe(now.saturating_duration_since(done.sent).as_secs_f64());
-                        match (done.sink, kept) {
-                            (Sink::Inbox(inbox, seq), Some(raw)) => inbox.push(seq, Ok(raw)),
-                            (sink, _) => sink.deliver(Ok(done.got)),
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    bad = Some(UpstreamError::Protocol(e.to_string()));
-                    break;
-                }
-            }
-        }
+        // Match every complete reply already buffered (one lock for all),
+        // then deliver them.
+        let bad = match_replies(&mut buf, &mut checker, &state, &mut done);
+        deliver(&mut done, &mut run, &latency);
         if let Some(e) = bad {
             break e;
         }
@@ -293,6 +256,85 @@ pub(super) async fn reader(
         && node.is_current(&state)
     {
         node.mark_down();
+    }
+}
+
+/// A request whose replies are all in.
+pub(super) struct Done {
+    sink: Sink,
+    sent: Instant,
+    got: Vec<Bytes>,
+    /// The reply of a one-reply request to an inbox (no vector for it).
+    single: Option<Bytes>,
+}
+
+/// Take every complete reply off the front of `buf` and match it to its
+/// request; a protocol error or a reply with no request ends the connection.
+fn match_replies(
+    buf: &mut BytesMut,
+    checker: &mut resp::Checker,
+    state: &ConnState,
+    done: &mut Vec<Done>,
+) -> Option<UpstreamError> {
+    let mut p = lock(&state.pending);
+    loop {
+        let n = match checker.check(buf) {
+            Ok(Some(n)) => n,
+            Ok(None) => return None,
+            Err(e) => return Some(UpstreamError::Protocol(e.to_string())),
+        };
+        let raw = buf.split_to(n).freeze();
+        if raw.first() == Some(&b'>') {
+            // Out-of-band RESP3 push (none are requested on data
+            // connections); not a reply to anything.
+            continue;
+        }
+        let Some(front) = p.front_mut() else {
+            return Some(UpstreamError::Protocol("reply with no request".into()));
+        };
+        let single = front.expected == 1 && matches!(front.sink, Sink::Inbox(..));
+        let kept = if single {
+            Some(raw)
+        } else {
+            front.got.push(raw);
+            None
+        };
+        if (single || front.got.len() >= front.expected)
+            && let Some(complete) = p.pop_front()
+        {
+            done.push(Done {
+                sink: complete.sink,
+                sent: complete.sent,
+                got: complete.got,
+                single: kept,
+            });
+        }
+    }
+}
+
+/// Hand completed requests their replies; consecutive replies for one
+/// client's inbox go in under one lock and one wake-up.
+fn deliver(done: &mut Vec<Done>, run: &mut Vec<crate::inbox::Delivery>, latency: &prometheus::Histogram) {
+    if done.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let mut run_inbox: Option<Arc<Inbox>> = None;
+    for d in done.drain(..) {
+        latency.observe(now.saturating_duration_since(d.sent).as_secs_f64());
+        match (d.sink, d.single) {
+            (Sink::Inbox(inbox, seq), Some(raw)) => {
+                if let Some(other) = run_inbox.take_if(|r| !Arc::ptr_eq(r, &inbox)) {
+                    other.push_all(run);
+                }
+                run_inbox.get_or_insert(inbox);
+                run.push((seq, Ok(raw)));
+            }
+            (sink, _) => sink.deliver(Ok(d.got)),
+        }
+    }
+    if let Some(inbox) = run_inbox {
+        inbox.push_all(run);
     }
 }
 

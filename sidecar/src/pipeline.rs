@@ -14,7 +14,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::inbox::{Delivery, Inbox};
 use crate::order::Turn;
-use crate::router::{Action, Direct, Outcome, Place, ReplyFuture, Router};
+use crate::router::{Action, ClientMetrics, Direct, Outcome, Place, ReplyFuture, Router};
 
 enum Entry {
     /// A future of `futures` will fill it.
@@ -49,6 +49,8 @@ pub struct Pipeline {
     futures: FuturesUnordered<Tagged>,
     inbox: Arc<Inbox>,
     delivered: Vec<Delivery>,
+    /// The client's command metrics, published when its task waits.
+    metrics: ClientMetrics,
 }
 
 impl Drop for Pipeline {
@@ -109,6 +111,11 @@ impl Pipeline {
         self.futures.push(Tagged { seq, fut });
     }
 
+    /// The client's command metrics (`flush` them before waiting).
+    pub fn metrics(&mut self) -> &mut ClientMetrics {
+        &mut self.metrics
+    }
+
     /// The front reply, if it is there.
     pub fn pop_ready(&mut self) -> Option<Bytes> {
         if !matches!(self.entries.front(), Some(Entry::Ready(..))) {
@@ -167,7 +174,7 @@ impl Pipeline {
         let Entry::Direct(d) = std::mem::replace(entry, Entry::Running) else {
             return;
         };
-        match router.direct_delivered(d, result) {
+        match router.direct_delivered(d, result, &mut self.metrics) {
             Outcome::Reply(reply, turn) => {
                 if let Some(e) = self.entry(seq) {
                     *e = Entry::Ready(reply, Some(turn));

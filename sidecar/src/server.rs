@@ -363,7 +363,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 // answered straight into the output buffer, with no future.
                 Ok(Some(req))
                     if pending.is_empty()
-                        && let Some(hit) = router.try_cached(&mut st, &req) =>
+                        && let Some(hit) = router.try_cached(&mut st, &req, pending.metrics()) =>
                 {
                     out.extend_from_slice(&hit);
                 }
@@ -391,6 +391,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
         if !reading && held.is_none() && pending.is_empty() && out.is_empty() {
             break;
         }
+        pending.metrics().flush();
         tokio::select! {
             // Not while a request waits for its turn (bounded input).
             r = rd.read_buf(&mut inbuf), if reading && held.is_none() && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE => match r {

@@ -1007,3 +1007,45 @@ async fn writes_resume_on_the_promoted_replica_after_a_failover() {
     eprintln!("writes resumed {took:?} after the primary stopped ({failed_writes} failed attempts)");
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_counted_once_by_command_and_outcome_before_its_reply() {
+    let cluster = Cluster::start(3, 0);
+    let mut cfg = config(&cluster);
+    cfg.cache = cachetier_sidecar::CacheConfig {
+        prefixes: vec!["hot:".into()],
+        ttl: Duration::from_secs(60),
+        max_bytes: 1 << 20,
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let m = sidecar.metrics();
+    let count = |cmd: &str, outcome: &str| m.requests.with_label_values(&[cmd, outcome]).get();
+    let samples = |cmd: &str| m.latency.with_label_values(&[cmd]).get_sample_count();
+    let _: () = c.set("hot:a", "v").await.unwrap();
+    let _: () = c.set("plain:s", "not a number").await.unwrap();
+    let (gets, get_samples, incr_errors) = (count("get", "ok"), samples("get"), count("incrby", "error"));
+    let mut pipe = redis::pipe();
+    for i in 0..100 {
+        pipe.get(format!("plain:{i}"));
+    }
+    let _: Vec<Option<String>> = pipe.query_async(&mut c).await.unwrap();
+    for _ in 0..10 {
+        let v: String = c.get("hot:a").await.unwrap();
+        assert_eq!(v, "v");
+    }
+    for _ in 0..5 {
+        // The redis crate sends INCRBY.
+        let r: redis::RedisResult<i64> = c.incr("plain:s", 1).await;
+        assert!(r.is_err());
+    }
+    // Read at once: a reply is only written after its count is published.
+    assert_eq!(
+        count("get", "ok") - gets,
+        110,
+        "direct GETs, the fill and the cache hits"
+    );
+    assert_eq!(samples("get") - get_samples, 110);
+    assert_eq!(count("incrby", "error") - incr_errors, 5);
+    sidecar.shutdown().await;
+}

@@ -8,7 +8,12 @@ impl Router {
     /// future, if its entry is fresh. Only for a client with nothing else in
     /// flight (the caller checks) and no MULTI/WATCH state, so no earlier
     /// command of the same client can still be about to invalidate it.
-    pub fn try_cached(&self, st: &mut ClientState, req: &resp::Request) -> Option<Bytes> {
+    pub fn try_cached(
+        &self,
+        st: &mut ClientState,
+        req: &resp::Request,
+        metrics: &mut ClientMetrics,
+    ) -> Option<Bytes> {
         let cache = self.cache.as_ref()?;
         if st.session.in_multi() || st.watch.is_some() {
             return None;
@@ -27,11 +32,7 @@ impl Router {
             },
         };
         let value = cache.try_hit(&key)?;
-        let m = self
-            .per_command
-            .get(info.id)
-            .map(|cell| cell.get_or_init(|| self.command_metrics(info)));
-        CommandMetrics::record(m.map(|m| &**m), &value, start);
+        metrics.record(self, info, &value, start);
         Some(value)
     }
 

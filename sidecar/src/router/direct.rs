@@ -38,7 +38,7 @@ pub struct Direct {
     up: Proto,
     /// Read-your-writes: the slot counts as written until the reply.
     _written: Option<WriteMark>,
-    metrics: Option<Arc<CommandMetrics>>,
+    info: &'static CommandInfo,
     start: std::time::Instant,
 }
 
@@ -110,19 +110,24 @@ impl Router {
             to_primary,
             up,
             _written: written,
-            metrics: self.handles(info),
+            info,
             start: std::time::Instant::now(),
         })
     }
 
     /// The reply (or failure) of a direct command has arrived.
-    pub fn direct_delivered(self: &Arc<Self>, d: Direct, result: Result<Bytes, UpstreamError>) -> Outcome {
+    pub fn direct_delivered(
+        self: &Arc<Self>,
+        d: Direct,
+        result: Result<Bytes, UpstreamError>,
+        metrics: &mut ClientMetrics,
+    ) -> Outcome {
         if let Err(e) = &result {
             d.node.node().count_error(e);
         }
         let result = match result {
             Ok(reply) if !self.needs_another_attempt(&reply, d.kind) => {
-                CommandMetrics::record(d.metrics.as_deref(), &reply, d.start);
+                metrics.record(self, d.info, &reply, d.start);
                 return Outcome::Reply(reply, d.turn);
             }
             other => other,
@@ -138,7 +143,7 @@ impl Router {
                 to_primary,
                 up,
                 _written,
-                metrics,
+                info,
                 start,
             } = d;
             let first = Some((node.node().clone(), result));
@@ -148,7 +153,7 @@ impl Router {
                 .await;
             drop(_written);
             turn.finish().await;
-            CommandMetrics::record(metrics.as_deref(), &reply, start);
+            CommandMetrics::record(this.handles(info).as_deref(), &reply, start);
             reply
         }))
     }

@@ -36,6 +36,7 @@ use crate::upstream::{Node, Proto};
 
 mod cached;
 mod direct;
+mod local_metrics;
 mod pubsub_query;
 mod route;
 mod server;
@@ -43,6 +44,7 @@ mod split;
 mod transaction;
 
 pub use direct::{Direct, Outcome, Place};
+pub use local_metrics::ClientMetrics;
 use route::{redirect_target, upstream_error};
 
 const MAX_REDIRECTS: usize = 5;

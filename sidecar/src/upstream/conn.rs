@@ -203,6 +203,7 @@ pub(super) async fn reader(
     // of replies for one client's inbox.
     let mut done: Vec<Done> = Vec::new();
     let mut run: Vec<crate::inbox::Delivery> = Vec::new();
+    let latency = latency.local();
     let why = loop {
         // Match every complete reply already buffered (one lock for all),
         // then deliver them.
@@ -314,7 +315,11 @@ fn match_replies(
 
 /// Hand completed requests their replies; consecutive replies for one
 /// client's inbox go in under one lock and one wake-up.
-fn deliver(done: &mut Vec<Done>, run: &mut Vec<crate::inbox::Delivery>, latency: &prometheus::Histogram) {
+fn deliver(
+    done: &mut Vec<Done>,
+    run: &mut Vec<crate::inbox::Delivery>,
+    latency: &prometheus::local::LocalHistogram,
+) {
     if done.is_empty() {
         return;
     }
@@ -336,6 +341,8 @@ fn deliver(done: &mut Vec<Done>, run: &mut Vec<crate::inbox::Delivery>, latency:
     if let Some(inbox) = run_inbox {
         inbox.push_all(run);
     }
+    // One set of atomic updates per pass, not per reply.
+    latency.flush();
 }
 
 /// When the oldest outstanding request counts as unanswered: `timeout`

@@ -217,7 +217,11 @@ impl Drop for WriteMark {
             w.pending = w.pending.saturating_sub(1);
             w.replied = Some(now);
         }
-        self.client.any_writes.store(true, Ordering::SeqCst);
+        // Only changed under `writes`' lock, held here: already true needs
+        // no (costly) sequentially consistent store.
+        if !self.client.any_writes.load(Ordering::Relaxed) {
+            self.client.any_writes.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -231,6 +235,9 @@ pub struct Turn {
     me: StageRx,
     client: Arc<ClientOrder>,
     on_sent: std::sync::Mutex<Option<OnSent>>,
+    /// `on_sent` holds something: most turns have nothing to run, and a
+    /// plain load is cheaper than the lock.
+    has_on_sent: AtomicBool,
 }
 
 impl std::fmt::Debug for Turn {
@@ -263,7 +270,9 @@ impl ClientOrder {
         for s in mark.slots() {
             writes.entry(s).or_default().pending += 1;
         }
-        self.any_writes.store(true, Ordering::SeqCst);
+        if !self.any_writes.load(Ordering::Relaxed) {
+            self.any_writes.store(true, Ordering::SeqCst);
+        }
         drop(writes);
         mark
     }
@@ -306,6 +315,7 @@ impl ClientOrder {
                 me: me.clone(),
                 client: self.clone(),
                 on_sent: std::sync::Mutex::new(None),
+                has_on_sent: AtomicBool::new(false),
             },
             me,
         )
@@ -369,11 +379,14 @@ impl Turn {
     /// fills have taken their epochs, and nothing later has looked yet).
     pub fn on_sent(&self, f: impl FnOnce() + Send + 'static) {
         *crate::lock(&self.on_sent) = Some(Box::new(f));
+        self.has_on_sent.store(true, Ordering::Release);
     }
 
     /// The request (a write, or a read) was queued on connection `conn`.
     pub fn sent(&self, conn: u64, write: bool) {
-        if let Some(f) = crate::lock(&self.on_sent).take() {
+        if self.has_on_sent.load(Ordering::Acquire)
+            && let Some(f) = crate::lock(&self.on_sent).take()
+        {
             f();
         }
         let stage = match self.prev_stage() {
@@ -418,6 +431,7 @@ impl Turn {
             me: StageRx(Arc::new(StageCell::default())),
             client: self.client.clone(),
             on_sent: std::sync::Mutex::new(None),
+            has_on_sent: AtomicBool::new(false),
         }
     }
 

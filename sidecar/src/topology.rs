@@ -78,10 +78,33 @@ impl ShardSpec {
     }
 }
 
+/// One task's copy of the current topology, re-read only when the registry
+/// installed a new one: a plain load per request instead of the registry's
+/// lock and a reference count. Nodes' health lives in the nodes, so the
+/// copy is never staler than the topology itself.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    generation: u64,
+    topo: Option<Arc<Topology>>,
+}
+
+impl Snapshot {
+    pub fn get(&mut self, registry: &Registry) -> &Arc<Topology> {
+        let generation = registry.generation.load(std::sync::atomic::Ordering::Acquire);
+        if self.topo.is_none() || self.generation != generation {
+            self.generation = generation;
+            self.topo = Some(registry.current());
+        }
+        self.topo.get_or_insert_with(|| registry.current())
+    }
+}
+
 /// Holds the current topology and every node object, and refreshes them.
 #[derive(Debug)]
 pub struct Registry {
     current: RwLock<Arc<Topology>>,
+    /// Bumped after each change of `current` (see [`Snapshot`]).
+    generation: std::sync::atomic::AtomicU64,
     nodes: Mutex<HashMap<String, Arc<Node>>>,
     seeds: Vec<String>,
     settings: UpstreamSettings,
@@ -98,6 +121,7 @@ impl Registry {
     pub fn new(seeds: Vec<String>, settings: UpstreamSettings, metrics: Metrics) -> Arc<Self> {
         Arc::new(Registry {
             current: RwLock::new(Arc::new(Topology::empty())),
+            generation: std::sync::atomic::AtomicU64::new(0),
             nodes: Mutex::new(HashMap::new()),
             seeds,
             settings,
@@ -282,6 +306,7 @@ impl Registry {
             Ok(mut g) => *g = topo,
             Err(p) => *p.into_inner() = topo,
         }
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// Background loop: refresh every `interval`, and soon after a MOVED or an

@@ -64,7 +64,7 @@ impl Router {
     /// up and free for it; `None` (with `turn` untouched) otherwise.
     pub(super) fn try_direct(
         self: &Arc<Self>,
-        st: &ClientState,
+        st: &mut ClientState,
         info: &'static CommandInfo,
         args: &[Bytes],
         raw: &Bytes,
@@ -96,7 +96,8 @@ impl Router {
         if !write && !to_primary && read_your_writes && t.client().read_floor(slot).is_some() {
             return None;
         }
-        let node = self.pick(slot, info.kind, to_primary, None, None)?;
+        let topo = st.topology.get(&self.registry);
+        let node = self.pick_from(topo, slot, info.kind, to_primary, None, None)?;
         let up = st.upstream_proto();
         let written = (write && read_your_writes).then(|| t.client().writing(&[slot]));
         let node = node.send_direct(up, raw.clone(), t, write, place.inbox, place.seq)?;

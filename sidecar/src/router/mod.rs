@@ -68,6 +68,8 @@ pub struct ClientState {
     blocking: BlockingCell,
     /// Its last command's table entry.
     recent: commands::Recent,
+    /// Its copy of the topology (the direct path's routing).
+    topology: crate::topology::Snapshot,
 }
 
 /// A client's WATCH connection, opened on first use.
@@ -87,6 +89,7 @@ impl Default for ClientState {
             last: None,
             blocking: BlockingCell::default(),
             recent: commands::Recent::default(),
+            topology: crate::topology::Snapshot::default(),
         }
     }
 }

@@ -156,7 +156,19 @@ impl Router {
         avoid: Option<&Arc<Node>>,
         floor: Option<(Arc<ClientOrder>, ReadFloor)>,
     ) -> Option<Arc<Node>> {
-        let topo = self.registry.current();
+        self.pick_from(&self.registry.current(), slot, kind, to_primary, avoid, floor)
+    }
+
+    /// [`Router::pick`] in a given topology.
+    pub(super) fn pick_from(
+        &self,
+        topo: &crate::topology::Topology,
+        slot: u16,
+        kind: Kind,
+        to_primary: bool,
+        avoid: Option<&Arc<Node>>,
+        floor: Option<(Arc<ClientOrder>, ReadFloor)>,
+    ) -> Option<Arc<Node>> {
         let shard = topo.shard(slot)?;
         if kind != Kind::Read || to_primary {
             return Some(shard.primary.clone());

@@ -21,6 +21,8 @@ struct Local {
     ok: LocalIntCounter,
     error: LocalIntCounter,
     latency: LocalHistogram,
+    /// Counted since the last flush.
+    dirty: bool,
 }
 
 impl std::fmt::Debug for ClientMetrics {
@@ -50,6 +52,7 @@ impl ClientMetrics {
                     ok: shared.ok.local(),
                     error: shared.error.local(),
                     latency: shared.latency.local(),
+                    dirty: false,
                 };
                 self.per.push((info.id, local));
                 self.per.len() - 1
@@ -64,16 +67,18 @@ impl ClientMetrics {
             m.ok.inc();
         }
         m.latency.observe(start.elapsed().as_secs_f64());
+        m.dirty = true;
         self.unflushed = true;
     }
 
     /// Publish what was counted since the last flush.
     pub fn flush(&mut self) {
         if std::mem::take(&mut self.unflushed) {
-            for (_, m) in &mut self.per {
+            for (_, m) in self.per.iter_mut().filter(|(_, m)| m.dirty) {
                 m.ok.flush();
                 m.error.flush();
                 m.latency.flush();
+                m.dirty = false;
             }
         }
     }

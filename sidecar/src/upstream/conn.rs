@@ -57,9 +57,6 @@ pub(super) struct ConnState {
     pub(super) queued: tokio::sync::Notify,
     pub(super) dead: AtomicBool,
     pub(super) closed: watch::Sender<bool>,
-    /// Wakes the reader when the queue goes from empty to non-empty, so it
-    /// arms the watchdog for the new oldest request.
-    pub(super) armed: tokio::sync::Notify,
 }
 
 /// What senders have queued and the writer has not taken yet. The writer
@@ -78,7 +75,6 @@ impl ConnState {
             queued: tokio::sync::Notify::new(),
             dead: AtomicBool::new(false),
             closed,
-            armed: tokio::sync::Notify::new(),
         }
     }
 
@@ -159,9 +155,6 @@ pub(super) async fn writer(mut wr: OwnedWriteHalf, state: Arc<ConnState>) {
                 }
                 break;
             }
-            if p.is_empty() {
-                state.armed.notify_one();
-            }
             p.extend(batch.sinks.drain(..).map(|(sink, expected)| Pending {
                 expected,
                 got: Vec::new(),
@@ -204,6 +197,15 @@ pub(super) async fn reader(
     let mut done: Vec<Done> = Vec::new();
     let mut run: Vec<crate::inbox::Delivery> = Vec::new();
     let latency = latency.local();
+    // One timer for the connection's life, re-armed only when it fires: the
+    // deadline of the oldest request never moves earlier (requests are
+    // answered in order, and bytes arriving only push it later), so a timer
+    // that fires early just finds the real deadline and waits for it; with
+    // nothing outstanding it fires every `timeout` and finds nothing. So a
+    // request's silence is judged at its exact deadline without a wake-up
+    // per batch or a timer per pass.
+    let watchdog = tokio::time::sleep(timeout);
+    tokio::pin!(watchdog);
     let why = loop {
         // Match every complete reply already buffered (one lock for all),
         // then deliver them.
@@ -215,7 +217,6 @@ pub(super) async fn reader(
         if std::mem::take(&mut fresh) {
             last_bytes = Instant::now();
         }
-        let deadline = silence_deadline(&state, &node, last_bytes, timeout);
         tokio::select! {
             // Bytes already waiting are read before the deadline is judged.
             biased;
@@ -225,14 +226,16 @@ pub(super) async fn reader(
                 Ok(_) => fresh = true,
                 Err(e) => break UpstreamError::Closed(e.to_string()),
             },
-            _ = sleep_until_opt(deadline.map(tokio::time::Instant::from_std)) => {
-                // Judge again: the front may have changed, or a slow command
-                // may have started on the node meanwhile.
-                if silence_deadline(&state, &node, last_bytes, timeout).is_some_and(|d| d <= Instant::now()) {
-                    break UpstreamError::Timeout;
+            () = &mut watchdog => {
+                let now = Instant::now();
+                match silence_deadline(&state, &node, last_bytes, timeout) {
+                    Some(d) if d <= now => break UpstreamError::Timeout,
+                    // Early: wait for the real deadline, judging again at
+                    // least every `timeout` (a slow command's bound may end).
+                    Some(d) => watchdog.as_mut().reset(d.min(now + timeout).into()),
+                    None => watchdog.as_mut().reset((now + timeout).into()),
                 }
             }
-            _ = state.armed.notified(), if deadline.is_none() => {}
             _ = closed.changed() => break UpstreamError::Closed("closed".into()),
         }
     };
@@ -358,11 +361,4 @@ pub(super) fn silence_deadline(
     let silent_from = sent.max(last_bytes) + timeout;
     let busy = node.upgrade().and_then(|n| n.busy_until());
     Some(busy.map_or(silent_from, |b| silent_from.max(b)))
-}
-
-pub(super) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }

@@ -392,10 +392,16 @@ async fn a_client_that_never_reads_is_closed_at_its_output_limit_and_others_carr
     let mut greedy = tokio::net::TcpStream::connect(sidecar.local_addr())
         .await
         .unwrap();
+    let (owner, _) = cluster.shard_of("big:out");
+    let owner = cluster.by_addr(&owner);
+    let gets_before = owner.calls("get");
     let get = b"*2\r\n$3\r\nGET\r\n$7\r\nbig:out\r\n".repeat(4000);
     greedy.write_all(&get).await.unwrap();
+    let mut slowest = Duration::ZERO;
     for _ in 0..50 {
+        let t = std::time::Instant::now();
         let v: String = other.get("big:out").await.unwrap();
+        slowest = slowest.max(t.elapsed());
         assert_eq!(v.len(), 256 << 10);
     }
     support::eventually("the greedy client is closed", Duration::from_secs(20), || {
@@ -406,6 +412,15 @@ async fn a_client_that_never_reads_is_closed_at_its_output_limit_and_others_carr
     let read = tokio::time::timeout(Duration::from_secs(10), greedy.read_to_end(&mut received)).await;
     assert!(read.is_ok(), "the connection was closed");
     assert!(received.len() < 4000 * (256 << 10), "{} bytes", received.len());
+    // The other client's requests share the upstream connection with the
+    // greedy one's: what it waits behind is bounded by how many requests
+    // one client may have in flight (256 of 256 KiB here, not all 4000).
+    let greedy_gets = owner.calls("get") - gets_before - 50;
+    assert!(
+        greedy_gets <= 300,
+        "{greedy_gets} of the greedy client's GETs reached Redis"
+    );
+    eprintln!("slowest GET of the other client: {slowest:?}");
     let grown_mib = (peak_rss_kib() - before) / 1024;
     assert!(grown_mib < 256, "peak RSS grew by {grown_mib} MiB");
     let pong: String = redis::cmd("PING").query_async(&mut other).await.unwrap();

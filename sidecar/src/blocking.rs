@@ -109,13 +109,7 @@ impl Router {
                 return err("ERR cachetier: blocking connection unavailable");
             };
             b.conn.timeout = bound;
-            let (bytes, n) = if asking {
-                let mut out = BytesMut::from(&resp::command_bytes(&["ASKING"])[..]);
-                out.extend_from_slice(&cmd);
-                (out.freeze(), 2)
-            } else {
-                (cmd.clone(), 1)
-            };
+            let (bytes, n) = resp::asking_if(asking, &cmd);
             match b.conn.call(&bytes, n).await {
                 Ok(mut replies) => {
                     let reply = replies.pop().unwrap_or_default();

@@ -100,6 +100,18 @@ pub fn command_bytes<B: AsRef<[u8]>>(args: &[B]) -> Bytes {
     out.freeze()
 }
 
+/// `cmd` as sent to a node, and how many replies it brings: behind an
+/// `ASKING` of its own when following an `ASK` redirect.
+pub fn asking_if(asking: bool, cmd: &Bytes) -> (Bytes, usize) {
+    if asking {
+        let mut b = BytesMut::from(&command_bytes(&["ASKING"])[..]);
+        b.extend_from_slice(cmd);
+        (b.freeze(), 2)
+    } else {
+        (cmd.clone(), 1)
+    }
+}
+
 /// If a raw reply is an error, its message (without the leading `-`).
 pub fn error_text(raw: &[u8]) -> Option<&[u8]> {
     if raw.first() == Some(&b'-') {

@@ -197,6 +197,6 @@ mod tests;
 pub use check::Checker;
 #[cfg(test)]
 pub use check::check;
-pub use encode::{command_bytes, encode_command, error_text};
+pub use encode::{asking_if, command_bytes, encode_command, error_text};
 pub use parse::parse;
 pub use request::{Request, parse_command, parse_request, parse_request_with};

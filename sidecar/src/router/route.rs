@@ -81,13 +81,7 @@ impl Router {
                             }
                         },
                     };
-                    let (bytes, n) = if asking {
-                        let mut b = BytesMut::from(&resp::command_bytes(&["ASKING"])[..]);
-                        b.extend_from_slice(&cmd);
-                        (b.freeze(), 2)
-                    } else {
-                        (cmd.clone(), 1)
-                    };
+                    let (bytes, n) = resp::asking_if(asking, &cmd);
                     let write = kind != Kind::Read;
                     let r = node.request_in(up, bytes, n, turn.as_deref_mut(), write).await;
                     (node, r.map(|mut replies| replies.pop().unwrap_or_default()))
@@ -255,13 +249,7 @@ impl Router {
                     }
                 }
             };
-            let (bytes, n) = if asking {
-                let mut b = BytesMut::from(&resp::command_bytes(&["ASKING"])[..]);
-                b.extend_from_slice(&cmd);
-                (b.freeze(), 2)
-            } else {
-                (cmd.clone(), 1)
-            };
+            let (bytes, n) = resp::asking_if(asking, &cmd);
             let result = if slow {
                 node.slow_request(up, bytes, n).await
             } else {

@@ -37,33 +37,31 @@ struct State {
 impl Inbox {
     /// Deliver the reply for position `seq`.
     pub fn push(&self, seq: u64, reply: Result<Bytes, UpstreamError>) {
-        let waker = {
-            let mut s = lock(&self.state);
-            if s.closed {
-                return;
-            }
-            s.replies.push((seq, reply));
-            s.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        self.deliver(|replies| replies.push((seq, reply)));
     }
 
     /// Deliver every reply of `replies` (emptied), in order.
     pub fn push_all(&self, replies: &mut Vec<Delivery>) {
+        if !self.deliver(|into| into.append(replies)) {
+            replies.clear();
+        }
+    }
+
+    /// Add replies with `add` and wake the client, unless it has gone
+    /// (false: nothing added).
+    fn deliver(&self, add: impl FnOnce(&mut Vec<Delivery>)) -> bool {
         let waker = {
             let mut s = lock(&self.state);
             if s.closed {
-                replies.clear();
-                return;
+                return false;
             }
-            s.replies.append(replies);
+            add(&mut s.replies);
             s.waker.take()
         };
         if let Some(w) = waker {
             w.wake();
         }
+        true
     }
 
     /// The client has gone: drop what was delivered and whatever arrives.

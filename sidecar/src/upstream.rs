@@ -79,6 +79,14 @@ pub struct Node {
     this: Weak<Node>,
 }
 
+/// Why [`Node::send_now`] could not queue a request.
+enum NotNow {
+    /// No live connection (yet): connect, then send.
+    NoConnection,
+    /// The client's previous command is not where this one may follow it.
+    OutOfTurn,
+}
+
 /// A request sent with [`Node::send_direct`], counted in its node's
 /// in-flight requests (which the read balance compares) until dropped.
 #[derive(Debug)]
@@ -272,19 +280,35 @@ impl Node {
         inbox: &Arc<Inbox>,
         seq: u64,
     ) -> Option<InFlight> {
-        let slot = lock(&self.conns[proto as usize]);
-        let c = slot.as_ref()?;
-        if c.state.dead.load(Ordering::SeqCst) || !turn.may_send_on(c.id, write) {
-            return None;
-        }
         let req = Request {
             bytes,
             replies: 1,
             sink: Sink::Inbox(inbox.clone(), seq),
         };
-        send_in_turn(c, req, Some(turn), write).ok()?;
+        self.send_now(proto, req, Some(turn), write).ok()?;
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(InFlight(self.clone()))
+    }
+
+    /// Queue `req` on this node's live connection for `proto` at once, if
+    /// `turn` allows it there; under the slot's lock (queueing never waits)
+    /// rather than cloning the connection handle per request. Hands the
+    /// request back with the reason otherwise.
+    fn send_now(
+        &self,
+        proto: Proto,
+        req: Request,
+        turn: Option<&Turn>,
+        write: bool,
+    ) -> Result<(), (Request, NotNow)> {
+        let slot = lock(&self.conns[proto as usize]);
+        let Some(c) = slot.as_ref().filter(|c| !c.state.dead.load(Ordering::SeqCst)) else {
+            return Err((req, NotNow::NoConnection));
+        };
+        if !turn.is_none_or(|t| t.may_send_on(c.id, write)) {
+            return Err((req, NotNow::OutOfTurn));
+        }
+        send_in_turn(c, req, turn, write).map_err(|r| (r, NotNow::NoConnection))
     }
 
     pub(crate) fn count_error(&self, e: &UpstreamError) {
@@ -311,29 +335,16 @@ impl Node {
         };
         let idx = proto as usize;
         for _ in 0..3 {
-            // Fast path: send under the slot's lock (an unbounded send never
-            // waits) instead of cloning the connection handle per request.
-            let mut out_of_turn = false;
-            {
-                let slot = lock(&self.conns[idx]);
-                if let Some(c) = slot.as_ref()
-                    && !c.state.dead.load(Ordering::SeqCst)
-                {
-                    if turn.as_deref().is_none_or(|t| t.may_send_on(c.id, write)) {
-                        match send_in_turn(c, req, turn.as_deref(), write) {
-                            Ok(()) => return Ok(rx),
-                            Err(r) => req = r,
-                        }
-                    } else {
-                        out_of_turn = true;
+            match self.send_now(proto, req, turn.as_deref(), write) {
+                Ok(()) => return Ok(rx),
+                Err((r, NotNow::OutOfTurn)) => {
+                    req = r;
+                    if let Some(t) = turn.as_deref_mut() {
+                        t.prev_done().await;
                     }
+                    continue;
                 }
-            }
-            if out_of_turn {
-                if let Some(t) = turn.as_deref_mut() {
-                    t.prev_done().await;
-                }
-                continue;
+                Err((r, NotNow::NoConnection)) => req = r,
             }
             let conn = lock(&self.conns[idx]).clone();
             let conn = match conn {

@@ -82,20 +82,30 @@ impl ShardSpec {
 /// installed a new one: a plain load per request instead of the registry's
 /// lock and a reference count. Nodes' health lives in the nodes, so the
 /// copy is never staler than the topology itself.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Snapshot {
     generation: u64,
-    topo: Option<Arc<Topology>>,
+    topo: Arc<Topology>,
+}
+
+impl Default for Snapshot {
+    /// Stale from the start: no registry generation is `u64::MAX`.
+    fn default() -> Self {
+        Snapshot {
+            generation: u64::MAX,
+            topo: Arc::new(Topology::empty()),
+        }
+    }
 }
 
 impl Snapshot {
     pub fn get(&mut self, registry: &Registry) -> &Arc<Topology> {
         let generation = registry.generation.load(std::sync::atomic::Ordering::Acquire);
-        if self.topo.is_none() || self.generation != generation {
+        if self.generation != generation {
             self.generation = generation;
-            self.topo = Some(registry.current());
+            self.topo = registry.current();
         }
-        self.topo.get_or_insert_with(|| registry.current())
+        &self.topo
     }
 }
 

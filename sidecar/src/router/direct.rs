@@ -33,7 +33,6 @@ pub struct Direct {
     node: InFlight,
     cmd: Bytes,
     slot: u16,
-    kind: Kind,
     to_primary: bool,
     up: Proto,
     /// Read-your-writes: the slot counts as written until the reply.
@@ -107,7 +106,6 @@ impl Router {
             node,
             cmd: raw.clone(),
             slot,
-            kind: info.kind,
             to_primary,
             up,
             _written: written,
@@ -127,7 +125,7 @@ impl Router {
             d.node.node().count_error(e);
         }
         let result = match result {
-            Ok(reply) if !self.needs_another_attempt(&reply, d.kind) => {
+            Ok(reply) if !self.needs_another_attempt(&reply, d.info.kind) => {
                 metrics.record(self, d.info, &reply, d.start);
                 return Outcome::Reply(reply, d.turn);
             }
@@ -140,7 +138,6 @@ impl Router {
                 node,
                 cmd,
                 slot,
-                kind,
                 to_primary,
                 up,
                 _written,
@@ -150,7 +147,7 @@ impl Router {
             let first = Some((node.node().clone(), result));
             drop(node);
             let reply = this
-                .single_from(slot, kind, to_primary, cmd, up, Some(&mut turn), first)
+                .single_from(slot, info.kind, to_primary, cmd, up, Some(&mut turn), first)
                 .await;
             drop(_written);
             turn.finish().await;

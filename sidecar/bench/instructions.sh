@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # User-space instructions per request, counted with valgrind's callgrind on a
 # fixed number of requests: the sidecar (in front of one Redis node owning
-# every slot) and redis-server itself serving the same load directly, at -P 1
-# and -P 16, and a local-cache hit against a Redis GET. Deterministic where
+# every slot), twemproxy (Debian's nutcracker) in front of the same node, and
+# redis-server itself serving the same load directly, at -P 1 and -P 16, and a
+# local-cache hit against a Redis GET. Deterministic where
 # CPU time on a shared machine is not; kernel work (syscalls, TCP) is not
 # counted, and both sides make about the same syscalls per request.
 #
@@ -10,7 +11,8 @@
 #   cargo build --release -p cachetier-sidecar
 #   sidecar/bench/instructions.sh [requests]   # default 20000 per test
 #
-# Needs valgrind (callgrind_control), redis-server, redis-cli, redis-benchmark.
+# Needs valgrind (callgrind_control), redis-server, redis-cli, redis-benchmark,
+# nutcracker.
 # Uses ports 7400-7409 on 127.0.0.1 and a temp dir; stops only what it started.
 set -euo pipefail
 
@@ -68,6 +70,21 @@ callgrind sidecar "$BIN" --listen 127.0.0.1:7403 --seed 127.0.0.1:7402 --metrics
 S=$!; PIDS+=($S)
 wait_ping 7403
 for pipe in 1 16; do count "sidecar -> redis (SET+GET)" "$S" 7403 "$pipe" set,get; done
+
+# twemproxy in front of the same node.
+cat > "$WORK/nutcracker.yml" <<YML
+bench:
+  listen: 127.0.0.1:7407
+  hash: fnv1a_64
+  distribution: ketama
+  redis: true
+  servers:
+   - 127.0.0.1:7402:1
+YML
+callgrind twemproxy nutcracker -c "$WORK/nutcracker.yml" -s 7408 -o "$WORK/nutcracker.log" &
+T=$!; PIDS+=($T)
+wait_ping 7407
+for pipe in 1 16; do count "twemproxy -> redis (SET+GET)" "$T" 7407 "$pipe" set,get; done
 
 # Local-cache hits: ten hot keys, cached.
 callgrind cache "$BIN" --listen 127.0.0.1:7404 --seed 127.0.0.1:7402 --metrics 127.0.0.1:7406 \

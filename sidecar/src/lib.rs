@@ -35,6 +35,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod slot;
+pub mod stop;
 pub mod topology;
 pub mod tracking;
 pub mod upstream;

@@ -146,7 +146,11 @@ impl Pipeline {
                 self.delivered = delivered;
                 progressed = true;
             }
-            while let Poll::Ready(Some((seq, reply))) = self.futures.poll_next_unpin(cx) {
+            // An empty `FuturesUnordered` still registers the waker when
+            // polled; most clients never have a future.
+            while !self.futures.is_empty()
+                && let Poll::Ready(Some((seq, reply))) = self.futures.poll_next_unpin(cx)
+            {
                 if let Some(e) = self.entry(seq) {
                     *e = Entry::Ready(reply, None);
                 }

@@ -21,7 +21,6 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::cache::LocalCache;
@@ -33,6 +32,7 @@ use crate::pipeline::Pipeline;
 use crate::pubsub::{self, Step, Subscriber};
 use crate::resp::{self, Frame};
 use crate::router::{ClientState, Router};
+use crate::stop::Stop;
 use crate::topology::Registry;
 use crate::tracking;
 use crate::upstream::UpstreamSettings;
@@ -56,7 +56,7 @@ pub struct Sidecar {
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     router: Arc<Router>,
-    stop: watch::Sender<bool>,
+    stop: Arc<Stop>,
     accept: tokio::task::JoinHandle<()>,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -168,11 +168,11 @@ impl Sidecar {
                 }
             }));
         }
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = Stop::new();
         let accept = tokio::spawn(accept_loop(
             listener,
             router.clone(),
-            stop_rx,
+            stop.clone(),
             config.drain_timeout,
         ));
         tracing::info!(%local_addr, ?metrics_addr, "cachetier sidecar listening");
@@ -245,7 +245,7 @@ impl Sidecar {
     /// Stop accepting, drain in-flight requests (bounded by the configured
     /// drain timeout), stop background work.
     pub async fn shutdown(self) {
-        self.stop.send_replace(true);
+        self.stop.trigger();
         let _ = self.accept.await;
         for h in &self.background {
             h.abort();
@@ -263,13 +263,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    router: Arc<Router>,
-    mut stop: watch::Receiver<bool>,
-    drain: Duration,
-) {
+async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: Arc<Stop>, drain: Duration) {
     let mut clients = JoinSet::new();
+    let stopped = stop.stopped();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -290,7 +287,7 @@ async fn accept_loop(
                 }
             },
             Some(_) = clients.join_next(), if !clients.is_empty() => {}
-            _ = stop.changed() => break,
+            () = &mut stopped => break,
         }
     }
     drop(listener);
@@ -304,7 +301,7 @@ async fn accept_loop(
     }
 }
 
-async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::Receiver<bool>) {
+async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
     router.metrics.client_connections.inc();
     let (mut rd, mut wr) = stream.into_split();
     let limits = router.config.limits;
@@ -315,14 +312,13 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
     let mut pending = Pipeline::default();
     let mut st = ClientState::default();
     let mut checker = resp::Checker::new(limits);
-    let mut reading = !*stop.borrow();
+    let mut reading = !stop.is_stopped();
     // The client's subscription connection, once it subscribes (`pubsub.rs`),
     // and a request waiting for its turn there.
     let mut sub: Option<Subscriber> = None;
     let mut held: Option<resp::Request> = None;
-    // One future for the whole connection: making and dropping a `changed()`
-    // future on every pass registers and unregisters a waiter each time.
-    let stopped = stop.changed();
+    // One future for the whole connection: a new one would register anew.
+    let stopped = stop.stopped();
     tokio::pin!(stopped);
     loop {
         while (reading || held.is_some()) && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE {
@@ -447,7 +443,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, mut stop: watch::R
                 }
             }
             // Polled until it fires once: `reading` never turns true again.
-            _ = &mut stopped, if reading => reading = false,
+            () = &mut stopped, if reading => reading = false,
         }
     }
     let _ = wr.shutdown().await;

@@ -34,6 +34,8 @@ pub struct Topology {
     /// Ordered by first slot, so indexes are stable across equal snapshots
     /// (the SCAN cursor relies on that).
     pub shards: Vec<Shard>,
+    /// Shard index per slot; empty (every slot unassigned) before the first
+    /// topology, so a new client's [`Snapshot`] costs no allocation.
     slot_map: Vec<u16>,
 }
 
@@ -43,7 +45,7 @@ impl Topology {
     pub fn empty() -> Self {
         Topology {
             shards: Vec::new(),
-            slot_map: vec![UNASSIGNED; usize::from(SLOTS)],
+            slot_map: Vec::new(),
         }
     }
 

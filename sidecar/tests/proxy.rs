@@ -771,7 +771,15 @@ async fn shutdown_answers_requests_already_read_then_stops_accepting() {
     s.write_all(&req).await.unwrap();
     let mut first = [0u8; 1];
     s.read_exact(&mut first).await.unwrap();
+    // The client waits idle once answered: shutdown must wake it, not wait
+    // out the drain timeout (5 s) and abort it.
+    let started = Instant::now();
     sidecar.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}: an idle client was not told to stop",
+        started.elapsed()
+    );
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
         .await

@@ -773,12 +773,14 @@ async fn shutdown_answers_requests_already_read_then_stops_accepting() {
     s.read_exact(&mut first).await.unwrap();
     // The client waits idle once answered: shutdown must wake it, not wait
     // out the drain timeout (5 s) and abort it.
+    // Bounded, so a shutdown that never returns fails here instead of hanging.
     let started = Instant::now();
-    sidecar.shutdown().await;
+    let finished = tokio::time::timeout(Duration::from_secs(10), sidecar.shutdown()).await;
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "shutdown took {:?}: an idle client was not told to stop",
-        started.elapsed()
+        finished.is_ok() && started.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?} (finished: {}): an idle client was not told to stop",
+        started.elapsed(),
+        finished.is_ok()
     );
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))

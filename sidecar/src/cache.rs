@@ -57,6 +57,20 @@ pub struct CacheKey {
 }
 
 impl CacheKey {
+    /// The same key in allocations of its own. A key built from a request
+    /// shares the client's read buffer (and a reply the upstream
+    /// connection's): kept in the cache, it would keep that whole buffer
+    /// alive, up to the largest request or reply it ever held, and the
+    /// cache's byte bound would bound nothing.
+    fn detached(&self) -> CacheKey {
+        CacheKey {
+            variant: self.variant,
+            proto: self.proto,
+            key: Bytes::copy_from_slice(&self.key),
+            field: Bytes::copy_from_slice(&self.field),
+        }
+    }
+
     fn weight(&self, value: &Bytes) -> u32 {
         let w = self.key.len() + self.field.len() + value.len() + 64;
         u32::try_from(w).unwrap_or(u32::MAX)
@@ -188,7 +202,9 @@ impl LocalCache {
     fn new_alive(&self, key: &Bytes) -> Alive {
         let alive = Arc::new(AtomicBool::new(true));
         let mut map = lock(&self.alive);
-        let flags = map.entry(key.clone()).or_default();
+        // Copied: `key` is the request's (see `CacheKey::detached`). Once
+        // per fill, and fills are rare.
+        let flags = map.entry(Bytes::copy_from_slice(key)).or_default();
         // Flags only the index still holds belong to fills that were not
         // kept or entries moka dropped.
         flags.retain(|f| Arc::strong_count(f) > 1 && f.load(Ordering::SeqCst));
@@ -316,12 +332,14 @@ impl LocalCache {
                 alive.load(Ordering::SeqCst) && c.fill_gen.load(Ordering::SeqCst) == gen_at_start
             };
             if cacheable && ok && !life.is_zero() && unchanged(&this) {
+                // Copied out of the buffers they were read into (see
+                // `CacheKey::detached`).
                 let entry = Entry {
-                    value: value.clone(),
+                    value: Bytes::copy_from_slice(&value),
                     alive: alive.clone(),
                     expires: started + life,
                 };
-                this.cache.insert(key.clone(), entry).await;
+                this.cache.insert(key.detached(), entry).await;
                 // A flush between the check and the insert wins (an
                 // invalidation clears `alive`, which the entry shares).
                 if !unchanged(&this) {

@@ -134,7 +134,9 @@ pub fn parse_hello(args: &[Bytes]) -> Result<Hello, &'static str> {
     while let Some((option, tail)) = rest.split_first() {
         match (option.to_ascii_uppercase().as_slice(), tail) {
             (b"SETNAME", [name, more @ ..]) => {
-                hello.name = Some(name.clone());
+                // Copied: kept for the connection's life, a slice would
+                // keep the client's whole read buffer alive.
+                hello.name = Some(Bytes::copy_from_slice(name));
                 rest = more;
             }
             (b"AUTH", [user, pass, more @ ..]) => {

@@ -277,3 +277,107 @@ async fn a_demoted_primary_is_not_tracked_until_its_new_session_after_re_promoti
     eprintln!("a direct write after re-promotion: {stale} stale reads over {window:?}");
     sidecar.shutdown().await;
 }
+
+/// The resident set of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A cached entry is its key and value, not the buffers they were read
+/// into: a small entry filled right after a 1 MiB request and a 1 MiB reply
+/// must not keep those buffers alive (the cache's byte bound would then
+/// bound nothing). Run as its own process, so its memory is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_entries_do_not_pin_the_buffers_they_were_read_from() {
+    const ROUNDS: usize = 100;
+    let cluster = Cluster::start(3, 0);
+    // Every key in one slot, so the fills share the upstream connection
+    // that carries the 1 MiB replies.
+    let node = cluster.by_addr(&cluster.shard_of("{t}").0);
+    let port = support::next_port();
+    let mut sidecar = support::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_cachetier-sidecar"))
+            .env("CACHETIER_SEEDS", cluster.seeds().join(","))
+            .env("CACHETIER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CACHETIER_CACHE_PREFIXES", "hot:")
+            .env("CACHETIER_CACHE_MAX_BYTES", "1MiB")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = sidecar.0.id();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let mut c = eventually_connect(&url).await;
+    for i in 0..=ROUNDS {
+        let _: () = c.set(format!("hot:{{t}}{i}"), i).await.unwrap();
+    }
+    let big = "x".repeat(1 << 20);
+    // Until the node is tracked, fills are not kept: read one key until a
+    // second read no longer reaches Redis.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let _: Option<String> = c.get("hot:{t}warm").await.unwrap();
+        let before = node.calls("get");
+        let _: Option<String> = c.get("hot:{t}warm").await.unwrap();
+        if node.calls("get") == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cache never kept an entry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A 1 MiB request and a 1 MiB reply, then a small read of `hot:{t}<i>`.
+    let round = |i: usize| {
+        let big = big.clone();
+        let mut c = c.clone();
+        async move {
+            let _: () = c.set("{t}big", &big).await.unwrap();
+            let v: String = c.get("{t}big").await.unwrap();
+            assert_eq!(v.len(), big.len());
+            let v: Option<usize> = c.get(format!("hot:{{t}}{i}")).await.unwrap();
+            assert_eq!(v, Some(i));
+        }
+    };
+    // The buffers' first growth is not what is measured.
+    round(ROUNDS).await;
+    let before = rss_kib(pid);
+    // Fills, then hits (the first hit of an entry copies it to the cache's
+    // front map).
+    for i in 0..ROUNDS {
+        round(i).await;
+    }
+    let gets = node.calls("get");
+    for i in 0..ROUNDS {
+        round(i).await;
+    }
+    assert_eq!(
+        node.calls("get") - gets,
+        ROUNDS as u64,
+        "only the 1 MiB GETs reach Redis: the small entries were kept"
+    );
+    let grown_mib = rss_kib(pid).saturating_sub(before) / 1024;
+    eprintln!("RSS grew by {grown_mib} MiB over {ROUNDS} fills and {ROUNDS} hits");
+    assert!(
+        grown_mib < 32,
+        "RSS grew by {grown_mib} MiB over {ROUNDS} small fills and hits of a 1 MiB cache"
+    );
+    sidecar.0.kill().unwrap();
+}
+
+async fn eventually_connect(url: &str) -> redis::aio::MultiplexedConnection {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(client) = redis::Client::open(url)
+            && let Ok(c) = client.get_multiplexed_async_connection().await
+        {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "nothing listens at {url}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -831,17 +831,8 @@ async fn the_binary_serves_resp3_clients_and_exits_cleanly_on_sigterm() {
     let cluster = Cluster::start(3, 0);
     let port = support::next_port();
     let mport = support::next_port();
-    /// Kills the sidecar we spawned if the test fails before SIGTERM.
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            if let Ok(None) = self.0.try_wait() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-    }
-    let mut guard = KillOnDrop(
+    // Killed if the test fails before SIGTERM.
+    let mut guard = support::KillOnDrop(
         std::process::Command::new(bin)
             .env("CACHETIER_SEEDS", cluster.seeds().join(","))
             .env("CACHETIER_LISTEN", format!("127.0.0.1:{port}"))

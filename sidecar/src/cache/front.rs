@@ -56,7 +56,8 @@ impl Front {
             m.entries.clear();
             m.bytes = 0;
         }
-        if let Some(old) = m.entries.insert(key.clone(), e.clone()) {
+        // `key` is the request's (see `CacheKey::detached`); `e` is moka's.
+        if let Some(old) = m.entries.insert(key.detached(), e.clone()) {
             m.bytes = m.bytes.saturating_sub(old.value.len());
         }
         m.bytes += e.value.len();

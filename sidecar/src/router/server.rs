@@ -154,7 +154,9 @@ impl Router {
                 st.session.name = if args[2].is_empty() {
                     None
                 } else {
-                    Some(args[2].clone())
+                    // Copied, not a slice of the client's read buffer, which
+                    // it would keep alive for the connection's life.
+                    Some(Bytes::copy_from_slice(&args[2]))
                 };
                 ok()
             }

@@ -39,6 +39,7 @@ pub mod stop;
 pub mod topology;
 pub mod tracking;
 pub mod upstream;
+pub mod written;
 
 pub use config::{CacheConfig, Config, ReadPolicy};
 pub use error::{Error, Result};

@@ -20,11 +20,13 @@
 //!
 //! This module does no I/O: it only orders.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Poll, Waker};
 use std::time::Instant;
+
+pub use crate::written::ReadFloor;
+use crate::written::RecentWrites;
 
 /// How far a command has got, as its successor sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,62 +136,8 @@ pub struct ClientOrder {
     /// Sequence number of the latest write of this client that was sent.
     last_write_sent: AtomicU64,
     next_seq: AtomicU64,
-    /// Slots this client wrote recently, for read-your-writes routing. At
-    /// most one entry per slot; dropped once every replica has caught up.
-    writes: std::sync::Mutex<HashMap<u16, Written, SlotHash>>,
-    /// `writes` is non-empty (kept under its lock): a read of a client that
-    /// wrote nothing recently does not take the lock.
-    any_writes: AtomicBool,
-}
-
-/// Hashes a slot number with one multiplication. The keys are slot numbers,
-/// at most 16384 distinct ones, so a client choosing its keys cannot flood a
-/// bucket the way it could with strings: SipHash buys nothing here.
-#[derive(Debug, Default, Clone, Copy)]
-struct SlotHash;
-
-impl std::hash::BuildHasher for SlotHash {
-    type Hasher = SlotHasher;
-    fn build_hasher(&self) -> SlotHasher {
-        SlotHasher(0)
-    }
-}
-
-#[derive(Debug)]
-struct SlotHasher(u64);
-
-impl std::hash::Hasher for SlotHasher {
-    fn finish(&self) -> u64 {
-        // Fibonacci hashing spreads the bits to the top, where the table
-        // takes its control bits from.
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
-        }
-    }
-    fn write_u16(&mut self, n: u16) {
-        self.0 = u64::from(n);
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Written {
-    /// Writes of the slot sent and not yet replied.
-    pending: u32,
-    /// When the latest reply arrived.
-    replied: Option<Instant>,
-}
-
-/// What a read of a slot this client wrote must see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadFloor {
-    /// A write of the slot is in flight: only the primary will have it.
-    Pending,
-    /// A replica must hold everything its primary had at this instant
-    /// (`Node::caught_up_since`), which includes the write.
-    RepliedAt(Instant),
+    /// Slots this client wrote lately, for read-your-writes routing.
+    writes: RecentWrites,
 }
 
 /// Marks slots written while alive (see [`ClientOrder::writing`]).
@@ -210,18 +158,7 @@ impl WriteMark {
 
 impl Drop for WriteMark {
     fn drop(&mut self) {
-        let now = Instant::now();
-        let mut writes = crate::lock(&self.client.writes);
-        for s in self.slots() {
-            let w = writes.entry(s).or_default();
-            w.pending = w.pending.saturating_sub(1);
-            w.replied = Some(now);
-        }
-        // Only changed under `writes`' lock, held here: already true needs
-        // no (costly) sequentially consistent store.
-        if !self.client.any_writes.load(Ordering::Relaxed) {
-            self.client.any_writes.store(true, Ordering::SeqCst);
-        }
+        self.client.writes.end(self.slots(), Instant::now());
     }
 }
 
@@ -266,40 +203,23 @@ impl ClientOrder {
             first,
             rest,
         };
-        let mut writes = crate::lock(&self.writes);
-        for s in mark.slots() {
-            writes.entry(s).or_default().pending += 1;
-        }
-        if !self.any_writes.load(Ordering::Relaxed) {
-            self.any_writes.store(true, Ordering::SeqCst);
-        }
-        drop(writes);
+        self.writes.begin(mark.slots());
         mark
     }
 
-    /// What a read of `slot` must see, if this client wrote it recently.
+    /// What a read of `slot` must see, if this client wrote it lately.
     pub fn read_floor(&self, slot: u16) -> Option<ReadFloor> {
-        if !self.any_writes.load(Ordering::SeqCst) {
-            return None;
-        }
-        let w = *crate::lock(&self.writes).get(&slot)?;
-        match (w.pending, w.replied) {
-            (0, Some(at)) => Some(ReadFloor::RepliedAt(at)),
-            (0, None) => None,
-            _ => Some(ReadFloor::Pending),
-        }
+        self.writes.read_floor(slot)
     }
 
-    /// Every replica of `slot` has caught up past the client's last write.
+    /// Every replica of `slot` has caught up past `floor`.
     pub fn forget(&self, slot: u16, floor: ReadFloor) {
-        let mut writes = crate::lock(&self.writes);
-        if let Some(w) = writes.get(&slot)
-            && w.pending == 0
-            && w.replied.map(ReadFloor::RepliedAt) == Some(floor)
-        {
-            writes.remove(&slot);
-            self.any_writes.store(!writes.is_empty(), Ordering::SeqCst);
-        }
+        self.writes.forget(slot, floor);
+    }
+
+    #[cfg(test)]
+    fn tracked_slots(&self) -> usize {
+        self.writes.tracked_slots()
     }
 
     /// The next turn after `last` (the previous turn's stage, if any);
@@ -530,6 +450,32 @@ mod tests {
         };
         client.forget(7, floor);
         assert_eq!(client.read_floor(7), None);
+    }
+
+    #[test]
+    fn a_client_writing_every_slot_keeps_a_bounded_record_and_every_floor() {
+        let client = Arc::new(ClientOrder::default());
+        let pending = client.writing(&[3]);
+        let before = Instant::now();
+        for slot in 0..16384 {
+            drop(client.writing(&[slot]));
+        }
+        assert!(
+            client.tracked_slots() <= crate::written::TRACKED_SLOTS,
+            "{} slots tracked",
+            client.tracked_slots()
+        );
+        // Forgotten or not, no written slot may be read from a replica that
+        // has not caught up past its write, and the one in flight needs
+        // the primary.
+        for slot in (0..16384).filter(|&s| s != 3) {
+            match client.read_floor(slot) {
+                Some(ReadFloor::RepliedAt(at)) => assert!(at >= before, "slot {slot}"),
+                other => panic!("slot {slot}: {other:?}"),
+            }
+        }
+        assert_eq!(client.read_floor(3), Some(ReadFloor::Pending));
+        drop(pending);
     }
 
     #[tokio::test]

@@ -301,6 +301,24 @@ impl Cluster {
         (primary.unwrap(), replicas)
     }
 
+    /// The slot ranges `primary` (an address) serves.
+    pub fn slots_of(&self, primary: &str) -> Vec<(u16, u16)> {
+        let text = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        let Some(line) = text.lines().find(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 1 && f[1].split('@').next() == Some(primary)
+        }) else {
+            return Vec::new();
+        };
+        line.split_whitespace()
+            .skip(8)
+            .filter_map(|r| match r.split_once('-') {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => r.parse().ok().map(|s| (s, s)),
+            })
+            .collect()
+    }
+
     pub fn reset_stats(&self) {
         for n in &self.nodes {
             n.cli(&["CONFIG", "RESETSTAT"]);

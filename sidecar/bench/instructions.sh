@@ -72,15 +72,7 @@ wait_ping 7403
 for pipe in 1 16; do count "sidecar -> redis (SET+GET)" "$S" 7403 "$pipe" set,get; done
 
 # twemproxy in front of the same node.
-cat > "$WORK/nutcracker.yml" <<YML
-bench:
-  listen: 127.0.0.1:7407
-  hash: fnv1a_64
-  distribution: ketama
-  redis: true
-  servers:
-   - 127.0.0.1:7402:1
-YML
+twemproxy_conf 7407 7402
 callgrind twemproxy nutcracker -c "$WORK/nutcracker.yml" -s 7408 -o "$WORK/nutcracker.log" &
 T=$!; PIDS+=($T)
 wait_ping 7407

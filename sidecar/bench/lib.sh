@@ -16,3 +16,15 @@ wait_ping() { # port
   echo "nothing answers on port $1" >&2
   exit 1
 }
+
+twemproxy_conf() { # listen_port redis_port: writes $WORK/nutcracker.yml
+  cat > "$WORK/nutcracker.yml" <<YML
+bench:
+  listen: 127.0.0.1:$1
+  hash: fnv1a_64
+  distribution: ketama
+  redis: true
+  servers:
+   - 127.0.0.1:$2:1
+YML
+}

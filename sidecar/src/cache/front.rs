@@ -34,10 +34,10 @@ struct FrontMap {
 
 impl Front {
     /// The key's value, if its entry is here and servable.
-    pub(super) fn get(&self, key: &CacheKey) -> Option<Bytes> {
+    pub(super) fn get(&self, key: &CacheKey, now: tokio::time::Instant) -> Option<Bytes> {
         let mut m = lock(&self.map);
         let e = m.entries.get(key)?;
-        if e.servable() {
+        if e.servable_at(now) {
             return Some(e.value.clone());
         }
         if let Some(gone) = m.entries.remove(key) {

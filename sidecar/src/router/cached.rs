@@ -20,7 +20,9 @@ impl Router {
         }
         let info = st.recent.lookup(req.args.first()?)?;
         let variant = self.cache_variant(info, &req.args)?;
-        let start = std::time::Instant::now();
+        // One clock read for the entry's expiry and the hit's latency.
+        let now = tokio::time::Instant::now();
+        let start = now.into_std();
         let key = CacheKey {
             variant,
             proto: st.session.proto,
@@ -31,7 +33,7 @@ impl Router {
                 Bytes::new()
             },
         };
-        let value = cache.try_hit(&key)?;
+        let value = cache.try_hit_at(&key, now)?;
         metrics.record(self, info, &value, start);
         Some(value)
     }

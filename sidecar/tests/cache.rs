@@ -278,16 +278,6 @@ async fn a_demoted_primary_is_not_tracked_until_its_new_session_after_re_promoti
     sidecar.shutdown().await;
 }
 
-/// The resident set of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A cached entry is its key and value, not the buffers they were read
 /// into: a small entry filled right after a 1 MiB request and a 1 MiB reply
 /// must not keep those buffers alive (the cache's byte bound would then
@@ -345,7 +335,7 @@ async fn cached_entries_do_not_pin_the_buffers_they_were_read_from() {
     };
     // The buffers' first growth is not what is measured.
     round(ROUNDS).await;
-    let before = rss_kib(pid);
+    let before = support::proc_status_kib(&pid.to_string(), "VmRSS");
     // Fills, then hits (the first hit of an entry copies it to the cache's
     // front map).
     for i in 0..ROUNDS {
@@ -360,7 +350,7 @@ async fn cached_entries_do_not_pin_the_buffers_they_were_read_from() {
         ROUNDS as u64,
         "only the 1 MiB GETs reach Redis: the small entries were kept"
     );
-    let grown_mib = rss_kib(pid).saturating_sub(before) / 1024;
+    let grown_mib = support::proc_status_kib(&pid.to_string(), "VmRSS").saturating_sub(before) / 1024;
     eprintln!("RSS grew by {grown_mib} MiB over {ROUNDS} fills and {ROUNDS} hits");
     assert!(
         grown_mib < 32,

@@ -367,15 +367,6 @@ async fn a_brpop_worker_loop_works_unchanged_and_stalls_nobody() {
     sidecar.shutdown().await;
 }
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_closed_at_its_output_limit_and_others_carry_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -387,7 +378,7 @@ async fn a_client_that_never_reads_is_closed_at_its_output_limit_and_others_carr
     let sidecar = Sidecar::bind(cfg).await.unwrap();
     let mut other = client(&sidecar).await;
     let _: () = other.set("big:out", "x".repeat(256 << 10)).await.unwrap();
-    let before = peak_rss_kib();
+    let before = support::proc_status_kib("self", "VmHWM");
     // 4000 GETs of 256 KiB (1 GB of replies), never read.
     let mut greedy = tokio::net::TcpStream::connect(sidecar.local_addr())
         .await
@@ -421,7 +412,7 @@ async fn a_client_that_never_reads_is_closed_at_its_output_limit_and_others_carr
         "{greedy_gets} of the greedy client's GETs reached Redis"
     );
     eprintln!("slowest GET of the other client: {slowest:?}");
-    let grown_mib = (peak_rss_kib() - before) / 1024;
+    let grown_mib = (support::proc_status_kib("self", "VmHWM") - before) / 1024;
     assert!(grown_mib < 256, "peak RSS grew by {grown_mib} MiB");
     let pong: String = redis::cmd("PING").query_async(&mut other).await.unwrap();
     assert_eq!(pong, "PONG");

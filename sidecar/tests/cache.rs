@@ -302,8 +302,12 @@ async fn cached_entries_do_not_pin_the_buffers_they_were_read_from() {
             .unwrap(),
     );
     let pid = sidecar.0.id();
-    let url = format!("redis://127.0.0.1:{port}/");
-    let mut c = eventually_connect(&url).await;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    eventually("the sidecar listens", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    })
+    .await;
+    let mut c = support::client_of(addr).await;
     for i in 0..=ROUNDS {
         let _: () = c.set(format!("hot:{{t}}{i}"), i).await.unwrap();
     }
@@ -357,17 +361,4 @@ async fn cached_entries_do_not_pin_the_buffers_they_were_read_from() {
         "RSS grew by {grown_mib} MiB over {ROUNDS} small fills and hits of a 1 MiB cache"
     );
     sidecar.0.kill().unwrap();
-}
-
-async fn eventually_connect(url: &str) -> redis::aio::MultiplexedConnection {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(client) = redis::Client::open(url)
-            && let Ok(c) = client.get_multiplexed_async_connection().await
-        {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "nothing listens at {url}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

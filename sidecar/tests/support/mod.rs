@@ -282,10 +282,7 @@ impl Cluster {
             if f.len() < 9 || !f[2].contains("master") {
                 continue;
             }
-            let owns = f[8..].iter().any(|r| match r.split_once('-') {
-                Some((a, b)) => a.parse::<u16>().unwrap() <= slot && slot <= b.parse::<u16>().unwrap(),
-                None => r.parse::<u16>().ok() == Some(slot),
-            });
+            let owns = slot_ranges(&f[8..]).iter().any(|&(a, b)| a <= slot && slot <= b);
             if owns {
                 primary = Some(f[1].split('@').next().unwrap().to_string());
                 primary_id = f[0].to_string();
@@ -304,19 +301,11 @@ impl Cluster {
     /// The slot ranges `primary` (an address) serves.
     pub fn slots_of(&self, primary: &str) -> Vec<(u16, u16)> {
         let text = self.nodes[0].cli(&["CLUSTER", "NODES"]);
-        let Some(line) = text.lines().find(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 1 && f[1].split('@').next() == Some(primary)
-        }) else {
-            return Vec::new();
-        };
-        line.split_whitespace()
-            .skip(8)
-            .filter_map(|r| match r.split_once('-') {
-                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-                None => r.parse().ok().map(|s| (s, s)),
-            })
-            .collect()
+        text.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<&str>>())
+            .find(|f| f.len() > 1 && f[1].split('@').next() == Some(primary))
+            .map(|f| slot_ranges(f.get(8..).unwrap_or_default()))
+            .unwrap_or_default()
     }
 
     pub fn reset_stats(&self) {
@@ -327,6 +316,18 @@ impl Cluster {
 }
 
 /// A sidecar configuration pointed at `cluster`, listening on a free port.
+/// The slot ranges of a `CLUSTER NODES` line's slot fields (`5`, `0-5460`;
+/// an open migration's `[..]` entry is not a range).
+fn slot_ranges(fields: &[&str]) -> Vec<(u16, u16)> {
+    fields
+        .iter()
+        .filter_map(|r| match r.split_once('-') {
+            Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+            None => r.parse().ok().map(|s| (s, s)),
+        })
+        .collect()
+}
+
 pub fn config(cluster: &Cluster) -> cachetier_sidecar::Config {
     cachetier_sidecar::Config {
         listen: "127.0.0.1:0".parse().unwrap(),

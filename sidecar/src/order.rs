@@ -148,17 +148,28 @@ pub struct WriteMark {
     /// case, allocates nothing).
     first: u16,
     rest: Vec<u16>,
+    /// Already ended by [`WriteMark::end_at`].
+    ended: bool,
 }
 
 impl WriteMark {
     fn slots(&self) -> impl Iterator<Item = u16> + '_ {
         std::iter::once(self.first).chain(self.rest.iter().copied())
     }
+
+    /// The write was answered by `now` (a clock read the caller shares
+    /// among replies; no earlier than this reply's arrival).
+    pub fn end_at(mut self, now: Instant) {
+        self.client.writes.end(self.slots(), now);
+        self.ended = true;
+    }
 }
 
 impl Drop for WriteMark {
     fn drop(&mut self) {
-        self.client.writes.end(self.slots(), Instant::now());
+        if !self.ended {
+            self.client.writes.end(self.slots(), Instant::now());
+        }
     }
 }
 
@@ -202,6 +213,7 @@ impl ClientOrder {
             client: self.clone(),
             first,
             rest,
+            ended: false,
         };
         self.writes.begin(mark.slots());
         mark
@@ -450,6 +462,21 @@ mod tests {
         };
         client.forget(7, floor);
         assert_eq!(client.read_floor(7), None);
+    }
+
+    #[test]
+    fn a_write_ended_at_a_shared_clock_read_keeps_that_instant_and_ends_once() {
+        let client = Arc::new(ClientOrder::default());
+        let first = client.writing(&[7]);
+        let second = client.writing(&[7]);
+        let at = Instant::now();
+        first.end_at(at);
+        // One of the two writes is still in flight.
+        assert_eq!(client.read_floor(7), Some(ReadFloor::Pending));
+        second.end_at(at);
+        // Ending again on drop would have moved the floor to a later clock
+        // read (or taken away a later write's pending count).
+        assert_eq!(client.read_floor(7), Some(ReadFloor::RepliedAt(at)));
     }
 
     #[test]

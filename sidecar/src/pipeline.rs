@@ -9,6 +9,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
@@ -51,6 +53,9 @@ pub struct Pipeline {
     delivered: Vec<Delivery>,
     /// The client's command metrics, published when its task waits.
     metrics: ClientMetrics,
+    /// When the bytes of the requests being parsed arrived: their
+    /// latency's start (one clock read per read, not per request).
+    arrived: Option<Instant>,
 }
 
 impl Drop for Pipeline {
@@ -78,11 +83,23 @@ impl Pipeline {
         self.entries.is_empty()
     }
 
+    /// Bytes from the client arrived now.
+    pub fn arrived_now(&mut self) {
+        self.arrived = Some(Instant::now());
+    }
+
+    /// When the requests being parsed arrived (their latency's start).
+    pub fn arrived(&mut self) -> Instant {
+        *self.arrived.get_or_insert_with(Instant::now)
+    }
+
     /// Where the next request's reply goes, for a command sent directly.
-    pub fn place(&self) -> Place<'_> {
+    pub fn place(&mut self) -> Place<'_> {
+        let arrived = self.arrived();
         Place {
             inbox: &self.inbox,
             seq: self.base + self.entries.len() as u64,
+            arrived,
         }
     }
 
@@ -140,8 +157,11 @@ impl Pipeline {
             let mut progressed = false;
             if self.inbox.poll_take(cx, &mut self.delivered).is_ready() {
                 let mut delivered = std::mem::take(&mut self.delivered);
+                // Every reply taken here arrived by now: one clock read
+                // for their latencies and read-your-writes marks.
+                let now = Instant::now();
                 for (seq, result) in delivered.drain(..) {
-                    self.delivered_one(router, seq, result);
+                    self.delivered_one(router, seq, result, now);
                 }
                 self.delivered = delivered;
                 progressed = true;
@@ -171,6 +191,7 @@ impl Pipeline {
         router: &Arc<Router>,
         seq: u64,
         result: Result<Bytes, crate::error::UpstreamError>,
+        now: Instant,
     ) {
         let Some(entry) = self.entry(seq) else {
             return;
@@ -178,7 +199,7 @@ impl Pipeline {
         let Entry::Direct(d) = std::mem::replace(entry, Entry::Running) else {
             return;
         };
-        match router.direct_delivered(d, result, &mut self.metrics) {
+        match router.direct_delivered(d, result, &mut self.metrics, now) {
             Outcome::Reply(reply, turn) => {
                 if let Some(e) = self.entry(seq) {
                     *e = Entry::Ready(reply, Some(turn));

@@ -365,7 +365,8 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 // answered straight into the output buffer, with no future.
                 Ok(Some(req))
                     if pending.is_empty()
-                        && let Some(hit) = router.try_cached(&mut st, &req, pending.metrics()) =>
+                        && let Some(hit) =
+                            router.try_cached(&mut st, &req, pending.arrived(), pending.metrics()) =>
                 {
                     out.extend_from_slice(&hit);
                 }
@@ -420,7 +421,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
             r = rd.read_buf(&mut inbuf), if reading && held.is_none() && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE => match r {
                 // The client half-closed: answer what it sent, then close.
                 Ok(0) => reading = false,
-                Ok(_) => {}
+                Ok(_) => pending.arrived_now(),
                 Err(_) => break,
             },
             r = pubsub::read(&mut sub), if sub.is_some() && out.len() <= output_limit => {

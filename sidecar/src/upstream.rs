@@ -274,7 +274,7 @@ impl Node {
     pub fn send_direct(
         self: &Arc<Self>,
         proto: Proto,
-        bytes: Bytes,
+        bytes: &[u8],
         turn: &Turn,
         write: bool,
         inbox: &Arc<Inbox>,
@@ -294,13 +294,13 @@ impl Node {
     /// `turn` allows it there; under the slot's lock (queueing never waits)
     /// rather than cloning the connection handle per request. Hands the
     /// request back with the reason otherwise.
-    fn send_now(
+    fn send_now<B: AsRef<[u8]>>(
         &self,
         proto: Proto,
-        req: Request,
+        req: Request<B>,
         turn: Option<&Turn>,
         write: bool,
-    ) -> Result<(), (Request, NotNow)> {
+    ) -> Result<(), (Request<B>, NotNow)> {
         let slot = lock(&self.conns[proto as usize]);
         let Some(c) = slot.as_ref().filter(|c| !c.state.dead.load(Ordering::SeqCst)) else {
             return Err((req, NotNow::NoConnection));

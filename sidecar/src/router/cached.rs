@@ -12,6 +12,7 @@ impl Router {
         &self,
         st: &mut ClientState,
         req: &resp::Request,
+        arrived: std::time::Instant,
         metrics: &mut ClientMetrics,
     ) -> Option<Bytes> {
         let cache = self.cache.as_ref()?;
@@ -20,9 +21,9 @@ impl Router {
         }
         let info = st.recent.lookup(req.args.first()?)?;
         let variant = self.cache_variant(info, &req.args)?;
-        // One clock read for the entry's expiry and the hit's latency.
+        // One clock read for the entry's expiry and the hit's latency
+        // (since the request's bytes arrived).
         let now = tokio::time::Instant::now();
-        let start = now.into_std();
         let key = CacheKey {
             variant,
             proto: st.session.proto,
@@ -34,7 +35,12 @@ impl Router {
             },
         };
         let value = cache.try_hit_at(&key, now)?;
-        metrics.record(self, info, &value, start);
+        metrics.record(
+            self,
+            info,
+            &value,
+            now.into_std().saturating_duration_since(arrived),
+        );
         Some(value)
     }
 

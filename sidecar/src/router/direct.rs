@@ -24,6 +24,8 @@ pub struct Place<'a> {
     pub inbox: &'a Arc<Inbox>,
     /// Its position in the client's pipeline.
     pub seq: u64,
+    /// When the request's bytes arrived: its latency's start.
+    pub arrived: std::time::Instant,
 }
 
 /// A command sent directly, awaiting its reply in the client's inbox.
@@ -36,7 +38,7 @@ pub struct Direct {
     to_primary: bool,
     up: Proto,
     /// Read-your-writes: the slot counts as written until the reply.
-    _written: Option<WriteMark>,
+    written: Option<WriteMark>,
     info: &'static CommandInfo,
     start: std::time::Instant,
 }
@@ -59,17 +61,55 @@ impl std::fmt::Debug for Outcome {
 }
 
 impl Router {
-    /// Send `args` directly if it is the common case and its connection is
-    /// up and free for it; `None` (with `turn` untouched) otherwise.
+    /// Send `raw` directly if it is the common case and its connection is
+    /// up and free for it; otherwise `raw` comes back (with `turn`
+    /// untouched) for the awaited path.
     pub(super) fn try_direct(
         self: &Arc<Self>,
         st: &mut ClientState,
         info: &'static CommandInfo,
         args: &[Bytes],
-        raw: &Bytes,
+        raw: Bytes,
         turn: &mut Option<Turn>,
         place: Place<'_>,
-    ) -> Option<Direct> {
+    ) -> Result<Direct, Bytes> {
+        let Some(t) = turn.as_ref() else {
+            return Err(raw);
+        };
+        let Some((slot, to_primary)) = self.direct_slot(info, args, t) else {
+            return Err(raw);
+        };
+        let topo = st.topology.get(&self.registry);
+        let Some(node) = self.pick_from(topo, slot, info.kind, to_primary, None, None) else {
+            return Err(raw);
+        };
+        let up = st.upstream_proto();
+        let write = info.kind == Kind::Write;
+        let written = (write && self.config.read_your_writes).then(|| t.client().writing(&[slot]));
+        // The bytes are copied into the connection's queue; `raw` stays
+        // here for a retry.
+        let Some(node) = node.send_direct(up, &raw, t, write, place.inbox, place.seq) else {
+            return Err(raw);
+        };
+        let Some(turn) = turn.take() else {
+            return Err(raw);
+        };
+        Ok(Direct {
+            turn,
+            node,
+            cmd: raw,
+            slot,
+            to_primary,
+            up,
+            written,
+            info,
+            start: place.arrived,
+        })
+    }
+
+    /// The slot of a command the direct path may send (and whether it must
+    /// go to the primary), or `None` when it takes another path.
+    fn direct_slot(&self, info: &'static CommandInfo, args: &[Bytes], t: &Turn) -> Option<(u16, bool)> {
         if commands::is_slow(info.name) || commands::block_timeout(info.name, args).is_some() {
             return None;
         }
@@ -87,46 +127,34 @@ impl Router {
                 return None;
             }
         }
-        let t = turn.as_ref()?;
-        let write = info.kind == Kind::Write;
-        let read_your_writes = self.config.read_your_writes;
         // A cursor is only meaningful on the node that issued it.
         let to_primary = matches!(info.name, "hscan" | "sscan" | "zscan");
-        if !write && !to_primary && read_your_writes && t.client().read_floor(slot).is_some() {
+        let write = info.kind == Kind::Write;
+        if !write && !to_primary && self.config.read_your_writes && t.client().read_floor(slot).is_some() {
             return None;
         }
-        let topo = st.topology.get(&self.registry);
-        let node = self.pick_from(topo, slot, info.kind, to_primary, None, None)?;
-        let up = st.upstream_proto();
-        let written = (write && read_your_writes).then(|| t.client().writing(&[slot]));
-        let node = node.send_direct(up, raw.clone(), t, write, place.inbox, place.seq)?;
-        let turn = turn.take()?;
-        Some(Direct {
-            turn,
-            node,
-            cmd: raw.clone(),
-            slot,
-            to_primary,
-            up,
-            _written: written,
-            info,
-            start: std::time::Instant::now(),
-        })
+        Some((slot, to_primary))
     }
 
-    /// The reply (or failure) of a direct command has arrived.
+    /// The reply (or failure) of a direct command has arrived, by `now`.
     pub fn direct_delivered(
         self: &Arc<Self>,
         d: Direct,
         result: Result<Bytes, UpstreamError>,
         metrics: &mut ClientMetrics,
+        now: std::time::Instant,
     ) -> Outcome {
         if let Err(e) = &result {
             d.node.node().count_error(e);
         }
         let result = match result {
             Ok(reply) if !self.needs_another_attempt(&reply, d.info.kind) => {
-                metrics.record(self, d.info, &reply, d.start);
+                metrics.record(self, d.info, &reply, now.saturating_duration_since(d.start));
+                // `now` is no earlier than the reply: a floor at least as
+                // strict as its own instant.
+                if let Some(w) = d.written {
+                    w.end_at(now);
+                }
                 return Outcome::Reply(reply, d.turn);
             }
             other => other,
@@ -140,7 +168,7 @@ impl Router {
                 slot,
                 to_primary,
                 up,
-                _written,
+                written,
                 info,
                 start,
             } = d;
@@ -149,7 +177,7 @@ impl Router {
             let reply = this
                 .single_from(slot, info.kind, to_primary, cmd, up, Some(&mut turn), first)
                 .await;
-            drop(_written);
+            drop(written);
             turn.finish().await;
             CommandMetrics::record(this.handles(info).as_deref(), &reply, start);
             reply

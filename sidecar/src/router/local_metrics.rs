@@ -40,7 +40,7 @@ impl ClientMetrics {
         router: &Router,
         info: &'static CommandInfo,
         reply: &[u8],
-        start: std::time::Instant,
+        latency: std::time::Duration,
     ) {
         let at = match self.per.iter().position(|(id, _)| *id == info.id) {
             Some(at) => at,
@@ -66,7 +66,7 @@ impl ClientMetrics {
         } else {
             m.ok.inc();
         }
-        m.latency.observe(start.elapsed().as_secs_f64());
+        m.latency.observe(latency.as_secs_f64());
         m.dirty = true;
         self.unflushed = true;
     }

@@ -305,11 +305,14 @@ impl Router {
                 })
             }
             Kind::Read | Kind::Write => {
-                if let Some(place) = place
-                    && let Some(direct) = self.try_direct(st, info, &args, &raw, turn, place)
-                {
-                    return Action::Direct(direct);
-                }
+                let arrived = place.map(|p| p.arrived);
+                let raw = match place {
+                    Some(place) => match self.try_direct(st, info, &args, raw, turn, place) {
+                        Ok(direct) => return Action::Direct(direct),
+                        Err(raw) => raw,
+                    },
+                    None => raw,
+                };
                 let this = self.clone();
                 let up = st.upstream_proto();
                 let Some(mut turn) = turn.take() else {
@@ -321,7 +324,7 @@ impl Router {
                 // `timed`'s (two copies of a ~1 KiB state per request).
                 let m = self.handles(info);
                 Action::Later(Box::pin(async move {
-                    let start = std::time::Instant::now();
+                    let start = arrived.unwrap_or_else(std::time::Instant::now);
                     let reply = this.keyed(info, args, raw, up, proto, &mut turn, &blocking).await;
                     turn.finish().await;
                     CommandMetrics::record(m.as_deref(), &reply, start);

@@ -36,8 +36,11 @@ impl Sink {
     }
 }
 
-pub(super) struct Request {
-    pub(super) bytes: Bytes,
+/// A request to queue: its bytes are copied into the outbox, so a request
+/// sent at once from the client's task lends them (`B = &[u8]`) where one
+/// that may be retried owns them (`B = Bytes`).
+pub(super) struct Request<B = Bytes> {
+    pub(super) bytes: B,
     pub(super) replies: usize,
     pub(super) sink: Sink,
 }
@@ -104,12 +107,12 @@ pub(super) struct Conn {
 
 /// Queue `req` on `conn`, marking `turn` sent there; gives the request back
 /// when the connection is dead.
-pub(super) fn send_in_turn(
+pub(super) fn send_in_turn<B: AsRef<[u8]>>(
     conn: &Conn,
-    req: Request,
+    req: Request<B>,
     turn: Option<&Turn>,
     write: bool,
-) -> Result<(), Request> {
+) -> Result<(), Request<B>> {
     if write && let Some(t) = turn {
         t.note_write();
     }
@@ -118,7 +121,7 @@ pub(super) fn send_in_turn(
         if conn.state.dead.load(Ordering::SeqCst) {
             return Err(req);
         }
-        o.bytes.extend_from_slice(&req.bytes);
+        o.bytes.extend_from_slice(req.bytes.as_ref());
         o.sinks.push((req.sink, req.replies.max(1)));
         o.sinks.len() == 1
     };

@@ -19,8 +19,8 @@
 #   * GETs of ten hot keys at -P 1 and -P 16, directly and through the cached
 #     sidecar (all hits after the first): hit CPU / Redis GET CPU.
 # CPU is on-CPU time from /proc/<pid>/task/*/schedstat (nanoseconds, every
-# thread), not the 10 ms ticks of /proc/<pid>/stat; those ticks, summed over
-# all rounds, give the user/kernel split of the one-key -P 16 runs.
+# thread), not the 10 ms ticks of /proc/<pid>/stat. split.sh says how much
+# of the -P 16 time is the kernel's.
 # Uses ports 7500-7599 on 127.0.0.1 and a temp dir; stops only what it started.
 set -euo pipefail
 
@@ -61,16 +61,12 @@ rps() {
   redis-benchmark -h 127.0.0.1 -p "$port" -c "$CLIENTS" -n "$N" -P "$pipe" -t "$test" "$@" --csv 2>/dev/null \
     | tail -n +2 | tr -d '"' | cut -d, -f2
 }
-# ticks PID: user and system time of PID so far, in clock ticks
-ticks() { cut -d' ' -f14,15 /proc/"$1"/stat; }
-# load PID PORT PIPE TESTS [args]: "rps... cpu_ns user_ticks system_ticks" of
-# PID over one run per test
+# load PID PORT PIPE TESTS [args]: "rps... cpu_ns" of PID over one run per test
 load() {
-  local pid=$1 port=$2 pipe=$3 tests=$4 c0 u0 s0 u1 s1 out=""; shift 4
-  c0=$(cpu_ns "$pid"); read -r u0 s0 <<<"$(ticks "$pid")"
+  local pid=$1 port=$2 pipe=$3 tests=$4 c0 out=""; shift 4
+  c0=$(cpu_ns "$pid")
   for t in ${tests//,/ }; do out="$out $(rps "$port" "$pipe" "$t" "$@")"; done
-  read -r u1 s1 <<<"$(ticks "$pid")"
-  echo "$out $(( $(cpu_ns "$pid") - c0 )) $((u1 - u0)) $((s1 - s0))"
+  echo "$out $(( $(cpu_ns "$pid") - c0 ))"
 }
 # pair A B: run the commands A and B, A first on odd rounds
 pair() { if [ $((r % 2)) = 1 ]; then a=$(eval "$1"); b=$(eval "$2"); else b=$(eval "$2"); a=$(eval "$1"); fi; }
@@ -78,19 +74,17 @@ pair() { if [ $((r % 2)) = 1 ]; then a=$(eval "$1"); b=$(eval "$2"); else b=$(ev
 printf '%-5s | %-26s | %-21s | %-21s\n' "" "-P 1 sidecar/twemproxy" "-P 16 CPU sc/Redis" "cache hit / Redis GET"
 printf '%-5s | %8s %8s %8s | %10s %10s | %10s %10s\n' round "SET/s" "GET/s" CPU "1 key" "100k keys" "-P 1" "-P 16"
 rm -f "$WORK/ratios"
-ru=0 rs=0 su=0 ss=0
 for r in $(seq "$ROUNDS"); do
   pair 'load $TW 7510 1 set,get' 'load $SC 7520 1 set,get'
-  read -r tws twg twc _ <<<"$a"; read -r scs scg scc _ <<<"$b"
+  read -r tws twg twc <<<"$a"; read -r scs scg scc <<<"$b"
   pair 'load $REDIS 7500 16 set,get' 'load $SC 7520 16 set,get'
-  read -r _ _ rc16 u s <<<"$a"; ru=$((ru + u)); rs=$((rs + s))
-  read -r _ _ sc16 u s <<<"$b"; su=$((su + u)); ss=$((ss + s))
+  read -r _ _ rc16 <<<"$a"; read -r _ _ sc16 <<<"$b"
   pair 'load $REDIS 7500 16 set,get -r 100000' 'load $SC 7520 16 set,get -r 100000'
-  read -r _ _ rk16 _ <<<"$a"; read -r _ _ sk16 _ <<<"$b"
+  read -r _ _ rk16 <<<"$a"; read -r _ _ sk16 <<<"$b"
   pair 'load $REDIS 7500 1 get -r 10' 'load $SCC 7530 1 get -r 10'
-  read -r _ rg1 _ <<<"$a"; read -r _ h1 _ <<<"$b"
+  read -r _ rg1 <<<"$a"; read -r _ h1 <<<"$b"
   pair 'load $REDIS 7500 16 get -r 10' 'load $SCC 7530 16 get -r 10'
-  read -r _ rg16 _ <<<"$a"; read -r _ h16 _ <<<"$b"
+  read -r _ rg16 <<<"$a"; read -r _ h16 <<<"$b"
   awk -v r="$r" -v tws="$tws" -v scs="$scs" -v twg="$twg" -v scg="$scg" -v twc="$twc" -v scc="$scc" \
     -v rc16="$rc16" -v sc16="$sc16" -v rg1="$rg1" -v h1="$h1" -v rg16="$rg16" -v h16="$h16" \
     -v rk16="$rk16" -v sk16="$sk16" -v out="$WORK/ratios" 'BEGIN {
@@ -106,5 +100,4 @@ printf '%-5s | %8s %8s %8s | %10s %10s | %10s %10s\n' median "$(median 1)" "$(me
 echo "targets over $ROUNDS rounds of $N requests:"
 echo "  -P 1 throughput >= twemproxy's: SET median $(median 1) (below in $(count 1 '<' 1) rounds), GET median $(median 2) (below in $(count 2 '<' 1))"
 echo "  -P 16 sidecar CPU <= Redis's: one key median $(median 4) (above in $(count 4 '>' 1) rounds), 100k keys median $(median 7) (above in $(count 7 '>' 1))"
-echo "  -P 16 one key, user/system ticks over all rounds: sidecar $su/$ss, Redis $ru/$rs"
 echo "  cache hit <= half a Redis GET: -P 1 median $(median 5), -P 16 median $(median 6) (above 0.5 in $(count 5 '>' 0.5) and $(count 6 '>' 0.5) rounds)"

@@ -329,16 +329,17 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
             };
             let parsed = match parsed {
                 Ok(Some(req)) => {
-                    let name = req.args.first().cloned().unwrap_or_default();
+                    let name: &[u8] = req.args.first().map_or(b"", |n| n);
                     // Inside MULTI the router queues or refuses it.
                     let step = if st.session.in_multi() {
                         Step::Ordinary
                     } else {
-                        pubsub::step(sub.as_ref(), st.session.proto, &name, pending.is_empty())
+                        pubsub::step(sub.as_ref(), st.session.proto, name, pending.is_empty())
                     };
+                    let reset = name.eq_ignore_ascii_case(b"reset");
                     match step {
                         Step::Ordinary => {
-                            if name.eq_ignore_ascii_case(b"reset") {
+                            if reset {
                                 // Closing it ends every subscription, as RESET does.
                                 sub = None;
                             }

@@ -4,7 +4,8 @@
 //! about Kubernetes or processes.
 //!
 //! Module map: [`view`] observes, [`plan`] decides (pure), [`execute`] acts,
-//! [`reconcile`] loops over the three, [`health`] probes, [`status`] reports,
+//! [`reconcile`] loops over the three ([`stuck`] paces retries of keys that
+//! did not move), [`health`] probes, [`status`] reports,
 //! [`config`] turns a spec into settings and redis.conf, [`pool`] is the
 //! backend abstraction, [`conn`] bounds every Redis call by a timeout.
 
@@ -21,6 +22,7 @@ pub mod pool;
 pub mod reconcile;
 pub mod settings;
 pub mod status;
+pub mod stuck;
 pub mod view;
 
 pub use config::{HealthConfig, TierConfig, Timing};

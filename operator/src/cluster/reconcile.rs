@@ -17,13 +17,14 @@ use tracing::{debug, info, warn};
 
 use super::config::TierConfig;
 use super::conn::Conns;
-use super::execute::{Outcome, Reach, StuckKey, execute};
+use super::execute::{Outcome, Reach, execute};
 use super::health::{HealthMonitor, HealthRecord};
 use super::index::Index;
 use super::plan::{Action, Plan, PlanInput, plan_with};
 use super::pool::{NodePool, PoolNode};
 use super::settings;
 use super::status::{self, Events, StatusInput, SyncTracker};
+use super::stuck::StuckSlots;
 use super::view::{ClusterView, observe};
 use crate::{Error, Result};
 
@@ -33,10 +34,6 @@ const ROUND_BUDGET: Duration = Duration::from_secs(2);
 
 /// Slots moved per pipelined migration step.
 const MIGRATE_CHUNK: usize = 32;
-
-/// How long a slot with a key that could not move is left alone before the
-/// next attempt, so one huge key does not cost every round a `MIGRATE` timeout.
-const STUCK_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The outcome of one round.
 #[derive(Debug)]
@@ -63,7 +60,8 @@ pub struct Reconciler<P> {
     sync: SyncTracker,
     events: Events,
     primaries: HashMap<u32, String>,
-    stuck: HashMap<u16, (StuckKey, Instant)>,
+    /// Open slots whose key did not move, and when to try each again.
+    stuck: StuckSlots,
     /// The `CONFIG SET` steps of the previous round, by description.
     last_configs: std::collections::HashSet<String>,
     /// Which node (name, incarnation) each address belonged to last round.
@@ -97,7 +95,7 @@ impl<P: NodePool> Reconciler<P> {
             sync: SyncTracker::default(),
             events: Events::default(),
             primaries: HashMap::new(),
-            stuck: HashMap::new(),
+            stuck: StuckSlots::default(),
             last_configs: std::collections::HashSet::new(),
             identities: HashMap::new(),
             status_tx,
@@ -176,7 +174,7 @@ impl<P: NodePool> Reconciler<P> {
         // failover record.
         let index = Index::new(&view, &health);
         self.notice_failovers(&index);
-        self.forget_unstuck(&view, now);
+        self.forget_unstuck(&view);
         let plan = plan_with(
             PlanInput {
                 tier: &self.tier,
@@ -239,11 +237,11 @@ impl<P: NodePool> Reconciler<P> {
         {
             // A long migration is executed in small chunks so the budget applies.
             let steps: Vec<Action> = match action {
-                Action::FinishMigration { slot, .. } if self.stuck.contains_key(slot) => Vec::new(),
+                Action::FinishMigration { slot, .. } if self.stuck.holds(*slot, now) => Vec::new(),
                 Action::MigrateSlots { from, to, slots } => slots
                     .iter()
                     .copied()
-                    .filter(|s| !self.stuck.contains_key(s))
+                    .filter(|s| !self.stuck.holds(*s, now))
                     .collect::<Vec<u16>>()
                     .chunks(MIGRATE_CHUNK)
                     .map(|chunk| Action::MigrateSlots {
@@ -278,9 +276,9 @@ impl<P: NodePool> Reconciler<P> {
                         }
                         self.events.executed(step);
                         for key in stuck {
-                            self.stuck.insert(key.slot, (key, Instant::now()));
+                            self.stuck.record(key, Instant::now());
                         }
-                        self.events.stuck_keys = self.stuck.values().map(|(k, _)| k.clone()).collect();
+                        self.events.stuck_keys = self.stuck.keys();
                     }
                     // MEETs are independent of each other: one that fails
                     // does not stop the others, but none counts as progress.
@@ -306,19 +304,16 @@ impl<P: NodePool> Reconciler<P> {
         })
     }
 
-    /// Drops stuck-key records of slots that are no longer open, and of
-    /// those whose backoff is over (the next plan tries them again).
-    fn forget_unstuck(&mut self, view: &ClusterView, now: Instant) {
+    /// Drops stuck-key records of slots that are no longer open.
+    fn forget_unstuck(&mut self, view: &ClusterView) {
         let open: Vec<u16> = view
             .nodes
             .iter()
             .filter_map(|v| v.reported())
             .flat_map(|r| r.myself.migrating.iter().map(|(s, _)| *s))
             .collect();
-        self.stuck.retain(|slot, (_, at)| {
-            open.contains(slot) && now.saturating_duration_since(*at) < STUCK_BACKOFF
-        });
-        self.events.stuck_keys = self.stuck.values().map(|(k, _)| k.clone()).collect();
+        self.stuck.keep_open(&open);
+        self.events.stuck_keys = self.stuck.keys();
     }
 
     fn notice_failovers(&mut self, index: &Index<'_>) {

@@ -54,18 +54,23 @@ where
     panic!("{what}: not within {limit:?}");
 }
 
-/// As one node sees the cluster: primaries that own slots, whether any slot is
-/// half-migrated, and the fewest slots any owner has.
-async fn shard_layout(node: SocketAddr) -> Option<(usize, bool, usize)> {
+/// `CLUSTER NODES` as `node` answers it.
+async fn cluster_nodes(node: SocketAddr) -> Option<String> {
     let mut conn = tokio::time::timeout(Duration::from_secs(2), connect(node))
         .await
         .ok()?
         .ok()?;
-    let nodes: String = redis::cmd("CLUSTER")
+    redis::cmd("CLUSTER")
         .arg("NODES")
         .query_async(&mut conn)
         .await
-        .ok()?;
+        .ok()
+}
+
+/// As one node's `CLUSTER NODES` shows the cluster: primaries that own
+/// slots, whether any slot is half-migrated, and the fewest slots any owner
+/// has.
+fn layout_of(nodes: &str) -> (usize, bool, usize) {
     let mut owners = 0;
     let mut open = false;
     let mut fewest = usize::MAX;
@@ -85,7 +90,7 @@ async fn shard_layout(node: SocketAddr) -> Option<(usize, bool, usize)> {
             fewest = fewest.min(slots);
         }
     }
-    Some((owners, open, fewest))
+    (owners, open, fewest)
 }
 
 /// Whether every replica the cluster knows has finished its sync with its primary.
@@ -244,6 +249,9 @@ async fn a_plain_client_through_the_sidecar_survives_a_live_reshard_and_a_killed
     let mut misses = 0usize;
     let mut round = 0u64;
     let mut layout = None;
+    // Sampled every 200 pairs, and at least every second (a pair can take
+    // long while slots move), with the answer kept for the failure report.
+    let (mut sampled, mut last_nodes) = (Instant::now(), None);
     loop {
         let i = round % 2000;
         let set: redis::RedisResult<()> = redis::cmd("SET")
@@ -264,8 +272,10 @@ async fn a_plain_client_through_the_sidecar_survives_a_live_reshard_and_a_killed
             other => errors.push(format!("GET k:{i}: {other:?}")),
         }
         round += 1;
-        if round.is_multiple_of(200) {
-            layout = shard_layout(seed).await;
+        if round.is_multiple_of(200) || sampled.elapsed() > Duration::from_secs(1) {
+            sampled = Instant::now();
+            last_nodes = cluster_nodes(seed).await;
+            layout = last_nodes.as_deref().map(layout_of);
             if let Some((4, false, fewest)) = layout
                 && fewest >= 16384 / 4 - 1
             {
@@ -274,7 +284,13 @@ async fn a_plain_client_through_the_sidecar_survives_a_live_reshard_and_a_killed
         }
         assert!(
             start.elapsed() < Duration::from_secs(120),
-            "the reshard to 4 balanced shards did not finish in 120 s; last seen (owners, open slot, fewest slots): {layout:?}"
+            "the reshard to 4 balanced shards did not finish in 120 s; last seen (owners, open slot, fewest slots): \
+             {layout:?}, {:?} ago; {round} SET+GET pairs, {misses} misses, {} errors (first: {:?}); the seed's \
+             CLUSTER NODES then:\n{}",
+            sampled.elapsed(),
+            errors.len(),
+            errors.first(),
+            last_nodes.as_deref().unwrap_or("(no answer)")
         );
     }
     eprintln!(

@@ -251,7 +251,7 @@ impl ClusterClient {
         let slot = key_slot(key) as usize;
         let mut target = self.slots[slot];
         let mut asking = false;
-        for _ in 0..16 {
+        for attempt in 0..16 {
             let Some(addr) = target else {
                 self.refresh().await;
                 target = self.slots[slot];
@@ -288,6 +288,15 @@ impl ClusterClient {
                         self.slots[slot] = Some(to);
                         target = Some(to);
                         asking = false;
+                        // Nodes that disagree for a moment (gossip after a
+                        // failover) redirect back and forth: as a cluster
+                        // client does, wait a little and re-read the map
+                        // instead of spending every attempt at once.
+                        if attempt >= 3 {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            self.refresh().await;
+                            target = self.slots[slot].or(Some(to));
+                        }
                     }
                     None if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
                         self.conns.remove(&addr);

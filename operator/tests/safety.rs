@@ -295,6 +295,25 @@ async fn target_of(pool: &LocalPool, name: &str) -> Target {
     }
 }
 
+/// Marks `slot` IMPORTING on `dst` and MIGRATING on `src`, as a migration
+/// interrupted after its first step leaves it.
+async fn open_slot(slot: u16, src: &Target, dst: &Target) {
+    let slot_s = slot.to_string();
+    let setslot = |state: &str, id: &str| {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(&slot_s).arg(state).arg(id);
+        cmd
+    };
+    let _: () = setslot("IMPORTING", &src.id)
+        .query_async(&mut conn(dst.addr).await)
+        .await
+        .unwrap();
+    let _: () = setslot("MIGRATING", &dst.id)
+        .query_async(&mut conn(src.addr).await)
+        .await
+        .unwrap();
+}
+
 /// Whether a CLUSTER NODES line lists `slot` among its owned ranges.
 fn line_owns(line: &str, slot: u16) -> bool {
     line.split_whitespace()
@@ -373,25 +392,8 @@ async fn a_slot_migrating_to_a_node_that_is_slow_to_answer_once_is_not_rolled_ba
     let src = target_of(&pool, &status.shards[0].nodes[0].name).await;
     let dst = target_of(&pool, &status.shards[1].nodes[0].name).await;
     // A migration interrupted half-way: half the keys are on the destination.
-    let mut d = conn(dst.addr).await;
+    open_slot(slot, &src, &dst).await;
     let mut s = conn(src.addr).await;
-    let slot_s = slot.to_string();
-    let _: () = redis::cmd("CLUSTER")
-        .arg("SETSLOT")
-        .arg(&slot_s)
-        .arg("IMPORTING")
-        .arg(&src.id)
-        .query_async(&mut d)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg("SETSLOT")
-        .arg(&slot_s)
-        .arg("MIGRATING")
-        .arg(&dst.id)
-        .query_async(&mut s)
-        .await
-        .unwrap();
     let _: () = redis::cmd("MIGRATE")
         .arg("127.0.0.1")
         .arg(dst.addr.port())

@@ -28,3 +28,17 @@ bench:
    - 127.0.0.1:$2:1
 YML
 }
+
+single_node() { # port: a cluster-mode redis-server owning every slot; its PID in $REDIS
+  mkdir -p "$WORK/redis-$1"
+  redis-server --bind 127.0.0.1 --port "$1" --cluster-enabled yes --cluster-port $(($1 + 20000)) \
+    --cluster-config-file nodes.conf --dir "$WORK/redis-$1" --save '' --appendonly no \
+    --logfile redis.log --daemonize no >/dev/null 2>&1 &
+  REDIS=$!; PIDS+=($REDIS)
+  wait_ping "$1"
+  redis-cli -p "$1" cluster addslotsrange 0 16383 >/dev/null
+  until redis-cli -p "$1" cluster info | grep -q cluster_state:ok; do sleep 0.1; done
+}
+
+# cpu_ns PID: on-CPU nanoseconds of every thread of PID so far
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f", s }'; }

@@ -34,14 +34,7 @@ WORK_PREFIX=cachetier-rounds
 # shellcheck source=sidecar/bench/lib.sh
 . "$(dirname "$0")/lib.sh"
 
-mkdir -p "$WORK/redis"
-redis-server --bind 127.0.0.1 --port 7500 --cluster-enabled yes --cluster-port 27500 \
-  --cluster-config-file nodes.conf --dir "$WORK/redis" --save '' --appendonly no \
-  --logfile redis.log --daemonize no >/dev/null 2>&1 &
-REDIS=$!; PIDS+=($REDIS)
-wait_ping 7500
-redis-cli -p 7500 cluster addslotsrange 0 16383 >/dev/null
-until redis-cli -p 7500 cluster info | grep -q cluster_state:ok; do sleep 0.1; done
+single_node 7500
 
 twemproxy_conf 7510 7500
 nutcracker -c "$WORK/nutcracker.yml" -s 7511 -o "$WORK/nutcracker.log" &
@@ -54,7 +47,6 @@ SCC=$!; PIDS+=($SCC)
 for p in 7510 7520 7530; do wait_ping "$p"; done
 redis-benchmark -h 127.0.0.1 -p 7500 -c 10 -n 1000 -t set -r 10 -q >/dev/null 2>&1
 
-cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f", s }'; }
 # rps PORT PIPE TEST [args]: requests per second of one redis-benchmark run
 rps() {
   local port=$1 pipe=$2 test=$3; shift 3

@@ -29,19 +29,11 @@ WORK_PREFIX=cachetier-split
 # shellcheck source=sidecar/bench/lib.sh
 . "$(dirname "$0")/lib.sh"
 
-mkdir -p "$WORK/redis"
-redis-server --bind 127.0.0.1 --port 7540 --cluster-enabled yes --cluster-port 27540 \
-  --cluster-config-file nodes.conf --dir "$WORK/redis" --save '' --appendonly no \
-  --logfile redis.log --daemonize no >/dev/null 2>&1 &
-REDIS=$!; PIDS+=($REDIS)
-wait_ping 7540
-redis-cli -p 7540 cluster addslotsrange 0 16383 >/dev/null
-until redis-cli -p 7540 cluster info | grep -q cluster_state:ok; do sleep 0.1; done
+single_node 7540
 "$BIN" --listen 127.0.0.1:7541 --seed 127.0.0.1:7540 --metrics 127.0.0.1:7542 >"$WORK/sidecar.log" 2>&1 &
 SC=$!; PIDS+=($SC)
 wait_ping 7541
 
-cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f", s }'; }
 load() { # port [redis-benchmark args...]
   local port=$1; shift
   redis-benchmark -h 127.0.0.1 -p "$port" -c 50 -n "$N" -P 16 -t set,get -q "$@" >/dev/null 2>&1

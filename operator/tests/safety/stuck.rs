@@ -43,24 +43,7 @@ async fn open_slot_with_a_big_key(pool: &LocalPool, status: &CacheTierStatus) ->
             .await
             .unwrap();
     }
-    let mut d = conn(dst.addr).await;
-    let slot_s = slot.to_string();
-    let _: () = redis::cmd("CLUSTER")
-        .arg("SETSLOT")
-        .arg(&slot_s)
-        .arg("IMPORTING")
-        .arg(&src.id)
-        .query_async(&mut d)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg("SETSLOT")
-        .arg(&slot_s)
-        .arg("MIGRATING")
-        .arg(&dst.id)
-        .query_async(&mut s)
-        .await
-        .unwrap();
+    open_slot(slot, &src, &dst).await;
     OpenSlot {
         slot,
         big,

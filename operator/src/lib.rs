@@ -7,6 +7,7 @@
 //! Kubernetes controller (a later part of this crate) will implement with pods.
 //! The `cachetier-operator` binary (`main.rs`) is a thin command-line shell over it.
 
+pub mod backoff;
 #[cfg(test)]
 mod chart_tests;
 pub mod cluster;

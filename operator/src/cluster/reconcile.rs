@@ -71,7 +71,7 @@ pub struct Reconciler<P> {
 
 /// Pause after the `n`-th failing round in a row: 100 ms doubling, at most 2 s.
 pub fn error_backoff(n: u32) -> Duration {
-    Duration::from_millis(100u64.saturating_mul(1 << n.saturating_sub(1).min(5))).min(Duration::from_secs(2))
+    crate::backoff::doubling(Duration::from_millis(100), n, Duration::from_secs(2))
 }
 
 /// Timeout of the reconciler's commands: the probe timeout, at least 200 ms.

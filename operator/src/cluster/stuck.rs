@@ -29,8 +29,7 @@ const MAX_RETRY: Duration = Duration::from_secs(60);
 
 /// Wait after the `attempts`-th failure in a row: 1 s doubling, at most 60 s.
 pub fn retry_after(attempts: u32) -> Duration {
-    let doublings = attempts.saturating_sub(1).min(6);
-    FIRST_RETRY.saturating_mul(1 << doublings).min(MAX_RETRY)
+    crate::backoff::doubling(FIRST_RETRY, attempts, MAX_RETRY)
 }
 
 #[derive(Debug)]

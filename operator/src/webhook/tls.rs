@@ -366,8 +366,7 @@ fn retry_after(failures: u32, every: Duration) -> Duration {
     if failures == 0 {
         return every;
     }
-    let backoff = Duration::from_secs(5).saturating_mul(1 << (failures - 1).min(10));
-    backoff.min(every)
+    crate::backoff::doubling(Duration::from_secs(5), failures, every)
 }
 
 #[cfg(test)]

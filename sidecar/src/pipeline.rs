@@ -8,7 +8,6 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-
 use std::time::Instant;
 
 use bytes::Bytes;

@@ -24,19 +24,6 @@ WORK_PREFIX=cachetier-instr
 # shellcheck source=sidecar/bench/lib.sh
 . "$(dirname "$0")/lib.sh"
 
-# redis PORT [wrapper...]: a cluster-mode node owning every slot; PID in $LAST
-redis() {
-  local port=$1; shift
-  mkdir -p "$WORK/$port"
-  "$@" redis-server --bind 127.0.0.1 --port "$port" --cluster-enabled yes \
-    --cluster-config-file nodes.conf --dir "$WORK/$port" --save '' --appendonly no \
-    --logfile redis.log >/dev/null 2>&1 &
-  LAST=$!; PIDS+=($LAST)
-  wait_ping "$port"
-  redis-cli -p "$port" cluster addslotsrange 0 16383 >/dev/null
-  until redis-cli -p "$port" cluster info | grep -q cluster_state:ok; do sleep 0.1; done
-}
-
 callgrind() { exec valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$1.%p" "${@:2}"; }
 
 # count LABEL PID PORT PIPE TESTS [redis-benchmark args...]: instructions of
@@ -59,13 +46,13 @@ count() {
 
 echo "instructions per request, $N requests per test (SET+GET rows: both tests)"
 # Redis serving the clients itself.
-redis 7400 callgrind redis
-R=$LAST
+single_node 7400 callgrind redis
+R=$REDIS
 for pipe in 1 16; do count "redis-server, clients direct (SET+GET)" "$R" 7400 "$pipe" set,get; done
 for pipe in 1 16; do count "redis-server, clients direct (GET, 10 keys)" "$R" 7400 "$pipe" get -r 10; done
 
 # The sidecar in front of a plain node.
-redis 7402
+single_node 7402
 callgrind sidecar "$BIN" --listen 127.0.0.1:7403 --seed 127.0.0.1:7402 --metrics 127.0.0.1:7405 >"$WORK/sidecar.log" 2>&1 &
 S=$!; PIDS+=($S)
 wait_ping 7403

@@ -29,15 +29,18 @@ bench:
 YML
 }
 
-single_node() { # port: a cluster-mode redis-server owning every slot; its PID in $REDIS
-  mkdir -p "$WORK/redis-$1"
-  redis-server --bind 127.0.0.1 --port "$1" --cluster-enabled yes --cluster-port $(($1 + 20000)) \
-    --cluster-config-file nodes.conf --dir "$WORK/redis-$1" --save '' --appendonly no \
+# single_node PORT [wrapper...]: a cluster-mode redis-server owning every
+# slot (run under the wrapper command, if any); its PID in $REDIS
+single_node() {
+  local port=$1; shift
+  mkdir -p "$WORK/redis-$port"
+  "$@" redis-server --bind 127.0.0.1 --port "$port" --cluster-enabled yes --cluster-port $((port + 20000)) \
+    --cluster-config-file nodes.conf --dir "$WORK/redis-$port" --save '' --appendonly no \
     --logfile redis.log --daemonize no >/dev/null 2>&1 &
   REDIS=$!; PIDS+=($REDIS)
-  wait_ping "$1"
-  redis-cli -p "$1" cluster addslotsrange 0 16383 >/dev/null
-  until redis-cli -p "$1" cluster info | grep -q cluster_state:ok; do sleep 0.1; done
+  wait_ping "$port"
+  redis-cli -p "$port" cluster addslotsrange 0 16383 >/dev/null
+  until redis-cli -p "$port" cluster info | grep -q cluster_state:ok; do sleep 0.1; done
 }
 
 # cpu_ns PID: on-CPU nanoseconds of every thread of PID so far

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::resp::ArgList;
+
 /// How a command is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -518,20 +520,24 @@ pub enum KeyError {
 /// arguments: `Some(None)` for ever (timeout 0), `Some(Some(d))` for `d`;
 /// `None` when it does not block. A timeout that does not parse counts as
 /// zero seconds bounded: Redis will refuse it at once.
-pub fn block_timeout(name: &str, args: &[Bytes]) -> Option<Option<Duration>> {
-    let secs = |a: Option<&Bytes>| {
+pub fn block_timeout<A: ArgList + ?Sized>(name: &str, args: &A) -> Option<Option<Duration>> {
+    let secs = |a: Option<&[u8]>| {
         let s: f64 = a.and_then(|a| std::str::from_utf8(a).ok())?.parse().ok()?;
         Some(s)
     };
+    let n = args.argc();
+    let position = |below: usize, word: &[u8]| {
+        (0..below).position(|i| args.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(word)))
+    };
     let seconds = match name {
-        "blpop" | "brpop" | "bzpopmin" | "bzpopmax" | "brpoplpush" | "blmove" => secs(args.last()),
-        "blmpop" | "bzmpop" => secs(args.get(1)),
+        "blpop" | "brpop" | "bzpopmin" | "bzpopmax" | "brpoplpush" | "blmove" => {
+            secs(n.checked_sub(1).and_then(|i| args.arg(i)))
+        }
+        "blmpop" | "bzmpop" => secs(args.arg(1)),
         "xread" | "xreadgroup" => {
-            let streams = args.iter().position(|a| a.eq_ignore_ascii_case(b"streams"))?;
-            let at = args[..streams]
-                .iter()
-                .position(|a| a.eq_ignore_ascii_case(b"block"))?;
-            secs(args.get(at + 1)).map(|ms| ms / 1000.0)
+            let streams = position(n, b"streams")?;
+            let at = position(streams, b"block")?;
+            secs(args.arg(at + 1)).map(|ms| ms / 1000.0)
         }
         _ => return None,
     };
@@ -546,14 +552,14 @@ pub fn block_timeout(name: &str, args: &[Bytes]) -> Option<Option<Duration>> {
 /// HSET, MGET…), as [`key_indices`] finds them, without allocating; `None`
 /// for any other key layout or a wrong arity (the general path handles
 /// those).
-pub fn range_keys(
+pub fn range_keys<A: ArgList + ?Sized>(
     info: &CommandInfo,
-    args: &[Bytes],
+    args: &A,
 ) -> Option<std::iter::StepBy<std::ops::RangeInclusive<usize>>> {
     let KeySpec::Range { first, last, step } = info.keys else {
         return None;
     };
-    let n = args.len();
+    let n = args.argc();
     let last = if last < 0 { n as isize + last } else { last };
     if n <= first || last < first as isize || (step > 1 && !(n - first).is_multiple_of(step)) {
         return None;

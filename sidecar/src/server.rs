@@ -329,7 +329,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
             };
             let parsed = match parsed {
                 Ok(Some(req)) => {
-                    let name: &[u8] = req.args.first().map_or(b"", |n| n);
+                    let name = req.name();
                     // Inside MULTI the router queues or refuses it.
                     let step = if st.session.in_multi() {
                         Step::Ordinary

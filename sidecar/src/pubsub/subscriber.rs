@@ -73,14 +73,10 @@ impl Subscriber {
     /// a `PING` in RESP2 subscribed mode); replies it has at once (errors,
     /// Redis's answer to unsubscribing from nothing) go into `out`.
     async fn forward(&mut self, router: &Router, proto: u8, req: &resp::Request, out: &mut BytesMut) {
-        let name = req
-            .args
-            .first()
-            .map(|n| n.to_ascii_lowercase())
-            .unwrap_or_default();
-        let bare = req.args.len() == 1;
+        let name = req.name().to_ascii_lowercase();
+        let bare = req.argc() == 1;
         let sent = if is_shard_command(&name) {
-            match req.args.get(1) {
+            match req.arg(1) {
                 Some(channel) => self.forward_shard(router, proto, channel, &req.raw).await,
                 None if name == b"sunsubscribe" => self.sunsubscribe_all(proto, &req.raw, out).await,
                 // Redis's arity error, from any node.

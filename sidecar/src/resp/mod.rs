@@ -199,4 +199,4 @@ pub use check::Checker;
 pub use check::check;
 pub use encode::{asking_if, command_bytes, encode_command, error_text};
 pub use parse::parse;
-pub use request::{Request, parse_command, parse_request, parse_request_with};
+pub use request::{ArgList, Request, parse_command, parse_request, parse_request_with};

@@ -1,13 +1,15 @@
 //! One pass over the request nearly every client sends: a complete array of
-//! a few bulk strings. [`take`] checks it and splits it into arguments at
-//! once, where the general path runs the resumable [`Checker`] over the frame
-//! and then walks it again (together about one eighth of the sidecar's
-//! instructions per request at `-P 16`).
+//! a few bulk strings. [`take`] checks it and notes where each argument lies
+//! at once (the request keeps those spans until a path needs the arguments
+//! as `Bytes`), where the general path runs the resumable [`Checker`] over
+//! the frame and then walks it again (together about one eighth of the
+//! sidecar's instructions per request at `-P 16`).
 //!
 //! It only ever accepts what the general path accepts, with the same
 //! arguments: anything else (an incomplete frame, more than [`MAX_ARGS`]
 //! arguments, an element that is not a bulk string, a null, an empty array,
-//! a non-canonical length, a limit exceeded, a missing CRLF) returns `None`
+//! a non-canonical length, a limit exceeded, a missing CRLF, an offset past
+//! 4 GiB) returns `None`
 //! and leaves `buf` untouched for the general path, which then accepts it,
 //! waits for more bytes or words the error exactly as before.
 
@@ -27,7 +29,7 @@ pub(super) fn take(buf: &mut BytesMut, checker: &Checker) -> Option<Request> {
     if n == 0 || n > MAX_ARGS || n > limits.max_array_len {
         return None;
     }
-    let mut spans = [(0usize, 0usize); MAX_ARGS];
+    let mut spans = [(0u32, 0u32); MAX_ARGS];
     for span in spans.iter_mut().take(n) {
         let (len, start) = header(b, pos, b'$')?;
         if len > limits.max_bulk_len {
@@ -37,12 +39,13 @@ pub(super) fn take(buf: &mut BytesMut, checker: &Checker) -> Option<Request> {
         if b.get(stop..stop.checked_add(2)?)? != b"\r\n" {
             return None;
         }
-        *span = (start, stop);
+        // Offsets past `u32` (a request over 4 GiB) take the general path.
+        *span = (u32::try_from(start).ok()?, u32::try_from(stop).ok()?);
         pos = stop + 2;
     }
+    let n = u8::try_from(n).ok()?;
     let raw = buf.split_to(pos).freeze();
-    let args = spans[..n].iter().map(|&(s, e)| raw.slice(s..e)).collect();
-    Some(Request { raw, args })
+    Some(Request::from_spans(raw, n, spans))
 }
 
 /// `<ty><canonical non-negative length>\r\n` at `pos`: the length, and where
@@ -143,7 +146,7 @@ mod tests {
                 let mut out = Vec::new();
                 for _ in 0..8 {
                     match parse_request_via(&mut buf, &mut checker, &limits, fast) {
-                        Ok(Some(r)) => out.push(Ok(r)),
+                        Ok(Some(r)) => out.push(Ok((r.clone().into_parts(), r))),
                         Ok(None) => break,
                         Err(e) => {
                             out.push(Err(e));

@@ -2,21 +2,159 @@
 
 use bytes::{Bytes, BytesMut};
 
+use super::quick::MAX_ARGS;
 use super::*;
 
 /// A client request: its arguments and its wire form. `raw` is forwarded
 /// upstream as is when the command goes to one node, saving a re-encode.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A request parsed on the one-pass path keeps its arguments as spans of
+/// `raw` until a path needs them as `Bytes` ([`Request::into_parts`]): the
+/// direct path reads the name and keys in place, which saves a vector and
+/// two reference-count updates (atomic) per argument.
+#[derive(Clone)]
 pub struct Request {
     pub raw: Bytes,
-    pub args: Vec<Bytes>,
+    args: Args,
+}
+
+#[derive(Clone)]
+enum Args {
+    Owned(Vec<Bytes>),
+    /// `(start, end)` in `raw` of each of the first `n` arguments.
+    Spans {
+        n: u8,
+        at: [(u32, u32); MAX_ARGS],
+    },
+}
+
+/// Arguments read by position, whichever way they are held.
+pub trait ArgList {
+    fn argc(&self) -> usize;
+    fn arg(&self, i: usize) -> Option<&[u8]>;
+}
+
+impl ArgList for [Bytes] {
+    fn argc(&self) -> usize {
+        self.len()
+    }
+
+    fn arg(&self, i: usize) -> Option<&[u8]> {
+        self.get(i).map(|b| &b[..])
+    }
+}
+
+impl ArgList for Vec<Bytes> {
+    fn argc(&self) -> usize {
+        self.len()
+    }
+
+    fn arg(&self, i: usize) -> Option<&[u8]> {
+        self.get(i).map(|b| &b[..])
+    }
+}
+
+impl ArgList for Request {
+    fn argc(&self) -> usize {
+        Request::argc(self)
+    }
+
+    fn arg(&self, i: usize) -> Option<&[u8]> {
+        Request::arg(self, i)
+    }
+}
+
+impl Request {
+    pub fn argc(&self) -> usize {
+        match &self.args {
+            Args::Owned(v) => v.len(),
+            Args::Spans { n, .. } => usize::from(*n),
+        }
+    }
+
+    pub fn arg(&self, i: usize) -> Option<&[u8]> {
+        match &self.args {
+            Args::Owned(v) => v.get(i).map(|b| &b[..]),
+            Args::Spans { n, at } => {
+                let &(s, e) = at[..usize::from(*n)].get(i)?;
+                self.raw.get(s as usize..e as usize)
+            }
+        }
+    }
+
+    pub fn new(raw: Bytes, args: Vec<Bytes>) -> Request {
+        Request {
+            raw,
+            args: Args::Owned(args),
+        }
+    }
+
+    /// The first `n` arguments at `at`, `(start, end)` offsets in `raw`
+    /// (the one-pass parser checked both).
+    pub(super) fn from_spans(raw: Bytes, n: u8, at: [(u32, u32); MAX_ARGS]) -> Request {
+        Request {
+            raw,
+            args: Args::Spans { n, at },
+        }
+    }
+
+    /// The command's name as sent (empty for no arguments).
+    pub fn name(&self) -> &[u8] {
+        self.arg(0).unwrap_or_default()
+    }
+
+    /// Argument `i` as `Bytes` sharing the request's buffer.
+    pub fn arg_bytes(&self, i: usize) -> Option<Bytes> {
+        match &self.args {
+            Args::Owned(v) => v.get(i).cloned(),
+            Args::Spans { n, at } => {
+                let &(s, e) = at[..usize::from(*n)].get(i)?;
+                Some(self.raw.slice(s as usize..e as usize))
+            }
+        }
+    }
+
+    /// The wire form and the arguments as `Bytes`.
+    pub fn into_parts(self) -> (Bytes, Vec<Bytes>) {
+        let args = match self.args {
+            Args::Owned(v) => v,
+            Args::Spans { n, at } => at[..usize::from(n)]
+                .iter()
+                .map(|&(s, e)| self.raw.slice(s as usize..e as usize))
+                .collect(),
+        };
+        (self.raw, args)
+    }
+
+    fn arg_slices(&self) -> impl Iterator<Item = &[u8]> {
+        (0..self.argc()).filter_map(|i| self.arg(i))
+    }
+}
+
+/// Equal when the wire forms and the arguments are, however they are held.
+impl PartialEq for Request {
+    fn eq(&self, other: &Request) -> bool {
+        self.raw == other.raw && self.argc() == other.argc() && self.arg_slices().eq(other.arg_slices())
+    }
+}
+
+impl Eq for Request {}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let args: Vec<Bytes> = self.arg_slices().map(Bytes::copy_from_slice).collect();
+        f.debug_struct("Request")
+            .field("raw", &self.raw)
+            .field("args", &args)
+            .finish()
+    }
 }
 
 /// Parse a client request at the front of `buf`: either a RESP array of bulk
 /// strings or an inline command line. Returns the arguments and consumes their
 /// bytes; `Ok(None)` means more bytes are needed.
 pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    Ok(parse_request(buf, limits)?.map(|r| r.args))
+    Ok(parse_request(buf, limits)?.map(|r| r.into_parts().1))
 }
 
 /// [`parse_command`], keeping the request's wire form.
@@ -82,7 +220,7 @@ pub(super) fn parse_request_via(
                 args.push(raw.slice(start..stop));
                 pos = stop + 2;
             }
-            return Ok(Some(Request { raw, args }));
+            return Ok(Some(Request::new(raw, args)));
         }
         // Inline command: one line, split on whitespace with redis-cli style quoting.
         let end = match buf.iter().position(|&b| b == b'\n') {
@@ -102,10 +240,7 @@ pub(super) fn parse_request_via(
         if args.is_empty() {
             continue;
         }
-        return Ok(Some(Request {
-            raw: command_bytes(&args),
-            args,
-        }));
+        return Ok(Some(Request::new(command_bytes(&args), args)));
     }
 }
 

@@ -2,6 +2,7 @@
 //! filled in the client's order (`../cache.rs` keeps the entries).
 
 use super::*;
+use crate::resp::ArgList;
 
 impl Router {
     /// Answer a cacheable read from the local cache without creating a
@@ -19,17 +20,17 @@ impl Router {
         if st.session.in_multi() || st.watch.is_some() {
             return None;
         }
-        let info = st.recent.lookup(req.args.first()?)?;
-        let variant = self.cache_variant(info, &req.args)?;
+        let info = st.recent.lookup(req.arg(0)?)?;
+        let variant = self.cache_variant(info, req)?;
         // One clock read for the entry's expiry and the hit's latency
         // (since the request's bytes arrived).
         let now = tokio::time::Instant::now();
         let key = CacheKey {
             variant,
             proto: st.session.proto,
-            key: req.args[1].clone(),
+            key: req.arg_bytes(1)?,
             field: if variant == Variant::HGet {
-                req.args[2].clone()
+                req.arg_bytes(2)?
             } else {
                 Bytes::new()
             },
@@ -56,15 +57,15 @@ impl Router {
         }
     }
 
-    pub(super) fn cache_variant(&self, info: &CommandInfo, args: &[Bytes]) -> Option<Variant> {
+    pub(super) fn cache_variant<A: ArgList + ?Sized>(&self, info: &CommandInfo, args: &A) -> Option<Variant> {
         let cache = self.cache.as_ref()?;
-        let variant = match (info.name, args.len()) {
+        let variant = match (info.name, args.argc()) {
             ("get", 2) => Variant::Get,
             ("hgetall", 2) => Variant::HGetAll,
             ("hget", 3) => Variant::HGet,
             _ => return None,
         };
-        cache.covers(&args[1]).then_some(variant)
+        cache.covers(args.arg(1)?).then_some(variant)
     }
 
     /// A cacheable read at its place in the client's order: once everything

@@ -61,43 +61,42 @@ impl std::fmt::Debug for Outcome {
 }
 
 impl Router {
-    /// Send `raw` directly if it is the common case and its connection is
-    /// up and free for it; otherwise `raw` comes back (with `turn`
+    /// Send `req` directly if it is the common case and its connection is
+    /// up and free for it; otherwise `req` comes back (with `turn`
     /// untouched) for the awaited path.
     pub(super) fn try_direct(
         self: &Arc<Self>,
         st: &mut ClientState,
         info: &'static CommandInfo,
-        args: &[Bytes],
-        raw: Bytes,
+        req: resp::Request,
         turn: &mut Option<Turn>,
         place: Place<'_>,
-    ) -> Result<Direct, Bytes> {
+    ) -> Result<Direct, resp::Request> {
         let Some(t) = turn.as_ref() else {
-            return Err(raw);
+            return Err(req);
         };
-        let Some((slot, to_primary)) = self.direct_slot(info, args, t) else {
-            return Err(raw);
+        let Some((slot, to_primary)) = self.direct_slot(info, &req, t) else {
+            return Err(req);
         };
         let topo = st.topology.get(&self.registry);
         let Some(node) = self.pick_from(topo, slot, info.kind, to_primary, None, None) else {
-            return Err(raw);
+            return Err(req);
         };
         let up = st.upstream_proto();
         let write = info.kind == Kind::Write;
         let written = (write && self.config.read_your_writes).then(|| t.client().writing(&[slot]));
-        // The bytes are copied into the connection's queue; `raw` stays
-        // here for a retry.
-        let Some(node) = node.send_direct(up, &raw, t, write, place.inbox, place.seq) else {
-            return Err(raw);
+        // The bytes are copied into the connection's queue; the request's
+        // wire form stays here for a retry.
+        let Some(node) = node.send_direct(up, &req.raw, t, write, place.inbox, place.seq) else {
+            return Err(req);
         };
         let Some(turn) = turn.take() else {
-            return Err(raw);
+            return Err(req);
         };
         Ok(Direct {
             turn,
             node,
-            cmd: raw,
+            cmd: req.raw,
             slot,
             to_primary,
             up,
@@ -109,20 +108,20 @@ impl Router {
 
     /// The slot of a command the direct path may send (and whether it must
     /// go to the primary), or `None` when it takes another path.
-    fn direct_slot(&self, info: &'static CommandInfo, args: &[Bytes], t: &Turn) -> Option<(u16, bool)> {
-        if commands::is_slow(info.name) || commands::block_timeout(info.name, args).is_some() {
+    fn direct_slot(&self, info: &'static CommandInfo, req: &resp::Request, t: &Turn) -> Option<(u16, bool)> {
+        if commands::is_slow(info.name) || commands::block_timeout(info.name, req).is_some() {
             return None;
         }
         // Cached keys take the cache's paths (fills, invalidation).
         let cached = |key: &[u8]| self.cache.as_ref().is_some_and(|c| c.covers(key));
-        let mut keys = commands::range_keys(info, args)?;
-        let first = args.get(keys.next()?)?;
+        let mut keys = commands::range_keys(info, req)?;
+        let first = req.arg(keys.next()?)?;
         let slot = slot::slot(first);
         if cached(first) {
             return None;
         }
         for i in keys {
-            let key = args.get(i)?;
+            let key = req.arg(i)?;
             if slot::slot(key) != slot || cached(key) {
                 return None;
             }

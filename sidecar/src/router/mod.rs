@@ -228,8 +228,7 @@ impl Router {
         req: resp::Request,
         place: Option<Place<'_>>,
     ) -> Action {
-        let resp::Request { raw, args } = req;
-        let Some(name) = args.first() else {
+        let Some(name) = req.arg(0) else {
             return Action::Reply(err("ERR empty command"));
         };
         let Some(info) = st.recent.lookup(name) else {
@@ -245,7 +244,7 @@ impl Router {
         let (turn, next) = st.order.next(st.last.take());
         st.last = Some(next);
         let mut turn = Some(turn);
-        let action = self.dispatch_inner(st, info, args, raw, &mut turn, place);
+        let action = self.dispatch_inner(st, info, req, &mut turn, place);
         match (action, turn) {
             // The keyed paths took the turn and order themselves.
             (action, None) => action,
@@ -277,11 +276,23 @@ impl Router {
         self: &Arc<Self>,
         st: &mut ClientState,
         info: &'static CommandInfo,
-        args: Vec<Bytes>,
-        raw: Bytes,
+        req: resp::Request,
         turn: &mut Option<Turn>,
         place: Option<Place<'_>>,
     ) -> Action {
+        let keyed = matches!(info.kind, Kind::Read | Kind::Write);
+        // The common command goes out at once, its arguments read in place
+        // (MULTI queues, and WATCH sends keyed commands on its connection).
+        let req = match place {
+            Some(place) if keyed && !st.session.in_multi() && st.watch.is_none() => {
+                match self.try_direct(st, info, req, turn, place) {
+                    Ok(direct) => return Action::Direct(direct),
+                    Err(req) => req,
+                }
+            }
+            _ => req,
+        };
+        let (raw, args) = req.into_parts();
         if st.session.in_multi() {
             return self.queue_in_multi(st, info, args);
         }
@@ -306,13 +317,6 @@ impl Router {
             }
             Kind::Read | Kind::Write => {
                 let arrived = place.map(|p| p.arrived);
-                let raw = match place {
-                    Some(place) => match self.try_direct(st, info, &args, raw, turn, place) {
-                        Ok(direct) => return Action::Direct(direct),
-                        Err(raw) => raw,
-                    },
-                    None => raw,
-                };
                 let this = self.clone();
                 let up = st.upstream_proto();
                 let Some(mut turn) = turn.take() else {

@@ -18,8 +18,9 @@ use crate::order::Turn;
 use crate::router::{Action, ClientMetrics, Direct, Outcome, Place, ReplyFuture, Router};
 
 enum Entry {
-    /// A future of `futures` will fill it.
-    Running,
+    /// A future of `futures` will fill it; `blocking`: a command that waits
+    /// on other clients (`Action::Blocking`).
+    Running { blocking: bool },
     /// Sent directly; its reply comes through the inbox.
     Direct(Direct),
     /// The reply, and the command's turn, which ends (lets commands that
@@ -111,7 +112,8 @@ impl Pipeline {
                 self.push_reply(b);
                 return false;
             }
-            Action::Later(fut) => self.push_future(fut),
+            Action::Later(fut) => self.push_future(fut, false),
+            Action::Blocking(fut) => self.push_future(fut, true),
             Action::Direct(d) => self.entries.push_back(Entry::Direct(d)),
         }
         true
@@ -121,15 +123,21 @@ impl Pipeline {
         self.entries.push_back(Entry::Ready(b, None));
     }
 
-    fn push_future(&mut self, fut: ReplyFuture) {
+    fn push_future(&mut self, fut: ReplyFuture, blocking: bool) {
         let seq = self.base + self.entries.len() as u64;
-        self.entries.push_back(Entry::Running);
+        self.entries.push_back(Entry::Running { blocking });
         self.futures.push(Tagged { seq, fut });
     }
 
     /// The client's command metrics (`flush` them before waiting).
     pub fn metrics(&mut self) -> &mut ClientMetrics {
         &mut self.metrics
+    }
+
+    /// The oldest unanswered request is a command waiting on other clients
+    /// (a blocking command, `WAIT`).
+    pub fn front_is_blocking(&self) -> bool {
+        matches!(self.entries.front(), Some(Entry::Running { blocking: true }))
     }
 
     /// The front reply, if it is there.
@@ -195,7 +203,7 @@ impl Pipeline {
         let Some(entry) = self.entry(seq) else {
             return;
         };
-        let Entry::Direct(d) = std::mem::replace(entry, Entry::Running) else {
+        let Entry::Direct(d) = std::mem::replace(entry, Entry::Running { blocking: false }) else {
             return;
         };
         match router.direct_delivered(d, result, &mut self.metrics, now) {

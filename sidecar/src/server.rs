@@ -395,6 +395,12 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
         if !reading && held.is_none() && pending.is_empty() && out.is_empty() {
             break;
         }
+        // Gone (or closing) while a command waits on other clients: Redis
+        // drops a gone client's blocked command, and so does this (its
+        // blocking connection closes with the client's state).
+        if !reading && out.is_empty() && pending.front_is_blocking() {
+            break;
+        }
         pending.metrics().flush();
         tokio::select! {
             // In this order: replies already in are collected (all of them,

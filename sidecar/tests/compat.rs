@@ -368,6 +368,50 @@ async fn a_brpop_worker_loop_works_unchanged_and_stalls_nobody() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_client_that_goes_away_releases_its_blocking_connection() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let primary = cluster.by_addr(&cluster.shard_of("{q}gone").0);
+    let blocked = || {
+        primary
+            .info_field("clients", "blocked_clients")
+            .unwrap_or_default()
+    };
+    for round in 0..3 {
+        let mut gone = tokio::net::TcpStream::connect(sidecar.local_addr())
+            .await
+            .unwrap();
+        gone.write_all(b"*3\r\n$5\r\nBRPOP\r\n$7\r\n{q}gone\r\n$1\r\n0\r\n")
+            .await
+            .unwrap();
+        support::eventually(
+            "the worker is blocked on the primary",
+            Duration::from_secs(5),
+            || blocked() == "1",
+        )
+        .await;
+        // The worker dies: Redis forgets a gone client's blocked command,
+        // and so must the sidecar (its connection to the primary closes).
+        drop(gone);
+        let since = std::time::Instant::now();
+        support::eventually(
+            &format!("round {round}: nobody is blocked on the primary"),
+            Duration::from_secs(2),
+            || blocked() == "0",
+        )
+        .await;
+        assert!(
+            since.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            since.elapsed()
+        );
+    }
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_closed_at_its_output_limit_and_others_carry_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cluster = Cluster::start(3, 0);

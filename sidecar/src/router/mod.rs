@@ -111,6 +111,11 @@ pub type ReplyFuture = std::pin::Pin<Box<dyn Future<Output = Bytes> + Send>>;
 pub enum Action {
     Reply(Bytes),
     Later(ReplyFuture),
+    /// As `Later`, for a command that waits on other clients for as long
+    /// as its arguments say (a blocking command, `WAIT`): when the client
+    /// goes away while it waits, its connection closes at once, as Redis
+    /// drops a gone client's blocked command.
+    Blocking(ReplyFuture),
     /// Sent from the client's task; the reply comes through its inbox.
     Direct(Direct),
     /// Reply, then close the connection (QUIT).
@@ -122,6 +127,7 @@ impl std::fmt::Debug for Action {
         match self {
             Action::Reply(b) => f.debug_tuple("Reply").field(b).finish(),
             Action::Later(_) => f.write_str("Later"),
+            Action::Blocking(_) => f.write_str("Blocking"),
             Action::Direct(d) => f.debug_tuple("Direct").field(d).finish(),
             Action::Close(b) => f.debug_tuple("Close").field(b).finish(),
         }
@@ -160,6 +166,17 @@ fn bulk(s: &str) -> Frame {
 
 fn upper(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_ascii_uppercase()
+}
+
+/// `fut`, run after every earlier command of the client has its reply;
+/// every later command waits for its reply.
+fn in_turn(mut turn: Turn, fut: ReplyFuture) -> ReplyFuture {
+    Box::pin(async move {
+        turn.prev_done().await;
+        let reply = fut.await;
+        turn.finish().await;
+        reply
+    })
 }
 
 /// Metric handles of one command, resolved once so the request path does
@@ -250,12 +267,8 @@ impl Router {
             (action, None) => action,
             // Anything else that goes upstream runs after everything before
             // it has its reply, and everything after it waits for its reply.
-            (Action::Later(fut), Some(mut turn)) => Action::Later(Box::pin(async move {
-                turn.prev_done().await;
-                let reply = fut.await;
-                turn.finish().await;
-                reply
-            })),
+            (Action::Later(fut), Some(turn)) => Action::Later(in_turn(turn, fut)),
+            (Action::Blocking(fut), Some(turn)) => Action::Blocking(in_turn(turn, fut)),
             // Answered here: no place in the upstream order.
             (action, Some(turn)) => {
                 st.last = turn.into_prev();
@@ -323,17 +336,23 @@ impl Router {
                     return Action::Reply(err("ERR cachetier: command without a place in order"));
                 };
                 let blocking = st.blocking.clone();
+                let blocks = commands::block_timeout(info.name, &args).is_some();
                 // As `timed`, written out: the request's future is built in
                 // its box's async block instead of being moved into
                 // `timed`'s (two copies of a ~1 KiB state per request).
                 let m = self.handles(info);
-                Action::Later(Box::pin(async move {
+                let fut: ReplyFuture = Box::pin(async move {
                     let start = arrived.unwrap_or_else(std::time::Instant::now);
                     let reply = this.keyed(info, args, raw, up, proto, &mut turn, &blocking).await;
                     turn.finish().await;
                     CommandMetrics::record(m.as_deref(), &reply, start);
                     reply
-                }))
+                });
+                if blocks {
+                    Action::Blocking(fut)
+                } else {
+                    Action::Later(fut)
+                }
             }
         }
     }

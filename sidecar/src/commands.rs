@@ -75,7 +75,7 @@ pub struct CommandInfo {
     pub id: usize,
 }
 
-const WAIT: &str = "WAIT/WAITAOF count the writes of one connection; through the cachetier sidecar's shared upstream connections they cannot mean what they mean in Redis";
+const WAITAOF: &str = "WAITAOF counts the AOF fsyncs of one connection's writes, and through the cachetier sidecar a client's writes share upstream connections with others' (WAIT is answered, from replication offsets)";
 const PUBSUB: &str = "subscribing inside MULTI is not supported by the cachetier sidecar";
 const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
 
@@ -382,7 +382,8 @@ static TABLE: LazyLock<Table> = LazyLock::new(|| {
     );
     add(&["brpoplpush", "blmove"], Write, k12());
     add(&["blmpop", "bzmpop"], Write, KeySpec::Numkeys { at: 2 });
-    add(&["wait", "waitaof"], Unsupported(WAIT), KeySpec::None);
+    add(&["wait"], Server, KeySpec::None);
+    add(&["waitaof"], Unsupported(WAITAOF), KeySpec::None);
     add(
         &[
             "subscribe",

@@ -32,7 +32,8 @@ use crate::resp;
 use crate::topology::Registry;
 use crate::upstream::{Node, Proto};
 
-async fn poll(node: &Node) -> Option<ReplicaInfo> {
+/// `INFO replication persistence` of `node`, on its data connection.
+pub(crate) async fn poll(node: &Node) -> Option<ReplicaInfo> {
     let cmd = resp::command_bytes(&["INFO", "replication", "persistence"]);
     let replies = node.request(Proto::Resp2, cmd, 1).await.ok()?;
     let raw = replies.into_iter().next()?;
@@ -43,7 +44,8 @@ async fn poll(node: &Node) -> Option<ReplicaInfo> {
     Some(parse_info(&String::from_utf8_lossy(&body)))
 }
 
-async fn poll_or_skip(node: Arc<Node>) -> Option<ReplicaInfo> {
+/// As [`poll`], but nothing for a node out of rotation.
+pub(crate) async fn poll_or_skip(node: Arc<Node>) -> Option<ReplicaInfo> {
     // A node out of rotation is being probed; do not pile requests onto it.
     if !node.is_healthy() {
         return None;

@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
-pub use crate::written::ReadFloor;
 use crate::written::RecentWrites;
+pub use crate::written::{ReadFloor, Unreplicated};
 
 /// How far a command has got, as its successor sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +227,11 @@ impl ClientOrder {
     /// Every replica of `slot` has caught up past `floor`.
     pub fn forget(&self, slot: u16, floor: ReadFloor) {
         self.writes.forget(slot, floor);
+    }
+
+    /// Where this client's writes may not be on every replica yet.
+    pub fn unreplicated(&self) -> Unreplicated {
+        self.writes.unreplicated()
     }
 
     #[cfg(test)]

@@ -34,6 +34,16 @@ pub enum ReadFloor {
     RepliedAt(Instant),
 }
 
+/// The slots where a write of this client may not be on every replica yet
+/// (what `WAIT` must wait for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreplicated {
+    /// These slots (none: every write of the client is on every replica).
+    Slots(Vec<u16>),
+    /// Records were folded: any slot may be.
+    Any,
+}
+
 #[derive(Debug, Default)]
 pub struct RecentWrites {
     inner: Mutex<Inner>,
@@ -140,6 +150,18 @@ impl RecentWrites {
         }
     }
 
+    /// Where this client's writes may not be on every replica yet: a
+    /// record ends only once every replica caught up past it.
+    pub fn unreplicated(&self) -> Unreplicated {
+        let inner = lock(&self.inner);
+        if inner.older.is_some() {
+            return Unreplicated::Any;
+        }
+        let mut slots: Vec<u16> = inner.slots.keys().copied().collect();
+        slots.sort_unstable();
+        Unreplicated::Slots(slots)
+    }
+
     #[cfg(test)]
     pub fn tracked_slots(&self) -> usize {
         lock(&self.inner).slots.len()
@@ -210,5 +232,23 @@ mod tests {
         assert_eq!(w.read_floor(9000), Some(ReadFloor::RepliedAt(t1)));
         w.forget(9000, ReadFloor::RepliedAt(t1));
         assert_eq!(w.read_floor(9000), Some(ReadFloor::RepliedAt(t0)));
+        assert_eq!(w.unreplicated(), Unreplicated::Any, "folded: any slot");
+    }
+
+    #[test]
+    fn unreplicated_slots_are_the_recorded_ones_until_every_replica_caught_up() {
+        let w = RecentWrites::default();
+        assert_eq!(w.unreplicated(), Unreplicated::Slots(vec![]));
+        let t0 = Instant::now();
+        w.begin([7, 3].into_iter());
+        assert_eq!(w.unreplicated(), Unreplicated::Slots(vec![3, 7]), "in flight");
+        w.end([7, 3].into_iter(), t0);
+        assert_eq!(w.unreplicated(), Unreplicated::Slots(vec![3, 7]), "replied");
+        w.forget(3, ReadFloor::RepliedAt(t0));
+        assert_eq!(
+            w.unreplicated(),
+            Unreplicated::Slots(vec![7]),
+            "slot 3 is on every replica"
+        );
     }
 }

@@ -42,6 +42,7 @@ mod route;
 mod server;
 mod split;
 mod transaction;
+mod wait;
 
 pub use direct::{Direct, Outcome, Place};
 pub use local_metrics::ClientMetrics;

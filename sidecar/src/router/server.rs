@@ -78,6 +78,7 @@ impl Router {
                     "ERR cachetier: CONFIG {sub} is administrative and not proxied; run it against a Redis node directly"
                 ))),
             },
+            "wait" => self.wait_command(st, info, &args),
             "pubsub" => self.timed(info, async move { this.pubsub_query(args, up).await }),
             "dbsize" | "flushall" | "flushdb" | "keys" | "scan" | "randomkey" | "script" | "function" => {
                 self.timed(info, async move { this.fanned(info.name, args, up, proto).await })

@@ -1,0 +1,208 @@
+//! `WAIT numreplicas timeout`: block until the client's earlier writes are
+//! on at least `numreplicas` replicas, or the timeout passes; reply with
+//! how many replicas have them.
+//!
+//! Redis's own `WAIT` counts the writes of the connection it arrives on,
+//! and a client's writes reach Redis on connections it shares with other
+//! clients, so the sidecar answers `WAIT` itself, from replication offsets.
+//! It runs after every earlier command of the client has its reply. For
+//! every shard where one of the client's writes may not be on every replica
+//! yet (read-your-writes keeps that record, `written.rs`; without it, or
+//! once the record was folded, every shard), the primary's
+//! `master_repl_offset` is read once: at least the offset just past the
+//! client's last write there. Then the shard's replicas are polled (`INFO
+//! replication`, on their data connections) until `numreplicas` of them
+//! have a link to the primary and a `slave_repl_offset` that reached it.
+//! The reply is the smallest such count among those shards. A client that
+//! wrote nothing, or whose writes are known to be on every replica, gets
+//! the number of connected replicas (the smallest among all shards), as
+//! from Redis.
+//!
+//! Stricter than Redis in one way: the offset read after the client's last
+//! write also covers other clients' writes that reached the primary before
+//! it, so a replica far behind on someone else's large write makes this
+//! `WAIT` wait for it too.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::gate;
+use crate::order::Unreplicated;
+use crate::replica::ReplicaInfo;
+use crate::topology::Shard;
+
+/// Pause between polls: short first (a replica is usually a round trip
+/// behind), then doubling up to the longest.
+const FIRST_PAUSE: Duration = Duration::from_millis(1);
+const LONGEST_PAUSE: Duration = Duration::from_millis(16);
+
+/// `WAIT`'s arguments as Redis checks them: how many replicas, and for how
+/// long (`None`: for ever).
+fn parse_args(args: &[Bytes]) -> Result<(i64, Option<Duration>), &'static str> {
+    let [_, want, ms] = args else {
+        return Err("ERR wrong number of arguments for 'wait' command");
+    };
+    let want = redis_int(want).ok_or("ERR value is not an integer or out of range")?;
+    let ms = redis_int(ms).ok_or("ERR timeout is not an integer or out of range")?;
+    let ms = u64::try_from(ms).map_err(|_| "ERR timeout is negative")?;
+    Ok((want, (ms > 0).then(|| Duration::from_millis(ms))))
+}
+
+/// An integer as Redis reads one (`string2ll`): an optional `-`, digits, no
+/// leading zero, no `+`, no space, within `i64`.
+fn redis_int(b: &[u8]) -> Option<i64> {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    let canonical = match digits {
+        [b'0'] => digits.len() == b.len(),
+        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    if !canonical {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// `INFO replication` of `node` if it is in rotation and answers `within`.
+async fn poll_within(node: &Arc<Node>, within: Option<Duration>) -> Option<ReplicaInfo> {
+    let poll = gate::poll_or_skip(node.clone());
+    match within {
+        Some(t) => tokio::time::timeout(t, poll).await.ok().flatten(),
+        None => poll.await,
+    }
+}
+
+/// How many of `shard`'s replicas are connected to their primary and hold
+/// everything up to `offset`; one that does not answer `within` does not
+/// count (a stopped replica must not hold `WAIT` past its timeout).
+async fn replicas_at(shard: &Shard, offset: u64, within: Option<Duration>) -> i64 {
+    let polls = join_all(shard.replicas.iter().map(|r| poll_within(r, within))).await;
+    let at = polls
+        .iter()
+        .flatten()
+        .filter(|i| i.is_replica && i.link_up && i.offset.is_some_and(|o| o >= offset))
+        .count();
+    i64::try_from(at).unwrap_or(i64::MAX)
+}
+
+/// The primary's `master_repl_offset` (answered `within`), or an error
+/// saying why not.
+async fn primary_offset(shard: &Shard, within: Option<Duration>) -> Result<u64, Bytes> {
+    let p = &shard.primary;
+    match poll_within(p, within).await {
+        Some(info) if !info.is_replica => info.master_offset.ok_or_else(|| {
+            err(format!(
+                "ERR cachetier: WAIT could not read the replication offset of primary {}",
+                p.addr
+            ))
+        }),
+        _ => Err(err(format!(
+            "ERR cachetier: WAIT cannot count replicas: primary {} is out of rotation or not answering as a primary",
+            p.addr
+        ))),
+    }
+}
+
+impl Router {
+    pub(super) fn wait_command(
+        self: &Arc<Self>,
+        st: &ClientState,
+        info: &'static CommandInfo,
+        args: &[Bytes],
+    ) -> Action {
+        let (want, timeout) = match parse_args(args) {
+            Ok(a) => a,
+            Err(e) => {
+                self.count(info.name, "error");
+                return Action::Reply(err(e));
+            }
+        };
+        let order = self.config.read_your_writes.then(|| st.order.clone());
+        let this = self.clone();
+        let m = self.handles(info);
+        Action::Blocking(Box::pin(async move {
+            let start = Instant::now();
+            // Read here, when every earlier command has its reply.
+            let unreplicated = order.map_or(Unreplicated::Any, |o| o.unreplicated());
+            let reply = this.wait_replicas(unreplicated, want, timeout).await;
+            CommandMetrics::record(m.as_deref(), &reply, start);
+            reply
+        }))
+    }
+
+    async fn wait_replicas(&self, unreplicated: Unreplicated, want: i64, timeout: Option<Duration>) -> Bytes {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let topo = self.registry.current();
+        let shards: Vec<&Shard> = match &unreplicated {
+            Unreplicated::Slots(slots) if !slots.is_empty() => {
+                let mut at: Vec<usize> = slots.iter().filter_map(|&s| topo.shard_index(s)).collect();
+                at.sort_unstable();
+                at.dedup();
+                at.iter().filter_map(|&i| topo.shards.get(i)).collect()
+            }
+            _ => topo.shards.iter().collect(),
+        };
+        let offsets: Vec<u64> = if unreplicated == Unreplicated::Slots(Vec::new()) {
+            // Nothing to wait for: count the connected replicas.
+            vec![0; shards.len()]
+        } else {
+            let within = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            match join_all(shards.iter().map(|s| primary_offset(s, within)))
+                .await
+                .into_iter()
+                .collect()
+            {
+                Ok(o) => o,
+                Err(e) => return e,
+            }
+        };
+        let mut pause = FIRST_PAUSE;
+        loop {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let counts = join_all(shards.iter().zip(&offsets).map(|(s, &o)| replicas_at(s, o, left))).await;
+            let reached = counts.into_iter().min().unwrap_or(0);
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if reached >= want || left == Some(Duration::ZERO) {
+                return encode(&Frame::Integer(reached));
+            }
+            tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
+            pause = (pause * 2).min(LONGEST_PAUSE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<Bytes> {
+        a.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
+    }
+
+    #[test]
+    fn arguments_are_checked_as_redis_checks_them() {
+        let ok = |a: &[&str]| parse_args(&args(a));
+        assert_eq!(ok(&["WAIT", "1", "0"]), Ok((1, None)));
+        assert_eq!(
+            ok(&["WAIT", "-1", "250"]),
+            Ok((-1, Some(Duration::from_millis(250))))
+        );
+        assert_eq!(
+            ok(&["WAIT", "0", "9223372036854775807"]),
+            Ok((0, Some(Duration::from_millis(i64::MAX as u64))))
+        );
+        let arity = Err("ERR wrong number of arguments for 'wait' command");
+        assert_eq!(ok(&["WAIT"]), arity);
+        assert_eq!(ok(&["WAIT", "1"]), arity);
+        assert_eq!(ok(&["WAIT", "1", "2", "3"]), arity);
+        let value = Err("ERR value is not an integer or out of range");
+        for bad in ["a", "1.5", "+1", "01", "-0", " 1", "", "99999999999999999999"] {
+            assert_eq!(ok(&["WAIT", bad, "0"]), value, "numreplicas {bad:?}");
+        }
+        let timeout = Err("ERR timeout is not an integer or out of range");
+        for bad in ["a", "1.5", "99999999999999999999"] {
+            assert_eq!(ok(&["WAIT", "0", bad]), timeout, "timeout {bad:?}");
+        }
+        assert_eq!(ok(&["WAIT", "0", "-1"]), Err("ERR timeout is negative"));
+    }
+}

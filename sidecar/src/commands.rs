@@ -363,6 +363,7 @@ static TABLE: LazyLock<Table> = LazyLock::new(|| {
             "config",
             "reset",
             "pubsub",
+            "role",
         ],
         Server,
         KeySpec::None,
@@ -504,6 +505,22 @@ impl Recent {
 /// Every command in the table.
 pub fn all() -> impl Iterator<Item = &'static CommandInfo> {
     TABLE.values()
+}
+
+/// Command names by table id.
+static NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    let mut names = vec![""; count()];
+    for c in all() {
+        if let Some(n) = names.get_mut(c.id) {
+            *n = c.name;
+        }
+    }
+    names
+});
+
+/// The name of the command with table id `id`.
+pub fn name_of(id: usize) -> Option<&'static str> {
+    NAMES.get(id).copied()
 }
 
 /// Number of commands the sidecar knows (for `COMMAND COUNT`).

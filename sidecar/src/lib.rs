@@ -19,6 +19,7 @@
 pub mod balance;
 pub mod blocking;
 pub mod cache;
+pub mod clients;
 pub mod commands;
 pub mod config;
 pub mod connect;

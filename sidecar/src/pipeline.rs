@@ -83,9 +83,11 @@ impl Pipeline {
         self.entries.is_empty()
     }
 
-    /// Bytes from the client arrived now.
-    pub fn arrived_now(&mut self) {
-        self.arrived = Some(Instant::now());
+    /// Bytes from the client arrived now (returned).
+    pub fn arrived_now(&mut self) -> Instant {
+        let now = Instant::now();
+        self.arrived = Some(now);
+        now
     }
 
     /// When the requests being parsed arrived (their latency's start).

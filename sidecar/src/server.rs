@@ -303,6 +303,9 @@ async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: Arc<Stop>
 
 async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
     router.metrics.client_connections.inc();
+    let mut st = ClientState::default();
+    let registered = register(&router, &stream, st.id);
+    st.view = Some(registered.client.clone());
     let (mut rd, mut wr) = stream.into_split();
     let limits = router.config.limits;
     let output_limit = usize::try_from(router.config.client_output_limit).unwrap_or(usize::MAX);
@@ -310,7 +313,6 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut pending = Pipeline::default();
-    let mut st = ClientState::default();
     let mut checker = resp::Checker::new(limits);
     let mut reading = !stop.is_stopped();
     // The client's subscription connection, once it subscribes (`pubsub.rs`),
@@ -320,6 +322,8 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
     // One future for the whole connection: a new one would register anew.
     let stopped = stop.stopped();
     tokio::pin!(stopped);
+    let killed = registered.client.kill.stopped();
+    tokio::pin!(killed);
     loop {
         while (reading || held.is_some()) && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE {
             let parsed = match held.take() {
@@ -355,6 +359,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                         }
                         Step::Forward => {
                             pubsub::forward(&router, &mut sub, st.session.proto, &req, &mut out).await;
+                            show_subscriptions(&registered.client, sub.as_ref());
                             continue;
                         }
                     }
@@ -428,7 +433,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
             r = rd.read_buf(&mut inbuf), if reading && held.is_none() && pending.len() < MAX_PIPELINE && out.len() < READ_PAUSE => match r {
                 // The client half-closed: answer what it sent, then close.
                 Ok(0) => reading = false,
-                Ok(_) => pending.arrived_now(),
+                Ok(_) => registered.client.active(pending.arrived_now()),
                 Err(_) => break,
             },
             r = pubsub::read(&mut sub), if sub.is_some() && out.len() <= output_limit => {
@@ -437,6 +442,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                     (Err(e), _) => Err(e),
                     (Ok(()), None) => Ok(()),
                 };
+                show_subscriptions(&registered.client, sub.as_ref());
                 if let Err(e) = drained {
                     if matches!(e, crate::error::UpstreamError::Moved(_)) {
                         router.registry.request_refresh();
@@ -452,10 +458,27 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
             }
             // Polled until it fires once: `reading` never turns true again.
             () = &mut stopped, if reading => reading = false,
+            // CLIENT KILL from another client: closed at once, as in Redis.
+            () = &mut killed => break,
         }
     }
     let _ = wr.shutdown().await;
     router.metrics.client_connections.dec();
+}
+
+/// Enter a new connection in `CLIENT LIST`.
+fn register(router: &Router, stream: &TcpStream, id: u64) -> crate::clients::Registered {
+    use std::os::fd::AsRawFd;
+    let fd = i64::from(stream.as_raw_fd());
+    router
+        .clients
+        .register(id, stream.peer_addr().ok(), stream.local_addr().ok(), fd)
+}
+
+/// What `CLIENT LIST` shows of the client's subscriptions.
+fn show_subscriptions(client: &crate::clients::Client, sub: Option<&Subscriber>) {
+    let (plain, shard) = sub.map_or((0, 0), Subscriber::counts);
+    client.subscriptions(plain, shard);
 }
 
 fn error_frame(msg: &str) -> bytes::Bytes {

@@ -58,6 +58,11 @@ impl Session {
         self.multi.is_some()
     }
 
+    /// How many commands are queued, inside a `MULTI` block.
+    pub fn queued(&self) -> Option<usize> {
+        self.multi.as_ref().map(Vec::len)
+    }
+
     /// `MULTI`: starts a block, or Redis's error for a nested one.
     pub fn multi(&mut self) -> Result<(), &'static str> {
         if self.in_multi() {

@@ -62,6 +62,19 @@ async fn connection_state_commands_behave_like_redis() {
     assert!(e.kind() != redis::ErrorKind::Io, "{e}");
     let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
     assert_eq!(pong, "PONG");
+    // ROLE as a primary without replicas answers it (as HELLO and INFO say).
+    let role: redis::Value = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
+    let primary = redis::Client::open(format!("redis://{}/", cluster.nodes[0].addr()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await;
+    let mut primary = primary.unwrap();
+    let direct: redis::Value = redis::cmd("ROLE").query_async(&mut primary).await.unwrap();
+    let shape = |v: &redis::Value| match v {
+        redis::Value::Array(a) => a.first().cloned(),
+        _ => None,
+    };
+    assert_eq!(shape(&role), shape(&direct), "{role:?} / {direct:?}");
 
     // A stream may be called `block`.
     let _: String = redis::cmd("XADD")
@@ -411,86 +424,124 @@ async fn a_blocked_client_that_goes_away_releases_its_blocking_connection() {
     sidecar.shutdown().await;
 }
 
-async fn wait(
-    c: &mut redis::aio::MultiplexedConnection,
-    replicas: &str,
-    ms: &str,
-) -> redis::RedisResult<i64> {
-    redis::cmd("WAIT").arg(replicas).arg(ms).query_async(c).await
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split(' ')
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+}
+
+async fn client_list(c: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> Vec<String> {
+    let text: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg(args)
+        .query_async(c)
+        .await
+        .unwrap();
+    text.lines().map(str::to_string).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wait_counts_the_replicas_that_hold_the_clients_writes() {
-    let cluster = Cluster::start(3, 1);
+async fn client_list_info_and_kill_describe_the_sidecars_own_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(3, 0);
     let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
-    support::all_serving(&sidecar).await;
-    let mut c = client(&sidecar).await;
-    let (primary, replicas) = cluster.shard_of("wait:big");
-    // Nothing written yet: the connected replicas, at once (as Redis).
-    assert_eq!(wait(&mut c, "1", "0").await.unwrap(), 1);
-    // Pipelined right behind a large write (the replica takes a while to
-    // apply it): WAIT answers 1 only once the replica holds it.
-    let mut on_replica = redis::Client::open(format!("redis://{}/", replicas[0]))
-        .unwrap()
-        .get_multiplexed_async_connection()
+    let mut admin = client(&sidecar).await;
+    let mut alpha = client(&sidecar).await;
+    let () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("alpha")
+        .query_async(&mut alpha)
         .await
         .unwrap();
-    let () = redis::cmd("READONLY").query_async(&mut on_replica).await.unwrap();
-    let big = "x".repeat(8 << 20);
-    for i in 0..6 {
-        let (n,): (i64,) = redis::pipe()
-            .set("wait:big", format!("{i}{big}"))
-            .ignore()
-            .cmd("WAIT")
-            .arg(1)
-            .arg(10_000)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        assert_eq!(n, 1, "round {i}");
-        let head: String = redis::cmd("GETRANGE")
-            .arg("wait:big")
-            .arg(0)
-            .arg(0)
-            .query_async(&mut on_replica)
-            .await
-            .unwrap();
-        assert_eq!(
-            head,
-            i.to_string(),
-            "round {i}: WAIT counted a replica without the write"
-        );
-    }
-    // More replicas than there are: the count once the timeout passes.
-    let started = std::time::Instant::now();
-    assert_eq!(wait(&mut c, "2", "300").await.unwrap(), 1);
-    let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
-        "{took:?}"
+    let _: Option<String> = alpha.get("k").await.unwrap();
+    let alpha_id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut alpha)
+        .await
+        .unwrap();
+    // CLIENT INFO: Redis's fields, in Redis's order, for this connection.
+    let info: String = redis::cmd("CLIENT")
+        .arg("INFO")
+        .query_async(&mut alpha)
+        .await
+        .unwrap();
+    let names = |l: &str| {
+        l.split(' ')
+            .filter_map(|f| f.split_once('='))
+            .map(|(k, _)| k.to_string())
+            .collect::<Vec<_>>()
+    };
+    let redis_info = cluster.nodes[0].cli(&["CLIENT", "INFO"]);
+    assert_eq!(
+        names(info.trim_end()),
+        names(redis_info.trim_end()),
+        "{info} / {redis_info}"
     );
-    // A stopped replica gets nothing new: 0 at the timeout, which a node
-    // that never answers does not stretch.
-    let replica = cluster.by_addr(&replicas[0]);
-    replica.signal("-STOP");
-    let _: () = c.set("wait:big", "later").await.unwrap();
-    let started = std::time::Instant::now();
-    let n = wait(&mut c, "1", "400").await;
-    let took = started.elapsed();
-    replica.signal("-CONT");
-    assert_eq!(n.unwrap(), 0);
-    assert!(took < Duration::from_millis(1200), "{took:?}");
-    // Redis's own argument errors.
-    let node = cluster.by_addr(&primary);
-    for (n, ms) in [("a", "0"), ("0", "x"), ("0", "-1"), ("+1", "0")] {
-        let e = wait(&mut c, n, ms).await.unwrap_err();
-        let redis_says = node.cli(&["WAIT", n, ms]);
-        let text = redis_says.trim().trim_start_matches("ERR ");
-        assert!(
-            e.to_string().contains(text),
-            "WAIT {n} {ms}: {e} / Redis: {redis_says}"
-        );
+    assert_eq!(field(info.trim_end(), "id"), Some(alpha_id.to_string().as_str()));
+    assert_eq!(field(info.trim_end(), "name"), Some("alpha"));
+    assert_eq!(field(info.trim_end(), "cmd"), Some("client|info"));
+    // CLIENT LIST: every client of the sidecar, with what it did last.
+    let lines = client_list(&mut admin, &[]).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let alpha_line = lines.iter().find(|l| field(l, "name") == Some("alpha")).unwrap();
+    assert_eq!(field(alpha_line, "cmd"), Some("client"), "{alpha_line}");
+    // A subscriber is of type pubsub, with its flag and count.
+    let mut sub = tokio::net::TcpStream::connect(sidecar.local_addr())
+        .await
+        .unwrap();
+    sub.write_all(b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = sub.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"*3\r\n$9\r\nsubscribe"), "{:?}", &buf[..n]);
+    let pubsub = client_list(&mut admin, &["TYPE", "pubsub"]).await;
+    assert_eq!(pubsub.len(), 1, "{pubsub:?}");
+    assert_eq!(
+        (field(&pubsub[0], "flags"), field(&pubsub[0], "sub")),
+        (Some("P"), Some("1"))
+    );
+    assert_eq!(client_list(&mut admin, &["TYPE", "normal"]).await.len(), 2);
+    // CLIENT KILL by id: a count, and the connection closes at once.
+    let n: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(alpha_id)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(
+        alpha.get::<_, Option<String>>("k").await.is_err(),
+        "a killed client is closed"
+    );
+    // The old form, by address: +OK, then "No such client".
+    let sub_addr = field(&client_list(&mut admin, &["TYPE", "pubsub"]).await[0], "addr")
+        .unwrap()
+        .to_string();
+    let () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg(&sub_addr)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(sub.read(&mut buf).await.unwrap(), 0, "the subscriber is closed");
+    let e = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg(&sub_addr)
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("No such client"), "{e}");
+    // Closed connections leave the list.
+    let mut left = client_list(&mut admin, &[]).await;
+    for _ in 0..40 {
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = client_list(&mut admin, &[]).await;
     }
+    assert_eq!(left.len(), 1, "{left:?}");
     sidecar.shutdown().await;
 }
 

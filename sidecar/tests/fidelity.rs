@@ -525,3 +525,86 @@ async fn a_pipeline_that_meets_moved_keeps_its_order_and_its_replies() {
     assert!(sidecar.metrics().redirects.with_label_values(&["moved"]).get() >= 1);
     sidecar.shutdown().await;
 }
+
+async fn wait(
+    c: &mut redis::aio::MultiplexedConnection,
+    replicas: &str,
+    ms: &str,
+) -> redis::RedisResult<i64> {
+    redis::cmd("WAIT").arg(replicas).arg(ms).query_async(c).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_counts_the_replicas_that_hold_the_clients_writes() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let (primary, replicas) = cluster.shard_of("wait:big");
+    // Nothing written yet: the connected replicas, at once (as Redis).
+    assert_eq!(wait(&mut c, "1", "0").await.unwrap(), 1);
+    // Pipelined right behind a large write (the replica takes a while to
+    // apply it): WAIT answers 1 only once the replica holds it.
+    let mut on_replica = redis::Client::open(format!("redis://{}/", replicas[0]))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("READONLY").query_async(&mut on_replica).await.unwrap();
+    let big = "x".repeat(8 << 20);
+    for i in 0..6 {
+        let (n,): (i64,) = redis::pipe()
+            .set("wait:big", format!("{i}{big}"))
+            .ignore()
+            .cmd("WAIT")
+            .arg(1)
+            .arg(10_000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "round {i}");
+        let head: String = redis::cmd("GETRANGE")
+            .arg("wait:big")
+            .arg(0)
+            .arg(0)
+            .query_async(&mut on_replica)
+            .await
+            .unwrap();
+        assert_eq!(
+            head,
+            i.to_string(),
+            "round {i}: WAIT counted a replica without the write"
+        );
+    }
+    // More replicas than there are: the count once the timeout passes.
+    let started = std::time::Instant::now();
+    assert_eq!(wait(&mut c, "2", "300").await.unwrap(), 1);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    // A stopped replica gets nothing new: 0 at the timeout, which a node
+    // that never answers does not stretch.
+    let replica = cluster.by_addr(&replicas[0]);
+    replica.signal("-STOP");
+    let _: () = c.set("wait:big", "later").await.unwrap();
+    let started = std::time::Instant::now();
+    let n = wait(&mut c, "1", "400").await;
+    let took = started.elapsed();
+    replica.signal("-CONT");
+    assert_eq!(n.unwrap(), 0);
+    assert!(took < Duration::from_millis(1200), "{took:?}");
+    // Redis's own argument errors.
+    let node = cluster.by_addr(&primary);
+    for (n, ms) in [("a", "0"), ("0", "x"), ("0", "-1"), ("+1", "0")] {
+        let e = wait(&mut c, n, ms).await.unwrap_err();
+        let redis_says = node.cli(&["WAIT", n, ms]);
+        let text = redis_says.trim().trim_start_matches("ERR ");
+        assert!(
+            e.to_string().contains(text),
+            "WAIT {n} {ms}: {e} / Redis: {redis_says}"
+        );
+    }
+    sidecar.shutdown().await;
+}

@@ -65,6 +65,12 @@ impl Subscriber {
         self.shards.iter().all(Link::settled)
     }
 
+    /// Channels and patterns on the plain link, and shard channels, as
+    /// the last confirmations counted them.
+    pub fn counts(&self) -> (i64, i64) {
+        (self.plain.as_ref().map_or(0, |l| l.count), self.shard_total())
+    }
+
     fn shard_total(&self) -> i64 {
         self.shards.iter().map(|l| l.shard_count).sum()
     }

@@ -35,6 +35,7 @@ use crate::topology::Registry;
 use crate::upstream::{Node, Proto};
 
 mod cached;
+mod client;
 mod direct;
 mod local_metrics;
 mod pubsub_query;
@@ -44,6 +45,7 @@ mod split;
 mod transaction;
 mod wait;
 
+use client::{ClientReply, text};
 pub use direct::{Direct, Outcome, Place};
 pub use local_metrics::ClientMetrics;
 use route::{redirect_target, upstream_error};
@@ -71,6 +73,8 @@ pub struct ClientState {
     recent: commands::Recent,
     /// Its copy of the topology (the direct path's routing).
     topology: crate::topology::Snapshot,
+    /// What `CLIENT LIST` shows of it, once its connection registered.
+    pub view: Option<Arc<crate::clients::Client>>,
 }
 
 /// A client's WATCH connection, opened on first use.
@@ -91,6 +95,7 @@ impl Default for ClientState {
             blocking: BlockingCell::default(),
             recent: commands::Recent::default(),
             topology: crate::topology::Snapshot::default(),
+            view: None,
         }
     }
 }
@@ -214,6 +219,8 @@ pub struct Router {
     per_command: Vec<std::sync::OnceLock<Arc<CommandMetrics>>>,
     /// Bounds the blocking connections of all clients (`blocking.rs`).
     pub(crate) blocking_permits: Arc<tokio::sync::Semaphore>,
+    /// Every client connection, for `CLIENT LIST` and `CLIENT KILL`.
+    pub clients: Arc<crate::clients::Clients>,
 }
 
 impl Router {
@@ -233,6 +240,7 @@ impl Router {
             cache,
             per_command,
             blocking_permits: crate::blocking::permits(),
+            clients: Arc::default(),
         }
     }
 
@@ -263,6 +271,13 @@ impl Router {
         st.last = Some(next);
         let mut turn = Some(turn);
         let action = self.dispatch_inner(st, info, req, &mut turn, place);
+        if let Some(view) = &st.view {
+            view.command(info.id);
+            // Only these change the name, protocol or MULTI queue it shows.
+            if info.kind == Kind::Server || st.session.in_multi() {
+                view.session(st.session.name.as_ref(), st.session.proto, st.session.queued());
+            }
+        }
         match (action, turn) {
             // The keyed paths took the turn and order themselves.
             (action, None) => action,

@@ -37,6 +37,13 @@ impl Router {
                 _ => reply(err("ERR cachetier: Redis Cluster has only database 0 (SELECT 0)")),
             },
             "readonly" | "readwrite" => reply(ok()),
+            // As HELLO and INFO say: one primary, no replicas of its own.
+            "role" if args.len() == 1 => reply(encode(&Frame::Array(vec![
+                bulk("master"),
+                Frame::Integer(0),
+                Frame::Array(Vec::new()),
+            ]))),
+            "role" => reply(err("ERR wrong number of arguments for 'role' command")),
             "auth" => reply(self.check_auth(&args[1..])),
             "hello" => reply(self.hello(st, &args)),
             "reset" => {
@@ -45,7 +52,13 @@ impl Router {
                 st.watch = None;
                 reply(Bytes::from_static(b"+RESET\r\n"))
             }
-            "client" => reply(self.client(st, &sub, &args)),
+            "client" => match self.client(st, &sub, &args) {
+                ClientReply::Reply(b) => reply(b),
+                ClientReply::Close(b) => {
+                    self.count(info.name, "ok");
+                    Action::Close(b)
+                }
+            },
             "command" => reply(match sub.as_str() {
                 "COUNT" => encode(&Frame::Integer(commands::count() as i64)),
                 // The sidecar's table carries routing facts, not Redis' command
@@ -57,7 +70,7 @@ impl Router {
                 )),
                 _ => err(format!("ERR cachetier: COMMAND {sub} is not supported")),
             }),
-            "info" => reply(encode(&Frame::Bulk(Bytes::from(self.info_text())))),
+            "info" => reply(encode(&text(proto, self.info_text()))),
             "unwatch" => reply(ok()),
             "watch" => self.watch_command(st, info, &args, &resp::command_bytes(&args)),
             "multi" => reply(match st.session.multi() {
@@ -143,46 +156,6 @@ impl Router {
             ok()
         } else {
             err("WRONGPASS invalid username-password pair or user is disabled.")
-        }
-    }
-
-    pub(super) fn client(&self, st: &mut ClientState, sub: &str, args: &[Bytes]) -> Bytes {
-        match sub {
-            "SETNAME" if args.len() == 3 => {
-                if args[2].iter().any(|&b| b == b' ' || b == b'\n') {
-                    return err("ERR Client names cannot contain spaces, newlines or special characters.");
-                }
-                st.session.name = if args[2].is_empty() {
-                    None
-                } else {
-                    // Copied, not a slice of the client's read buffer, which
-                    // it would keep alive for the connection's life.
-                    Some(Bytes::copy_from_slice(&args[2]))
-                };
-                ok()
-            }
-            "GETNAME" => match &st.session.name {
-                Some(n) => encode(&Frame::Bulk(n.clone())),
-                None => encode(&null(st.session.proto)),
-            },
-            "ID" => encode(&Frame::Integer(st.id as i64)),
-            // Client libraries announce themselves; nothing to do with it.
-            "SETINFO" => ok(),
-            "INFO" => {
-                let name = st
-                    .session
-                    .name
-                    .as_ref()
-                    .map(|n| String::from_utf8_lossy(n).into_owned())
-                    .unwrap_or_default();
-                encode(&Frame::Bulk(Bytes::from(format!(
-                    "id={} name={} db=0 resp={}\n",
-                    st.id, name, st.session.proto
-                ))))
-            }
-            _ => err(format!(
-                "ERR cachetier: CLIENT {sub} is not supported by the sidecar"
-            )),
         }
     }
 

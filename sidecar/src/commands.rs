@@ -73,6 +73,8 @@ pub struct CommandInfo {
     pub split: Option<Split>,
     /// Dense index (0..count()) for per-command metric handles.
     pub id: usize,
+    /// Redis 7.0's arity (`arity.rs`), if it has the command.
+    pub arity: Option<i32>,
 }
 
 const WAITAOF: &str = "WAITAOF counts the AOF fsyncs of one connection's writes, and through the cachetier sidecar a client's writes share upstream connections with others' (WAIT is answered, from replication offsets)";
@@ -126,6 +128,7 @@ static TABLE: LazyLock<Table> = LazyLock::new(|| {
                     keys,
                     split: None,
                     id,
+                    arity: crate::arity::of(name),
                 },
             );
         }

@@ -16,6 +16,7 @@
 //! Embed it with [`Sidecar::bind`] (returns a handle with the bound address)
 //! or [`run`] (serves until a shutdown future resolves).
 
+pub mod arity;
 pub mod balance;
 pub mod blocking;
 pub mod cache;

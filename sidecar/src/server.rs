@@ -462,6 +462,8 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
             () = &mut killed => break,
         }
     }
+    // Out of CLIENT LIST before the client can see the close.
+    drop(registered);
     let _ = wr.shutdown().await;
     router.metrics.client_connections.dec();
 }

@@ -121,7 +121,7 @@ impl Session {
 
 /// Parses `HELLO`'s arguments (after the command name) with Redis's errors;
 /// nothing changes until the caller has checked `auth` and applied it.
-pub fn parse_hello(args: &[Bytes]) -> Result<Hello, &'static str> {
+pub fn parse_hello(args: &[Bytes]) -> Result<Hello, String> {
     let mut hello = Hello {
         proto: None,
         auth: None,
@@ -129,10 +129,11 @@ pub fn parse_hello(args: &[Bytes]) -> Result<Hello, &'static str> {
     };
     let mut rest = args;
     if let Some((v, tail)) = rest.split_first() {
-        hello.proto = Some(match v.as_ref() {
-            b"2" => 2,
-            b"3" => 3,
-            _ => return Err("NOPROTO unsupported protocol version"),
+        hello.proto = Some(match crate::resp::int_arg(v) {
+            Some(2) => 2,
+            Some(3) => 3,
+            Some(_) => return Err("NOPROTO unsupported protocol version".into()),
+            None => return Err("ERR Protocol version is not an integer or out of range".into()),
         });
         rest = tail;
     }
@@ -148,7 +149,15 @@ pub fn parse_hello(args: &[Bytes]) -> Result<Hello, &'static str> {
                 hello.auth = Some((user.clone(), pass.clone()));
                 rest = more;
             }
-            _ => return Err("ERR syntax error in HELLO"),
+            _ => {
+                return Err(format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(option)
+                        .chars()
+                        .take(128)
+                        .collect::<String>()
+                ));
+            }
         }
     }
     Ok(hello)
@@ -221,18 +230,26 @@ mod tests {
         assert_eq!(h.auth, Some((Bytes::from("u"), Bytes::from("p"))));
         assert_eq!(h.name, Some(Bytes::from("n")));
         assert_eq!(parse_hello(&[]).unwrap().proto, None);
+        // As redis-server 7.0.15 words them.
+        let refused = |a: &[&str]| parse_hello(&args(a)).unwrap_err();
+        assert_eq!(refused(&["4"]), "NOPROTO unsupported protocol version");
         assert_eq!(
-            parse_hello(&args(&["4"])),
-            Err("NOPROTO unsupported protocol version")
+            refused(&["x"]),
+            "ERR Protocol version is not an integer or out of range"
         );
         assert_eq!(
-            parse_hello(&args(&["3", "AUTH", "u"])),
-            Err("ERR syntax error in HELLO")
+            refused(&["03"]),
+            "ERR Protocol version is not an integer or out of range"
         );
         assert_eq!(
-            parse_hello(&args(&["3", "SETNAME"])),
-            Err("ERR syntax error in HELLO")
+            refused(&["3", "AUTH", "u"]),
+            "ERR Syntax error in HELLO option 'AUTH'"
         );
+        assert_eq!(
+            refused(&["3", "SETNAME"]),
+            "ERR Syntax error in HELLO option 'SETNAME'"
+        );
+        assert_eq!(refused(&["3", "Foo"]), "ERR Syntax error in HELLO option 'Foo'");
         let mut s = Session::default();
         s.hello(parse_hello(&args(&["3"])).unwrap());
         assert_eq!((s.proto, s.name.clone()), (3, None));

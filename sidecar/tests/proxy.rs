@@ -229,14 +229,16 @@ async fn malformed_requests_get_clear_errors_and_do_not_disturb_other_clients() 
         .await
         .unwrap_err();
     assert!(e.to_string().contains("unknown command"), "{e}");
-    // (Blocking commands are served now, see tests/compat.rs; WAIT is not.)
-    let e = redis::cmd("WAIT")
+    // (Blocking commands and WAIT are served now, see tests/compat.rs and
+    // tests/fidelity.rs; WAITAOF is refused, saying why.)
+    let e = redis::cmd("WAITAOF")
+        .arg(0)
         .arg(1)
         .arg(0)
         .query_async::<()>(&mut bystander)
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("WAIT"), "{e}");
+    assert!(e.to_string().contains("WAITAOF"), "{e}");
     // (Pub/sub is served now, see tests/pubsub.rs.)
 
     // Inline commands (telnet style) work.

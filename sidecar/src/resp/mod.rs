@@ -200,3 +200,18 @@ pub use check::check;
 pub use encode::{asking_if, command_bytes, encode_command, error_text};
 pub use parse::parse;
 pub use request::{ArgList, Request, parse_command, parse_request, parse_request_with};
+
+/// An integer argument as Redis reads one (`string2ll`): an optional `-`, digits, no
+/// leading zero, no `+`, no space, within `i64`.
+pub fn int_arg(b: &[u8]) -> Option<i64> {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    let canonical = match digits {
+        [b'0'] => digits.len() == b.len(),
+        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    if !canonical {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
+}

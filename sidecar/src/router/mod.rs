@@ -263,10 +263,17 @@ impl Router {
                 .with_label_values(&["unknown", "error"])
                 .inc();
             let shown: String = String::from_utf8_lossy(name).chars().take(64).collect();
+            // Inside MULTI, as in Redis, it also aborts the transaction.
+            if st.session.in_multi() {
+                st.session.refuse_queued();
+            }
             return Action::Reply(err(format!(
                 "ERR unknown command '{shown}': the cachetier sidecar does not know how to route it"
             )));
         };
+        if let Err(e) = self.check_arity(st, info, &req) {
+            return Action::Reply(e);
+        }
         let (turn, next) = st.order.next(st.last.take());
         st.last = Some(next);
         let mut turn = Some(turn);
@@ -291,6 +298,44 @@ impl Router {
                 action
             }
         }
+    }
+
+    /// Refuse a command whose argument count Redis would refuse, in
+    /// Redis's words, before anything else (a refused command inside
+    /// `MULTI` aborts the transaction, as in Redis).
+    fn check_arity(
+        &self,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        req: &resp::Request,
+    ) -> Result<(), Bytes> {
+        let argc = req.argc();
+        let refusal = match info.arity {
+            Some(arity) if !crate::arity::fits(arity, argc) => Some(format!(
+                "ERR wrong number of arguments for '{}' command",
+                info.name
+            )),
+            _ if info.kind == Kind::Server && argc > 1 => {
+                let args: Vec<&[u8]> = (0..argc).filter_map(|i| req.arg(i)).collect();
+                crate::arity::check_subcommand(info.name, &args).err()
+            }
+            _ => None,
+        };
+        let Some(refusal) = refusal else {
+            return Ok(());
+        };
+        self.count(info.name, "error");
+        if info.name == "exec" {
+            // Redis ends the transaction and says why.
+            st.session.discard();
+            st.watch = None;
+            let why = refusal.trim_start_matches("ERR ");
+            return Err(err(format!("EXECABORT Transaction discarded because of: {why}")));
+        }
+        if st.session.in_multi() {
+            st.session.refuse_queued();
+        }
+        Err(err(refusal))
     }
 
     fn command_metrics(&self, info: &'static CommandInfo) -> Arc<CommandMetrics> {

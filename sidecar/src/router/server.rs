@@ -32,9 +32,11 @@ impl Router {
                 self.count(info.name, "ok");
                 Action::Close(ok())
             }
-            "select" => match args.get(1).map(|a| a.as_ref()) {
-                Some(b"0") if args.len() == 2 => reply(ok()),
-                _ => reply(err("ERR cachetier: Redis Cluster has only database 0 (SELECT 0)")),
+            // Arity is checked already.
+            "select" => match args.get(1).and_then(|a| resp::int_arg(a)) {
+                Some(0) => reply(ok()),
+                Some(_) => reply(err("ERR cachetier: Redis Cluster has only database 0 (SELECT 0)")),
+                None => reply(err("ERR value is not an integer or out of range")),
             },
             "readonly" | "readwrite" => reply(ok()),
             // As HELLO and INFO say: one primary, no replicas of its own.
@@ -136,15 +138,21 @@ impl Router {
     /// sidecar's own upstream credentials (apps keep their configuration),
     /// refused otherwise, like Redis would.
     pub(super) fn check_auth(&self, args: &[Bytes]) -> Bytes {
-        let Some(creds) = &self.config.auth else {
-            return err(
-                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-            );
-        };
         let (user, pass) = match args {
             [p] => (None, p),
             [u, p] => (Some(u), p),
-            _ => return err("ERR wrong number of arguments for 'auth' command"),
+            _ => return err("ERR syntax error"),
+        };
+        let Some(creds) = &self.config.auth else {
+            // As a Redis whose default user has no password: it takes any
+            // password for that user by name, and none without a name.
+            return match user {
+                None => err(
+                    "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+                ),
+                Some(u) if u.as_ref() == b"default" => ok(),
+                Some(_) => err("WRONGPASS invalid username-password pair or user is disabled."),
+            };
         };
         let user_ok = match (user, &creds.username) {
             (None, None) => true,

@@ -42,25 +42,10 @@ fn parse_args(args: &[Bytes]) -> Result<(i64, Option<Duration>), &'static str> {
     let [_, want, ms] = args else {
         return Err("ERR wrong number of arguments for 'wait' command");
     };
-    let want = redis_int(want).ok_or("ERR value is not an integer or out of range")?;
-    let ms = redis_int(ms).ok_or("ERR timeout is not an integer or out of range")?;
+    let want = resp::int_arg(want).ok_or("ERR value is not an integer or out of range")?;
+    let ms = resp::int_arg(ms).ok_or("ERR timeout is not an integer or out of range")?;
     let ms = u64::try_from(ms).map_err(|_| "ERR timeout is negative")?;
     Ok((want, (ms > 0).then(|| Duration::from_millis(ms))))
-}
-
-/// An integer as Redis reads one (`string2ll`): an optional `-`, digits, no
-/// leading zero, no `+`, no space, within `i64`.
-fn redis_int(b: &[u8]) -> Option<i64> {
-    let digits = b.strip_prefix(b"-").unwrap_or(b);
-    let canonical = match digits {
-        [b'0'] => digits.len() == b.len(),
-        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
-        _ => false,
-    };
-    if !canonical {
-        return None;
-    }
-    std::str::from_utf8(b).ok()?.parse().ok()
 }
 
 /// `INFO replication` of `node` if it is in rotation and answers `within`.

@@ -66,11 +66,7 @@ async fn connection_state_commands_behave_like_redis() {
     assert_eq!(pong, "PONG");
     // ROLE as a primary without replicas answers it (as HELLO and INFO say).
     let role: redis::Value = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
-    let primary = redis::Client::open(format!("redis://{}/", cluster.nodes[0].addr()))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await;
-    let mut primary = primary.unwrap();
+    let mut primary = support::client_of(cluster.nodes[0].addr().parse().unwrap()).await;
     let direct: redis::Value = redis::cmd("ROLE").query_async(&mut primary).await.unwrap();
     let shape = |v: &redis::Value| match v {
         redis::Value::Array(a) => a.first().cloned(),
@@ -167,11 +163,7 @@ async fn malformed_commands_get_the_errors_redis_gives_them() {
     let cluster = Cluster::start(3, 0);
     let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
     let mut c = client(&sidecar).await;
-    let mut node = redis::Client::open(format!("redis://{}/", cluster.nodes[0].addr()))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut node = support::client_of(cluster.nodes[0].addr().parse().unwrap()).await;
     // The sidecar's arity table is the server's own.
     let names: Vec<&str> = cachetier_sidecar::commands::all().map(|i| i.name).collect();
     let infos: Vec<redis::Value> = redis::cmd("COMMAND")

@@ -545,11 +545,7 @@ async fn wait_counts_the_replicas_that_hold_the_clients_writes() {
     assert_eq!(wait(&mut c, "1", "0").await.unwrap(), 1);
     // Pipelined right behind a large write (the replica takes a while to
     // apply it): WAIT answers 1 only once the replica holds it.
-    let mut on_replica = redis::Client::open(format!("redis://{}/", replicas[0]))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut on_replica = support::client_of(replicas[0].parse().unwrap()).await;
     let () = redis::cmd("READONLY").query_async(&mut on_replica).await.unwrap();
     let big = "x".repeat(8 << 20);
     for i in 0..6 {

@@ -124,6 +124,38 @@ pub fn check_subcommand(name: &str, args: &[impl AsRef<[u8]>]) -> Result<(), Str
     }
 }
 
+/// Redis's name for a command as sent: `pubsub|numsub` for a subcommand of
+/// a container listed here, else the command's own (lower case) name.
+pub fn full_name(name: &str, sub: Option<&[u8]>) -> String {
+    let sub = sub.map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
+    match sub {
+        Some(sub) if SUBCOMMANDS.iter().any(|(c, s, _)| *c == name && *s == sub) => format!("{name}|{sub}"),
+        _ => name.to_string(),
+    }
+}
+
+/// The error for a command the sidecar does not know.
+pub fn unknown_command(name: &[u8]) -> String {
+    let shown: String = String::from_utf8_lossy(name).chars().take(64).collect();
+    format!("ERR unknown command '{shown}': the cachetier sidecar does not know how to route it")
+}
+
+/// What Redis checks of any command before its context: that it exists and
+/// fits its arity. `args` with the name first.
+pub fn refusal(args: &[impl AsRef<[u8]>]) -> Option<String> {
+    let name = args.first()?.as_ref();
+    let Some(info) = crate::commands::lookup(name) else {
+        return Some(unknown_command(name));
+    };
+    match info.arity {
+        Some(a) if !fits(a, args.len()) => Some(format!(
+            "ERR wrong number of arguments for '{}' command",
+            info.name
+        )),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +190,8 @@ mod tests {
             Err("ERR unknown subcommand 'NoSuch'. Try CONFIG HELP.".into())
         );
         assert_eq!(check(&["get", "GET", "k"]), Ok(()), "not a container");
+        assert_eq!(full_name("pubsub", Some(b"NumSub")), "pubsub|numsub");
+        assert_eq!(full_name("pubsub", Some(b"nosuch")), "pubsub");
+        assert_eq!(full_name("get", Some(b"k")), "get");
     }
 }

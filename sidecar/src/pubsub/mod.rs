@@ -47,7 +47,7 @@ mod subscriber;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::resp::Frame;
+use crate::resp::{Frame, Request};
 
 pub use subscriber::{Subscriber, forward, read};
 
@@ -90,13 +90,18 @@ fn allowed_when_subscribed(name: &[u8]) -> bool {
         .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
 }
 
-/// Redis's own words for a command refused in RESP2 subscribed mode.
-pub fn subscribed_mode_error(name: &[u8]) -> Bytes {
+/// Redis's own words for a command refused in RESP2 subscribed mode (an
+/// unknown or malformed command is refused for that first, as in Redis).
+pub fn subscribed_mode_error(req: &Request) -> Bytes {
+    let args: Vec<&[u8]> = (0..req.argc()).filter_map(|i| req.arg(i)).collect();
+    let msg = crate::arity::refusal(&args).unwrap_or_else(|| {
+        let name = String::from_utf8_lossy(req.name()).to_ascii_lowercase();
+        format!(
+            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+            crate::arity::full_name(&name, req.arg(1))
+        )
+    });
     let mut b = BytesMut::new();
-    let msg = format!(
-        "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-        String::from_utf8_lossy(name).to_ascii_lowercase()
-    );
     Frame::Error(Bytes::from(msg)).encode(&mut b);
     b.freeze()
 }
@@ -136,7 +141,8 @@ fn error_frame(msg: &str) -> Bytes {
 
 /// Decide a request's [`Step`]. `idle`: nothing of this client is waiting
 /// for a reply on the ordinary path.
-pub fn step(sub: Option<&Subscriber>, proto: u8, name: &[u8], idle: bool) -> Step {
+pub fn step(sub: Option<&Subscriber>, proto: u8, req: &Request, idle: bool) -> Step {
+    let name = req.name();
     let settled = sub.is_none_or(Subscriber::settled);
     if is_subscription_command(name) {
         // Its replies must follow the confirmations of earlier commands on
@@ -161,7 +167,7 @@ pub fn step(sub: Option<&Subscriber>, proto: u8, name: &[u8], idle: bool) -> Ste
         }
         if !allowed_when_subscribed(name) {
             return if idle {
-                Step::Refuse(subscribed_mode_error(name))
+                Step::Refuse(subscribed_mode_error(req))
             } else {
                 Step::Hold
             };
@@ -174,19 +180,40 @@ pub fn step(sub: Option<&Subscriber>, proto: u8, name: &[u8], idle: bool) -> Ste
 mod tests {
     use super::*;
 
+    fn req(args: &[&str]) -> Request {
+        let args: Vec<Bytes> = args
+            .iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
+        Request::new(crate::resp::command_bytes(&args), args)
+    }
+
     #[test]
     fn subscription_commands_wait_for_earlier_replies_then_go_upstream() {
-        assert_eq!(step(None, 2, b"SUBSCRIBE", false), Step::Hold);
-        assert_eq!(step(None, 2, b"subscribe", true), Step::Forward);
-        assert_eq!(step(None, 2, b"GET", true), Step::Ordinary);
+        assert_eq!(step(None, 2, &req(&["SUBSCRIBE", "ch"]), false), Step::Hold);
+        assert_eq!(step(None, 2, &req(&["subscribe", "ch"]), true), Step::Forward);
+        assert_eq!(step(None, 2, &req(&["GET", "k"]), true), Step::Ordinary);
     }
 
     #[test]
     fn the_subscribed_mode_error_is_worded_like_redis() {
+        // As redis-server 7.0.15 words them.
+        let refused = |a: &[&str]| String::from_utf8_lossy(&subscribed_mode_error(&req(a))).into_owned();
+        let context =
+            "only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context";
         assert_eq!(
-            &subscribed_mode_error(b"GET")[..],
-            &b"-ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n"[..]
+            refused(&["GET", "k"]),
+            format!("-ERR Can't execute 'get': {context}\r\n")
         );
+        assert_eq!(
+            refused(&["PUBSUB", "NUMSUB", "ch"]),
+            format!("-ERR Can't execute 'pubsub|numsub': {context}\r\n")
+        );
+        assert_eq!(
+            refused(&["GET"]),
+            "-ERR wrong number of arguments for 'get' command\r\n"
+        );
+        assert!(refused(&["FROBNICATE"]).starts_with("-ERR unknown command 'FROBNICATE'"));
     }
 
     #[test]

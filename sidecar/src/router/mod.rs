@@ -262,14 +262,11 @@ impl Router {
                 .requests
                 .with_label_values(&["unknown", "error"])
                 .inc();
-            let shown: String = String::from_utf8_lossy(name).chars().take(64).collect();
             // Inside MULTI, as in Redis, it also aborts the transaction.
             if st.session.in_multi() {
                 st.session.refuse_queued();
             }
-            return Action::Reply(err(format!(
-                "ERR unknown command '{shown}': the cachetier sidecar does not know how to route it"
-            )));
+            return Action::Reply(err(crate::arity::unknown_command(name)));
         };
         if let Err(e) = self.check_arity(st, info, &req) {
             return Action::Reply(e);

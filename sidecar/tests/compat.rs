@@ -249,6 +249,65 @@ async fn malformed_commands_get_the_errors_redis_gives_them() {
     sidecar.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_kill_and_function_kill_stop_a_busy_script_wherever_it_runs() {
+    // Redis takes SCRIPT KILL once a script has run this long (ms).
+    let cluster = Cluster::start_opts(3, 0, None, &["--busy-reply-threshold", "100"]);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let mut runner = client(&sidecar).await;
+    let mut admin = client(&sidecar).await;
+    let spin = "local s = redis.call('TIME') while true do local n = redis.call('TIME') \
+                if (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > 3000000 then break end end return 1";
+    let library = format!(
+        "#!lua name=busylib\nredis.register_function{{function_name='spin', \
+         callback=function(keys, args) {spin} end, flags={{'no-writes'}}}}"
+    );
+    let () = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(&library)
+        .query_async(&mut admin)
+        .await
+        .map(|_: String| ())
+        .unwrap();
+    for (call, body, kill) in [("EVAL", spin, "SCRIPT"), ("FCALL", "spin", "FUNCTION")] {
+        let started = std::time::Instant::now();
+        let mut conn = runner.clone();
+        let running = tokio::spawn(async move {
+            redis::cmd(call)
+                .arg(body)
+                .arg(1)
+                .arg("{s}k")
+                .query_async::<i64>(&mut conn)
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let () = redis::cmd(kill)
+            .arg("KILL")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let e = running.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("KILL"), "{call}'s client is told: {e}");
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "{call}: {:?}",
+            started.elapsed()
+        );
+        let e = redis::cmd(kill)
+            .arg("KILL")
+            .query_async::<()>(&mut admin)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("No scripts in execution"),
+            "{kill}: nothing left to kill: {e}"
+        );
+    }
+    let _: i64 = redis::cmd("DBSIZE").query_async(&mut runner).await.unwrap();
+    sidecar.shutdown().await;
+}
+
 const LIBRARY: &str = "#!lua name=cachetierlib\n\
     redis.register_function('settwice', function(keys, args) \
       redis.call('SET', keys[1], args[1]) return redis.call('GET', keys[1]) end)\n\

@@ -355,27 +355,32 @@ impl Router {
                 Ok(mut rs) => rs.pop().unwrap_or_else(ok),
                 Err(e) => e,
             },
-            // A function runs on one node; kill it wherever it runs.
-            "KILL" => {
-                let futs = self.primaries().into_iter().map(|n| {
-                    let cmd = cmd.clone();
-                    async move { n.slow_request(up, cmd, 1).await }
-                });
-                let replies: Vec<Bytes> = join_all(futs)
-                    .await
-                    .into_iter()
-                    .filter_map(Result::ok)
-                    .filter_map(|mut r| r.pop())
-                    .collect();
-                match replies.iter().find(|r| r.starts_with(b"+")) {
-                    Some(r) => r.clone(),
-                    None => replies
-                        .into_iter()
-                        .next()
-                        .unwrap_or_else(|| err("CLUSTERDOWN cachetier: no primary answered")),
-                }
-            }
+            "KILL" => self.kill_running("FUNCTION").await,
             _ => self.on_primary(None, cmd, up, false).await,
+        }
+    }
+
+    /// `SCRIPT KILL` / `FUNCTION KILL` (`container`): a script runs on one
+    /// node, so the kill goes to every primary, each on a fresh connection
+    /// (a busy node refuses `READONLY`, which the pooled connections open
+    /// with, and its shared connection waits behind the script); one `+OK`
+    /// means it was killed, else the nodes' own answer (`NOTBUSY`, or
+    /// `UNKILLABLE` from one that could not).
+    async fn kill_running(&self, container: &str) -> Bytes {
+        let timeout = self.config.response_timeout;
+        let auth = self.config.auth.as_ref();
+        let futs = self.primaries().into_iter().map(|n| async move {
+            crate::connect::oneshot_command(&n.addr, &[container, "KILL"], timeout, auth).await
+        });
+        let replies: Vec<Frame> = join_all(futs).await.into_iter().filter_map(Result::ok).collect();
+        let killed = replies.iter().find(|r| matches!(r, Frame::Simple(_)));
+        let refused = replies.iter().find(|r| match r {
+            Frame::Error(e) => !e.starts_with(b"NOTBUSY"),
+            _ => false,
+        });
+        match killed.or(refused).or(replies.first()) {
+            Some(r) => encode(r),
+            None => err("CLUSTERDOWN cachetier: no primary answered"),
         }
     }
 
@@ -408,6 +413,7 @@ impl Router {
                 }
                 Err(e) => e,
             },
+            "KILL" => self.kill_running("SCRIPT").await,
             _ => err(format!("ERR cachetier: SCRIPT {sub} is not supported")),
         }
     }

@@ -229,7 +229,7 @@ async fn malformed_requests_get_clear_errors_and_do_not_disturb_other_clients() 
         .await
         .unwrap_err();
     assert!(e.to_string().contains("unknown command"), "{e}");
-    // (Blocking commands and WAIT are served now, see tests/compat.rs and
+    // (Blocking commands and WAIT are served now, see tests/compat/ and
     // tests/fidelity.rs; WAITAOF is refused, saying why.)
     let e = redis::cmd("WAITAOF")
         .arg(0)

@@ -1,0 +1,128 @@
+//! Errors as Redis words them: arity, subcommands, `numkeys`, `MULTI`.
+
+use cachetier_sidecar::Sidecar;
+
+use crate::support::{self, Cluster, client, config};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argument_errors_are_redis_own_and_config_get_is_answered() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    for (numkeys, wording) in [("0", "numkeys"), ("2", "Number of keys")] {
+        let e = redis::cmd("SINTERCARD")
+            .arg(numkeys)
+            .arg("a")
+            .query_async::<i64>(&mut c)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(wording), "Redis's own wording: {e}");
+    }
+    let got: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(got[0], "maxmemory-policy");
+    let e = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("redisConfig"), "{e}");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_commands_get_the_errors_redis_gives_them() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let mut node = support::client_of(cluster.nodes[0].addr().parse().unwrap()).await;
+    // The sidecar's arity table is the server's own.
+    let names: Vec<&str> = cachetier_sidecar::commands::all().map(|i| i.name).collect();
+    let infos: Vec<redis::Value> = redis::cmd("COMMAND")
+        .arg("INFO")
+        .arg(&names)
+        .query_async(&mut node)
+        .await
+        .unwrap();
+    for (name, value) in names.iter().zip(&infos) {
+        let arity = match value {
+            redis::Value::Array(a) => match a.get(1) {
+                Some(redis::Value::Int(n)) => Some(*n as i32),
+                _ => None,
+            },
+            _ => None,
+        };
+        assert_eq!(cachetier_sidecar::arity::of(name), arity, "{name}");
+    }
+    // Whatever the sidecar answers or routes itself, errors read as Redis's.
+    let reply = |r: redis::RedisResult<redis::Value>| match r {
+        Ok(v) => format!("{v:?}"),
+        Err(e) => e.to_string(),
+    };
+    for line in [
+        "SET k",
+        "GET",
+        "CLIENT",
+        "CLIENT SETNAME",
+        "CLIENT NOSUCH",
+        "CLIENT ID x",
+        "CONFIG NOSUCH",
+        "CONFIG RESETSTAT x",
+        "COMMAND COUNT x",
+        "SCRIPT NOSUCH",
+        "PUBSUB NOSUCH",
+        "FUNCTION NOSUCH",
+        "HELLO x",
+        "HELLO 02",
+        "HELLO 3 FOO",
+        "HELLO 3 AUTH a",
+        "AUTH a b c",
+        "AUTH x",
+        "AUTH default x",
+        "AUTH bob x",
+        "READONLY x",
+        "MULTI x",
+        "EXEC x",
+        "DISCARD x",
+        "UNWATCH x",
+        "RANDOMKEY x",
+        "DBSIZE x",
+        "SELECT x",
+        "PING a b",
+        "ECHO",
+        "WAIT 1",
+        "ROLE x",
+    ] {
+        let args: Vec<&str> = line.split(' ').collect();
+        let mut cmd = redis::cmd(args[0]);
+        cmd.arg(&args[1..]);
+        let (ours, redis) = (cmd.query_async(&mut c).await, cmd.query_async(&mut node).await);
+        assert_eq!(reply(ours), reply(redis), "{line}");
+    }
+    // A command Redis refuses inside MULTI is refused at once, and EXEC
+    // aborts (as it does for one the sidecar does not know).
+    for bad in [&["SET", "k"][..], &["NOSUCHCMD"]] {
+        let mut replies = Vec::new();
+        for conn in [&mut c, &mut node] {
+            let () = redis::cmd("MULTI").query_async(conn).await.unwrap();
+            let queued = redis::cmd(bad[0])
+                .arg(&bad[1..])
+                .query_async::<redis::Value>(conn)
+                .await;
+            let exec = redis::cmd("EXEC").query_async::<redis::Value>(conn).await;
+            replies.push((queued.is_err(), reply(exec)));
+        }
+        assert_eq!(replies[0], replies[1], "{bad:?}");
+        assert!(
+            replies[0].0 && replies[0].1.contains("Transaction discarded"),
+            "{replies:?}"
+        );
+    }
+    sidecar.shutdown().await;
+}

@@ -1,0 +1,153 @@
+//! Connection state (`HELLO`, `RESET`, `ROLE`), `INFO`, readiness and
+//! per-node metrics as one Redis server would show them.
+
+use std::time::Duration;
+
+use cachetier_sidecar::Sidecar;
+use redis::AsyncCommands;
+
+use crate::support::{self, Cluster, client, config, http_get};
+
+fn proto_of(hello: &redis::Value) -> Option<i64> {
+    let items: Vec<(redis::Value, redis::Value)> = match hello {
+        redis::Value::Map(m) => m.clone(),
+        redis::Value::Array(a) => a.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect(),
+        _ => return None,
+    };
+    items.into_iter().find_map(|(k, v)| match (k, v) {
+        (redis::Value::BulkString(k), redis::Value::Int(p)) if k == b"proto" => Some(p),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_state_commands_behave_like_redis() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+
+    // RESET drops a WATCH: keys of another slot work again, EXEC has no MULTI.
+    let _: () = redis::cmd("WATCH").arg("{a}x").query_async(&mut c).await.unwrap();
+    let r: String = redis::cmd("RESET").query_async(&mut c).await.unwrap();
+    assert_eq!(r, "RESET");
+    let _: () = c.set("{b}y", 1).await.unwrap();
+    let e = redis::cmd("EXEC").query_async::<()>(&mut c).await.unwrap_err();
+    assert!(e.to_string().contains("EXEC without MULTI"), "{e}");
+
+    // HELLO 3 with bad credentials fails and leaves the protocol alone
+    // (with no password set, Redis takes any password for `default`, and
+    // refuses any other user).
+    let e = redis::cmd("HELLO")
+        .arg(3)
+        .arg("AUTH")
+        .arg("bob")
+        .arg("wrong")
+        .query_async::<redis::Value>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("AUTH") || e.to_string().contains("WRONGPASS"),
+        "{e}"
+    );
+    let hello: redis::Value = redis::cmd("HELLO").query_async(&mut c).await.unwrap();
+    assert_eq!(proto_of(&hello), Some(2), "{hello:?}");
+
+    // A numkeys no argument list can hold is an error reply, not a crash.
+    let e = redis::cmd("EVAL")
+        .arg("return 1")
+        .arg("18446744073709551615")
+        .query_async::<i64>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(e.kind() != redis::ErrorKind::Io, "{e}");
+    let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    assert_eq!(pong, "PONG");
+    // ROLE as a primary without replicas answers it (as HELLO and INFO say).
+    let role: redis::Value = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
+    let mut primary = support::client_of(cluster.nodes[0].addr().parse().unwrap()).await;
+    let direct: redis::Value = redis::cmd("ROLE").query_async(&mut primary).await.unwrap();
+    let shape = |v: &redis::Value| match v {
+        redis::Value::Array(a) => a.first().cloned(),
+        _ => None,
+    };
+    assert_eq!(shape(&role), shape(&direct), "{role:?} / {direct:?}");
+
+    // A stream may be called `block`.
+    let _: String = redis::cmd("XADD")
+        .arg("block")
+        .arg("*")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let got: redis::Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg("block")
+        .arg("0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(format!("{got:?}").contains("block"), "{got:?}");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_reports_the_upstream_redis_version() {
+    let cluster = Cluster::start(3, 0);
+    let version = cluster.nodes[0].info_field("server", "redis_version").unwrap();
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut c = client(&sidecar).await;
+    let info: String = redis::cmd("INFO").query_async(&mut c).await.unwrap();
+    assert!(info.contains(&format!("redis_version:{version}\r\n")), "{info}");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_false_when_the_topology_is_lost() {
+    let cluster = Cluster::start(3, 0);
+    let cfg = cachetier_sidecar::Config {
+        topology_refresh: Duration::from_millis(200),
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let maddr = sidecar.metrics_addr().unwrap();
+    assert!(http_get(maddr, "/readyz").await.0.contains("200"));
+    drop(cluster);
+    support::eventually("readyz says not ready", Duration::from_secs(10), || {
+        !sidecar.metrics().is_ready()
+    })
+    .await;
+    assert!(http_get(maddr, "/readyz").await.0.contains("503"));
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_leaves_the_cluster_leaves_the_metrics_too() {
+    let mut cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let maddr = sidecar.metrics_addr().unwrap();
+    let i = cluster
+        .nodes
+        .iter()
+        .position(|n| n.info_field("replication", "role").as_deref() == Some("slave"))
+        .unwrap();
+    let gone = cluster.nodes.remove(i);
+    let (addr, id) = (gone.addr(), gone.node_id());
+    support::eventually("the replica's series is exported", Duration::from_secs(5), || {
+        sidecar.metrics().render().contains(&format!("node=\"{addr}\""))
+    })
+    .await;
+    drop(gone);
+    for n in &cluster.nodes {
+        n.cli(&["CLUSTER", "FORGET", &id]);
+    }
+    sidecar.refresh_topology().await.unwrap();
+    assert!(sidecar.node_states().iter().all(|n| n.addr != addr));
+    let (_, body) = http_get(maddr, "/metrics").await;
+    assert!(!body.contains(&format!("node=\"{addr}\"")), "{body}");
+    sidecar.shutdown().await;
+}

@@ -5,7 +5,7 @@
 //! their own timeout plus the response timeout. The connection is kept while
 //! the client lives (a worker's `BRPOP` loop reuses it), replaced when the key
 //! is on another node, and closed with the client. One per client; at most
-//! [`MAX_BLOCKING`] in all.
+//! [`MAX_BLOCKING`] in all (clients waiting in `WAIT` count too).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +38,13 @@ pub fn permits() -> Arc<Semaphore> {
 }
 
 const MAX_REDIRECTS: usize = 5;
+
+/// The reply when [`MAX_BLOCKING`] clients are blocked already.
+pub(crate) fn over_limit() -> Bytes {
+    err(format!(
+        "ERR cachetier: {MAX_BLOCKING} clients are already blocked through this sidecar; retry later"
+    ))
+}
 
 fn err(msg: impl AsRef<str>) -> Bytes {
     let mut out = BytesMut::new();
@@ -84,11 +91,7 @@ impl Router {
                     Some(b) => b._permit,
                     None => match self.blocking_permits.clone().try_acquire_owned() {
                         Ok(p) => p,
-                        Err(_) => {
-                            return err(format!(
-                                "ERR cachetier: {MAX_BLOCKING} clients are already blocked through this sidecar; retry later"
-                            ));
-                        }
+                        Err(_) => return over_limit(),
                     },
                 };
                 let opened =

@@ -236,6 +236,9 @@ impl Router {
                     },
                     Kind::Unsupported(reason) => Some(format!("ERR {reason}")),
                     Kind::AnyPrimary => None,
+                    // The same on every node: they run in the transaction,
+                    // on its node, as on one Redis server.
+                    Kind::Server if matches!(info.name, "ping" | "echo" | "select") => None,
                     Kind::Server => Some(format!(
                         "ERR cachetier: '{}' cannot run inside MULTI through the sidecar",
                         info.name

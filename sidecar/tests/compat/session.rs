@@ -26,6 +26,25 @@ async fn connection_state_commands_behave_like_redis() {
     let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
     let mut c = client(&sidecar).await;
 
+    // PING, ECHO and SELECT 0 are queued in a transaction and answered in
+    // EXEC's reply, as from one Redis server.
+    let () = redis::cmd("MULTI").query_async(&mut c).await.unwrap();
+    for cmd in [
+        &["PING"][..],
+        &["ECHO", "hi"],
+        &["SELECT", "0"],
+        &["SET", "{t}k", "1"],
+    ] {
+        let queued: String = redis::cmd(cmd[0])
+            .arg(&cmd[1..])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(queued, "QUEUED", "{cmd:?}");
+    }
+    let replies: Vec<String> = redis::cmd("EXEC").query_async(&mut c).await.unwrap();
+    assert_eq!(replies, ["PONG", "hi", "OK", "OK"]);
+
     // RESET drops a WATCH: keys of another slot work again, EXEC has no MULTI.
     let _: () = redis::cmd("WATCH").arg("{a}x").query_async(&mut c).await.unwrap();
     let r: String = redis::cmd("RESET").query_async(&mut c).await.unwrap();

@@ -60,17 +60,24 @@ async fn poll_within(node: &Arc<Node>, within: Option<Duration>) -> Option<Repli
     }
 }
 
-/// How many of `shard`'s replicas are connected to their primary and hold
-/// everything up to `offset`; one that does not answer `within` does not
-/// count (a stopped replica must not hold `WAIT` past its timeout).
-async fn replicas_at(shard: &Shard, offset: u64, within: Option<Duration>) -> i64 {
-    let polls = join_all(shard.replicas.iter().map(|r| poll_within(r, within))).await;
-    let at = polls
+/// Poll those of `shard`'s replicas not yet known to hold everything up to
+/// `offset` (`reached`, one flag per replica); one linked to its primary at
+/// that offset or past it is marked. Once marked, a replica stays counted:
+/// it has received the writes, as a replica's acknowledgement stays in
+/// Redis. One that does not answer `within` is not marked this time (a
+/// stopped replica must not hold `WAIT` past its timeout).
+async fn observe(shard: &Shard, offset: u64, within: Option<Duration>, reached: &mut [bool]) {
+    let polls = shard
+        .replicas
         .iter()
-        .flatten()
-        .filter(|i| i.is_replica && i.link_up && i.offset.is_some_and(|o| o >= offset))
-        .count();
-    i64::try_from(at).unwrap_or(i64::MAX)
+        .zip(reached.iter())
+        .map(|(r, &done)| async move { if done { None } else { poll_within(r, within).await } });
+    let polls = join_all(polls).await;
+    for (done, info) in reached.iter_mut().zip(polls) {
+        if info.is_some_and(|i| i.is_replica && i.link_up && i.offset.is_some_and(|o| o >= offset)) {
+            *done = true;
+        }
+    }
 }
 
 /// The primary's `master_repl_offset` (answered `within`), or an error
@@ -147,14 +154,17 @@ impl Router {
                 Err(e) => return e,
             }
         };
+        let mut reached: Vec<Vec<bool>> = shards.iter().map(|s| vec![false; s.replicas.len()]).collect();
         let mut pause = FIRST_PAUSE;
         loop {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let counts = join_all(shards.iter().zip(&offsets).map(|(s, &o)| replicas_at(s, o, left))).await;
-            let reached = counts.into_iter().min().unwrap_or(0);
+            let rounds = shards.iter().zip(&offsets).zip(reached.iter_mut());
+            join_all(rounds.map(|((s, &o), r)| observe(s, o, left, r))).await;
+            let counts = reached.iter().map(|r| r.iter().filter(|&&d| d).count());
+            let count = i64::try_from(counts.min().unwrap_or(0)).unwrap_or(i64::MAX);
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if reached >= want || left == Some(Duration::ZERO) {
-                return encode(&Frame::Integer(reached));
+            if count >= want || left == Some(Duration::ZERO) {
+                return encode(&Frame::Integer(count));
             }
             tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
             pause = (pause * 2).min(LONGEST_PAUSE);

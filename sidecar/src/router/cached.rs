@@ -36,6 +36,9 @@ impl Router {
             },
         };
         let value = cache.try_hit_at(&key, now)?;
+        if let Some(view) = &st.view {
+            view.command(info.id);
+        }
         metrics.record(
             self,
             info,

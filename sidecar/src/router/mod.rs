@@ -274,13 +274,16 @@ impl Router {
         let (turn, next) = st.order.next(st.last.take());
         st.last = Some(next);
         let mut turn = Some(turn);
-        let action = self.dispatch_inner(st, info, req, &mut turn, place);
+        // Before the command runs: CLIENT LIST shows it as the last one.
         if let Some(view) = &st.view {
             view.command(info.id);
-            // Only these change the name, protocol or MULTI queue it shows.
-            if info.kind == Kind::Server || st.session.in_multi() {
-                view.session(st.session.name.as_ref(), st.session.proto, st.session.queued());
-            }
+        }
+        let action = self.dispatch_inner(st, info, req, &mut turn, place);
+        // Only these change the name, protocol or MULTI queue it shows.
+        if let Some(view) = &st.view
+            && (info.kind == Kind::Server || st.session.in_multi())
+        {
+            view.session(st.session.name.as_ref(), st.session.proto, st.session.queued());
         }
         match (action, turn) {
             // The keyed paths took the turn and order themselves.

@@ -116,6 +116,20 @@ async fn client_list_info_and_kill_describe_the_sidecars_own_clients() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("No such client"), "{e}");
+    // A connection's own line names this command even when it is its
+    // first (redis-cli's CLIENT LIST).
+    let mut first = tokio::net::TcpStream::connect(sidecar.local_addr())
+        .await
+        .unwrap();
+    first
+        .write_all(b"*2\r\n$6\r\nCLIENT\r\n$4\r\nINFO\r\n")
+        .await
+        .unwrap();
+    let mut reply = vec![0u8; 1024];
+    let n = first.read(&mut reply).await.unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]).into_owned();
+    assert!(reply.contains(" cmd=client|info "), "{reply}");
+    drop(first);
     // Closed connections leave the list.
     let mut left = client_list(&mut admin, &[]).await;
     for _ in 0..40 {

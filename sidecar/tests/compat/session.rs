@@ -121,6 +121,24 @@ async fn info_reports_the_upstream_redis_version() {
     let mut c = client(&sidecar).await;
     let info: String = redis::cmd("INFO").query_async(&mut c).await.unwrap();
     assert!(info.contains(&format!("redis_version:{version}\r\n")), "{info}");
+    // Sections as Redis gives them: those asked for, a blank line between,
+    // nothing for an unknown one.
+    let mut node = support::client_of(cluster.nodes[0].addr().parse().unwrap()).await;
+    let shape = |text: &str| -> Vec<String> {
+        text.split("\r\n")
+            .filter(|l| l.is_empty() || l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    for asked in [&["server", "REPLICATION"][..], &["persistence"], &["nosuch"]] {
+        let ours: String = redis::cmd("INFO").arg(asked).query_async(&mut c).await.unwrap();
+        let redis: String = redis::cmd("INFO")
+            .arg(asked)
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        assert_eq!(shape(&ours), shape(&redis), "INFO {asked:?}: {ours:?}");
+    }
     sidecar.shutdown().await;
 }
 

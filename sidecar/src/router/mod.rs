@@ -37,6 +37,7 @@ use crate::upstream::{Node, Proto};
 mod cached;
 mod client;
 mod direct;
+mod info;
 mod local_metrics;
 mod pubsub_query;
 mod route;

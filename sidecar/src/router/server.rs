@@ -72,7 +72,7 @@ impl Router {
                 )),
                 _ => err(format!("ERR cachetier: COMMAND {sub} is not supported")),
             }),
-            "info" => reply(encode(&text(proto, self.info_text(&args[1..])))),
+            "info" => self.info(info, &args[1..], up, proto),
             "unwatch" => reply(ok()),
             "watch" => self.watch_command(st, info, &args, &resp::command_bytes(&args)),
             "multi" => reply(match st.session.multi() {
@@ -165,79 +165,6 @@ impl Router {
         } else {
             err("WRONGPASS invalid username-password pair or user is disabled.")
         }
-    }
-
-    /// `INFO [section …]`: the sidecar's own sections, those asked for (all
-    /// of them for none, `all`, `everything` or `default`), separated by a
-    /// blank line as Redis separates them; an unknown section adds nothing.
-    pub(super) fn info_text(&self, asked: &[Bytes]) -> String {
-        let asked: Vec<String> = asked
-            .iter()
-            .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
-            .collect();
-        let every = asked.is_empty()
-            || asked
-                .iter()
-                .any(|a| matches!(a.as_str(), "all" | "everything" | "default"));
-        self.info_sections()
-            .into_iter()
-            .filter(|(name, _)| every || asked.iter().any(|a| a == name))
-            .map(|(name, body)| {
-                let mut title = name.to_string();
-                if let Some(first) = title.get_mut(..1) {
-                    first.make_ascii_uppercase();
-                }
-                format!("# {title}\r\n{body}")
-            })
-            .collect::<Vec<_>>()
-            .join("\r\n")
-    }
-
-    /// Each section's lower-case name and its lines.
-    fn info_sections(&self) -> Vec<(&'static str, String)> {
-        let topo = self.registry.current();
-        let mut server = String::new();
-        // The version the cluster's nodes report (clients check features by it).
-        if let Some(v) = self.registry.redis_version() {
-            server.push_str(&format!("redis_version:{v}\r\n"));
-        }
-        server.push_str("redis_mode:standalone\r\n");
-        server.push_str(&format!(
-            "cachetier_sidecar_version:{}\r\n",
-            env!("CARGO_PKG_VERSION")
-        ));
-        server.push_str(&format!("read_policy:{}\r\n", self.config.read_policy.as_str()));
-        let mut cluster = format!("cluster_enabled:0\r\ncachetier_shards:{}\r\n", topo.shards.len());
-        for (i, shard) in topo.shards.iter().enumerate() {
-            let replicas: Vec<String> = shard
-                .replicas
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{}={}",
-                        r.addr,
-                        if r.serving_replica() { "serving" } else { "gated" }
-                    )
-                })
-                .collect();
-            cluster.push_str(&format!(
-                "shard{i}:primary={}{},replicas={}\r\n",
-                shard.primary.addr,
-                if shard.primary.is_healthy() { "" } else { "(down)" },
-                replicas.join(";")
-            ));
-        }
-        let mut sections = vec![
-            ("server", server),
-            // Client libraries read these on connect (ioredis waits for loading:0).
-            ("persistence", "loading:0\r\n".to_string()),
-            ("replication", "role:master\r\nconnected_slaves:0\r\n".to_string()),
-            ("cluster", cluster),
-        ];
-        if let Some(c) = &self.cache {
-            sections.push(("cache", format!("cache_bytes:{}\r\n", c.weighted_size())));
-        }
-        sections
     }
 
     pub(super) async fn fanned(

@@ -139,6 +139,31 @@ async fn info_reports_the_upstream_redis_version() {
             .unwrap();
         assert_eq!(shape(&ours), shape(&redis), "INFO {asked:?}: {ours:?}");
     }
+    // The keyspace is the tier's: keys of every shard, summed.
+    for k in ["ks:a", "ks:b", "ks:c", "ks:d"] {
+        let _: () = c.set(k, 1).await.unwrap();
+    }
+    let _: () = c.set_ex("ks:e", 1, 100).await.unwrap();
+    let keys: u64 = cluster
+        .nodes
+        .iter()
+        .map(|n| n.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap())
+        .sum();
+    let ks: String = redis::cmd("INFO")
+        .arg("keyspace")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        ks.contains(&format!("db0:keys={keys},expires=1,")),
+        "{keys} keys: {ks}"
+    );
+    let clients: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(clients.contains("connected_clients:1\r\n"), "{clients}");
     sidecar.shutdown().await;
 }
 

@@ -691,30 +691,8 @@ async fn moved_and_ask_during_a_slot_migration_are_followed_transparently() {
     let mut c = client(&sidecar).await;
     let key = "migrating-key";
     assert_eq!(c.incr::<_, _, i64>(key, 1).await.unwrap(), 1);
-    let (from, _) = cluster.shard_of(key);
-    let from = cluster.by_addr(&from);
-    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
-    let slot = from.cli(&["CLUSTER", "KEYSLOT", key]).trim().to_string();
-    let (from_id, to_id) = (from.node_id(), to.node_id());
-    assert!(
-        to.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
-            .contains("OK")
-    );
-    assert!(
-        from.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
-            .contains("OK")
-    );
-    let migrated = from.cli(&[
-        "MIGRATE",
-        "127.0.0.1",
-        &to.port.to_string(),
-        "",
-        "0",
-        "5000",
-        "KEYS",
-        key,
-    ]);
-    assert!(migrated.contains("OK"), "{migrated}");
+    let (_, to, slot) = cluster.migrate_key(key);
+    let to_id = to.node_id();
 
     // The key now lives on the importing node: the old owner answers ASK.
     assert_eq!(c.incr::<_, _, i64>(key, 1).await.unwrap(), 2);

@@ -146,22 +146,7 @@ async fn a_transaction_follows_ask_while_its_slot_migrates() {
     let mut c = client(&sidecar).await;
     let key = "migrating-tx";
     assert_eq!(c.incr::<_, _, i64>(key, 1).await.unwrap(), 1);
-    let (from, _) = cluster.shard_of(key);
-    let from = cluster.by_addr(&from);
-    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
-    let slot = from.cli(&["CLUSTER", "KEYSLOT", key]).trim().to_string();
-    let (from_id, to_id) = (from.node_id(), to.node_id());
-    assert!(
-        to.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
-            .contains("OK")
-    );
-    assert!(
-        from.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
-            .contains("OK")
-    );
-    let port = to.port.to_string();
-    let migrated = from.cli(&["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key]);
-    assert!(migrated.contains("OK"), "{migrated}");
+    cluster.migrate_key(key);
     let (v,): (i64,) = redis::pipe()
         .atomic()
         .cmd("INCR")

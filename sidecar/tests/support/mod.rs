@@ -267,6 +267,33 @@ impl Cluster {
             .expect("node of this cluster")
     }
 
+    /// Start migrating `key`'s slot from its owner to another primary
+    /// (`IMPORTING`/`MIGRATING`) and move `key` itself, as a reshard does
+    /// mid-way; returns (source, destination, slot).
+    pub fn migrate_key(&self, key: &str) -> (&RedisNode, &RedisNode, String) {
+        let (from, _) = self.shard_of(key);
+        let from = self.by_addr(&from);
+        let to = self
+            .nodes
+            .iter()
+            .find(|n| n.port != from.port && n.info_field("replication", "role").as_deref() == Some("master"))
+            .unwrap();
+        let slot = from.cli(&["CLUSTER", "KEYSLOT", key]).trim().to_string();
+        let (from_id, to_id) = (from.node_id(), to.node_id());
+        assert!(
+            to.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
+                .contains("OK")
+        );
+        assert!(
+            from.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
+                .contains("OK")
+        );
+        let port = to.port.to_string();
+        let migrated = from.cli(&["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key]);
+        assert!(migrated.contains("OK"), "{migrated}");
+        (from, to, slot)
+    }
+
     /// The primary and replicas that own `key`, by address.
     pub fn shard_of(&self, key: &str) -> (String, Vec<String>) {
         let slot: u16 = self.nodes[0]

@@ -90,10 +90,11 @@ pub fn of(name: &str) -> Option<i32> {
 }
 
 /// `argc` arguments (with the name) fit `arity`.
+#[inline]
 pub fn fits(arity: i32, argc: usize) -> bool {
-    let argc = i64::try_from(argc).unwrap_or(i64::MAX);
-    let arity = i64::from(arity);
-    if arity >= 0 { argc == arity } else { argc >= -arity }
+    // Checked on every request: no conversion that can fail.
+    let n = arity.unsigned_abs() as usize;
+    if arity >= 0 { argc == n } else { argc >= n }
 }
 
 /// Check `args[1]` of container command `name` (lower case) as Redis does:

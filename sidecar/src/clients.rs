@@ -41,8 +41,9 @@ pub struct Client {
     laddr: String,
     fd: i64,
     connected: Instant,
-    /// Milliseconds from `connected` to the client's last read.
-    active_ms: AtomicU64,
+    /// Seconds from `connected` to the client's last read (`idle` is
+    /// shown in seconds; a read costs a subtraction and a store).
+    active_s: AtomicU64,
     /// The last command's table id plus one (0: none yet).
     cmd: AtomicUsize,
     name: Mutex<Option<Bytes>>,
@@ -85,7 +86,7 @@ impl Clients {
             laddr: shown(laddr),
             fd,
             connected: Instant::now(),
-            active_ms: AtomicU64::new(0),
+            active_s: AtomicU64::new(0),
             cmd: AtomicUsize::new(0),
             name: Mutex::new(None),
             resp: AtomicU8::new(2),
@@ -114,9 +115,8 @@ impl Clients {
 impl Client {
     /// The client read something at `now`.
     pub fn active(&self, now: Instant) {
-        let ms = now.saturating_duration_since(self.connected).as_millis();
-        self.active_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let s = now.saturating_duration_since(self.connected).as_secs();
+        self.active_s.store(s, Ordering::Relaxed);
     }
 
     /// The client's latest command (its table id).
@@ -158,9 +158,9 @@ impl Client {
     /// Its `CLIENT LIST` line (without the newline); `cmd` names the last
     /// command from its table id.
     pub fn line(&self, now: Instant, cmd: impl Fn(usize) -> Option<&'static str>) -> String {
-        let age_ms = now.saturating_duration_since(self.connected).as_millis();
-        let active = u128::from(self.active_ms.load(Ordering::Relaxed));
-        let idle = age_ms.saturating_sub(active) / 1000;
+        let idle = self
+            .age(now)
+            .saturating_sub(self.active_s.load(Ordering::Relaxed));
         let multi = self.multi.load(Ordering::Relaxed);
         let (sub, ssub) = (
             self.sub.load(Ordering::Relaxed),

@@ -18,9 +18,11 @@ use crate::order::Turn;
 use crate::router::{Action, ClientMetrics, Direct, Outcome, Place, ReplyFuture, Router};
 
 enum Entry {
-    /// A future of `futures` will fill it; `blocking`: a command that waits
-    /// on other clients (`Action::Blocking`).
-    Running { blocking: bool },
+    /// A future of `futures` will fill it.
+    Running,
+    /// As `Running`, for a command that waits on other clients
+    /// (`Action::Blocking`).
+    Blocking,
     /// Sent directly; its reply comes through the inbox.
     Direct(Direct),
     /// The reply, and the command's turn, which ends (lets commands that
@@ -127,7 +129,8 @@ impl Pipeline {
 
     fn push_future(&mut self, fut: ReplyFuture, blocking: bool) {
         let seq = self.base + self.entries.len() as u64;
-        self.entries.push_back(Entry::Running { blocking });
+        self.entries
+            .push_back(if blocking { Entry::Blocking } else { Entry::Running });
         self.futures.push(Tagged { seq, fut });
     }
 
@@ -139,7 +142,7 @@ impl Pipeline {
     /// The oldest unanswered request is a command waiting on other clients
     /// (a blocking command, `WAIT`).
     pub fn front_is_blocking(&self) -> bool {
-        matches!(self.entries.front(), Some(Entry::Running { blocking: true }))
+        matches!(self.entries.front(), Some(Entry::Blocking))
     }
 
     /// The front reply, if it is there.
@@ -205,7 +208,7 @@ impl Pipeline {
         let Some(entry) = self.entry(seq) else {
             return;
         };
-        let Entry::Direct(d) = std::mem::replace(entry, Entry::Running { blocking: false }) else {
+        let Entry::Direct(d) = std::mem::replace(entry, Entry::Running) else {
             return;
         };
         match router.direct_delivered(d, result, &mut self.metrics, now) {

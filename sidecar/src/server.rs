@@ -338,7 +338,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                     let step = if st.session.in_multi() {
                         Step::Ordinary
                     } else {
-                        pubsub::step(sub.as_ref(), st.session.proto, &req, pending.is_empty())
+                        pubsub::step(sub.as_ref(), st.session.proto, name, pending.is_empty())
                     };
                     let reset = name.eq_ignore_ascii_case(b"reset");
                     match step {
@@ -353,8 +353,8 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                             held = Some(req);
                             break;
                         }
-                        Step::Refuse(b) => {
-                            out.extend_from_slice(&b);
+                        Step::Refuse => {
+                            out.extend_from_slice(&pubsub::subscribed_mode_error(&req));
                             continue;
                         }
                         Step::Forward => {

@@ -281,8 +281,8 @@ impl Router {
         }
         let action = self.dispatch_inner(st, info, req, &mut turn, place);
         // Only these change the name, protocol or MULTI queue it shows.
-        if let Some(view) = &st.view
-            && (info.kind == Kind::Server || st.session.in_multi())
+        if (info.kind == Kind::Server || st.session.in_multi())
+            && let Some(view) = &st.view
         {
             view.session(st.session.name.as_ref(), st.session.proto, st.session.queued());
         }
@@ -304,7 +304,24 @@ impl Router {
     /// Refuse a command whose argument count Redis would refuse, in
     /// Redis's words, before anything else (a refused command inside
     /// `MULTI` aborts the transaction, as in Redis).
+    #[inline]
     fn check_arity(
+        &self,
+        st: &mut ClientState,
+        info: &'static CommandInfo,
+        req: &resp::Request,
+    ) -> Result<(), Bytes> {
+        let argc = req.argc();
+        // The common case, on every request: the count fits, no subcommand.
+        if info.arity.is_none_or(|a| crate::arity::fits(a, argc)) && (info.kind != Kind::Server || argc < 2) {
+            return Ok(());
+        }
+        self.refuse_arity(st, info, req)
+    }
+
+    /// [`Self::check_arity`]'s slow half: the refusal, if any.
+    #[cold]
+    fn refuse_arity(
         &self,
         st: &mut ClientState,
         info: &'static CommandInfo,

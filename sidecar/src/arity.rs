@@ -3,7 +3,8 @@
 //! checks it before anything else, and so does the sidecar, with Redis's
 //! words, so a malformed command gets Redis's error on every path
 //! (queued in `MULTI` too, where Redis refuses it at once and aborts the
-//! transaction). A test checks this list against a real server.
+//! transaction). A test checks this list against a real server. A leaf:
+//! the command table (`commands.rs`) takes its arities from here.
 
 /// By name, sorted.
 #[rustfmt::skip]
@@ -97,28 +98,32 @@ pub fn fits(arity: i32, argc: usize) -> bool {
     if arity >= 0 { argc == n } else { argc >= n }
 }
 
+/// Subcommand `sub` (any case) of container command `name` (lower case):
+/// its lower-case name and arity.
+fn subcommand(name: &str, sub: &[u8]) -> Option<(&'static str, i32)> {
+    SUBCOMMANDS
+        .iter()
+        .find(|(c, s, _)| *c == name && s.as_bytes().eq_ignore_ascii_case(sub))
+        .map(|&(_, s, a)| (s, a))
+}
+
 /// Check `args[1]` of container command `name` (lower case) as Redis does:
 /// a subcommand it has, with an argument count that fits. Containers not
 /// listed pass.
 pub fn check_subcommand(name: &str, args: &[impl AsRef<[u8]>]) -> Result<(), String> {
-    let Some(first) = SUBCOMMANDS.iter().position(|(c, _, _)| *c == name) else {
-        return Ok(());
-    };
     let Some(sub) = args.get(1).map(AsRef::as_ref) else {
         return Ok(());
     };
-    let lower = String::from_utf8_lossy(sub).to_ascii_lowercase();
-    let found = SUBCOMMANDS[first..]
-        .iter()
-        .take_while(|(c, _, _)| *c == name)
-        .find(|(_, s, _)| *s == lower);
-    match found {
+    if !SUBCOMMANDS.iter().any(|(c, _, _)| *c == name) {
+        return Ok(());
+    }
+    match subcommand(name, sub) {
         None => Err(format!(
             "ERR unknown subcommand '{}'. Try {} HELP.",
             String::from_utf8_lossy(sub).chars().take(128).collect::<String>(),
             name.to_ascii_uppercase()
         )),
-        Some((_, s, arity)) if !fits(*arity, args.len()) => {
+        Some((s, arity)) if !fits(arity, args.len()) => {
             Err(format!("ERR wrong number of arguments for '{name}|{s}' command"))
         }
         Some(_) => Ok(()),
@@ -128,32 +133,9 @@ pub fn check_subcommand(name: &str, args: &[impl AsRef<[u8]>]) -> Result<(), Str
 /// Redis's name for a command as sent: `pubsub|numsub` for a subcommand of
 /// a container listed here, else the command's own (lower case) name.
 pub fn full_name(name: &str, sub: Option<&[u8]>) -> String {
-    let sub = sub.map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
-    match sub {
-        Some(sub) if SUBCOMMANDS.iter().any(|(c, s, _)| *c == name && *s == sub) => format!("{name}|{sub}"),
-        _ => name.to_string(),
-    }
-}
-
-/// The error for a command the sidecar does not know.
-pub fn unknown_command(name: &[u8]) -> String {
-    let shown: String = String::from_utf8_lossy(name).chars().take(64).collect();
-    format!("ERR unknown command '{shown}': the cachetier sidecar does not know how to route it")
-}
-
-/// What Redis checks of any command before its context: that it exists and
-/// fits its arity. `args` with the name first.
-pub fn refusal(args: &[impl AsRef<[u8]>]) -> Option<String> {
-    let name = args.first()?.as_ref();
-    let Some(info) = crate::commands::lookup(name) else {
-        return Some(unknown_command(name));
-    };
-    match info.arity {
-        Some(a) if !fits(a, args.len()) => Some(format!(
-            "ERR wrong number of arguments for '{}' command",
-            info.name
-        )),
-        _ => None,
+    match sub.and_then(|sub| subcommand(name, sub)) {
+        Some((s, _)) => format!("{name}|{s}"),
+        None => name.to_string(),
     }
 }
 

@@ -107,8 +107,13 @@ impl Clients {
         lock(&self.by_id).values().cloned().collect()
     }
 
-    pub fn get(&self, id: u64) -> Option<Arc<Client>> {
-        lock(&self.by_id).get(&id).cloned()
+    /// How many clients there are.
+    pub fn len(&self) -> usize {
+        lock(&self.by_id).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        lock(&self.by_id).is_empty()
     }
 }
 

@@ -147,6 +147,30 @@ pub fn all() -> impl Iterator<Item = &'static CommandInfo> {
     TABLE.values()
 }
 
+/// The error for a command the sidecar does not know.
+pub fn unknown_command(name: &[u8]) -> String {
+    let shown: String = String::from_utf8_lossy(name).chars().take(64).collect();
+    format!("ERR unknown command '{shown}': the cachetier sidecar does not know how to route it")
+}
+
+/// The error for `argc` arguments (with the name) that do not fit the
+/// command's arity, if they do not.
+pub fn wrong_arity(info: &CommandInfo, argc: usize) -> Option<String> {
+    let arity = info.arity?;
+    (!crate::arity::fits(arity, argc))
+        .then(|| format!("ERR wrong number of arguments for '{}' command", info.name))
+}
+
+/// What Redis checks of any command before its context: that it exists and
+/// fits its arity. `args` with the name first.
+pub fn refusal(args: &[impl AsRef<[u8]>]) -> Option<String> {
+    let name = args.first()?.as_ref();
+    match lookup(name) {
+        None => Some(unknown_command(name)),
+        Some(info) => wrong_arity(info, args.len()),
+    }
+}
+
 /// Command names by table id.
 static NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
     let mut names = vec![""; count()];

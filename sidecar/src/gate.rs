@@ -33,7 +33,7 @@ use crate::topology::Registry;
 use crate::upstream::{Node, Proto};
 
 /// `INFO replication persistence` of `node`, on its data connection.
-pub(crate) async fn poll(node: &Node) -> Option<ReplicaInfo> {
+async fn poll(node: &Node) -> Option<ReplicaInfo> {
     let cmd = resp::command_bytes(&["INFO", "replication", "persistence"]);
     let replies = node.request(Proto::Resp2, cmd, 1).await.ok()?;
     let raw = replies.into_iter().next()?;

@@ -94,7 +94,7 @@ fn allowed_when_subscribed(name: &[u8]) -> bool {
 /// unknown or malformed command is refused for that first, as in Redis).
 pub fn subscribed_mode_error(req: &Request) -> Bytes {
     let args: Vec<&[u8]> = (0..req.argc()).filter_map(|i| req.arg(i)).collect();
-    let msg = crate::arity::refusal(&args).unwrap_or_else(|| {
+    let msg = crate::commands::refusal(&args).unwrap_or_else(|| {
         let name = String::from_utf8_lossy(req.name()).to_ascii_lowercase();
         format!(
             "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",

@@ -75,9 +75,10 @@ impl Router {
             .collect();
         let this = self.clone();
         self.timed(info, async move {
-            let keyspace = match wanted.contains(&"keyspace") {
-                true => Some(this.keyspace(up).await),
-                false => None,
+            let keyspace = if wanted.contains(&"keyspace") {
+                Some(this.keyspace(up).await)
+            } else {
+                None
             };
             let body = wanted
                 .iter()
@@ -117,7 +118,6 @@ impl Router {
 
     /// One section's lines (`None`: the sidecar has no such section now).
     fn info_section(&self, name: &str, keyspace: Option<&str>) -> Option<String> {
-        let topo = self.registry.current();
         Some(match name {
             "server" => {
                 let mut s = String::new();
@@ -137,7 +137,7 @@ impl Router {
                 let blocked = crate::blocking::MAX_BLOCKING - self.blocking_permits.available_permits();
                 format!(
                     "connected_clients:{}\r\nmaxclients:{}\r\nblocked_clients:{blocked}\r\n",
-                    self.clients.all().len(),
+                    self.clients.len(),
                     self.config.max_clients
                 )
             }
@@ -145,6 +145,7 @@ impl Router {
             "persistence" => "loading:0\r\n".to_string(),
             "replication" => "role:master\r\nconnected_slaves:0\r\n".to_string(),
             "cluster" => {
+                let topo = self.registry.current();
                 let mut s = format!("cluster_enabled:0\r\ncachetier_shards:{}\r\n", topo.shards.len());
                 for (i, shard) in topo.shards.iter().enumerate() {
                     let replicas: Vec<String> = shard

@@ -267,7 +267,7 @@ impl Router {
             if st.session.in_multi() {
                 st.session.refuse_queued();
             }
-            return Action::Reply(err(crate::arity::unknown_command(name)));
+            return Action::Reply(err(commands::unknown_command(name)));
         };
         if let Err(e) = self.check_arity(st, info, &req) {
             return Action::Reply(e);
@@ -328,17 +328,10 @@ impl Router {
         req: &resp::Request,
     ) -> Result<(), Bytes> {
         let argc = req.argc();
-        let refusal = match info.arity {
-            Some(arity) if !crate::arity::fits(arity, argc) => Some(format!(
-                "ERR wrong number of arguments for '{}' command",
-                info.name
-            )),
-            _ if info.kind == Kind::Server && argc > 1 => {
-                let args: Vec<&[u8]> = (0..argc).filter_map(|i| req.arg(i)).collect();
-                crate::arity::check_subcommand(info.name, &args).err()
-            }
-            _ => None,
-        };
+        let refusal = commands::wrong_arity(info, argc).or_else(|| {
+            let args: Vec<&[u8]> = (0..argc).filter_map(|i| req.arg(i)).collect();
+            crate::arity::check_subcommand(info.name, &args).err()
+        });
         let Some(refusal) = refusal else {
             return Ok(());
         };

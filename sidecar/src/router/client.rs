@@ -72,21 +72,15 @@ fn parse_kill(args: &[Bytes]) -> Result<KillFilter, String> {
         skip_me: true,
         ..KillFilter::default()
     };
-    let mut rest = args.get(2..).unwrap_or_default().chunks(2);
-    for pair in rest.by_ref() {
+    for pair in args.get(2..).unwrap_or_default().chunks(2) {
         let [name, value] = pair else {
             return Err("ERR syntax error".into());
         };
         match upper(name).as_str() {
-            "ID" => {
-                let id = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok());
-                match id {
-                    Some(id) if id > 0 => f.id = Some(id),
-                    _ => return Err("ERR client-id should be greater than 0".into()),
-                }
-            }
+            "ID" => match resp::int_arg(value).and_then(|id| u64::try_from(id).ok()) {
+                Some(id) if id > 0 => f.id = Some(id),
+                _ => return Err("ERR client-id should be greater than 0".into()),
+            },
             "TYPE" => f.kind = Some(client_type(value)?),
             "ADDR" => f.addr = Some(value.clone()),
             "LADDR" => f.laddr = Some(value.clone()),
@@ -120,15 +114,13 @@ impl KillFilter {
 }
 
 /// `CLIENT LIST [TYPE type] [ID id …]`: which clients.
-fn parse_list(args: &[Bytes]) -> Result<(Option<ClientType>, Option<Vec<u64>>), String> {
+fn parse_list(args: &[Bytes]) -> Result<(Option<ClientType>, Option<Vec<i64>>), String> {
     match args.get(2..).unwrap_or_default() {
         [] => Ok((None, None)),
         [t, kind] if upper(t) == "TYPE" => Ok((Some(client_type(kind)?), None)),
         [id, ids @ ..] if upper(id) == "ID" && !ids.is_empty() => {
-            let ids: Option<Vec<u64>> = ids
-                .iter()
-                .map(|i| std::str::from_utf8(i).ok()?.parse::<u64>().ok())
-                .collect();
+            // As Redis reads them (an ID no client has, -1 say, matches none).
+            let ids: Option<Vec<i64>> = ids.iter().map(|i| resp::int_arg(i)).collect();
             ids.map(|ids| (None, Some(ids)))
                 .ok_or_else(|| "ERR Invalid client ID".into())
         }
@@ -180,7 +172,9 @@ impl Router {
                     let mut out = String::new();
                     for c in self.clients.all() {
                         let wanted = kind.is_none_or(|t| is_type(&c, t))
-                            && ids.as_ref().is_none_or(|ids| ids.contains(&c.id));
+                            && ids
+                                .as_ref()
+                                .is_none_or(|ids| i64::try_from(c.id).is_ok_and(|id| ids.contains(&id)));
                         if wanted {
                             out.push_str(&self.line_of(st, &c, "client|list"));
                             out.push('\n');
@@ -267,6 +261,8 @@ mod tests {
         for (a, e) in [
             ("CLIENT KILL ID 0", "ERR client-id should be greater than 0"),
             ("CLIENT KILL ID abc", "ERR client-id should be greater than 0"),
+            ("CLIENT KILL ID +5", "ERR client-id should be greater than 0"),
+            ("CLIENT KILL ID 05", "ERR client-id should be greater than 0"),
             ("CLIENT KILL TYPE foo", "ERR Unknown client type 'foo'"),
             ("CLIENT KILL USER bob", "ERR No such user 'bob'"),
             ("CLIENT KILL SKIPME maybe", "ERR syntax error"),
@@ -286,6 +282,12 @@ mod tests {
             list("CLIENT LIST ID abc"),
             Err("ERR Invalid client ID".to_string())
         );
+        // As redis-server 7.0.15 reads them.
+        assert_eq!(
+            list("CLIENT LIST ID +5"),
+            Err("ERR Invalid client ID".to_string())
+        );
+        assert_eq!(list("CLIENT LIST ID -1"), Ok((None, Some(vec![-1]))));
         assert_eq!(
             list("CLIENT LIST TYPE foo"),
             Err("ERR Unknown client type 'foo'".to_string())

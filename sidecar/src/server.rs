@@ -73,6 +73,9 @@ pub struct NodeState {
     /// The local cache's tracking connection to it is established (only a
     /// current primary's can be; entries of its slots may be cached).
     pub tracked: bool,
+    /// Replies its shared connections are waiting for (what the
+    /// `bestOfTwo` read policy compares).
+    pub in_flight: usize,
 }
 
 impl Sidecar {
@@ -214,6 +217,7 @@ impl Sidecar {
                 healthy: shard.primary.is_healthy(),
                 gate_open: true,
                 tracked: shard.primary.tracked.load(std::sync::atomic::Ordering::SeqCst),
+                in_flight: shard.primary.in_flight(),
             });
             for r in &shard.replicas {
                 out.push(NodeState {
@@ -222,6 +226,7 @@ impl Sidecar {
                     healthy: r.is_healthy(),
                     gate_open: r.gate_open(),
                     tracked: r.tracked.load(std::sync::atomic::Ordering::SeqCst),
+                    in_flight: r.in_flight(),
                 });
             }
         }

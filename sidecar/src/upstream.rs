@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::resp::{self, Limits};
 
 mod conn;
-use conn::{Conn, ConnState, Request, Sink, reader, send_in_turn, writer};
+use conn::{Conn, ConnState, ReplyTo, Request, Sink, reader, send_in_turn, writer};
 
 static NEXT_CONN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -60,7 +60,8 @@ pub struct Node {
     /// Replica read gate, a [`ReadState`] (see `gate.rs`); starts `Closed` so
     /// a new replica gets no reads before its first successful poll.
     read_state: AtomicU8,
-    in_flight: AtomicUsize,
+    /// Replies its shared connections wait for (see `ConnState::in_flight`).
+    in_flight: Arc<AtomicUsize>,
     probing: AtomicBool,
     /// Set when the node leaves the topology; stops probes.
     retired: AtomicBool,
@@ -87,23 +88,6 @@ enum NotNow {
     OutOfTurn,
 }
 
-/// A request sent with [`Node::send_direct`], counted in its node's
-/// in-flight requests (which the read balance compares) until dropped.
-#[derive(Debug)]
-pub struct InFlight(Arc<Node>);
-
-impl InFlight {
-    pub fn node(&self) -> &Arc<Node> {
-        &self.0
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
@@ -127,7 +111,7 @@ impl Node {
             latency,
             healthy: AtomicBool::new(true),
             read_state: AtomicU8::new(ReadState::Closed as u8),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             probing: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             tracked: AtomicBool::new(false),
@@ -242,14 +226,6 @@ impl Node {
         turn: Option<&mut Turn>,
         write: bool,
     ) -> Result<Vec<Bytes>, UpstreamError> {
-        struct InFlight<'a>(&'a AtomicUsize);
-        impl Drop for InFlight<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _guard = InFlight(&self.in_flight);
         // Latency is observed by the connection's reader (write of the batch
         // to read of the reply, one clock read per batch, not per request).
         let result = match self.enqueue(proto, bytes, replies, turn, write).await {
@@ -269,8 +245,7 @@ impl Node {
     /// once, from the client's own task, if this node's connection is up
     /// and `turn` allows it there; false (nothing sent) otherwise, and the
     /// caller takes the awaited path, which connects and waits as needed.
-    /// The reply, or the failure, reaches the inbox; the request counts as
-    /// in flight on this node until the returned guard is dropped.
+    /// The reply, or the failure, reaches the inbox.
     pub fn send_direct(
         self: &Arc<Self>,
         proto: Proto,
@@ -279,28 +254,26 @@ impl Node {
         write: bool,
         inbox: &Arc<Inbox>,
         seq: u64,
-    ) -> Option<InFlight> {
+    ) -> bool {
         let req = Request {
             bytes,
             replies: 1,
-            sink: Sink::Inbox(inbox.clone(), seq),
+            to: ReplyTo::Inbox(inbox, seq),
         };
-        self.send_now(proto, req, Some(turn), write).ok()?;
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some(InFlight(self.clone()))
+        self.send_now(proto, req, Some(turn), write).is_ok()
     }
 
     /// Queue `req` on this node's live connection for `proto` at once, if
     /// `turn` allows it there; under the slot's lock (queueing never waits)
     /// rather than cloning the connection handle per request. Hands the
     /// request back with the reason otherwise.
-    fn send_now<B: AsRef<[u8]>>(
+    fn send_now<'a, B: AsRef<[u8]>>(
         &self,
         proto: Proto,
-        req: Request<B>,
+        req: Request<'a, B>,
         turn: Option<&Turn>,
         write: bool,
-    ) -> Result<(), (Request<B>, NotNow)> {
+    ) -> Result<(), (Request<'a, B>, NotNow)> {
         let slot = lock(&self.conns[proto as usize]);
         let Some(c) = slot.as_ref().filter(|c| !c.state.dead.load(Ordering::SeqCst)) else {
             return Err((req, NotNow::NoConnection));
@@ -331,7 +304,7 @@ impl Node {
         let mut req = Request {
             bytes,
             replies,
-            sink: Sink::Channel(tx),
+            to: ReplyTo::Sink(Sink::Channel(tx)),
         };
         let idx = proto as usize;
         for _ in 0..3 {
@@ -390,7 +363,7 @@ impl Node {
         let timeout = self.settings.response_timeout;
         let (rd, wr, buf) = handshake(&self.addr, proto, timeout, self.settings.auth.as_ref()).await?;
         let (closed, _) = watch::channel(false);
-        let state = Arc::new(ConnState::new(closed));
+        let state = Arc::new(ConnState::new(closed, self.in_flight.clone()));
         tokio::spawn(writer(wr, state.clone()));
         tokio::spawn(reader(
             rd,

@@ -604,3 +604,127 @@ async fn wait_counts_the_replicas_that_hold_the_clients_writes() {
     }
     sidecar.shutdown().await;
 }
+
+/// Consecutive pipelined commands of a client share one entry on their
+/// connection: replies that arrive over many reads, interleaved with
+/// another client's, must each still reach its own place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_replies_spanning_many_reads_reach_their_own_places() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    // One hash tag: every command goes to one node, back to back.
+    let key = |i: usize| format!("span:{{t}}:{i}");
+    // Distinct contents and lengths, 64 KiB and up: a pipeline's replies
+    // take many reads.
+    let value = |i: usize| format!("{i}:").repeat((64 << 10) / 4 + i * 97);
+    let mut setup = client(&sidecar).await;
+    for i in 0..48 {
+        let _: () = setup.set(key(i), value(i)).await.unwrap();
+    }
+    let pipeline = move |offset: usize| {
+        let mut p = redis::pipe();
+        for i in 0..48 {
+            let i = (i + offset) % 48;
+            p.get(key(i)).strlen(key(i));
+        }
+        p
+    };
+    let mut clients = Vec::new();
+    for offset in [0, 17] {
+        let mut c = client(&sidecar).await;
+        clients.push(tokio::spawn(async move {
+            for round in 0..3 {
+                let replies: Vec<String> = pipeline(offset).query_async(&mut c).await.unwrap();
+                assert_eq!(replies.len(), 96);
+                for (n, pair) in replies.chunks(2).enumerate() {
+                    let i = (n + offset) % 48;
+                    assert!(
+                        pair[0] == value(i),
+                        "round {round}: GET {} answered another key's value",
+                        key(i)
+                    );
+                    assert_eq!(
+                        pair[1],
+                        value(i).len().to_string(),
+                        "round {round}: STRLEN {}",
+                        key(i)
+                    );
+                }
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_nothing_in_flight(&sidecar).await;
+    sidecar.shutdown().await;
+}
+
+/// Every reply the nodes were waited on for has been counted in.
+async fn assert_nothing_in_flight(sidecar: &Sidecar) {
+    support::eventually("no node has replies in flight", Duration::from_secs(5), || {
+        sidecar.node_states().iter().all(|n| n.in_flight == 0)
+    })
+    .await;
+}
+
+/// A connection that dies with a client's pipelined commands on it answers
+/// every one of them, not only the first of the run they share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_dies_answers_every_pipelined_command_on_it() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let key = |i: usize| format!("cut:{{t}}:{i}");
+    let mut c = client(&sidecar).await;
+    for i in 0..64 {
+        let _: () = c.set(key(i), i).await.unwrap();
+    }
+    let (primary, _) = cluster.shard_of(&key(0));
+    let node = cluster.by_addr(&primary);
+    // A client that wrote nothing: its reads take the direct path.
+    let mut c = client(&sidecar).await;
+    // Silent past the watchdog's second, then back.
+    node.signal("-STOP");
+    let resume = tokio::spawn({
+        let pid = node.pid();
+        async move {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+    });
+    let mut p = redis::pipe();
+    p.ignore_errors();
+    for i in 0..64 {
+        p.get(key(i));
+    }
+    let replies = tokio::time::timeout(
+        Duration::from_secs(20),
+        p.query_async::<Vec<redis::Value>>(&mut c),
+    )
+    .await;
+    resume.await.unwrap();
+    node.signal("-CONT");
+    let replies = replies
+        .expect("every command of the pipeline is answered")
+        .unwrap();
+    assert_eq!(replies.len(), 64);
+    for (i, r) in replies.iter().enumerate() {
+        match r {
+            redis::Value::BulkString(v) => assert_eq!(v, i.to_string().as_bytes(), "GET {}", key(i)),
+            redis::Value::ServerError(_) => {}
+            other => panic!("GET {}: unexpected reply {other:?}", key(i)),
+        }
+    }
+    assert!(
+        sidecar
+            .metrics()
+            .watchdog_closures
+            .with_label_values(&[primary.as_str()])
+            .get()
+            >= 1
+    );
+    assert_nothing_in_flight(&sidecar).await;
+    sidecar.shutdown().await;
+}

@@ -16,7 +16,6 @@
 use super::*;
 use crate::inbox::Inbox;
 use crate::order::WriteMark;
-use crate::upstream::InFlight;
 
 /// Where a command sent directly delivers its reply.
 #[derive(Debug, Clone, Copy)]
@@ -32,7 +31,7 @@ pub struct Place<'a> {
 #[derive(Debug)]
 pub struct Direct {
     turn: Turn,
-    node: InFlight,
+    node: Arc<Node>,
     cmd: Bytes,
     slot: u16,
     to_primary: bool,
@@ -87,9 +86,9 @@ impl Router {
         let written = (write && self.config.read_your_writes).then(|| t.client().writing(&[slot]));
         // The bytes are copied into the connection's queue; the request's
         // wire form stays here for a retry.
-        let Some(node) = node.send_direct(up, &req.raw, t, write, place.inbox, place.seq) else {
+        if !node.send_direct(up, &req.raw, t, write, place.inbox, place.seq) {
             return Err(req);
-        };
+        }
         let Some(turn) = turn.take() else {
             return Err(req);
         };
@@ -144,7 +143,7 @@ impl Router {
         now: std::time::Instant,
     ) -> Outcome {
         if let Err(e) = &result {
-            d.node.node().count_error(e);
+            d.node.count_error(e);
         }
         let result = match result {
             Ok(reply) if !self.needs_another_attempt(&reply, d.info.kind) => {
@@ -171,8 +170,7 @@ impl Router {
                 info,
                 start,
             } = d;
-            let first = Some((node.node().clone(), result));
-            drop(node);
+            let first = Some((node, result));
             let reply = this
                 .single_from(slot, info.kind, to_primary, cmd, up, Some(&mut turn), first)
                 .await;

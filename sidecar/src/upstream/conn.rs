@@ -3,49 +3,59 @@
 //! module's doc).
 
 use super::*;
+use crate::inbox::Delivery;
 
 pub(super) type ReplyTx = oneshot::Sender<Result<Vec<Bytes>, UpstreamError>>;
 
 /// Where a request's replies go: a channel of its own (a request awaited by
-/// a future), or its client's inbox (a request sent straight from the
-/// client's task, always one reply; see `inbox.rs`).
+/// a future), or its client's inbox (requests sent straight from the
+/// client's task, one reply each; see `inbox.rs`). An inbox sink stands for
+/// a run of consecutive pipeline positions from the `u64` on, one per reply:
+/// a client's pipelined commands queued back to back on one connection share
+/// one entry and one reference on the inbox.
 pub(super) enum Sink {
     Channel(ReplyTx),
     Inbox(Arc<Inbox>, u64),
 }
 
 impl Sink {
-    pub(super) fn deliver(self, result: Result<Vec<Bytes>, UpstreamError>) {
-        match self {
-            Sink::Channel(tx) => {
-                let _ = tx.send(result);
-            }
-            Sink::Inbox(inbox, seq) => {
-                inbox.push(seq, result.map(|mut r| r.pop().unwrap_or_default()));
-            }
-        }
-    }
-
-    pub(super) fn fail(self, why: UpstreamError) {
+    /// Fail the sink's `replies` outstanding replies.
+    pub(super) fn fail(self, why: UpstreamError, replies: usize) {
         match self {
             Sink::Channel(tx) => {
                 let _ = tx.send(Err(why));
             }
-            Sink::Inbox(inbox, seq) => inbox.push(seq, Err(why)),
+            Sink::Inbox(inbox, first) => {
+                let mut failed: Vec<Delivery> = (first..first + replies as u64)
+                    .map(|seq| (seq, Err(why.clone())))
+                    .collect();
+                inbox.push_all(&mut failed);
+            }
         }
     }
+}
+
+/// Where a request about to be queued sends its replies: a sink of its own,
+/// or a place in a client's inbox, borrowed so that joining the run before
+/// it costs no reference on the inbox.
+pub(super) enum ReplyTo<'a> {
+    Sink(Sink),
+    Inbox(&'a Arc<Inbox>, u64),
 }
 
 /// A request to queue: its bytes are copied into the outbox, so a request
 /// sent at once from the client's task lends them (`B = &[u8]`) where one
 /// that may be retried owns them (`B = Bytes`).
-pub(super) struct Request<B = Bytes> {
+pub(super) struct Request<'a, B = Bytes> {
     pub(super) bytes: B,
     pub(super) replies: usize,
-    pub(super) sink: Sink,
+    pub(super) to: ReplyTo<'a>,
 }
 
 pub(super) struct Pending {
+    /// Replies this entry stands for: those in `got` and those still to
+    /// come (an inbox run's delivered ones are gone from it, and from its
+    /// sink's first position).
     pub(super) expected: usize,
     pub(super) got: Vec<Bytes>,
     pub(super) sink: Sink,
@@ -60,6 +70,10 @@ pub(super) struct ConnState {
     pub(super) queued: tokio::sync::Notify,
     pub(super) dead: AtomicBool,
     pub(super) closed: watch::Sender<bool>,
+    /// The node's count of replies written for and not yet read, which the
+    /// read balance compares: updated under `pending`'s lock, once per
+    /// batch written and once per pass of replies read.
+    pub(super) in_flight: Arc<AtomicUsize>,
 }
 
 /// What senders have queued and the writer has not taken yet. The writer
@@ -71,13 +85,14 @@ pub(super) struct Outbox {
 }
 
 impl ConnState {
-    pub(super) fn new(closed: watch::Sender<bool>) -> ConnState {
+    pub(super) fn new(closed: watch::Sender<bool>, in_flight: Arc<AtomicUsize>) -> ConnState {
         ConnState {
             pending: Mutex::new(VecDeque::new()),
             outbox: Mutex::new(Outbox::default()),
             queued: tokio::sync::Notify::new(),
             dead: AtomicBool::new(false),
             closed,
+            in_flight,
         }
     }
 
@@ -88,12 +103,18 @@ impl ConnState {
         // Under the outbox's lock: a sender either queued before this (and
         // is failed here) or sees `dead` and gets its request back.
         let queued = std::mem::take(&mut lock(&self.outbox).sinks);
-        let drained: Vec<Pending> = lock(&self.pending).drain(..).collect();
+        let drained: Vec<Pending> = {
+            let mut p = lock(&self.pending);
+            // Replies already in `got` were counted out when they came.
+            let outstanding: usize = p.iter().map(|p| p.expected - p.got.len()).sum();
+            self.in_flight.fetch_sub(outstanding, Ordering::Relaxed);
+            p.drain(..).collect()
+        };
         for p in drained {
-            p.sink.fail(why.clone());
+            p.sink.fail(why.clone(), p.expected);
         }
-        for (sink, _) in queued {
-            sink.fail(why.clone());
+        for (sink, replies) in queued {
+            sink.fail(why.clone(), replies);
         }
     }
 }
@@ -107,12 +128,12 @@ pub(super) struct Conn {
 
 /// Queue `req` on `conn`, marking `turn` sent there; gives the request back
 /// when the connection is dead.
-pub(super) fn send_in_turn<B: AsRef<[u8]>>(
+pub(super) fn send_in_turn<'a, B: AsRef<[u8]>>(
     conn: &Conn,
-    req: Request<B>,
+    req: Request<'a, B>,
     turn: Option<&Turn>,
     write: bool,
-) -> Result<(), Request<B>> {
+) -> Result<(), Request<'a, B>> {
     if write && let Some(t) = turn {
         t.note_write();
     }
@@ -121,9 +142,22 @@ pub(super) fn send_in_turn<B: AsRef<[u8]>>(
         if conn.state.dead.load(Ordering::SeqCst) {
             return Err(req);
         }
+        let was_empty = o.sinks.is_empty();
         o.bytes.extend_from_slice(req.bytes.as_ref());
-        o.sinks.push((req.sink, req.replies.max(1)));
-        o.sinks.len() == 1
+        let replies = req.replies.max(1);
+        match req.to {
+            ReplyTo::Inbox(inbox, seq) => match o.sinks.last_mut() {
+                // The next place of the run queued last: join it.
+                Some((Sink::Inbox(last, first), n))
+                    if Arc::ptr_eq(last, inbox) && *first + *n as u64 == seq =>
+                {
+                    *n += 1;
+                }
+                _ => o.sinks.push((Sink::Inbox(inbox.clone(), seq), 1)),
+            },
+            ReplyTo::Sink(sink) => o.sinks.push((sink, replies)),
+        }
+        was_empty
     };
     if was_empty {
         conn.state.queued.notify_one();
@@ -153,11 +187,13 @@ pub(super) async fn writer(mut wr: OwnedWriteHalf, state: Arc<ConnState>) {
             let mut p = lock(&state.pending);
             if state.dead.load(Ordering::SeqCst) {
                 drop(p);
-                for (sink, _) in batch.sinks.drain(..) {
-                    sink.fail(UpstreamError::Closed("connection closed".into()));
+                for (sink, replies) in batch.sinks.drain(..) {
+                    sink.fail(UpstreamError::Closed("connection closed".into()), replies);
                 }
                 break;
             }
+            let replies: usize = batch.sinks.iter().map(|(_, n)| n).sum();
+            state.in_flight.fetch_add(replies, Ordering::Relaxed);
             p.extend(batch.sinks.drain(..).map(|(sink, expected)| Pending {
                 expected,
                 got: Vec::new(),
@@ -266,12 +302,13 @@ pub(super) async fn reader(
     }
 }
 
-/// A request whose replies are all in.
+/// Replies read for one sink: all of a request's, or those of an inbox
+/// run that came in by the end of a pass.
 pub(super) struct Done {
     sink: Sink,
     sent: Instant,
     got: Vec<Bytes>,
-    /// The reply of a one-reply request to an inbox (no vector for it).
+    /// The reply of a lone one-reply request to an inbox (no vector for it).
     single: Option<Bytes>,
 }
 
@@ -284,11 +321,12 @@ fn match_replies(
     done: &mut Vec<Done>,
 ) -> Option<UpstreamError> {
     let mut p = lock(&state.pending);
-    loop {
+    let mut matched = 0;
+    let bad = loop {
         let n = match checker.check(buf) {
             Ok(Some(n)) => n,
-            Ok(None) => return None,
-            Err(e) => return Some(UpstreamError::Protocol(e.to_string())),
+            Ok(None) => break None,
+            Err(e) => break Some(UpstreamError::Protocol(e.to_string())),
         };
         let raw = buf.split_to(n).freeze();
         if raw.first() == Some(&b'>') {
@@ -297,9 +335,10 @@ fn match_replies(
             continue;
         }
         let Some(front) = p.front_mut() else {
-            return Some(UpstreamError::Protocol("reply with no request".into()));
+            break Some(UpstreamError::Protocol("reply with no request".into()));
         };
-        let single = front.expected == 1 && matches!(front.sink, Sink::Inbox(..));
+        matched += 1;
+        let single = front.expected == 1 && front.got.is_empty() && matches!(front.sink, Sink::Inbox(..));
         let kept = if single {
             Some(raw)
         } else {
@@ -316,7 +355,25 @@ fn match_replies(
                 single: kept,
             });
         }
+    };
+    // The part of an inbox run that is in goes now; the rest follows.
+    if let Some(front) = p.front_mut()
+        && let Sink::Inbox(inbox, first) = &mut front.sink
+        && !front.got.is_empty()
+    {
+        let got = std::mem::take(&mut front.got);
+        let sink = Sink::Inbox(inbox.clone(), *first);
+        *first += got.len() as u64;
+        front.expected -= got.len();
+        done.push(Done {
+            sink,
+            sent: front.sent,
+            got,
+            single: None,
+        });
     }
+    state.in_flight.fetch_sub(matched, Ordering::Relaxed);
+    bad
 }
 
 /// Hand completed requests their replies; consecutive replies for one
@@ -332,16 +389,29 @@ fn deliver(
     let now = Instant::now();
     let mut run_inbox: Option<Arc<Inbox>> = None;
     for d in done.drain(..) {
-        latency.observe(now.saturating_duration_since(d.sent).as_secs_f64());
-        match (d.sink, d.single) {
-            (Sink::Inbox(inbox, seq), Some(raw)) => {
+        let waited = now.saturating_duration_since(d.sent).as_secs_f64();
+        // One observation per request: an inbox run's replies are one each.
+        let requests = match (&d.sink, &d.single) {
+            (Sink::Inbox(..), None) => d.got.len(),
+            _ => 1,
+        };
+        for _ in 0..requests {
+            latency.observe(waited);
+        }
+        match d.sink {
+            Sink::Inbox(inbox, first) => {
                 if let Some(other) = run_inbox.take_if(|r| !Arc::ptr_eq(r, &inbox)) {
                     other.push_all(run);
                 }
                 run_inbox.get_or_insert(inbox);
-                run.push((seq, Ok(raw)));
+                match d.single {
+                    Some(raw) => run.push((first, Ok(raw))),
+                    None => run.extend((first..).zip(d.got).map(|(seq, raw)| (seq, Ok(raw)))),
+                }
             }
-            (sink, _) => sink.deliver(Ok(d.got)),
+            Sink::Channel(tx) => {
+                let _ = tx.send(Ok(d.got));
+            }
         }
     }
     if let Some(inbox) = run_inbox {

@@ -101,6 +101,11 @@ impl Default for Snapshot {
 }
 
 impl Snapshot {
+    /// The registry generation of the copy (as of the last `get`).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn get(&mut self, registry: &Registry) -> &Arc<Topology> {
         let generation = registry.generation.load(std::sync::atomic::Ordering::Acquire);
         if self.generation != generation {

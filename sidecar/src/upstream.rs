@@ -241,26 +241,12 @@ impl Node {
         result
     }
 
-    /// Queue a one-reply request for a client's inbox (position `seq`) at
-    /// once, from the client's own task, if this node's connection is up
-    /// and `turn` allows it there; false (nothing sent) otherwise, and the
-    /// caller takes the awaited path, which connects and waits as needed.
-    /// The reply, or the failure, reaches the inbox.
-    pub fn send_direct(
-        self: &Arc<Self>,
-        proto: Proto,
-        bytes: &[u8],
-        turn: &Turn,
-        write: bool,
-        inbox: &Arc<Inbox>,
-        seq: u64,
-    ) -> bool {
-        let req = Request {
-            bytes,
-            replies: 1,
-            to: ReplyTo::Inbox(inbox, seq),
-        };
-        self.send_now(proto, req, Some(turn), write).is_ok()
+    /// The live shared connection for `proto`, if there is one.
+    fn current(&self, proto: Proto) -> Option<Conn> {
+        lock(&self.conns[proto as usize])
+            .as_ref()
+            .filter(|c| !c.state.dead.load(Ordering::SeqCst))
+            .cloned()
     }
 
     /// Queue `req` on this node's live connection for `proto` at once, if
@@ -486,5 +472,93 @@ impl Node {
             }
             node.probing.store(false, Ordering::SeqCst);
         });
+    }
+}
+
+/// A client task's handles on the shared connections it sends to straight
+/// from its task (`router/direct.rs`): a connection is looked up under its
+/// node's lock once, not per request. A handle stays good while its
+/// connection lives (a connection leaves its node only dead), and the cache
+/// empties when the topology changes, so it keeps no node alive for long.
+#[derive(Default)]
+pub struct ConnCache {
+    generation: u64,
+    entries: Vec<(Arc<Node>, Proto, Conn)>,
+}
+
+impl std::fmt::Debug for ConnCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnCache")
+            .field("generation", &self.generation)
+            .field("entries", &self.entries.len())
+            .finish()
+    }
+}
+
+/// Handles one client keeps at most (a client of a big cluster that
+/// touches every node keeps looking some up).
+const CACHED_CONNS: usize = 32;
+
+impl ConnCache {
+    /// Queue a one-reply request for a client's inbox (position `seq`) at
+    /// once, from the client's own task, if `node`'s connection for `proto`
+    /// is up and `turn` allows it there; false (nothing sent) otherwise, and
+    /// the caller takes the awaited path, which connects and waits as
+    /// needed. The reply, or the failure, reaches the inbox. `generation`
+    /// is that of the client's topology snapshot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_direct(
+        &mut self,
+        generation: u64,
+        node: &Arc<Node>,
+        proto: Proto,
+        bytes: &[u8],
+        turn: &Turn,
+        write: bool,
+        inbox: &Arc<Inbox>,
+        seq: u64,
+    ) -> bool {
+        let Some(i) = self.live(generation, node, proto) else {
+            return false;
+        };
+        let conn = &self.entries[i].2;
+        if !turn.may_send_on(conn.id, write) {
+            return false;
+        }
+        let req = Request {
+            bytes,
+            replies: 1,
+            to: ReplyTo::Inbox(inbox, seq),
+        };
+        if send_in_turn(conn, req, Some(turn), write).is_err() {
+            self.entries.swap_remove(i);
+            return false;
+        }
+        true
+    }
+
+    /// The index of a live handle on `node`'s connection for `proto`,
+    /// looked up again when the cached one died.
+    fn live(&mut self, generation: u64, node: &Arc<Node>, proto: Proto) -> Option<usize> {
+        if self.generation != generation {
+            self.generation = generation;
+            self.entries.clear();
+        }
+        let cached = self
+            .entries
+            .iter()
+            .position(|(n, p, _)| *p == proto && Arc::ptr_eq(n, node));
+        if let Some(i) = cached {
+            if !self.entries[i].2.state.dead.load(Ordering::SeqCst) {
+                return Some(i);
+            }
+            self.entries.swap_remove(i);
+        }
+        let conn = node.current(proto)?;
+        if self.entries.len() >= CACHED_CONNS {
+            self.entries.clear();
+        }
+        self.entries.push((node.clone(), proto, conn));
+        Some(self.entries.len() - 1)
     }
 }

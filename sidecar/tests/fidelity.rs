@@ -725,6 +725,13 @@ async fn a_connection_that_dies_answers_every_pipelined_command_on_it() {
             .get()
             >= 1
     );
+    // The same client's next pipeline finds the node's new connection.
+    support::eventually("the node is back in rotation", Duration::from_secs(5), || {
+        sidecar.node_states().iter().all(|n| n.healthy)
+    })
+    .await;
+    let again: Vec<String> = p.query_async(&mut c).await.unwrap();
+    assert_eq!(again, (0..64).map(|i| i.to_string()).collect::<Vec<_>>());
     assert_nothing_in_flight(&sidecar).await;
     sidecar.shutdown().await;
 }

@@ -86,7 +86,11 @@ impl Router {
         let written = (write && self.config.read_your_writes).then(|| t.client().writing(&[slot]));
         // The bytes are copied into the connection's queue; the request's
         // wire form stays here for a retry.
-        if !node.send_direct(up, &req.raw, t, write, place.inbox, place.seq) {
+        let generation = st.topology.generation();
+        if !st
+            .conns
+            .send_direct(generation, &node, up, &req.raw, t, write, place.inbox, place.seq)
+        {
             return Err(req);
         }
         let Some(turn) = turn.take() else {

@@ -74,6 +74,8 @@ pub struct ClientState {
     recent: commands::Recent,
     /// Its copy of the topology (the direct path's routing).
     topology: crate::topology::Snapshot,
+    /// Its handles on the connections the direct path sends on.
+    conns: crate::upstream::ConnCache,
     /// What `CLIENT LIST` shows of it, once its connection registered.
     pub view: Option<Arc<crate::clients::Client>>,
 }
@@ -96,6 +98,7 @@ impl Default for ClientState {
             blocking: BlockingCell::default(),
             recent: commands::Recent::default(),
             topology: crate::topology::Snapshot::default(),
+            conns: crate::upstream::ConnCache::default(),
             view: None,
         }
     }

@@ -35,33 +35,21 @@ struct State {
 }
 
 impl Inbox {
-    /// Deliver the reply for position `seq`.
-    pub fn push(&self, seq: u64, reply: Result<Bytes, UpstreamError>) {
-        self.deliver(|replies| replies.push((seq, reply)));
-    }
-
-    /// Deliver every reply of `replies` (emptied), in order.
+    /// Deliver every reply of `replies` (emptied), in order, and wake the
+    /// client; dropped if it has gone.
     pub fn push_all(&self, replies: &mut Vec<Delivery>) {
-        if !self.deliver(|into| into.append(replies)) {
-            replies.clear();
-        }
-    }
-
-    /// Add replies with `add` and wake the client, unless it has gone
-    /// (false: nothing added).
-    fn deliver(&self, add: impl FnOnce(&mut Vec<Delivery>)) -> bool {
         let waker = {
             let mut s = lock(&self.state);
             if s.closed {
-                return false;
+                replies.clear();
+                return;
             }
-            add(&mut s.replies);
+            s.replies.append(replies);
             s.waker.take()
         };
         if let Some(w) = waker {
             w.wake();
         }
-        true
     }
 
     /// The client has gone: drop what was delivered and whatever arrives.
@@ -108,8 +96,8 @@ mod tests {
         };
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "nothing delivered yet");
-        inbox.push(7, Ok(Bytes::from_static(b"+OK\r\n")));
-        inbox.push(8, Err(UpstreamError::Timeout));
+        inbox.push_all(&mut vec![(7, Ok(Bytes::from_static(b"+OK\r\n")))]);
+        inbox.push_all(&mut vec![(8, Err(UpstreamError::Timeout))]);
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("woken")
@@ -122,9 +110,9 @@ mod tests {
     #[test]
     fn a_closed_inbox_keeps_nothing() {
         let inbox = Inbox::default();
-        inbox.push(1, Ok(Bytes::from_static(b"+OK\r\n")));
+        inbox.push_all(&mut vec![(1, Ok(Bytes::from_static(b"+OK\r\n")))]);
         inbox.close();
-        inbox.push(2, Ok(Bytes::from_static(b"+OK\r\n")));
+        inbox.push_all(&mut vec![(2, Ok(Bytes::from_static(b"+OK\r\n")))]);
         assert!(lock(&inbox.state).replies.is_empty());
     }
 }

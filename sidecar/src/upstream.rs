@@ -292,7 +292,6 @@ impl Node {
             replies,
             to: ReplyTo::Sink(Sink::Channel(tx)),
         };
-        let idx = proto as usize;
         for _ in 0..3 {
             match self.send_now(proto, req, turn.as_deref(), write) {
                 Ok(()) => return Ok(rx),
@@ -305,12 +304,11 @@ impl Node {
                 }
                 Err((r, NotNow::NoConnection)) => req = r,
             }
-            let conn = lock(&self.conns[idx]).clone();
-            let conn = match conn {
-                Some(c) if !c.state.dead.load(Ordering::SeqCst) => c,
+            let conn = match self.current(proto) {
+                Some(c) => c,
                 // Boxed: the handshake's state machine is large and only
                 // needed when (re)connecting, not on every request.
-                _ => Box::pin(self.connect_shared(proto)).await?,
+                None => Box::pin(self.connect_shared(proto)).await?,
             };
             if let Some(t) = turn.as_deref_mut()
                 && !t.may_send_on(conn.id, write)
@@ -328,9 +326,7 @@ impl Node {
     async fn connect_shared(&self, proto: Proto) -> Result<Conn, UpstreamError> {
         let idx = proto as usize;
         let _g = self.connecting[idx].lock().await;
-        if let Some(c) = lock(&self.conns[idx]).clone()
-            && !c.state.dead.load(Ordering::SeqCst)
-        {
+        if let Some(c) = self.current(proto) {
             return Ok(c);
         }
         match self.open(proto).await {

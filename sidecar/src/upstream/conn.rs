@@ -144,7 +144,6 @@ pub(super) fn send_in_turn<'a, B: AsRef<[u8]>>(
         }
         let was_empty = o.sinks.is_empty();
         o.bytes.extend_from_slice(req.bytes.as_ref());
-        let replies = req.replies.max(1);
         match req.to {
             ReplyTo::Inbox(inbox, seq) => match o.sinks.last_mut() {
                 // The next place of the run queued last: join it.
@@ -155,7 +154,7 @@ pub(super) fn send_in_turn<'a, B: AsRef<[u8]>>(
                 }
                 _ => o.sinks.push((Sink::Inbox(inbox.clone(), seq), 1)),
             },
-            ReplyTo::Sink(sink) => o.sinks.push((sink, replies)),
+            ReplyTo::Sink(sink) => o.sinks.push((sink, req.replies.max(1))),
         }
         was_empty
     };

@@ -107,6 +107,18 @@ async fn owners_and_known(nodes: &[PoolNode]) -> (BTreeSet<String>, BTreeSet<Str
     (owners, known)
 }
 
+/// `CLUSTER NODES` and the epochs of every node in `nodes`, as text.
+async fn cluster_views(nodes: &[PoolNode]) -> String {
+    let mut out = String::new();
+    for n in nodes {
+        let info = query_string(n.addr, &["CLUSTER", "INFO"]).await;
+        let epochs: Vec<&str> = info.lines().filter(|l| l.contains("epoch")).collect();
+        let table = query_string(n.addr, &["CLUSTER", "NODES"]).await;
+        out += &format!("--- {} ({}) {epochs:?}\n{table}", n.name, n.addr);
+    }
+    out
+}
+
 /// Kills shard 1's primary and starts a new, empty process under the same
 /// name (as a StatefulSet recreates a pod: new data, new address) — either at
 /// once, before Redis could fail over, or after Redis promoted the replica.
@@ -157,6 +169,11 @@ async fn primary_restarted_empty(name: &str, before_failover: bool, under_load: 
     let converged = rec.converge(Duration::from_secs(45)).await;
     let nodes = pool.list().await.unwrap().nodes;
     let seeds: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    // What every node believes, for a failure to be read without a rerun.
+    let views = match &converged {
+        Ok(_) => String::new(),
+        Err(_) => cluster_views(&nodes).await,
+    };
     if let Some(writer) = writer {
         // Keep writing a moment past convergence, then check every write
         // that was acknowledged by a replica too.
@@ -174,7 +191,7 @@ async fn primary_restarted_empty(name: &str, before_failover: bool, under_load: 
             let got = client
                 .get(k)
                 .await
-                .unwrap_or_else(|e| panic!("{e}; convergence: {converged:?}"));
+                .unwrap_or_else(|e| panic!("{e}; convergence: {converged:?}\n{views}"));
             assert_eq!(got.as_deref(), Some("w"), "{k} lost: acknowledged and replicated");
         }
     }
@@ -185,7 +202,7 @@ async fn primary_restarted_empty(name: &str, before_failover: bool, under_load: 
         lost.len(),
         &lost[..lost.len().min(3)]
     );
-    let status = converged.unwrap();
+    let status = converged.unwrap_or_else(|e| panic!("{e}\n{views}"));
     assert_eq!(status.phase, Some(Phase::Ready));
     let shard = &status.shards[1];
     assert_eq!(

@@ -79,6 +79,14 @@ pub struct CommandInfo {
     pub arity: Option<i32>,
 }
 
+/// Reads that run on their key's primary, never a replica: a scan cursor
+/// is only meaningful on the node that issued it (each process seeds its
+/// hash tables differently), and `TOUCH` exists to refresh the access time
+/// that the primary's eviction reads.
+pub fn reads_on_primary(name: &str) -> bool {
+    matches!(name, "hscan" | "sscan" | "zscan" | "touch")
+}
+
 /// Commands known to keep a node busy for long (scripts and functions run
 /// as long as they like; `KEYS`, `FLUSHALL`/`FLUSHDB` and `SCRIPT` walk or
 /// drop everything): they run on a connection of their own with the slow
@@ -187,7 +195,7 @@ pub fn name_of(id: usize) -> Option<&'static str> {
     NAMES.get(id).copied()
 }
 
-/// Number of commands the sidecar knows (for `COMMAND COUNT`).
+/// Number of commands the sidecar knows.
 pub fn count() -> usize {
     TABLE.len()
 }

@@ -333,7 +333,7 @@ async fn a_slow_script_is_not_a_silent_node_and_fails_nobody_elses_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hscan_sscan_and_zscan_iterate_on_the_keys_primary() {
+async fn hscan_sscan_zscan_and_touch_run_on_the_keys_primary() {
     let cluster = Cluster::start(3, 2);
     let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
     all_serving(&sidecar).await;
@@ -380,6 +380,36 @@ async fn hscan_sscan_and_zscan_iterate_on_the_keys_primary() {
         .map(|c| cluster.by_addr(&primary).calls(c))
         .sum();
     assert_eq!(on_primary, calls, "every cursor call went to the key's primary");
+
+    // TOUCH refreshes the access time the primary's eviction reads, so it
+    // runs there (alone, and each part of a cross-slot one).
+    let other = (0..)
+        .map(|i| format!("cur:{{o{i}}}"))
+        .find(|k| cluster.shard_of(k).0 != primary)
+        .unwrap();
+    cluster.reset_stats();
+    for _ in 0..10 {
+        let n: i64 = redis::cmd("TOUCH")
+            .arg("cur:{h}")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        let n: i64 = redis::cmd("TOUCH")
+            .arg("cur:{h}")
+            .arg(&other)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "only cur:{{h}} exists");
+    }
+    let touches = |addr: &str| cluster.by_addr(addr).calls("touch");
+    assert_eq!(touches(&primary), 20, "TOUCH of cur:{{h}} on its primary");
+    assert_eq!(
+        touches(&cluster.shard_of(&other).0),
+        10,
+        "TOUCH of {other} on its primary"
+    );
     sidecar.shutdown().await;
 }
 

@@ -129,8 +129,7 @@ impl Router {
                 return None;
             }
         }
-        // A cursor is only meaningful on the node that issued it.
-        let to_primary = matches!(info.name, "hscan" | "sscan" | "zscan");
+        let to_primary = commands::reads_on_primary(info.name);
         let write = info.kind == Kind::Write;
         if !write && !to_primary && self.config.read_your_writes && t.client().read_floor(slot).is_some() {
             return None;

@@ -545,11 +545,8 @@ impl Router {
             )
             .await
         } else {
-            // A cursor is only meaningful on the node that issued it (each
-            // process seeds its hash tables differently): iterate on the
-            // key's primary.
-            let cursor = matches!(info.name, "hscan" | "sscan" | "zscan");
-            self.single_via(slots[0], info.kind, cursor, raw, up, Some(turn))
+            let to_primary = commands::reads_on_primary(info.name);
+            self.single_via(slots[0], info.kind, to_primary, raw, up, Some(turn))
                 .await
         };
         if let Some(cache) = &self.cache {

@@ -61,16 +61,11 @@ impl Router {
                     Action::Close(b)
                 }
             },
-            "command" => reply(match sub.as_str() {
-                "COUNT" => encode(&Frame::Integer(commands::count() as i64)),
-                // The sidecar's table carries routing facts, not Redis' command
-                // documentation; clients that ask get an empty answer and
-                // fall back to sending commands as typed.
-                "" | "DOCS" | "LIST" => encode(&Frame::Array(Vec::new())),
-                "INFO" => encode(&Frame::Array(
-                    args[2..].iter().map(|_| Frame::NullArray).collect(),
-                )),
-                _ => err(format!("ERR cachetier: COMMAND {sub} is not supported")),
+            // The nodes' own command table (key positions, flags, docs):
+            // what a client asks COMMAND for is the server's, and every
+            // node of a tier runs the same version.
+            "command" => self.timed(info, async move {
+                this.on_primary(None, resp::command_bytes(&args), up, false).await
             }),
             "info" => self.info(info, &args[1..], up, proto),
             "unwatch" => reply(ok()),

@@ -41,6 +41,7 @@ impl Router {
         } else {
             Kind::Write
         };
+        let to_primary = commands::lookup(name).is_some_and(|i| commands::reads_on_primary(i.name));
         let group_futs = groups.iter().map(|(s, positions)| {
             let mut sub: Vec<&[u8]> = vec![name];
             for &pos in positions {
@@ -54,7 +55,9 @@ impl Router {
             let s = *s;
             let mut part = whole.part();
             async move {
-                let reply = this.single_via(s, kind, false, cmd, up, Some(&mut part)).await;
+                let reply = this
+                    .single_via(s, kind, to_primary, cmd, up, Some(&mut part))
+                    .await;
                 part.finish().await;
                 reply
             }

@@ -225,6 +225,11 @@ impl Router {
                 Ok(()) => ok(),
                 Err(e) => err(e),
             }),
+            // Refused, but the transaction goes on (Redis's own check).
+            "watch" => Action::Reply(err("ERR WATCH inside MULTI is not allowed")),
+            // They act at once, as in Redis: RESET ends the transaction and
+            // any WATCH, QUIT closes the connection.
+            "reset" | "quit" => self.server_command(st, info, args),
             _ => {
                 let refusal = match info.kind {
                     Kind::Read | Kind::Write => match commands::key_indices(info, &args) {
@@ -238,7 +243,7 @@ impl Router {
                     Kind::AnyPrimary => None,
                     // The same on every node: they run in the transaction,
                     // on its node, as on one Redis server.
-                    Kind::Server if matches!(info.name, "ping" | "echo" | "select") => None,
+                    Kind::Server if matches!(info.name, "ping" | "echo" | "select" | "unwatch") => None,
                     Kind::Server => Some(format!(
                         "ERR cachetier: '{}' cannot run inside MULTI through the sidecar",
                         info.name

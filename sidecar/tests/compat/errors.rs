@@ -75,6 +75,12 @@ async fn malformed_commands_get_the_errors_redis_gives_them() {
         "CONFIG NOSUCH",
         "CONFIG RESETSTAT x",
         "COMMAND COUNT x",
+        // COMMAND is the nodes' own table (clients read key positions and
+        // flags from it).
+        "COMMAND COUNT",
+        "COMMAND INFO get set nosuch",
+        "COMMAND DOCS get",
+        "COMMAND GETKEYS MSET a 1 b 2",
         "SCRIPT NOSUCH",
         "PUBSUB NOSUCH",
         "FUNCTION NOSUCH",
@@ -104,6 +110,38 @@ async fn malformed_commands_get_the_errors_redis_gives_them() {
         cmd.arg(&args[1..]);
         let (ours, redis) = (cmd.query_async(&mut c).await, cmd.query_async(&mut node).await);
         assert_eq!(reply(ours), reply(redis), "{line}");
+    }
+    // COMMAND and COMMAND LIST: the same commands, in each node's own order.
+    let names = |v: redis::Value| -> Vec<String> {
+        let mut names: Vec<String> = match v {
+            redis::Value::Array(items) => items
+                .into_iter()
+                .map(|i| match i {
+                    redis::Value::Array(entry) => format!("{:?}", entry.first()),
+                    other => format!("{other:?}"),
+                })
+                .collect(),
+            other => panic!("{other:?}"),
+        };
+        names.sort();
+        names
+    };
+    for args in [
+        &["COMMAND"][..],
+        &["COMMAND", "LIST"],
+        &["COMMAND", "LIST", "FILTERBY", "ACLCAT", "hash"],
+    ] {
+        let mut lists = Vec::new();
+        for conn in [&mut c, &mut node] {
+            let v = redis::cmd(args[0])
+                .arg(&args[1..])
+                .query_async(conn)
+                .await
+                .unwrap();
+            lists.push(names(v));
+        }
+        assert!(lists[0].len() > 10, "{args:?}: {:?}", lists[0]);
+        assert_eq!(lists[0], lists[1], "{args:?}");
     }
     // A command Redis refuses inside MULTI is refused at once, and EXEC
     // aborts (as it does for one the sidecar does not know).

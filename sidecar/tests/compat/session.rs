@@ -113,6 +113,36 @@ async fn connection_state_commands_behave_like_redis() {
     sidecar.shutdown().await;
 }
 
+/// `WATCH`, `UNWATCH`, a nested `MULTI`, `RESET` and `QUIT` inside a
+/// transaction: byte for byte what the key's own Redis node answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_control_inside_multi_answers_as_redis_does() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let ours = sidecar.local_addr().to_string();
+    let node = cluster.by_addr(&cluster.shard_of("{t}k").0);
+    for script in [
+        // WATCH is refused and the transaction kept; UNWATCH is queued.
+        "MULTI\r\nWATCH {t}k\r\nSET {t}k 1\r\nUNWATCH\r\nMULTI\r\nGET {t}k\r\nEXEC\r\nGET {t}k\r\n",
+        // RESET ends the transaction: nothing queued runs.
+        "MULTI\r\nSET {t}k 2\r\nRESET\r\nGET {t}k\r\nEXEC\r\nPING\r\n",
+        // ... and drops the WATCH taken before it.
+        "WATCH {t}k\r\nMULTI\r\nRESET\r\nMULTI\r\nSET {t}k 3\r\nEXEC\r\nGET {t}k\r\n",
+        // QUIT answers OK and closes; the transaction never runs.
+        "MULTI\r\nSET {t}k 4\r\nQUIT\r\nGET {t}k\r\n",
+    ] {
+        let mut replies = Vec::new();
+        for addr in [&ours, &node.addr()] {
+            node.cli(&["SET", "{t}k", "0"]);
+            let got = support::exchange(addr, script.as_bytes()).await;
+            let after = node.cli(&["GET", "{t}k"]);
+            replies.push((String::from_utf8_lossy(&got).into_owned(), after));
+        }
+        assert_eq!(replies[0], replies[1], "{script:?}: sidecar, then Redis");
+    }
+    sidecar.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn info_reports_the_upstream_redis_version() {
     let cluster = Cluster::start(3, 0);

@@ -401,6 +401,25 @@ pub async fn client(sidecar: &cachetier_sidecar::Sidecar) -> redis::aio::Multipl
     client_of(sidecar.local_addr()).await
 }
 
+/// Writes `script` (raw RESP or inline commands) on a new connection and
+/// returns every byte answered until the server closes the connection or
+/// stays silent for 300 ms (at most 5 s in all).
+pub async fn exchange(addr: &str, script: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(script).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < until {
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got
+}
+
 /// One HTTP/1.0 GET against the metrics port; returns (status line, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

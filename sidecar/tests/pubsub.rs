@@ -663,3 +663,57 @@ async fn a_subscriber_that_switches_to_resp3_gets_pushes() {
     );
     sidecar.shutdown().await;
 }
+
+/// Keyspace notifications are local to the node where the key changes, not
+/// broadcast like `PUBLISH`: a subscriber through the sidecar still hears
+/// every key of every shard, each event once, and an ordinary channel's
+/// message once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyspace_notifications_arrive_from_every_shard_once() {
+    let cluster = Cluster::start_opts(3, 0, None, &["--notify-keyspace-events", "KEA"]);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut writer = client(&sidecar).await;
+    let keys: Vec<String> = (0..30).map(|i| format!("ks:{i}")).collect();
+    let shards: std::collections::BTreeSet<String> = keys.iter().map(|k| cluster.shard_of(k).0).collect();
+    assert_eq!(shards.len(), 3, "the keys are on every shard");
+    for proto in ["2", "3"] {
+        let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
+        sub.send(&["HELLO", proto]).await;
+        sub.frame().await;
+        sub.send(&["PSUBSCRIBE", "__keyspace@0__:ks:*"]).await;
+        sub.send(&["SUBSCRIBE", "news"]).await;
+        let confirmations = sub.frames(2).await;
+        assert!(confirmations[1].ends_with(b":2\r\n"), "{confirmations:?}");
+        for k in &keys {
+            let _: () = writer.set(k, proto).await.unwrap();
+        }
+        let _: i64 = writer.publish("news", "hello").await.unwrap();
+        let mut channels = std::collections::BTreeSet::new();
+        for _ in 0..keys.len() {
+            let frame = sub.frame().await;
+            let text = String::from_utf8_lossy(&frame).into_owned();
+            assert!(
+                text.contains("pmessage") && text.contains("set"),
+                "RESP{proto}: {text:?}"
+            );
+            let key = text
+                .split("__keyspace@0__:")
+                .nth(2)
+                .and_then(|t| t.split("\r\n").next());
+            assert!(
+                channels.insert(key.unwrap().to_string()),
+                "RESP{proto}: twice: {text:?}"
+            );
+        }
+        let expected: std::collections::BTreeSet<String> = keys.iter().cloned().collect();
+        assert_eq!(channels, expected, "RESP{proto}");
+        let news = String::from_utf8_lossy(&sub.frame().await).into_owned();
+        assert!(
+            news.contains("news") && news.contains("hello"),
+            "RESP{proto}: {news:?}"
+        );
+        let more = tokio::time::timeout(Duration::from_millis(300), sub.frame()).await;
+        assert!(more.is_err(), "RESP{proto}: nothing else arrives: {more:?}");
+    }
+    sidecar.shutdown().await;
+}

@@ -100,18 +100,7 @@ impl Link {
     /// count gets `other_shards` (the client's shard channels on other
     /// links) added, so the client sees its total as one server counts it.
     pub(super) fn drain(&mut self, out: &mut BytesMut, other_shards: i64) -> Result<(), UpstreamError> {
-        loop {
-            let n = match self.checker.check(&self.buf) {
-                Ok(Some(n)) => n,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
-            };
-            let raw = self.buf.split_to(n).freeze();
-            let frame = resp::parse(&raw).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-            if self.is_marker(&frame) {
-                self.markers.pop_front();
-                continue;
-            }
+        while let Some((raw, frame)) = self.next_frame()? {
             // SSUBSCRIBE sent by a stale slot map: the same remedy.
             if let Frame::Error(e) = &frame
                 && (e.starts_with(b"MOVED ") || e.starts_with(b"ASK "))
@@ -138,6 +127,37 @@ impl Link {
                 None => {}
             }
             out.extend_from_slice(&raw);
+        }
+        Ok(())
+    }
+
+    /// [`Link::drain`] for a mirror link ([`super::keyspace`]): only
+    /// keyspace messages go to `out`; its confirmations and the broadcast
+    /// messages the plain link delivers already are dropped.
+    pub(super) fn drain_mirror(&mut self, out: &mut BytesMut) -> Result<(), UpstreamError> {
+        while let Some((raw, frame)) = self.next_frame()? {
+            if super::keyspace::is_keyspace_message(&frame) {
+                out.extend_from_slice(&raw);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next complete frame the node sent, other than a marker reply.
+    fn next_frame(&mut self) -> Result<Option<(Bytes, Frame)>, UpstreamError> {
+        loop {
+            let n = match self.checker.check(&self.buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(UpstreamError::Protocol(e.to_string())),
+            };
+            let raw = self.buf.split_to(n).freeze();
+            let frame = resp::parse(&raw).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+            if self.is_marker(&frame) {
+                self.markers.pop_front();
+                continue;
+            }
+            return Ok(Some((raw, frame)));
         }
     }
 

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use rand::seq::IndexedRandom;
 
 use super::link::Link;
-use super::{error_frame, is_shard_command, is_subscription_command};
+use super::{error_frame, is_shard_command, is_subscription_command, keyspace};
 use crate::error::UpstreamError;
 use crate::resp::{self, Frame};
 use crate::router::Router;
@@ -23,6 +23,11 @@ pub struct Subscriber {
     /// Shard channels: one link per primary, kept while it has channels or
     /// confirmations outstanding (so at most one per shard of the cluster).
     shards: Vec<Link>,
+    /// Links to every other primary, for the keyspace notifications they
+    /// publish to their own subscribers only ([`super::keyspace`]): opened
+    /// at the first subscription that may want them, they get every
+    /// ordinary subscription command before the plain link does.
+    mirrors: Vec<Link>,
     /// Where the next read starts, so no link starves the others.
     next: usize,
     /// A write to a link failed: its subscriptions are in doubt, so the
@@ -38,6 +43,7 @@ impl std::fmt::Debug for Subscriber {
                 "shards",
                 &self.shards.iter().map(|l| l.shard_count).collect::<Vec<_>>(),
             )
+            .field("mirrors", &self.mirrors.len())
             .finish()
     }
 }
@@ -55,7 +61,7 @@ impl Subscriber {
 
     /// Every forwarded command has all its confirmations.
     pub fn settled(&self) -> bool {
-        self.links().all(Link::settled)
+        self.links().chain(self.mirrors.iter()).all(Link::settled)
     }
 
     /// Every shard link is settled: an ordinary subscription command may go
@@ -86,17 +92,19 @@ impl Subscriber {
                 Some(channel) => self.forward_shard(router, proto, channel, &req.raw).await,
                 None if name == b"sunsubscribe" => self.sunsubscribe_all(proto, &req.raw, out).await,
                 // Redis's arity error, from any node.
-                None => self.forward_plain(router, proto, &req.raw).await,
+                None => self.forward_plain(router, proto, &req.raw, None, out).await,
             }
         } else if is_subscription_command(&name) {
             if bare && name != b"subscribe" && name != b"psubscribe" && self.plain.is_none() {
                 out.extend_from_slice(&none_left(proto, &name));
                 Ok(())
             } else {
-                self.forward_plain(router, proto, &req.raw).await
+                let wants = keyspace::wants_mirrors(req);
+                self.forward_plain(router, proto, &req.raw, Some(wants), out)
+                    .await
             }
         } else {
-            self.forward_ping(router, proto, &req.raw).await
+            self.forward_ping(router, proto, &req.raw, out).await
         };
         if let Err(b) = sent {
             out.extend_from_slice(&b);
@@ -137,8 +145,18 @@ impl Subscriber {
     }
 
     /// Ordinary channels and patterns share one link, opened on a random
-    /// healthy primary at the first command that needs it.
-    async fn forward_plain(&mut self, router: &Router, proto: u8, raw: &[u8]) -> Result<(), Bytes> {
+    /// healthy primary at the first command that needs it. `subscription`:
+    /// `Some` for an ordinary subscription command, which goes to the
+    /// mirror links first (opening them when it is `Some(true)` and there
+    /// are none), so that its confirmation means every node hears it.
+    async fn forward_plain(
+        &mut self,
+        router: &Router,
+        proto: u8,
+        raw: &[u8],
+        subscription: Option<bool>,
+        out: &mut BytesMut,
+    ) -> Result<(), Bytes> {
         // An idle link of the protocol the client spoke before a `HELLO`
         // would answer in the wrong one.
         if self
@@ -147,6 +165,7 @@ impl Subscriber {
             .is_some_and(|l| l.proto != proto && l.settled() && !l.subscribed())
         {
             self.plain = None;
+            self.mirrors.clear();
         }
         if self.plain.is_none() {
             let addr = {
@@ -164,6 +183,12 @@ impl Subscriber {
             };
             self.plain = Some(open(router, &addr, proto).await?);
         }
+        if subscription == Some(true) && self.mirrors.is_empty() {
+            self.open_mirrors(router, proto).await?;
+        }
+        if subscription.is_some() && !self.mirrors.is_empty() {
+            self.forward_mirrors(router, raw, out).await?;
+        }
         let Some(link) = self.plain.as_mut() else {
             return Err(error_frame("ERR cachetier: no subscription connection"));
         };
@@ -173,16 +198,89 @@ impl Subscriber {
 
     /// RESP2 subscribed mode: a link in that mode answers `PING` as one
     /// server does there (`["pong", arg]`).
-    async fn forward_ping(&mut self, router: &Router, proto: u8, raw: &[u8]) -> Result<(), Bytes> {
+    async fn forward_ping(
+        &mut self,
+        router: &Router,
+        proto: u8,
+        raw: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Bytes> {
         let link = match self.plain.as_mut().filter(|l| l.subscribed()) {
             Some(l) => l,
             None => match self.shards.iter_mut().find(|l| l.subscribed()) {
                 Some(l) => l,
-                None => return self.forward_plain(router, proto, raw).await,
+                None => return self.forward_plain(router, proto, raw, None, out).await,
             },
         };
         let sent = link.forward(raw).await;
         self.note_sent(sent)
+    }
+
+    /// A mirror link to every healthy primary but the plain link's (a
+    /// primary out of rotation has no link; the client hears that shard's
+    /// keyspace notifications after it subscribes again).
+    async fn open_mirrors(&mut self, router: &Router, proto: u8) -> Result<(), Bytes> {
+        let plain = self.plain.as_ref().map(|l| l.addr.clone());
+        let addrs: Vec<String> = router
+            .registry
+            .current()
+            .shards
+            .iter()
+            .map(|s| &s.primary)
+            .filter(|p| p.is_healthy() && Some(&p.addr) != plain.as_ref())
+            .map(|p| p.addr.clone())
+            .collect();
+        for addr in addrs {
+            match open(router, &addr, proto).await {
+                Ok(link) => self.mirrors.push(link),
+                Err(e) => {
+                    self.mirrors.clear();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Send `raw` on every mirror link and wait (at most the response
+    /// timeout) for their confirmations; keyspace messages that arrive
+    /// meanwhile go to `out`.
+    async fn forward_mirrors(
+        &mut self,
+        router: &Router,
+        raw: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Bytes> {
+        for i in 0..self.mirrors.len() {
+            let sent = self.mirrors[i].forward(raw).await;
+            self.note_sent(sent)?;
+        }
+        let settle = async {
+            while !self.mirrors.iter().all(Link::settled) {
+                std::future::poll_fn(|cx| {
+                    for link in &mut self.mirrors {
+                        if let std::task::Poll::Ready(r) = link.poll_read(cx) {
+                            return std::task::Poll::Ready(r);
+                        }
+                    }
+                    std::task::Poll::Pending
+                })
+                .await?;
+                for link in &mut self.mirrors {
+                    link.drain_mirror(out)?;
+                }
+            }
+            Ok::<(), UpstreamError>(())
+        };
+        let e = match tokio::time::timeout(router.config.response_timeout, settle).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no confirmation within the response timeout".to_string(),
+        };
+        self.broken = Some(format!("a keyspace subscription connection failed: {e}"));
+        Err(error_frame(&format!(
+            "ERR cachetier: subscription connection lost: {e}"
+        )))
     }
 
     /// `SUNSUBSCRIBE` with no channel: on every shard link that has some
@@ -214,14 +312,16 @@ impl Subscriber {
             if let Some(e) = &self.broken {
                 return std::task::Poll::Ready(Err(UpstreamError::Closed(e.clone())));
             }
-            let n = usize::from(self.plain.is_some()) + self.shards.len();
+            let n = usize::from(self.plain.is_some()) + self.shards.len() + self.mirrors.len();
             for k in 0..n {
                 let i = (self.next + k) % n;
-                let link = match self.plain.as_mut() {
-                    Some(p) if i == 0 => p,
-                    Some(_) => &mut self.shards[i - 1],
-                    None => &mut self.shards[i],
-                };
+                let link = self
+                    .plain
+                    .iter_mut()
+                    .chain(self.shards.iter_mut())
+                    .chain(self.mirrors.iter_mut())
+                    .nth(i);
+                let Some(link) = link else { continue };
                 if let std::task::Poll::Ready(r) = link.poll_read(cx) {
                     self.next = i + 1;
                     return std::task::Poll::Ready(r);
@@ -243,6 +343,9 @@ impl Subscriber {
             self.shards[i].drain(out, others)?;
         }
         self.shards.retain(|l| !l.settled() || l.shard_count > 0);
+        for link in &mut self.mirrors {
+            link.drain_mirror(out)?;
+        }
         Ok(())
     }
 }

@@ -396,7 +396,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let b = error_frame(&format!("ERR {e}; closing the connection"));
+                    let b = error_frame(&e.client_error());
                     pending.push_reply(b);
                     reading = false;
                 }

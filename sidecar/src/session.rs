@@ -113,9 +113,19 @@ impl Session {
         if let Some(p) = hello.proto {
             self.proto = p;
         }
-        if hello.name.is_some() {
-            self.name = hello.name;
+        if let Some(name) = hello.name {
+            self.name = (!name.is_empty()).then_some(name);
         }
+    }
+}
+
+/// Redis's rule for a client name (`CLIENT SETNAME`, `HELLO … SETNAME`):
+/// printable ASCII without spaces (`!` to `~`); an empty name clears it.
+pub fn check_name(name: &[u8]) -> Result<(), &'static str> {
+    if name.iter().all(|b| (b'!'..=b'~').contains(b)) {
+        Ok(())
+    } else {
+        Err("ERR Client names cannot contain spaces, newlines or special characters.")
     }
 }
 

@@ -75,6 +75,18 @@ pub enum ProtocolError {
     NotACommand,
 }
 
+impl ProtocolError {
+    /// What a client whose request this is gets before its connection
+    /// closes: Redis 7.0's own words where it has them for the fault.
+    pub fn client_error(&self) -> String {
+        match self {
+            ProtocolError::UnbalancedQuotes => "ERR Protocol error: unbalanced quotes in request".into(),
+            ProtocolError::InlineTooLong(_) => "ERR Protocol error: too big inline request".into(),
+            other => format!("ERR {other}; closing the connection"),
+        }
+    }
+}
+
 /// One RESP value. RESP2 and RESP3 types share the enum; the encoder writes
 /// whatever variant it is given, so callers choose the protocol.
 #[derive(Debug, Clone, PartialEq)]

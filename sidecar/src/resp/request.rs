@@ -244,53 +244,77 @@ pub(super) fn parse_request_via(
     }
 }
 
+/// Splits an inline command as Redis's `sdssplitargs` does: blanks
+/// separate arguments; inside double quotes `\xHH`, `\n`, `\r`, `\t`, `\b`,
+/// `\a` and `\<c>` are escapes, inside single quotes only `\'`; quotes may
+/// start inside an argument, and a closing quote must be followed by a
+/// blank or the end of the line. The line ends at a NUL, as the C string
+/// Redis splits does.
 fn split_inline(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
+    let line = line.iter().position(|&b| b == 0).map_or(line, |nul| &line[..nul]);
+    let at = |i: usize| line.get(i).copied();
     let mut args = Vec::new();
     let mut i = 0;
-    while i < line.len() {
-        while i < line.len() && line[i].is_ascii_whitespace() {
+    loop {
+        while at(i).is_some_and(is_c_space) {
             i += 1;
         }
         if i >= line.len() {
-            break;
+            return Ok(args);
         }
         let mut cur = Vec::new();
-        if line[i] == b'"' || line[i] == b'\'' {
-            let q = line[i];
-            i += 1;
-            loop {
-                let Some(&c) = line.get(i) else {
-                    return Err(ProtocolError::UnbalancedQuotes);
-                };
-                i += 1;
-                if c == q {
+        let mut quote = None;
+        loop {
+            let c = at(i);
+            match (quote, c) {
+                (Some(_), None) => return Err(ProtocolError::UnbalancedQuotes),
+                (Some(b'"'), Some(b'\\')) => {
+                    match (at(i + 1), at(i + 2).and_then(hex), at(i + 3).and_then(hex)) {
+                        (Some(b'x'), Some(h), Some(l)) => {
+                            cur.push(h * 16 + l);
+                            i += 3;
+                        }
+                        (Some(e), ..) => {
+                            cur.push(match e {
+                                b'n' => b'\n',
+                                b'r' => b'\r',
+                                b't' => b'\t',
+                                b'b' => 0x08,
+                                b'a' => 0x07,
+                                other => other,
+                            });
+                            i += 1;
+                        }
+                        (None, ..) => cur.push(b'\\'),
+                    }
+                }
+                (Some(b'\''), Some(b'\\')) if at(i + 1) == Some(b'\'') => {
+                    cur.push(b'\'');
+                    i += 1;
+                }
+                (Some(q), Some(c)) if c == q => {
+                    if at(i + 1).is_some_and(|n| !is_c_space(n)) {
+                        return Err(ProtocolError::UnbalancedQuotes);
+                    }
+                    i += 1;
                     break;
                 }
-                if c == b'\\'
-                    && q == b'"'
-                    && let Some(&n) = line.get(i)
-                {
-                    i += 1;
-                    cur.push(match n {
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        other => other,
-                    });
-                    continue;
-                }
-                cur.push(c);
+                (Some(_), Some(c)) => cur.push(c),
+                (None, None | Some(b' ' | b'\n' | b'\r' | b'\t')) => break,
+                (None, Some(q @ (b'"' | b'\''))) => quote = Some(q),
+                (None, Some(c)) => cur.push(c),
             }
-            if i < line.len() && !line[i].is_ascii_whitespace() {
-                return Err(ProtocolError::UnbalancedQuotes);
-            }
-        } else {
-            while i < line.len() && !line[i].is_ascii_whitespace() {
-                cur.push(line[i]);
-                i += 1;
-            }
+            i += 1;
         }
         args.push(Bytes::from(cur));
     }
-    Ok(args)
+}
+
+/// C's `isspace`.
+fn is_c_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
 }

@@ -88,6 +88,30 @@ fn inline_commands_split_on_whitespace_and_honour_quotes() {
 }
 
 #[test]
+fn inline_commands_split_as_sdssplitargs_does() {
+    let l = Limits::default();
+    let split = |line: &[u8]| {
+        let mut buf = BytesMut::from(line);
+        parse_command(&mut buf, &l)
+    };
+    let args = |a: &[&[u8]]| Some(a.iter().map(|x| Bytes::copy_from_slice(x)).collect::<Vec<_>>());
+    assert_eq!(
+        split(b"SET k \"\\x41\\a\\b\\q\"\r\n"),
+        Ok(args(&[b"SET", b"k", b"A\x07\x08q"]))
+    );
+    assert_eq!(
+        split(b"SET k a\"b c\"d\r\n"),
+        Err(ProtocolError::UnbalancedQuotes)
+    );
+    assert_eq!(split(b"SET k a\"b c\"\r\n"), Ok(args(&[b"SET", b"k", b"ab c"])));
+    assert_eq!(split(b"ECHO 'it\\'s' \"\"\n"), Ok(args(&[b"ECHO", b"it's", b""])));
+    assert_eq!(split(b"ECHO \"\\xZZ\"\n"), Ok(args(&[b"ECHO", b"xZZ"])));
+    assert_eq!(split(b"ECHO 'a\n"), Err(ProtocolError::UnbalancedQuotes));
+    assert_eq!(split(b"ECHO a\x00b c\n"), Ok(args(&[b"ECHO", b"a"])));
+    assert_eq!(split(b"ECHO a\x0bb\n"), Ok(args(&[b"ECHO", b"a\x0bb"])));
+}
+
+#[test]
 fn overlong_inline_line_is_refused() {
     let l = Limits {
         max_inline_len: 10,

@@ -142,10 +142,8 @@ impl Router {
         let proto = st.session.proto;
         let reply = match sub {
             "SETNAME" if args.len() == 3 => {
-                if args[2].iter().any(|&b| b == b' ' || b == b'\n') {
-                    return ClientReply::Reply(err(
-                        "ERR Client names cannot contain spaces, newlines or special characters.",
-                    ));
+                if let Err(e) = session::check_name(&args[2]) {
+                    return ClientReply::Reply(err(e));
                 }
                 st.session.name = if args[2].is_empty() {
                     None

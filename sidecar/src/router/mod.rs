@@ -470,6 +470,15 @@ impl Router {
     ) -> Bytes {
         let keys = match commands::key_indices(info, &args) {
             Ok(k) => k,
+            // Keys at fixed steps that the arguments do not fill (`MSET a 1
+            // b`): what one server answers (a cluster node would first
+            // refuse the keys' slots).
+            Err(KeyError::WrongArity) if matches!(info.keys, commands::KeySpec::Range { .. }) => {
+                return err(format!(
+                    "ERR wrong number of arguments for '{}' command",
+                    info.name
+                ));
+            }
             // The sidecar cannot find the keys: Redis words the error (it
             // checks the arguments, and refuses keys of a slot it does not
             // own, so nothing runs on the wrong node).

@@ -109,6 +109,10 @@ impl Router {
                 return r;
             }
         }
+        // After AUTH, as Redis checks them.
+        if let Some(Err(e)) = hello.name.as_deref().map(session::check_name) {
+            return err(e);
+        }
         st.session.hello(hello);
         let p = st.session.proto;
         encode(&map(
@@ -247,7 +251,12 @@ impl Router {
         let mut shard = (cursor & 0x3FFF) as usize;
         let mut node_cursor = cursor >> 14;
         if shard >= primaries.len() {
-            return err("ERR invalid cursor");
+            // Not a cursor of this walk (another topology's, or made up):
+            // like a Redis table cursor past its end, the scan is over.
+            return encode(&Frame::Array(vec![
+                Frame::Bulk(Bytes::from_static(b"0")),
+                Frame::Array(Vec::new()),
+            ]));
         }
         loop {
             let mut sub: Vec<Bytes> = vec![Bytes::from_static(b"SCAN"), Bytes::from(node_cursor.to_string())];

@@ -164,3 +164,56 @@ async fn malformed_commands_get_the_errors_redis_gives_them() {
     }
     sidecar.shutdown().await;
 }
+
+/// Where one Redis server and a cluster node differ (a cluster node refuses
+/// keys of other slots first), the sidecar answers as the single server
+/// does: byte for byte what a standalone redis-server 7.0 sends back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_cases_answer_as_a_standalone_redis_does() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let standalone = support::RedisNode::start(&["--cluster-enabled", "no"]);
+    let resp = |args: &[&str]| cachetier_sidecar::resp::command_bytes(args).to_vec();
+    let mut scripts: Vec<(&str, Vec<u8>)> = Vec::new();
+    // Client names: printable ASCII without spaces; an empty one clears it.
+    let mut names = Vec::new();
+    for name in ["ok-name", "a b", "a\nb", "\u{e9}", "x\x7f", ""] {
+        names.extend(resp(&["CLIENT", "SETNAME", name]));
+        names.extend(resp(&["CLIENT", "GETNAME"]));
+    }
+    names.extend(resp(&["HELLO", "2", "SETNAME", "bad name"]));
+    names.extend(resp(&["HELLO", "2", "SETNAME", "n1"]));
+    names.extend(resp(&["CLIENT", "GETNAME"]));
+    names.extend(resp(&["HELLO", "2", "SETNAME", ""]));
+    names.extend(resp(&["CLIENT", "GETNAME"]));
+    scripts.push(("client names", names));
+    // An odd MSET is an arity error whatever its keys' slots.
+    scripts.push(("odd MSET", resp(&["MSET", "a", "1", "b"])));
+    // A cursor the server never issued is still a cursor.
+    scripts.push(("foreign SCAN cursor", resp(&["SCAN", "12345"])));
+    // Inline commands (telnet, redis-cli's raw mode): sdssplitargs' escapes.
+    scripts.push((
+        "inline escapes",
+        b"SET k \"\\x41\\x4a\\n\\t\\a\\b\\r\\q\\\"\"\r\nGET k\r\nSET k 'it\\'s' \r\nGET k\r\nDEL k\r\n"
+            .to_vec(),
+    ));
+    scripts.push(("inline unbalanced", b"ECHO \"a\"b\r\nPING\r\n".to_vec()));
+    scripts.push(("inline open quote", b"ECHO 'a\r\nPING\r\n".to_vec()));
+    for (what, script) in &scripts {
+        let ours = support::exchange(&sidecar.local_addr().to_string(), script).await;
+        let redis = support::exchange(&standalone.addr(), script).await;
+        // HELLO's `id` is each server's own.
+        let unid = |b: &[u8]| {
+            let text = String::from_utf8_lossy(b).into_owned();
+            let mut parts = text.split("$2\r\nid\r\n:");
+            let mut out = parts.next().unwrap_or_default().to_string();
+            for p in parts {
+                out += "$2\r\nid\r\n:<id>\r\n";
+                out += p.split_once("\r\n").map_or("", |(_, rest)| rest);
+            }
+            out
+        };
+        assert_eq!(unid(&ours), unid(&redis), "{what}: sidecar, then Redis");
+    }
+    sidecar.shutdown().await;
+}

@@ -658,6 +658,17 @@ async fn a_restart_only_setting_is_rolled_out_one_node_at_a_time_without_a_read_
         "more than one node was out at once ({fewest_ready}/4 ready)"
     );
     let status = handle.status().unwrap();
+    // Each primary was promoted by one CLUSTER FAILOVER: a repeat restarts
+    // Redis's manual failover (see reconcile.rs, MANUAL_FAILOVER_TIMEOUT).
+    for shard in &status.shards {
+        let primary: SocketAddr = shard.nodes[0].address.parse().unwrap();
+        let stats = query_string(primary, &["INFO", "commandstats"]).await;
+        let calls = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_cluster|failover:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok());
+        assert_eq!(calls, Some(1), "CLUSTER FAILOVER calls on {primary}");
+    }
     let seeds = addrs(&status);
     assert!(lost_keys(seeds.clone(), 1000).await.is_empty());
     let mut client = ClusterClient::new(seeds).await;

@@ -20,7 +20,7 @@ use super::conn::Conns;
 use super::execute::{Outcome, Reach, execute};
 use super::health::{HealthMonitor, HealthRecord};
 use super::index::Index;
-use super::plan::{Action, Plan, PlanInput, plan_with};
+use super::plan::{Action, FailoverKind, Plan, PlanInput, plan_with};
 use super::pool::{NodePool, PoolNode};
 use super::settings;
 use super::status::{self, Events, StatusInput, SyncTracker};
@@ -66,8 +66,18 @@ pub struct Reconciler<P> {
     last_configs: std::collections::HashSet<String>,
     /// Which node (name, incarnation) each address belonged to last round.
     identities: HashMap<SocketAddr, (String, String)>,
+    /// Graceful failovers requested, by the heir's cluster id, and when.
+    graceful: HashMap<String, Instant>,
     status_tx: watch::Sender<Option<CacheTierStatus>>,
 }
+
+/// How long Redis runs a manual failover (`CLUSTER FAILOVER`) before it
+/// gives up (its `CLUSTER_MF_TIMEOUT`). A second request meanwhile would
+/// restart it, and every restart sends the old primary another round of
+/// bus messages from a node that still calls itself a replica: one that
+/// arrives after the promotion makes the old primary drop the shard's slots
+/// until the next ping, and clients routed there get `CLUSTERDOWN`.
+const MANUAL_FAILOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pause after the `n`-th failing round in a row: 100 ms doubling, at most 2 s.
 pub fn error_backoff(n: u32) -> Duration {
@@ -98,6 +108,7 @@ impl<P: NodePool> Reconciler<P> {
             stuck: StuckSlots::default(),
             last_configs: std::collections::HashSet::new(),
             identities: HashMap::new(),
+            graceful: HashMap::new(),
             status_tx,
         }
     }
@@ -256,6 +267,23 @@ impl<P: NodePool> Reconciler<P> {
                 if started.elapsed() > ROUND_BUDGET {
                     break 'steps;
                 }
+                let graceful = match step {
+                    Action::Failover {
+                        to,
+                        kind: FailoverKind::Graceful,
+                        ..
+                    } => Some(to.id.clone()),
+                    _ => None,
+                };
+                if let Some(heir) = &graceful
+                    && self
+                        .graceful
+                        .get(heir)
+                        .is_some_and(|at| at.elapsed() < MANUAL_FAILOVER_TIMEOUT)
+                {
+                    debug!(tier = %self.tier.name, step = %step, "failover already requested; waiting for it");
+                    continue;
+                }
                 if !matches!(step, Action::MigrateSlots { .. } | Action::FinishMigration { .. }) {
                     info!(tier = %self.tier.name, "{step}");
                 }
@@ -269,6 +297,11 @@ impl<P: NodePool> Reconciler<P> {
                 }
                 match execute(self.pool.as_ref(), &mut self.conns, &self.tier, &reach, step).await {
                     Ok(Outcome { stuck }) => {
+                        if let Some(heir) = graceful {
+                            self.graceful
+                                .retain(|_, at| at.elapsed() < MANUAL_FAILOVER_TIMEOUT);
+                            self.graceful.insert(heir, Instant::now());
+                        }
                         if repeat {
                             warn!(tier = %self.tier.name, step = %step, "setting still differs after CONFIG SET");
                         } else {

@@ -305,7 +305,18 @@ impl ClusterClient {
                         target = self.slots[slot];
                         asking = false;
                     }
-                    None => return Err(format!("{key}: {e}")),
+                    None => {
+                        // What the node believed, for a failure to be read
+                        // without a rerun.
+                        let nodes: String = redis::cmd("CLUSTER")
+                            .arg("NODES")
+                            .query_async(&mut c)
+                            .await
+                            .unwrap_or_default();
+                        return Err(format!(
+                            "{key}: {e} (from {addr}, attempt {attempt}); its CLUSTER NODES:\n{nodes}"
+                        ));
+                    }
                 },
             }
         }

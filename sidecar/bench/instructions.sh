@@ -17,12 +17,10 @@
 set -euo pipefail
 
 N=${1:-20000}
-BIN=${SIDECAR_BIN:-target/release/cachetier-sidecar}
-[ -x "$BIN" ] || BIN=${CARGO_TARGET_DIR:-target}/release/cachetier-sidecar
-[ -x "$BIN" ] || { echo "build first: cargo build --release -p cachetier-sidecar" >&2; exit 1; }
 WORK_PREFIX=cachetier-instr
 # shellcheck source=sidecar/bench/lib.sh
 . "$(dirname "$0")/lib.sh"
+need_sidecar
 
 callgrind() { exec valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$1.%p" "${@:2}"; }
 

@@ -11,6 +11,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# need_sidecar: BIN is $SIDECAR_BIN, else the release build; stops when
+# there is none.
+need_sidecar() {
+  BIN=${SIDECAR_BIN:-target/release/cachetier-sidecar}
+  [ -x "$BIN" ] || BIN=${CARGO_TARGET_DIR:-target}/release/cachetier-sidecar
+  [ -x "$BIN" ] || { echo "build first: cargo build --release -p cachetier-sidecar" >&2; exit 1; }
+}
+
 wait_ping() { # port
   for _ in $(seq 600); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "nothing answers on port $1" >&2

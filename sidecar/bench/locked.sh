@@ -19,13 +19,11 @@ set -euo pipefail
 
 N=${1:-20000}
 PIPE=${PIPE:-16}
-BIN=${SIDECAR_BIN:-target/release/cachetier-sidecar}
-[ -x "$BIN" ] || BIN=${CARGO_TARGET_DIR:-target}/release/cachetier-sidecar
-[ -x "$BIN" ] || { echo "build first: cargo build --release -p cachetier-sidecar" >&2; exit 1; }
-BIN=$(readlink -f "$BIN")
 WORK_PREFIX=cachetier-locked
 # shellcheck source=sidecar/bench/lib.sh
 . "$(dirname "$0")/lib.sh"
+need_sidecar
+BIN=$(readlink -f "$BIN")
 
 if [ -n "${CACHED:-}" ]; then
   args=(--cache-prefix key: --cache-ttl 600s --cache-max-bytes 64MiB)

@@ -27,12 +27,10 @@ set -euo pipefail
 ROUNDS=${1:-9}
 N=${2:-100000}
 CLIENTS=50
-BIN=${SIDECAR_BIN:-target/release/cachetier-sidecar}
-[ -x "$BIN" ] || BIN=${CARGO_TARGET_DIR:-target}/release/cachetier-sidecar
-[ -x "$BIN" ] || { echo "build first: cargo build --release -p cachetier-sidecar" >&2; exit 1; }
 WORK_PREFIX=cachetier-rounds
 # shellcheck source=sidecar/bench/lib.sh
 . "$(dirname "$0")/lib.sh"
+need_sidecar
 
 single_node 7500
 

@@ -21,13 +21,11 @@ set -euo pipefail
 
 N=${1:-1000000}
 shift || true
-BIN=${SIDECAR_BIN:-target/release/cachetier-sidecar}
-[ -x "$BIN" ] || BIN=${CARGO_TARGET_DIR:-target}/release/cachetier-sidecar
-[ -x "$BIN" ] || { echo "build first: cargo build --release -p cachetier-sidecar" >&2; exit 1; }
 command -v perf >/dev/null || { echo "needs perf (apt-get install linux-perf)" >&2; exit 1; }
 WORK_PREFIX=cachetier-split
 # shellcheck source=sidecar/bench/lib.sh
 . "$(dirname "$0")/lib.sh"
+need_sidecar
 
 single_node 7540
 "$BIN" --listen 127.0.0.1:7541 --seed 127.0.0.1:7540 --metrics 127.0.0.1:7542 >"$WORK/sidecar.log" 2>&1 &

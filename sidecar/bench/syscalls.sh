@@ -15,12 +15,10 @@
 set -euo pipefail
 
 N=${1:-30000}
-BIN=${SIDECAR_BIN:-target/release/cachetier-sidecar}
-[ -x "$BIN" ] || BIN=${CARGO_TARGET_DIR:-target}/release/cachetier-sidecar
-[ -x "$BIN" ] || { echo "build first: cargo build --release -p cachetier-sidecar" >&2; exit 1; }
 WORK_PREFIX=cachetier-syscalls
 # shellcheck source=sidecar/bench/lib.sh
 . "$(dirname "$0")/lib.sh"
+need_sidecar
 
 single_node 7420
 R=$REDIS

@@ -67,11 +67,7 @@ mod tests {
     use super::*;
 
     fn req(args: &[&str]) -> Request {
-        let args: Vec<Bytes> = args
-            .iter()
-            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-            .collect();
-        Request::new(crate::resp::command_bytes(&args), args)
+        Request::of(args)
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub read_your_writes_primary_reads: IntCounter,
     /// Reads retried on another node after an upstream failure.
     pub read_retries: IntCounter,
+    /// Writes sent again because their primary knew no owner for the slot.
+    pub write_retries: IntCounter,
     /// Topology refreshes by result (`ok`, `error`).
     pub topology_refreshes: IntCounterVec,
     pub redirects: IntCounterVec,
@@ -123,6 +125,10 @@ impl Metrics {
             "read_retries_total",
             "Reads retried on another node after a failure",
         )?;
+        let write_retries = IntCounter::new(
+            "write_retries_total",
+            "Writes sent again because their primary refused them with CLUSTERDOWN Hash slot not served",
+        )?;
         let topology_refreshes = IntCounterVec::new(
             Opts::new("topology_refreshes_total", "Topology refreshes by result"),
             &["result"],
@@ -151,6 +157,7 @@ impl Metrics {
         registry.register(Box::new(node_serving.clone()))?;
         registry.register(Box::new(primary_fallbacks.clone()))?;
         registry.register(Box::new(read_retries.clone()))?;
+        registry.register(Box::new(write_retries.clone()))?;
         registry.register(Box::new(read_your_writes_primary_reads.clone()))?;
         registry.register(Box::new(topology_refreshes.clone()))?;
         registry.register(Box::new(redirects.clone()))?;
@@ -173,6 +180,7 @@ impl Metrics {
             node_serving,
             primary_fallbacks,
             read_retries,
+            write_retries,
             read_your_writes_primary_reads,
             topology_refreshes,
             redirects,

@@ -765,3 +765,37 @@ async fn a_connection_that_dies_answers_every_pipelined_command_on_it() {
     assert_nothing_in_flight(&sidecar).await;
     sidecar.shutdown().await;
 }
+
+/// A primary that momentarily knows no owner for its slot (after a
+/// failover a stale bus message can do that) refuses a write before
+/// running it: the sidecar sends it again once the node serves the slot,
+/// instead of passing `CLUSTERDOWN` to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_for_a_slot_its_primary_momentarily_does_not_serve_goes_again() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    all_serving(&sidecar).await;
+    let mut c = client(&sidecar).await;
+    let _: () = c.set("unserved:k", "v0").await.unwrap();
+    let (primary, _) = cluster.shard_of("unserved:k");
+    let node = cluster.by_addr(&primary);
+    let slot = node.cli(&["CLUSTER", "KEYSLOT", "unserved:k"]).trim().to_string();
+    assert_eq!(node.cli(&["CLUSTER", "DELSLOTS", &slot]).trim(), "OK");
+    let restore = {
+        let (addr, slot) = (primary.clone(), slot.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let out = std::process::Command::new("redis-cli")
+                .args(["-u", &format!("redis://{addr}"), "CLUSTER", "ADDSLOTS", &slot])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+    };
+    let started = std::time::Instant::now();
+    let set: redis::RedisResult<()> = c.set("unserved:k", "v1").await;
+    assert_eq!(restore.join().unwrap(), "OK");
+    set.unwrap_or_else(|e| panic!("after {:?}: {e}", started.elapsed()));
+    assert_eq!(node.cli(&["GET", "unserved:k"]).trim(), "v1");
+    sidecar.shutdown().await;
+}

@@ -68,7 +68,10 @@ impl ArgList for Request {
 impl Request {
     /// The request a client sends for `args` (for unit tests).
     pub fn of(args: &[&str]) -> Request {
-        let args: Vec<Bytes> = args.iter().map(|a| Bytes::copy_from_slice(a.as_bytes())).collect();
+        let args: Vec<Bytes> = args
+            .iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
         Request::new(super::command_bytes(&args), args)
     }
 }

@@ -190,6 +190,7 @@ impl Router {
             && (redirect_target(reply, b"MOVED ").is_some()
                 || redirect_target(reply, b"ASK ").is_some()
                 || reply.starts_with(b"-TRYAGAIN")
-                || (kind == Kind::Read && route::is_node_state_error(reply)))
+                || (kind == Kind::Read && route::is_node_state_error(reply))
+                || (kind != Kind::Read && route::is_unserved_slot(reply)))
     }
 }

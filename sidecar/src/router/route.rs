@@ -104,6 +104,23 @@ impl Router {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                    // A primary that momentarily counts the slot as nobody's
+                    // (after a failover, a bus message from the heir sent
+                    // before its promotion can arrive after it; Redis then
+                    // drops the slot until the heir's next ping) refuses
+                    // before running anything: a write goes again on a
+                    // refreshed map, unless a later write of this client is
+                    // already out (a retry would reorder their effects).
+                    if kind != Kind::Read
+                        && is_unserved_slot(&reply)
+                        && attempt + 1 < MAX_REDIRECTS
+                        && !turn.as_deref().is_some_and(|t| t.later_write_sent())
+                    {
+                        self.metrics.write_retries.inc();
+                        self.registry.request_refresh();
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                     // A node that does not (yet) know the slot map, is still
                     // loading, or lost its primary cannot answer; another
                     // node of the shard may: a read retries as after a failure.
@@ -354,6 +371,11 @@ pub(super) fn is_node_state_error(reply: &[u8]) -> bool {
     [&b"-CLUSTERDOWN"[..], b"-LOADING", b"-MASTERDOWN"]
         .iter()
         .any(|p| reply.starts_with(p))
+}
+
+/// A node's refusal because it knows no owner for the slot.
+pub(super) fn is_unserved_slot(reply: &[u8]) -> bool {
+    reply.starts_with(b"-CLUSTERDOWN Hash slot not served")
 }
 
 #[cfg(test)]

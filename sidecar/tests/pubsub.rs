@@ -684,6 +684,41 @@ async fn keyspace_notifications_arrive_from_every_shard_once() {
         sub.send(&["SUBSCRIBE", "news"]).await;
         let confirmations = sub.frames(2).await;
         assert!(confirmations[1].ends_with(b":2\r\n"), "{confirmations:?}");
+        // PUBSUB counts the client once, as one server would, though every
+        // primary holds its subscriptions (the previous round's subscriber
+        // is gone, but its nodes may take a moment to notice).
+        let mut counts = (Vec::new(), 0);
+        for _ in 0..40 {
+            let numsub: Vec<redis::Value> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("news")
+                .query_async(&mut writer)
+                .await
+                .unwrap();
+            let numpat: i64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query_async(&mut writer)
+                .await
+                .unwrap();
+            counts = (numsub, numpat);
+            if counts
+                == (
+                    vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
+                    1,
+                )
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            counts,
+            (
+                vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
+                1
+            ),
+            "RESP{proto}: PUBSUB NUMSUB news, NUMPAT"
+        );
         for k in &keys {
             let _: () = writer.set(k, proto).await.unwrap();
         }

@@ -6,6 +6,11 @@
 //! keyspace messages reach the client (everything else a mirror hears, the
 //! plain link delivers already).
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
 use crate::resp::{Frame, Request};
 
 const PREFIXES: [&[u8]; 2] = [b"__keyspace@", b"__keyevent@"];
@@ -60,10 +65,96 @@ pub(super) fn is_keyspace_message(frame: &Frame) -> bool {
     }
 }
 
+/// The subscriptions every mirror link of the sidecar holds, by channel and
+/// by pattern: each is a subscriber on its node, which `PUBSUB NUMSUB` and
+/// `NUMPAT` count, and one server would not.
+#[derive(Debug, Default)]
+pub struct MirrorCounts {
+    channels: Mutex<HashMap<Bytes, i64>>,
+    patterns: Mutex<HashMap<Bytes, i64>>,
+}
+
+impl MirrorCounts {
+    /// Mirror links subscribed to `channel`.
+    pub fn channel(&self, channel: &[u8]) -> i64 {
+        lock(&self.channels).get(channel).copied().unwrap_or(0)
+    }
+
+    /// Mirror subscriptions to patterns, a pattern once per link.
+    pub fn patterns(&self) -> i64 {
+        lock(&self.patterns).values().sum()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn add(map: &Mutex<HashMap<Bytes, i64>>, key: &Bytes, n: i64) {
+    let mut map = lock(map);
+    let count = map.entry(key.clone()).or_default();
+    *count += n;
+    if *count <= 0 {
+        map.remove(key);
+    }
+}
+
+/// One mirror link's share of [`MirrorCounts`], kept from its node's
+/// confirmations and taken back when the link goes.
+#[derive(Debug)]
+pub(super) struct MirrorShare {
+    counts: Arc<MirrorCounts>,
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+}
+
+impl MirrorShare {
+    pub(super) fn new(counts: Arc<MirrorCounts>) -> Self {
+        Self {
+            counts,
+            channels: HashSet::new(),
+            patterns: HashSet::new(),
+        }
+    }
+
+    /// Notes a (un)subscribe confirmation the link's node sent.
+    pub(super) fn confirmed(&mut self, frame: &Frame) {
+        let items = match frame {
+            Frame::Array(items) | Frame::Push(items) => items,
+            _ => return,
+        };
+        let [Frame::Bulk(kind), Frame::Bulk(name), Frame::Integer(_)] = items.as_slice() else {
+            return;
+        };
+        let kind = kind.to_ascii_lowercase();
+        let (set, map, on) = match kind.as_slice() {
+            b"subscribe" => (&mut self.channels, &self.counts.channels, true),
+            b"unsubscribe" => (&mut self.channels, &self.counts.channels, false),
+            b"psubscribe" => (&mut self.patterns, &self.counts.patterns, true),
+            b"punsubscribe" => (&mut self.patterns, &self.counts.patterns, false),
+            _ => return,
+        };
+        if on && set.insert(name.clone()) {
+            add(map, name, 1);
+        } else if !on && set.remove(name) {
+            add(map, name, -1);
+        }
+    }
+}
+
+impl Drop for MirrorShare {
+    fn drop(&mut self) {
+        for c in &self.channels {
+            add(&self.counts.channels, c, -1);
+        }
+        for p in &self.patterns {
+            add(&self.counts.patterns, p, -1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
 
     fn req(args: &[&str]) -> Request {
@@ -88,6 +179,25 @@ mod tests {
             assert!(!wants_mirrors(&req(&["PSUBSCRIBE", pattern])), "{pattern}");
         }
         assert!(!wants_mirrors(&req(&["UNSUBSCRIBE", "__keyevent@0__:set"])));
+    }
+
+    #[test]
+    fn a_mirror_share_counts_what_its_node_confirmed_until_it_goes() {
+        let bulk = |s: &'static str| Frame::Bulk(Bytes::from_static(s.as_bytes()));
+        let confirm = |kind, name| Frame::Array(vec![bulk(kind), bulk(name), Frame::Integer(1)]);
+        let counts = Arc::new(MirrorCounts::default());
+        let mut a = MirrorShare::new(counts.clone());
+        let mut b = MirrorShare::new(counts.clone());
+        a.confirmed(&confirm("subscribe", "__keyevent@0__:set"));
+        a.confirmed(&confirm("subscribe", "__keyevent@0__:set"));
+        b.confirmed(&confirm("subscribe", "__keyevent@0__:set"));
+        a.confirmed(&confirm("psubscribe", "*"));
+        assert_eq!((counts.channel(b"__keyevent@0__:set"), counts.patterns()), (2, 1));
+        a.confirmed(&confirm("punsubscribe", "*"));
+        drop(b);
+        assert_eq!((counts.channel(b"__keyevent@0__:set"), counts.patterns()), (1, 0));
+        drop(a);
+        assert_eq!(counts.channel(b"__keyevent@0__:set"), 0);
     }
 
     #[test]

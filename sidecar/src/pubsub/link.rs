@@ -34,6 +34,8 @@ pub(super) struct Link {
     /// Marker tokens sent and not yet answered, oldest first.
     markers: VecDeque<Bytes>,
     next_marker: u64,
+    /// A mirror link's subscriptions, counted for `PUBSUB`.
+    pub(super) mirror: Option<super::keyspace::MirrorShare>,
 }
 
 impl Link {
@@ -57,6 +59,7 @@ impl Link {
             shard_count: 0,
             markers: VecDeque::new(),
             next_marker: 0,
+            mirror: None,
         })
     }
 
@@ -138,6 +141,8 @@ impl Link {
         while let Some((raw, frame)) = self.next_frame()? {
             if super::keyspace::is_keyspace_message(&frame) {
                 out.extend_from_slice(&raw);
+            } else if let Some(share) = self.mirror.as_mut() {
+                share.confirmed(&frame);
             }
         }
         Ok(())

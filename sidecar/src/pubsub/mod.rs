@@ -42,7 +42,7 @@
 //! with subscriptions left, it gets Redis's subscribed-mode error (only
 //! subscription commands, `PING`, `QUIT` and `RESET` are allowed there).
 
-mod keyspace;
+pub mod keyspace;
 mod link;
 mod subscriber;
 

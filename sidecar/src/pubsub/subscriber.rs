@@ -232,7 +232,10 @@ impl Subscriber {
             .collect();
         for addr in addrs {
             match open(router, &addr, proto).await {
-                Ok(link) => self.mirrors.push(link),
+                Ok(mut link) => {
+                    link.mirror = Some(keyspace::MirrorShare::new(router.mirrors.clone()));
+                    self.mirrors.push(link);
+                }
                 Err(e) => {
                     self.mirrors.clear();
                     return Err(e);

@@ -225,6 +225,8 @@ pub struct Router {
     pub(crate) blocking_permits: Arc<tokio::sync::Semaphore>,
     /// Every client connection, for `CLIENT LIST` and `CLIENT KILL`.
     pub clients: Arc<crate::clients::Clients>,
+    /// What the keyspace mirror links are subscribed to (`PUBSUB` leaves them out).
+    pub mirrors: Arc<crate::pubsub::keyspace::MirrorCounts>,
 }
 
 impl Router {
@@ -245,6 +247,7 @@ impl Router {
             per_command,
             blocking_permits: crate::blocking::permits(),
             clients: Arc::default(),
+            mirrors: Arc::default(),
         }
     }
 

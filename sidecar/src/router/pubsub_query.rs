@@ -2,8 +2,9 @@
 //! and the sidecar's subscribers are spread over the primaries, so the
 //! question goes to every primary and the answers are merged: channel lists
 //! united (`CHANNELS`, `SHARDCHANNELS`), counts added (`NUMSUB`,
-//! `SHARDNUMSUB`, `NUMPAT`). Subscribers connected to replicas directly are
-//! not counted.
+//! `SHARDNUMSUB`, `NUMPAT`), less the keyspace mirror links' own
+//! subscriptions (`pubsub::keyspace`). Subscribers connected to replicas
+//! directly are not counted.
 
 use std::collections::HashSet;
 
@@ -19,7 +20,18 @@ impl Router {
                 Err(e) => e,
             },
             "NUMSUB" | "SHARDNUMSUB" => match self.fan_out(cmd, up, false).await {
-                Ok(rs) => encode(&Frame::Array(sum_pairs(&rs))),
+                Ok(rs) => {
+                    let mut pairs = sum_pairs(&rs);
+                    if sub == "NUMSUB" {
+                        // The keyspace mirrors are the sidecar's, not clients.
+                        for pair in pairs.chunks_mut(2) {
+                            if let [Frame::Bulk(channel), Frame::Integer(n)] = pair {
+                                *n = n.saturating_sub(self.mirrors.channel(channel)).max(0);
+                            }
+                        }
+                    }
+                    encode(&Frame::Array(pairs))
+                }
                 Err(e) => e,
             },
             "NUMPAT" => match self.fan_out(cmd, up, false).await {
@@ -31,7 +43,11 @@ impl Router {
                             _ => None,
                         })
                         .fold(0i64, i64::saturating_add);
-                    encode(&Frame::Integer(total))
+                    // Each node counts its own unique patterns; a pattern
+                    // held there only by a mirror is the sidecar's.
+                    encode(&Frame::Integer(
+                        total.saturating_sub(self.mirrors.patterns()).max(0),
+                    ))
                 }
                 Err(e) => e,
             },

@@ -2,6 +2,7 @@
 //! to settle.
 
 use super::*;
+use crate::cluster::view::Reported;
 
 pub(super) fn rebalance(ctx: &Ctx<'_>, out: &mut Plan) {
     let tier = ctx.input.tier;
@@ -163,6 +164,10 @@ pub(super) fn settle(ctx: &Ctx<'_>, out: &mut Plan) {
             .map(|l| (l.id.as_str(), l.slot_count() as usize))
             .collect();
         if seen != owned {
+            if let Some(id) = tied_dead_owner(ctx, r, &owned) {
+                out.actions.push(Action::Forget { id });
+                return;
+            }
             out.waiting
                 .push(format!("{} has not learned the slot map yet", v.pool.name));
             return;
@@ -181,4 +186,31 @@ pub(super) fn settle(ctx: &Ctx<'_>, out: &mut Plan) {
             }
         }
     }
+}
+
+/// A node that no pool node is any more, failed in the cluster's verdict,
+/// that `r` still credits with slots whose live owner claims them at the
+/// same config epoch. Redis moves a slot only to a higher epoch, and a dead
+/// node never resolves an epoch collision, so such a view would never
+/// converge; forgetting the dead node leaves its slots unowned there, and
+/// the live owner's next ping claims them. (Seen after a primary was
+/// restarted empty under write load: its replica's promotion got the dead
+/// primary's epoch.) A claim at a lower epoch is left to gossip.
+fn tied_dead_owner(ctx: &Ctx<'_>, r: &Reported, owned: &BTreeMap<&str, usize>) -> Option<String> {
+    let lines = ctx.input.view.all_lines();
+    let pool_ids: Vec<&String> = ctx.index.ids().values().collect();
+    r.others
+        .iter()
+        .filter(|l| l.fail && !owned.contains_key(l.id.as_str()) && !pool_ids.contains(&&l.id))
+        .find(|l| {
+            let Some(&(first, _)) = l.slots.first() else {
+                return false;
+            };
+            let owner = ctx.index.owners().get(usize::from(first)).cloned().flatten();
+            owner
+                .and_then(|o| lines.get(&o))
+                .is_some_and(|o| o.config_epoch == l.config_epoch)
+                && ctx.input.view.cluster_flags_failed(&l.id)
+        })
+        .map(|l| l.id.clone())
 }

@@ -696,3 +696,77 @@ fn a_takeover_candidate_must_have_completed_a_sync() {
         "{p:?}"
     );
 }
+
+/// A primary restarted empty under load: its replica's promotion got the
+/// dead primary's own config epoch, so the nodes that still credit the dead
+/// one with the slots never take the live claim (Redis moves a slot only to
+/// a higher epoch). Seen in CI: 45 s of "has not learned the slot map".
+#[test]
+fn a_dead_owner_tied_in_epoch_with_the_live_one_is_forgotten() {
+    let split = even_split(3);
+    let dead = "f".repeat(40);
+    let mut fx = Fx::default()
+        .primary(0, 0, &[split[0]])
+        .replica(0, 1, (0, 0), 100)
+        .primary(1, 1, &[split[1]])
+        .replica(1, 0, (1, 1), 100)
+        .primary(2, 0, &[split[2]])
+        .replica(2, 1, (2, 0), 100)
+        .all_healthy();
+    let live_epoch = fx
+        .lines
+        .iter()
+        .find(|l| (l.0, l.1) == (1, 1))
+        .map(|l| l.2.config_epoch);
+    fx.stale.push(NodeLine {
+        id: dead.clone(),
+        addr: Some(SocketAddr::from(([127, 0, 0, 1], 9999))),
+        master: true,
+        fail: true,
+        config_epoch: live_epoch.unwrap(),
+        slots: vec![split[1]],
+        ..NodeLine::default()
+    });
+    let tie = |fx: &Fx| {
+        let mut view = fx.view();
+        for v in &mut view.nodes {
+            let me = v.pool.name.clone();
+            if let Ok(r) = &mut v.report {
+                for l in &mut r.others {
+                    // Everyone else still credits the dead node; the live
+                    // owner knows its own claim.
+                    if l.id == id(1, 1) || (me == name(1, 1) && l.id == dead) {
+                        l.slots.clear();
+                    }
+                }
+            }
+        }
+        view
+    };
+    let view = tie(&fx);
+    let t = tier(3, 1);
+    let p = plan(PlanInput {
+        tier: &t,
+        view: &view,
+        health: &fx.health,
+        now: Instant::now(),
+    });
+    assert_eq!(p.actions, vec![Action::Forget { id: dead.clone() }], "{p:?}");
+
+    // A claim of the dead node at a lower epoch is gossip's to fix: wait.
+    fx.stale[0].config_epoch -= 1;
+    let view = tie(&fx);
+    let p = plan(PlanInput {
+        tier: &t,
+        view: &view,
+        health: &fx.health,
+        now: Instant::now(),
+    });
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert!(
+        p.waiting
+            .iter()
+            .any(|w| w.contains("has not learned the slot map")),
+        "{p:?}"
+    );
+}

@@ -108,20 +108,38 @@ impl Session {
         *self = Self::default();
     }
 
-    /// Applies a `HELLO` whose `AUTH` (if any) succeeded.
-    pub fn hello(&mut self, hello: Hello) {
+    /// Applies a `HELLO` whose `AUTH` (if any) succeeded; a name Redis
+    /// would refuse changes nothing.
+    pub fn hello(&mut self, hello: Hello) -> Result<(), &'static str> {
+        if let Some(name) = &hello.name {
+            check_name(name)?;
+        }
         if let Some(p) = hello.proto {
             self.proto = p;
         }
-        if let Some(name) = hello.name {
-            self.name = (!name.is_empty()).then_some(name);
+        if let Some(name) = &hello.name {
+            self.store_name(name);
         }
+        Ok(())
+    }
+
+    /// `CLIENT SETNAME`.
+    pub fn set_name(&mut self, name: &[u8]) -> Result<(), &'static str> {
+        check_name(name)?;
+        self.store_name(name);
+        Ok(())
+    }
+
+    /// An empty name clears it. Copied, not a slice of the client's read
+    /// buffer, which it would keep alive for the connection's life.
+    fn store_name(&mut self, name: &[u8]) {
+        self.name = (!name.is_empty()).then(|| Bytes::copy_from_slice(name));
     }
 }
 
 /// Redis's rule for a client name (`CLIENT SETNAME`, `HELLO … SETNAME`):
 /// printable ASCII without spaces (`!` to `~`); an empty name clears it.
-pub fn check_name(name: &[u8]) -> Result<(), &'static str> {
+fn check_name(name: &[u8]) -> Result<(), &'static str> {
     if name.iter().all(|b| (b'!'..=b'~').contains(b)) {
         Ok(())
     } else {
@@ -150,9 +168,7 @@ pub fn parse_hello(args: &[Bytes]) -> Result<Hello, String> {
     while let Some((option, tail)) = rest.split_first() {
         match (option.to_ascii_uppercase().as_slice(), tail) {
             (b"SETNAME", [name, more @ ..]) => {
-                // Copied: kept for the connection's life, a slice would
-                // keep the client's whole read buffer alive.
-                hello.name = Some(Bytes::copy_from_slice(name));
+                hello.name = Some(name.clone());
                 rest = more;
             }
             (b"AUTH", [user, pass, more @ ..]) => {
@@ -227,7 +243,8 @@ mod tests {
     #[test]
     fn reset_forgets_protocol_name_and_block() {
         let mut s = Session::default();
-        s.hello(parse_hello(&args(&["3", "SETNAME", "app"])).unwrap());
+        s.hello(parse_hello(&args(&["3", "SETNAME", "app"])).unwrap())
+            .unwrap();
         s.multi().unwrap();
         s.reset();
         assert_eq!(s, Session::default());
@@ -261,9 +278,26 @@ mod tests {
         );
         assert_eq!(refused(&["3", "Foo"]), "ERR Syntax error in HELLO option 'Foo'");
         let mut s = Session::default();
-        s.hello(parse_hello(&args(&["3"])).unwrap());
+        s.hello(parse_hello(&args(&["3"])).unwrap()).unwrap();
         assert_eq!((s.proto, s.name.clone()), (3, None));
-        s.hello(parse_hello(&[]).unwrap());
+        s.hello(parse_hello(&[]).unwrap()).unwrap();
         assert_eq!(s.proto, 3, "HELLO without a version keeps the protocol");
+    }
+
+    #[test]
+    fn a_name_redis_refuses_changes_nothing_and_an_empty_one_clears() {
+        let mut s = Session::default();
+        s.set_name(b"app").unwrap();
+        for bad in [&b"a b"[..], b"a\nb", "\u{e9}".as_bytes(), b"x\x7f"] {
+            assert!(s.set_name(bad).is_err(), "{bad:?}");
+            assert!(
+                s.hello(parse_hello(&args(&["3", "SETNAME", "a b"])).unwrap())
+                    .is_err()
+            );
+        }
+        assert_eq!((s.proto, s.name.clone()), (2, Some(Bytes::from("app"))));
+        s.hello(parse_hello(&args(&["3", "SETNAME", ""])).unwrap())
+            .unwrap();
+        assert_eq!((s.proto, s.name.clone()), (3, None));
     }
 }

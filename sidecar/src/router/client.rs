@@ -141,19 +141,10 @@ impl Router {
     pub(super) fn client(&self, st: &mut ClientState, sub: &str, args: &[Bytes]) -> ClientReply {
         let proto = st.session.proto;
         let reply = match sub {
-            "SETNAME" if args.len() == 3 => {
-                if let Err(e) = session::check_name(&args[2]) {
-                    return ClientReply::Reply(err(e));
-                }
-                st.session.name = if args[2].is_empty() {
-                    None
-                } else {
-                    // Copied, not a slice of the client's read buffer, which
-                    // it would keep alive for the connection's life.
-                    Some(Bytes::copy_from_slice(&args[2]))
-                };
-                ok()
-            }
+            "SETNAME" if args.len() == 3 => match st.session.set_name(&args[2]) {
+                Ok(()) => ok(),
+                Err(e) => err(e),
+            },
             "GETNAME" => match &st.session.name {
                 Some(n) => encode(&Frame::Bulk(n.clone())),
                 None => encode(&null(proto)),

@@ -540,13 +540,13 @@ impl Router {
             }
         } else if !same || cached_mget {
             match info.split {
-                Some(split) => {
+                Some(_) => {
                     // Several parts on several connections: ordered as a whole.
                     turn.prev_done().await;
                     if let Some(cache) = &self.cache {
                         touched.iter().for_each(|k| cache.bump(k));
                     }
-                    Box::pin(self.split(split, &args, &keys, &slots, up, proto, turn)).await
+                    Box::pin(self.split(info, &args, &keys, &slots, up, proto, turn)).await
                 }
                 None => err("CROSSSLOT Keys in request don't hash to the same slot"),
             }

@@ -109,11 +109,10 @@ impl Router {
                 return r;
             }
         }
-        // After AUTH, as Redis checks them.
-        if let Some(Err(e)) = hello.name.as_deref().map(session::check_name) {
+        // The name after AUTH, as Redis checks them.
+        if let Err(e) = st.session.hello(hello) {
             return err(e);
         }
-        st.session.hello(hello);
         let p = st.session.proto;
         encode(&map(
             p,

@@ -10,7 +10,7 @@ impl Router {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn split(
         self: &Arc<Self>,
-        split: Split,
+        info: &'static CommandInfo,
         args: &[Bytes],
         keys: &[usize],
         slots: &[u16],
@@ -18,6 +18,9 @@ impl Router {
         proto: u8,
         whole: &Turn,
     ) -> Bytes {
+        let Some(split) = info.split else {
+            return err("CROSSSLOT Keys in request don't hash to the same slot");
+        };
         let name = &args[0];
         let per_key = if split == Split::AllOk { 2 } else { 1 };
         // Group key positions by slot, keeping first-seen order.
@@ -33,15 +36,7 @@ impl Router {
                 None => groups.push((s, vec![pos])),
             }
         }
-        let kind = if split == Split::Array
-            || name.eq_ignore_ascii_case(b"exists")
-            || name.eq_ignore_ascii_case(b"touch")
-        {
-            Kind::Read
-        } else {
-            Kind::Write
-        };
-        let to_primary = commands::lookup(name).is_some_and(|i| commands::reads_on_primary(i.name));
+        let (kind, to_primary) = (info.kind, commands::reads_on_primary(info.name));
         let group_futs = groups.iter().map(|(s, positions)| {
             let mut sub: Vec<&[u8]> = vec![name];
             for &pos in positions {

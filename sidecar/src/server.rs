@@ -443,7 +443,13 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
             },
             r = pubsub::read(&mut sub), if sub.is_some() && out.len() <= output_limit => {
                 let drained = match (r, sub.as_mut()) {
-                    (Ok(()), Some(s)) => s.drain(&mut out),
+                    (Ok(()), Some(s)) => match s.drain(&mut out) {
+                        Ok(()) => {
+                            s.upkeep(&router).await;
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    },
                     (Err(e), _) => Err(e),
                     (Ok(()), None) => Ok(()),
                 };

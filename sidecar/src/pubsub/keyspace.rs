@@ -4,7 +4,9 @@
 //! that subscribes to them through the sidecar therefore gets "mirror"
 //! links to every other primary besides its plain link; from a mirror only
 //! keyspace messages reach the client (everything else a mirror hears, the
-//! plain link delivers already).
+//! plain link delivers already). As the cluster changes, the subscriber's
+//! upkeep gives a primary with no link a mirror subscribed from the plain
+//! link's [`Names`], and closes a mirror whose node is no longer a primary.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -99,55 +101,130 @@ fn add(map: &Mutex<HashMap<Bytes, i64>>, key: &Bytes, n: i64) {
     }
 }
 
+/// The channels and patterns a link's node confirmed it holds, from its
+/// (un)subscribe confirmations.
+#[derive(Debug, Default)]
+pub(super) struct Names {
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    /// How many of them are keyspace channels or patterns that may match one.
+    keyspace: usize,
+}
+
+/// What a confirmation changed in [`Names`].
+enum Change {
+    Channel(Bytes, bool),
+    Pattern(Bytes, bool),
+}
+
+impl Names {
+    /// Note a confirmation; what it changed, if anything.
+    fn confirmed(&mut self, frame: &Frame) -> Option<Change> {
+        let items = match frame {
+            Frame::Array(items) | Frame::Push(items) => items,
+            _ => return None,
+        };
+        let [Frame::Bulk(kind), Frame::Bulk(name), Frame::Integer(_)] = items.as_slice() else {
+            return None;
+        };
+        let kind = kind.to_ascii_lowercase();
+        let (set, on, channel) = match kind.as_slice() {
+            b"subscribe" => (&mut self.channels, true, true),
+            b"unsubscribe" => (&mut self.channels, false, true),
+            b"psubscribe" => (&mut self.patterns, true, false),
+            b"punsubscribe" => (&mut self.patterns, false, false),
+            _ => return None,
+        };
+        let changed = if on {
+            set.insert(name.clone())
+        } else {
+            set.remove(name)
+        };
+        let keyspace = if channel {
+            is_keyspace_channel(name)
+        } else {
+            pattern_may_match(name)
+        };
+        if changed && keyspace {
+            self.keyspace = if on {
+                self.keyspace + 1
+            } else {
+                self.keyspace.saturating_sub(1)
+            };
+        }
+        match (changed, channel) {
+            (false, _) => None,
+            (true, true) => Some(Change::Channel(name.clone(), on)),
+            (true, false) => Some(Change::Pattern(name.clone(), on)),
+        }
+    }
+
+    /// Note a confirmation the node sent.
+    pub(super) fn note(&mut self, frame: &Frame) {
+        self.confirmed(frame);
+    }
+
+    /// Whether any of these is a keyspace channel or a pattern that may
+    /// match one.
+    pub(super) fn has_keyspace(&self) -> bool {
+        self.keyspace > 0
+    }
+
+    /// The commands that subscribe a new mirror link to what of these
+    /// keyspace notifications may reach: a `SUBSCRIBE` of the keyspace
+    /// channels and a `PSUBSCRIBE` of the patterns that may match one, each
+    /// only when there is something to name.
+    pub(super) fn replay(&self) -> Vec<Vec<Bytes>> {
+        let command = |name: &'static [u8], set: &HashSet<Bytes>, keep: fn(&[u8]) -> bool| {
+            let mut args: Vec<Bytes> = set.iter().filter(|n| keep(n)).cloned().collect();
+            args.sort();
+            (!args.is_empty()).then(|| {
+                args.insert(0, Bytes::from_static(name));
+                args
+            })
+        };
+        [
+            command(b"SUBSCRIBE", &self.channels, is_keyspace_channel),
+            command(b"PSUBSCRIBE", &self.patterns, pattern_may_match),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
 /// One mirror link's share of [`MirrorCounts`], kept from its node's
 /// confirmations and taken back when the link goes.
 #[derive(Debug)]
 pub(super) struct MirrorShare {
     counts: Arc<MirrorCounts>,
-    channels: HashSet<Bytes>,
-    patterns: HashSet<Bytes>,
+    names: Names,
 }
 
 impl MirrorShare {
     pub(super) fn new(counts: Arc<MirrorCounts>) -> Self {
         Self {
             counts,
-            channels: HashSet::new(),
-            patterns: HashSet::new(),
+            names: Names::default(),
         }
     }
 
     /// Notes a (un)subscribe confirmation the link's node sent.
     pub(super) fn confirmed(&mut self, frame: &Frame) {
-        let items = match frame {
-            Frame::Array(items) | Frame::Push(items) => items,
-            _ => return,
-        };
-        let [Frame::Bulk(kind), Frame::Bulk(name), Frame::Integer(_)] = items.as_slice() else {
-            return;
-        };
-        let kind = kind.to_ascii_lowercase();
-        let (set, map, on) = match kind.as_slice() {
-            b"subscribe" => (&mut self.channels, &self.counts.channels, true),
-            b"unsubscribe" => (&mut self.channels, &self.counts.channels, false),
-            b"psubscribe" => (&mut self.patterns, &self.counts.patterns, true),
-            b"punsubscribe" => (&mut self.patterns, &self.counts.patterns, false),
-            _ => return,
-        };
-        if on && set.insert(name.clone()) {
-            add(map, name, 1);
-        } else if !on && set.remove(name) {
-            add(map, name, -1);
+        match self.names.confirmed(frame) {
+            Some(Change::Channel(name, on)) => add(&self.counts.channels, &name, if on { 1 } else { -1 }),
+            Some(Change::Pattern(name, on)) => add(&self.counts.patterns, &name, if on { 1 } else { -1 }),
+            None => {}
         }
     }
 }
 
 impl Drop for MirrorShare {
     fn drop(&mut self) {
-        for c in &self.channels {
+        for c in &self.names.channels {
             add(&self.counts.channels, c, -1);
         }
-        for p in &self.patterns {
+        for p in &self.names.patterns {
             add(&self.counts.patterns, p, -1);
         }
     }
@@ -198,6 +275,41 @@ mod tests {
         assert_eq!((counts.channel(b"__keyevent@0__:set"), counts.patterns()), (1, 0));
         drop(a);
         assert_eq!(counts.channel(b"__keyevent@0__:set"), 0);
+    }
+
+    #[test]
+    fn a_new_mirror_is_subscribed_to_the_keyspace_names_only() {
+        let bulk = |s: &'static str| Frame::Bulk(Bytes::from_static(s.as_bytes()));
+        let confirm = |kind, name| Frame::Push(vec![bulk(kind), bulk(name), Frame::Integer(1)]);
+        let mut names = Names::default();
+        assert!(names.replay().is_empty() && !names.has_keyspace());
+        for (kind, name) in [
+            ("subscribe", "news"),
+            ("subscribe", "__keyevent@0__:set"),
+            ("subscribe", "__keyevent@0__:del"),
+            ("psubscribe", "news.*"),
+            ("psubscribe", "__keyspace@0__:user:*"),
+            ("unsubscribe", "__keyevent@0__:del"),
+        ] {
+            names.note(&confirm(kind, name));
+        }
+        assert!(names.has_keyspace());
+        let words = |c: &Vec<Bytes>| {
+            c.iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect::<Vec<_>>()
+        };
+        let replay: Vec<Vec<String>> = names.replay().iter().map(words).collect();
+        assert_eq!(
+            replay,
+            vec![
+                vec!["SUBSCRIBE", "__keyevent@0__:set"],
+                vec!["PSUBSCRIBE", "__keyspace@0__:user:*"]
+            ]
+        );
+        names.note(&confirm("unsubscribe", "__keyevent@0__:set"));
+        names.note(&confirm("punsubscribe", "__keyspace@0__:user:*"));
+        assert!(!names.has_keyspace() && names.replay().is_empty());
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub(super) struct Link {
     next_marker: u64,
     /// A mirror link's subscriptions, counted for `PUBSUB`.
     pub(super) mirror: Option<super::keyspace::MirrorShare>,
+    /// The channels and patterns this node confirmed (kept for the plain
+    /// link: a mirror opened later is subscribed to its keyspace ones).
+    pub(super) names: super::keyspace::Names,
+    /// Keyspace messages are dropped: the node is no longer its shard's
+    /// primary, and a mirror on the one that is delivers them.
+    pub(super) keyspace_off: bool,
 }
 
 impl Link {
@@ -60,6 +66,8 @@ impl Link {
             markers: VecDeque::new(),
             next_marker: 0,
             mirror: None,
+            names: super::keyspace::Names::default(),
+            keyspace_off: false,
         })
     }
 
@@ -126,7 +134,11 @@ impl Link {
                     out.extend_from_slice(&with_count(&raw, n + other_shards));
                     continue;
                 }
-                Some((Kind::Plain, n)) => self.count = n,
+                Some((Kind::Plain, n)) => {
+                    self.count = n;
+                    self.names.note(&frame);
+                }
+                None if self.keyspace_off && super::keyspace::is_keyspace_message(&frame) => continue,
                 None => {}
             }
             out.extend_from_slice(&raw);

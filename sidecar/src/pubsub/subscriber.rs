@@ -30,6 +30,11 @@ pub struct Subscriber {
     mirrors: Vec<Link>,
     /// Where the next read starts, so no link starves the others.
     next: usize,
+    /// While the plain link holds keyspace subscriptions: when to check
+    /// that every primary has a link ([`Subscriber::upkeep`]), and that
+    /// the check is due.
+    upkeep: Option<tokio::time::Interval>,
+    upkeep_due: bool,
     /// A write to a link failed: its subscriptions are in doubt, so the
     /// client is closed at the next read (as when a node goes away).
     broken: Option<String>,
@@ -309,11 +314,18 @@ impl Subscriber {
         })
     }
 
-    /// Wait until some link has data (cancel safe); a lost link ends it.
+    /// Wait until some link has data or [`Subscriber::upkeep`] is due
+    /// (cancel safe); a lost link ends it.
     async fn read(&mut self) -> Result<(), UpstreamError> {
         std::future::poll_fn(|cx| {
             if let Some(e) = &self.broken {
                 return std::task::Poll::Ready(Err(UpstreamError::Closed(e.clone())));
+            }
+            if let Some(tick) = self.upkeep.as_mut()
+                && tick.poll_tick(cx).is_ready()
+            {
+                self.upkeep_due = true;
+                return std::task::Poll::Ready(Ok(()));
             }
             let n = usize::from(self.plain.is_some()) + self.shards.len() + self.mirrors.len();
             for k in 0..n {
@@ -349,9 +361,84 @@ impl Subscriber {
         for link in &mut self.mirrors {
             link.drain_mirror(out)?;
         }
+        let keyspace = self.plain.as_ref().is_some_and(|p| p.names.has_keyspace());
+        if keyspace && self.upkeep.is_none() {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + UPKEEP_EVERY, UPKEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            self.upkeep = Some(tick);
+        } else if !keyspace {
+            self.upkeep = None;
+        }
         Ok(())
     }
+
+    /// Keep keyspace notifications coming from every shard as the cluster
+    /// changes: a primary with no link (a shard added since the client
+    /// subscribed, or a replica promoted) gets a mirror subscribed to the
+    /// plain link's keyspace channels and patterns; a mirror whose node is
+    /// no longer a primary closes; and while the plain link's node is not
+    /// a primary, its own keyspace messages (a replica's copies of its
+    /// primary's) are dropped for the mirror's. Runs when due and only
+    /// with every confirmation in, so the plain link's names are current;
+    /// a mirror that cannot be opened is tried again at the next check.
+    pub async fn upkeep(&mut self, router: &Router) {
+        if !std::mem::take(&mut self.upkeep_due) || !self.settled() {
+            return;
+        }
+        let Some(plain) = self.plain.as_mut() else {
+            return;
+        };
+        let replay = plain.names.replay();
+        let (plain_addr, proto) = (plain.addr.clone(), plain.proto);
+        let primaries: Vec<(String, bool)> = router
+            .registry
+            .current()
+            .shards
+            .iter()
+            .map(|s| (s.primary.addr.clone(), s.primary.is_healthy()))
+            .collect();
+        plain.keyspace_off = !primaries.iter().any(|(a, _)| *a == plain_addr);
+        let missing: Vec<String> = primaries
+            .iter()
+            .filter(|(a, healthy)| *healthy && *a != plain_addr && !self.mirrors.iter().any(|m| m.addr == *a))
+            .map(|(a, _)| a.clone())
+            .collect();
+        for addr in missing {
+            match self.open_mirror(router, &addr, proto, &replay).await {
+                Ok(link) => self.mirrors.push(link),
+                Err(e) => {
+                    tracing::debug!(node = %addr, error = %e, "keyspace mirror not opened; trying at the next check")
+                }
+            }
+        }
+        self.mirrors
+            .retain(|m| primaries.iter().any(|(a, _)| *a == m.addr));
+    }
+
+    /// A mirror link to `addr`, subscribed with `replay`.
+    async fn open_mirror(
+        &self,
+        router: &Router,
+        addr: &str,
+        proto: u8,
+        replay: &[Vec<Bytes>],
+    ) -> Result<Link, String> {
+        let mut link = open(router, addr, proto)
+            .await
+            .map_err(|e| String::from_utf8_lossy(&e).trim_end().to_string())?;
+        link.mirror = Some(keyspace::MirrorShare::new(router.mirrors.clone()));
+        for args in replay {
+            let mut raw = BytesMut::new();
+            resp::encode_command(args, &mut raw);
+            link.forward(&raw).await.map_err(|e| e.to_string())?;
+        }
+        Ok(link)
+    }
 }
+
+/// How often a subscriber with keyspace subscriptions checks that every
+/// primary has a link.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn open(router: &Router, addr: &str, proto: u8) -> Result<Link, Bytes> {
     Link::open(

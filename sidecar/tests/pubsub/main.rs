@@ -1,7 +1,10 @@
 //! Pub/sub through the sidecar against real Redis Clusters on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../support/mod.rs"]
 mod support;
+
+mod keyspace;
 
 use std::time::Duration;
 
@@ -14,25 +17,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A raw RESP connection, as redis-py or redis-cli speak it.
-struct Raw {
+pub(crate) struct Raw {
     s: TcpStream,
     buf: BytesMut,
 }
 
 impl Raw {
-    async fn connect(addr: &str) -> Raw {
+    pub(crate) async fn connect(addr: &str) -> Raw {
         Raw {
             s: TcpStream::connect(addr).await.unwrap(),
             buf: BytesMut::new(),
         }
     }
 
-    async fn send(&mut self, args: &[&str]) {
+    pub(crate) async fn send(&mut self, args: &[&str]) {
         self.s.write_all(&resp::command_bytes(args)).await.unwrap();
     }
 
     /// The next frame, as raw bytes (within 5 s).
-    async fn frame(&mut self) -> Bytes {
+    pub(crate) async fn frame(&mut self) -> Bytes {
         let mut checker = resp::Checker::new(Limits::upstream());
         loop {
             if let Some(n) = checker.check(&self.buf).unwrap() {
@@ -44,7 +47,7 @@ impl Raw {
         }
     }
 
-    async fn frames(&mut self, n: usize) -> Vec<Bytes> {
+    pub(crate) async fn frames(&mut self, n: usize) -> Vec<Bytes> {
         let mut out = Vec::new();
         for _ in 0..n {
             out.push(self.frame().await);
@@ -661,94 +664,5 @@ async fn a_subscriber_that_switches_to_resp3_gets_pushes() {
         &c.frame().await[..],
         b">3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:1\r\n"
     );
-    sidecar.shutdown().await;
-}
-
-/// Keyspace notifications are local to the node where the key changes, not
-/// broadcast like `PUBLISH`: a subscriber through the sidecar still hears
-/// every key of every shard, each event once, and an ordinary channel's
-/// message once too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keyspace_notifications_arrive_from_every_shard_once() {
-    let cluster = Cluster::start_opts(3, 0, None, &["--notify-keyspace-events", "KEA"]);
-    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
-    let mut writer = client(&sidecar).await;
-    let keys: Vec<String> = (0..30).map(|i| format!("ks:{i}")).collect();
-    let shards: std::collections::BTreeSet<String> = keys.iter().map(|k| cluster.shard_of(k).0).collect();
-    assert_eq!(shards.len(), 3, "the keys are on every shard");
-    for proto in ["2", "3"] {
-        let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
-        sub.send(&["HELLO", proto]).await;
-        sub.frame().await;
-        sub.send(&["PSUBSCRIBE", "__keyspace@0__:ks:*"]).await;
-        sub.send(&["SUBSCRIBE", "news"]).await;
-        let confirmations = sub.frames(2).await;
-        assert!(confirmations[1].ends_with(b":2\r\n"), "{confirmations:?}");
-        // PUBSUB counts the client once, as one server would, though every
-        // primary holds its subscriptions (the previous round's subscriber
-        // is gone, but its nodes may take a moment to notice).
-        let mut counts = (Vec::new(), 0);
-        for _ in 0..40 {
-            let numsub: Vec<redis::Value> = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg("news")
-                .query_async(&mut writer)
-                .await
-                .unwrap();
-            let numpat: i64 = redis::cmd("PUBSUB")
-                .arg("NUMPAT")
-                .query_async(&mut writer)
-                .await
-                .unwrap();
-            counts = (numsub, numpat);
-            if counts
-                == (
-                    vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
-                    1,
-                )
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(
-            counts,
-            (
-                vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
-                1
-            ),
-            "RESP{proto}: PUBSUB NUMSUB news, NUMPAT"
-        );
-        for k in &keys {
-            let _: () = writer.set(k, proto).await.unwrap();
-        }
-        let _: i64 = writer.publish("news", "hello").await.unwrap();
-        let mut channels = std::collections::BTreeSet::new();
-        for _ in 0..keys.len() {
-            let frame = sub.frame().await;
-            let text = String::from_utf8_lossy(&frame).into_owned();
-            assert!(
-                text.contains("pmessage") && text.contains("set"),
-                "RESP{proto}: {text:?}"
-            );
-            let key = text
-                .split("__keyspace@0__:")
-                .nth(2)
-                .and_then(|t| t.split("\r\n").next());
-            assert!(
-                channels.insert(key.unwrap().to_string()),
-                "RESP{proto}: twice: {text:?}"
-            );
-        }
-        let expected: std::collections::BTreeSet<String> = keys.iter().cloned().collect();
-        assert_eq!(channels, expected, "RESP{proto}");
-        let news = String::from_utf8_lossy(&sub.frame().await).into_owned();
-        assert!(
-            news.contains("news") && news.contains("hello"),
-            "RESP{proto}: {news:?}"
-        );
-        let more = tokio::time::timeout(Duration::from_millis(300), sub.frame()).await;
-        assert!(more.is_err(), "RESP{proto}: nothing else arrives: {more:?}");
-    }
     sidecar.shutdown().await;
 }

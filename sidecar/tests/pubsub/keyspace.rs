@@ -1,0 +1,294 @@
+//! Keyspace notifications through the sidecar: from every shard, once, as
+//! the cluster gains shards and fails over.
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+
+use cachetier_sidecar::Sidecar;
+use cachetier_sidecar::resp::{self, Frame};
+
+use crate::Raw;
+use crate::support::{self, Cluster, RedisNode, client, config};
+
+/// Keyspace notifications are local to the node where the key changes, not
+/// broadcast like `PUBLISH`: a subscriber through the sidecar still hears
+/// every key of every shard, each event once, and an ordinary channel's
+/// message once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyspace_notifications_arrive_from_every_shard_once() {
+    let cluster = Cluster::start_opts(3, 0, None, &["--notify-keyspace-events", "KEA"]);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let mut writer = client(&sidecar).await;
+    let keys: Vec<String> = (0..30).map(|i| format!("ks:{i}")).collect();
+    let shards: std::collections::BTreeSet<String> = keys.iter().map(|k| cluster.shard_of(k).0).collect();
+    assert_eq!(shards.len(), 3, "the keys are on every shard");
+    for proto in ["2", "3"] {
+        let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
+        sub.send(&["HELLO", proto]).await;
+        sub.frame().await;
+        sub.send(&["PSUBSCRIBE", "__keyspace@0__:ks:*"]).await;
+        sub.send(&["SUBSCRIBE", "news"]).await;
+        let confirmations = sub.frames(2).await;
+        assert!(confirmations[1].ends_with(b":2\r\n"), "{confirmations:?}");
+        // PUBSUB counts the client once, as one server would, though every
+        // primary holds its subscriptions (the previous round's subscriber
+        // is gone, but its nodes may take a moment to notice).
+        let mut counts = (Vec::new(), 0);
+        for _ in 0..40 {
+            let numsub: Vec<redis::Value> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("news")
+                .query_async(&mut writer)
+                .await
+                .unwrap();
+            let numpat: i64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query_async(&mut writer)
+                .await
+                .unwrap();
+            counts = (numsub, numpat);
+            if counts
+                == (
+                    vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
+                    1,
+                )
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            counts,
+            (
+                vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
+                1
+            ),
+            "RESP{proto}: PUBSUB NUMSUB news, NUMPAT"
+        );
+        for k in &keys {
+            let _: () = writer.set(k, proto).await.unwrap();
+        }
+        let _: i64 = writer.publish("news", "hello").await.unwrap();
+        let mut channels = std::collections::BTreeSet::new();
+        for _ in 0..keys.len() {
+            let frame = sub.frame().await;
+            let text = String::from_utf8_lossy(&frame).into_owned();
+            assert!(
+                text.contains("pmessage") && text.contains("set"),
+                "RESP{proto}: {text:?}"
+            );
+            let key = text
+                .split("__keyspace@0__:")
+                .nth(2)
+                .and_then(|t| t.split("\r\n").next());
+            assert!(
+                channels.insert(key.unwrap().to_string()),
+                "RESP{proto}: twice: {text:?}"
+            );
+        }
+        let expected: std::collections::BTreeSet<String> = keys.iter().cloned().collect();
+        assert_eq!(channels, expected, "RESP{proto}");
+        let news = String::from_utf8_lossy(&sub.frame().await).into_owned();
+        assert!(
+            news.contains("news") && news.contains("hello"),
+            "RESP{proto}: {news:?}"
+        );
+        let more = tokio::time::timeout(Duration::from_millis(300), sub.frame()).await;
+        assert!(more.is_err(), "RESP{proto}: nothing else arrives: {more:?}");
+    }
+    sidecar.shutdown().await;
+}
+
+const KEYSPACE_EVENTS: [&str; 2] = ["--notify-keyspace-events", "KEA"];
+
+/// The `(event, key)` of every keyevent notification that arrives until
+/// none has for `quiet`.
+async fn keyevents(sub: &mut Raw, quiet: Duration) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    while let Ok(frame) = tokio::time::timeout(quiet, sub.frame()).await {
+        let Ok(Frame::Array(items) | Frame::Push(items)) = resp::parse(&frame) else {
+            panic!("not a message: {frame:?}");
+        };
+        let text: Vec<String> = items
+            .iter()
+            .map(|i| match i {
+                Frame::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        match text.as_slice() {
+            [kind, _, channel, key] if kind == "pmessage" => {
+                let event = channel.trim_start_matches("__keyevent@0__:").to_string();
+                got.push((event, key.clone()));
+            }
+            other => panic!("not a keyevent message: {other:?}"),
+        }
+    }
+    got
+}
+
+/// A node that joins the cluster after a client subscribed, and takes
+/// over a slot, sends that client its keyspace notifications too (through
+/// the sidecar's next topology refresh), and every event of every shard
+/// still arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_added_after_subscribing_sends_its_keyspace_notifications_too() {
+    let cluster = Cluster::start_opts(3, 0, None, &KEYSPACE_EVENTS);
+    let added = RedisNode::start(&KEYSPACE_EVENTS);
+    let mut cfg = config(&cluster);
+    cfg.topology_refresh = Duration::from_millis(300);
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let mut writer = client(&sidecar).await;
+    let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
+    sub.send(&["PSUBSCRIBE", "__keyevent@0__:*"]).await;
+    sub.frame().await;
+
+    // The new node joins and takes the (empty) slot of `key`.
+    let key = "grow:0";
+    let (owner, _) = cluster.shard_of(key);
+    let slot = cluster.nodes[0]
+        .cli(&["CLUSTER", "KEYSLOT", key])
+        .trim()
+        .to_string();
+    let (port, bus) = (added.port.to_string(), (added.port + 20000).to_string());
+    let met = cluster.nodes[0].cli(&["CLUSTER", "MEET", "127.0.0.1", &port, &bus]);
+    assert!(met.contains("OK"), "{met}");
+    let everyone: Vec<&RedisNode> = cluster.nodes.iter().chain([&added]).collect();
+    support::eventually("every node knows the new one", Duration::from_secs(30), || {
+        everyone.iter().all(|n| {
+            support::info_field(&n.cli(&["CLUSTER", "INFO"]), "cluster_known_nodes").as_deref() == Some("4")
+        })
+    })
+    .await;
+    let id = added.node_id();
+    let owner = cluster.by_addr(&owner);
+    let order = [&added, owner]
+        .into_iter()
+        .chain(cluster.nodes.iter().filter(|n| n.port != owner.port));
+    for node in order {
+        let set = node.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &id]);
+        assert!(set.contains("OK"), "{set}");
+    }
+    added.cli(&["CLUSTER", "BUMPEPOCH"]);
+    let claim = format!("{id} ");
+    support::eventually(
+        "every node credits the new one with the slot",
+        Duration::from_secs(20),
+        || {
+            everyone.iter().all(|n| {
+                let state = support::info_field(&n.cli(&["CLUSTER", "INFO"]), "cluster_state");
+                let nodes = n.cli(&["CLUSTER", "NODES"]);
+                let line = nodes.lines().find(|l| l.starts_with(&claim)).unwrap_or_default();
+                state.as_deref() == Some("ok") && line.split_whitespace().skip(8).any(|s| s == slot)
+            })
+        },
+    )
+    .await;
+
+    // Writes of the key go to the new node; its notifications reach the
+    // subscriber once the sidecar has a link there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut heard = false;
+    while !heard && std::time::Instant::now() < deadline {
+        let _: () = writer.set(key, "v").await.unwrap();
+        heard = keyevents(&mut sub, Duration::from_millis(300))
+            .await
+            .iter()
+            .any(|(event, k)| event == "set" && k == key);
+    }
+    assert!(heard, "no notification from the shard added after subscribing");
+
+    let keys: Vec<String> = (0..30).map(|i| format!("grow:{i}")).collect();
+    let shards: std::collections::BTreeSet<String> = keys.iter().map(|k| cluster.shard_of(k).0).collect();
+    assert_eq!(shards.len(), 4, "the keys are on every shard, the new one too");
+    for k in &keys {
+        let _: () = writer.set(k, "w").await.unwrap();
+    }
+    let mut got: Vec<String> = keyevents(&mut sub, Duration::from_millis(500))
+        .await
+        .into_iter()
+        .map(|(event, k)| format!("{event} {k}"))
+        .collect();
+    got.sort();
+    let mut expected: Vec<String> = keys.iter().map(|k| format!("set {k}")).collect();
+    expected.sort();
+    assert_eq!(got, expected, "every shard's events, each once");
+    sidecar.shutdown().await;
+}
+
+/// After every shard fails over, a subscriber still hears each shard from
+/// its primary: an expiry is an `expired` event there (a replica applies
+/// the primary's `DEL` and reports `del`), and no event comes twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyspace_notifications_come_from_the_new_primaries_after_failovers() {
+    let cluster = Cluster::start_opts(3, 1, None, &KEYSPACE_EVENTS);
+    let mut cfg = config(&cluster);
+    cfg.topology_refresh = Duration::from_millis(300);
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let mut writer = client(&sidecar).await;
+    let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
+    sub.send(&["PSUBSCRIBE", "__keyevent@0__:*"]).await;
+    sub.frame().await;
+
+    // Every replica takes over: the nodes of the subscriber's links (its
+    // plain link's and its mirrors') are all replicas now.
+    let replicas: Vec<&RedisNode> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.info_field("replication", "role").as_deref() == Some("slave"))
+        .collect();
+    assert_eq!(replicas.len(), 3);
+    for r in &replicas {
+        assert!(r.cli(&["CLUSTER", "FAILOVER"]).contains("OK"));
+    }
+    support::eventually(
+        "every former replica is a primary",
+        Duration::from_secs(30),
+        || {
+            replicas
+                .iter()
+                .all(|r| r.info_field("replication", "role").as_deref() == Some("master"))
+        },
+    )
+    .await;
+
+    // Rounds of keys on every shard that expire at once, until a round's
+    // events are exactly what one server sends per key: `set` and `expire`
+    // (a `SET … PX`), then `expired`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut round = 0;
+    let (got, expected) = loop {
+        round += 1;
+        let keys: Vec<String> = (0..30).map(|i| format!("fo:{round}:{i}")).collect();
+        for k in &keys {
+            let _: () = redis::cmd("SET")
+                .arg(k)
+                .arg("v")
+                .arg("PX")
+                .arg(50)
+                .query_async(&mut writer)
+                .await
+                .unwrap();
+        }
+        let mut got: Vec<String> = keyevents(&mut sub, Duration::from_millis(1500))
+            .await
+            .into_iter()
+            .map(|(event, k)| format!("{event} {k}"))
+            .collect();
+        got.sort();
+        let mut expected: Vec<String> = keys
+            .iter()
+            .flat_map(|k| [format!("set {k}"), format!("expire {k}"), format!("expired {k}")])
+            .collect();
+        expected.sort();
+        if got == expected || std::time::Instant::now() > deadline {
+            break (got, expected);
+        }
+    };
+    assert_eq!(
+        got, expected,
+        "round {round}: set, expire and expired once per key"
+    );
+    sidecar.shutdown().await;
+}

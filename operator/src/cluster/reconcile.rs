@@ -67,7 +67,9 @@ pub struct Reconciler<P> {
     /// Which node (name, incarnation) each address belonged to last round.
     identities: HashMap<SocketAddr, (String, String)>,
     /// Graceful failovers requested, by the heir's cluster id, and when.
-    graceful: HashMap<String, Instant>,
+    graceful: Requested<String>,
+    /// `CLUSTER MEET`s sent, by (node, peer), and when.
+    met: Requested<(SocketAddr, SocketAddr)>,
     status_tx: watch::Sender<Option<CacheTierStatus>>,
 }
 
@@ -78,6 +80,33 @@ pub struct Reconciler<P> {
 /// arrives after the promotion makes the old primary drop the shard's slots
 /// until the next ping, and clients routed there get `CLUSTERDOWN`.
 const MANUAL_FAILOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a `CLUSTER MEET` is given before it is sent again: Redis
+/// completes the handshake in its next cluster cron ticks (every 100 ms),
+/// and until the planner sees it done it plans the same MEET every round.
+const MEET_REPEAT: Duration = Duration::from_secs(1);
+
+/// Requests that are not repeated while Redis may still be carrying out
+/// the first: what each named, and when it was sent.
+#[derive(Debug)]
+struct Requested<K>(HashMap<K, Instant>);
+
+impl<K: std::hash::Hash + Eq> Requested<K> {
+    fn new() -> Self {
+        Self(HashMap::new())
+    }
+
+    /// `key` was requested less than `within` ago.
+    fn recent(&self, key: &K, within: Duration) -> bool {
+        self.0.get(key).is_some_and(|at| at.elapsed() < within)
+    }
+
+    /// `key` was requested now; entries older than `within` are dropped.
+    fn note(&mut self, key: K, within: Duration) {
+        self.0.retain(|_, at| at.elapsed() < within);
+        self.0.insert(key, Instant::now());
+    }
+}
 
 /// Pause after the `n`-th failing round in a row: 100 ms doubling, at most 2 s.
 pub fn error_backoff(n: u32) -> Duration {
@@ -108,7 +137,8 @@ impl<P: NodePool> Reconciler<P> {
             stuck: StuckSlots::default(),
             last_configs: std::collections::HashSet::new(),
             identities: HashMap::new(),
-            graceful: HashMap::new(),
+            graceful: Requested::new(),
+            met: Requested::new(),
             status_tx,
         }
     }
@@ -276,12 +306,18 @@ impl<P: NodePool> Reconciler<P> {
                     _ => None,
                 };
                 if let Some(heir) = &graceful
-                    && self
-                        .graceful
-                        .get(heir)
-                        .is_some_and(|at| at.elapsed() < MANUAL_FAILOVER_TIMEOUT)
+                    && self.graceful.recent(heir, MANUAL_FAILOVER_TIMEOUT)
                 {
                     debug!(tier = %self.tier.name, step = %step, "failover already requested; waiting for it");
+                    continue;
+                }
+                let meet = match step {
+                    Action::Meet { node, peer } => Some((*node, *peer)),
+                    _ => None,
+                };
+                if let Some(pair) = &meet
+                    && self.met.recent(pair, MEET_REPEAT)
+                {
                     continue;
                 }
                 if !matches!(step, Action::MigrateSlots { .. } | Action::FinishMigration { .. }) {
@@ -298,9 +334,10 @@ impl<P: NodePool> Reconciler<P> {
                 match execute(self.pool.as_ref(), &mut self.conns, &self.tier, &reach, step).await {
                     Ok(Outcome { stuck }) => {
                         if let Some(heir) = graceful {
-                            self.graceful
-                                .retain(|_, at| at.elapsed() < MANUAL_FAILOVER_TIMEOUT);
-                            self.graceful.insert(heir, Instant::now());
+                            self.graceful.note(heir, MANUAL_FAILOVER_TIMEOUT);
+                        }
+                        if let Some(pair) = meet {
+                            self.met.note(pair, MEET_REPEAT);
                         }
                         if repeat {
                             warn!(tier = %self.tier.name, step = %step, "setting still differs after CONFIG SET");

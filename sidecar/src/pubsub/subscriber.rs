@@ -390,9 +390,13 @@ impl Subscriber {
         };
         let replay = plain.names.replay();
         let (plain_addr, proto) = (plain.addr.clone(), plain.proto);
-        let primaries: Vec<(String, bool)> = router
-            .registry
-            .current()
+        let topo = router.registry.current();
+        // No slot map (every seed unreachable): nothing to go by, so the
+        // links stay as they are.
+        if !topo.is_known() {
+            return;
+        }
+        let primaries: Vec<(String, bool)> = topo
             .shards
             .iter()
             .map(|s| (s.primary.addr.clone(), s.primary.is_healthy()))

@@ -262,6 +262,10 @@ pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, Key
     let n = args.len();
     match info.keys {
         KeySpec::None => Ok(Vec::new()),
+        // A key after a subcommand (`MEMORY USAGE k`, `OBJECT ENCODING k`,
+        // `XINFO STREAM k`): the subcommand alone names none (`MEMORY
+        // STATS`, `OBJECT HELP`), or Redis words what is missing.
+        KeySpec::Range { first, .. } if first >= 2 && n <= first => Ok(Vec::new()),
         KeySpec::Range { .. } => range_keys(info, args)
             .map(Iterator::collect)
             .ok_or(KeyError::WrongArity),
@@ -418,6 +422,9 @@ mod tests {
             key_indices(blmpop, &args("BLMPOP 0 2 a b LEFT")).unwrap(),
             vec![3, 4]
         );
+        let memory = lookup(b"memory").unwrap();
+        assert_eq!(key_indices(memory, &args("MEMORY USAGE k")).unwrap(), vec![2]);
+        assert!(key_indices(memory, &args("MEMORY STATS")).unwrap().is_empty());
         let bitop = lookup(b"bitop").unwrap();
         assert_eq!(
             key_indices(bitop, &args("BITOP AND d a b")).unwrap(),

@@ -104,6 +104,17 @@ async fn malformed_commands_get_the_errors_redis_gives_them() {
         "ECHO",
         "WAIT 1",
         "ROLE x",
+        // Subcommands with no key of commands whose key follows the
+        // subcommand: any node answers them as Redis does.
+        "MEMORY HELP",
+        "MEMORY DOCTOR",
+        "MEMORY NOSUCH",
+        "MEMORY",
+        "OBJECT HELP",
+        "OBJECT ENCODING",
+        "XINFO HELP",
+        "XINFO STREAM",
+        "XGROUP HELP",
     ] {
         let args: Vec<&str> = line.split(' ').collect();
         let mut cmd = redis::cmd(args[0]);

@@ -27,7 +27,7 @@ static ARITY: &[(&str, i32)] = &[
     ("hrandfield", -2), ("hscan", -3), ("hset", -4), ("hsetnx", 4), ("hstrlen", 3),
     ("hvals", 2), ("incr", 2), ("incrby", 3), ("incrbyfloat", 3), ("info", -1), ("keys", 2),
     ("lastsave", 1), ("latency", -2), ("lcs", -3), ("lindex", 3), ("linsert", 5), ("llen", 2),
-    ("lmove", 5), ("lmpop", -4), ("lpop", -2), ("lpos", -3), ("lpush", -3), ("lpushx", -3),
+    ("lmove", 5), ("lmpop", -4), ("lolwut", -1), ("lpop", -2), ("lpos", -3), ("lpush", -3), ("lpushx", -3),
     ("lrange", 4), ("lrem", 4), ("lset", 4), ("ltrim", 4), ("memory", -2), ("mget", -2),
     ("migrate", -6), ("module", -2), ("monitor", 1), ("move", 3), ("mset", -3), ("msetnx", -3),
     ("multi", 1), ("object", -2), ("persist", 2), ("pexpire", -3), ("pexpireat", -3),

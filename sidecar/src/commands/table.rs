@@ -300,7 +300,11 @@ pub(super) static TABLE: LazyLock<Table> = LazyLock::new(|| {
         Server,
         KeySpec::None,
     );
-    add(&["time", "publish", "lastsave"], AnyPrimary, KeySpec::None);
+    add(
+        &["time", "publish", "lastsave", "lolwut"],
+        AnyPrimary,
+        KeySpec::None,
+    );
     // A shard channel lives in its name's slot, like a key.
     add(&["spublish"], Write, k1());
     // Blocking forms run on a connection of the client's own (`block_timeout`).

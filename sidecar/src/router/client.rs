@@ -152,6 +152,12 @@ impl Router {
             "ID" => encode(&Frame::Integer(st.id as i64)),
             // Client libraries announce themselves; nothing to do with it.
             "SETINFO" => ok(),
+            // Redis's client eviction (`maxmemory-clients`) acts on the
+            // sidecar's upstream connections, never on its clients.
+            "NO-EVICT" => match args.get(2).map(|a| upper(a)).as_deref() {
+                Some("ON" | "OFF") => ok(),
+                _ => err("ERR syntax error"),
+            },
             "INFO" => match &st.view {
                 Some(me) => encode(&text(proto, format!("{}\n", self.line_of(st, me, "client|info")))),
                 None => err("ERR cachetier: this connection is not registered"),

@@ -115,6 +115,9 @@ async fn malformed_commands_get_the_errors_redis_gives_them() {
         "XINFO HELP",
         "XINFO STREAM",
         "XGROUP HELP",
+        "CLIENT NO-EVICT maybe",
+        "CLIENT NO-EVICT on",
+        "LOLWUT VERSION x",
     ] {
         let args: Vec<&str> = line.split(' ').collect();
         let mut cmd = redis::cmd(args[0]);

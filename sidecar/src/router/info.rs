@@ -1,5 +1,9 @@
 //! `INFO`: the sidecar's own sections (it is the client's server), with
-//! `keyspace` summed over every primary.
+//! `keyspace` and `memory` summed over every primary, and `stats` the
+//! sidecar's own counts beside the nodes' summed hits, misses, expiries and
+//! evictions.
+
+use std::collections::HashMap;
 
 use super::*;
 
@@ -7,16 +11,89 @@ use super::*;
 const ORDER: &[&str] = &[
     "server",
     "clients",
+    "memory",
     "persistence",
+    "stats",
     "replication",
     "cluster",
     "keyspace",
     "cache",
 ];
 
+/// The sections made of the nodes' own figures.
+const FROM_NODES: &[&str] = &["memory", "stats", "keyspace"];
+
+/// What the nodes answered to `INFO memory stats keyspace`, by role.
+#[derive(Debug, Default)]
+struct Nodes {
+    primaries: Vec<HashMap<String, String>>,
+    replicas: Vec<HashMap<String, String>>,
+}
+
+impl Nodes {
+    /// `field` summed over the primaries, or over every node.
+    fn sum(&self, field: &str, replicas_too: bool) -> u64 {
+        let replicas = if replicas_too { &self.replicas[..] } else { &[] };
+        self.primaries
+            .iter()
+            .chain(replicas)
+            .filter_map(|n| n.get(field)?.parse::<u64>().ok())
+            .fold(0, u64::saturating_add)
+    }
+}
+
+/// The `field:value` lines of an `INFO` reply.
+fn fields(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.trim_end().split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Bytes as Redis's `INFO` writes them for people (`1.18M`).
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut scale = 1024f64;
+    for unit in UNITS {
+        if (n as f64) < scale * 1024.0 {
+            return format!("{:.2}{unit}", n as f64 / scale);
+        }
+        scale *= 1024.0;
+    }
+    format!("{n}B")
+}
+
+/// The tier's `memory` section: the primaries' figures summed (the data
+/// a client sees), the eviction policy as the first primary reports it.
+fn memory(nodes: &Nodes) -> String {
+    let mut s = String::new();
+    for field in ["used_memory", "used_memory_rss", "used_memory_peak"] {
+        let n = nodes.sum(field, false);
+        s.push_str(&format!("{field}:{n}\r\n{field}_human:{}\r\n", human(n)));
+    }
+    s.push_str(&format!(
+        "used_memory_dataset:{}\r\n",
+        nodes.sum("used_memory_dataset", false)
+    ));
+    let max = nodes.sum("maxmemory", false);
+    s.push_str(&format!("maxmemory:{max}\r\nmaxmemory_human:{}\r\n", human(max)));
+    if let Some(policy) = nodes.primaries.iter().find_map(|n| n.get("maxmemory_policy")) {
+        s.push_str(&format!("maxmemory_policy:{policy}\r\n"));
+    }
+    s
+}
+
 /// `db0:keys=…,expires=…,avg_ttl=…` of one node's `INFO keyspace`.
+#[cfg(test)]
 fn db0(text: &str) -> Option<(u64, u64, u64)> {
-    let line = text.lines().find_map(|l| l.trim_end().strip_prefix("db0:"))?;
+    db0_fields(text.lines().find_map(|l| l.trim_end().strip_prefix("db0:"))?)
+}
+
+/// The figures of a `db0` line's value (`keys=…,expires=…,avg_ttl=…`).
+fn db0_fields(line: &str) -> Option<(u64, u64, u64)> {
     let mut keys = None;
     let mut expires = None;
     let mut ttl = None;
@@ -75,14 +152,14 @@ impl Router {
             .collect();
         let this = self.clone();
         self.timed(info, async move {
-            let keyspace = if wanted.contains(&"keyspace") {
-                Some(this.keyspace(up).await)
+            let nodes = if wanted.iter().any(|w| FROM_NODES.contains(w)) {
+                Some(this.node_infos(up).await)
             } else {
                 None
             };
             let body = wanted
                 .iter()
-                .filter_map(|&name| Some((name, this.info_section(name, keyspace.as_deref())?)))
+                .filter_map(|&name| Some((name, this.info_section(name, nodes.as_ref())?)))
                 .map(|(name, body)| {
                     let mut title = name.to_string();
                     if let Some(first) = title.get_mut(..1) {
@@ -96,28 +173,48 @@ impl Router {
         })
     }
 
-    /// `INFO keyspace` of every primary, summed (a node that does not
-    /// answer is left out).
-    async fn keyspace(&self, up: Proto) -> String {
-        let cmd = resp::command_bytes(&["INFO", "keyspace"]);
-        let futs = self.primaries().into_iter().map(|n| {
+    /// `INFO memory stats keyspace` of every node in rotation (one that
+    /// does not answer is left out).
+    async fn node_infos(&self, up: Proto) -> Nodes {
+        let topo = self.registry.current();
+        let cmd = resp::command_bytes(&["INFO", "memory", "stats", "keyspace"]);
+        let ask = |nodes: Vec<Arc<Node>>| {
             let cmd = cmd.clone();
-            async move { n.request(up, cmd, 1).await }
-        });
-        let nodes: Vec<(u64, u64, u64)> = join_all(futs)
-            .await
-            .into_iter()
-            .filter_map(|r| r.ok()?.pop())
-            .filter_map(|raw| match resp::parse(&raw) {
-                Ok(Frame::Bulk(b) | Frame::Verbatim(b)) => db0(&String::from_utf8_lossy(&b)),
-                _ => None,
-            })
+            async move {
+                let futs = nodes.into_iter().map(|n| {
+                    let cmd = cmd.clone();
+                    async move { n.request(up, cmd, 1).await }
+                });
+                join_all(futs)
+                    .await
+                    .into_iter()
+                    .filter_map(|r| r.ok()?.pop())
+                    .filter_map(|raw| match resp::parse(&raw) {
+                        Ok(Frame::Bulk(b) | Frame::Verbatim(b)) => Some(fields(&String::from_utf8_lossy(&b))),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            }
+        };
+        // A node out of rotation would hold the reply up to its timeout.
+        let primaries = topo
+            .shards
+            .iter()
+            .map(|s| s.primary.clone())
+            .filter(|n| n.is_healthy())
             .collect();
-        keyspace(&nodes)
+        let replicas = topo
+            .shards
+            .iter()
+            .flat_map(|s| s.replicas.iter().cloned())
+            .filter(|n| n.is_healthy())
+            .collect();
+        let (primaries, replicas) = futures_util::join!(ask(primaries), ask(replicas));
+        Nodes { primaries, replicas }
     }
 
     /// One section's lines (`None`: the sidecar has no such section now).
-    fn info_section(&self, name: &str, keyspace: Option<&str>) -> Option<String> {
+    fn info_section(&self, name: &str, nodes: Option<&Nodes>) -> Option<String> {
         Some(match name {
             "server" => {
                 let mut s = String::new();
@@ -141,8 +238,10 @@ impl Router {
                     self.config.max_clients
                 )
             }
+            "memory" => memory(nodes?),
             // Client libraries read these on connect (ioredis waits for loading:0).
             "persistence" => "loading:0\r\n".to_string(),
+            "stats" => self.stats(nodes?),
             "replication" => "role:master\r\nconnected_slaves:0\r\n".to_string(),
             "cluster" => {
                 let topo = self.registry.current();
@@ -168,10 +267,38 @@ impl Router {
                 }
                 s
             }
-            "keyspace" => keyspace?.to_string(),
+            "keyspace" => {
+                let db0s: Vec<(u64, u64, u64)> = nodes?
+                    .primaries
+                    .iter()
+                    .filter_map(|n| db0_fields(n.get("db0")?))
+                    .collect();
+                keyspace(&db0s)
+            }
             "cache" => format!("cache_bytes:{}\r\n", self.cache.as_ref()?.weighted_size()),
             _ => return None,
         })
+    }
+
+    /// The `stats` section: connections and commands are the sidecar's own
+    /// (its clients'); hits and misses are every node's (replicas serve
+    /// reads), expiries and evictions the primaries'.
+    fn stats(&self, nodes: &Nodes) -> String {
+        let connections = NEXT_CLIENT_ID.load(Ordering::Relaxed).saturating_sub(1);
+        use prometheus::core::Collector;
+        let commands: u64 = Collector::collect(&self.metrics.requests)
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum();
+        format!(
+            "total_connections_received:{connections}\r\ntotal_commands_processed:{commands}\r\n\
+             expired_keys:{}\r\nevicted_keys:{}\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\n",
+            nodes.sum("expired_keys", false),
+            nodes.sum("evicted_keys", false),
+            nodes.sum("keyspace_hits", true),
+            nodes.sum("keyspace_misses", true),
+        )
     }
 }
 
@@ -191,5 +318,30 @@ mod tests {
             "db0:keys=8,expires=4,avg_ttl=200\r\n"
         );
         assert_eq!(keyspace(&[]), "", "an empty database has no line, as in Redis");
+    }
+
+    #[test]
+    fn memory_is_the_primaries_summed_and_written_as_redis_does() {
+        assert_eq!(human(1000), "1000B");
+        assert_eq!(human(1_237_000), "1.18M");
+        assert_eq!(human(3 << 30), "3.00G");
+        let node = |used: &str, max: &str| {
+            fields(&format!(
+                "used_memory:{used}\r\nmaxmemory:{max}\r\nmaxmemory_policy:allkeys-lru\r\n"
+            ))
+        };
+        let nodes = Nodes {
+            primaries: vec![node("1048576", "1073741824"), node("2097152", "1073741824")],
+            replicas: vec![node("9999999", "1073741824")],
+        };
+        let text = memory(&nodes);
+        for line in [
+            "used_memory:3145728\r\nused_memory_human:3.00M\r\n",
+            "maxmemory:2147483648\r\nmaxmemory_human:2.00G\r\n",
+            "maxmemory_policy:allkeys-lru\r\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text:?}");
+        }
+        assert_eq!(nodes.sum("used_memory", true), 3145728 + 9999999);
     }
 }

@@ -160,7 +160,12 @@ async fn info_reports_the_upstream_redis_version() {
             .map(str::to_string)
             .collect()
     };
-    for asked in [&["server", "REPLICATION"][..], &["persistence"], &["nosuch"]] {
+    for asked in [
+        &["server", "REPLICATION"][..],
+        &["persistence"],
+        &["memory", "stats"],
+        &["nosuch"],
+    ] {
         let ours: String = redis::cmd("INFO").arg(asked).query_async(&mut c).await.unwrap();
         let redis: String = redis::cmd("INFO")
             .arg(asked)
@@ -188,6 +193,43 @@ async fn info_reports_the_upstream_redis_version() {
         ks.contains(&format!("db0:keys={keys},expires=1,")),
         "{keys} keys: {ks}"
     );
+    // Memory is the primaries' summed; hits and misses the nodes', the
+    // commands the sidecar's (this client's, published before each reply).
+    let field = |text: &str, name: &str| -> u64 {
+        support::info_field(text, name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    let memory: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(field(&memory, "used_memory") > 0, "{memory}");
+    let policy = cluster.nodes[0].info_field("memory", "maxmemory_policy").unwrap();
+    assert!(
+        memory.contains(&format!("maxmemory_policy:{policy}\r\n")),
+        "{memory}"
+    );
+    let mut stats = redis::cmd("INFO");
+    stats.arg("stats");
+    let before: String = stats.query_async(&mut c).await.unwrap();
+    for k in ["ks:a", "ks:b", "ks:c", "nosuch"] {
+        let _: Option<String> = c.get(k).await.unwrap();
+    }
+    let after: String = stats.query_async(&mut c).await.unwrap();
+    let delta = |name| field(&after, name) - field(&before, name);
+    assert_eq!(
+        (delta("keyspace_hits"), delta("keyspace_misses")),
+        (3, 1),
+        "{after}"
+    );
+    assert_eq!(
+        delta("total_commands_processed"),
+        5,
+        "four GETs and an INFO: {after}"
+    );
+    assert!(field(&after, "total_connections_received") >= 1, "{after}");
     let clients: String = redis::cmd("INFO")
         .arg("clients")
         .query_async(&mut c)

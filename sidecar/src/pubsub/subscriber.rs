@@ -380,8 +380,9 @@ impl Subscriber {
     /// a primary, its own keyspace messages (a replica's copies of its
     /// primary's) are dropped for the mirror's. Runs when due and only
     /// with every confirmation in, so the plain link's names are current;
-    /// a mirror that cannot be opened is tried again at the next check.
-    pub async fn upkeep(&mut self, router: &Router) {
+    /// a mirror that cannot be opened or confirmed is tried again at the
+    /// next check. Keyspace messages of a new mirror go to `out`.
+    pub async fn upkeep(&mut self, router: &Router, out: &mut BytesMut) {
         if !std::mem::take(&mut self.upkeep_due) || !self.settled() {
             return;
         }
@@ -408,7 +409,7 @@ impl Subscriber {
             .map(|(a, _)| a.clone())
             .collect();
         for addr in missing {
-            match self.open_mirror(router, &addr, proto, &replay).await {
+            match open_mirror(router, &addr, proto, &replay, out).await {
                 Ok(link) => self.mirrors.push(link),
                 Err(e) => {
                     tracing::debug!(node = %addr, error = %e, "keyspace mirror not opened; trying at the next check")
@@ -418,25 +419,41 @@ impl Subscriber {
         self.mirrors
             .retain(|m| primaries.iter().any(|(a, _)| *a == m.addr));
     }
+}
 
-    /// A mirror link to `addr`, subscribed with `replay`.
-    async fn open_mirror(
-        &self,
-        router: &Router,
-        addr: &str,
-        proto: u8,
-        replay: &[Vec<Bytes>],
-    ) -> Result<Link, String> {
-        let mut link = open(router, addr, proto)
-            .await
-            .map_err(|e| String::from_utf8_lossy(&e).trim_end().to_string())?;
-        link.mirror = Some(keyspace::MirrorShare::new(router.mirrors.clone()));
-        for args in replay {
-            let mut raw = BytesMut::new();
-            resp::encode_command(args, &mut raw);
-            link.forward(&raw).await.map_err(|e| e.to_string())?;
+/// A mirror link to `addr`, subscribed with `replay` and confirmed within
+/// the response timeout (a link that never confirms would hold the
+/// client's next subscription command for ever); keyspace messages that
+/// arrive meanwhile go to `out`.
+async fn open_mirror(
+    router: &Router,
+    addr: &str,
+    proto: u8,
+    replay: &[Vec<Bytes>],
+    out: &mut BytesMut,
+) -> Result<Link, String> {
+    let mut link = open(router, addr, proto)
+        .await
+        .map_err(|e| String::from_utf8_lossy(&e).trim_end().to_string())?;
+    link.mirror = Some(keyspace::MirrorShare::new(router.mirrors.clone()));
+    for args in replay {
+        let mut raw = BytesMut::new();
+        resp::encode_command(args, &mut raw);
+        link.forward(&raw).await.map_err(|e| e.to_string())?;
+    }
+    let settle = async {
+        while !link.settled() {
+            std::future::poll_fn(|cx| link.poll_read(cx))
+                .await
+                .map_err(|e| e.to_string())?;
+            link.drain_mirror(out).map_err(|e| e.to_string())?;
         }
-        Ok(link)
+        Ok::<(), String>(())
+    };
+    match tokio::time::timeout(router.config.response_timeout, settle).await {
+        Ok(Ok(())) => Ok(link),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no confirmation within the response timeout".into()),
     }
 }
 

@@ -128,6 +128,19 @@ async fn keyevents(sub: &mut Raw, quiet: Duration) -> Vec<(String, String)> {
     got
 }
 
+/// A sidecar in front of `cluster` that refreshes its slot map every
+/// 300 ms, a client of it, and a subscriber of every keyevent through it.
+async fn subscribed_to_keyevents(cluster: &Cluster) -> (Sidecar, redis::aio::MultiplexedConnection, Raw) {
+    let mut cfg = config(cluster);
+    cfg.topology_refresh = Duration::from_millis(300);
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let writer = client(&sidecar).await;
+    let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
+    sub.send(&["PSUBSCRIBE", "__keyevent@0__:*"]).await;
+    sub.frame().await;
+    (sidecar, writer, sub)
+}
+
 /// A node that joins the cluster after a client subscribed, and takes
 /// over a slot, sends that client its keyspace notifications too (through
 /// the sidecar's next topology refresh), and every event of every shard
@@ -136,13 +149,7 @@ async fn keyevents(sub: &mut Raw, quiet: Duration) -> Vec<(String, String)> {
 async fn a_shard_added_after_subscribing_sends_its_keyspace_notifications_too() {
     let cluster = Cluster::start_opts(3, 0, None, &KEYSPACE_EVENTS);
     let added = RedisNode::start(&KEYSPACE_EVENTS);
-    let mut cfg = config(&cluster);
-    cfg.topology_refresh = Duration::from_millis(300);
-    let sidecar = Sidecar::bind(cfg).await.unwrap();
-    let mut writer = client(&sidecar).await;
-    let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
-    sub.send(&["PSUBSCRIBE", "__keyevent@0__:*"]).await;
-    sub.frame().await;
+    let (sidecar, mut writer, mut sub) = subscribed_to_keyevents(&cluster).await;
 
     // The new node joins and takes the (empty) slot of `key`.
     let key = "grow:0";
@@ -223,13 +230,7 @@ async fn a_shard_added_after_subscribing_sends_its_keyspace_notifications_too() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyspace_notifications_come_from_the_new_primaries_after_failovers() {
     let cluster = Cluster::start_opts(3, 1, None, &KEYSPACE_EVENTS);
-    let mut cfg = config(&cluster);
-    cfg.topology_refresh = Duration::from_millis(300);
-    let sidecar = Sidecar::bind(cfg).await.unwrap();
-    let mut writer = client(&sidecar).await;
-    let mut sub = Raw::connect(&sidecar.local_addr().to_string()).await;
-    sub.send(&["PSUBSCRIBE", "__keyevent@0__:*"]).await;
-    sub.frame().await;
+    let (sidecar, mut writer, mut sub) = subscribed_to_keyevents(&cluster).await;
 
     // Every replica takes over: the nodes of the subscriber's links (its
     // plain link's and its mirrors') are all replicas now.

@@ -235,10 +235,24 @@ impl Subscriber {
             .filter(|p| p.is_healthy() && Some(&p.addr) != plain.as_ref())
             .map(|p| p.addr.clone())
             .collect();
+        // The client's earlier keyspace subscriptions first (it may hold
+        // some from when there was no other primary to mirror); the
+        // command's own follows on every mirror.
+        let replay = self.plain.as_ref().map(|l| l.names.replay()).unwrap_or_default();
         for addr in addrs {
             match open(router, &addr, proto).await {
                 Ok(mut link) => {
                     link.mirror = Some(keyspace::MirrorShare::new(router.mirrors.clone()));
+                    for args in &replay {
+                        let mut raw = BytesMut::new();
+                        resp::encode_command(args, &mut raw);
+                        if let Err(e) = link.forward(&raw).await {
+                            self.mirrors.clear();
+                            return Err(error_frame(&format!(
+                                "ERR cachetier: could not subscribe a keyspace connection to {addr}: {e}"
+                            )));
+                        }
+                    }
                     self.mirrors.push(link);
                 }
                 Err(e) => {
@@ -376,9 +390,9 @@ impl Subscriber {
     /// changes: a primary with no link (a shard added since the client
     /// subscribed, or a replica promoted) gets a mirror subscribed to the
     /// plain link's keyspace channels and patterns; a mirror whose node is
-    /// no longer a primary closes; and while the plain link's node is not
-    /// a primary, its own keyspace messages (a replica's copies of its
-    /// primary's) are dropped for the mirror's. Runs when due and only
+    /// no longer a primary closes; and while the plain link's node is a
+    /// replica whose primary has a mirror, its own keyspace messages (a
+    /// replica's copies of its primary's) are dropped for the mirror's. Runs when due and only
     /// with every confirmation in, so the plain link's names are current;
     /// a mirror that cannot be opened or confirmed is tried again at the
     /// next check. Keyspace messages of a new mirror go to `out`.
@@ -402,7 +416,12 @@ impl Subscriber {
             .iter()
             .map(|s| (s.primary.addr.clone(), s.primary.is_healthy()))
             .collect();
-        plain.keyspace_off = !primaries.iter().any(|(a, _)| *a == plain_addr);
+        // The primary of the shard the plain link's node is now a replica of.
+        let plain_primary = topo
+            .shards
+            .iter()
+            .find(|s| s.replicas.iter().any(|r| r.addr == plain_addr))
+            .map(|s| s.primary.addr.clone());
         let missing: Vec<String> = primaries
             .iter()
             .filter(|(a, healthy)| *healthy && *a != plain_addr && !self.mirrors.iter().any(|m| m.addr == *a))
@@ -418,6 +437,11 @@ impl Subscriber {
         }
         self.mirrors
             .retain(|m| primaries.iter().any(|(a, _)| *a == m.addr));
+        // Its copies are dropped only once that primary's mirror delivers.
+        let covered = plain_primary.is_some_and(|p| self.mirrors.iter().any(|m| m.addr == p));
+        if let Some(plain) = self.plain.as_mut() {
+            plain.keyspace_off = covered;
+        }
     }
 }
 
@@ -436,12 +460,12 @@ async fn open_mirror(
         .await
         .map_err(|e| String::from_utf8_lossy(&e).trim_end().to_string())?;
     link.mirror = Some(keyspace::MirrorShare::new(router.mirrors.clone()));
-    for args in replay {
-        let mut raw = BytesMut::new();
-        resp::encode_command(args, &mut raw);
-        link.forward(&raw).await.map_err(|e| e.to_string())?;
-    }
     let settle = async {
+        for args in replay {
+            let mut raw = BytesMut::new();
+            resp::encode_command(args, &mut raw);
+            link.forward(&raw).await.map_err(|e| e.to_string())?;
+        }
         while !link.settled() {
             std::future::poll_fn(|cx| link.poll_read(cx))
                 .await

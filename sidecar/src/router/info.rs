@@ -78,7 +78,16 @@ fn memory(nodes: &Nodes) -> String {
         "used_memory_dataset:{}\r\n",
         nodes.sum("used_memory_dataset", false)
     ));
-    let max = nodes.sum("maxmemory", false);
+    // 0 is no limit: a tier with an unlimited primary has none either.
+    let unlimited = nodes
+        .primaries
+        .iter()
+        .any(|n| n.get("maxmemory").is_some_and(|m| m == "0"));
+    let max = if unlimited {
+        0
+    } else {
+        nodes.sum("maxmemory", false)
+    };
     s.push_str(&format!("maxmemory:{max}\r\nmaxmemory_human:{}\r\n", human(max)));
     if let Some(policy) = nodes.primaries.iter().find_map(|n| n.get("maxmemory_policy")) {
         s.push_str(&format!("maxmemory_policy:{policy}\r\n"));

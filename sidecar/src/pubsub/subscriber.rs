@@ -189,7 +189,7 @@ impl Subscriber {
             self.plain = Some(open(router, &addr, proto).await?);
         }
         if subscription == Some(true) && self.mirrors.is_empty() {
-            self.open_mirrors(router, proto).await?;
+            self.open_mirrors(router, proto, out).await?;
         }
         if subscription.is_some() && !self.mirrors.is_empty() {
             self.forward_mirrors(router, raw, out).await?;
@@ -224,7 +224,7 @@ impl Subscriber {
     /// A mirror link to every healthy primary but the plain link's (a
     /// primary out of rotation has no link; the client hears that shard's
     /// keyspace notifications after it subscribes again).
-    async fn open_mirrors(&mut self, router: &Router, proto: u8) -> Result<(), Bytes> {
+    async fn open_mirrors(&mut self, router: &Router, proto: u8, out: &mut BytesMut) -> Result<(), Bytes> {
         let plain = self.plain.as_ref().map(|l| l.addr.clone());
         let addrs: Vec<String> = router
             .registry
@@ -240,21 +240,8 @@ impl Subscriber {
         // command's own follows on every mirror.
         let replay = self.plain.as_ref().map(|l| l.names.replay()).unwrap_or_default();
         for addr in addrs {
-            match open(router, &addr, proto).await {
-                Ok(mut link) => {
-                    link.mirror = Some(keyspace::MirrorShare::new(router.mirrors.clone()));
-                    for args in &replay {
-                        let mut raw = BytesMut::new();
-                        resp::encode_command(args, &mut raw);
-                        if let Err(e) = link.forward(&raw).await {
-                            self.mirrors.clear();
-                            return Err(error_frame(&format!(
-                                "ERR cachetier: could not subscribe a keyspace connection to {addr}: {e}"
-                            )));
-                        }
-                    }
-                    self.mirrors.push(link);
-                }
+            match open_mirror(router, &addr, proto, &replay, out).await {
+                Ok(link) => self.mirrors.push(link),
                 Err(e) => {
                     self.mirrors.clear();
                     return Err(e);
@@ -431,7 +418,8 @@ impl Subscriber {
             match open_mirror(router, &addr, proto, &replay, out).await {
                 Ok(link) => self.mirrors.push(link),
                 Err(e) => {
-                    tracing::debug!(node = %addr, error = %e, "keyspace mirror not opened; trying at the next check")
+                    let e = String::from_utf8_lossy(&e);
+                    tracing::debug!(node = %addr, error = %e.trim_end(), "keyspace mirror not opened; trying at the next check")
                 }
             }
         }
@@ -448,17 +436,15 @@ impl Subscriber {
 /// A mirror link to `addr`, subscribed with `replay` and confirmed within
 /// the response timeout (a link that never confirms would hold the
 /// client's next subscription command for ever); keyspace messages that
-/// arrive meanwhile go to `out`.
+/// arrive meanwhile go to `out`. The error is the client's reply.
 async fn open_mirror(
     router: &Router,
     addr: &str,
     proto: u8,
     replay: &[Vec<Bytes>],
     out: &mut BytesMut,
-) -> Result<Link, String> {
-    let mut link = open(router, addr, proto)
-        .await
-        .map_err(|e| String::from_utf8_lossy(&e).trim_end().to_string())?;
+) -> Result<Link, Bytes> {
+    let mut link = open(router, addr, proto).await?;
     link.mirror = Some(keyspace::MirrorShare::new(router.mirrors.clone()));
     let settle = async {
         for args in replay {
@@ -474,11 +460,14 @@ async fn open_mirror(
         }
         Ok::<(), String>(())
     };
-    match tokio::time::timeout(router.config.response_timeout, settle).await {
-        Ok(Ok(())) => Ok(link),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err("no confirmation within the response timeout".into()),
-    }
+    let e = match tokio::time::timeout(router.config.response_timeout, settle).await {
+        Ok(Ok(())) => return Ok(link),
+        Ok(Err(e)) => e,
+        Err(_) => "no confirmation within the response timeout".into(),
+    };
+    Err(error_frame(&format!(
+        "ERR cachetier: could not subscribe a keyspace connection to {addr}: {e}"
+    )))
 }
 
 /// How often a subscriber with keyspace subscriptions checks that every

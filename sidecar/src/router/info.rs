@@ -95,12 +95,6 @@ fn memory(nodes: &Nodes) -> String {
     s
 }
 
-/// `db0:keys=…,expires=…,avg_ttl=…` of one node's `INFO keyspace`.
-#[cfg(test)]
-fn db0(text: &str) -> Option<(u64, u64, u64)> {
-    db0_fields(text.lines().find_map(|l| l.trim_end().strip_prefix("db0:"))?)
-}
-
 /// The figures of a `db0` line's value (`keys=…,expires=…,avg_ttl=…`).
 fn db0_fields(line: &str) -> Option<(u64, u64, u64)> {
     let mut keys = None;
@@ -162,7 +156,7 @@ impl Router {
         let this = self.clone();
         self.timed(info, async move {
             let nodes = if wanted.iter().any(|w| FROM_NODES.contains(w)) {
-                Some(this.node_infos(up).await)
+                Some(this.node_infos(up, wanted.contains(&"stats")).await)
             } else {
                 None
             };
@@ -182,9 +176,10 @@ impl Router {
         })
     }
 
-    /// `INFO memory stats keyspace` of every node in rotation (one that
-    /// does not answer is left out).
-    async fn node_infos(&self, up: Proto) -> Nodes {
+    /// `INFO memory stats keyspace` of every primary in rotation, and of
+    /// every replica in rotation when `replicas` (only `stats` sums theirs);
+    /// a node that does not answer is left out.
+    async fn node_infos(&self, up: Proto, replicas: bool) -> Nodes {
         let topo = self.registry.current();
         let cmd = resp::command_bytes(&["INFO", "memory", "stats", "keyspace"]);
         let ask = |nodes: Vec<Arc<Node>>| {
@@ -216,7 +211,7 @@ impl Router {
             .shards
             .iter()
             .flat_map(|s| s.replicas.iter().cloned())
-            .filter(|n| n.is_healthy())
+            .filter(|n| replicas && n.is_healthy())
             .collect();
         let (primaries, replicas) = futures_util::join!(ask(primaries), ask(replicas));
         Nodes { primaries, replicas }
@@ -317,6 +312,8 @@ mod tests {
 
     #[test]
     fn the_keyspace_line_sums_the_nodes_lines() {
+        // A node's `INFO keyspace`, read as the sidecar reads it.
+        let db0 = |text: &str| fields(text).get("db0").and_then(|v| db0_fields(v));
         assert_eq!(
             db0("# Keyspace\r\ndb0:keys=5,expires=2,avg_ttl=100\r\n"),
             Some((5, 2, 100))

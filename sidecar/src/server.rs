@@ -445,7 +445,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 let drained = match (r, sub.as_mut()) {
                     (Ok(()), Some(s)) => match s.drain(&mut out) {
                         Ok(()) => {
-                            s.upkeep(&router, &mut out).await;
+                            s.upkeep(&router).await;
                             Ok(())
                         }
                         Err(e) => Err(e),

@@ -63,6 +63,20 @@ impl Topology {
     pub fn is_known(&self) -> bool {
         !self.shards.is_empty()
     }
+
+    /// Whether the node at `addr` is known not to be a primary: it is a
+    /// replica, or absent from a map of every slot. A partial map (the best
+    /// the registry could find; see [`Registry::refresh`]) need not show
+    /// every primary, so absence from it says nothing.
+    pub fn not_a_primary(&self, addr: &str) -> bool {
+        let replica = self
+            .shards
+            .iter()
+            .any(|s| s.replicas.iter().any(|r| r.addr == addr));
+        let primary = self.shards.iter().any(|s| s.primary.addr == addr);
+        let complete = self.slot_map.len() == usize::from(SLOTS) && !self.slot_map.contains(&UNASSIGNED);
+        replica || (complete && !primary)
+    }
 }
 
 /// Shard layout as parsed from `CLUSTER SHARDS`, before nodes are attached.
@@ -488,6 +502,33 @@ mod tests {
             b("health"),
             b(health),
         ])
+    }
+
+    #[test]
+    fn only_a_replica_or_a_node_absent_from_a_full_map_is_not_a_primary() {
+        let settings = UpstreamSettings {
+            response_timeout: std::time::Duration::from_secs(1),
+            slow_timeout: std::time::Duration::from_secs(10),
+            metrics: crate::metrics::Metrics::new().unwrap(),
+            auth: None,
+        };
+        let registry = Registry::new(Vec::new(), settings.clone(), settings.metrics.clone());
+        let spec = |slots, primary: &str, replica: &str| ShardSpec {
+            slots: vec![slots],
+            primary: primary.into(),
+            replicas: vec![replica.into()],
+        };
+        registry.install(vec![spec((0, 8191), "a:1", "a:2")]);
+        let partial = registry.current();
+        assert!(partial.not_a_primary("a:2"));
+        assert!(!partial.not_a_primary("a:1") && !partial.not_a_primary("b:1"));
+        registry.install(vec![
+            spec((0, 8191), "a:1", "a:2"),
+            spec((8192, 16383), "b:1", "b:2"),
+        ]);
+        let full = registry.current();
+        assert!(full.not_a_primary("c:1") && full.not_a_primary("b:2"));
+        assert!(!full.not_a_primary("a:1") && !full.not_a_primary("b:1"));
     }
 
     #[test]

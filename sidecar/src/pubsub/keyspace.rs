@@ -6,7 +6,9 @@
 //! keyspace messages reach the client (everything else a mirror hears, the
 //! plain link delivers already). As the cluster changes, the subscriber's
 //! upkeep gives a primary with no link a mirror subscribed from the plain
-//! link's [`Names`], and closes a mirror whose node is no longer a primary.
+//! link's [`Names`] (opened in the background: [`super::join`]), and
+//! closes a mirror whose node is no longer a primary. The mirrors close
+//! when the client leaves its last keyspace subscription.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

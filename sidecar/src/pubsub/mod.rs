@@ -42,6 +42,7 @@
 //! with subscriptions left, it gets Redis's subscribed-mode error (only
 //! subscription commands, `PING`, `QUIT` and `RESET` are allowed there).
 
+mod join;
 pub mod keyspace;
 mod link;
 mod subscriber;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use rand::seq::IndexedRandom;
 
+use super::join::Joins;
 use super::link::Link;
 use super::{error_frame, is_shard_command, is_subscription_command, keyspace};
 use crate::error::UpstreamError;
@@ -28,6 +29,8 @@ pub struct Subscriber {
     /// at the first subscription that may want them, they get every
     /// ordinary subscription command before the plain link does.
     mirrors: Vec<Link>,
+    /// Mirror links the upkeep is opening ([`super::join`]).
+    joins: Joins,
     /// Where the next read starts, so no link starves the others.
     next: usize,
     /// While the plain link holds keyspace subscriptions: when to check
@@ -171,6 +174,7 @@ impl Subscriber {
         {
             self.plain = None;
             self.mirrors.clear();
+            self.joins.clear();
         }
         if self.plain.is_none() {
             let addr = {
@@ -191,7 +195,7 @@ impl Subscriber {
         if subscription == Some(true) && self.mirrors.is_empty() {
             self.open_mirrors(router, proto, out).await?;
         }
-        if subscription.is_some() && !self.mirrors.is_empty() {
+        if subscription.is_some() && !(self.mirrors.is_empty() && self.joins.is_empty()) {
             self.forward_mirrors(router, raw, out).await?;
         }
         let Some(link) = self.plain.as_mut() else {
@@ -221,18 +225,19 @@ impl Subscriber {
         self.note_sent(sent)
     }
 
-    /// A mirror link to every healthy primary but the plain link's (a
-    /// primary out of rotation has no link; the client hears that shard's
-    /// keyspace notifications after it subscribes again).
+    /// A mirror link to every healthy primary but the plain link's and
+    /// those the upkeep is opening or waiting to try again (a primary out
+    /// of rotation gets its link from the upkeep once it is back).
     async fn open_mirrors(&mut self, router: &Router, proto: u8, out: &mut BytesMut) -> Result<(), Bytes> {
         let plain = self.plain.as_ref().map(|l| l.addr.clone());
+        let now = tokio::time::Instant::now();
         let addrs: Vec<String> = router
             .registry
             .current()
             .shards
             .iter()
             .map(|s| &s.primary)
-            .filter(|p| p.is_healthy() && Some(&p.addr) != plain.as_ref())
+            .filter(|p| p.is_healthy() && Some(&p.addr) != plain.as_ref() && !self.joins.busy(&p.addr, now))
             .map(|p| p.addr.clone())
             .collect();
         // The client's earlier keyspace subscriptions first (it may hold
@@ -264,6 +269,8 @@ impl Subscriber {
             let sent = self.mirrors[i].forward(raw).await;
             self.note_sent(sent)?;
         }
+        // Links still being opened confirm it in their own time.
+        self.joins.forward(raw, router.config.response_timeout).await;
         let settle = async {
             while !self.mirrors.iter().all(Link::settled) {
                 std::future::poll_fn(|cx| {
@@ -328,6 +335,9 @@ impl Subscriber {
                 self.upkeep_due = true;
                 return std::task::Poll::Ready(Ok(()));
             }
+            if self.joins.poll(cx).is_ready() {
+                return std::task::Poll::Ready(Ok(()));
+            }
             let n = usize::from(self.plain.is_some()) + self.shards.len() + self.mirrors.len();
             for k in 0..n {
                 let i = (self.next + k) % n;
@@ -362,7 +372,15 @@ impl Subscriber {
         for link in &mut self.mirrors {
             link.drain_mirror(out)?;
         }
+        let joined = self.joins.drain(out);
+        self.mirrors.extend(joined);
         let keyspace = self.plain.as_ref().is_some_and(|p| p.names.has_keyspace());
+        // The client left its last keyspace subscription: nothing of the
+        // mirrors reaches it any more.
+        if !keyspace && self.settled() {
+            self.mirrors.clear();
+            self.joins.clear();
+        }
         if keyspace && self.upkeep.is_none() {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + UPKEEP_EVERY, UPKEEP_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -375,62 +393,69 @@ impl Subscriber {
 
     /// Keep keyspace notifications coming from every shard as the cluster
     /// changes: a primary with no link (a shard added since the client
-    /// subscribed, or a replica promoted) gets a mirror subscribed to the
-    /// plain link's keyspace channels and patterns; a mirror whose node is
-    /// no longer a primary closes; and while the plain link's node is a
-    /// replica whose primary has a mirror, its own keyspace messages (a
-    /// replica's copies of its primary's) are dropped for the mirror's. Runs when due and only
-    /// with every confirmation in, so the plain link's names are current;
-    /// a mirror that cannot be opened or confirmed is tried again at the
-    /// next check. Keyspace messages of a new mirror go to `out`.
-    pub async fn upkeep(&mut self, router: &Router, out: &mut BytesMut) {
-        if !std::mem::take(&mut self.upkeep_due) || !self.settled() {
+    /// subscribed, or a replica promoted) gets a mirror, opened in the
+    /// background ([`super::join`]) and subscribed to the plain link's
+    /// keyspace channels and patterns; a link whose node is no longer a
+    /// primary closes; and while the plain link's node is a replica whose
+    /// primary has a mirror, its own keyspace messages (a replica's copies
+    /// of its primary's) are dropped for the mirror's. Runs with every
+    /// confirmation in, so the plain link's names are current: new links
+    /// are subscribed at every call, the cluster is checked when due.
+    pub async fn upkeep(&mut self, router: &Router) {
+        if !self.settled() {
             return;
         }
-        let Some(plain) = self.plain.as_mut() else {
+        let Some(plain) = self.plain.as_ref() else {
             return;
         };
-        let replay = plain.names.replay();
         let (plain_addr, proto) = (plain.addr.clone(), plain.proto);
+        self.joins
+            .subscribe(&plain.names.replay(), router.config.response_timeout)
+            .await;
+        if !std::mem::take(&mut self.upkeep_due) {
+            return;
+        }
         let topo = router.registry.current();
         // No slot map (every seed unreachable): nothing to go by, so the
         // links stay as they are.
         if !topo.is_known() {
             return;
         }
-        let primaries: Vec<(String, bool)> = topo
-            .shards
-            .iter()
-            .map(|s| (s.primary.addr.clone(), s.primary.is_healthy()))
-            .collect();
-        // The primary of the shard the plain link's node is now a replica of.
+        let now = tokio::time::Instant::now();
+        for p in topo.shards.iter().map(|s| &s.primary) {
+            let linked = p.addr == plain_addr || self.mirrors.iter().any(|m| m.addr == p.addr);
+            if p.is_healthy() && !linked && !self.joins.busy(&p.addr, now) {
+                self.joins.start(p.addr.clone(), connect(router, &p.addr, proto));
+            }
+        }
+        self.mirrors.retain(|m| !topo.not_a_primary(&m.addr));
+        self.joins.retain(|addr| topo.not_a_primary(addr));
+        // The primary of the shard the plain link's node is now a replica
+        // of; its copies are dropped only once that primary's mirror
+        // delivers.
         let plain_primary = topo
             .shards
             .iter()
             .find(|s| s.replicas.iter().any(|r| r.addr == plain_addr))
-            .map(|s| s.primary.addr.clone());
-        let missing: Vec<String> = primaries
-            .iter()
-            .filter(|(a, healthy)| *healthy && *a != plain_addr && !self.mirrors.iter().any(|m| m.addr == *a))
-            .map(|(a, _)| a.clone())
-            .collect();
-        for addr in missing {
-            match open_mirror(router, &addr, proto, &replay, out).await {
-                Ok(link) => self.mirrors.push(link),
-                Err(e) => {
-                    let e = String::from_utf8_lossy(&e);
-                    tracing::debug!(node = %addr, error = %e.trim_end(), "keyspace mirror not opened; trying at the next check")
-                }
-            }
-        }
-        self.mirrors
-            .retain(|m| primaries.iter().any(|(a, _)| *a == m.addr));
-        // Its copies are dropped only once that primary's mirror delivers.
-        let covered = plain_primary.is_some_and(|p| self.mirrors.iter().any(|m| m.addr == p));
+            .map(|s| &s.primary.addr);
+        let covered = plain_primary.is_some_and(|p| self.mirrors.iter().any(|m| m.addr == *p));
         if let Some(plain) = self.plain.as_mut() {
             plain.keyspace_off = covered;
         }
     }
+}
+
+/// The upkeep's connect of a mirror link to `addr` (see [`super::join`]).
+fn connect(router: &Router, addr: &str, proto: u8) -> super::join::Connect {
+    let (addr, timeout) = (addr.to_string(), router.config.response_timeout);
+    let (auth, counts) = (router.config.auth.clone(), router.mirrors.clone());
+    Box::pin(async move {
+        let mut link = Link::open(&addr, proto, timeout, auth.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        link.mirror = Some(keyspace::MirrorShare::new(counts));
+        Ok(link)
+    })
 }
 
 /// A mirror link to `addr`, subscribed with `replay` and confirmed within

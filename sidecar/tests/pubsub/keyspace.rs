@@ -7,6 +7,7 @@ use redis::AsyncCommands;
 
 use cachetier_sidecar::Sidecar;
 use cachetier_sidecar::resp::{self, Frame};
+use cachetier_testkit::{Cut, Relay};
 
 use crate::Raw;
 use crate::support::{self, Cluster, RedisNode, client, config};
@@ -141,18 +142,9 @@ async fn subscribed_to_keyevents(cluster: &Cluster) -> (Sidecar, redis::aio::Mul
     (sidecar, writer, sub)
 }
 
-/// A node that joins the cluster after a client subscribed, and takes
-/// over a slot, sends that client its keyspace notifications too (through
-/// the sidecar's next topology refresh), and every event of every shard
-/// still arrives once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shard_added_after_subscribing_sends_its_keyspace_notifications_too() {
-    let cluster = Cluster::start_opts(3, 0, None, &KEYSPACE_EVENTS);
-    let added = RedisNode::start(&KEYSPACE_EVENTS);
-    let (sidecar, mut writer, mut sub) = subscribed_to_keyevents(&cluster).await;
-
-    // The new node joins and takes the (empty) slot of `key`.
-    let key = "grow:0";
+/// `added` joins `cluster` and takes over the (empty) slot of `key`, as
+/// every node of the cluster then sees it.
+async fn join_with_slot_of(cluster: &Cluster, added: &RedisNode, key: &str) {
     let (owner, _) = cluster.shard_of(key);
     let slot = cluster.nodes[0]
         .cli(&["CLUSTER", "KEYSLOT", key])
@@ -161,16 +153,18 @@ async fn a_shard_added_after_subscribing_sends_its_keyspace_notifications_too() 
     let (port, bus) = (added.port.to_string(), (added.port + 20000).to_string());
     let met = cluster.nodes[0].cli(&["CLUSTER", "MEET", "127.0.0.1", &port, &bus]);
     assert!(met.contains("OK"), "{met}");
-    let everyone: Vec<&RedisNode> = cluster.nodes.iter().chain([&added]).collect();
+    let everyone: Vec<&RedisNode> = cluster.nodes.iter().chain([added]).collect();
+    let known = everyone.len().to_string();
     support::eventually("every node knows the new one", Duration::from_secs(30), || {
         everyone.iter().all(|n| {
-            support::info_field(&n.cli(&["CLUSTER", "INFO"]), "cluster_known_nodes").as_deref() == Some("4")
+            support::info_field(&n.cli(&["CLUSTER", "INFO"]), "cluster_known_nodes").as_deref()
+                == Some(known.as_str())
         })
     })
     .await;
     let id = added.node_id();
     let owner = cluster.by_addr(&owner);
-    let order = [&added, owner]
+    let order = [added, owner]
         .into_iter()
         .chain(cluster.nodes.iter().filter(|n| n.port != owner.port));
     for node in order {
@@ -192,6 +186,19 @@ async fn a_shard_added_after_subscribing_sends_its_keyspace_notifications_too() 
         },
     )
     .await;
+}
+
+/// A node that joins the cluster after a client subscribed, and takes
+/// over a slot, sends that client its keyspace notifications too (through
+/// the sidecar's next topology refresh), and every event of every shard
+/// still arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_added_after_subscribing_sends_its_keyspace_notifications_too() {
+    let cluster = Cluster::start_opts(3, 0, None, &KEYSPACE_EVENTS);
+    let added = RedisNode::start(&KEYSPACE_EVENTS);
+    let (sidecar, mut writer, mut sub) = subscribed_to_keyevents(&cluster).await;
+    let key = "grow:0";
+    join_with_slot_of(&cluster, &added, key).await;
 
     // Writes of a probe key of that slot go to the new node; its
     // notifications reach the subscriber once the sidecar has a link there.
@@ -224,6 +231,123 @@ async fn a_shard_added_after_subscribing_sends_its_keyspace_notifications_too() 
     let mut expected: Vec<String> = keys.iter().map(|k| format!("set {k}")).collect();
     expected.sort();
     assert_eq!(got, expected, "every shard's events, each once");
+    sidecar.shutdown().await;
+}
+
+/// A primary that accepts TCP and never answers (here: a node that joins
+/// behind a blackholed relay, which it announces as its address) does not
+/// hold up a subscriber: while the sidecar tries to give it a keyspace
+/// link, the subscriber's other messages keep arriving at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_primary_that_never_answers_does_not_hold_up_a_subscriber() {
+    let cluster = Cluster::start_opts(3, 0, None, &KEYSPACE_EVENTS);
+    let added = RedisNode::start(&KEYSPACE_EVENTS);
+    let relay = Relay::start(([127, 0, 0, 1], added.port).into()).await.unwrap();
+    let relay_addr = relay.addr().to_string();
+    added.cli(&[
+        "CONFIG",
+        "SET",
+        "cluster-announce-port",
+        &relay.addr().port().to_string(),
+    ]);
+    let (sidecar, mut writer, mut sub) = subscribed_to_keyevents(&cluster).await;
+    sub.send(&["SUBSCRIBE", "news"]).await;
+    sub.frame().await;
+    relay.cut(Cut::Blackhole);
+    join_with_slot_of(&cluster, &added, "hang:0").await;
+    support::eventually(
+        "the sidecar's slot map has the new primary",
+        Duration::from_secs(10),
+        || sidecar.node_states().iter().any(|n| n.addr == relay_addr),
+    )
+    .await;
+
+    // Published on a node of the cluster (every node hears it), for long
+    // enough to span several of the sidecar's checks of the slot map.
+    let mut publisher = redis::Client::open(format!("redis://127.0.0.1:{}/", cluster.nodes[0].port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut worst = Duration::ZERO;
+    for i in 0..40 {
+        let sent = std::time::Instant::now();
+        let _: i64 = publisher.publish("news", i).await.unwrap();
+        let text = String::from_utf8_lossy(&sub.frame().await).into_owned();
+        assert!(
+            text.contains("news") && text.ends_with(&format!("\r\n{i}\r\n")),
+            "{text:?}"
+        );
+        worst = worst.max(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        worst < Duration::from_millis(400),
+        "a message took {worst:?} to arrive"
+    );
+
+    // Once the node answers, a later try gives it its link.
+    relay.restore();
+    let probe = "{hang:0}probe";
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut heard = false;
+    while !heard && std::time::Instant::now() < deadline {
+        let _: () = writer.set(probe, "v").await.unwrap();
+        heard = keyevents(&mut sub, Duration::from_millis(300))
+            .await
+            .iter()
+            .any(|(event, k)| event == "set" && k == probe);
+    }
+    assert!(heard, "no notification from the node once it answers");
+    sidecar.shutdown().await;
+}
+
+/// The ids of `node`'s clients subscribed to a pattern.
+fn pattern_subscribers(node: &RedisNode) -> Vec<String> {
+    node.cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .any(|f| f.starts_with("psub=") && f != "psub=0")
+        })
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// A client that leaves its last keyspace subscription keeps one link (its
+/// ordinary channel's): the other primaries' links close with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_links_to_other_primaries_close_with_the_last_keyspace_subscription() {
+    let cluster = Cluster::start_opts(3, 0, None, &KEYSPACE_EVENTS);
+    let (sidecar, _writer, mut sub) = subscribed_to_keyevents(&cluster).await;
+    sub.send(&["SUBSCRIBE", "news"]).await;
+    sub.frame().await;
+    let links: Vec<Vec<String>> = cluster.nodes.iter().map(pattern_subscribers).collect();
+    assert!(
+        links.iter().all(|ids| ids.len() == 1),
+        "a link on every primary: {links:?}"
+    );
+
+    sub.send(&["PUNSUBSCRIBE", "__keyevent@0__:*"]).await;
+    let confirmation = String::from_utf8_lossy(&sub.frame().await).into_owned();
+    assert!(confirmation.ends_with(":1\r\n"), "{confirmation:?}");
+    // How many of those links are still open.
+    let open = || {
+        cluster
+            .nodes
+            .iter()
+            .zip(&links)
+            .filter(|(n, ids)| {
+                n.cli(&["CLIENT", "LIST"])
+                    .lines()
+                    .any(|l| ids.iter().any(|id| l.starts_with(&format!("{id} "))))
+            })
+            .count()
+    };
+    support::eventually("only the plain link is left", Duration::from_secs(5), || {
+        open() == 1
+    })
+    .await;
     sidecar.shutdown().await;
 }
 

@@ -318,7 +318,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut pending = Pipeline::default();
-    let mut checker = resp::Checker::new(limits);
+    let mut checker = resp::Checker::for_requests(limits);
     let mut reading = !stop.is_stopped();
     // The client's subscription connection, once it subscribes (`pubsub.rs`),
     // and a request waiting for its turn there.

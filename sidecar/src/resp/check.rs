@@ -120,6 +120,9 @@ pub struct Checker {
     /// Elements still expected at each open nesting level; the bottom entry
     /// is the one top-level frame.
     stack: Vec<usize>,
+    /// The two bytes after a bulk string need not be CRLF: Redis skips them
+    /// unread in a client's request (see [`Checker::for_requests`]).
+    any_bulk_end: bool,
 }
 
 impl Checker {
@@ -128,6 +131,17 @@ impl Checker {
             limits,
             pos: 0,
             stack: vec![1],
+            any_bulk_end: false,
+        }
+    }
+
+    /// A checker of a client's requests: like Redis reading a request, it
+    /// takes the two bytes after each bulk string for its CRLF without
+    /// looking at them (replies stay checked).
+    pub fn for_requests(limits: Limits) -> Self {
+        Checker {
+            any_bulk_end: true,
+            ..Checker::new(limits)
         }
     }
 
@@ -207,7 +221,7 @@ impl Checker {
                     if buf.len() < total {
                         return Ok(None);
                     }
-                    if &buf[total - 2..total] != b"\r\n" {
+                    if !self.any_bulk_end && &buf[total - 2..total] != b"\r\n" {
                         return Err(ProtocolError::ExpectedCrlf);
                     }
                     self.consume_one(total);

@@ -171,11 +171,22 @@ pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<B
 
 /// [`parse_command`], keeping the request's wire form.
 pub fn parse_request(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Request>, ProtocolError> {
-    parse_request_with(buf, &mut Checker::new(*limits), limits)
+    parse_request_with(buf, &mut Checker::for_requests(*limits), limits)
 }
 
 /// [`parse_request`] with a connection's [`Checker`], so a large request that
 /// arrives over many reads is checked in linear time.
+/// The request of `args` as it should have been sent, each bulk string
+/// ended by CRLF (what goes upstream is then well-formed RESP).
+fn with_crlfs(args: &[Bytes], limits: &Limits) -> Result<Request, ProtocolError> {
+    let mut raw = BytesMut::new();
+    super::encode_command(args, &mut raw);
+    match parse_request_via(&mut raw, &mut Checker::new(*limits), limits, false)? {
+        Some(req) => Ok(req),
+        None => Err(ProtocolError::ExpectedCrlf),
+    }
+}
+
 pub fn parse_request_with(
     buf: &mut BytesMut,
     checker: &mut Checker,
@@ -218,6 +229,7 @@ pub(super) fn parse_request_via(
                 continue;
             }
             let mut args = Vec::with_capacity(n as usize);
+            let mut canonical = true;
             for _ in 0..n {
                 if raw.get(pos) != Some(&b'$') {
                     return Err(ProtocolError::NotACommand);
@@ -230,7 +242,11 @@ pub(super) fn parse_request_via(
                 let start = end + 2;
                 let stop = start + blen as usize;
                 args.push(raw.slice(start..stop));
+                canonical &= raw.get(stop..stop + 2) == Some(b"\r\n");
                 pos = stop + 2;
+            }
+            if !canonical {
+                return Ok(Some(with_crlfs(&args, limits)?));
             }
             return Ok(Some(Request::new(raw, args)));
         }

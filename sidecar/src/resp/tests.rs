@@ -133,6 +133,34 @@ fn command_array_must_hold_bulk_strings() {
     );
 }
 
+#[test]
+fn a_request_s_bulk_strings_may_end_in_any_two_bytes_as_redis_reads_them() {
+    let mut buf = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\nkXY*1\r\n$4\r\nPING\n"[..]);
+    let mut checker = Checker::for_requests(Limits::default());
+    let req = parse_request_with(&mut buf, &mut checker, &Limits::default())
+        .unwrap()
+        .unwrap();
+    // What goes upstream is the well-formed request.
+    assert_eq!(&req.raw[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+    assert_eq!((req.arg(0), req.arg(1)), (Some(&b"GET"[..]), Some(&b"k"[..])));
+    // The last two bytes are still to come.
+    assert!(
+        parse_request_with(&mut buf, &mut checker, &Limits::default())
+            .unwrap()
+            .is_none()
+    );
+    buf.extend_from_slice(b"\r");
+    let ping = parse_request_with(&mut buf, &mut checker, &Limits::default())
+        .unwrap()
+        .unwrap();
+    assert_eq!(&ping.raw[..], b"*1\r\n$4\r\nPING\r\n");
+    // A reply's bulk string is still checked.
+    assert_eq!(
+        Checker::new(Limits::default()).check(b"$1\r\nkXY"),
+        Err(ProtocolError::ExpectedCrlf)
+    );
+}
+
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let leaf = prop_oneof![
         "[a-zA-Z0-9 ]{0,12}".prop_map(|s| Frame::Simple(Bytes::from(s))),

@@ -213,6 +213,12 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
     ));
     scripts.push(("inline unbalanced", b"ECHO \"a\"b\r\nPING\r\n".to_vec()));
     scripts.push(("inline open quote", b"ECHO 'a\r\nPING\r\n".to_vec()));
+    // Redis takes the two bytes after a bulk string as its CRLF, unread.
+    scripts.push((
+        "bulk without CRLF",
+        b"*1\r\n$4\r\nPINGxx*2\r\n$4\r\nECHO\r\n$2\r\nhiAB*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\n\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+            .to_vec(),
+    ));
     for (what, script) in &scripts {
         let ours = support::exchange(&sidecar.local_addr().to_string(), script).await;
         let redis = support::exchange(&standalone.addr(), script).await;

@@ -3,8 +3,11 @@
 //! question goes to every primary and the answers are merged: channel lists
 //! united (`CHANNELS`, `SHARDCHANNELS`), counts added (`NUMSUB`,
 //! `SHARDNUMSUB`, `NUMPAT`), less the keyspace mirror links' own
-//! subscriptions (`pubsub::keyspace`). Subscribers connected to replicas
-//! directly are not counted.
+//! subscriptions (`pubsub::keyspace`). The ordinary channel and pattern
+//! questions go to the replicas in rotation too: a subscriber's connection
+//! stays on its node when a failover makes it a replica (`PUBLISH` reaches
+//! replicas as well), and one server counts every subscriber. A replica
+//! that does not answer is left out.
 
 use std::collections::HashSet;
 
@@ -14,12 +17,24 @@ impl Router {
     pub(super) async fn pubsub_query(self: Arc<Self>, args: Vec<Bytes>, up: Proto) -> Bytes {
         let sub = args.get(1).map(|a| upper(a)).unwrap_or_default();
         let cmd = resp::command_bytes(&args);
+        // Shard channels are held on primaries only.
+        let everywhere = matches!(sub.as_str(), "CHANNELS" | "NUMSUB" | "NUMPAT");
+        let asked = async {
+            let (primaries, replicas) = futures_util::join!(
+                self.fan_out(cmd.clone(), up, false),
+                self.replica_answers(&cmd, up, everywhere)
+            );
+            primaries.map(|mut rs| {
+                rs.extend(replicas);
+                rs
+            })
+        };
         match sub.as_str() {
-            "CHANNELS" | "SHARDCHANNELS" => match self.fan_out(cmd, up, false).await {
+            "CHANNELS" | "SHARDCHANNELS" => match asked.await {
                 Ok(rs) => encode(&Frame::Array(union(&rs))),
                 Err(e) => e,
             },
-            "NUMSUB" | "SHARDNUMSUB" => match self.fan_out(cmd, up, false).await {
+            "NUMSUB" | "SHARDNUMSUB" => match asked.await {
                 Ok(rs) => {
                     let mut pairs = sum_pairs(&rs);
                     if sub == "NUMSUB" {
@@ -34,7 +49,7 @@ impl Router {
                 }
                 Err(e) => e,
             },
-            "NUMPAT" => match self.fan_out(cmd, up, false).await {
+            "NUMPAT" => match asked.await {
                 Ok(rs) => {
                     let total = rs
                         .iter()
@@ -52,8 +67,29 @@ impl Router {
                 Err(e) => e,
             },
             // HELP, wrong arity…: Redis's own answer.
-            _ => self.on_primary(None, cmd, up, false).await,
+            _ => self.on_primary(None, cmd.clone(), up, false).await,
         }
+    }
+
+    /// The replies of the replicas in rotation to `cmd` (none unless
+    /// `ask`), leaving out errors and replicas that fail.
+    async fn replica_answers(&self, cmd: &Bytes, up: Proto, ask: bool) -> Vec<Bytes> {
+        if !ask {
+            return Vec::new();
+        }
+        let topo = self.registry.current();
+        let futs = topo
+            .shards
+            .iter()
+            .flat_map(|s| s.replicas.iter())
+            .filter(|n| n.is_healthy())
+            .map(|n| n.request(up, cmd.clone(), 1));
+        join_all(futs)
+            .await
+            .into_iter()
+            .filter_map(|r| r.ok()?.pop())
+            .filter(|reply| !reply.starts_with(b"-"))
+            .collect()
     }
 }
 

@@ -358,6 +358,8 @@ async fn the_links_to_other_primaries_close_with_the_last_keyspace_subscription(
 async fn keyspace_notifications_come_from_the_new_primaries_after_failovers() {
     let cluster = Cluster::start_opts(3, 1, None, &KEYSPACE_EVENTS);
     let (sidecar, mut writer, mut sub) = subscribed_to_keyevents(&cluster).await;
+    sub.send(&["SUBSCRIBE", "news"]).await;
+    sub.frame().await;
 
     // Every replica takes over: the nodes of the subscriber's links (its
     // plain link's and its mirrors') are all replicas now.
@@ -417,6 +419,34 @@ async fn keyspace_notifications_come_from_the_new_primaries_after_failovers() {
     assert_eq!(
         got, expected,
         "round {round}: set, expire and expired once per key"
+    );
+
+    // The client's ordinary connection is on a replica now, and still
+    // counts, once, as on one server.
+    let numsub: Vec<redis::Value> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("news")
+        .query_async(&mut writer)
+        .await
+        .unwrap();
+    let numpat: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(&mut writer)
+        .await
+        .unwrap();
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .query_async(&mut writer)
+        .await
+        .unwrap();
+    assert_eq!(
+        (numsub, numpat, channels),
+        (
+            vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
+            1,
+            vec!["news".to_string()]
+        ),
+        "PUBSUB NUMSUB news, NUMPAT, CHANNELS"
     );
     sidecar.shutdown().await;
 }

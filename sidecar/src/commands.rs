@@ -155,10 +155,35 @@ pub fn all() -> impl Iterator<Item = &'static CommandInfo> {
     TABLE.values()
 }
 
-/// The error for a command the sidecar does not know.
-pub fn unknown_command(name: &[u8]) -> String {
-    let shown: String = String::from_utf8_lossy(name).chars().take(64).collect();
-    format!("ERR unknown command '{shown}': the cachetier sidecar does not know how to route it")
+/// The error for a command the sidecar does not know, as redis-server 7.0
+/// words it: the name and the first arguments, each cut at a NUL (Redis
+/// prints them as C strings), the name at 128 bytes and the arguments once
+/// they take 128; CR and LF become spaces. `args` with the name first.
+pub fn unknown_command(args: &[impl AsRef<[u8]>]) -> String {
+    let c_str = |b: &[u8], max: usize| {
+        let b = b.split(|&c| c == 0).next().unwrap_or_default();
+        b[..b.len().min(max)].to_vec()
+    };
+    let name = args.first().map_or_else(Vec::new, |n| c_str(n.as_ref(), 128));
+    let mut shown: Vec<u8> = Vec::new();
+    for a in args.iter().skip(1) {
+        let Some(room) = 128usize.checked_sub(shown.len()).filter(|r| *r > 0) else {
+            break;
+        };
+        shown.push(b'\'');
+        shown.extend(c_str(a.as_ref(), room));
+        shown.extend_from_slice(b"' ");
+    }
+    let mut msg = b"ERR unknown command '".to_vec();
+    msg.extend(name);
+    msg.extend_from_slice(b"', with args beginning with: ");
+    msg.extend(shown);
+    for b in &mut msg {
+        if matches!(*b, b'\r' | b'\n') {
+            *b = b' ';
+        }
+    }
+    String::from_utf8_lossy(&msg).into_owned()
 }
 
 /// The error for `argc` arguments (with the name) that do not fit the
@@ -174,7 +199,7 @@ pub fn wrong_arity(info: &CommandInfo, argc: usize) -> Option<String> {
 pub fn refusal(args: &[impl AsRef<[u8]>]) -> Option<String> {
     let name = args.first()?.as_ref();
     match lookup(name) {
-        None => Some(unknown_command(name)),
+        None => Some(unknown_command(args)),
         Some(info) => wrong_arity(info, args.len()),
     }
 }

@@ -273,7 +273,8 @@ impl Router {
             if st.session.in_multi() {
                 st.session.refuse_queued();
             }
-            return Action::Reply(err(commands::unknown_command(name)));
+            let args: Vec<&[u8]> = (0..req.argc()).filter_map(|i| req.arg(i)).collect();
+            return Action::Reply(err(commands::unknown_command(&args)));
         };
         if let Err(e) = self.check_arity(st, info, &req) {
             return Action::Reply(e);

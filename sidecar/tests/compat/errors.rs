@@ -213,6 +213,22 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
     ));
     scripts.push(("inline unbalanced", b"ECHO \"a\"b\r\nPING\r\n".to_vec()));
     scripts.push(("inline open quote", b"ECHO 'a\r\nPING\r\n".to_vec()));
+    // Unknown commands, in Redis's words (its first arguments, cut as it
+    // cuts them).
+    let mut unknown = Vec::new();
+    let long = "a".repeat(200);
+    let name = "N".repeat(150);
+    for args in [
+        vec!["FROBNICATE", "x", "y\r\nz"],
+        vec!["FOO"],
+        vec!["FOO", &long, "b"],
+        vec!["FOO", "a", "b", &long],
+        vec![&name, "ab"],
+        vec!["F\0O", "a\0b", "c"],
+    ] {
+        unknown.extend(resp(&args));
+    }
+    scripts.push(("unknown commands", unknown));
     // Redis takes the two bytes after a bulk string as its CRLF, unread.
     scripts.push((
         "bulk without CRLF",

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use crate::resp::ArgList;
 
 mod table;
+pub(crate) use table::ADMIN;
 use table::TABLE;
 
 /// How a command is handled.

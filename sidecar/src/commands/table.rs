@@ -8,7 +8,7 @@ use super::{CommandInfo, KeySpec, Kind, Split};
 
 const WAITAOF: &str = "WAITAOF counts the AOF fsyncs of one connection's writes, and through the cachetier sidecar a client's writes share upstream connections with others' (WAIT is answered, from replication offsets)";
 const PUBSUB: &str = "subscribing inside MULTI is not supported by the cachetier sidecar";
-const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
+pub(crate) const ADMIN: &str = "administrative commands are not proxied by the cachetier sidecar; run them against a Redis node directly";
 
 fn k1() -> KeySpec {
     KeySpec::Range {
@@ -296,6 +296,7 @@ pub(super) static TABLE: LazyLock<Table> = LazyLock::new(|| {
             "reset",
             "pubsub",
             "role",
+            "acl",
         ],
         Server,
         KeySpec::None,
@@ -351,7 +352,6 @@ pub(super) static TABLE: LazyLock<Table> = LazyLock::new(|| {
             "swapdb",
             "slowlog",
             "latency",
-            "acl",
             "module",
             "sync",
             "psync",

@@ -88,6 +88,18 @@ impl Router {
                     "ERR cachetier: CONFIG {sub} is administrative and not proxied; run it against a Redis node directly"
                 ))),
             },
+            "acl" => match sub.as_str() {
+                // Changes are the operator's, and a node's log is its own.
+                "SETUSER" | "DELUSER" | "LOAD" | "SAVE" | "LOG" => {
+                    reply(err(format!("ERR {}", crate::commands::ADMIN)))
+                }
+                // Who the client's commands run as (the sidecar's own
+                // user), what users and categories there are (every node
+                // of a tier has the same users), HELP, Redis's errors.
+                _ => self.timed(info, async move {
+                    this.on_primary(None, resp::command_bytes(&args), up, false).await
+                }),
+            },
             "wait" => self.wait_command(st, info, &args),
             "pubsub" => self.timed(info, async move { this.pubsub_query(args, up).await }),
             "dbsize" | "flushall" | "flushdb" | "keys" | "scan" | "randomkey" | "script" | "function" => {

@@ -33,6 +33,15 @@ async fn argument_errors_are_redis_own_and_config_get_is_answered() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("redisConfig"), "{e}");
+    // ACL changes are the operator's; a node's ACL LOG is its own.
+    for sub in [&["SETUSER", "u", "on"][..], &["DELUSER", "u"], &["LOG"]] {
+        let e = redis::cmd("ACL")
+            .arg(sub)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("administrative"), "ACL {sub:?}: {e}");
+    }
     sidecar.shutdown().await;
 }
 
@@ -229,6 +238,22 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
         unknown.extend(resp(&args));
     }
     scripts.push(("unknown commands", unknown));
+    // ACL's questions: the nodes' answers (the same users everywhere).
+    let mut acl = Vec::new();
+    for args in [
+        &["ACL", "WHOAMI"][..],
+        &["ACL", "WHOAMI", "x"],
+        &["ACL", "CAT"],
+        &["ACL", "HELP"],
+        &["ACL", "DRYRUN", "default", "GET", "k"],
+        &["ACL", "USERS"],
+        &["ACL", "LIST"],
+        &["ACL", "GETUSER", "default"],
+        &["ACL", "NOSUCH"],
+    ] {
+        acl.extend(resp(args));
+    }
+    scripts.push(("ACL", acl));
     // Redis takes the two bytes after a bulk string as its CRLF, unread.
     scripts.push((
         "bulk without CRLF",

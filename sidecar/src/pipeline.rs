@@ -58,6 +58,8 @@ pub struct Pipeline {
     /// When the bytes of the requests being parsed arrived: their
     /// latency's start (one clock read per read, not per request).
     arrived: Option<Instant>,
+    /// Positions whose replies are dropped (`CLIENT REPLY`), oldest first.
+    silent: VecDeque<u64>,
 }
 
 impl Drop for Pipeline {
@@ -123,6 +125,14 @@ impl Pipeline {
         true
     }
 
+    /// The reply of the request queued last is dropped when its turn to
+    /// leave comes (`CLIENT REPLY OFF` or `SKIP`); the command still runs.
+    pub fn silence_last(&mut self) {
+        if let Some(last) = (self.base + self.entries.len() as u64).checked_sub(1) {
+            self.silent.push_back(last);
+        }
+    }
+
     pub fn push_reply(&mut self, b: Bytes) {
         self.entries.push_back(Entry::Ready(b, None));
     }
@@ -153,8 +163,13 @@ impl Pipeline {
         let Some(Entry::Ready(reply, turn)) = self.entries.pop_front() else {
             return None;
         };
+        let seq = self.base;
         self.base += 1;
         drop(turn);
+        if self.silent.front() == Some(&seq) {
+            self.silent.pop_front();
+            return Some(Bytes::new());
+        }
         Some(reply)
     }
 

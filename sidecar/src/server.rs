@@ -379,11 +379,17 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                         && let Some(hit) =
                             router.try_cached(&mut st, &req, pending.arrived(), pending.metrics()) =>
                 {
-                    out.extend_from_slice(&hit);
+                    if !st.session.silenced() {
+                        out.extend_from_slice(&hit);
+                    }
                 }
                 Ok(Some(req)) => {
                     let action = router.dispatch(&mut st, req, Some(pending.place()));
-                    if !pending.push(action) {
+                    let open = pending.push(action);
+                    if st.session.silenced() {
+                        pending.silence_last();
+                    }
+                    if !open {
                         reading = false;
                     }
                 }

@@ -17,6 +17,12 @@ pub struct Session {
     multi: Option<Vec<Vec<Bytes>>>,
     /// A command queued inside `MULTI` was refused: `EXEC` must abort.
     multi_failed: bool,
+    /// `CLIENT REPLY OFF`: no replies until `CLIENT REPLY ON`.
+    replies_off: bool,
+    /// `CLIENT REPLY SKIP`: the reply to the command after it is dropped
+    /// (`skip_next` while the `SKIP` itself is handled, then `skip`).
+    skip: bool,
+    skip_next: bool,
 }
 
 impl Default for Session {
@@ -26,8 +32,19 @@ impl Default for Session {
             name: None,
             multi: None,
             multi_failed: false,
+            replies_off: false,
+            skip: false,
+            skip_next: false,
         }
     }
+}
+
+/// A `CLIENT REPLY` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    On,
+    Off,
+    Skip,
 }
 
 /// What `EXEC` does.
@@ -101,6 +118,28 @@ impl Session {
     pub fn discard(&mut self) -> bool {
         self.multi_failed = false;
         self.multi.take().is_some()
+    }
+
+    /// `CLIENT REPLY` (its own reply is `+OK` for `ON`, none otherwise).
+    pub fn set_replies(&mut self, mode: ReplyMode) {
+        match mode {
+            ReplyMode::On => {
+                self.replies_off = false;
+                self.skip = false;
+            }
+            ReplyMode::Off => self.replies_off = true,
+            // As in Redis, SKIP does nothing while replies are off.
+            ReplyMode::Skip => self.skip_next |= !self.replies_off,
+        }
+    }
+
+    /// Called once per command handled, after it was: whether its reply is
+    /// dropped (`CLIENT REPLY OFF`, or the command after a `SKIP`).
+    #[inline]
+    pub fn silenced(&mut self) -> bool {
+        let silent = self.replies_off || self.skip;
+        self.skip = std::mem::take(&mut self.skip_next);
+        silent
     }
 
     /// `RESET`: back to a new connection's state.
@@ -192,6 +231,37 @@ pub fn parse_hello(args: &[Bytes]) -> Result<Hello, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_reply_drops_replies_as_redis_does() {
+        let mut s = Session::default();
+        // Each step: the mode a command sets (None: any other command),
+        // and whether that command's reply is dropped.
+        let steps = [
+            (None, false),
+            (Some(ReplyMode::Skip), false),
+            (None, true),
+            (None, false),
+            (Some(ReplyMode::Skip), false),
+            (Some(ReplyMode::Skip), true),
+            (None, true),
+            (None, false),
+            (Some(ReplyMode::Off), true),
+            (Some(ReplyMode::Skip), true),
+            (None, true),
+            (Some(ReplyMode::On), false),
+            (None, false),
+            (Some(ReplyMode::Off), true),
+        ];
+        for (i, (mode, dropped)) in steps.into_iter().enumerate() {
+            if let Some(m) = mode {
+                s.set_replies(m);
+            }
+            assert_eq!(s.silenced(), dropped, "step {i}");
+        }
+        s.reset();
+        assert!(!s.silenced(), "RESET turns replies on");
+    }
 
     fn args(a: &[&str]) -> Vec<Bytes> {
         a.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()

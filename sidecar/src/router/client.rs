@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use super::*;
 use crate::clients::Client;
+use crate::session::ReplyMode;
 
 /// What a `CLIENT` subcommand does to the connection.
 pub(super) enum ClientReply {
@@ -150,6 +151,22 @@ impl Router {
                 None => encode(&null(proto)),
             },
             "ID" => encode(&Frame::Integer(st.id as i64)),
+            // Arity is checked already; OFF and SKIP have no reply of their own.
+            "REPLY" => match args.get(2).map(|a| upper(a)).as_deref() {
+                Some("ON") => {
+                    st.session.set_replies(ReplyMode::On);
+                    ok()
+                }
+                Some("OFF") => {
+                    st.session.set_replies(ReplyMode::Off);
+                    Bytes::new()
+                }
+                Some("SKIP") => {
+                    st.session.set_replies(ReplyMode::Skip);
+                    Bytes::new()
+                }
+                _ => err("ERR syntax error"),
+            },
             // Client libraries announce themselves; nothing to do with it.
             "SETINFO" => ok(),
             // Redis's client eviction (`maxmemory-clients`) acts on the

@@ -130,6 +130,11 @@ async fn transaction_control_inside_multi_answers_as_redis_does() {
         "WATCH {t}k\r\nMULTI\r\nRESET\r\nMULTI\r\nSET {t}k 3\r\nEXEC\r\nGET {t}k\r\n",
         // QUIT answers OK and closes; the transaction never runs.
         "MULTI\r\nSET {t}k 4\r\nQUIT\r\nGET {t}k\r\n",
+        // CLIENT REPLY: OFF until ON (errors too), SKIP drops the next
+        // command's reply (and does nothing while OFF), RESET turns them on.
+        "CLIENT REPLY OFF\r\nSET {t}k 5\r\nGET {t}k\r\nNOSUCH\r\nCLIENT REPLY SKIP\r\nCLIENT REPLY ON\r\nGET {t}k\r\n\
+         CLIENT REPLY SKIP\r\nGET {t}k\r\nPING\r\nCLIENT REPLY SKIP\r\nCLIENT REPLY SKIP\r\nGET {t}k\r\nECHO x\r\n\
+         CLIENT REPLY OFF\r\nRESET\r\nPING\r\nCLIENT REPLY MAYBE\r\nCLIENT REPLY\r\n",
     ] {
         let mut replies = Vec::new();
         for addr in [&ours, &node.addr()] {

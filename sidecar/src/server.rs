@@ -363,7 +363,16 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                             continue;
                         }
                         Step::Forward => {
-                            pubsub::forward(&router, &mut sub, st.session.proto, &req, &mut out).await;
+                            // Boxed, as the upkeep below: rare, and its
+                            // state would enlarge every client's future.
+                            Box::pin(pubsub::forward(
+                                &router,
+                                &mut sub,
+                                st.session.proto,
+                                &req,
+                                &mut out,
+                            ))
+                            .await;
                             show_subscriptions(&registered.client, sub.as_ref());
                             continue;
                         }
@@ -451,7 +460,10 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 let drained = match (r, sub.as_mut()) {
                     (Ok(()), Some(s)) => match s.drain(&mut out) {
                         Ok(()) => {
-                            s.upkeep(&router).await;
+                            // Boxed: its state (connects, timeouts) would
+                            // otherwise enlarge every client's future, which
+                            // cost every request about 90 instructions.
+                            Box::pin(s.upkeep(&router)).await;
                             Ok(())
                         }
                         Err(e) => Err(e),

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub topology_refreshes: IntCounterVec,
     pub redirects: IntCounterVec,
     pub client_connections: IntGauge,
+    /// Client connections accepted (`INFO`'s `total_connections_received`).
+    pub client_connections_accepted: IntCounter,
     /// Clients disconnected for not reading their replies (output limit).
     pub output_limit_closes: IntCounter,
     ready: Arc<AtomicBool>,
@@ -138,6 +140,8 @@ impl Metrics {
             &["kind"],
         )?;
         let client_connections = IntGauge::new("client_connections", "Open client connections")?;
+        let client_connections_accepted =
+            IntCounter::new("client_connections_accepted_total", "Client connections accepted")?;
         let output_limit_closes = IntCounter::new(
             "client_output_limit_closes_total",
             "Clients disconnected because their unread replies passed the output limit",
@@ -162,6 +166,7 @@ impl Metrics {
         registry.register(Box::new(topology_refreshes.clone()))?;
         registry.register(Box::new(redirects.clone()))?;
         registry.register(Box::new(client_connections.clone()))?;
+        registry.register(Box::new(client_connections_accepted.clone()))?;
         registry.register(Box::new(output_limit_closes.clone()))?;
         Ok(Self {
             registry,
@@ -185,6 +190,7 @@ impl Metrics {
             topology_refreshes,
             redirects,
             client_connections,
+            client_connections_accepted,
             output_limit_closes,
             ready: Arc::new(AtomicBool::new(false)),
         })

@@ -308,6 +308,7 @@ async fn accept_loop(listener: TcpListener, router: Arc<Router>, stop: Arc<Stop>
 
 async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
     router.metrics.client_connections.inc();
+    router.metrics.client_connections_accepted.inc();
     let mut st = ClientState::default();
     let registered = register(&router, &stream, st.id);
     st.view = Some(registered.client.clone());

@@ -288,7 +288,7 @@ impl Router {
     /// (its clients'); hits and misses are every node's (replicas serve
     /// reads), expiries and evictions the primaries'.
     fn stats(&self, nodes: &Nodes) -> String {
-        let connections = NEXT_CLIENT_ID.load(Ordering::Relaxed).saturating_sub(1);
+        let connections = self.metrics.client_connections_accepted.get();
         use prometheus::core::Collector;
         let commands: u64 = Collector::collect(&self.metrics.requests)
             .iter()

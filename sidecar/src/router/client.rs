@@ -197,6 +197,13 @@ impl Router {
                 Err(e) => err(e),
             },
             "KILL" => return self.kill(st, args),
+            // Client-side caching (node-redis's clientSideCache, redis-py's
+            // cache_config…): the nodes track the sidecar's shared
+            // connections, not this client.
+            "TRACKING" | "CACHING" | "TRACKINGINFO" | "GETREDIR" => err(format!(
+                "ERR cachetier: CLIENT {sub} (client-side caching) is not supported through the sidecar; \
+                 its local cache (the CacheTier's spec.sidecar.localCache) keeps hot keys next to the application instead"
+            )),
             _ => err(format!(
                 "ERR cachetier: CLIENT {sub} is not supported by the sidecar"
             )),

@@ -33,6 +33,13 @@ async fn argument_errors_are_redis_own_and_config_get_is_answered() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("redisConfig"), "{e}");
+    // Client-side caching is refused, saying what to use instead.
+    let e = redis::cmd("CLIENT")
+        .arg(&["TRACKING", "ON"])
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("spec.sidecar.localCache"), "{e}");
     // ACL changes are the operator's; a node's ACL LOG is its own.
     for sub in [&["SETUSER", "u", "on"][..], &["DELUSER", "u"], &["LOG"]] {
         let e = redis::cmd("ACL")

@@ -35,38 +35,15 @@ async fn keyspace_notifications_arrive_from_every_shard_once() {
         // PUBSUB counts the client once, as one server would, though every
         // primary holds its subscriptions (the previous round's subscriber
         // is gone, but its nodes may take a moment to notice).
-        let mut counts = (Vec::new(), 0);
+        let mut counts = (0, 0);
         for _ in 0..40 {
-            let numsub: Vec<redis::Value> = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg("news")
-                .query_async(&mut writer)
-                .await
-                .unwrap();
-            let numpat: i64 = redis::cmd("PUBSUB")
-                .arg("NUMPAT")
-                .query_async(&mut writer)
-                .await
-                .unwrap();
-            counts = (numsub, numpat);
-            if counts
-                == (
-                    vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
-                    1,
-                )
-            {
+            counts = news_and_patterns(&mut writer).await;
+            if counts == (1, 1) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(
-            counts,
-            (
-                vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
-                1
-            ),
-            "RESP{proto}: PUBSUB NUMSUB news, NUMPAT"
-        );
+        assert_eq!(counts, (1, 1), "RESP{proto}: PUBSUB NUMSUB news, NUMPAT");
         for k in &keys {
             let _: () = writer.set(k, proto).await.unwrap();
         }
@@ -102,6 +79,25 @@ async fn keyspace_notifications_arrive_from_every_shard_once() {
 }
 
 const KEYSPACE_EVENTS: [&str; 2] = ["--notify-keyspace-events", "KEA"];
+
+/// `PUBSUB NUMSUB news` and `PUBSUB NUMPAT` through `writer`.
+async fn news_and_patterns(writer: &mut redis::aio::MultiplexedConnection) -> (i64, i64) {
+    let numsub: Vec<redis::Value> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("news")
+        .query_async(writer)
+        .await
+        .unwrap();
+    let numpat: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(writer)
+        .await
+        .unwrap();
+    match numsub.as_slice() {
+        [redis::Value::BulkString(c), redis::Value::Int(n)] if c == b"news" => (*n, numpat),
+        other => panic!("PUBSUB NUMSUB news: {other:?}"),
+    }
+}
 
 /// The `(event, key)` of every keyevent notification that arrives until
 /// none has for `quiet`.
@@ -423,29 +419,14 @@ async fn keyspace_notifications_come_from_the_new_primaries_after_failovers() {
 
     // The client's ordinary connection is on a replica now, and still
     // counts, once, as on one server.
-    let numsub: Vec<redis::Value> = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg("news")
-        .query_async(&mut writer)
-        .await
-        .unwrap();
-    let numpat: i64 = redis::cmd("PUBSUB")
-        .arg("NUMPAT")
-        .query_async(&mut writer)
-        .await
-        .unwrap();
     let channels: Vec<String> = redis::cmd("PUBSUB")
         .arg("CHANNELS")
         .query_async(&mut writer)
         .await
         .unwrap();
     assert_eq!(
-        (numsub, numpat, channels),
-        (
-            vec![redis::Value::BulkString(b"news".to_vec()), redis::Value::Int(1)],
-            1,
-            vec!["news".to_string()]
-        ),
+        (news_and_patterns(&mut writer).await, channels),
+        ((1, 1), vec!["news".to_string()]),
         "PUBSUB NUMSUB news, NUMPAT, CHANNELS"
     );
     sidecar.shutdown().await;

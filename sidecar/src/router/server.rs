@@ -93,6 +93,12 @@ impl Router {
                 "SETUSER" | "DELUSER" | "LOAD" | "SAVE" | "LOG" => {
                     reply(err(format!("ERR {}", crate::commands::ADMIN)))
                 }
+                // They show every user's password hashes, asked on the
+                // sidecar's authenticated connections, and the sidecar's
+                // listener does not require AUTH.
+                "LIST" | "GETUSER" => reply(err(format!(
+                    "ERR cachetier: ACL {sub} is not proxied: it would show the users' password hashes to clients that need not authenticate; run it against a Redis node directly"
+                ))),
                 // Who the client's commands run as (the sidecar's own
                 // user), what users and categories there are (every node
                 // of a tier has the same users), HELP, Redis's errors.

@@ -254,8 +254,6 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
         &["ACL", "HELP"],
         &["ACL", "DRYRUN", "default", "GET", "k"],
         &["ACL", "USERS"],
-        &["ACL", "LIST"],
-        &["ACL", "GETUSER", "default"],
         &["ACL", "NOSUCH"],
     ] {
         acl.extend(resp(args));

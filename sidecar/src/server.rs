@@ -360,17 +360,21 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                             break;
                         }
                         Step::Refuse => {
-                            out.extend_from_slice(&pubsub::subscribed_mode_error(&req));
+                            if !st.session.silenced() {
+                                out.extend_from_slice(&pubsub::subscribed_mode_error(&req));
+                            }
                             continue;
                         }
                         Step::Forward => {
                             // Boxed, as the upkeep below: rare, and its
                             // state would enlarge every client's future.
+                            let silent = st.session.silenced();
                             Box::pin(pubsub::forward(
                                 &router,
                                 &mut sub,
                                 st.session.proto,
                                 &req,
+                                silent,
                                 &mut out,
                             ))
                             .await;
@@ -403,17 +407,20 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                         reading = false;
                     }
                 }
+                // Refused as Redis refuses it, silently under CLIENT REPLY.
                 Ok(None) if inbuf.len() > query_limit => {
-                    let b = error_frame(
-                        "ERR cachetier: request larger than the client query limit; closing the connection",
-                    );
-                    pending.push_reply(b);
+                    if !st.session.quiet() {
+                        pending.push_reply(error_frame(
+                            "ERR cachetier: request larger than the client query limit; closing the connection",
+                        ));
+                    }
                     reading = false;
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let b = error_frame(&e.client_error());
-                    pending.push_reply(b);
+                    if !st.session.quiet() {
+                        pending.push_reply(error_frame(&e.client_error()));
+                    }
                     reading = false;
                 }
             }

@@ -142,9 +142,19 @@ impl Session {
         silent
     }
 
-    /// `RESET`: back to a new connection's state.
+    /// Whether replies are dropped now (`CLIENT REPLY OFF`, or a `SKIP`
+    /// in force), without using the `SKIP` up.
+    pub fn quiet(&self) -> bool {
+        self.replies_off || self.skip
+    }
+
+    /// `RESET`: back to a new connection's state; as in Redis, a `SKIP` in
+    /// force still drops `RESET`'s own reply.
     pub fn reset(&mut self) {
-        *self = Self::default();
+        *self = Self {
+            skip: self.skip,
+            ..Self::default()
+        };
     }
 
     /// Applies a `HELLO` whose `AUTH` (if any) succeeded; a name Redis
@@ -261,6 +271,11 @@ mod tests {
         }
         s.reset();
         assert!(!s.silenced(), "RESET turns replies on");
+        s.set_replies(ReplyMode::Skip);
+        assert!(!s.silenced());
+        s.reset();
+        assert!(s.silenced(), "a SKIP in force drops RESET's reply");
+        assert!(!s.silenced());
     }
 
     fn args(a: &[&str]) -> Vec<Bytes> {

@@ -92,7 +92,16 @@ impl Subscriber {
     /// Send a request the step said to forward (a subscription command, or
     /// a `PING` in RESP2 subscribed mode); replies it has at once (errors,
     /// Redis's answer to unsubscribing from nothing) go into `out`.
-    async fn forward(&mut self, router: &Router, proto: u8, req: &resp::Request, out: &mut BytesMut) {
+    /// `silent` (`CLIENT REPLY`): as in Redis, its errors and a `PING`'s
+    /// reply are dropped; confirmations are not.
+    async fn forward(
+        &mut self,
+        router: &Router,
+        proto: u8,
+        req: &resp::Request,
+        silent: bool,
+        out: &mut BytesMut,
+    ) {
         let name = req.name().to_ascii_lowercase();
         let bare = req.argc() == 1;
         let sent = if is_shard_command(&name) {
@@ -111,10 +120,15 @@ impl Subscriber {
                 self.forward_plain(router, proto, &req.raw, Some(wants), out)
                     .await
             }
+        } else if silent {
+            // A PING changes nothing: with its reply dropped, it need not go.
+            Ok(())
         } else {
             self.forward_ping(router, proto, &req.raw, out).await
         };
-        if let Err(b) = sent {
+        if let Err(b) = sent
+            && !silent
+        {
             out.extend_from_slice(&b);
         }
     }
@@ -540,10 +554,11 @@ pub async fn forward(
     sub: &mut Option<Subscriber>,
     proto: u8,
     req: &resp::Request,
+    silent: bool,
     out: &mut BytesMut,
 ) {
     sub.get_or_insert_with(Subscriber::default)
-        .forward(router, proto, req, out)
+        .forward(router, proto, req, silent, out)
         .await;
 }
 

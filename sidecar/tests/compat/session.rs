@@ -135,6 +135,15 @@ async fn transaction_control_inside_multi_answers_as_redis_does() {
         "CLIENT REPLY OFF\r\nSET {t}k 5\r\nGET {t}k\r\nNOSUCH\r\nCLIENT REPLY SKIP\r\nCLIENT REPLY ON\r\nGET {t}k\r\n\
          CLIENT REPLY SKIP\r\nGET {t}k\r\nPING\r\nCLIENT REPLY SKIP\r\nCLIENT REPLY SKIP\r\nGET {t}k\r\nECHO x\r\n\
          CLIENT REPLY OFF\r\nRESET\r\nPING\r\nCLIENT REPLY MAYBE\r\nCLIENT REPLY\r\n",
+        // ... a SKIP in force drops RESET's reply; subscription commands
+        // use a SKIP up, their confirmations are not dropped, their errors
+        // and a subscribed-mode PING's reply are.
+        "CLIENT REPLY SKIP\r\nRESET\r\nPING\r\n",
+        "CLIENT REPLY SKIP\r\nSUBSCRIBE ch\r\nUNSUBSCRIBE ch\r\nPING\r\n",
+        "CLIENT REPLY SKIP\r\nUNSUBSCRIBE\r\nPING\r\n",
+        "CLIENT REPLY OFF\r\nSUBSCRIBE ch\r\nPING\r\nGET {t}k\r\nCLIENT REPLY ON\r\nRESET\r\nPING\r\n",
+        // ... and a protocol error is not answered either.
+        "CLIENT REPLY OFF\r\n*1\r\n$-5\r\nPING\r\n",
     ] {
         let mut replies = Vec::new();
         for addr in [&ours, &node.addr()] {

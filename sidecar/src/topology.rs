@@ -64,6 +64,13 @@ impl Topology {
         !self.shards.is_empty()
     }
 
+    /// Whether `addr` is one of the map's nodes.
+    pub fn knows(&self, addr: &str) -> bool {
+        self.shards
+            .iter()
+            .any(|s| s.primary.addr == addr || s.replicas.iter().any(|r| r.addr == addr))
+    }
+
     /// Whether the node at `addr` is known not to be a primary: it is a
     /// replica, or absent from a map of every slot. A partial map (the best
     /// the registry could find; see [`Registry::refresh`]) need not show
@@ -74,8 +81,12 @@ impl Topology {
             .iter()
             .any(|s| s.replicas.iter().any(|r| r.addr == addr));
         let primary = self.shards.iter().any(|s| s.primary.addr == addr);
-        let complete = self.slot_map.len() == usize::from(SLOTS) && !self.slot_map.contains(&UNASSIGNED);
-        replica || (complete && !primary)
+        replica || (self.is_complete() && !primary)
+    }
+
+    /// Every slot has a shard: the map shows every primary.
+    pub fn is_complete(&self) -> bool {
+        self.slot_map.len() == usize::from(SLOTS) && !self.slot_map.contains(&UNASSIGNED)
     }
 }
 

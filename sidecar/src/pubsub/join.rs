@@ -171,7 +171,13 @@ impl Joins {
         done
     }
 
-    fn failed(&mut self, addr: String, error: &str) {
+    /// Forget the waits of nodes `known` says are no longer in the cluster.
+    pub(super) fn forget_gone(&mut self, known: impl Fn(&str) -> bool) {
+        self.retry.retain(|addr, _| known(addr));
+    }
+
+    /// A link to `addr` failed: try it again after its next wait.
+    pub(super) fn failed(&mut self, addr: String, error: &str) {
         let wait = self.retry.get(&addr).map_or(FIRST_WAIT, |(_, w)| *w);
         tracing::debug!(node = %addr, error, wait = ?wait, "keyspace mirror not opened; trying again later");
         self.retry

@@ -3,10 +3,8 @@
 //! channels on. What they send is merged into the client's output a whole
 //! frame at a time, with the shard-channel counts made the client's totals.
 
-use std::sync::Arc;
-
 use bytes::{Bytes, BytesMut};
-use rand::seq::IndexedRandom;
+use rand::seq::SliceRandom;
 
 use super::join::Joins;
 use super::link::Link;
@@ -31,6 +29,13 @@ pub struct Subscriber {
     mirrors: Vec<Link>,
     /// Mirror links the upkeep is opening ([`super::join`]).
     joins: Joins,
+    /// The mirrors that deliver everything the plain link's node sends of
+    /// keyspace notifications, once that node is no longer a primary (after
+    /// a failover), as the upkeep last saw it: its shard's primary, or
+    /// every primary when the map does not show the node yet. Empty while
+    /// the node is a primary.
+    plain_cover: Vec<String>,
+    joins_first: bool,
     /// Where the next read starts, so no link starves the others.
     next: usize,
     /// While the plain link holds keyspace subscriptions: when to check
@@ -191,23 +196,10 @@ impl Subscriber {
             self.joins.clear();
         }
         if self.plain.is_none() {
-            let addr = {
-                let topo = router.registry.current();
-                let healthy: Vec<&Arc<crate::upstream::Node>> = topo
-                    .shards
-                    .iter()
-                    .map(|s| &s.primary)
-                    .filter(|p| p.is_healthy())
-                    .collect();
-                match healthy.choose(&mut rand::rng()) {
-                    Some(p) => p.addr.clone(),
-                    None => return Err(error_frame("CLUSTERDOWN cachetier: no primary to subscribe on")),
-                }
-            };
-            self.plain = Some(open(router, &addr, proto).await?);
+            self.plain = Some(open_plain(router, proto).await?);
         }
         if subscription == Some(true) && self.mirrors.is_empty() {
-            self.open_mirrors(router, proto, out).await?;
+            self.open_mirrors(router, proto, out).await;
         }
         if subscription.is_some() && !(self.mirrors.is_empty() && self.joins.is_empty()) {
             self.forward_mirrors(router, raw, out).await?;
@@ -241,8 +233,11 @@ impl Subscriber {
 
     /// A mirror link to every healthy primary but the plain link's and
     /// those the upkeep is opening or waiting to try again (a primary out
-    /// of rotation gets its link from the upkeep once it is back).
-    async fn open_mirrors(&mut self, router: &Router, proto: u8, out: &mut BytesMut) -> Result<(), Bytes> {
+    /// of rotation gets its link from the upkeep once it is back). A node
+    /// whose link fails (one that accepts TCP and never answers costs the
+    /// response timeout once) is left to the upkeep's next tries; the
+    /// client's command goes on without it.
+    async fn open_mirrors(&mut self, router: &Router, proto: u8, out: &mut BytesMut) {
         let plain = self.plain.as_ref().map(|l| l.addr.clone());
         let now = tokio::time::Instant::now();
         let addrs: Vec<String> = router
@@ -262,12 +257,11 @@ impl Subscriber {
             match open_mirror(router, &addr, proto, &replay, out).await {
                 Ok(link) => self.mirrors.push(link),
                 Err(e) => {
-                    self.mirrors.clear();
-                    return Err(e);
+                    let e = String::from_utf8_lossy(&e);
+                    self.joins.failed(addr, e.trim_end());
                 }
             }
         }
-        Ok(())
     }
 
     /// Send `raw` on every mirror link and wait (at most the response
@@ -349,7 +343,9 @@ impl Subscriber {
                 self.upkeep_due = true;
                 return std::task::Poll::Ready(Ok(()));
             }
-            if self.joins.poll(cx).is_ready() {
+            // Before the links every other call: neither starves the other.
+            self.joins_first = !self.joins_first;
+            if self.joins_first && self.joins.poll(cx).is_ready() {
                 return std::task::Poll::Ready(Ok(()));
             }
             let n = usize::from(self.plain.is_some()) + self.shards.len() + self.mirrors.len();
@@ -367,9 +363,22 @@ impl Subscriber {
                     return std::task::Poll::Ready(r);
                 }
             }
+            if !self.joins_first && self.joins.poll(cx).is_ready() {
+                return std::task::Poll::Ready(Ok(()));
+            }
             std::task::Poll::Pending
         })
         .await
+    }
+
+    /// Drop the plain link's keyspace messages (a replica's copies of its
+    /// primary's) while every mirror of `plain_cover` exists.
+    fn note_cover(&mut self) {
+        let covered = !self.plain_cover.is_empty()
+            && (self.plain_cover.iter()).all(|a| self.mirrors.iter().any(|m| m.addr == *a));
+        if let Some(plain) = self.plain.as_mut() {
+            plain.keyspace_off = covered;
+        }
     }
 
     /// Move every complete frame of every link into `out` (see
@@ -387,7 +396,13 @@ impl Subscriber {
             link.drain_mirror(out)?;
         }
         let joined = self.joins.drain(out);
+        let any_joined = !joined.is_empty();
         self.mirrors.extend(joined);
+        // The plain link's copies stop as soon as the mirrors deliver them,
+        // not at the next check.
+        if any_joined {
+            self.note_cover();
+        }
         let keyspace = self.plain.as_ref().is_some_and(|p| p.names.has_keyspace());
         // The client left its last keyspace subscription: nothing of the
         // mirrors reaches it any more.
@@ -410,9 +425,10 @@ impl Subscriber {
     /// subscribed, or a replica promoted) gets a mirror, opened in the
     /// background ([`super::join`]) and subscribed to the plain link's
     /// keyspace channels and patterns; a link whose node is no longer a
-    /// primary closes; and while the plain link's node is a replica whose
-    /// primary has a mirror, its own keyspace messages (a replica's copies
-    /// of its primary's) are dropped for the mirror's. Runs with every
+    /// primary closes; and while the plain link's node is not a primary
+    /// and the mirrors cover it (its primary's, or every primary's when the
+    /// map does not show it yet), its own keyspace messages (a replica's
+    /// copies of its primary's) are dropped for the mirrors'. Runs with every
     /// confirmation in, so the plain link's names are current: new links
     /// are subscribed at every call, the cluster is checked when due.
     pub async fn upkeep(&mut self, router: &Router) {
@@ -444,17 +460,20 @@ impl Subscriber {
         }
         self.mirrors.retain(|m| !topo.not_a_primary(&m.addr));
         self.joins.retain(|addr| topo.not_a_primary(addr));
-        // The primary of the shard the plain link's node is now a replica
-        // of; its copies are dropped only once that primary's mirror
-        // delivers.
-        let plain_primary = topo
+        let shard = topo
             .shards
             .iter()
-            .find(|s| s.replicas.iter().any(|r| r.addr == plain_addr))
-            .map(|s| &s.primary.addr);
-        let covered = plain_primary.is_some_and(|p| self.mirrors.iter().any(|m| m.addr == *p));
-        if let Some(plain) = self.plain.as_mut() {
-            plain.keyspace_off = covered;
+            .find(|s| s.replicas.iter().any(|r| r.addr == plain_addr));
+        self.plain_cover = match shard {
+            Some(s) => vec![s.primary.addr.clone()],
+            None if topo.not_a_primary(&plain_addr) => {
+                topo.shards.iter().map(|s| s.primary.addr.clone()).collect()
+            }
+            None => Vec::new(),
+        };
+        self.note_cover();
+        if topo.is_complete() {
+            self.joins.forget_gone(|addr| topo.knows(addr));
         }
     }
 }
@@ -475,7 +494,7 @@ fn connect(router: &Router, addr: &str, proto: u8) -> super::join::Connect {
 /// A mirror link to `addr`, subscribed with `replay` and confirmed within
 /// the response timeout (a link that never confirms would hold the
 /// client's next subscription command for ever); keyspace messages that
-/// arrive meanwhile go to `out`. The error is the client's reply.
+/// arrive meanwhile go to `out`. The error (an error reply) says why not.
 async fn open_mirror(
     router: &Router,
     addr: &str,
@@ -512,6 +531,25 @@ async fn open_mirror(
 /// How often a subscriber with keyspace subscriptions checks that every
 /// primary has a link.
 const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The plain link, on a random healthy primary; one that cannot be
+/// reached (or accepts TCP and never answers) gives way to the next.
+async fn open_plain(router: &Router, proto: u8) -> Result<Link, Bytes> {
+    let mut addrs: Vec<String> = (router.registry.current().shards.iter())
+        .map(|s| &s.primary)
+        .filter(|p| p.is_healthy())
+        .map(|p| p.addr.clone())
+        .collect();
+    addrs.shuffle(&mut rand::rng());
+    let mut last = error_frame("CLUSTERDOWN cachetier: no primary to subscribe on");
+    for addr in addrs {
+        match open(router, &addr, proto).await {
+            Ok(link) => return Ok(link),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
 
 async fn open(router: &Router, addr: &str, proto: u8) -> Result<Link, Bytes> {
     Link::open(

@@ -257,6 +257,19 @@ async fn a_new_primary_that_never_answers_does_not_hold_up_a_subscriber() {
         || sidecar.node_states().iter().any(|n| n.addr == relay_addr),
     )
     .await;
+    // The sidecar's own polls (the read gate's offsets) may take the node
+    // out of rotation soon, and then nothing tries to give it a link; until
+    // then, the code before `ee92d63` held the subscriber about 1 s per try
+    // (it failed this test in both runs against it).
+    // A client's first keyspace subscription is confirmed without it too.
+    let mut late = Raw::connect(&sidecar.local_addr().to_string()).await;
+    late.send(&["PSUBSCRIBE", "__keyevent@0__:*"]).await;
+    let confirmed = String::from_utf8_lossy(&late.frame().await).into_owned();
+    assert!(
+        confirmed.starts_with("*3\r\n$10\r\npsubscribe\r\n"),
+        "{confirmed:?}"
+    );
+    drop(late);
 
     // Published on a node of the cluster (every node hears it), for long
     // enough to span several of the sidecar's checks of the slot map.
@@ -288,7 +301,9 @@ async fn a_new_primary_that_never_answers_does_not_hold_up_a_subscriber() {
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
     let mut heard = false;
     while !heard && std::time::Instant::now() < deadline {
-        let _: () = writer.set(probe, "v").await.unwrap();
+        // The node's first connections may still be giving way to new
+        // ones: a lost write is tried again.
+        let _: redis::RedisResult<()> = writer.set(probe, "v").await;
         heard = keyevents(&mut sub, Duration::from_millis(300))
             .await
             .iter()
@@ -403,6 +418,10 @@ async fn keyspace_notifications_come_from_the_new_primaries_after_failovers() {
             .map(|(event, k)| format!("{event} {k}"))
             .collect();
         got.sort();
+        // A round may miss events while links move (at most once, as in
+        // Redis), never repeat one.
+        let twice: Vec<&[String]> = got.windows(2).filter(|w| w[0] == w[1]).collect();
+        assert!(twice.is_empty(), "round {round}: events twice: {twice:?}");
         let mut expected: Vec<String> = keys
             .iter()
             .flat_map(|k| [format!("set {k}"), format!("expire {k}"), format!("expired {k}")])

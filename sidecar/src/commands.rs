@@ -160,7 +160,7 @@ pub fn all() -> impl Iterator<Item = &'static CommandInfo> {
 /// words it: the name and the first arguments, each cut at a NUL (Redis
 /// prints them as C strings), the name at 128 bytes and the arguments once
 /// they take 128; CR and LF become spaces. `args` with the name first.
-pub fn unknown_command(args: &[impl AsRef<[u8]>]) -> String {
+pub fn unknown_command(args: &[impl AsRef<[u8]>]) -> Bytes {
     let c_str = |b: &[u8], max: usize| {
         let b = b.split(|&c| c == 0).next().unwrap_or_default();
         b[..b.len().min(max)].to_vec()
@@ -184,7 +184,7 @@ pub fn unknown_command(args: &[impl AsRef<[u8]>]) -> String {
             *b = b' ';
         }
     }
-    String::from_utf8_lossy(&msg).into_owned()
+    Bytes::from(msg)
 }
 
 /// The error for `argc` arguments (with the name) that do not fit the
@@ -197,11 +197,11 @@ pub fn wrong_arity(info: &CommandInfo, argc: usize) -> Option<String> {
 
 /// What Redis checks of any command before its context: that it exists and
 /// fits its arity. `args` with the name first.
-pub fn refusal(args: &[impl AsRef<[u8]>]) -> Option<String> {
+pub fn refusal(args: &[impl AsRef<[u8]>]) -> Option<Bytes> {
     let name = args.first()?.as_ref();
     match lookup(name) {
         None => Some(unknown_command(args)),
-        Some(info) => wrong_arity(info, args.len()),
+        Some(info) => wrong_arity(info, args.len()).map(Bytes::from),
     }
 }
 

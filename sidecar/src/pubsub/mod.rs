@@ -98,13 +98,13 @@ pub fn subscribed_mode_error(req: &Request) -> Bytes {
     let args: Vec<&[u8]> = (0..req.argc()).filter_map(|i| req.arg(i)).collect();
     let msg = crate::commands::refusal(&args).unwrap_or_else(|| {
         let name = String::from_utf8_lossy(req.name()).to_ascii_lowercase();
-        format!(
+        Bytes::from(format!(
             "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
             crate::arity::full_name(&name, req.arg(1))
-        )
+        ))
     });
     let mut b = BytesMut::new();
-    Frame::Error(Bytes::from(msg)).encode(&mut b);
+    Frame::Error(msg).encode(&mut b);
     b.freeze()
 }
 

@@ -174,8 +174,6 @@ pub fn parse_request(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Reque
     parse_request_with(buf, &mut Checker::for_requests(*limits), limits)
 }
 
-/// [`parse_request`] with a connection's [`Checker`], so a large request that
-/// arrives over many reads is checked in linear time.
 /// The request of `args` as it should have been sent, each bulk string
 /// ended by CRLF (what goes upstream is then well-formed RESP).
 fn with_crlfs(args: &[Bytes], limits: &Limits) -> Result<Request, ProtocolError> {
@@ -187,6 +185,8 @@ fn with_crlfs(args: &[Bytes], limits: &Limits) -> Result<Request, ProtocolError>
     }
 }
 
+/// [`parse_request`] with a connection's [`Checker`], so a large request that
+/// arrives over many reads is checked in linear time.
 pub fn parse_request_with(
     buf: &mut BytesMut,
     checker: &mut Checker,

@@ -198,12 +198,41 @@ impl Router {
             },
             "KILL" => return self.kill(st, args),
             // Client-side caching (node-redis's clientSideCache, redis-py's
-            // cache_config…): the nodes track the sidecar's shared
-            // connections, not this client.
-            "TRACKING" | "CACHING" | "TRACKINGINFO" | "GETREDIR" => err(format!(
-                "ERR cachetier: CLIENT {sub} (client-side caching) is not supported through the sidecar; \
-                 its local cache (the CacheTier's spec.sidecar.localCache) keeps hot keys next to the application instead"
-            )),
+            // cache_config…) cannot be turned on: the nodes track the
+            // sidecar's shared connections, not this client. Otherwise
+            // answered as by a server whose client has tracking off.
+            "TRACKING" => match tracking_off(&args[2..]) {
+                Ok(true) => ok(),
+                Ok(false) => err(
+                    "ERR cachetier: CLIENT TRACKING (client-side caching) is not supported through the sidecar; \
+                     its local cache (the CacheTier's spec.sidecar.localCache) keeps hot keys next to the application instead",
+                ),
+                Err(e) => err(e),
+            },
+            "TRACKINGINFO" => {
+                let flags = vec![bulk("off")];
+                let fields = [
+                    (
+                        bulk("flags"),
+                        if proto == 3 {
+                            Frame::Set(flags)
+                        } else {
+                            Frame::Array(flags)
+                        },
+                    ),
+                    (bulk("redirect"), Frame::Integer(-1)),
+                    (bulk("prefixes"), Frame::Array(Vec::new())),
+                ];
+                encode(&if proto == 3 {
+                    Frame::Map(fields.into())
+                } else {
+                    Frame::Array(fields.into_iter().flat_map(|(k, v)| [k, v]).collect())
+                })
+            }
+            "GETREDIR" => encode(&Frame::Integer(-1)),
+            "CACHING" => err(
+                "ERR CLIENT CACHING can be called only when the client is in tracking mode with OPTIN or OPTOUT mode enabled",
+            ),
             _ => err(format!(
                 "ERR cachetier: CLIENT {sub} is not supported by the sidecar"
             )),
@@ -249,6 +278,26 @@ impl Router {
             ClientReply::Reply(reply)
         }
     }
+}
+
+/// `CLIENT TRACKING ON|OFF [option …]`'s words checked as Redis checks
+/// them: `Ok(true)` for `OFF`, `Ok(false)` for `ON`.
+fn tracking_off(args: &[Bytes]) -> Result<bool, &'static str> {
+    let syntax = "ERR syntax error";
+    let off = match args.first().map(|a| upper(a)).as_deref() {
+        Some("ON") => false,
+        Some("OFF") => true,
+        _ => return Err(syntax),
+    };
+    let mut rest = args[1..].iter();
+    while let Some(option) = rest.next() {
+        match upper(option).as_str() {
+            "BCAST" | "OPTIN" | "OPTOUT" | "NOLOOP" => {}
+            "REDIRECT" | "PREFIX" if rest.next().is_some() => {}
+            _ => return Err(syntax),
+        }
+    }
+    Ok(off)
 }
 
 #[cfg(test)]

@@ -274,7 +274,9 @@ impl Router {
                 st.session.refuse_queued();
             }
             let args: Vec<&[u8]> = (0..req.argc()).filter_map(|i| req.arg(i)).collect();
-            return Action::Reply(err(commands::unknown_command(&args)));
+            let mut out = BytesMut::new();
+            Frame::Error(commands::unknown_command(&args)).encode(&mut out);
+            return Action::Reply(out.freeze());
         };
         if let Err(e) = self.check_arity(st, info, &req) {
             return Action::Reply(e);

@@ -259,12 +259,35 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
         acl.extend(resp(args));
     }
     scripts.push(("ACL", acl));
+    // Tracking stays off: its questions are answered as such.
+    let mut tracking = Vec::new();
+    for args in [
+        &["CLIENT", "TRACKING", "OFF"][..],
+        &["CLIENT", "TRACKING", "OFF", "BCAST", "PREFIX", "a"],
+        &["CLIENT", "TRACKING", "MAYBE"],
+        &["CLIENT", "TRACKINGINFO"],
+        &["CLIENT", "GETREDIR"],
+        &["CLIENT", "CACHING", "yes"],
+        &["HELLO", "3"],
+        &["CLIENT", "TRACKINGINFO"],
+    ] {
+        tracking.extend(resp(args));
+    }
+    scripts.push(("tracking off", tracking));
     // Redis takes the two bytes after a bulk string as its CRLF, unread.
     scripts.push((
         "bulk without CRLF",
         b"*1\r\n$4\r\nPINGxx*2\r\n$4\r\nECHO\r\n$2\r\nhiAB*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\n\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
             .to_vec(),
     ));
+    // Bytes that are not UTF-8 come back as sent (compared as bytes: the
+    // comparison below reads text).
+    let mut raw_name = b"*2\r\n$2\r\n\xff\xfe\r\n$1\r\n\xc3\r\n".to_vec();
+    let cut = format!("a{}", "\u{e9}".repeat(70));
+    raw_name.extend(resp(&[&cut, "x"]));
+    let ours = support::exchange(&sidecar.local_addr().to_string(), &raw_name).await;
+    let redis = support::exchange(&standalone.addr(), &raw_name).await;
+    assert_eq!(ours, redis, "unknown commands that are not UTF-8");
     for (what, script) in &scripts {
         let ours = support::exchange(&sidecar.local_addr().to_string(), script).await;
         let redis = support::exchange(&standalone.addr(), script).await;

@@ -180,41 +180,24 @@ impl Router {
     /// every replica in rotation when `replicas` (only `stats` sums theirs);
     /// a node that does not answer is left out.
     async fn node_infos(&self, up: Proto, replicas: bool) -> Nodes {
-        let topo = self.registry.current();
         let cmd = resp::command_bytes(&["INFO", "memory", "stats", "keyspace"]);
-        let ask = |nodes: Vec<Arc<Node>>| {
-            let cmd = cmd.clone();
-            async move {
-                let futs = nodes.into_iter().map(|n| {
-                    let cmd = cmd.clone();
-                    async move { n.request(up, cmd, 1).await }
-                });
-                join_all(futs)
-                    .await
-                    .into_iter()
-                    .filter_map(|r| r.ok()?.pop())
-                    .filter_map(|raw| match resp::parse(&raw) {
-                        Ok(Frame::Bulk(b) | Frame::Verbatim(b)) => Some(fields(&String::from_utf8_lossy(&b))),
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>()
-            }
+        let (primaries, replicas) = self.in_rotation(replicas);
+        let (primaries, replicas) = futures_util::join!(
+            Router::ask_each(primaries, &cmd, up),
+            Router::ask_each(replicas, &cmd, up)
+        );
+        let parse = |replies: Vec<Bytes>| -> Vec<HashMap<String, String>> {
+            (replies.iter())
+                .filter_map(|raw| match resp::parse(raw) {
+                    Ok(Frame::Bulk(b) | Frame::Verbatim(b)) => Some(fields(&String::from_utf8_lossy(&b))),
+                    _ => None,
+                })
+                .collect()
         };
-        // A node out of rotation would hold the reply up to its timeout.
-        let primaries = topo
-            .shards
-            .iter()
-            .map(|s| s.primary.clone())
-            .filter(|n| n.is_healthy())
-            .collect();
-        let replicas = topo
-            .shards
-            .iter()
-            .flat_map(|s| s.replicas.iter().cloned())
-            .filter(|n| replicas && n.is_healthy())
-            .collect();
-        let (primaries, replicas) = futures_util::join!(ask(primaries), ask(replicas));
-        Nodes { primaries, replicas }
+        Nodes {
+            primaries: parse(primaries),
+            replicas: parse(replicas),
+        }
     }
 
     /// One section's lines (`None`: the sidecar has no such section now).

@@ -20,9 +20,10 @@ impl Router {
         // Shard channels are held on primaries only.
         let everywhere = matches!(sub.as_str(), "CHANNELS" | "NUMSUB" | "NUMPAT");
         let asked = async {
+            let (_, replicas) = self.in_rotation(everywhere);
             let (primaries, replicas) = futures_util::join!(
                 self.fan_out(cmd.clone(), up, false),
-                self.replica_answers(&cmd, up, everywhere)
+                Router::ask_each(replicas, &cmd, up)
             );
             primaries.map(|mut rs| {
                 rs.extend(replicas);
@@ -69,27 +70,6 @@ impl Router {
             // HELP, wrong arity…: Redis's own answer.
             _ => self.on_primary(None, cmd.clone(), up, false).await,
         }
-    }
-
-    /// The replies of the replicas in rotation to `cmd` (none unless
-    /// `ask`), leaving out errors and replicas that fail.
-    async fn replica_answers(&self, cmd: &Bytes, up: Proto, ask: bool) -> Vec<Bytes> {
-        if !ask {
-            return Vec::new();
-        }
-        let topo = self.registry.current();
-        let futs = topo
-            .shards
-            .iter()
-            .flat_map(|s| s.replicas.iter())
-            .filter(|n| n.is_healthy())
-            .map(|n| n.request(up, cmd.clone(), 1));
-        join_all(futs)
-            .await
-            .into_iter()
-            .filter_map(|r| r.ok()?.pop())
-            .filter(|reply| !reply.starts_with(b"-"))
-            .collect()
     }
 }
 

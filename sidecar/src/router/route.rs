@@ -299,6 +299,43 @@ impl Router {
             .collect()
     }
 
+    /// The primaries in rotation, and the replicas in rotation when
+    /// `replicas` (a node out of rotation would hold a merged answer up to
+    /// its timeout).
+    pub(super) fn in_rotation(&self, replicas: bool) -> (Vec<Arc<Node>>, Vec<Arc<Node>>) {
+        let topo = self.registry.current();
+        let healthy = |n: &&Arc<Node>| n.is_healthy();
+        let primaries = topo
+            .shards
+            .iter()
+            .map(|s| &s.primary)
+            .filter(healthy)
+            .cloned()
+            .collect();
+        let replicas = (topo.shards.iter())
+            .flat_map(|s| s.replicas.iter())
+            .filter(|n| replicas && n.is_healthy())
+            .cloned()
+            .collect();
+        (primaries, replicas)
+    }
+
+    /// `cmd`'s reply from each of `nodes`, best effort (for answers merged
+    /// from what the nodes say): a node that fails, or answers an error, is
+    /// left out.
+    pub(super) async fn ask_each(nodes: Vec<Arc<Node>>, cmd: &Bytes, up: Proto) -> Vec<Bytes> {
+        let futs = nodes.into_iter().map(|n| {
+            let cmd = cmd.clone();
+            async move { n.request(up, cmd, 1).await }
+        });
+        join_all(futs)
+            .await
+            .into_iter()
+            .filter_map(|r| r.ok()?.pop())
+            .filter(|reply| !reply.starts_with(b"-"))
+            .collect()
+    }
+
     /// Send `cmd` to every primary (a known-slow one on connections of its
     /// own); Err carries the first error reply.
     pub(super) async fn fan_out(

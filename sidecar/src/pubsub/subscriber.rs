@@ -478,7 +478,8 @@ impl Subscriber {
     }
 }
 
-/// The upkeep's connect of a mirror link to `addr` (see [`super::join`]).
+/// A mirror link to `addr`, connected, not yet subscribed: the upkeep's
+/// (see [`super::join`]) and [`open_mirror`]'s.
 fn connect(router: &Router, addr: &str, proto: u8) -> super::join::Connect {
     let (addr, timeout) = (addr.to_string(), router.config.response_timeout);
     let (auth, counts) = (router.config.auth.clone(), router.mirrors.clone());
@@ -502,8 +503,9 @@ async fn open_mirror(
     replay: &[Vec<Bytes>],
     out: &mut BytesMut,
 ) -> Result<Link, Bytes> {
-    let mut link = open(router, addr, proto).await?;
-    link.mirror = Some(keyspace::MirrorShare::new(router.mirrors.clone()));
+    let mut link = connect(router, addr, proto)
+        .await
+        .map_err(|e| not_opened(addr, &e))?;
     let settle = async {
         for args in replay {
             let mut raw = BytesMut::new();
@@ -559,11 +561,15 @@ async fn open(router: &Router, addr: &str, proto: u8) -> Result<Link, Bytes> {
         router.config.auth.as_ref(),
     )
     .await
-    .map_err(|e| {
-        error_frame(&format!(
-            "ERR cachetier: could not open a subscription connection to {addr}: {e}"
-        ))
-    })
+    .map_err(|e| not_opened(addr, &e))
+}
+
+/// The client's error for a subscription connection to `addr` that could
+/// not be opened.
+fn not_opened(addr: &str, e: &dyn std::fmt::Display) -> Bytes {
+    error_frame(&format!(
+        "ERR cachetier: could not open a subscription connection to {addr}: {e}"
+    ))
 }
 
 /// Redis's reply to an argument-less unsubscribe with nothing to leave:

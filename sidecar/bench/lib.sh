@@ -37,6 +37,23 @@ bench:
 YML
 }
 
+# start_twemproxy LISTEN REDIS_PORT STATS_PORT: nutcracker in front of one
+# node; its PID in $STARTED
+start_twemproxy() {
+  twemproxy_conf "$1" "$2"
+  nutcracker -c "$WORK/nutcracker.yml" -s "$3" -o "$WORK/nutcracker.log" &
+  STARTED=$!; PIDS+=($STARTED)
+}
+
+# start_sidecar LOG LISTEN SEED METRICS [args...]: $BIN on those ports of
+# 127.0.0.1, its output in $WORK/LOG; its PID in $STARTED
+start_sidecar() {
+  local log=$1 listen=$2 seed=$3 metrics=$4; shift 4
+  "$BIN" --listen 127.0.0.1:"$listen" --seed 127.0.0.1:"$seed" --metrics 127.0.0.1:"$metrics" "$@" \
+    >"$WORK/$log" 2>&1 &
+  STARTED=$!; PIDS+=($STARTED)
+}
+
 # single_node PORT [wrapper...]: a cluster-mode redis-server owning every
 # slot (run under the wrapper command, if any); its PID in $REDIS
 single_node() {

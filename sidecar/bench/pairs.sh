@@ -20,11 +20,8 @@ WORK_PREFIX=cachetier-pairs
 need_sidecar
 
 single_node 7600
-twemproxy_conf 7610 7600
-nutcracker -c "$WORK/nutcracker.yml" -s 7611 -o "$WORK/nutcracker.log" &
-PIDS+=($!)
-"$BIN" --listen 127.0.0.1:7620 --seed 127.0.0.1:7600 --metrics 127.0.0.1:7621 >"$WORK/sidecar.log" 2>&1 &
-PIDS+=($!)
+start_twemproxy 7610 7600 7611
+start_sidecar sidecar.log 7620 7600 7621
 wait_ping 7610; wait_ping 7620
 redis-benchmark -h 127.0.0.1 -p 7600 -c 10 -n 1000 -t set -q >/dev/null 2>&1
 

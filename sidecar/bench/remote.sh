@@ -49,11 +49,8 @@ PIDS+=($!)
 wait_ping 7601
 "$DIR/examples/zipf_load" --port 7600 --keys "$KEYS" --fill --value-bytes 100
 
-"$BIN" --listen 127.0.0.1:7602 --seed 127.0.0.1:7601 --metrics 127.0.0.1:7604 >"$WORK/sidecar.log" 2>&1 &
-PIDS+=($!)
-"$BIN" --listen 127.0.0.1:7603 --seed 127.0.0.1:7601 --metrics 127.0.0.1:7605 --cache-prefix key: --cache-ttl 60s \
-  --cache-max-bytes 64MiB >"$WORK/sidecar-cache.log" 2>&1 &
-PIDS+=($!)
+start_sidecar sidecar.log 7602 7601 7604
+start_sidecar sidecar-cache.log 7603 7601 7605 --cache-prefix key: --cache-ttl 60s --cache-max-bytes 64MiB
 wait_ping 7602
 wait_ping 7603
 sleep 2 # first read-gate poll, tracking connection

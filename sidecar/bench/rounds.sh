@@ -34,14 +34,12 @@ need_sidecar
 
 single_node 7500
 
-twemproxy_conf 7510 7500
-nutcracker -c "$WORK/nutcracker.yml" -s 7511 -o "$WORK/nutcracker.log" &
-TW=$!; PIDS+=($TW)
-"$BIN" --listen 127.0.0.1:7520 --seed 127.0.0.1:7500 --metrics 127.0.0.1:7521 >"$WORK/sidecar.log" 2>&1 &
-SC=$!; PIDS+=($SC)
-"$BIN" --listen 127.0.0.1:7530 --seed 127.0.0.1:7500 --metrics 127.0.0.1:7531 \
-  --cache-prefix key: --cache-ttl 600s --cache-max-bytes 64MiB >"$WORK/sidecar-cache.log" 2>&1 &
-SCC=$!; PIDS+=($SCC)
+start_twemproxy 7510 7500 7511
+TW=$STARTED
+start_sidecar sidecar.log 7520 7500 7521
+SC=$STARTED
+start_sidecar sidecar-cache.log 7530 7500 7531 --cache-prefix key: --cache-ttl 600s --cache-max-bytes 64MiB
+SCC=$STARTED
 for p in 7510 7520 7530; do wait_ping "$p"; done
 redis-benchmark -h 127.0.0.1 -p 7500 -c 10 -n 1000 -t set -r 10 -q >/dev/null 2>&1
 

@@ -28,8 +28,8 @@ WORK_PREFIX=cachetier-split
 need_sidecar
 
 single_node 7540
-"$BIN" --listen 127.0.0.1:7541 --seed 127.0.0.1:7540 --metrics 127.0.0.1:7542 >"$WORK/sidecar.log" 2>&1 &
-SC=$!; PIDS+=($SC)
+start_sidecar sidecar.log 7541 7540 7542
+SC=$STARTED
 wait_ping 7541
 
 load() { # port [redis-benchmark args...]

@@ -22,11 +22,10 @@ need_sidecar
 
 single_node 7420
 R=$REDIS
-"$BIN" --listen 127.0.0.1:7421 --seed 127.0.0.1:7420 --metrics 127.0.0.1:7422 >"$WORK/sidecar.log" 2>&1 &
-S=$!; PIDS+=($S)
-"$BIN" --listen 127.0.0.1:7423 --seed 127.0.0.1:7420 --metrics 127.0.0.1:7424 \
-  --cache-prefix key: --cache-ttl 60s >"$WORK/sidecar-cache.log" 2>&1 &
-C=$!; PIDS+=($C)
+start_sidecar sidecar.log 7421 7420 7422
+S=$STARTED
+start_sidecar sidecar-cache.log 7423 7420 7424 --cache-prefix key: --cache-ttl 60s
+C=$STARTED
 wait_ping 7421
 wait_ping 7423
 sleep 2 # the tracking connection

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cachetier_sidecar::Sidecar;
 use redis::AsyncCommands;
-use support::{Cluster, RedisNode, all_serving, client, config, eventually};
+use support::{Cluster, RedisNode, all_serving, client, config, cut_tracking, eventually};
 
 fn cache_config(cluster: &Cluster) -> cachetier_sidecar::Config {
     let mut cfg = config(cluster);
@@ -31,23 +31,6 @@ async fn warm(sidecar: &Sidecar, c: &mut redis::aio::MultiplexedConnection, key:
         }
         assert!(Instant::now() < deadline, "cache never hit for {key}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Kill the broadcast-tracking client(s) on `node` (the sidecar's tracking link).
-fn cut_tracking(node: &RedisNode) {
-    let clients = node.cli(&["CLIENT", "LIST"]);
-    let ids: Vec<&str> = clients
-        .lines()
-        .filter(|l| {
-            l.split_whitespace()
-                .any(|f| f.starts_with("flags=") && f.contains('B'))
-        })
-        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
-        .collect();
-    assert!(!ids.is_empty(), "a broadcast-tracking client on {}", node.addr());
-    for id in ids {
-        node.cli(&["CLIENT", "KILL", "ID", id]);
     }
 }
 

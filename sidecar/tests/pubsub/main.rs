@@ -8,53 +8,13 @@ mod keyspace;
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use cachetier_sidecar::Sidecar;
 use cachetier_sidecar::resp::{self, Frame, Limits};
 use redis::AsyncCommands;
+pub(crate) use support::Raw;
 use support::{Cluster, client, config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-/// A raw RESP connection, as redis-py or redis-cli speak it.
-pub(crate) struct Raw {
-    s: TcpStream,
-    buf: BytesMut,
-}
-
-impl Raw {
-    pub(crate) async fn connect(addr: &str) -> Raw {
-        Raw {
-            s: TcpStream::connect(addr).await.unwrap(),
-            buf: BytesMut::new(),
-        }
-    }
-
-    pub(crate) async fn send(&mut self, args: &[&str]) {
-        self.s.write_all(&resp::command_bytes(args)).await.unwrap();
-    }
-
-    /// The next frame, as raw bytes (within 5 s).
-    pub(crate) async fn frame(&mut self) -> Bytes {
-        let mut checker = resp::Checker::new(Limits::upstream());
-        loop {
-            if let Some(n) = checker.check(&self.buf).unwrap() {
-                return self.buf.split_to(n).freeze();
-            }
-            let read = tokio::time::timeout(Duration::from_secs(5), self.s.read_buf(&mut self.buf));
-            let n = read.await.expect("a frame within 5 s").unwrap();
-            assert!(n > 0, "connection closed");
-        }
-    }
-
-    pub(crate) async fn frames(&mut self, n: usize) -> Vec<Bytes> {
-        let mut out = Vec::new();
-        for _ in 0..n {
-            out.push(self.frame().await);
-        }
-        out
-    }
-}
 
 /// The subscriber's side of a RESP2 session, its replies as raw bytes.
 async fn resp2_subscriber_session(sub: &mut Raw) -> Vec<Bytes> {

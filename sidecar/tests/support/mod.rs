@@ -365,6 +365,23 @@ pub fn config(cluster: &Cluster) -> cachetier_sidecar::Config {
     }
 }
 
+/// Kill the broadcast-tracking client(s) on `node` (the sidecar's tracking links).
+pub fn cut_tracking(node: &RedisNode) {
+    let clients = node.cli(&["CLIENT", "LIST"]);
+    let ids: Vec<&str> = clients
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .any(|f| f.starts_with("flags=") && f.contains('B'))
+        })
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
+        .collect();
+    assert!(!ids.is_empty(), "a broadcast-tracking client on {}", node.addr());
+    for id in ids {
+        node.cli(&["CLIENT", "KILL", "ID", id]);
+    }
+}
+
 /// Wait (bounded) until `cond` holds.
 pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -455,4 +472,49 @@ pub fn proc_status_kib(pid: &str, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// A raw RESP connection, as redis-py or redis-cli speak it.
+pub struct Raw {
+    pub s: tokio::net::TcpStream,
+    pub buf: bytes::BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(addr: &str) -> Raw {
+        Raw {
+            s: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, args: &[&str]) {
+        tokio::io::AsyncWriteExt::write_all(&mut self.s, &cachetier_sidecar::resp::command_bytes(args))
+            .await
+            .unwrap();
+    }
+
+    /// The next frame, as raw bytes (within 5 s).
+    pub async fn frame(&mut self) -> bytes::Bytes {
+        let mut checker = cachetier_sidecar::resp::Checker::new(cachetier_sidecar::resp::Limits::upstream());
+        loop {
+            if let Some(n) = checker.check(&self.buf).unwrap() {
+                return self.buf.split_to(n).freeze();
+            }
+            let read = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read_buf(&mut self.s, &mut self.buf),
+            );
+            let n = read.await.expect("a frame within 5 s").unwrap();
+            assert!(n > 0, "connection closed");
+        }
+    }
+
+    pub async fn frames(&mut self, n: usize) -> Vec<bytes::Bytes> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(self.frame().await);
+        }
+        out
+    }
 }

@@ -6,9 +6,11 @@
 //!
 //! A line has every field of Redis 7.0's, in its order. Live: `id`, `addr`,
 //! `laddr`, `fd`, `name`, `age`, `idle` (since the client's last read),
-//! `flags` (`N`, `x` in `MULTI`, `P` subscribed), `sub` (channels and
+//! `flags` (`N`; `P` subscribed, `x` in `MULTI`, `t` tracking, `B` in
+//! `BCAST` mode, in Redis's order), `sub` (channels and
 //! patterns together, as the sidecar's subscription link counts them),
-//! `ssub`, `multi`, `cmd` (the last command, without its subcommand), and
+//! `ssub`, `multi`, `cmd` (the last command, without its subcommand),
+//! `redir` (0 while tracking: its pushes go to its own connection) and
 //! `resp`. The buffer fields Redis keeps per client (`qbuf`, `obl`,
 //! `omem`, `tot-mem` …) are 0 here: the sidecar's buffers are not Redis's.
 //!
@@ -26,6 +28,10 @@ use bytes::Bytes;
 
 use crate::lock;
 use crate::stop::Stop;
+
+const TRACKING_OFF: u8 = 0;
+const TRACKING_ON: u8 = 1;
+const TRACKING_BCAST: u8 = 2;
 
 /// Every client connection of the sidecar, by id.
 #[derive(Debug, Default)]
@@ -53,6 +59,8 @@ pub struct Client {
     /// Ordinary channels and patterns subscribed, and shard channels.
     sub: AtomicI64,
     ssub: AtomicI64,
+    /// `CLIENT TRACKING`: off, on, or on in `BCAST` mode.
+    tracking: AtomicU8,
     /// `CLIENT KILL`: the connection loop stops when it fires.
     pub kill: Arc<Stop>,
 }
@@ -93,6 +101,7 @@ impl Clients {
             multi: AtomicI64::new(-1),
             sub: AtomicI64::new(0),
             ssub: AtomicI64::new(0),
+            tracking: AtomicU8::new(TRACKING_OFF),
             kill: Stop::new(),
         });
         lock(&self.by_id).insert(id, client.clone());
@@ -137,6 +146,16 @@ impl Client {
         self.multi.store(multi, Ordering::Relaxed);
     }
 
+    /// Whether it tracks (`CLIENT TRACKING`), and in `BCAST` mode.
+    pub fn tracking(&self, on: bool, bcast: bool) {
+        let mode = match (on, bcast) {
+            (false, _) => TRACKING_OFF,
+            (true, false) => TRACKING_ON,
+            (true, true) => TRACKING_BCAST,
+        };
+        self.tracking.store(mode, Ordering::Relaxed);
+    }
+
     /// Its subscription counts, as the last confirmations said.
     pub fn subscriptions(&self, sub: i64, ssub: i64) {
         self.sub.store(sub, Ordering::Relaxed);
@@ -171,12 +190,19 @@ impl Client {
             self.sub.load(Ordering::Relaxed),
             self.ssub.load(Ordering::Relaxed),
         );
+        let tracking = self.tracking.load(Ordering::Relaxed);
         let mut flags = String::new();
+        if sub > 0 || ssub > 0 {
+            flags.push('P');
+        }
         if multi >= 0 {
             flags.push('x');
         }
-        if sub > 0 || ssub > 0 {
-            flags.push('P');
+        if tracking != TRACKING_OFF {
+            flags.push('t');
+        }
+        if tracking == TRACKING_BCAST {
+            flags.push('B');
         }
         if flags.is_empty() {
             flags.push('N');
@@ -189,12 +215,13 @@ impl Client {
             0 => "NULL",
             id => cmd(id - 1).unwrap_or("NULL"),
         };
+        let redir = if tracking == TRACKING_OFF { -1 } else { 0 };
         let mut s = String::with_capacity(320);
         let _ = write!(
             s,
             "id={} addr={} laddr={} fd={} name={name} age={} idle={idle} flags={flags} db=0 \
              sub={sub} psub=0 ssub={ssub} multi={multi} qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 \
-             rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={cmd} user=default redir=-1 resp={}",
+             rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd={cmd} user=default redir={redir} resp={}",
             self.id,
             self.addr,
             self.laddr,
@@ -235,11 +262,21 @@ mod tests {
         assert_eq!(value("addr"), Some("127.0.0.1:5000"));
         assert_eq!(value("fd"), Some("12"));
         assert_eq!(value("name"), Some("worker"));
-        assert_eq!(value("flags"), Some("xP"));
+        // Redis's order: redis-server 7.0.15 shows `flags=Px` here.
+        assert_eq!(value("flags"), Some("Px"));
+        assert_eq!(value("redir"), Some("-1"));
         assert_eq!(value("multi"), Some("2"));
         assert_eq!(value("sub"), Some("1"));
         assert_eq!(value("cmd"), Some("get"));
         assert_eq!(value("resp"), Some("3"));
+        // `flags=PxtB redir=0` from redis-server 7.0.15 after `CLIENT
+        // TRACKING on bcast`, `SUBSCRIBE a`, `MULTI`.
+        c.tracking(true, true);
+        let line = c.line(Instant::now(), |_| None);
+        assert!(line.contains(" flags=PxtB "), "{line}");
+        assert!(line.contains(" redir=0 "), "{line}");
+        c.tracking(true, false);
+        assert!(c.line(Instant::now(), |_| None).contains(" flags=Pxt "));
         assert_eq!(clients.all().len(), 1);
         drop(reg);
         assert!(clients.all().is_empty(), "a closed connection leaves the list");

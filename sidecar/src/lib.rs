@@ -9,7 +9,8 @@
 //! pure decisions live in [`replica`]), each client's execution order and
 //! read-your-writes state ([`order`]), blocking commands on a client's own
 //! connection ([`blocking`]), the local hot-key cache with server-assisted
-//! invalidation ([`cache`], fed by [`tracking`]), and its own metrics ([`metrics`]). It is *not* responsible for the cluster itself:
+//! invalidation ([`cache`], fed by [`tracking`]), client-side caching
+//! (`CLIENT TRACKING`, [`client_cache`]), and its own metrics ([`metrics`]). It is *not* responsible for the cluster itself:
 //! creating, scaling, failing over or repairing nodes is the operator's job;
 //! the sidecar only observes the cluster and routes around trouble.
 //!
@@ -20,6 +21,7 @@ pub mod arity;
 pub mod balance;
 pub mod blocking;
 pub mod cache;
+pub mod client_cache;
 pub mod clients;
 pub mod commands;
 pub mod config;

@@ -67,6 +67,12 @@ pub struct Metrics {
     pub client_connections_accepted: IntCounter,
     /// Clients disconnected for not reading their replies (output limit).
     pub output_limit_closes: IntCounter,
+    /// Clients with `CLIENT TRACKING` on.
+    pub tracking_clients: IntGauge,
+    /// `invalidate` pushes sent to tracking clients (a flush counts as one).
+    pub tracking_pushes: IntCounter,
+    /// Flushes sent to tracking clients, by reason.
+    pub tracking_flushes: IntCounterVec,
     ready: Arc<AtomicBool>,
 }
 
@@ -146,6 +152,22 @@ impl Metrics {
             "client_output_limit_closes_total",
             "Clients disconnected because their unread replies passed the output limit",
         )?;
+        let tracking_clients =
+            IntGauge::new("tracking_clients", "Client connections with CLIENT TRACKING on")?;
+        let tracking_pushes = IntCounter::new(
+            "tracking_pushes_total",
+            "Invalidation pushes sent to clients with CLIENT TRACKING on",
+        )?;
+        let tracking_flushes = IntCounterVec::new(
+            Opts::new(
+                "tracking_flushes_total",
+                "Flushes (null invalidations) sent to tracking clients, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(tracking_clients.clone()))?;
+        registry.register(Box::new(tracking_pushes.clone()))?;
+        registry.register(Box::new(tracking_flushes.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(upstream_latency.clone()))?;
@@ -192,6 +214,9 @@ impl Metrics {
             client_connections,
             client_connections_accepted,
             output_limit_closes,
+            tracking_clients,
+            tracking_pushes,
+            tracking_flushes,
             ready: Arc::new(AtomicBool::new(false)),
         })
     }

@@ -138,6 +138,9 @@ pub struct ClientOrder {
     next_seq: AtomicU64,
     /// Slots this client wrote lately, for read-your-writes routing.
     writes: RecentWrites,
+    /// Every read goes to a primary (`CLIENT TRACKING` is on: a replica's
+    /// value may be older than an invalidation the client was sent).
+    primary_reads: AtomicBool,
 }
 
 /// Marks slots written while alive (see [`ClientOrder::writing`]).
@@ -217,6 +220,15 @@ impl ClientOrder {
         };
         self.writes.begin(mark.slots());
         mark
+    }
+
+    /// Whether every read of this client goes to a primary.
+    pub fn primary_reads(&self) -> bool {
+        self.primary_reads.load(Ordering::Relaxed)
+    }
+
+    pub fn set_primary_reads(&self, on: bool) {
+        self.primary_reads.store(on, Ordering::Relaxed);
     }
 
     /// What a read of `slot` must see, if this client wrote it lately.

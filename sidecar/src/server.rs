@@ -157,6 +157,13 @@ impl Sidecar {
                 config.auth.clone(),
             )));
         }
+        // Idle until a client turns CLIENT TRACKING on.
+        background.push(tokio::spawn(tracking::run(
+            router.tracking.clone(),
+            registry.clone(),
+            config.response_timeout,
+            config.auth.clone(),
+        )));
         {
             let registry = registry.clone();
             let metrics = metrics.clone();
@@ -398,6 +405,12 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                     }
                 }
                 Ok(Some(req)) => {
+                    // Its reply follows the flush, if remembering its keys started over.
+                    if st.tracker.is_some()
+                        && let Some(flush) = router.tracked_read(&mut st, &req)
+                    {
+                        pending.push_reply(flush);
+                    }
                     let action = router.dispatch(&mut st, req, Some(pending.place()));
                     let open = pending.push(action);
                     if st.session.silenced() {
@@ -493,6 +506,19 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                     break;
                 }
             }
+            // CLIENT TRACKING: each push leaves after every reply the client
+            // waits for now (a read that ran before a write is answered
+            // before that write's invalidation). Bounded: a client that
+            // falls behind the feed is sent a flush instead.
+            inv = tracker_recv(&mut st.tracker), if st.tracker.is_some() && pending.len() < 2 * MAX_PIPELINE => {
+                if let Some(t) = st.tracker.as_mut() {
+                    let mut pushes = Vec::new();
+                    t.pushes(&inv, &mut pushes);
+                    if st.session.proto == 3 {
+                        pushes.into_iter().for_each(|p| pending.push_reply(p));
+                    }
+                }
+            }
             // Polled until it fires once: `reading` never turns true again.
             () = &mut stopped, if reading => reading = false,
             // CLIENT KILL from another client: closed at once, as in Redis.
@@ -503,6 +529,17 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
     drop(registered);
     let _ = wr.shutdown().await;
     router.metrics.client_connections.dec();
+}
+
+/// The next message of the client's invalidation feed (never, while it
+/// does not track).
+async fn tracker_recv(
+    t: &mut Option<Box<crate::client_cache::Tracker>>,
+) -> crate::client_cache::Invalidation {
+    match t {
+        Some(t) => t.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Enter a new connection in `CLIENT LIST`.

@@ -1,6 +1,7 @@
-//! The local cache's invalidation feed: one `CLIENT TRACKING … BCAST`
-//! connection per current primary (see `cache.rs` for what the cache does
-//! with it).
+//! Invalidation feeds: one `CLIENT TRACKING … BCAST` connection per current
+//! primary, for whatever [`Feed`] wants the nodes' invalidations. The local
+//! cache has one (see `cache.rs` for what it does with it); clients that turn
+//! on `CLIENT TRACKING` share another (`client_cache.rs`).
 //!
 //! How long a possibly-stale entry can be served after a tracking failure is
 //! the time it takes to notice the failure: an EOF or a reset is noticed at
@@ -27,18 +28,84 @@ use crate::slot::SLOTS;
 use crate::topology::{Registry, Topology};
 use crate::upstream::{self, Node, Proto};
 
-/// A session task: aborted when dropped, and its node is no longer
-/// `tracked` from then on (a demoted primary must not count as tracked when
-/// it is promoted again, before its new session is established).
-struct Session {
-    task: tokio::task::JoinHandle<()>,
-    node: Arc<Node>,
+/// What a feed's owner does with what the nodes say and with the feed's
+/// failures.
+pub(crate) trait Feed: Send + Sync + 'static {
+    /// The `PREFIX`es to ask for (none: every key).
+    fn prefixes(&self) -> Vec<Vec<u8>>;
+    /// Whether the feed is wanted now (while not, no connection is kept).
+    fn wanted(&self) -> bool {
+        true
+    }
+    /// Resolves when [`Feed::wanted`] may have turned true.
+    fn woken(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+    /// `node`'s session is established: its invalidations arrive from now.
+    fn established(&self, node: &Node);
+    /// `node`'s session is over, or never was (aborted or failed): from now
+    /// on its invalidations may be missed until a new session is established.
+    fn ended(&self, node: &Node);
+    /// `node`'s session failed; `slots` are those it owned when the session
+    /// started and now.
+    fn lost(&self, node: &Node, slots: Vec<(u16, u16)>, why: &str);
+    /// These slots changed hands (failover, reshard).
+    fn moved(&self, slots: Vec<(u16, u16)>);
+    /// An `invalidate` push: these keys changed, or (`None`) every key did.
+    fn invalidate(&self, keys: Option<&[Frame]>) -> impl Future<Output = ()> + Send;
 }
 
-impl Drop for Session {
+impl Feed for LocalCache {
+    fn prefixes(&self) -> Vec<Vec<u8>> {
+        LocalCache::prefixes(self).to_vec()
+    }
+
+    fn established(&self, node: &Node) {
+        node.tracked.store(true, Ordering::SeqCst);
+    }
+
+    fn ended(&self, node: &Node) {
+        node.tracked.store(false, Ordering::SeqCst);
+    }
+
+    fn lost(&self, node: &Node, slots: Vec<(u16, u16)>, why: &str) {
+        tracing::warn!(node = %node.addr, %why, "tracking connection lost; flushing the entries it covered");
+        self.flush(Some(slots), "tracking_lost");
+    }
+
+    fn moved(&self, slots: Vec<(u16, u16)>) {
+        // A slot that changed hands may have entries its new owner's
+        // tracking never covered: they go.
+        self.flush(Some(slots), "topology");
+    }
+
+    async fn invalidate(&self, keys: Option<&[Frame]>) {
+        match keys {
+            Some(keys) => {
+                for k in keys {
+                    if let Frame::Bulk(k) = k {
+                        LocalCache::invalidate(self, k, "tracking").await;
+                    }
+                }
+            }
+            None => self.flush(None, "tracking"),
+        }
+    }
+}
+
+/// A session task: aborted when dropped, and its node's invalidations are
+/// not followed from then on (a demoted primary must not count as tracked
+/// when it is promoted again, before its new session is established).
+struct Session<F: Feed> {
+    task: tokio::task::JoinHandle<()>,
+    node: Arc<Node>,
+    feed: Arc<F>,
+}
+
+impl<F: Feed> Drop for Session<F> {
     fn drop(&mut self) {
         self.task.abort();
-        self.node.tracked.store(false, Ordering::SeqCst);
+        self.feed.ended(&self.node);
     }
 }
 
@@ -87,26 +154,33 @@ fn moved_slots(old: &[u64], new: &[u64]) -> Vec<(u16, u16)> {
     ranges
 }
 
-/// Keep one tracking connection per current primary.
-pub async fn run(
-    cache: Arc<LocalCache>,
+/// Keep one tracking connection per current primary while `feed` wants them.
+pub(crate) async fn run<F: Feed>(
+    feed: Arc<F>,
     registry: Arc<Registry>,
     timeout: Duration,
     auth: Option<Credentials>,
 ) {
     // Dropping the map (this task aborted on shutdown) aborts every session.
-    let mut sessions: HashMap<String, Session> = HashMap::new();
+    let mut sessions: HashMap<String, Session<F>> = HashMap::new();
     let mut last_owners: Vec<u64> = Vec::new();
     loop {
+        if !feed.wanted() {
+            sessions.clear();
+            last_owners.clear();
+            tokio::select! {
+                () = feed.woken() => {}
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        }
         let topo = registry.current();
         let primaries: Vec<String> = topo.shards.iter().map(|s| s.primary.addr.clone()).collect();
         let owners = owners(&topo);
         if !last_owners.is_empty() {
-            // A slot that changed hands (failover, reshard) may have entries
-            // its new owner's tracking never covered: they go.
             let moved = moved_slots(&last_owners, &owners);
             if !moved.is_empty() {
-                cache.flush(Some(moved), "topology");
+                feed.moved(moved);
             }
         }
         last_owners = owners;
@@ -117,38 +191,41 @@ pub async fn run(
                 continue;
             }
             let node = shard.primary.clone();
-            node.tracked.store(false, Ordering::SeqCst);
+            feed.ended(&node);
             let task = tokio::spawn(session(
-                cache.clone(),
+                feed.clone(),
                 registry.clone(),
                 node.clone(),
                 shard.slots.clone(),
                 timeout,
                 auth.clone(),
             ));
-            sessions.insert(addr, Session { task, node });
+            let feed = feed.clone();
+            sessions.insert(addr, Session { task, node, feed });
         }
         drop(topo);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::select! {
+            () = feed.woken() => {}
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
     }
 }
 
 /// One tracking session and what follows its end.
-async fn session(
-    cache: Arc<LocalCache>,
+async fn session<F: Feed>(
+    feed: Arc<F>,
     registry: Arc<Registry>,
     node: Arc<Node>,
     mut slots: Vec<(u16, u16)>,
     timeout: Duration,
     auth: Option<Credentials>,
 ) {
-    let why = track(&cache, &node, timeout, auth.as_ref()).await;
-    node.tracked.store(false, Ordering::SeqCst);
+    let why = track(&*feed, &node, timeout, auth.as_ref()).await;
+    feed.ended(&node);
     // The slots it had when the session started and those it has now (a
     // reshard may have given it more since).
     slots.extend(slots_of(&registry, &node.addr));
-    tracing::warn!(node = %node.addr, %why, "tracking connection lost; flushing the entries it covered");
-    cache.flush(Some(slots), "tracking_lost");
+    feed.lost(&node, slots, &why);
     tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
@@ -159,15 +236,16 @@ fn ping_every(timeout: Duration) -> Duration {
 }
 
 /// One tracking session; returns why it ended.
-async fn track(cache: &LocalCache, node: &Node, timeout: Duration, auth: Option<&Credentials>) -> String {
+async fn track<F: Feed>(feed: &F, node: &Node, timeout: Duration, auth: Option<&Credentials>) -> String {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return format!("connect: {e}"),
         Err(_) => return "connect timed out".into(),
     };
     let (mut rd, mut wr) = stream.into_split();
+    let prefixes = feed.prefixes();
     let mut cmd: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"on", b"BCAST"];
-    for p in cache.prefixes() {
+    for p in &prefixes {
         cmd.push(b"PREFIX");
         cmd.push(p);
     }
@@ -196,7 +274,7 @@ async fn track(cache: &LocalCache, node: &Node, timeout: Duration, auth: Option<
                 return "unparseable frame".into();
             };
             match frame {
-                Frame::Push(items) => apply_push(cache, &items).await,
+                Frame::Push(items) => apply_push(feed, &items).await,
                 Frame::Error(e) | Frame::BulkError(e) => {
                     return format!("error: {}", String::from_utf8_lossy(&e));
                 }
@@ -204,7 +282,7 @@ async fn track(cache: &LocalCache, node: &Node, timeout: Duration, auth: Option<
                     if awaiting > 0 {
                         awaiting -= 1;
                         if awaiting == 0 {
-                            node.tracked.store(true, Ordering::SeqCst);
+                            feed.established(node);
                             tracing::debug!(node = %node.addr, "tracking established");
                         }
                     }
@@ -238,22 +316,16 @@ async fn track(cache: &LocalCache, node: &Node, timeout: Duration, auth: Option<
     }
 }
 
-/// Evict what an `invalidate` push names.
-async fn apply_push(cache: &LocalCache, items: &[Frame]) {
+/// Hand what an `invalidate` push names to the feed's owner.
+async fn apply_push<F: Feed>(feed: &F, items: &[Frame]) {
     let is_inval = matches!(items.first(), Some(Frame::Bulk(b)) if b.as_ref() == b"invalidate");
     if !is_inval {
         return;
     }
     match items.get(1) {
-        Some(Frame::Array(keys)) | Some(Frame::Set(keys)) => {
-            for k in keys {
-                if let Frame::Bulk(k) = k {
-                    cache.invalidate(k, "tracking").await;
-                }
-            }
-        }
+        Some(Frame::Array(keys)) | Some(Frame::Set(keys)) => feed.invalidate(Some(keys)).await,
         // A null key list means "everything" (FLUSHALL).
-        _ => cache.flush(None, "tracking"),
+        _ => feed.invalidate(None).await,
     }
 }
 
@@ -286,9 +358,14 @@ mod tests {
         // Dropped as when the node stops being a primary: its session task
         // is aborted, so nothing after `track` runs.
         let task = tokio::spawn(std::future::pending::<()>());
+        let feed = LocalCache::new(
+            &crate::CacheConfig::default(),
+            crate::metrics::Metrics::new().unwrap(),
+        );
         drop(Session {
             task,
             node: node.clone(),
+            feed,
         });
         assert!(!node.tracked.load(Ordering::SeqCst));
     }

@@ -17,7 +17,8 @@ impl Router {
         metrics: &mut ClientMetrics,
     ) -> Option<Bytes> {
         let cache = self.cache.as_ref()?;
-        if st.session.in_multi() || st.watch.is_some() {
+        // A tracking client reads around the cache (`client_cache.rs`).
+        if st.session.in_multi() || st.watch.is_some() || st.tracker.is_some() {
             return None;
         }
         let info = st.recent.lookup(req.arg(0)?)?;

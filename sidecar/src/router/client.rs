@@ -5,12 +5,15 @@
 use std::time::Instant;
 
 use super::*;
+use crate::client_cache::{self, Change, Tracker};
 use crate::clients::Client;
 use crate::session::ReplyMode;
 
 /// What a `CLIENT` subcommand does to the connection.
 pub(super) enum ClientReply {
     Reply(Bytes),
+    /// Replied once the future resolves (`CLIENT TRACKING ON`).
+    Later(ReplyFuture),
     /// Reply, then close (the client killed itself).
     Close(Bytes),
 }
@@ -197,42 +200,20 @@ impl Router {
                 Err(e) => err(e),
             },
             "KILL" => return self.kill(st, args),
-            // Client-side caching (node-redis's clientSideCache, redis-py's
-            // cache_config…) cannot be turned on: the nodes track the
-            // sidecar's shared connections, not this client. Otherwise
-            // answered as by a server whose client has tracking off.
-            "TRACKING" => match tracking_off(&args[2..]) {
-                Ok(true) => ok(),
-                Ok(false) => err(
-                    "ERR cachetier: CLIENT TRACKING (client-side caching) is not supported through the sidecar; \
-                     its local cache (the CacheTier's spec.sidecar.localCache) keeps hot keys next to the application instead",
+            // Client-side caching (`client_cache.rs`).
+            "TRACKING" => return self.tracking(st, args),
+            "TRACKINGINFO" => encode(&tracking_info(proto, st.tracker.as_deref())),
+            "GETREDIR" => encode(&Frame::Integer(if st.tracker.is_some() { 0 } else { -1 })),
+            "CACHING" => match (st.tracker.as_mut(), args.get(2).map(|a| upper(a)).as_deref()) {
+                (None, _) => err(
+                    "ERR CLIENT CACHING can be called only when the client is in tracking mode with OPTIN or OPTOUT mode enabled",
                 ),
-                Err(e) => err(e),
+                (Some(t), Some(yes @ ("YES" | "NO"))) => match t.set_caching(yes == "YES") {
+                    Ok(()) => ok(),
+                    Err(e) => err(e),
+                },
+                _ => err("ERR syntax error"),
             },
-            "TRACKINGINFO" => {
-                let flags = vec![bulk("off")];
-                let fields = [
-                    (
-                        bulk("flags"),
-                        if proto == 3 {
-                            Frame::Set(flags)
-                        } else {
-                            Frame::Array(flags)
-                        },
-                    ),
-                    (bulk("redirect"), Frame::Integer(-1)),
-                    (bulk("prefixes"), Frame::Array(Vec::new())),
-                ];
-                encode(&if proto == 3 {
-                    Frame::Map(fields.into())
-                } else {
-                    Frame::Array(fields.into_iter().flat_map(|(k, v)| [k, v]).collect())
-                })
-            }
-            "GETREDIR" => encode(&Frame::Integer(-1)),
-            "CACHING" => err(
-                "ERR CLIENT CACHING can be called only when the client is in tracking mode with OPTIN or OPTOUT mode enabled",
-            ),
             _ => err(format!(
                 "ERR cachetier: CLIENT {sub} is not supported by the sidecar"
             )),
@@ -240,10 +221,78 @@ impl Router {
         ClientReply::Reply(reply)
     }
 
+    /// `CLIENT TRACKING ON|OFF [option …]`.
+    fn tracking(&self, st: &mut ClientState, args: &[Bytes]) -> ClientReply {
+        let current = st.tracker.as_ref().map(|t| &t.options);
+        let exists = |id: i64| self.clients.all().iter().any(|c| i64::try_from(c.id) == Ok(id));
+        let options = match client_cache::parse(&args[2..], current, exists) {
+            Ok(Change::On(options)) => options,
+            Ok(Change::Off) => {
+                st.tracker = None;
+                st.order.set_primary_reads(false);
+                return ClientReply::Reply(ok());
+            }
+            Ok(Change::Redirect) => {
+                return ClientReply::Reply(err(
+                    "ERR cachetier: CLIENT TRACKING REDIRECT is not supported through the sidecar; \
+                     turn tracking on from a RESP3 connection (HELLO 3), which is sent its own invalidations",
+                ));
+            }
+            Err(e) => return ClientReply::Reply(err(e)),
+        };
+        if let Some(t) = st.tracker.as_mut() {
+            t.options = options;
+            return ClientReply::Reply(ok());
+        }
+        let tracker = Box::new(client_cache::Tracker::start(&self.tracking, options));
+        let alive = tracker.alive();
+        st.tracker = Some(tracker);
+        st.order.set_primary_reads(true);
+        // Answered once every primary's feed is up (or a response timeout
+        // has passed: a feed that comes later sends a flush).
+        let (hub, registry, timeout) = (
+            self.tracking.clone(),
+            self.registry.clone(),
+            self.config.response_timeout,
+        );
+        ClientReply::Later(Box::pin(async move {
+            hub.covering(&registry, timeout, alive).await;
+            ok()
+        }))
+    }
+
+    /// A tracking client's command is about to run: remember the keys a
+    /// read names. Returns a flush to send before its reply, if remembering
+    /// them started over (`client_cache::MAX_KEY_BYTES`).
+    pub fn tracked_read(&self, st: &mut ClientState, req: &resp::Request) -> Option<Bytes> {
+        let proto = st.session.proto;
+        let in_multi = st.session.in_multi();
+        let t = st.tracker.as_mut()?;
+        let Some(info) = req.arg(0).and_then(|name| st.recent.lookup(name)) else {
+            t.next_command(false);
+            return None;
+        };
+        let queued = in_multi && !matches!(info.name, "exec" | "discard");
+        t.next_command(info.name == "client" || info.name == "multi" || queued);
+        // Redis tracks what read-only commands and scripts read.
+        let scripted = matches!(info.name, "eval" | "evalsha" | "fcall");
+        if info.kind != Kind::Read && !scripted {
+            return None;
+        }
+        let args: Vec<Bytes> = (0..req.argc()).filter_map(|i| req.arg_bytes(i)).collect();
+        let keys = commands::key_indices(info, &args).ok()?;
+        let mut flush = None;
+        for i in keys {
+            flush = t.read(&args[i]).or(flush);
+        }
+        // A RESP2 client is sent no pushes.
+        flush.filter(|_| proto == 3)
+    }
+
     /// `c`'s `CLIENT LIST` line; the asking client's own shows this command.
     fn line_of(&self, st: &ClientState, c: &Client, this_cmd: &'static str) -> String {
         if c.id == st.id {
-            c.session(st.session.name.as_ref(), st.session.proto, st.session.queued());
+            st.show(c);
             c.line(Instant::now(), |_| Some(this_cmd))
         } else {
             c.line(Instant::now(), commands::name_of)
@@ -280,24 +329,26 @@ impl Router {
     }
 }
 
-/// `CLIENT TRACKING ON|OFF [option …]`'s words checked as Redis checks
-/// them: `Ok(true)` for `OFF`, `Ok(false)` for `ON`.
-fn tracking_off(args: &[Bytes]) -> Result<bool, &'static str> {
-    let syntax = "ERR syntax error";
-    let off = match args.first().map(|a| upper(a)).as_deref() {
-        Some("ON") => false,
-        Some("OFF") => true,
-        _ => return Err(syntax),
+/// `CLIENT TRACKINGINFO`, as Redis answers it.
+fn tracking_info(proto: u8, t: Option<&Tracker>) -> Frame {
+    let flags: Vec<Frame> = match t {
+        Some(t) => t.flags().into_iter().map(bulk).collect(),
+        None => vec![bulk("off")],
     };
-    let mut rest = args[1..].iter();
-    while let Some(option) = rest.next() {
-        match upper(option).as_str() {
-            "BCAST" | "OPTIN" | "OPTOUT" | "NOLOOP" => {}
-            "REDIRECT" | "PREFIX" if rest.next().is_some() => {}
-            _ => return Err(syntax),
-        }
-    }
-    Ok(off)
+    let prefixes = t.map(|t| t.options.prefixes.iter().cloned().map(Frame::Bulk).collect());
+    let fields = vec![
+        (
+            bulk("flags"),
+            if proto == 3 {
+                Frame::Set(flags)
+            } else {
+                Frame::Array(flags)
+            },
+        ),
+        (bulk("redirect"), Frame::Integer(if t.is_some() { 0 } else { -1 })),
+        (bulk("prefixes"), Frame::Array(prefixes.unwrap_or_default())),
+    ];
+    map(proto, fields)
 }
 
 #[cfg(test)]

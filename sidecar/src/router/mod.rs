@@ -70,6 +70,8 @@ pub struct ClientState {
     last: Option<StageRx>,
     /// The client's connection for blocking commands (`blocking.rs`).
     blocking: BlockingCell,
+    /// `CLIENT TRACKING`, while on (`client_cache.rs`).
+    pub tracker: Option<Box<crate::client_cache::Tracker>>,
     /// Its last command's table entry.
     recent: commands::Recent,
     /// Its copy of the topology (the direct path's routing).
@@ -96,6 +98,7 @@ impl Default for ClientState {
             order: Arc::new(ClientOrder::default()),
             last: None,
             blocking: BlockingCell::default(),
+            tracker: None,
             recent: commands::Recent::default(),
             topology: crate::topology::Snapshot::default(),
             conns: crate::upstream::ConnCache::default(),
@@ -111,6 +114,17 @@ impl ClientState {
         } else {
             Proto::Resp2
         }
+    }
+
+    /// Show the session's state in `c`'s `CLIENT LIST` line.
+    fn show(&self, c: &crate::clients::Client) {
+        c.session(
+            self.session.name.as_ref(),
+            self.session.proto,
+            self.session.queued(),
+        );
+        let bcast = self.tracker.as_ref().is_some_and(|t| t.options.bcast);
+        c.tracking(self.tracker.is_some(), bcast);
     }
 }
 
@@ -227,6 +241,8 @@ pub struct Router {
     pub clients: Arc<crate::clients::Clients>,
     /// What the keyspace mirror links are subscribed to (`PUBSUB` leaves them out).
     pub mirrors: Arc<crate::pubsub::keyspace::MirrorCounts>,
+    /// The invalidation feeds of clients with `CLIENT TRACKING` on.
+    pub tracking: Arc<crate::client_cache::Hub>,
 }
 
 impl Router {
@@ -239,6 +255,7 @@ impl Router {
         let per_command = (0..commands::count())
             .map(|_| std::sync::OnceLock::new())
             .collect();
+        let tracking = crate::client_cache::Hub::new(metrics.clone());
         Router {
             registry,
             config,
@@ -248,6 +265,7 @@ impl Router {
             blocking_permits: crate::blocking::permits(),
             clients: Arc::default(),
             mirrors: Arc::default(),
+            tracking,
         }
     }
 
@@ -293,7 +311,7 @@ impl Router {
         if (info.kind == Kind::Server || st.session.in_multi())
             && let Some(view) = &st.view
         {
-            view.session(st.session.name.as_ref(), st.session.proto, st.session.queued());
+            st.show(view);
         }
         match (action, turn) {
             // The keyed paths took the turn and order themselves.
@@ -515,7 +533,10 @@ impl Router {
         // Reads of these slots after this write must see it (read-your-writes).
         let _written =
             (info.kind == Kind::Write && self.config.read_your_writes).then(|| turn.client().writing(&slots));
+        // A tracking client reads around the local cache (`client_cache.rs`).
+        let around_cache = turn.client().primary_reads();
         let cached_mget = info.split == Some(Split::Array)
+            && !around_cache
             && self
                 .cache
                 .as_ref()
@@ -553,7 +574,7 @@ impl Router {
                 }
                 None => err("CROSSSLOT Keys in request don't hash to the same slot"),
             }
-        } else if let Some(variant) = self.cache_variant(info, &args) {
+        } else if let Some(variant) = self.cache_variant(info, &args).filter(|_| !around_cache) {
             Box::pin(
                 self.clone()
                     .cached_read(variant, args.clone(), slots[0], up, proto, turn),

@@ -52,10 +52,13 @@ impl Router {
                 st.session.reset();
                 // Unwatches: dropping the WATCH connection does that.
                 st.watch = None;
+                st.tracker = None;
+                st.order.set_primary_reads(false);
                 reply(Bytes::from_static(b"+RESET\r\n"))
             }
             "client" => match self.client(st, &sub, &args) {
                 ClientReply::Reply(b) => reply(b),
+                ClientReply::Later(fut) => self.timed(info, fut),
                 ClientReply::Close(b) => {
                     self.count(info.name, "ok");
                     Action::Close(b)

@@ -33,13 +33,6 @@ async fn argument_errors_are_redis_own_and_config_get_is_answered() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("redisConfig"), "{e}");
-    // Client-side caching is refused, saying what to use instead.
-    let e = redis::cmd("CLIENT")
-        .arg(&["TRACKING", "ON"])
-        .query_async::<()>(&mut c)
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("spec.sidecar.localCache"), "{e}");
     // ACL changes are the operator's; a node's ACL LOG is its own.
     for sub in [&["SETUSER", "u", "on"][..], &["DELUSER", "u"], &["LOG"]] {
         let e = redis::cmd("ACL")
@@ -259,21 +252,59 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
         acl.extend(resp(args));
     }
     scripts.push(("ACL", acl));
-    // Tracking stays off: its questions are answered as such.
+    // Client-side caching: its options, modes and questions.
     let mut tracking = Vec::new();
     for args in [
         &["CLIENT", "TRACKING", "OFF"][..],
         &["CLIENT", "TRACKING", "OFF", "BCAST", "PREFIX", "a"],
         &["CLIENT", "TRACKING", "MAYBE"],
+        &["CLIENT", "TRACKING", "MAYBE", "NOSUCH"],
         &["CLIENT", "TRACKINGINFO"],
         &["CLIENT", "GETREDIR"],
         &["CLIENT", "CACHING", "yes"],
+        &["CLIENT", "TRACKING", "ON"],
+        &["CLIENT", "TRACKINGINFO"],
+        &["CLIENT", "GETREDIR"],
+        &["CLIENT", "TRACKING", "OFF"],
         &["HELLO", "3"],
+        &["CLIENT", "TRACKINGINFO"],
+        &["CLIENT", "TRACKING", "ON", "PREFIX", "a"],
+        &["CLIENT", "TRACKING", "ON", "BCAST", "OPTIN"],
+        &["CLIENT", "TRACKING", "ON", "OPTIN", "OPTOUT"],
+        &["CLIENT", "TRACKING", "ON", "REDIRECT", "abc"],
+        &["CLIENT", "TRACKING", "ON", "REDIRECT", "999999"],
+        &["CLIENT", "TRACKING", "ON", "PREFIX"],
+        &["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "x", "PREFIX", "xy"],
+        &[
+            "CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "b", "PREFIX", "a", "NOLOOP",
+        ],
+        &["CLIENT", "TRACKINGINFO"],
+        &["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "ab"],
+        &["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "c"],
+        &["CLIENT", "TRACKINGINFO"],
+        &["CLIENT", "TRACKING", "ON"],
+        &["CLIENT", "CACHING", "yes"],
+        &["CLIENT", "TRACKING", "OFF"],
+        &["CLIENT", "TRACKING", "ON", "BCAST"],
+        &["CLIENT", "TRACKINGINFO"],
+        &["CLIENT", "TRACKING", "OFF"],
+        &["CLIENT", "TRACKING", "ON", "OPTIN"],
+        &["CLIENT", "TRACKING", "ON", "OPTOUT"],
+        &["CLIENT", "CACHING", "no"],
+        &["CLIENT", "CACHING", "maybe"],
+        &["CLIENT", "CACHING", "yes"],
+        &["CLIENT", "TRACKINGINFO"],
+        &["CLIENT", "TRACKINGINFO"],
+        &["CLIENT", "TRACKING", "OFF"],
+        &["CLIENT", "TRACKING", "ON", "OPTOUT"],
+        &["CLIENT", "CACHING", "no"],
+        &["CLIENT", "TRACKINGINFO"],
+        &["RESET"],
         &["CLIENT", "TRACKINGINFO"],
     ] {
         tracking.extend(resp(args));
     }
-    scripts.push(("tracking off", tracking));
+    scripts.push(("tracking", tracking));
     // Redis takes the two bytes after a bulk string as its CRLF, unread.
     scripts.push((
         "bulk without CRLF",

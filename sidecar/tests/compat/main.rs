@@ -11,3 +11,4 @@ mod clients;
 mod errors;
 mod scripts;
 mod session;
+mod tracking;

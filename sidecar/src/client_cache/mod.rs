@@ -1,0 +1,454 @@
+//! Client-side caching through the sidecar: `CLIENT TRACKING`.
+//!
+//! A RESP3 client that turns tracking on gets Redis's `invalidate` pushes for
+//! the keys it read, as from one server. The nodes cannot track the client
+//! itself (its reads share connections with every other client's), so:
+//!
+//! - one invalidation feed per current primary (`tracking.rs`, `BCAST` with
+//!   no prefix: every key) is shared by this sidecar's tracking clients, and
+//!   kept only while at least one client tracks;
+//! - each tracking client remembers the keys its reads named ([`Tracker`])
+//!   and is sent a push for those (in `BCAST` mode: for its prefixes);
+//! - its reads go to primaries and around the local cache, so no value it is
+//!   handed is older than an invalidation it was already sent;
+//! - a push is queued behind every reply the client is waiting for when the
+//!   push arrives, so a read that ran before a write has its reply delivered
+//!   before that write's invalidation, as on one connection;
+//! - when a feed starts or fails, when a slot changes hands, when a client
+//!   falls behind the feed, and when it remembers more than
+//!   [`MAX_KEY_BYTES`] of keys, the client is sent a flush (a null
+//!   `invalidate`), which empties its cache.
+//!
+//! What differs from Redis: a client may be sent invalidations Redis would
+//! not send (keys its scripts and `OPTIN` reads named, its own writes under
+//! `NOLOOP`), which a client-side cache takes as a no-op; `REDIRECT` (how
+//! RESP2 clients receive invalidations) is refused.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Notify, broadcast};
+
+use crate::metrics::Metrics;
+use crate::resp::Frame;
+use crate::topology::Topology;
+use crate::upstream::Node;
+
+mod options;
+pub use options::{Change, Options, parse};
+
+/// Key bytes one client's tracking may remember before it is sent a flush
+/// and starts over (Redis bounds its table with `tracking-table-max-keys`).
+pub const MAX_KEY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Feed messages a client may fall behind by before it is sent a flush.
+const BACKLOG: usize = 4096;
+
+/// What the feeds tell the tracking clients.
+#[derive(Debug, Clone)]
+pub enum Invalidation {
+    Keys(Arc<[Bytes]>),
+    /// A node was flushed (`FLUSHALL`): every tracking client is told, as
+    /// Redis tells them.
+    Flushed,
+    /// Something may have changed unseen (a feed started or failed, a slot
+    /// changed hands, the client fell behind): a client that read anything
+    /// since its last flush drops everything.
+    Unseen,
+}
+
+/// The feeds' side, shared by every tracking client of the sidecar.
+#[derive(Debug)]
+pub struct Hub {
+    tx: broadcast::Sender<Invalidation>,
+    clients: AtomicUsize,
+    /// Primaries whose feed is established.
+    established: std::sync::Mutex<HashSet<String>>,
+    /// Woken when a feed is established or a tracker ends.
+    changed: Notify,
+    /// Woken when the first client starts tracking.
+    wake: Notify,
+    metrics: Metrics,
+}
+
+impl Hub {
+    pub fn new(metrics: Metrics) -> Arc<Hub> {
+        Arc::new(Hub {
+            tx: broadcast::channel(BACKLOG).0,
+            clients: AtomicUsize::new(0),
+            established: std::sync::Mutex::default(),
+            changed: Notify::new(),
+            wake: Notify::new(),
+            metrics,
+        })
+    }
+
+    /// Every primary of `topo` has an established feed.
+    fn covers(&self, topo: &Topology) -> bool {
+        let established = crate::lock(&self.established);
+        topo.shards.iter().all(|s| established.contains(&s.primary.addr))
+    }
+
+    /// Wait (at most `timeout`, and while `tracker` tracks) until every
+    /// current primary has a feed, so a client that turned tracking on
+    /// misses no invalidation from then. A primary whose feed comes later
+    /// sends a flush then.
+    pub async fn covering(&self, registry: &crate::topology::Registry, timeout: Duration, tracker: Weak<()>) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if tracker.strong_count() == 0 || self.covers(&registry.current()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn send(&self, inv: Invalidation) {
+        // No receiver: nobody tracks.
+        let _ = self.tx.send(inv);
+    }
+
+    fn unseen(&self, reason: &str) {
+        self.metrics.tracking_flushes.with_label_values(&[reason]).inc();
+        self.send(Invalidation::Unseen);
+    }
+}
+
+impl crate::tracking::Feed for Hub {
+    fn prefixes(&self) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+
+    fn wanted(&self) -> bool {
+        self.clients.load(Ordering::SeqCst) > 0
+    }
+
+    fn woken(&self) -> impl Future<Output = ()> + Send {
+        self.wake.notified()
+    }
+
+    fn established(&self, node: &Node) {
+        crate::lock(&self.established).insert(node.addr.clone());
+        // Whatever changed while it was not followed.
+        self.unseen("feed_established");
+        self.changed.notify_waiters();
+    }
+
+    fn ended(&self, node: &Node) {
+        crate::lock(&self.established).remove(&node.addr);
+    }
+
+    fn lost(&self, node: &Node, _slots: Vec<(u16, u16)>, why: &str) {
+        tracing::warn!(node = %node.addr, %why, "client-tracking feed lost; tracking clients are sent a flush");
+        self.unseen("feed_lost");
+    }
+
+    fn moved(&self, _slots: Vec<(u16, u16)>) {
+        // A new owner may hold older values (a failover loses the writes
+        // its replica had not received).
+        self.unseen("topology");
+    }
+
+    async fn invalidate(&self, keys: Option<&[Frame]>) {
+        match keys {
+            Some(keys) => {
+                let keys: Vec<Bytes> = keys
+                    .iter()
+                    .filter_map(|k| match k {
+                        Frame::Bulk(k) => Some(k.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if !keys.is_empty() {
+                    self.send(Invalidation::Keys(keys.into()));
+                }
+            }
+            None => {
+                self.metrics
+                    .tracking_flushes
+                    .with_label_values(&["flushed"])
+                    .inc();
+                self.send(Invalidation::Flushed);
+            }
+        }
+    }
+}
+
+/// One client's tracking: its options and the keys its reads named.
+#[derive(Debug)]
+pub struct Tracker {
+    hub: Arc<Hub>,
+    /// Lives as long as the tracker (see [`Hub::covering`]).
+    alive: Arc<()>,
+    rx: broadcast::Receiver<Invalidation>,
+    pub options: Options,
+    keys: HashSet<Bytes>,
+    key_bytes: usize,
+    /// Anything was read since the last flush (so a flush means something).
+    read_any: bool,
+    /// `CLIENT CACHING` was given, for the command after it.
+    pub caching: bool,
+    /// A command that ends `caching` has run.
+    caching_used: bool,
+}
+
+impl Tracker {
+    /// Start tracking: the feeds are kept while a tracker lives.
+    pub fn start(hub: &Arc<Hub>, options: Options) -> Tracker {
+        let rx = hub.tx.subscribe();
+        if hub.clients.fetch_add(1, Ordering::SeqCst) == 0 {
+            hub.wake.notify_one();
+        }
+        hub.metrics.tracking_clients.inc();
+        Tracker {
+            hub: hub.clone(),
+            alive: Arc::new(()),
+            rx,
+            options,
+            keys: HashSet::new(),
+            key_bytes: 0,
+            read_any: false,
+            caching: false,
+            caching_used: false,
+        }
+    }
+
+    /// A handle that dies with the tracker.
+    pub fn alive(&self) -> Weak<()> {
+        Arc::downgrade(&self.alive)
+    }
+
+    /// A command is about to run. As in Redis, `CLIENT CACHING` lasts
+    /// until a command runs that `keeps` it not (any but a `CLIENT`
+    /// subcommand, `MULTI` and the commands it queues).
+    pub fn next_command(&mut self, keeps: bool) {
+        if self.caching_used {
+            self.caching = false;
+            self.caching_used = false;
+        }
+        if self.caching && !keeps {
+            self.caching_used = true;
+        }
+    }
+
+    /// `CLIENT CACHING yes|no` (`yes`: true), checked as Redis checks it.
+    pub fn set_caching(&mut self, yes: bool) -> Result<(), &'static str> {
+        if yes && !self.options.optin {
+            return Err("ERR CLIENT CACHING YES is only valid when tracking is enabled in OPTIN mode.");
+        }
+        if !yes && !self.options.optout {
+            return Err("ERR CLIENT CACHING NO is only valid when tracking is enabled in OPTOUT mode.");
+        }
+        self.caching = true;
+        self.caching_used = false;
+        Ok(())
+    }
+
+    /// Remember a key the client read. Returns a flush to send first when
+    /// the keys remembered passed [`MAX_KEY_BYTES`] (then only this one is).
+    pub fn read(&mut self, key: &[u8]) -> Option<Bytes> {
+        self.read_any = true;
+        if self.options.bcast || self.keys.contains(key) {
+            return None;
+        }
+        let mut flush = None;
+        if self.key_bytes + key.len() > MAX_KEY_BYTES {
+            self.keys.clear();
+            self.key_bytes = 0;
+            // `read_any` stays: this key is read after the flush.
+            self.hub
+                .metrics
+                .tracking_flushes
+                .with_label_values(&["too_many_keys"])
+                .inc();
+            flush = Some(push(None));
+        }
+        self.key_bytes += key.len();
+        self.keys.insert(Bytes::copy_from_slice(key));
+        flush
+    }
+
+    /// The next feed message for this client.
+    pub async fn recv(&mut self) -> Invalidation {
+        match self.rx.recv().await {
+            Ok(inv) => inv,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                self.hub
+                    .metrics
+                    .tracking_flushes
+                    .with_label_values(&["lagged"])
+                    .inc();
+                Invalidation::Unseen
+            }
+            // The hub lives as long as the router: not before shutdown.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+
+    /// The pushes `inv` means for this client; the keys named are no longer
+    /// remembered (as in Redis, a key is tracked again when read again).
+    pub fn pushes(&mut self, inv: &Invalidation, out: &mut Vec<Bytes>) {
+        match inv {
+            // Nothing read since the last flush: nothing of it is cached.
+            Invalidation::Unseen if !self.read_any => {}
+            Invalidation::Flushed | Invalidation::Unseen => {
+                self.keys.clear();
+                self.key_bytes = 0;
+                self.read_any = false;
+                out.push(push(None));
+            }
+            Invalidation::Keys(keys) if self.options.bcast => {
+                let mine: Vec<Bytes> = keys
+                    .iter()
+                    .filter(|k| self.options.prefixes.iter().any(|p| k.starts_with(p)))
+                    .cloned()
+                    .collect();
+                if !mine.is_empty() {
+                    out.push(push(Some(mine)));
+                }
+            }
+            Invalidation::Keys(keys) => {
+                for k in keys.iter() {
+                    if self.keys.remove(k) {
+                        self.key_bytes -= k.len();
+                        out.push(push(Some(vec![k.clone()])));
+                    }
+                }
+            }
+        }
+        let sent = out.len() as u64;
+        self.hub.metrics.tracking_pushes.inc_by(sent);
+    }
+
+    /// `CLIENT TRACKINGINFO`'s flags.
+    pub fn flags(&self) -> Vec<&'static str> {
+        let o = &self.options;
+        let mut flags = vec!["on"];
+        if o.bcast {
+            flags.push("bcast");
+        }
+        if o.optin {
+            flags.push("optin");
+            if self.caching {
+                flags.push("caching-yes");
+            }
+        }
+        if o.optout {
+            flags.push("optout");
+            if self.caching {
+                flags.push("caching-no");
+            }
+        }
+        if o.noloop {
+            flags.push("noloop");
+        }
+        flags
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.hub.clients.fetch_sub(1, Ordering::SeqCst);
+        self.hub.metrics.tracking_clients.dec();
+        self.alive = Arc::new(());
+        self.hub.changed.notify_waiters();
+    }
+}
+
+/// An `invalidate` push: these keys, or (`None`) everything.
+fn push(keys: Option<Vec<Bytes>>) -> Bytes {
+    let keys = match keys {
+        Some(keys) => Frame::Array(keys.into_iter().map(Frame::Bulk).collect()),
+        None => Frame::Null,
+    };
+    let mut out = BytesMut::new();
+    Frame::Push(vec![Frame::Bulk(Bytes::from_static(b"invalidate")), keys]).encode(&mut out);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<Bytes> {
+        a.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
+    }
+
+    fn on(a: &[&str], current: Option<&Options>) -> Result<Options, String> {
+        match parse(&args(a), current, |id| id == 7)? {
+            Change::On(o) => Ok(o),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_is_sent_only_the_keys_it_read_once_each_and_flushes() {
+        let hub = Hub::new(Metrics::new().unwrap());
+        let mut t = Tracker::start(&hub, Options::default());
+        assert_eq!(hub.clients.load(Ordering::SeqCst), 1);
+        assert_eq!(t.read(b"a"), None);
+        let mut out = Vec::new();
+        let keys = Invalidation::Keys(args(&["a", "b"]).into());
+        t.pushes(&keys, &mut out);
+        assert_eq!(
+            out,
+            vec![Bytes::from_static(
+                b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\na\r\n"
+            )]
+        );
+        out.clear();
+        // Sent once: tracked again only when read again.
+        t.pushes(&keys, &mut out);
+        assert!(out.is_empty());
+        t.pushes(&Invalidation::Unseen, &mut out);
+        assert_eq!(out, vec![Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n_\r\n")]);
+        out.clear();
+        // Nothing read since: nothing to drop, unless a node was flushed.
+        t.pushes(&Invalidation::Unseen, &mut out);
+        assert!(out.is_empty());
+        t.pushes(&Invalidation::Flushed, &mut out);
+        assert_eq!(out.len(), 1);
+        drop(t);
+        assert_eq!(hub.clients.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn remembering_too_many_keys_sends_a_flush_and_starts_over() {
+        let hub = Hub::new(Metrics::new().unwrap());
+        let mut t = Tracker::start(&hub, Options::default());
+        let big = vec![b'k'; MAX_KEY_BYTES / 2];
+        assert_eq!(t.read(&big), None);
+        let mut other = big.clone();
+        other[0] = b'x';
+        assert_eq!(t.read(&other), None);
+        other[0] = b'y';
+        assert_eq!(t.read(&other), Some(push(None)));
+        assert_eq!(t.keys.len(), 1);
+    }
+
+    #[test]
+    fn caching_lasts_until_a_command_other_than_client_runs() {
+        let hub = Hub::new(Metrics::new().unwrap());
+        let mut t = Tracker::start(&hub, on(&["on", "optin"], None).unwrap());
+        assert!(t.set_caching(false).is_err());
+        t.next_command(true);
+        t.set_caching(true).unwrap();
+        // CLIENT TRACKINGINFO, twice: it stays.
+        t.next_command(true);
+        t.next_command(true);
+        assert!(t.flags().contains(&"caching-yes"));
+        // GET runs with it, and ends it.
+        t.next_command(false);
+        assert!(t.flags().contains(&"caching-yes"));
+        t.next_command(true);
+        assert_eq!(t.flags(), vec!["on", "optin"]);
+    }
+}

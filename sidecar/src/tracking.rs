@@ -25,7 +25,7 @@ use crate::cache::LocalCache;
 use crate::config::Credentials;
 use crate::resp::{self, Frame, Limits};
 use crate::slot::SLOTS;
-use crate::topology::{Registry, Topology};
+use crate::topology::{Registry, Snapshot, Topology};
 use crate::upstream::{self, Node, Proto};
 
 /// What a feed's owner does with what the nodes say and with the feed's
@@ -164,26 +164,33 @@ pub(crate) async fn run<F: Feed>(
     // Dropping the map (this task aborted on shutdown) aborts every session.
     let mut sessions: HashMap<String, Session<F>> = HashMap::new();
     let mut last_owners: Vec<u64> = Vec::new();
+    // Slot owners are compared only when the registry installed a new
+    // topology (16384 slots: not every 200 ms).
+    let mut snapshot = Snapshot::default();
     loop {
         if !feed.wanted() {
             sessions.clear();
             last_owners.clear();
+            snapshot = Snapshot::default();
             tokio::select! {
                 () = feed.woken() => {}
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             continue;
         }
-        let topo = registry.current();
+        let seen = snapshot.generation();
+        let topo = snapshot.get(&registry).clone();
         let primaries: Vec<String> = topo.shards.iter().map(|s| s.primary.addr.clone()).collect();
-        let owners = owners(&topo);
-        if !last_owners.is_empty() {
-            let moved = moved_slots(&last_owners, &owners);
-            if !moved.is_empty() {
-                feed.moved(moved);
+        if snapshot.generation() != seen {
+            let owners = owners(&topo);
+            if !last_owners.is_empty() {
+                let moved = moved_slots(&last_owners, &owners);
+                if !moved.is_empty() {
+                    feed.moved(moved);
+                }
             }
+            last_owners = owners;
         }
-        last_owners = owners;
         sessions.retain(|addr, s| primaries.contains(addr) && !s.task.is_finished());
         for shard in &topo.shards {
             let addr = shard.primary.addr.clone();

@@ -532,14 +532,15 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
 }
 
 /// The next message of the client's invalidation feed (never, while it
-/// does not track).
-async fn tracker_recv(
+/// does not track). A poll through the tracker: no state of its own in the
+/// client loop's future.
+fn tracker_recv(
     t: &mut Option<Box<crate::client_cache::Tracker>>,
-) -> crate::client_cache::Invalidation {
-    match t {
-        Some(t) => t.recv().await,
-        None => std::future::pending().await,
-    }
+) -> impl Future<Output = crate::client_cache::Invalidation> + '_ {
+    std::future::poll_fn(move |cx| match t {
+        Some(t) => t.poll_recv(cx),
+        None => std::task::Poll::Pending,
+    })
 }
 
 /// Enter a new connection in `CLIENT LIST`.

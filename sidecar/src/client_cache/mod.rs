@@ -430,18 +430,8 @@ fn push(keys: Option<Vec<Bytes>>) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use super::options::tests::{args, on};
     use super::*;
-
-    fn args(a: &[&str]) -> Vec<Bytes> {
-        a.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
-    }
-
-    fn on(a: &[&str], current: Option<&Options>) -> Result<Options, String> {
-        match parse(&args(a), current, |id| id == 7)? {
-            Change::On(o) => Ok(o),
-            other => Err(format!("{other:?}")),
-        }
-    }
 
     #[tokio::test]
     async fn a_client_is_sent_only_the_keys_it_read_once_each_and_flushes() {

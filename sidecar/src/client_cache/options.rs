@@ -138,14 +138,16 @@ pub fn parse(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn args(a: &[&str]) -> Vec<Bytes> {
+    /// Test arguments as a client sends them (also used by the module's
+    /// parent's tests).
+    pub(in crate::client_cache) fn args(a: &[&str]) -> Vec<Bytes> {
         a.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
     }
 
-    fn on(a: &[&str], current: Option<&Options>) -> Result<Options, String> {
+    pub(in crate::client_cache) fn on(a: &[&str], current: Option<&Options>) -> Result<Options, String> {
         match parse(&args(a), current, |id| id == 7)? {
             Change::On(o) => Ok(o),
             other => Err(format!("{other:?}")),

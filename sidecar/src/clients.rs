@@ -7,7 +7,7 @@
 //! A line has every field of Redis 7.0's, in its order. Live: `id`, `addr`,
 //! `laddr`, `fd`, `name`, `age`, `idle` (since the client's last read),
 //! `flags` (`N`; `P` subscribed, `x` in `MULTI`, `t` tracking, `B` in
-//! `BCAST` mode, in Redis's order), `sub` (channels and
+//! `BCAST` mode, `e` no-evict, in Redis's order), `sub` (channels and
 //! patterns together, as the sidecar's subscription link counts them),
 //! `ssub`, `multi`, `cmd` (the last command, without its subcommand),
 //! `redir` (0 while tracking: its pushes go to its own connection) and
@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -61,6 +61,8 @@ pub struct Client {
     ssub: AtomicI64,
     /// `CLIENT TRACKING`: off, on, or on in `BCAST` mode.
     tracking: AtomicU8,
+    /// `CLIENT NO-EVICT on`.
+    no_evict: AtomicBool,
     /// `CLIENT KILL`: the connection loop stops when it fires.
     pub kill: Arc<Stop>,
 }
@@ -102,6 +104,7 @@ impl Clients {
             sub: AtomicI64::new(0),
             ssub: AtomicI64::new(0),
             tracking: AtomicU8::new(TRACKING_OFF),
+            no_evict: AtomicBool::new(false),
             kill: Stop::new(),
         });
         lock(&self.by_id).insert(id, client.clone());
@@ -156,6 +159,10 @@ impl Client {
         self.tracking.store(mode, Ordering::Relaxed);
     }
 
+    pub fn no_evict(&self, on: bool) {
+        self.no_evict.store(on, Ordering::Relaxed);
+    }
+
     /// Its subscription counts, as the last confirmations said.
     pub fn subscriptions(&self, sub: i64, ssub: i64) {
         self.sub.store(sub, Ordering::Relaxed);
@@ -203,6 +210,9 @@ impl Client {
         }
         if tracking == TRACKING_BCAST {
             flags.push('B');
+        }
+        if self.no_evict.load(Ordering::Relaxed) {
+            flags.push('e');
         }
         if flags.is_empty() {
             flags.push('N');
@@ -277,6 +287,12 @@ mod tests {
         assert!(line.contains(" redir=0 "), "{line}");
         c.tracking(true, false);
         assert!(c.line(Instant::now(), |_| None).contains(" flags=Pxt "));
+        // `flags=xe` from redis-server 7.0.15 after `CLIENT NO-EVICT on`,
+        // `MULTI`.
+        c.tracking(false, false);
+        c.subscriptions(0, 0);
+        c.no_evict(true);
+        assert!(c.line(Instant::now(), |_| None).contains(" flags=xe "));
         assert_eq!(clients.all().len(), 1);
         drop(reg);
         assert!(clients.all().is_empty(), "a closed connection leaves the list");

@@ -359,6 +359,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                             if reset {
                                 // Closing it ends every subscription, as RESET does.
                                 sub = None;
+                                show_subscriptions(&registered.client, None);
                             }
                             Ok(Some(req))
                         }

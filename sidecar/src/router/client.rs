@@ -175,7 +175,10 @@ impl Router {
             // Redis's client eviction (`maxmemory-clients`) acts on the
             // sidecar's upstream connections, never on its clients.
             "NO-EVICT" => match args.get(2).map(|a| upper(a)).as_deref() {
-                Some("ON" | "OFF") => ok(),
+                Some(on @ ("ON" | "OFF")) => {
+                    st.no_evict = on == "ON";
+                    ok()
+                }
                 _ => err("ERR syntax error"),
             },
             "INFO" => match &st.view {

@@ -72,6 +72,9 @@ pub struct ClientState {
     blocking: BlockingCell,
     /// `CLIENT TRACKING`, while on (`client_cache.rs`).
     pub tracker: Option<Box<crate::client_cache::Tracker>>,
+    /// `CLIENT NO-EVICT on` (shown in `CLIENT LIST`; `RESET` keeps it, as
+    /// in Redis 7.0).
+    no_evict: bool,
     /// Its last command's table entry.
     recent: commands::Recent,
     /// Its copy of the topology (the direct path's routing).
@@ -99,6 +102,7 @@ impl Default for ClientState {
             last: None,
             blocking: BlockingCell::default(),
             tracker: None,
+            no_evict: false,
             recent: commands::Recent::default(),
             topology: crate::topology::Snapshot::default(),
             conns: crate::upstream::ConnCache::default(),
@@ -125,6 +129,7 @@ impl ClientState {
         );
         let bcast = self.tracker.as_ref().is_some_and(|t| t.options.bcast);
         c.tracking(self.tracker.is_some(), bcast);
+        c.no_evict(self.no_evict);
     }
 }
 

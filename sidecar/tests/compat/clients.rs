@@ -254,3 +254,53 @@ async fn a_request_larger_than_the_query_limit_is_refused_and_closed() {
     assert!(reply.contains("client query limit"), "{reply}");
     sidecar.shutdown().await;
 }
+
+/// The `flags` and `redir` fields of every `CLIENT INFO` in one session.
+async fn flags_through(addr: &str) -> Vec<String> {
+    let mut c = support::Raw::connect(addr).await;
+    let script: &[&[&str]] = &[
+        &["CLIENT", "INFO"],
+        &["CLIENT", "NO-EVICT", "on"],
+        &["CLIENT", "INFO"],
+        &["HELLO", "3"],
+        &["CLIENT", "TRACKING", "on"],
+        &["CLIENT", "INFO"],
+        &["CLIENT", "TRACKING", "off"],
+        &["CLIENT", "TRACKING", "on", "BCAST"],
+        &["SUBSCRIBE", "a"],
+        &["CLIENT", "INFO"],
+        &["RESET"],
+        &["CLIENT", "INFO"],
+    ];
+    let mut shown = Vec::new();
+    for cmd in script {
+        c.send(cmd).await;
+        let reply = String::from_utf8_lossy(&c.frame().await).into_owned();
+        if cmd.starts_with(&["CLIENT", "INFO"]) {
+            let of = |name| field(reply.trim_end(), name).unwrap_or("?").to_string();
+            shown.push(format!("flags={} redir={}", of("flags"), of("redir")));
+        }
+    }
+    shown
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_info_shows_the_flags_one_redis_server_shows() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let standalone = support::RedisNode::start(&["--cluster-enabled", "no"]);
+    let redis = flags_through(&standalone.addr()).await;
+    assert_eq!(flags_through(&sidecar.local_addr().to_string()).await, redis);
+    // What redis-server 7.0.15 shows (RESET keeps NO-EVICT).
+    assert_eq!(
+        redis,
+        [
+            "flags=N redir=-1",
+            "flags=e redir=-1",
+            "flags=te redir=0",
+            "flags=PtBe redir=0",
+            "flags=e redir=-1"
+        ]
+    );
+    sidecar.shutdown().await;
+}

@@ -255,7 +255,11 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
     // Client-side caching: its options, modes and questions.
     let mut tracking = Vec::new();
     for args in [
-        &["CLIENT", "TRACKING", "OFF"][..],
+        &["CLIENT", "TRACKING"][..],
+        &["CLIENT", "TRACKINGINFO", "x"],
+        &["CLIENT", "GETREDIR", "x"],
+        &["CLIENT", "CACHING"],
+        &["CLIENT", "TRACKING", "OFF"],
         &["CLIENT", "TRACKING", "OFF", "BCAST", "PREFIX", "a"],
         &["CLIENT", "TRACKING", "MAYBE"],
         &["CLIENT", "TRACKING", "MAYBE", "NOSUCH"],
@@ -292,6 +296,7 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
         &["CLIENT", "TRACKING", "ON", "OPTOUT"],
         &["CLIENT", "CACHING", "no"],
         &["CLIENT", "CACHING", "maybe"],
+        &["CLIENT", "CACHING", "yes", "extra"],
         &["CLIENT", "CACHING", "yes"],
         &["CLIENT", "TRACKINGINFO"],
         &["CLIENT", "TRACKINGINFO"],

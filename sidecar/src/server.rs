@@ -407,10 +407,11 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 }
                 Ok(Some(req)) => {
                     // Its reply follows the flush, if remembering its keys started over.
-                    if st.tracker.is_some()
-                        && let Some(flush) = router.tracked_read(&mut st, &req)
-                    {
-                        pending.push_reply(flush);
+                    if st.tracker.is_some() {
+                        router
+                            .tracked_read(&mut st, &req)
+                            .into_iter()
+                            .for_each(|p| pending.push_reply(p));
                     }
                     let action = router.dispatch(&mut st, req, Some(pending.place()));
                     let open = pending.push(action);
@@ -449,8 +450,10 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
             break;
         }
         pending.metrics().flush();
-        // Pushes wait while the client has this many replies unread.
-        let room = pending.len() < 2 * MAX_PIPELINE;
+        // Pushes wait while the client has this many replies unread
+        // (or its output is that far behind): a client that does not read
+        // falls behind the feed and is sent one flush, not every push.
+        let room = pending.len() < 2 * MAX_PIPELINE && out.len() < READ_PAUSE;
         tokio::select! {
             // In this order: replies already in are collected (all of them,
             // so they leave in one write), then written, before more is

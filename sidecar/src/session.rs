@@ -80,6 +80,11 @@ impl Session {
         self.multi.as_ref().map(Vec::len)
     }
 
+    /// The commands queued so far (none outside a block).
+    pub fn queued_commands(&self) -> &[Vec<Bytes>] {
+        self.multi.as_deref().unwrap_or_default()
+    }
+
     /// `MULTI`: starts a block, or Redis's error for a nested one.
     pub fn multi(&mut self) -> Result<(), &'static str> {
         if self.in_multi() {

@@ -16,13 +16,18 @@
 //!   before that write's invalidation, as on one connection;
 //! - when a feed starts or fails, when a slot changes hands, when a client
 //!   falls behind the feed, and when it remembers more than
-//!   [`MAX_KEY_BYTES`] of keys, the client is sent a flush (a null
-//!   `invalidate`), which empties its cache.
+//!   [`MAX_KEY_BYTES`] of keys, the client is sent a flush: an
+//!   `invalidate` of every key it read since the last one (a null
+//!   `invalidate` in `BCAST` mode, where the sidecar does not know them;
+//!   Redis sends a null one only for `FLUSHALL`, and Lettuce's cache
+//!   cannot take it).
 //!
 //! What differs from Redis: a client may be sent invalidations Redis would
 //! not send (keys its scripts and `OPTIN` reads named, its own writes under
-//! `NOLOOP`), which a client-side cache takes as a no-op; `REDIRECT` (how
-//! RESP2 clients receive invalidations) is refused.
+//! `NOLOOP`), which a client-side cache takes as a no-op; a push waits
+//! behind a blocking command or slow script the client is waiting for
+//! (Redis sends it at once); `REDIRECT` (how RESP2 clients receive
+//! invalidations) is refused.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,9 +46,17 @@ use crate::upstream::Node;
 mod options;
 pub use options::{Change, Options, parse};
 
-/// Key bytes one client's tracking may remember before it is sent a flush
-/// and starts over (Redis bounds its table with `tracking-table-max-keys`).
+/// Memory one client's tracking may use for the keys it remembers before
+/// they are all invalidated and it starts over (Redis bounds its table
+/// with `tracking-table-max-keys`).
 pub const MAX_KEY_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a remembered key costs beyond its bytes (its `Bytes`, its heap
+/// block, its table slot), counted against [`MAX_KEY_BYTES`].
+const ENTRY_BYTES: usize = 64;
+
+/// Keys named by one push of a client's invalidate-everything.
+const PUSH_KEYS: usize = 1024;
 
 /// Feed messages a client may fall behind by before it is sent a flush.
 const BACKLOG: usize = 4096;
@@ -278,28 +291,58 @@ impl Tracker {
         Ok(())
     }
 
-    /// Remember a key the client read. Returns a flush to send first when
-    /// the keys remembered passed [`MAX_KEY_BYTES`] (then only this one is).
-    pub fn read(&mut self, key: &[u8]) -> Option<Bytes> {
+    /// Remember the keys one command read. Returns the pushes to send
+    /// before its reply when remembering them would pass
+    /// [`MAX_KEY_BYTES`]: everything remembered so far is invalidated first
+    /// (then only these keys are remembered).
+    pub fn read(&mut self, keys: &[&[u8]]) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        if keys.is_empty() {
+            return out;
+        }
+        if !self.options.bcast {
+            let cost: usize = (keys.iter())
+                .filter(|k| !self.keys.contains(**k))
+                .map(|k| k.len() + ENTRY_BYTES)
+                .sum();
+            if self.key_bytes + cost > MAX_KEY_BYTES {
+                self.hub
+                    .metrics
+                    .tracking_flushes
+                    .with_label_values(&["too_many_keys"])
+                    .inc();
+                self.forget_all(&mut out);
+            }
+            for k in keys {
+                // A copy: a slice would keep the request's buffer alive.
+                if self.keys.insert(Bytes::copy_from_slice(k)) {
+                    self.key_bytes += k.len() + ENTRY_BYTES;
+                }
+            }
+        }
         self.read_any = true;
-        if self.options.bcast || self.keys.contains(key) {
-            return None;
+        self.hub.metrics.tracking_pushes.inc_by(out.len() as u64);
+        out
+    }
+
+    /// Invalidate whatever the client may have cached, and forget it: the
+    /// keys it read, by name (in pushes of at most [`PUSH_KEYS`]), or in
+    /// `BCAST` mode, where no keys are remembered, a null `invalidate`.
+    /// Names, not a null push, where they are known: Lettuce's cache
+    /// cannot take a null one (Redis sends it only for `FLUSHALL`).
+    fn forget_all(&mut self, out: &mut Vec<Bytes>) {
+        if self.options.bcast {
+            out.push(push(None));
+        } else {
+            let keys: Vec<Bytes> = self.keys.drain().collect();
+            for chunk in keys.chunks(PUSH_KEYS) {
+                out.push(push(Some(chunk.to_vec())));
+            }
         }
-        let mut flush = None;
-        if self.key_bytes + key.len() > MAX_KEY_BYTES {
-            self.keys.clear();
-            self.key_bytes = 0;
-            // `read_any` stays: this key is read after the flush.
-            self.hub
-                .metrics
-                .tracking_flushes
-                .with_label_values(&["too_many_keys"])
-                .inc();
-            flush = Some(push(None));
-        }
-        self.key_bytes += key.len();
-        self.keys.insert(Bytes::copy_from_slice(key));
-        flush
+        // A new table: a cleared one keeps its largest size.
+        self.keys = HashSet::new();
+        self.key_bytes = 0;
+        self.read_any = false;
     }
 
     /// The next feed message for this client, polled through `&mut self`
@@ -351,14 +394,16 @@ impl Tracker {
     /// remembered (as in Redis, a key is tracked again when read again).
     pub fn pushes(&mut self, inv: &Invalidation, out: &mut Vec<Bytes>) {
         match inv {
-            // Nothing read since the last flush: nothing of it is cached.
-            Invalidation::Unseen if !self.read_any => {}
-            Invalidation::Flushed | Invalidation::Unseen => {
-                self.keys.clear();
+            // As Redis sends it for `FLUSHALL`.
+            Invalidation::Flushed => {
+                self.keys = HashSet::new();
                 self.key_bytes = 0;
                 self.read_any = false;
                 out.push(push(None));
             }
+            // Nothing read since the last flush: nothing of it is cached.
+            Invalidation::Unseen if !self.read_any => {}
+            Invalidation::Unseen => self.forget_all(out),
             Invalidation::Keys(keys) if self.options.bcast => {
                 let mine: Vec<Bytes> = keys
                     .iter()
@@ -372,7 +417,7 @@ impl Tracker {
             Invalidation::Keys(keys) => {
                 for k in keys.iter() {
                     if self.keys.remove(k) {
-                        self.key_bytes -= k.len();
+                        self.key_bytes -= k.len() + ENTRY_BYTES;
                         out.push(push(Some(vec![k.clone()])));
                     }
                 }
@@ -438,44 +483,74 @@ mod tests {
         let hub = Hub::new(Metrics::new().unwrap());
         let mut t = Tracker::start(&hub, Options::default());
         assert_eq!(hub.clients.load(Ordering::SeqCst), 1);
-        assert_eq!(t.read(b"a"), None);
+        assert!(t.read(&[b"a"]).is_empty());
         let mut out = Vec::new();
         let keys = Invalidation::Keys(args(&["a", "b"]).into());
         t.pushes(&keys, &mut out);
+        assert_eq!(out, vec![push(Some(args(&["a"])))]);
         assert_eq!(
-            out,
-            vec![Bytes::from_static(
-                b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\na\r\n"
-            )]
+            out[0],
+            Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\na\r\n")
         );
         out.clear();
         // Sent once: tracked again only when read again.
         t.pushes(&keys, &mut out);
         assert!(out.is_empty());
+        // Something unseen: every key it still remembers, by name.
+        assert!(t.read(&[b"c"]).is_empty());
         t.pushes(&Invalidation::Unseen, &mut out);
-        assert_eq!(out, vec![Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n_\r\n")]);
+        assert_eq!(out, vec![push(Some(args(&["c"])))]);
         out.clear();
-        // Nothing read since: nothing to drop, unless a node was flushed.
+        // Nothing read since: nothing to drop, unless a node was flushed,
+        // which is a null invalidate, as from Redis.
         t.pushes(&Invalidation::Unseen, &mut out);
         assert!(out.is_empty());
         t.pushes(&Invalidation::Flushed, &mut out);
-        assert_eq!(out.len(), 1);
+        assert_eq!(out, vec![push(None)]);
         drop(t);
         assert_eq!(hub.clients.load(Ordering::SeqCst), 0);
     }
 
+    #[tokio::test]
+    async fn in_bcast_mode_something_unseen_is_a_null_invalidate() {
+        let hub = Hub::new(Metrics::new().unwrap());
+        let mut t = Tracker::start(&hub, on(&["on", "bcast"], None).unwrap());
+        assert!(t.read(&[b"a"]).is_empty());
+        let mut out = Vec::new();
+        t.pushes(&Invalidation::Unseen, &mut out);
+        assert_eq!(out, vec![push(None)]);
+    }
+
     #[test]
-    fn remembering_too_many_keys_sends_a_flush_and_starts_over() {
+    fn remembering_too_many_keys_invalidates_them_before_the_reply_that_names_them() {
         let hub = Hub::new(Metrics::new().unwrap());
         let mut t = Tracker::start(&hub, Options::default());
         let big = vec![b'k'; MAX_KEY_BYTES / 2];
-        assert_eq!(t.read(&big), None);
+        assert!(t.read(&[&big]).is_empty());
         let mut other = big.clone();
-        other[0] = b'x';
-        assert_eq!(t.read(&other), None);
         other[0] = b'y';
-        assert_eq!(t.read(&other), Some(push(None)));
-        assert_eq!(t.keys.len(), 1);
+        // One command naming a small key and one past the budget: the
+        // earlier keys are invalidated first, and both of its keys stay
+        // remembered (its reply carries both).
+        let pushes = t.read(&[b"small", &other]);
+        assert_eq!(pushes, vec![push(Some(vec![Bytes::from(big.clone())]))]);
+        assert!(t.keys.contains(b"small".as_slice()) && t.keys.contains(other.as_slice()));
+        assert!(!t.keys.contains(big.as_slice()));
+        // Each key counts its bookkeeping too.
+        assert_eq!(t.key_bytes, b"small".len() + other.len() + 2 * ENTRY_BYTES);
+    }
+
+    #[test]
+    fn many_remembered_keys_are_invalidated_in_pushes_of_bounded_size() {
+        let hub = Hub::new(Metrics::new().unwrap());
+        let mut t = Tracker::start(&hub, Options::default());
+        let names: Vec<Vec<u8>> = (0..PUSH_KEYS + 1).map(|i| format!("k{i}").into_bytes()).collect();
+        let refs: Vec<&[u8]> = names.iter().map(|n| n.as_slice()).collect();
+        assert!(t.read(&refs).is_empty());
+        let mut out = Vec::new();
+        t.pushes(&Invalidation::Unseen, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(t.keys.is_empty() && t.key_bytes == 0);
     }
 
     #[test]

@@ -265,31 +265,40 @@ impl Router {
     }
 
     /// A tracking client's command is about to run: remember the keys a
-    /// read names. Returns a flush to send before its reply, if remembering
-    /// them started over (`client_cache::MAX_KEY_BYTES`).
-    pub fn tracked_read(&self, st: &mut ClientState, req: &resp::Request) -> Option<Bytes> {
+    /// read names (for `EXEC`, those of the reads it runs; a queued
+    /// command's are remembered when it runs). Returns the pushes to send
+    /// before its reply, if remembering them started over
+    /// (`client_cache::MAX_KEY_BYTES`).
+    pub fn tracked_read(&self, st: &mut ClientState, req: &resp::Request) -> Vec<Bytes> {
         let proto = st.session.proto;
         let in_multi = st.session.in_multi();
-        let t = st.tracker.as_mut()?;
+        let Some(t) = st.tracker.as_mut() else {
+            return Vec::new();
+        };
         let Some(info) = req.arg(0).and_then(|name| st.recent.lookup(name)) else {
             t.next_command(false);
-            return None;
+            return Vec::new();
         };
         let queued = in_multi && !matches!(info.name, "exec" | "discard");
         t.next_command(info.name == "client" || info.name == "multi" || queued);
-        // Redis tracks what read-only commands and scripts read.
-        let scripted = matches!(info.name, "eval" | "evalsha" | "fcall");
-        if info.kind != Kind::Read && !scripted {
-            return None;
+        if queued {
+            return Vec::new();
         }
-        let args: Vec<Bytes> = (0..req.argc()).filter_map(|i| req.arg_bytes(i)).collect();
-        let keys = commands::key_indices(info, &args).ok()?;
-        let mut flush = None;
-        for i in keys {
-            flush = t.read(&args[i]).or(flush);
+        let mut keys: Vec<Bytes> = Vec::new();
+        if info.name == "exec" {
+            for cmd in st.session.queued_commands() {
+                if let Some(queued) = cmd.first().and_then(|name| commands::lookup(name)) {
+                    keys_read(queued, cmd, &mut keys);
+                }
+            }
+        } else {
+            let args: Vec<Bytes> = (0..req.argc()).filter_map(|i| req.arg_bytes(i)).collect();
+            keys_read(info, &args, &mut keys);
         }
+        let keys: Vec<&[u8]> = keys.iter().map(|k| k.as_ref()).collect();
+        let pushes = t.read(&keys);
         // A RESP2 client is sent no pushes.
-        flush.filter(|_| proto == 3)
+        if proto == 3 { pushes } else { Vec::new() }
     }
 
     /// `c`'s `CLIENT LIST` line; the asking client's own shows this command.
@@ -352,6 +361,18 @@ fn tracking_info(proto: u8, t: Option<&Tracker>) -> Frame {
         (bulk("prefixes"), Frame::Array(prefixes.unwrap_or_default())),
     ];
     map(proto, fields)
+}
+
+/// The keys a command reads, as Redis tracks them: those of read-only
+/// commands and of scripts and functions.
+fn keys_read(info: &CommandInfo, args: &[Bytes], out: &mut Vec<Bytes>) {
+    let scripted = matches!(info.name, "eval" | "evalsha" | "fcall");
+    if info.kind != Kind::Read && !scripted {
+        return;
+    }
+    if let Ok(keys) = commands::key_indices(info, args) {
+        out.extend(keys.into_iter().filter_map(|i| args.get(i).cloned()));
+    }
 }
 
 #[cfg(test)]

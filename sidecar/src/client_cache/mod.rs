@@ -30,7 +30,6 @@
 //! invalidations) is refused.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -77,13 +76,13 @@ pub enum Invalidation {
 /// The feeds' side, shared by every tracking client of the sidecar.
 #[derive(Debug)]
 pub struct Hub {
+    /// One receiver per tracker: how many clients track.
     tx: broadcast::Sender<Invalidation>,
-    clients: AtomicUsize,
     /// Primaries whose feed is established.
     established: std::sync::Mutex<HashSet<String>>,
     /// Woken when a feed is established or a tracker ends.
     changed: Notify,
-    /// Woken when the first client starts tracking.
+    /// Woken when a client starts tracking.
     wake: Notify,
     metrics: Metrics,
 }
@@ -92,7 +91,6 @@ impl Hub {
     pub fn new(metrics: Metrics) -> Arc<Hub> {
         Arc::new(Hub {
             tx: broadcast::channel(BACKLOG).0,
-            clients: AtomicUsize::new(0),
             established: std::sync::Mutex::default(),
             changed: Notify::new(),
             wake: Notify::new(),
@@ -142,7 +140,7 @@ impl crate::tracking::Feed for Hub {
     }
 
     fn wanted(&self) -> bool {
-        self.clients.load(Ordering::SeqCst) > 0
+        self.tx.receiver_count() > 0
     }
 
     fn woken(&self) -> impl Future<Output = ()> + Send {
@@ -243,9 +241,8 @@ impl Tracker {
     /// Start tracking: the feeds are kept while a tracker lives.
     pub fn start(hub: &Arc<Hub>, options: Options) -> Tracker {
         let rx = hub.tx.subscribe();
-        if hub.clients.fetch_add(1, Ordering::SeqCst) == 0 {
-            hub.wake.notify_one();
-        }
+        // Kept as a permit when the feeds already run: one extra look.
+        hub.wake.notify_one();
         hub.metrics.tracking_clients.inc();
         Tracker {
             hub: hub.clone(),
@@ -455,7 +452,6 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        self.hub.clients.fetch_sub(1, Ordering::SeqCst);
         self.hub.metrics.tracking_clients.dec();
         self.alive = Arc::new(());
         self.hub.changed.notify_waiters();
@@ -482,7 +478,7 @@ mod tests {
     async fn a_client_is_sent_only_the_keys_it_read_once_each_and_flushes() {
         let hub = Hub::new(Metrics::new().unwrap());
         let mut t = Tracker::start(&hub, Options::default());
-        assert_eq!(hub.clients.load(Ordering::SeqCst), 1);
+        assert_eq!(hub.tx.receiver_count(), 1);
         assert!(t.read(&[b"a"]).is_empty());
         let mut out = Vec::new();
         let keys = Invalidation::Keys(args(&["a", "b"]).into());
@@ -508,7 +504,7 @@ mod tests {
         t.pushes(&Invalidation::Flushed, &mut out);
         assert_eq!(out, vec![push(None)]);
         drop(t);
-        assert_eq!(hub.clients.load(Ordering::SeqCst), 0);
+        assert_eq!(hub.tx.receiver_count(), 0);
     }
 
     #[tokio::test]

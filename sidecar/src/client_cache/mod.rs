@@ -292,14 +292,14 @@ impl Tracker {
     /// before its reply when remembering them would pass
     /// [`MAX_KEY_BYTES`]: everything remembered so far is invalidated first
     /// (then only these keys are remembered).
-    pub fn read(&mut self, keys: &[&[u8]]) -> Vec<Bytes> {
+    pub fn read(&mut self, keys: &[Bytes]) -> Vec<Bytes> {
         let mut out = Vec::new();
         if keys.is_empty() {
             return out;
         }
         if !self.options.bcast {
             let cost: usize = (keys.iter())
-                .filter(|k| !self.keys.contains(**k))
+                .filter(|k| !self.keys.contains(*k))
                 .map(|k| k.len() + ENTRY_BYTES)
                 .sum();
             if self.key_bytes + cost > MAX_KEY_BYTES {
@@ -312,7 +312,7 @@ impl Tracker {
             }
             for k in keys {
                 // A copy: a slice would keep the request's buffer alive.
-                if self.keys.insert(Bytes::copy_from_slice(k)) {
+                if self.keys.insert(Bytes::copy_from_slice(k.as_ref())) {
                     self.key_bytes += k.len() + ENTRY_BYTES;
                 }
             }
@@ -479,7 +479,7 @@ mod tests {
         let hub = Hub::new(Metrics::new().unwrap());
         let mut t = Tracker::start(&hub, Options::default());
         assert_eq!(hub.tx.receiver_count(), 1);
-        assert!(t.read(&[b"a"]).is_empty());
+        assert!(t.read(&args(&["a"])).is_empty());
         let mut out = Vec::new();
         let keys = Invalidation::Keys(args(&["a", "b"]).into());
         t.pushes(&keys, &mut out);
@@ -493,7 +493,7 @@ mod tests {
         t.pushes(&keys, &mut out);
         assert!(out.is_empty());
         // Something unseen: every key it still remembers, by name.
-        assert!(t.read(&[b"c"]).is_empty());
+        assert!(t.read(&args(&["c"])).is_empty());
         t.pushes(&Invalidation::Unseen, &mut out);
         assert_eq!(out, vec![push(Some(args(&["c"])))]);
         out.clear();
@@ -511,7 +511,7 @@ mod tests {
     async fn in_bcast_mode_something_unseen_is_a_null_invalidate() {
         let hub = Hub::new(Metrics::new().unwrap());
         let mut t = Tracker::start(&hub, on(&["on", "bcast"], None).unwrap());
-        assert!(t.read(&[b"a"]).is_empty());
+        assert!(t.read(&args(&["a"])).is_empty());
         let mut out = Vec::new();
         t.pushes(&Invalidation::Unseen, &mut out);
         assert_eq!(out, vec![push(None)]);
@@ -521,17 +521,18 @@ mod tests {
     fn remembering_too_many_keys_invalidates_them_before_the_reply_that_names_them() {
         let hub = Hub::new(Metrics::new().unwrap());
         let mut t = Tracker::start(&hub, Options::default());
-        let big = vec![b'k'; MAX_KEY_BYTES / 2];
-        assert!(t.read(&[&big]).is_empty());
-        let mut other = big.clone();
+        let big = Bytes::from(vec![b'k'; MAX_KEY_BYTES / 2]);
+        assert!(t.read(std::slice::from_ref(&big)).is_empty());
+        let mut other = big.to_vec();
         other[0] = b'y';
+        let other = Bytes::from(other);
         // One command naming a small key and one past the budget: the
         // earlier keys are invalidated first, and both of its keys stay
         // remembered (its reply carries both).
-        let pushes = t.read(&[b"small", &other]);
-        assert_eq!(pushes, vec![push(Some(vec![Bytes::from(big.clone())]))]);
-        assert!(t.keys.contains(b"small".as_slice()) && t.keys.contains(other.as_slice()));
-        assert!(!t.keys.contains(big.as_slice()));
+        let pushes = t.read(&[Bytes::from_static(b"small"), other.clone()]);
+        assert_eq!(pushes, vec![push(Some(vec![big.clone()]))]);
+        assert!(t.keys.contains(b"small".as_slice()) && t.keys.contains(&other));
+        assert!(!t.keys.contains(&big));
         // Each key counts its bookkeeping too.
         assert_eq!(t.key_bytes, b"small".len() + other.len() + 2 * ENTRY_BYTES);
     }
@@ -540,9 +541,8 @@ mod tests {
     fn many_remembered_keys_are_invalidated_in_pushes_of_bounded_size() {
         let hub = Hub::new(Metrics::new().unwrap());
         let mut t = Tracker::start(&hub, Options::default());
-        let names: Vec<Vec<u8>> = (0..PUSH_KEYS + 1).map(|i| format!("k{i}").into_bytes()).collect();
-        let refs: Vec<&[u8]> = names.iter().map(|n| n.as_slice()).collect();
-        assert!(t.read(&refs).is_empty());
+        let names: Vec<Bytes> = (0..PUSH_KEYS + 1).map(|i| Bytes::from(format!("k{i}"))).collect();
+        assert!(t.read(&names).is_empty());
         let mut out = Vec::new();
         t.pushes(&Invalidation::Unseen, &mut out);
         assert_eq!(out.len(), 2);

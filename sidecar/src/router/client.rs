@@ -231,8 +231,7 @@ impl Router {
         let options = match client_cache::parse(&args[2..], current, exists) {
             Ok(Change::On(options)) => options,
             Ok(Change::Off) => {
-                st.tracker = None;
-                st.order.set_primary_reads(false);
+                st.set_tracker(None);
                 return ClientReply::Reply(ok());
             }
             Ok(Change::Redirect) => {
@@ -249,8 +248,7 @@ impl Router {
         }
         let tracker = Box::new(client_cache::Tracker::start(&self.tracking, options));
         let alive = tracker.alive();
-        st.tracker = Some(tracker);
-        st.order.set_primary_reads(true);
+        st.set_tracker(Some(tracker));
         // Answered once every primary's feed is up (or a response timeout
         // has passed: a feed that comes later sends a flush).
         let (hub, registry, timeout) = (
@@ -295,7 +293,6 @@ impl Router {
             let args: Vec<Bytes> = (0..req.argc()).filter_map(|i| req.arg_bytes(i)).collect();
             keys_read(info, &args, &mut keys);
         }
-        let keys: Vec<&[u8]> = keys.iter().map(|k| k.as_ref()).collect();
         let pushes = t.read(&keys);
         // A RESP2 client is sent no pushes.
         if proto == 3 { pushes } else { Vec::new() }

@@ -120,6 +120,13 @@ impl ClientState {
         }
     }
 
+    /// Turn `CLIENT TRACKING` on or off: its reads go to primaries while
+    /// it is on (`client_cache.rs`).
+    fn set_tracker(&mut self, tracker: Option<Box<crate::client_cache::Tracker>>) {
+        self.order.set_primary_reads(tracker.is_some());
+        self.tracker = tracker;
+    }
+
     /// Show the session's state in `c`'s `CLIENT LIST` line.
     fn show(&self, c: &crate::clients::Client) {
         c.session(

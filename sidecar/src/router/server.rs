@@ -52,8 +52,7 @@ impl Router {
                 st.session.reset();
                 // Unwatches: dropping the WATCH connection does that.
                 st.watch = None;
-                st.tracker = None;
-                st.order.set_primary_reads(false);
+                st.set_tracker(None);
                 reply(Bytes::from_static(b"+RESET\r\n"))
             }
             "client" => match self.client(st, &sub, &args) {

@@ -126,9 +126,14 @@ impl Sidecar {
         } else {
             Some(LocalCache::new(&config.cache, metrics.clone()))
         };
+        // The port actually bound (`INFO`'s `tcp_port` when asked for port 0).
+        let bound = Config {
+            listen: local_addr,
+            ..config.clone()
+        };
         let router = Arc::new(Router::new(
             registry.clone(),
-            config.clone(),
+            bound,
             metrics.clone(),
             cache.clone(),
         ));

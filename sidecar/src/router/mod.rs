@@ -255,6 +255,10 @@ pub struct Router {
     pub mirrors: Arc<crate::pubsub::keyspace::MirrorCounts>,
     /// The invalidation feeds of clients with `CLIENT TRACKING` on.
     pub tracking: Arc<crate::client_cache::Hub>,
+    /// For `INFO`'s uptime.
+    started: std::time::Instant,
+    /// `INFO`'s `run_id`: 40 random hex digits chosen at start, as Redis's.
+    run_id: String,
 }
 
 impl Router {
@@ -278,6 +282,10 @@ impl Router {
             clients: Arc::default(),
             mirrors: Arc::default(),
             tracking,
+            started: std::time::Instant::now(),
+            run_id: (0..40)
+                .map(|_| char::from(b"0123456789abcdef"[usize::from(rand::random::<u8>() % 16)]))
+                .collect(),
         }
     }
 

@@ -157,6 +157,55 @@ async fn transaction_control_inside_multi_answers_as_redis_does() {
     sidecar.shutdown().await;
 }
 
+/// Client test suites and dashboards read these from `INFO server`
+/// (redis-py's own suite fails to start without `arch_bits`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_server_has_redis_process_fields_about_the_sidecar() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    let port = sidecar.local_addr().port().to_string();
+    let mut c = client(&sidecar).await;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::to_string)
+    };
+    let redis_fields: Vec<String> = cluster.nodes[0]
+        .cli(&["INFO", "server"])
+        .lines()
+        .filter_map(|l| Some(l.split_once(':')?.0.to_string()))
+        .collect();
+    for name in [
+        "os",
+        "arch_bits",
+        "process_id",
+        "run_id",
+        "tcp_port",
+        "uptime_in_seconds",
+        "uptime_in_days",
+    ] {
+        assert!(redis_fields.iter().any(|f| f == name), "Redis has no {name}");
+        assert!(field(name).is_some(), "{name} missing from {info}");
+    }
+    assert_eq!(
+        field("arch_bits"),
+        cluster.nodes[0].info_field("server", "arch_bits")
+    );
+    assert_eq!(field("process_id"), Some(std::process::id().to_string()));
+    assert_eq!(field("tcp_port"), Some(port));
+    let run_id = field("run_id").unwrap();
+    assert!(
+        run_id.len() == 40 && run_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{run_id}"
+    );
+    sidecar.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn info_reports_the_upstream_redis_version() {
     let cluster = Cluster::start(3, 0);

@@ -358,6 +358,12 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                     } else {
                         pubsub::step(sub.as_ref(), st.session.proto, name, pending.is_empty())
                     };
+                    // The router notes the commands it sees; these stop here.
+                    if matches!(step, Step::Forward | Step::Refuse)
+                        && let Some(info) = crate::commands::lookup(name)
+                    {
+                        registered.client.command(info.id);
+                    }
                     let reset = name.eq_ignore_ascii_case(b"reset");
                     match step {
                         Step::Ordinary => {

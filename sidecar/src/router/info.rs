@@ -50,7 +50,53 @@ fn fields(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
-/// Bytes as Redis's `INFO` writes them for people (`1.18M`).
+/// What `INFO server` tells of this sidecar's process (the server its
+/// clients talk to); client test suites and dashboards read `arch_bits`,
+/// `process_id`, `run_id` and the uptime. What cannot change is found once.
+#[derive(Debug)]
+pub(super) struct Process {
+    started: std::time::Instant,
+    /// 40 random hex digits chosen at start, as Redis's.
+    run_id: String,
+    os: String,
+    executable: String,
+}
+
+impl Process {
+    pub(super) fn new() -> Process {
+        Process {
+            started: std::time::Instant::now(),
+            run_id: (0..40)
+                .map(|_| char::from(b"0123456789abcdef"[usize::from(rand::random::<u8>() % 16)]))
+                .collect(),
+            os: os_name(),
+            executable: std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Its fields of Redis's `server` section, in Redis's order.
+    fn fields(&self, tcp_port: u16) -> String {
+        let uptime = self.started.elapsed().as_secs();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        format!(
+            "os:{}\r\narch_bits:{}\r\nmultiplexing_api:epoll\r\nprocess_id:{}\r\n\
+             run_id:{}\r\ntcp_port:{tcp_port}\r\nserver_time_usec:{now}\r\n\
+             uptime_in_seconds:{uptime}\r\nuptime_in_days:{}\r\n\
+             executable:{}\r\nconfig_file:\r\n",
+            self.os,
+            usize::BITS,
+            std::process::id(),
+            self.run_id,
+            uptime / 86_400,
+            self.executable,
+        )
+    }
+}
+
 /// `Linux 6.1.0-13-amd64 x86_64`, as Redis's `os` field reads.
 fn os_name() -> String {
     let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
@@ -63,6 +109,7 @@ fn os_name() -> String {
     }
 }
 
+/// Bytes as Redis's `INFO` writes them for people (`1.18M`).
 fn human(n: u64) -> String {
     const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
     if n < 1024 {
@@ -222,7 +269,7 @@ impl Router {
                     s.push_str(&format!("redis_version:{v}\r\n"));
                 }
                 s.push_str("redis_mode:standalone\r\n");
-                s.push_str(&self.about_process());
+                s.push_str(&self.process.fields(self.config.listen.port()));
                 s.push_str(&format!(
                     "cachetier_sidecar_version:{}\r\n",
                     env!("CARGO_PKG_VERSION")
@@ -281,31 +328,6 @@ impl Router {
     }
 
     /// The `stats` section: connections and commands are the sidecar's own
-    /// The process fields of Redis's `server` section, in its order, about
-    /// this sidecar (the server its clients talk to). Client test suites and
-    /// dashboards read `arch_bits`, `process_id`, `run_id` and the uptime.
-    fn about_process(&self) -> String {
-        let uptime = self.started.elapsed().as_secs();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
-        let executable = std::env::current_exe()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        format!(
-            "os:{}\r\narch_bits:{}\r\nmultiplexing_api:epoll\r\nprocess_id:{}\r\n\
-             run_id:{}\r\ntcp_port:{}\r\nserver_time_usec:{now}\r\n\
-             uptime_in_seconds:{uptime}\r\nuptime_in_days:{}\r\n\
-             executable:{executable}\r\nconfig_file:\r\n",
-            os_name(),
-            usize::BITS,
-            std::process::id(),
-            self.run_id,
-            self.config.listen.port(),
-            uptime / 86_400,
-        )
-    }
-
     /// (its clients'); hits and misses are every node's (replicas serve
     /// reads), expiries and evictions the primaries'.
     fn stats(&self, nodes: &Nodes) -> String {

@@ -255,10 +255,8 @@ pub struct Router {
     pub mirrors: Arc<crate::pubsub::keyspace::MirrorCounts>,
     /// The invalidation feeds of clients with `CLIENT TRACKING` on.
     pub tracking: Arc<crate::client_cache::Hub>,
-    /// For `INFO`'s uptime.
-    started: std::time::Instant,
-    /// `INFO`'s `run_id`: 40 random hex digits chosen at start, as Redis's.
-    run_id: String,
+    /// What `INFO server` tells of this process.
+    process: info::Process,
 }
 
 impl Router {
@@ -282,10 +280,7 @@ impl Router {
             clients: Arc::default(),
             mirrors: Arc::default(),
             tracking,
-            started: std::time::Instant::now(),
-            run_id: (0..40)
-                .map(|_| char::from(b"0123456789abcdef"[usize::from(rand::random::<u8>() % 16)]))
-                .collect(),
+            process: info::Process::new(),
         }
     }
 

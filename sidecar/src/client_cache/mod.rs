@@ -15,8 +15,10 @@
 //!   push arrives, so a read that ran before a write has its reply delivered
 //!   before that write's invalidation, as on one connection;
 //! - when a feed starts or fails, when a slot changes hands, when a client
-//!   falls behind the feed, and when it remembers more than
-//!   [`MAX_KEY_BYTES`] of keys, the client is sent a flush: an
+//!   falls behind the feed, when it remembers more than
+//!   [`MAX_KEY_BYTES`] of keys, and when the tracking clients together
+//!   remember more than [`MAX_HUB_KEY_BYTES`] and it holds more than its
+//!   share, the client is sent a flush: an
 //!   `invalidate` of every key it read since the last one (a null
 //!   `invalidate` in `BCAST` mode, where the sidecar does not know them;
 //!   Redis sends a null one only for `FLUSHALL`, and Lettuce's cache
@@ -30,9 +32,10 @@
 //! invalidations) is refused.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, broadcast};
@@ -50,12 +53,22 @@ pub use options::{Change, Options, parse};
 /// with `tracking-table-max-keys`).
 pub const MAX_KEY_BYTES: usize = 4 * 1024 * 1024;
 
+/// Memory every tracking client of the sidecar together may use for the
+/// keys they remember (about a million short keys, the size of Redis's
+/// default `tracking-table-max-keys`). Past it, each client holding more
+/// than an equal share is sent a flush and starts over.
+pub const MAX_HUB_KEY_BYTES: usize = 64 * 1024 * 1024;
+
 /// What a remembered key costs beyond its bytes (its `Bytes`, its heap
 /// block, its table slot), counted against [`MAX_KEY_BYTES`].
 const ENTRY_BYTES: usize = 64;
 
 /// Keys named by one push of a client's invalidate-everything.
 const PUSH_KEYS: usize = 1024;
+
+/// How often, at most, the trackers are told to shed while over
+/// [`MAX_HUB_KEY_BYTES`] (each needs a moment to hear it).
+const SHED_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Feed messages a client may fall behind by before it is sent a flush.
 const BACKLOG: usize = 4096;
@@ -71,6 +84,9 @@ pub enum Invalidation {
     /// changed hands, the client fell behind): a client that read anything
     /// since its last flush drops everything.
     Unseen,
+    /// The tracking clients remember more than the hub's budget: each one
+    /// holding more than an equal share of it drops everything.
+    Shed,
 }
 
 /// The feeds' side, shared by every tracking client of the sidecar.
@@ -84,18 +100,65 @@ pub struct Hub {
     changed: Notify,
     /// Woken when a client starts tracking.
     wake: Notify,
+    /// The bytes every tracker's remembered keys cost, and their bound.
+    key_bytes: AtomicUsize,
+    max_key_bytes: usize,
+    /// When the last [`Invalidation::Shed`] was sent.
+    shed_at: std::sync::Mutex<Option<Instant>>,
     metrics: Metrics,
 }
 
 impl Hub {
     pub fn new(metrics: Metrics) -> Arc<Hub> {
+        Hub::with_budget(metrics, MAX_HUB_KEY_BYTES)
+    }
+
+    /// A hub whose trackers together remember at most `max_key_bytes` of
+    /// keys (beyond what one command names).
+    fn with_budget(metrics: Metrics, max_key_bytes: usize) -> Arc<Hub> {
         Arc::new(Hub {
             tx: broadcast::channel(BACKLOG).0,
             established: std::sync::Mutex::default(),
             changed: Notify::new(),
             wake: Notify::new(),
+            key_bytes: AtomicUsize::new(0),
+            max_key_bytes,
+            shed_at: std::sync::Mutex::default(),
             metrics,
         })
+    }
+
+    /// A tracker remembers `n` more bytes of keys: past the budget, the
+    /// trackers are told to shed (at most every [`SHED_INTERVAL`]).
+    fn remembered(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let total = self.key_bytes.fetch_add(n, Ordering::Relaxed) + n;
+        if total <= self.max_key_bytes {
+            return;
+        }
+        let mut shed_at = crate::lock(&self.shed_at);
+        if shed_at.is_none_or(|at| at.elapsed() >= SHED_INTERVAL) {
+            *shed_at = Some(Instant::now());
+            tracing::info!(
+                bytes = total,
+                "tracking clients remember too many keys; the largest are sent a flush"
+            );
+            self.send(Invalidation::Shed);
+        }
+    }
+
+    /// A tracker forgot `n` bytes of keys.
+    fn forgot(&self, n: usize) {
+        if n > 0 {
+            self.key_bytes.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// What one tracker may keep when the trackers are over the budget.
+    fn share(&self) -> usize {
+        self.max_key_bytes / self.tx.receiver_count().max(1)
     }
 
     /// Every primary of `topo` has an established feed.
@@ -310,12 +373,14 @@ impl Tracker {
                     .inc();
                 self.forget_all(&mut out);
             }
+            let before = self.key_bytes;
             for k in keys {
                 // A copy: a slice would keep the request's buffer alive.
                 if self.keys.insert(Bytes::copy_from_slice(k.as_ref())) {
                     self.key_bytes += k.len() + ENTRY_BYTES;
                 }
             }
+            self.hub.remembered(self.key_bytes - before);
         }
         self.read_any = true;
         self.hub.metrics.tracking_pushes.inc_by(out.len() as u64);
@@ -336,8 +401,13 @@ impl Tracker {
                 out.push(push(Some(chunk.to_vec())));
             }
         }
-        // A new table: a cleared one keeps its largest size.
+        self.clear();
+    }
+
+    /// Forget every key. A new table: a cleared one keeps its largest size.
+    fn clear(&mut self) {
         self.keys = HashSet::new();
+        self.hub.forgot(self.key_bytes);
         self.key_bytes = 0;
         self.read_any = false;
     }
@@ -393,14 +463,21 @@ impl Tracker {
         match inv {
             // As Redis sends it for `FLUSHALL`.
             Invalidation::Flushed => {
-                self.keys = HashSet::new();
-                self.key_bytes = 0;
-                self.read_any = false;
+                self.clear();
                 out.push(push(None));
             }
             // Nothing read since the last flush: nothing of it is cached.
             Invalidation::Unseen if !self.read_any => {}
             Invalidation::Unseen => self.forget_all(out),
+            Invalidation::Shed if self.key_bytes > self.hub.share() => {
+                self.hub
+                    .metrics
+                    .tracking_flushes
+                    .with_label_values(&["shed"])
+                    .inc();
+                self.forget_all(out);
+            }
+            Invalidation::Shed => {}
             Invalidation::Keys(keys) if self.options.bcast => {
                 let mine: Vec<Bytes> = keys
                     .iter()
@@ -412,12 +489,14 @@ impl Tracker {
                 }
             }
             Invalidation::Keys(keys) => {
+                let before = self.key_bytes;
                 for k in keys.iter() {
                     if self.keys.remove(k) {
                         self.key_bytes -= k.len() + ENTRY_BYTES;
                         out.push(push(Some(vec![k.clone()])));
                     }
                 }
+                self.hub.forgot(before - self.key_bytes);
             }
         }
         let sent = out.len() as u64;
@@ -452,6 +531,7 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
+        self.hub.forgot(self.key_bytes);
         self.hub.metrics.tracking_clients.dec();
         self.alive = Arc::new(());
         self.hub.changed.notify_waiters();
@@ -470,100 +550,4 @@ fn push(keys: Option<Vec<Bytes>>) -> Bytes {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::options::tests::{args, on};
-    use super::*;
-
-    #[tokio::test]
-    async fn a_client_is_sent_only_the_keys_it_read_once_each_and_flushes() {
-        let hub = Hub::new(Metrics::new().unwrap());
-        let mut t = Tracker::start(&hub, Options::default());
-        assert_eq!(hub.tx.receiver_count(), 1);
-        assert!(t.read(&args(&["a"])).is_empty());
-        let mut out = Vec::new();
-        let keys = Invalidation::Keys(args(&["a", "b"]).into());
-        t.pushes(&keys, &mut out);
-        assert_eq!(out, vec![push(Some(args(&["a"])))]);
-        assert_eq!(
-            out[0],
-            Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\na\r\n")
-        );
-        out.clear();
-        // Sent once: tracked again only when read again.
-        t.pushes(&keys, &mut out);
-        assert!(out.is_empty());
-        // Something unseen: every key it still remembers, by name.
-        assert!(t.read(&args(&["c"])).is_empty());
-        t.pushes(&Invalidation::Unseen, &mut out);
-        assert_eq!(out, vec![push(Some(args(&["c"])))]);
-        out.clear();
-        // Nothing read since: nothing to drop, unless a node was flushed,
-        // which is a null invalidate, as from Redis.
-        t.pushes(&Invalidation::Unseen, &mut out);
-        assert!(out.is_empty());
-        t.pushes(&Invalidation::Flushed, &mut out);
-        assert_eq!(out, vec![push(None)]);
-        drop(t);
-        assert_eq!(hub.tx.receiver_count(), 0);
-    }
-
-    #[tokio::test]
-    async fn in_bcast_mode_something_unseen_is_a_null_invalidate() {
-        let hub = Hub::new(Metrics::new().unwrap());
-        let mut t = Tracker::start(&hub, on(&["on", "bcast"], None).unwrap());
-        assert!(t.read(&args(&["a"])).is_empty());
-        let mut out = Vec::new();
-        t.pushes(&Invalidation::Unseen, &mut out);
-        assert_eq!(out, vec![push(None)]);
-    }
-
-    #[test]
-    fn remembering_too_many_keys_invalidates_them_before_the_reply_that_names_them() {
-        let hub = Hub::new(Metrics::new().unwrap());
-        let mut t = Tracker::start(&hub, Options::default());
-        let big = Bytes::from(vec![b'k'; MAX_KEY_BYTES / 2]);
-        assert!(t.read(std::slice::from_ref(&big)).is_empty());
-        let mut other = big.to_vec();
-        other[0] = b'y';
-        let other = Bytes::from(other);
-        // One command naming a small key and one past the budget: the
-        // earlier keys are invalidated first, and both of its keys stay
-        // remembered (its reply carries both).
-        let pushes = t.read(&[Bytes::from_static(b"small"), other.clone()]);
-        assert_eq!(pushes, vec![push(Some(vec![big.clone()]))]);
-        assert!(t.keys.contains(b"small".as_slice()) && t.keys.contains(&other));
-        assert!(!t.keys.contains(&big));
-        // Each key counts its bookkeeping too.
-        assert_eq!(t.key_bytes, b"small".len() + other.len() + 2 * ENTRY_BYTES);
-    }
-
-    #[test]
-    fn many_remembered_keys_are_invalidated_in_pushes_of_bounded_size() {
-        let hub = Hub::new(Metrics::new().unwrap());
-        let mut t = Tracker::start(&hub, Options::default());
-        let names: Vec<Bytes> = (0..PUSH_KEYS + 1).map(|i| Bytes::from(format!("k{i}"))).collect();
-        assert!(t.read(&names).is_empty());
-        let mut out = Vec::new();
-        t.pushes(&Invalidation::Unseen, &mut out);
-        assert_eq!(out.len(), 2);
-        assert!(t.keys.is_empty() && t.key_bytes == 0);
-    }
-
-    #[test]
-    fn caching_lasts_until_a_command_other_than_client_runs() {
-        let hub = Hub::new(Metrics::new().unwrap());
-        let mut t = Tracker::start(&hub, on(&["on", "optin"], None).unwrap());
-        assert!(t.set_caching(false).is_err());
-        t.next_command(true);
-        t.set_caching(true).unwrap();
-        // CLIENT TRACKINGINFO, twice: it stays.
-        t.next_command(true);
-        t.next_command(true);
-        assert!(t.flags().contains(&"caching-yes"));
-        // GET runs with it, and ends it.
-        t.next_command(false);
-        assert!(t.flags().contains(&"caching-yes"));
-        t.next_command(true);
-        assert_eq!(t.flags(), vec!["on", "optin"]);
-    }
-}
+mod tests;

@@ -1,0 +1,154 @@
+//! Client tracking: what each client is sent, and the memory bounds.
+
+use super::options::tests::{args, on};
+use super::*;
+
+#[tokio::test]
+async fn a_client_is_sent_only_the_keys_it_read_once_each_and_flushes() {
+    let hub = Hub::new(Metrics::new().unwrap());
+    let mut t = Tracker::start(&hub, Options::default());
+    assert_eq!(hub.tx.receiver_count(), 1);
+    assert!(t.read(&args(&["a"])).is_empty());
+    let mut out = Vec::new();
+    let keys = Invalidation::Keys(args(&["a", "b"]).into());
+    t.pushes(&keys, &mut out);
+    assert_eq!(out, vec![push(Some(args(&["a"])))]);
+    assert_eq!(
+        out[0],
+        Bytes::from_static(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\na\r\n")
+    );
+    out.clear();
+    // Sent once: tracked again only when read again.
+    t.pushes(&keys, &mut out);
+    assert!(out.is_empty());
+    // Something unseen: every key it still remembers, by name.
+    assert!(t.read(&args(&["c"])).is_empty());
+    t.pushes(&Invalidation::Unseen, &mut out);
+    assert_eq!(out, vec![push(Some(args(&["c"])))]);
+    out.clear();
+    // Nothing read since: nothing to drop, unless a node was flushed,
+    // which is a null invalidate, as from Redis.
+    t.pushes(&Invalidation::Unseen, &mut out);
+    assert!(out.is_empty());
+    t.pushes(&Invalidation::Flushed, &mut out);
+    assert_eq!(out, vec![push(None)]);
+    drop(t);
+    assert_eq!(hub.tx.receiver_count(), 0);
+}
+
+#[tokio::test]
+async fn in_bcast_mode_something_unseen_is_a_null_invalidate() {
+    let hub = Hub::new(Metrics::new().unwrap());
+    let mut t = Tracker::start(&hub, on(&["on", "bcast"], None).unwrap());
+    assert!(t.read(&args(&["a"])).is_empty());
+    let mut out = Vec::new();
+    t.pushes(&Invalidation::Unseen, &mut out);
+    assert_eq!(out, vec![push(None)]);
+}
+
+#[test]
+fn remembering_too_many_keys_invalidates_them_before_the_reply_that_names_them() {
+    let hub = Hub::new(Metrics::new().unwrap());
+    let mut t = Tracker::start(&hub, Options::default());
+    let big = Bytes::from(vec![b'k'; MAX_KEY_BYTES / 2]);
+    assert!(t.read(std::slice::from_ref(&big)).is_empty());
+    let mut other = big.to_vec();
+    other[0] = b'y';
+    let other = Bytes::from(other);
+    // One command naming a small key and one past the budget: the
+    // earlier keys are invalidated first, and both of its keys stay
+    // remembered (its reply carries both).
+    let pushes = t.read(&[Bytes::from_static(b"small"), other.clone()]);
+    assert_eq!(pushes, vec![push(Some(vec![big.clone()]))]);
+    assert!(t.keys.contains(b"small".as_slice()) && t.keys.contains(&other));
+    assert!(!t.keys.contains(&big));
+    // Each key counts its bookkeeping too.
+    assert_eq!(t.key_bytes, b"small".len() + other.len() + 2 * ENTRY_BYTES);
+}
+
+#[test]
+fn many_remembered_keys_are_invalidated_in_pushes_of_bounded_size() {
+    let hub = Hub::new(Metrics::new().unwrap());
+    let mut t = Tracker::start(&hub, Options::default());
+    let names: Vec<Bytes> = (0..PUSH_KEYS + 1).map(|i| Bytes::from(format!("k{i}"))).collect();
+    assert!(t.read(&names).is_empty());
+    let mut out = Vec::new();
+    t.pushes(&Invalidation::Unseen, &mut out);
+    assert_eq!(out.len(), 2);
+    assert!(t.keys.is_empty() && t.key_bytes == 0);
+}
+
+#[test]
+fn caching_lasts_until_a_command_other_than_client_runs() {
+    let hub = Hub::new(Metrics::new().unwrap());
+    let mut t = Tracker::start(&hub, on(&["on", "optin"], None).unwrap());
+    assert!(t.set_caching(false).is_err());
+    t.next_command(true);
+    t.set_caching(true).unwrap();
+    // CLIENT TRACKINGINFO, twice: it stays.
+    t.next_command(true);
+    t.next_command(true);
+    assert!(t.flags().contains(&"caching-yes"));
+    // GET runs with it, and ends it.
+    t.next_command(false);
+    assert!(t.flags().contains(&"caching-yes"));
+    t.next_command(true);
+    assert_eq!(t.flags(), vec!["on", "optin"]);
+}
+
+#[tokio::test]
+async fn past_the_hubs_budget_the_clients_above_an_equal_share_are_flushed() {
+    let metrics = Metrics::new().unwrap();
+    let hub = Hub::with_budget(metrics.clone(), 10_000);
+    let mut big = Tracker::start(&hub, Options::default());
+    let mut small = Tracker::start(&hub, Options::default());
+    let names = |prefix: &str, n: usize| -> Vec<Bytes> {
+        (0..n).map(|i| Bytes::from(format!("{prefix}{i:03}"))).collect()
+    };
+    // 100 keys of 4 bytes: 6 800 bytes, more than half the budget.
+    let big_keys = names("b", 100);
+    assert!(big.read(&big_keys).is_empty());
+    assert!(small.read(&names("s", 30)).is_empty());
+    assert_eq!(hub.key_bytes.load(Ordering::Relaxed), 130 * (4 + ENTRY_BYTES));
+    // Over the budget: each tracker hears it; the one above its share
+    // invalidates every key it read, the other keeps its keys.
+    assert!(small.read(&names("t", 20)).is_empty());
+    let mut out = Vec::new();
+    let inv = heard(&mut big).await;
+    big.pushes(&inv, &mut out);
+    let mut sent: Vec<Bytes> = out.iter().flat_map(invalidated).collect();
+    sent.sort();
+    assert_eq!(sent, big_keys);
+    out.clear();
+    let inv = heard(&mut small).await;
+    small.pushes(&inv, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(small.keys.len(), 50);
+    assert_eq!(hub.key_bytes.load(Ordering::Relaxed), small.key_bytes);
+    let shed = metrics.tracking_flushes.with_label_values(&["shed"]).get();
+    assert_eq!(shed, 1);
+    drop(small);
+    assert_eq!(hub.key_bytes.load(Ordering::Relaxed), 0);
+}
+
+/// The keys an `invalidate` push names.
+fn invalidated(push: &Bytes) -> Vec<Bytes> {
+    match crate::resp::parse(push) {
+        Ok(Frame::Push(mut items)) => match items.pop() {
+            Some(Frame::Array(keys)) => (keys.into_iter())
+                .filter_map(|k| match k {
+                    Frame::Bulk(k) => Some(k),
+                    _ => None,
+                })
+                .collect(),
+            other => panic!("not a list of keys: {other:?}"),
+        },
+        other => panic!("not a push: {other:?}"),
+    }
+}
+
+/// The next message a tracker hears from its hub.
+async fn heard(t: &mut Tracker) -> Invalidation {
+    let inv = tokio::time::timeout(Duration::from_secs(1), t.recv()).await;
+    inv.expect("a message from the hub")
+}

@@ -155,6 +155,12 @@ impl Pipeline {
         matches!(self.entries.front(), Some(Entry::Blocking))
     }
 
+    /// Every unanswered request is a command waiting on other clients: no
+    /// reply the client waits for can carry a value read before now.
+    pub fn waits_only_on_others(&self) -> bool {
+        self.entries.iter().all(|e| matches!(e, Entry::Blocking))
+    }
+
     /// The front reply, if it is there.
     pub fn pop_ready(&mut self) -> Option<Bytes> {
         if !matches!(self.entries.front(), Some(Entry::Ready(..))) {

@@ -532,13 +532,17 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 Side::Killed => break,
                 // CLIENT TRACKING: each push leaves after every reply the
                 // client waits for now (a read that ran before a write is
-                // answered before that write's invalidation). Bounded: a
-                // client that falls behind the feed is sent a flush instead.
+                // answered before that write's invalidation), but not after
+                // a blocking command's: Redis sends it to a blocked client
+                // at once. Bounded: a client that falls behind the feed is
+                // sent a flush instead.
                 Side::Tracked(inv) => {
                     if let Some(t) = st.tracker.as_mut() {
                         let mut pushes = Vec::new();
                         t.pushes(&inv, &mut pushes);
-                        if st.session.proto == 3 {
+                        if st.session.proto == 3 && pending.waits_only_on_others() {
+                            pushes.iter().for_each(|p| out.extend_from_slice(p));
+                        } else if st.session.proto == 3 {
                             pushes.into_iter().for_each(|p| pending.push_reply(p));
                         }
                     }

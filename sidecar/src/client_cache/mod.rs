@@ -27,8 +27,9 @@
 //! What differs from Redis: a client may be sent invalidations Redis would
 //! not send (keys its scripts and `OPTIN` reads named, its own writes under
 //! `NOLOOP`), which a client-side cache takes as a no-op; a push waits
-//! behind a blocking command or slow script the client is waiting for
-//! (Redis sends it at once); `REDIRECT` (how RESP2 clients receive
+//! behind a slow script the client is waiting for (Redis sends it at
+//! once; a client waiting only in blocking commands is sent it at once,
+//! as by Redis); `REDIRECT` (how RESP2 clients receive
 //! invalidations) is refused.
 
 use std::collections::HashSet;

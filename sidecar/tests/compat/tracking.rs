@@ -120,6 +120,40 @@ async fn a_tracking_client_is_sent_what_one_redis_server_sends() {
     sidecar.shutdown().await;
 }
 
+/// A read, then a `BLPOP` that waits while another client changes the key
+/// read, then a push that serves it: every frame the tracking client gets.
+async fn blocked(t: &mut Raw, writer: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<Bytes> {
+    let queue = format!("{{{key}}}queue");
+    let mut got = Vec::new();
+    let _: () = writer.set(key, "v1").await.unwrap();
+    t.send(&["GET", key]).await;
+    got.push(t.frame().await);
+    t.send(&["BLPOP", &queue, "10"]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _: () = writer.set(key, "v2").await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(2), t.frame()).await;
+    got.push(heard.unwrap_or_else(|_| Bytes::from_static(b"(nothing while blocked)")));
+    let _: () = writer.rpush(&queue, "job").await.unwrap();
+    got.push(t.frame().await);
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_blocked_in_blpop_hears_invalidations_at_once() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let mut writer = client(&sidecar).await;
+    let (owner, _) = cluster.shard_of("b");
+    let mut direct = tracking(&owner, &[]).await;
+    let redis = blocked(&mut direct, &mut writer, "b").await;
+    let mut t = tracking(&sidecar.local_addr().to_string(), &[]).await;
+    let ours = blocked(&mut t, &mut writer, "b").await;
+    assert_eq!(ours, redis, "sidecar, then the key's node");
+    assert_eq!(ours[1], invalidate(&["b"]));
+    sidecar.shutdown().await;
+}
+
 /// `MULTI`, a queued `GET`, a write by another client, `EXEC`, another
 /// write: every frame the tracking client gets.
 async fn transaction(t: &mut Raw, writer: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<Bytes> {

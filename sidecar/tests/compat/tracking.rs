@@ -31,6 +31,20 @@ async fn tracking(addr: &str, options: &[&str]) -> Raw {
     t
 }
 
+/// `$session` on a tracking connection to `$key`'s node, then on one
+/// through the sidecar: Redis's frames, the sidecar's, and the sidecar
+/// connection.
+macro_rules! against_redis {
+    ($session:ident, $cluster:expr, $sidecar:expr, $writer:expr, $key:expr) => {{
+        let (owner, _) = $cluster.shard_of($key);
+        let mut direct = tracking(&owner, &[]).await;
+        let redis = $session(&mut direct, $writer, $key).await;
+        let mut t = tracking(&$sidecar.local_addr().to_string(), &[]).await;
+        let ours = $session(&mut t, $writer, $key).await;
+        (redis, ours, t)
+    }};
+}
+
 /// Frames until none comes for `quiet`.
 async fn until_quiet(t: &mut Raw, quiet: Duration) -> Vec<Bytes> {
     let mut got = Vec::new();
@@ -62,11 +76,7 @@ async fn a_tracking_client_is_sent_what_one_redis_server_sends() {
     let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
     support::all_serving(&sidecar).await;
     let mut writer = client(&sidecar).await;
-    let (owner, _) = cluster.shard_of("k");
-    let mut direct = tracking(&owner, &[]).await;
-    let redis = session(&mut direct, &mut writer, "k").await;
-    let mut t = tracking(&sidecar.local_addr().to_string(), &[]).await;
-    let ours = session(&mut t, &mut writer, "k").await;
+    let (redis, ours, mut t) = against_redis!(session, cluster, sidecar, &mut writer, "k");
     assert_eq!(ours, redis, "sidecar, then the key's node");
     assert_eq!(ours[1], invalidate(&["k"]));
 
@@ -144,11 +154,7 @@ async fn a_client_blocked_in_blpop_hears_invalidations_at_once() {
     let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
     support::all_serving(&sidecar).await;
     let mut writer = client(&sidecar).await;
-    let (owner, _) = cluster.shard_of("b");
-    let mut direct = tracking(&owner, &[]).await;
-    let redis = blocked(&mut direct, &mut writer, "b").await;
-    let mut t = tracking(&sidecar.local_addr().to_string(), &[]).await;
-    let ours = blocked(&mut t, &mut writer, "b").await;
+    let (redis, ours, _t) = against_redis!(blocked, cluster, sidecar, &mut writer, "b");
     assert_eq!(ours, redis, "sidecar, then the key's node");
     assert_eq!(ours[1], invalidate(&["b"]));
     sidecar.shutdown().await;
@@ -180,11 +186,7 @@ async fn a_transactions_reads_are_tracked_when_exec_runs_them() {
     let cluster = Cluster::start(3, 0);
     let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
     let mut writer = client(&sidecar).await;
-    let (owner, _) = cluster.shard_of("tx");
-    let mut direct = tracking(&owner, &[]).await;
-    let redis = transaction(&mut direct, &mut writer, "tx").await;
-    let mut t = tracking(&sidecar.local_addr().to_string(), &[]).await;
-    let ours = transaction(&mut t, &mut writer, "tx").await;
+    let (redis, ours, _t) = against_redis!(transaction, cluster, sidecar, &mut writer, "tx");
     assert_eq!(ours, redis, "sidecar, then the key's node");
     assert_eq!(redis.last(), Some(&invalidate(&["tx"])));
     sidecar.shutdown().await;

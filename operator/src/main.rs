@@ -6,6 +6,7 @@
 //! - `render`: print the Kubernetes objects a CacheTier becomes.
 //! - `local`: run a CacheTier on local `redis-server` processes with a sidecar in front.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -280,9 +281,12 @@ fn main() -> anyhow::Result<ExitCode> {
 fn init_logs(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colour only on a terminal: a pod's logs are a file.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     if format == "json" {
         builder.json().init();
     } else {

@@ -820,3 +820,46 @@ async fn a_killed_primary_that_redis_does_not_replace_gets_a_forced_takeover() {
     );
     pool.shutdown().await;
 }
+
+/// The binary's text logs carry no terminal colour codes when they go to a
+/// file or a pipe, as a pod's logs do (here: `run` against an API server
+/// that refuses connections, which logs an error and exits).
+#[tokio::test]
+async fn the_operators_text_logs_have_no_colour_codes_off_a_terminal() {
+    let dir = std::env::temp_dir().join(format!("cachetier-operator-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A port nothing listens on: bound, then let go.
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- cluster: {{server: \"http://{refused}\"}}\n  name: c\n\
+             contexts:\n- context: {{cluster: c, user: u}}\n  name: x\ncurrent-context: x\n\
+             users:\n- name: u\n  user: {{token: t}}\n"
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cachetier-operator"))
+        .args(["run", "--log-format", "text"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the operator exits when the API server refuses it")
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let logged = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{logged}");
+    assert!(logged.contains("ERROR"), "an error is logged: {logged}");
+    assert!(
+        !logged.contains('\x1b'),
+        "terminal colour codes in logs that go to a pipe: {logged:?}"
+    );
+}

@@ -1,5 +1,7 @@
 //! `cachetier-sidecar`: flags/env → [`Config`], then serve until SIGTERM/ctrl-c.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use cachetier_sidecar::Config;
 use cachetier_sidecar::config::Args;
@@ -33,11 +35,14 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    // Colour only on a terminal: a container's logs are a file.
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(colour)
         .init();
     let workers = args.worker_threads;
     let config = Config::from(args);

@@ -829,14 +829,18 @@ async fn the_binary_serves_resp3_clients_and_exits_cleanly_on_sigterm() {
     let cluster = Cluster::start(3, 0);
     let port = support::next_port();
     let mport = support::next_port();
+    // Its logs, as a container runtime keeps them: not a terminal.
+    let logs = std::env::temp_dir().join(format!("cachetier-sidecar-logs-{}-{port}", std::process::id()));
+    let log_file = std::fs::File::create(&logs).unwrap();
     // Killed if the test fails before SIGTERM.
     let mut guard = support::KillOnDrop(
         std::process::Command::new(bin)
             .env("CACHETIER_SEEDS", cluster.seeds().join(","))
             .env("CACHETIER_LISTEN", format!("127.0.0.1:{port}"))
             .env("CACHETIER_METRICS", format!("127.0.0.1:{mport}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .env_remove("NO_COLOR")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
             .spawn()
             .unwrap(),
     );
@@ -879,6 +883,13 @@ async fn the_binary_serves_resp3_clients_and_exits_cleanly_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(code.success(), "{code:?}");
+    let logged = std::fs::read_to_string(&logs).unwrap();
+    let _ = std::fs::remove_file(&logs);
+    assert!(logged.contains("listening"), "{logged}");
+    assert!(
+        !logged.contains('\x1b'),
+        "terminal colour codes in logs that go to a file: {logged:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

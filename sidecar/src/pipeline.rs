@@ -21,8 +21,9 @@ enum Entry {
     /// A future of `futures` will fill it.
     Running,
     /// As `Running`, for a command that waits on other clients
-    /// (`Action::Blocking`).
-    Blocking,
+    /// (`Action::Blocking`); `tracked`: it is a read whose keys the
+    /// client's tracking remembered (`XREAD … BLOCK`).
+    Blocking { tracked: bool },
     /// Sent directly; its reply comes through the inbox.
     Direct(Direct),
     /// The reply, and the command's turn, which ends (lets commands that
@@ -139,8 +140,11 @@ impl Pipeline {
 
     fn push_future(&mut self, fut: ReplyFuture, blocking: bool) {
         let seq = self.base + self.entries.len() as u64;
-        self.entries
-            .push_back(if blocking { Entry::Blocking } else { Entry::Running });
+        self.entries.push_back(if blocking {
+            Entry::Blocking { tracked: false }
+        } else {
+            Entry::Running
+        });
         self.futures.push(Tagged { seq, fut });
     }
 
@@ -152,13 +156,21 @@ impl Pipeline {
     /// The oldest unanswered request is a command waiting on other clients
     /// (a blocking command, `WAIT`).
     pub fn front_is_blocking(&self) -> bool {
-        matches!(self.entries.front(), Some(Entry::Blocking))
+        matches!(self.entries.front(), Some(Entry::Blocking { .. }))
     }
 
-    /// Every unanswered request is a command waiting on other clients: no
-    /// reply the client waits for can carry a value read before now.
+    /// The request queued last read keys the client's tracking remembered.
+    pub fn tracked_last(&mut self) {
+        if let Some(Entry::Blocking { tracked }) = self.entries.back_mut() {
+            *tracked = true;
+        }
+    }
+
+    /// Every unanswered request is a command waiting on other clients
+    /// whose keys are not tracked (`BLPOP`, a write; `WAIT`): no reply the
+    /// client waits for can carry a value an invalidation sent now covers.
     pub fn waits_only_on_others(&self) -> bool {
-        self.entries.iter().all(|e| matches!(e, Entry::Blocking))
+        (self.entries.iter()).all(|e| matches!(e, Entry::Blocking { tracked: false }))
     }
 
     /// The front reply, if it is there.
@@ -245,5 +257,32 @@ impl Pipeline {
     fn entry(&mut self, seq: u64) -> Option<&mut Entry> {
         let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
         self.entries.get_mut(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting() -> Action {
+        Action::Blocking(Box::pin(std::future::pending()))
+    }
+
+    #[test]
+    fn only_blocking_commands_whose_keys_are_not_tracked_let_pushes_pass() {
+        let mut p = Pipeline::default();
+        assert!(p.waits_only_on_others(), "nothing to wait for");
+        // BLPOP (a write) or WAIT.
+        p.push(waiting());
+        assert!(p.waits_only_on_others());
+        // XREAD … BLOCK of a tracked stream: its reply may carry entries
+        // older than an invalidation sent now.
+        p.push(waiting());
+        p.tracked_last();
+        assert!(!p.waits_only_on_others());
+        let mut q = Pipeline::default();
+        q.push(waiting());
+        q.push_reply(Bytes::from_static(b"+OK\r\n"));
+        assert!(!q.waits_only_on_others(), "a reply behind it waits too");
     }
 }

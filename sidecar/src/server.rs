@@ -418,14 +418,17 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 }
                 Ok(Some(req)) => {
                     // Its reply follows the flush, if remembering its keys started over.
+                    let mut tracked = false;
                     if st.tracker.is_some() {
-                        router
-                            .tracked_read(&mut st, &req)
-                            .into_iter()
-                            .for_each(|p| pending.push_reply(p));
+                        let (pushes, read) = router.tracked_read(&mut st, &req);
+                        pushes.into_iter().for_each(|p| pending.push_reply(p));
+                        tracked = read;
                     }
                     let action = router.dispatch(&mut st, req, Some(pending.place()));
                     let open = pending.push(action);
+                    if tracked {
+                        pending.tracked_last();
+                    }
                     if st.session.silenced() {
                         pending.silence_last();
                     }
@@ -477,9 +480,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 while out.len() <= output_limit && let Some(r) = pending.pop_ready() {
                     out.extend_from_slice(&r);
                 }
-                if out.len() > output_limit {
-                    router.metrics.output_limit_closes.inc();
-                    tracing::warn!(bytes = out.len(), "client output limit reached; closing the connection");
+                if past_output_limit(&router, &out, output_limit, "client") {
                     break;
                 }
             }
@@ -517,9 +518,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                     tracing::debug!(error = %e, "subscription connection lost; closing the client");
                     break;
                 }
-                if out.len() > output_limit {
-                    router.metrics.output_limit_closes.inc();
-                    tracing::warn!(bytes = out.len(), "subscriber output limit reached; closing the connection");
+                if past_output_limit(&router, &out, output_limit, "subscriber") {
                     break;
                 }
             }
@@ -533,15 +532,18 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 // CLIENT TRACKING: each push leaves after every reply the
                 // client waits for now (a read that ran before a write is
                 // answered before that write's invalidation), but not after
-                // a blocking command's: Redis sends it to a blocked client
-                // at once. Bounded: a client that falls behind the feed is
-                // sent a flush instead.
+                // a blocking command whose keys are not tracked: Redis sends
+                // it to a blocked client at once. Bounded: a client that
+                // falls behind the feed is sent a flush instead.
                 Side::Tracked(inv) => {
                     if let Some(t) = st.tracker.as_mut() {
                         let mut pushes = Vec::new();
                         t.pushes(&inv, &mut pushes);
                         if st.session.proto == 3 && pending.waits_only_on_others() {
                             pushes.iter().for_each(|p| out.extend_from_slice(p));
+                            if past_output_limit(&router, &out, output_limit, "client") {
+                                break;
+                            }
                         } else if st.session.proto == 3 {
                             pushes.into_iter().for_each(|p| pending.push_reply(p));
                         }
@@ -554,6 +556,20 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
     drop(registered);
     let _ = wr.shutdown().await;
     router.metrics.client_connections.dec();
+}
+
+/// The client's unread output passed its limit: counted and logged; the
+/// connection is to close.
+fn past_output_limit(router: &Router, out: &BytesMut, limit: usize, who: &str) -> bool {
+    if out.len() <= limit {
+        return false;
+    }
+    router.metrics.output_limit_closes.inc();
+    tracing::warn!(
+        bytes = out.len(),
+        "{who} output limit reached; closing the connection"
+    );
+    true
 }
 
 /// What woke a client's loop besides its own I/O.

@@ -266,21 +266,21 @@ impl Router {
     /// read names (for `EXEC`, those of the reads it runs; a queued
     /// command's are remembered when it runs). Returns the pushes to send
     /// before its reply, if remembering them started over
-    /// (`client_cache::MAX_KEY_BYTES`).
-    pub fn tracked_read(&self, st: &mut ClientState, req: &resp::Request) -> Vec<Bytes> {
+    /// (`client_cache::MAX_KEY_BYTES`), and whether it named any key.
+    pub fn tracked_read(&self, st: &mut ClientState, req: &resp::Request) -> (Vec<Bytes>, bool) {
         let proto = st.session.proto;
         let in_multi = st.session.in_multi();
         let Some(t) = st.tracker.as_mut() else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
         let Some(info) = req.arg(0).and_then(|name| st.recent.lookup(name)) else {
             t.next_command(false);
-            return Vec::new();
+            return (Vec::new(), false);
         };
         let queued = in_multi && !matches!(info.name, "exec" | "discard");
         t.next_command(info.name == "client" || info.name == "multi" || queued);
         if queued {
-            return Vec::new();
+            return (Vec::new(), false);
         }
         let mut keys: Vec<Bytes> = Vec::new();
         if info.name == "exec" {
@@ -295,7 +295,7 @@ impl Router {
         }
         let pushes = t.read(&keys);
         // A RESP2 client is sent no pushes.
-        if proto == 3 { pushes } else { Vec::new() }
+        (if proto == 3 { pushes } else { Vec::new() }, !keys.is_empty())
     }
 
     /// `c`'s `CLIENT LIST` line; the asking client's own shows this command.

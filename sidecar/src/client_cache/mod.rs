@@ -27,13 +27,13 @@
 //! What differs from Redis: a client may be sent invalidations Redis would
 //! not send (keys its scripts and `OPTIN` reads named, its own writes under
 //! `NOLOOP`), which a client-side cache takes as a no-op; a push waits
-//! behind a slow script the client is waiting for (Redis sends it at
-//! once; a client waiting only in blocking commands is sent it at once,
-//! as by Redis); `REDIRECT` (how RESP2 clients receive
+//! behind a slow script or an `XREAD … BLOCK` the client is waiting for
+//! (Redis sends it at once, as the sidecar does to a client waiting only
+//! in `BLPOP`-like commands or `WAIT`); `REDIRECT` (how RESP2 clients receive
 //! invalidations) is refused.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -104,8 +104,10 @@ pub struct Hub {
     /// The bytes every tracker's remembered keys cost, and their bound.
     key_bytes: AtomicUsize,
     max_key_bytes: usize,
-    /// When the last [`Invalidation::Shed`] was sent.
+    /// When the last [`Invalidation::Shed`] was sent, and whether a look
+    /// at the total is due when [`SHED_INTERVAL`] has passed since.
     shed_at: std::sync::Mutex<Option<Instant>>,
+    shed_later: AtomicBool,
     metrics: Metrics,
 }
 
@@ -125,28 +127,52 @@ impl Hub {
             key_bytes: AtomicUsize::new(0),
             max_key_bytes,
             shed_at: std::sync::Mutex::default(),
+            shed_later: AtomicBool::new(false),
             metrics,
         })
     }
 
-    /// A tracker remembers `n` more bytes of keys: past the budget, the
-    /// trackers are told to shed (at most every [`SHED_INTERVAL`]).
-    fn remembered(&self, n: usize) {
-        if n == 0 {
-            return;
+    /// A tracker remembers `n` more bytes of keys.
+    fn remembered(self: &Arc<Self>, n: usize) {
+        if n > 0 {
+            self.key_bytes.fetch_add(n, Ordering::Relaxed);
+            self.shed_if_over();
         }
-        let total = self.key_bytes.fetch_add(n, Ordering::Relaxed) + n;
+    }
+
+    /// The trackers remember more than the budget.
+    fn over(&self) -> bool {
+        self.key_bytes.load(Ordering::Relaxed) > self.max_key_bytes
+    }
+
+    /// Past the budget, tell the trackers to shed, at most every
+    /// [`SHED_INTERVAL`]: within it, the look is made again once it ends
+    /// (so the total does not stay over when nothing else happens).
+    fn shed_if_over(self: &Arc<Self>) {
+        let total = self.key_bytes.load(Ordering::Relaxed);
         if total <= self.max_key_bytes {
             return;
         }
         let mut shed_at = crate::lock(&self.shed_at);
-        if shed_at.is_none_or(|at| at.elapsed() >= SHED_INTERVAL) {
-            *shed_at = Some(Instant::now());
-            tracing::info!(
-                bytes = total,
-                "tracking clients remember too many keys; the largest are sent a flush"
-            );
-            self.send(Invalidation::Shed);
+        match *shed_at {
+            Some(at) if at.elapsed() < SHED_INTERVAL => {
+                if !self.shed_later.swap(true, Ordering::Relaxed) {
+                    let (hub, wait) = (self.clone(), SHED_INTERVAL - at.elapsed());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        hub.shed_later.store(false, Ordering::Relaxed);
+                        hub.shed_if_over();
+                    });
+                }
+            }
+            _ => {
+                *shed_at = Some(Instant::now());
+                tracing::info!(
+                    bytes = total,
+                    "tracking clients remember too many keys; the largest are sent a flush"
+                );
+                self.send(Invalidation::Shed);
+            }
         }
     }
 
@@ -470,15 +496,17 @@ impl Tracker {
             // Nothing read since the last flush: nothing of it is cached.
             Invalidation::Unseen if !self.read_any => {}
             Invalidation::Unseen => self.forget_all(out),
-            Invalidation::Shed if self.key_bytes > self.hub.share() => {
-                self.hub
-                    .metrics
-                    .tracking_flushes
-                    .with_label_values(&["shed"])
-                    .inc();
-                self.forget_all(out);
+            Invalidation::Shed => {
+                // Heard late, the total may be back under the budget.
+                if self.hub.over() && self.key_bytes > self.hub.share() {
+                    self.hub
+                        .metrics
+                        .tracking_flushes
+                        .with_label_values(&["shed"])
+                        .inc();
+                    self.forget_all(out);
+                }
             }
-            Invalidation::Shed => {}
             Invalidation::Keys(keys) if self.options.bcast => {
                 let mine: Vec<Bytes> = keys
                     .iter()

@@ -112,6 +112,7 @@ async fn past_the_hubs_budget_the_clients_above_an_equal_share_are_flushed() {
     assert_eq!(hub.key_bytes.load(Ordering::Relaxed), 130 * (4 + ENTRY_BYTES));
     // Over the budget: each tracker hears it; the one above its share
     // invalidates every key it read, the other keeps its keys.
+    let before_shed = Instant::now();
     assert!(small.read(&names("t", 20)).is_empty());
     let mut out = Vec::new();
     let inv = heard(&mut big).await;
@@ -127,6 +128,38 @@ async fn past_the_hubs_budget_the_clients_above_an_equal_share_are_flushed() {
     assert_eq!(hub.key_bytes.load(Ordering::Relaxed), small.key_bytes);
     let shed = metrics.tracking_flushes.with_label_values(&["shed"]).get();
     assert_eq!(shed, 1);
+    // An invalidated key is forgotten by the hub too.
+    small.pushes(&Invalidation::Keys(names("s", 1).into()), &mut out);
+    assert_eq!(small.keys.len(), 49);
+    assert_eq!(hub.key_bytes.load(Ordering::Relaxed), small.key_bytes);
+
+    // Over again within SHED_INTERVAL of the last one: the trackers are
+    // told once it ends, though nothing else happens meanwhile.
+    assert!(big.read(&big_keys).is_empty());
+    let deferred = before_shed.elapsed() < SHED_INTERVAL;
+    let inv = heard(&mut small).await;
+    assert!(matches!(inv, Invalidation::Shed), "{inv:?}");
+    if deferred {
+        assert!(
+            before_shed.elapsed() >= SHED_INTERVAL,
+            "{:?}",
+            before_shed.elapsed()
+        );
+    }
+    out.clear();
+    let inv = heard(&mut big).await;
+    big.pushes(&inv, &mut out);
+    assert_eq!(out.len(), 1, "big is flushed again");
+    // Heard when the total is back under the budget, it flushes no one,
+    // not even a tracker above an equal share (here: of two).
+    drop(big);
+    let _idle = Tracker::start(&hub, Options::default());
+    assert!(small.read(&names("u", 30)).is_empty());
+    assert!(!hub.over() && small.key_bytes > hub.share());
+    out.clear();
+    small.pushes(&Invalidation::Shed, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(small.keys.len(), 79);
     drop(small);
     assert_eq!(hub.key_bytes.load(Ordering::Relaxed), 0);
 }

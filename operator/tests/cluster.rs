@@ -829,7 +829,10 @@ async fn the_operators_text_logs_have_no_colour_codes_off_a_terminal() {
     let dir = std::env::temp_dir().join(format!("cachetier-operator-logs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // A port nothing listens on: bound, then let go.
-    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let refused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let kubeconfig = dir.join("config");
     std::fs::write(
         &kubeconfig,

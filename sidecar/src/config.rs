@@ -415,6 +415,9 @@ pub struct Args {
     /// and on one thread those hand-offs are queue pushes, not futex wake-ups.
     #[arg(long, env = "CACHETIER_WORKER_THREADS", default_value = "1", value_parser = parse_worker_threads, value_name = "N")]
     pub worker_threads: usize,
+    /// Logs on stdout as `text` or as one `json` object per line. Binary only.
+    #[arg(long, env = "CACHETIER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 fn parse_worker_threads(s: &str) -> Result<usize, String> {

@@ -35,15 +35,7 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    // Colour only on a terminal: a container's logs are a file.
-    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(colour)
-        .init();
+    init_logs(&args.log_format);
     let workers = args.worker_threads;
     let config = Config::from(args);
     config.validate().context("invalid configuration")?;
@@ -68,6 +60,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `--read-policy <READ_POLICY>` → `CACHETIER_READ_POLICY`.
+/// Logs on stdout, filtered by `RUST_LOG` (default `info`), as text or as one
+/// JSON object per line.
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: a container's logs are a file.
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn env_twin(arg: &str) -> String {
     let flag = arg
         .trim_start_matches('-')

@@ -824,6 +824,16 @@ async fn the_binary_serves_resp3_clients_and_exits_cleanly_on_sigterm() {
         "{stderr}"
     );
     let bad = std::process::Command::new(bin)
+        .args(["--seed", "127.0.0.1:1", "--log-format", "yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--log-format") && stderr.contains("json"),
+        "{stderr}"
+    );
+    let bad = std::process::Command::new(bin)
         .env("CACHETIER_SEEDS", "no-port")
         .output()
         .unwrap();
@@ -893,6 +903,43 @@ async fn the_binary_serves_resp3_clients_and_exits_cleanly_on_sigterm() {
     assert!(
         !logged.contains('\x1b'),
         "terminal colour codes in logs that go to a file: {logged:?}"
+    );
+
+    // JSON logs, one object per line, as the operator's.
+    let log_file = std::fs::File::create(&logs).unwrap();
+    let json = support::KillOnDrop(
+        std::process::Command::new(bin)
+            .env("CACHETIER_SEEDS", cluster.seeds().join(","))
+            .env("CACHETIER_LISTEN", "127.0.0.1:0")
+            .env("CACHETIER_METRICS", "127.0.0.1:0")
+            .env("CACHETIER_LOG_FORMAT", "json")
+            .stdout(log_file)
+            .spawn()
+            .unwrap(),
+    );
+    let read_logs = || std::fs::read_to_string(&logs).unwrap_or_default();
+    eventually("JSON logs", Duration::from_secs(10), || {
+        read_logs().contains("listening")
+    })
+    .await;
+    // Stopped first: no line is half written when they are read.
+    drop(json);
+    let logged = read_logs();
+    let _ = std::fs::remove_file(&logs);
+    assert!(
+        logged
+            .lines()
+            .all(|l| l.starts_with("{\"timestamp\":") && l.ends_with('}')),
+        "{logged}"
+    );
+    let listening = logged
+        .lines()
+        .find(|l| l.contains("listening"))
+        .unwrap_or_default();
+    assert!(
+        listening.contains("\"level\":\"INFO\"")
+            && listening.contains("\"message\":\"cachetier sidecar listening\""),
+        "{logged}"
     );
 }
 

@@ -200,6 +200,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 addr: webhook_addr,
                 certificate,
                 sidecar_image,
+                log_format: log_format.clone(),
             });
             let options = cachetier_operator::controller::RunOptions {
                 metrics,

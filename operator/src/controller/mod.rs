@@ -79,6 +79,8 @@ pub struct WebhookOptions {
     pub certificate: crate::webhook::tls::Source,
     /// The sidecar image it injects.
     pub sidecar_image: String,
+    /// The injected sidecars' log format (the operator's own).
+    pub log_format: String,
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C.
@@ -176,8 +178,11 @@ async fn start_webhook(
             published = false;
         }
     }
-    let image = crate::inject::SidecarImage(options.sidecar_image.clone());
-    tokio::spawn(crate::webhook::serve(options.addr, certs.clone(), image, tiers).await?);
+    let sidecar = crate::inject::SidecarTemplate {
+        image: options.sidecar_image.clone(),
+        log_format: options.log_format.clone(),
+    };
+    tokio::spawn(crate::webhook::serve(options.addr, certs.clone(), sidecar, tiers).await?);
     tokio::spawn(tls::keep_current(
         client.clone(),
         options.certificate.clone(),

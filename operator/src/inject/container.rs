@@ -8,9 +8,25 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::reconcile::{node_dns_name, secret_env, shard_name};
 
-/// The sidecar image the webhook injects (the operator's `--sidecar-image`).
+/// What every sidecar the webhook injects shares, from the operator's flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SidecarImage(pub String);
+pub struct SidecarTemplate {
+    /// The image (`--sidecar-image`).
+    pub image: String,
+    /// `text` or `json` logs: the operator's own `--log-format`, so a
+    /// cluster's cachetier logs read alike.
+    pub log_format: String,
+}
+
+impl SidecarTemplate {
+    /// `image`, with text logs.
+    pub fn new(image: impl Into<String>) -> SidecarTemplate {
+        SidecarTemplate {
+            image: image.into(),
+            log_format: "text".to_string(),
+        }
+    }
+}
 
 /// First metrics port; the sidecar for the i-th tier of a pod uses `+ i`.
 pub const METRICS_PORT: u16 = 9121;
@@ -61,7 +77,13 @@ fn seeds(tier: &str, namespace: &str, shards: u32) -> String {
         .join(",")
 }
 
-fn config_env(tier: &CacheTier, namespace: &str, port: u16, metrics: u16) -> Vec<EnvVar> {
+fn config_env(
+    tier: &CacheTier,
+    namespace: &str,
+    port: u16,
+    metrics: u16,
+    sidecar: &SidecarTemplate,
+) -> Vec<EnvVar> {
     let name = tier.metadata.name.as_deref().unwrap_or("");
     let spec = &tier.spec;
     let timeout = std::time::Duration::from(spec.health.response_timeout);
@@ -83,6 +105,10 @@ fn config_env(tier: &CacheTier, namespace: &str, port: u16, metrics: u16) -> Vec
             spec.sidecar.read_your_writes.to_string(),
         ),
     ];
+    // The sidecar's default is text.
+    if sidecar.log_format != "text" {
+        out.push(env("CACHETIER_LOG_FORMAT", sidecar.log_format.clone()));
+    }
     let cache = &spec.sidecar.local_cache;
     if cache.enabled {
         let ttl = std::time::Duration::from(cache.ttl);
@@ -125,15 +151,15 @@ pub fn sidecar_container(
     namespace: &str,
     port: u16,
     index: usize,
-    image: &SidecarImage,
+    sidecar: &SidecarTemplate,
 ) -> Container {
     let name = tier.metadata.name.as_deref().unwrap_or("");
     let metrics = METRICS_PORT.saturating_add(u16::try_from(index).unwrap_or(0));
     Container {
         name: container_name(name, port),
-        image: Some(image.0.clone()),
+        image: Some(sidecar.image.clone()),
         restart_policy: Some("Always".to_string()),
-        env: Some(config_env(tier, namespace, port, metrics)),
+        env: Some(config_env(tier, namespace, port, metrics, sidecar)),
         ports: Some(vec![ContainerPort {
             name: Some(format!("ct-metrics-{index}")),
             container_port: i32::from(metrics),

@@ -14,7 +14,7 @@
 
 mod container;
 
-pub use container::{SidecarImage, sidecar_container};
+pub use container::{SidecarTemplate, sidecar_container};
 
 use std::fmt;
 use std::sync::Arc;
@@ -104,7 +104,7 @@ struct Wanted {
 pub fn decide(
     pod: &Pod,
     namespace: &str,
-    image: &SidecarImage,
+    sidecar: &SidecarTemplate,
     tier: impl Fn(&str, &str) -> Option<Arc<CacheTier>>,
 ) -> Decision {
     let wanted = match wanted(pod, namespace) {
@@ -120,7 +120,7 @@ pub fn decide(
         let port = w
             .port
             .unwrap_or_else(|| u16::try_from(found.spec.sidecar.port).unwrap_or(6379));
-        let container = sidecar_container(&found, &w.namespace, port, index, image);
+        let container = sidecar_container(&found, &w.namespace, port, index, sidecar);
         if !existing.contains(&container.name) {
             containers.push(container);
         }

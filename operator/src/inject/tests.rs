@@ -29,8 +29,19 @@ fn tiers() -> Vec<CacheTier> {
 }
 
 fn decide_for(pod: &Pod, tiers: &[CacheTier]) -> Decision {
-    let image = SidecarImage("cachetier/sidecar:0.1.0".into());
-    decide(pod, NAMESPACE, &image, |ns, name| {
+    decide_with(pod, tiers, &SidecarTemplate::new("cachetier/sidecar:0.1.0"))
+}
+
+/// The operator's `--log-format json`.
+fn json_logs() -> SidecarTemplate {
+    SidecarTemplate {
+        log_format: "json".to_string(),
+        ..SidecarTemplate::new("cachetier/sidecar:0.1.0")
+    }
+}
+
+fn decide_with(pod: &Pod, tiers: &[CacheTier], sidecar: &SidecarTemplate) -> Decision {
+    decide(pod, NAMESPACE, sidecar, |ns, name| {
         tiers
             .iter()
             .find(|t| t.metadata.namespace.as_deref() == Some(ns) && t.metadata.name.as_deref() == Some(name))
@@ -178,8 +189,11 @@ fn every_injected_variable_is_one_the_sidecar_accepts() {
             .find(|a| a.get_env().is_some_and(|e| e == env))
             .and_then(|a| a.get_long().map(|l| format!("--{l}")))
     };
-    for file in cases() {
-        let Decision::Patch(ops) = decide_for(&read_pod(&file), &tiers()) else {
+    for (file, sidecar) in cases()
+        .into_iter()
+        .flat_map(|f| [(f.clone(), SidecarTemplate::new("s")), (f, json_logs())])
+    {
+        let Decision::Patch(ops) = decide_with(&read_pod(&file), &tiers(), &sidecar) else {
             continue;
         };
         for op in ops.iter().filter(|o| {
@@ -200,4 +214,30 @@ fn every_injected_variable_is_one_the_sidecar_accepts() {
             }
         }
     }
+}
+
+/// An operator logging JSON has its sidecars log JSON; with text (the
+/// sidecar's default) nothing is set.
+#[test]
+fn the_sidecars_log_in_the_operators_format() {
+    let pod = read_pod(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inject/plain.pod.yaml"));
+    let log_format = |decision: Decision| {
+        let Decision::Patch(ops) = decision else {
+            panic!("plain.pod.yaml is injected");
+        };
+        let env: Vec<Value> = (ops.iter())
+            .filter_map(|o| o["value"]["env"].as_array())
+            .flatten()
+            .cloned()
+            .collect();
+        assert!(!env.is_empty(), "{ops:?}");
+        (env.iter())
+            .find(|v| v["name"] == "CACHETIER_LOG_FORMAT")
+            .map(|v| v["value"].clone())
+    };
+    assert_eq!(
+        log_format(decide_with(&pod, &tiers(), &json_logs())),
+        Some(json!("json"))
+    );
+    assert_eq!(log_format(decide_for(&pod, &tiers())), None);
 }

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::cluster::error::Error;
-use crate::inject::{Decision, SidecarImage, decide};
+use crate::inject::{Decision, SidecarTemplate, decide};
 
 /// The path the webhook configuration points at.
 pub const MUTATE_PATH: &str = "/mutate-pods";
@@ -36,7 +36,7 @@ const MAX_BODY: usize = 4 << 20;
 /// Answers one AdmissionReview. `tier` looks a CacheTier up by namespace and name.
 pub fn admit(
     review: AdmissionReview<Pod>,
-    image: &SidecarImage,
+    sidecar: &SidecarTemplate,
     tier: impl Fn(&str, &str) -> Option<Arc<CacheTier>>,
 ) -> AdmissionReview<DynamicObject> {
     let request: AdmissionRequest<Pod> = match review.try_into() {
@@ -52,7 +52,7 @@ pub fn admit(
         .clone()
         .or_else(|| pod.metadata.namespace.clone())
         .unwrap_or_default();
-    let (ops, warning) = match decide(pod, &namespace, image, tier) {
+    let (ops, warning) = match decide(pod, &namespace, sidecar, tier) {
         Decision::Patch(ops) => (ops, None),
         Decision::Skip { reason, annotate } => {
             let warning = (!annotate.is_empty()).then(|| format!("cachetier: {reason}"));
@@ -94,7 +94,7 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
 
 async fn handle(
     req: Request<Incoming>,
-    image: &SidecarImage,
+    sidecar: &SidecarTemplate,
     tiers: &Store<CacheTier>,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::POST || req.uri().path() != MUTATE_PATH {
@@ -115,7 +115,7 @@ async fn handle(
             );
         }
     };
-    let answer = admit(review, image, |ns, name| {
+    let answer = admit(review, sidecar, |ns, name| {
         tiers.get(&ObjectRef::new(name).within(ns))
     });
     json_response(StatusCode::OK, serde_json::to_vec(&answer).unwrap_or_default())
@@ -126,7 +126,7 @@ async fn handle(
 pub async fn serve(
     addr: SocketAddr,
     certs: Arc<tls::Certificates>,
-    image: SidecarImage,
+    sidecar: SidecarTemplate,
     tiers: Store<CacheTier>,
 ) -> Result<impl Future<Output = ()>, Error> {
     let listener = TcpListener::bind(addr).await.map_err(|source| Error::Io {
@@ -135,13 +135,13 @@ pub async fn serve(
     })?;
     let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config());
     info!(%addr, "webhook listening");
-    let image = Arc::new(image);
+    let sidecar = Arc::new(sidecar);
     Ok(async move {
         loop {
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
-            let (acceptor, image, tiers) = (acceptor.clone(), image.clone(), tiers.clone());
+            let (acceptor, sidecar, tiers) = (acceptor.clone(), sidecar.clone(), tiers.clone());
             tokio::spawn(async move {
                 let stream = match acceptor.accept(stream).await {
                     Ok(s) => s,
@@ -151,8 +151,8 @@ pub async fn serve(
                     }
                 };
                 let svc = hyper::service::service_fn(move |req| {
-                    let (image, tiers) = (image.clone(), tiers.clone());
-                    async move { Ok::<_, Infallible>(handle(req, &image, &tiers).await) }
+                    let (sidecar, tiers) = (sidecar.clone(), tiers.clone());
+                    async move { Ok::<_, Infallible>(handle(req, &sidecar, &tiers).await) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new()

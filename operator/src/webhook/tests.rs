@@ -11,7 +11,7 @@ use cachetier_crds::CacheTier;
 use serde_json::Value;
 
 use super::admit;
-use crate::inject::SidecarImage;
+use crate::inject::SidecarTemplate;
 
 fn tiers() -> Vec<Arc<CacheTier>> {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/examples");
@@ -29,7 +29,7 @@ fn tiers() -> Vec<Arc<CacheTier>> {
 fn answer(request: &str) -> Value {
     let tiers = tiers();
     let review = serde_json::from_str(request).unwrap();
-    let image = SidecarImage("cachetier/sidecar:0.1.0".into());
+    let image = SidecarTemplate::new("cachetier/sidecar:0.1.0");
     let out = admit(review, &image, |ns, name| {
         tiers
             .iter()
@@ -80,7 +80,7 @@ fn every_golden_admission_review_gets_its_expected_response() {
 fn a_body_that_is_no_admission_review_is_refused_as_invalid() {
     let review =
         serde_json::from_str(r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#).unwrap();
-    let out = admit(review, &SidecarImage("x".into()), |_, _| None);
+    let out = admit(review, &SidecarTemplate::new("x"), |_, _| None);
     let value = serde_json::to_value(&out).unwrap();
     assert_eq!(value["response"]["allowed"], false);
 }

@@ -47,6 +47,7 @@ use crate::topology::Topology;
 use crate::upstream::Node;
 
 mod options;
+mod watched;
 pub use options::{Change, Options, parse};
 
 /// Memory one client's tracking may use for the keys it remembers before
@@ -104,6 +105,8 @@ pub struct Hub {
     /// The bytes every tracker's remembered keys cost, and their bound.
     key_bytes: AtomicUsize,
     max_key_bytes: usize,
+    /// The keys some tracker wants: the feeds pass on only those.
+    watched: watched::Watched,
     /// When the last [`Invalidation::Shed`] was sent, and whether a look
     /// at the total is due when [`SHED_INTERVAL`] has passed since.
     shed_at: std::sync::Mutex<Option<Instant>>,
@@ -126,6 +129,7 @@ impl Hub {
             wake: Notify::new(),
             key_bytes: AtomicUsize::new(0),
             max_key_bytes,
+            watched: watched::Watched::default(),
             shed_at: std::sync::Mutex::default(),
             shed_later: AtomicBool::new(false),
             metrics,
@@ -269,6 +273,7 @@ impl crate::tracking::Feed for Hub {
                         _ => None,
                     })
                     .collect();
+                let keys = self.watched.wanted(keys);
                 if !keys.is_empty() {
                     self.send(Invalidation::Keys(keys.into()));
                 }
@@ -334,6 +339,9 @@ impl Tracker {
         // Kept as a permit when the feeds already run: one extra look.
         hub.wake.notify_one();
         hub.metrics.tracking_clients.inc();
+        if options.bcast {
+            hub.watched.bcast_started();
+        }
         Tracker {
             hub: hub.clone(),
             alive: Arc::new(()),
@@ -400,14 +408,21 @@ impl Tracker {
                     .inc();
                 self.forget_all(&mut out);
             }
-            let before = self.key_bytes;
+            let mut new = Vec::new();
             for k in keys {
-                // A copy: a slice would keep the request's buffer alive.
-                if self.keys.insert(Bytes::copy_from_slice(k.as_ref())) {
+                if !self.keys.contains(k) {
+                    // A copy: a slice would keep the request's buffer alive.
+                    let k = Bytes::copy_from_slice(k.as_ref());
                     self.key_bytes += k.len() + ENTRY_BYTES;
+                    self.keys.insert(k.clone());
+                    new.push(k);
                 }
             }
-            self.hub.remembered(self.key_bytes - before);
+            if !new.is_empty() {
+                self.hub.watched.watch(&new);
+                self.hub
+                    .remembered(new.iter().map(|k| k.len() + ENTRY_BYTES).sum());
+            }
         }
         self.read_any = true;
         self.hub.metrics.tracking_pushes.inc_by(out.len() as u64);
@@ -420,23 +435,26 @@ impl Tracker {
     /// Names, not a null push, where they are known: Lettuce's cache
     /// cannot take a null one (Redis sends it only for `FLUSHALL`).
     fn forget_all(&mut self, out: &mut Vec<Bytes>) {
-        if self.options.bcast {
+        let bcast = self.options.bcast;
+        let keys: Vec<Bytes> = self.clear().into_iter().collect();
+        if bcast {
             out.push(push(None));
         } else {
-            let keys: Vec<Bytes> = self.keys.drain().collect();
             for chunk in keys.chunks(PUSH_KEYS) {
                 out.push(push(Some(chunk.to_vec())));
             }
         }
-        self.clear();
     }
 
-    /// Forget every key. A new table: a cleared one keeps its largest size.
-    fn clear(&mut self) {
-        self.keys = HashSet::new();
+    /// Forget every key, and return them. A new table: a cleared one keeps
+    /// its largest size.
+    fn clear(&mut self) -> HashSet<Bytes> {
+        let keys = std::mem::take(&mut self.keys);
+        self.hub.watched.unwatch(&keys);
         self.hub.forgot(self.key_bytes);
         self.key_bytes = 0;
         self.read_any = false;
+        keys
     }
 
     /// The next feed message for this client, polled through `&mut self`
@@ -518,14 +536,19 @@ impl Tracker {
                 }
             }
             Invalidation::Keys(keys) => {
-                let before = self.key_bytes;
+                let mut forgotten = Vec::new();
                 for k in keys.iter() {
                     if self.keys.remove(k) {
                         self.key_bytes -= k.len() + ENTRY_BYTES;
                         out.push(push(Some(vec![k.clone()])));
+                        forgotten.push(k.clone());
                     }
                 }
-                self.hub.forgot(before - self.key_bytes);
+                if !forgotten.is_empty() {
+                    self.hub.watched.unwatch(&forgotten);
+                    self.hub
+                        .forgot(forgotten.iter().map(|k| k.len() + ENTRY_BYTES).sum());
+                }
             }
         }
         let sent = out.len() as u64;
@@ -560,7 +583,10 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        self.hub.forgot(self.key_bytes);
+        self.clear();
+        if self.options.bcast {
+            self.hub.watched.bcast_ended();
+        }
         self.hub.metrics.tracking_clients.dec();
         self.alive = Arc::new(());
         self.hub.changed.notify_waiters();

@@ -185,3 +185,60 @@ async fn heard(t: &mut Tracker) -> Invalidation {
     let inv = tokio::time::timeout(Duration::from_secs(1), t.recv()).await;
     inv.expect("a message from the hub")
 }
+
+/// What a node's feed says of `keys`.
+async fn feed(hub: &Arc<Hub>, keys: &[&str]) {
+    let frames: Vec<Frame> = keys
+        .iter()
+        .map(|k| Frame::Bulk(Bytes::from(k.to_string())))
+        .collect();
+    crate::tracking::Feed::invalidate(&**hub, Some(&frames)).await;
+}
+
+/// Whether `t` hears anything within a moment.
+async fn hears(t: &mut Tracker) -> Option<Invalidation> {
+    tokio::time::timeout(Duration::from_millis(50), t.recv())
+        .await
+        .ok()
+}
+
+#[tokio::test]
+async fn a_write_of_a_key_no_tracking_client_read_wakes_no_one() {
+    let hub = Hub::new(Metrics::new().unwrap());
+    let mut a = Tracker::start(&hub, Options::default());
+    let mut b = Tracker::start(&hub, Options::default());
+    assert!(a.read(&args(&["k", "shared"])).is_empty());
+    assert!(b.read(&args(&["shared", "shared"])).is_empty());
+    assert_eq!(hub.watched.len(), 2);
+    feed(&hub, &["nobody", "read", "these"]).await;
+    assert!(hears(&mut a).await.is_none() && hears(&mut b).await.is_none());
+    // Only what someone read is passed on.
+    feed(&hub, &["x", "shared"]).await;
+    let Some(Invalidation::Keys(keys)) = hears(&mut a).await else {
+        panic!("a hears the shared key");
+    };
+    assert_eq!(&*keys, &args(&["shared"])[..]);
+    let mut out = Vec::new();
+    a.pushes(&Invalidation::Keys(keys), &mut out);
+    assert_eq!(out, vec![push(Some(args(&["shared"])))]);
+    // b still remembers it: still watched.
+    assert_eq!(hub.watched.len(), 2);
+    assert!(matches!(hears(&mut b).await, Some(Invalidation::Keys(_))));
+    drop(b);
+    assert_eq!(hub.watched.len(), 1, "only a's k");
+    // A BCAST client wants every key, read or not.
+    let mut c = Tracker::start(&hub, on(&["on", "bcast"], None).unwrap());
+    feed(&hub, &["never-read"]).await;
+    assert!(matches!(hears(&mut c).await, Some(Invalidation::Keys(_))));
+    // (a is woken too, and sends nothing: it did not read it.)
+    let inv = hears(&mut a).await.expect("passed on to every tracker");
+    out.clear();
+    a.pushes(&inv, &mut out);
+    assert!(out.is_empty());
+    drop(c);
+    feed(&hub, &["never-read"]).await;
+    assert!(hears(&mut a).await.is_none());
+    // A flush forgets them all.
+    a.pushes(&Invalidation::Flushed, &mut out);
+    assert_eq!(hub.watched.len(), 0);
+}

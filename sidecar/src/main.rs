@@ -59,7 +59,6 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// `--read-policy <READ_POLICY>` → `CACHETIER_READ_POLICY`.
 /// Logs on stdout, filtered by `RUST_LOG` (default `info`), as text or as one
 /// JSON object per line.
 fn init_logs(format: &str) {
@@ -77,6 +76,7 @@ fn init_logs(format: &str) {
     }
 }
 
+/// `--read-policy <READ_POLICY>` → `CACHETIER_READ_POLICY`.
 fn env_twin(arg: &str) -> String {
     let flag = arg
         .trim_start_matches('-')

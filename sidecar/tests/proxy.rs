@@ -811,24 +811,20 @@ async fn assert_refused_after_shutdown(addr: std::net::SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_resp3_clients_and_exits_cleanly_on_sigterm() {
     let bin = env!("CARGO_BIN_EXE_cachetier-sidecar");
-    let bad = std::process::Command::new(bin)
-        .args(["--seed", "127.0.0.1:1", "--read-policy", "fastest"])
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&bad.stderr);
+    // A bad flag value: exit status 2, and what stderr says.
+    let refused = |args: &[&str]| {
+        let bad = std::process::Command::new(bin).args(args).output().unwrap();
+        assert_eq!(bad.status.code(), Some(2), "{args:?}");
+        String::from_utf8_lossy(&bad.stderr).into_owned()
+    };
+    let stderr = refused(&["--seed", "127.0.0.1:1", "--read-policy", "fastest"]);
     assert!(
         stderr.contains("--read-policy")
             && stderr.contains("CACHETIER_READ_POLICY")
             && stderr.contains("bestOfTwo"),
         "{stderr}"
     );
-    let bad = std::process::Command::new(bin)
-        .args(["--seed", "127.0.0.1:1", "--log-format", "yaml"])
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&bad.stderr);
+    let stderr = refused(&["--seed", "127.0.0.1:1", "--log-format", "yaml"]);
     assert!(
         stderr.contains("--log-format") && stderr.contains("json"),
         "{stderr}"

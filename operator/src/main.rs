@@ -6,13 +6,13 @@
 //! - `render`: print the Kubernetes objects a CacheTier becomes.
 //! - `local`: run a CacheTier on local `redis-server` processes with a sidecar in front.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cachetier_operator::Error;
 use cachetier_operator::local::{self, LocalOptions, SidecarOptions};
+use cachetier_sidecar::logs;
 use clap::{Parser, Subcommand};
 
 /// The sidecar image injected by default (built from `sidecar/Dockerfile`).
@@ -182,7 +182,7 @@ fn main() -> anyhow::Result<ExitCode> {
             sidecar_image,
             redis_image,
         } => {
-            init_logs(&log_format, "info");
+            logs::init(&log_format, "info", logs::Stream::Stderr);
             let identity = identity
                 .or_else(|| std::env::var("HOSTNAME").ok())
                 .unwrap_or_else(|| format!("cachetier-operator-{}", std::process::id()));
@@ -200,7 +200,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 addr: webhook_addr,
                 certificate,
                 sidecar_image,
-                log_format: log_format.clone(),
+                log_format,
             });
             let options = cachetier_operator::controller::RunOptions {
                 metrics,
@@ -241,7 +241,7 @@ fn main() -> anyhow::Result<ExitCode> {
             auth_password_file,
             auth_username,
         } => {
-            init_logs("text", "warn");
+            logs::init("text", "warn", logs::Stream::Stderr);
             let sidecar = (!no_sidecar && !until_ready).then_some(SidecarOptions {
                 port: sidecar_port,
                 metrics: sidecar_metrics,
@@ -275,24 +275,6 @@ fn main() -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Logs on stderr, filtered by `RUST_LOG` (default `default_level`), as text
-/// or as one JSON object per line.
-fn init_logs(format: &str, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    // Colour only on a terminal: a pod's logs are a file.
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// Says why a manifest was refused, one problem a line; exit status 2.

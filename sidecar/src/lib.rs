@@ -29,6 +29,7 @@ pub mod connect;
 pub mod error;
 pub mod gate;
 pub mod inbox;
+pub mod logs;
 pub mod metrics;
 pub mod order;
 pub mod pipeline;

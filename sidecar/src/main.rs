@@ -1,7 +1,5 @@
 //! `cachetier-sidecar`: flags/env → [`Config`], then serve until SIGTERM/ctrl-c.
 
-use std::io::IsTerminal;
-
 use anyhow::Context;
 use cachetier_sidecar::Config;
 use cachetier_sidecar::config::Args;
@@ -35,7 +33,7 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    init_logs(&args.log_format);
+    cachetier_sidecar::logs::init(&args.log_format, "info", cachetier_sidecar::logs::Stream::Stdout);
     let workers = args.worker_threads;
     let config = Config::from(args);
     config.validate().context("invalid configuration")?;
@@ -57,23 +55,6 @@ fn main() -> anyhow::Result<()> {
             .await
             .context("sidecar failed")
     })
-}
-
-/// Logs on stdout, filtered by `RUST_LOG` (default `info`), as text or as one
-/// JSON object per line.
-fn init_logs(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only on a terminal: a container's logs are a file.
-    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// `--read-policy <READ_POLICY>` → `CACHETIER_READ_POLICY`.

@@ -65,6 +65,11 @@ pub const MAX_HUB_KEY_BYTES: usize = 64 * 1024 * 1024;
 /// block, its table slot), counted against [`MAX_KEY_BYTES`].
 const ENTRY_BYTES: usize = 64;
 
+/// What remembering `key` counts against the budgets.
+fn cost(key: &[u8]) -> usize {
+    key.len() + ENTRY_BYTES
+}
+
 /// Keys named by one push of a client's invalidate-everything.
 const PUSH_KEYS: usize = 1024;
 
@@ -136,12 +141,16 @@ impl Hub {
         })
     }
 
-    /// A tracker remembers `n` more bytes of keys.
-    fn remembered(self: &Arc<Self>, n: usize) {
-        if n > 0 {
-            self.key_bytes.fetch_add(n, Ordering::Relaxed);
-            self.shed_if_over();
+    /// A tracker remembers these keys too (new to it): they are watched,
+    /// and counted against the budget.
+    fn remembered(self: &Arc<Self>, keys: &[Bytes]) {
+        if keys.is_empty() {
+            return;
         }
+        self.watched.watch(keys);
+        let n: usize = keys.iter().map(|k| cost(k)).sum();
+        self.key_bytes.fetch_add(n, Ordering::Relaxed);
+        self.shed_if_over();
     }
 
     /// The trackers remember more than the budget.
@@ -158,10 +167,10 @@ impl Hub {
             return;
         }
         let mut shed_at = crate::lock(&self.shed_at);
-        match *shed_at {
-            Some(at) if at.elapsed() < SHED_INTERVAL => {
+        match shed_at.map(|at| at.elapsed()) {
+            Some(since) if since < SHED_INTERVAL => {
                 if !self.shed_later.swap(true, Ordering::Relaxed) {
-                    let (hub, wait) = (self.clone(), SHED_INTERVAL - at.elapsed());
+                    let (hub, wait) = (self.clone(), SHED_INTERVAL - since);
                     tokio::spawn(async move {
                         tokio::time::sleep(wait).await;
                         hub.shed_later.store(false, Ordering::Relaxed);
@@ -180,11 +189,14 @@ impl Hub {
         }
     }
 
-    /// A tracker forgot `n` bytes of keys.
-    fn forgot(&self, n: usize) {
-        if n > 0 {
-            self.key_bytes.fetch_sub(n, Ordering::Relaxed);
+    /// A tracker forgot these keys (it remembered each).
+    fn forgot<'a>(&self, keys: impl IntoIterator<Item = &'a Bytes> + Clone) {
+        if keys.clone().into_iter().next().is_none() {
+            return;
         }
+        self.watched.unwatch(keys.clone());
+        let n: usize = keys.into_iter().map(|k| cost(k)).sum();
+        self.key_bytes.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// What one tracker may keep when the trackers are over the budget.
@@ -396,11 +408,11 @@ impl Tracker {
             return out;
         }
         if !self.options.bcast {
-            let cost: usize = (keys.iter())
+            let more: usize = (keys.iter())
                 .filter(|k| !self.keys.contains(*k))
-                .map(|k| k.len() + ENTRY_BYTES)
+                .map(|k| cost(k))
                 .sum();
-            if self.key_bytes + cost > MAX_KEY_BYTES {
+            if self.key_bytes + more > MAX_KEY_BYTES {
                 self.hub
                     .metrics
                     .tracking_flushes
@@ -413,16 +425,12 @@ impl Tracker {
                 if !self.keys.contains(k) {
                     // A copy: a slice would keep the request's buffer alive.
                     let k = Bytes::copy_from_slice(k.as_ref());
-                    self.key_bytes += k.len() + ENTRY_BYTES;
+                    self.key_bytes += cost(&k);
                     self.keys.insert(k.clone());
                     new.push(k);
                 }
             }
-            if !new.is_empty() {
-                self.hub.watched.watch(&new);
-                self.hub
-                    .remembered(new.iter().map(|k| k.len() + ENTRY_BYTES).sum());
-            }
+            self.hub.remembered(&new);
         }
         self.read_any = true;
         self.hub.metrics.tracking_pushes.inc_by(out.len() as u64);
@@ -450,8 +458,7 @@ impl Tracker {
     /// its largest size.
     fn clear(&mut self) -> HashSet<Bytes> {
         let keys = std::mem::take(&mut self.keys);
-        self.hub.watched.unwatch(&keys);
-        self.hub.forgot(self.key_bytes);
+        self.hub.forgot(&keys);
         self.key_bytes = 0;
         self.read_any = false;
         keys
@@ -539,16 +546,12 @@ impl Tracker {
                 let mut forgotten = Vec::new();
                 for k in keys.iter() {
                     if self.keys.remove(k) {
-                        self.key_bytes -= k.len() + ENTRY_BYTES;
+                        self.key_bytes -= cost(k);
                         out.push(push(Some(vec![k.clone()])));
                         forgotten.push(k.clone());
                     }
                 }
-                if !forgotten.is_empty() {
-                    self.hub.watched.unwatch(&forgotten);
-                    self.hub
-                        .forgot(forgotten.iter().map(|k| k.len() + ENTRY_BYTES).sum());
-                }
+                self.hub.forgot(&forgotten);
             }
         }
         let sent = out.len() as u64;

@@ -539,12 +539,14 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                     if let Some(t) = st.tracker.as_mut() {
                         let mut pushes = Vec::new();
                         t.pushes(&inv, &mut pushes);
-                        if st.session.proto == 3 && pending.waits_only_on_others() {
+                        if st.session.proto != 3 {
+                            // A RESP2 client is sent no pushes.
+                        } else if pending.waits_only_on_others() {
                             pushes.iter().for_each(|p| out.extend_from_slice(p));
                             if past_output_limit(&router, &out, output_limit, "client") {
                                 break;
                             }
-                        } else if st.session.proto == 3 {
+                        } else {
                             pushes.into_iter().for_each(|p| pending.push_reply(p));
                         }
                     }

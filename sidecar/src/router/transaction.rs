@@ -245,7 +245,9 @@ impl Router {
                     // on its node, as on one Redis server.
                     Kind::Server if matches!(info.name, "ping" | "echo" | "select" | "unwatch") => None,
                     Kind::Server => Some(format!(
-                        "ERR cachetier: '{}' cannot run inside MULTI through the sidecar",
+                        "ERR cachetier: '{}' cannot run inside MULTI through the sidecar: \
+                         the sidecar answers it or sends it to every primary, \
+                         and a transaction runs on one node",
                         info.name
                     )),
                 };

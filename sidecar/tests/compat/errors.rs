@@ -185,6 +185,22 @@ async fn malformed_commands_get_the_errors_redis_gives_them() {
             "{replies:?}"
         );
     }
+    // What the sidecar answers or fans out cannot join a transaction (one
+    // node's): refused with the reason, and EXEC aborts.
+    for bad in [&["DBSIZE"][..], &["CLIENT", "SETNAME", "x"], &["INFO"]] {
+        let () = redis::cmd("MULTI").query_async(&mut c).await.unwrap();
+        let queued = redis::cmd(bad[0])
+            .arg(&bad[1..])
+            .query_async::<redis::Value>(&mut c)
+            .await;
+        let exec = redis::cmd("EXEC").query_async::<redis::Value>(&mut c).await;
+        let queued = format!("{queued:?}");
+        assert!(
+            queued.contains("cannot run inside MULTI") && queued.contains("transaction runs on one node"),
+            "{bad:?}: {queued}"
+        );
+        assert!(reply(exec).contains("Transaction discarded"), "{bad:?}");
+    }
     sidecar.shutdown().await;
 }
 

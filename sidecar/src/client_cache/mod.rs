@@ -39,15 +39,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::resp::Frame;
 use crate::topology::Topology;
 use crate::upstream::Node;
 
+mod mailbox;
 mod options;
 mod watched;
+use mailbox::{Mailbox, Taken};
 pub use options::{Change, Options, parse};
 
 /// Memory one client's tracking may use for the keys it remembers before
@@ -77,9 +79,6 @@ const PUSH_KEYS: usize = 1024;
 /// [`MAX_HUB_KEY_BYTES`] (each needs a moment to hear it).
 const SHED_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Feed messages a client may fall behind by before it is sent a flush.
-const BACKLOG: usize = 4096;
-
 /// What the feeds tell the tracking clients.
 #[derive(Debug, Clone)]
 pub enum Invalidation {
@@ -99,8 +98,8 @@ pub enum Invalidation {
 /// The feeds' side, shared by every tracking client of the sidecar.
 #[derive(Debug)]
 pub struct Hub {
-    /// One receiver per tracker: how many clients track.
-    tx: broadcast::Sender<Invalidation>,
+    /// The trackers and the keys each wants: where the feeds' messages go.
+    watched: watched::Watched,
     /// Primaries whose feed is established.
     established: std::sync::Mutex<HashSet<String>>,
     /// Woken when a feed is established or a tracker ends.
@@ -110,8 +109,6 @@ pub struct Hub {
     /// The bytes every tracker's remembered keys cost, and their bound.
     key_bytes: AtomicUsize,
     max_key_bytes: usize,
-    /// The keys some tracker wants: the feeds pass on only those.
-    watched: watched::Watched,
     /// When the last [`Invalidation::Shed`] was sent, and whether a look
     /// at the total is due when [`SHED_INTERVAL`] has passed since.
     shed_at: std::sync::Mutex<Option<Instant>>,
@@ -128,26 +125,25 @@ impl Hub {
     /// keys (beyond what one command names).
     fn with_budget(metrics: Metrics, max_key_bytes: usize) -> Arc<Hub> {
         Arc::new(Hub {
-            tx: broadcast::channel(BACKLOG).0,
+            watched: watched::Watched::default(),
             established: std::sync::Mutex::default(),
             changed: Notify::new(),
             wake: Notify::new(),
             key_bytes: AtomicUsize::new(0),
             max_key_bytes,
-            watched: watched::Watched::default(),
             shed_at: std::sync::Mutex::default(),
             shed_later: AtomicBool::new(false),
             metrics,
         })
     }
 
-    /// A tracker remembers these keys too (new to it): they are watched,
-    /// and counted against the budget.
-    fn remembered(self: &Arc<Self>, keys: &[Bytes]) {
+    /// Tracker `id` remembers these keys too (new to it): they are
+    /// watched, and counted against the budget.
+    fn remembered(self: &Arc<Self>, id: watched::Id, keys: &[Bytes]) {
         if keys.is_empty() {
             return;
         }
-        self.watched.watch(keys);
+        self.watched.watch(id, keys);
         let n: usize = keys.iter().map(|k| cost(k)).sum();
         self.key_bytes.fetch_add(n, Ordering::Relaxed);
         self.shed_if_over();
@@ -189,19 +185,19 @@ impl Hub {
         }
     }
 
-    /// A tracker forgot these keys (it remembered each).
-    fn forgot<'a>(&self, keys: impl IntoIterator<Item = &'a Bytes> + Clone) {
+    /// Tracker `id` forgot these keys (it remembered each).
+    fn forgot<'a>(&self, id: watched::Id, keys: impl IntoIterator<Item = &'a Bytes> + Clone) {
         if keys.clone().into_iter().next().is_none() {
             return;
         }
-        self.watched.unwatch(keys.clone());
+        self.watched.unwatch(id, keys.clone());
         let n: usize = keys.into_iter().map(|k| cost(k)).sum();
         self.key_bytes.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// What one tracker may keep when the trackers are over the budget.
     fn share(&self) -> usize {
-        self.max_key_bytes / self.tx.receiver_count().max(1)
+        self.max_key_bytes / self.watched.clients().max(1)
     }
 
     /// Every primary of `topo` has an established feed.
@@ -229,9 +225,9 @@ impl Hub {
         }
     }
 
+    /// Tell every tracker.
     fn send(&self, inv: Invalidation) {
-        // No receiver: nobody tracks.
-        let _ = self.tx.send(inv);
+        self.watched.to_all(inv);
     }
 
     fn unseen(&self, reason: &str) {
@@ -246,7 +242,7 @@ impl crate::tracking::Feed for Hub {
     }
 
     fn wanted(&self) -> bool {
-        self.tx.receiver_count() > 0
+        self.watched.clients() > 0
     }
 
     fn woken(&self) -> impl Future<Output = ()> + Send {
@@ -285,10 +281,7 @@ impl crate::tracking::Feed for Hub {
                         _ => None,
                     })
                     .collect();
-                let keys = self.watched.wanted(keys);
-                if !keys.is_empty() {
-                    self.send(Invalidation::Keys(keys.into()));
-                }
+                self.watched.deliver(keys);
             }
             None => {
                 self.metrics
@@ -301,38 +294,15 @@ impl crate::tracking::Feed for Hub {
     }
 }
 
-type Received = (
-    Result<Invalidation, broadcast::error::RecvError>,
-    broadcast::Receiver<Invalidation>,
-);
-
-/// A tracker's end of the feed. The wait is a boxed future that owns the
-/// receiver, polled through the tracker: the client loop's future holds no
-/// receive state of its own, which would enlarge it and cost every
-/// request of every client (measured: about 90 instructions).
-enum Inbox {
-    Idle(broadcast::Receiver<Invalidation>),
-    Waiting(futures_util::future::BoxFuture<'static, Received>),
-    Closed,
-}
-
-impl std::fmt::Debug for Inbox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Inbox::Idle(_) => "Idle",
-            Inbox::Waiting(_) => "Waiting",
-            Inbox::Closed => "Closed",
-        })
-    }
-}
-
 /// One client's tracking: its options and the keys its reads named.
 #[derive(Debug)]
 pub struct Tracker {
     hub: Arc<Hub>,
     /// Lives as long as the tracker (see [`Hub::covering`]).
     alive: Arc<()>,
-    inbox: Inbox,
+    /// Its number in the hub's table, and where the hub puts its messages.
+    id: watched::Id,
+    mailbox: Arc<Mailbox>,
     pub options: Options,
     keys: HashSet<Bytes>,
     key_bytes: usize,
@@ -347,17 +317,16 @@ pub struct Tracker {
 impl Tracker {
     /// Start tracking: the feeds are kept while a tracker lives.
     pub fn start(hub: &Arc<Hub>, options: Options) -> Tracker {
-        let rx = hub.tx.subscribe();
+        let mailbox = Arc::new(Mailbox::default());
+        let id = hub.watched.join(mailbox.clone(), options.bcast);
         // Kept as a permit when the feeds already run: one extra look.
         hub.wake.notify_one();
         hub.metrics.tracking_clients.inc();
-        if options.bcast {
-            hub.watched.bcast_started();
-        }
         Tracker {
             hub: hub.clone(),
             alive: Arc::new(()),
-            inbox: Inbox::Idle(rx),
+            id,
+            mailbox,
             options,
             keys: HashSet::new(),
             key_bytes: 0,
@@ -430,7 +399,7 @@ impl Tracker {
                     new.push(k);
                 }
             }
-            self.hub.remembered(&new);
+            self.hub.remembered(self.id, &new);
         }
         self.read_any = true;
         self.hub.metrics.tracking_pushes.inc_by(out.len() as u64);
@@ -458,50 +427,23 @@ impl Tracker {
     /// its largest size.
     fn clear(&mut self) -> HashSet<Bytes> {
         let keys = std::mem::take(&mut self.keys);
-        self.hub.forgot(&keys);
+        self.hub.forgot(self.id, &keys);
         self.key_bytes = 0;
         self.read_any = false;
         keys
     }
 
-    /// The next feed message for this client, polled through `&mut self`
-    /// (see [`Inbox`]).
+    /// The next feed message for this client.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Invalidation> {
-        loop {
-            match std::mem::replace(&mut self.inbox, Inbox::Closed) {
-                Inbox::Idle(mut rx) => {
-                    self.inbox = Inbox::Waiting(Box::pin(async move {
-                        let r = rx.recv().await;
-                        (r, rx)
-                    }));
-                }
-                Inbox::Waiting(mut next) => {
-                    let Poll::Ready((r, rx)) = next.as_mut().poll(cx) else {
-                        self.inbox = Inbox::Waiting(next);
-                        return Poll::Pending;
-                    };
-                    self.inbox = Inbox::Idle(rx);
-                    return match r {
-                        Ok(inv) => Poll::Ready(inv),
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            self.hub
-                                .metrics
-                                .tracking_flushes
-                                .with_label_values(&["lagged"])
-                                .inc();
-                            Poll::Ready(Invalidation::Unseen)
-                        }
-                        // The hub lives as long as the router: not before
-                        // shutdown.
-                        Err(broadcast::error::RecvError::Closed) => {
-                            self.inbox = Inbox::Closed;
-                            Poll::Pending
-                        }
-                    };
-                }
-                Inbox::Closed => return Poll::Pending,
+        self.mailbox.poll_take(cx).map(|taken| match taken {
+            Taken::Message(inv) => inv,
+            Taken::Lagged => {
+                (self.hub.metrics.tracking_flushes)
+                    .with_label_values(&["lagged"])
+                    .inc();
+                Invalidation::Unseen
             }
-        }
+        })
     }
 
     /// The next feed message for this client.
@@ -551,7 +493,7 @@ impl Tracker {
                         forgotten.push(k.clone());
                     }
                 }
-                self.hub.forgot(&forgotten);
+                self.hub.forgot(self.id, &forgotten);
             }
         }
         let sent = out.len() as u64;
@@ -587,9 +529,7 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         self.clear();
-        if self.options.bcast {
-            self.hub.watched.bcast_ended();
-        }
+        self.hub.watched.leave(self.id);
         self.hub.metrics.tracking_clients.dec();
         self.alive = Arc::new(());
         self.hub.changed.notify_waiters();

@@ -7,7 +7,7 @@ use super::*;
 async fn a_client_is_sent_only_the_keys_it_read_once_each_and_flushes() {
     let hub = Hub::new(Metrics::new().unwrap());
     let mut t = Tracker::start(&hub, Options::default());
-    assert_eq!(hub.tx.receiver_count(), 1);
+    assert_eq!(hub.watched.clients(), 1);
     assert!(t.read(&args(&["a"])).is_empty());
     let mut out = Vec::new();
     let keys = Invalidation::Keys(args(&["a", "b"]).into());
@@ -33,7 +33,7 @@ async fn a_client_is_sent_only_the_keys_it_read_once_each_and_flushes() {
     t.pushes(&Invalidation::Flushed, &mut out);
     assert_eq!(out, vec![push(None)]);
     drop(t);
-    assert_eq!(hub.tx.receiver_count(), 0);
+    assert_eq!(hub.watched.clients(), 0);
 }
 
 #[tokio::test]
@@ -203,17 +203,17 @@ async fn hears(t: &mut Tracker) -> Option<Invalidation> {
 }
 
 #[tokio::test]
-async fn a_write_of_a_key_no_tracking_client_read_wakes_no_one() {
+async fn a_write_wakes_only_the_clients_that_read_its_key() {
     let hub = Hub::new(Metrics::new().unwrap());
     let mut a = Tracker::start(&hub, Options::default());
     let mut b = Tracker::start(&hub, Options::default());
     assert!(a.read(&args(&["k", "shared"])).is_empty());
-    assert!(b.read(&args(&["shared", "shared"])).is_empty());
-    assert_eq!(hub.watched.len(), 2);
+    assert!(b.read(&args(&["shared", "mine"])).is_empty());
+    assert_eq!(hub.watched.len(), 3);
     feed(&hub, &["nobody", "read", "these"]).await;
     assert!(hears(&mut a).await.is_none() && hears(&mut b).await.is_none());
-    // Only what someone read is passed on.
-    feed(&hub, &["x", "shared"]).await;
+    // Each is passed on only what it read.
+    feed(&hub, &["x", "shared", "mine"]).await;
     let Some(Invalidation::Keys(keys)) = hears(&mut a).await else {
         panic!("a hears the shared key");
     };
@@ -221,24 +221,88 @@ async fn a_write_of_a_key_no_tracking_client_read_wakes_no_one() {
     let mut out = Vec::new();
     a.pushes(&Invalidation::Keys(keys), &mut out);
     assert_eq!(out, vec![push(Some(args(&["shared"])))]);
-    // b still remembers it: still watched.
-    assert_eq!(hub.watched.len(), 2);
-    assert!(matches!(hears(&mut b).await, Some(Invalidation::Keys(_))));
-    drop(b);
+    let Some(Invalidation::Keys(keys)) = hears(&mut b).await else {
+        panic!("b hears its keys");
+    };
+    assert_eq!(&*keys, &args(&["shared", "mine"])[..]);
+    // b still remembers them until it is sent the pushes.
+    assert_eq!(hub.watched.len(), 3);
+    out.clear();
+    b.pushes(&Invalidation::Keys(keys), &mut out);
+    assert_eq!(out.len(), 2);
     assert_eq!(hub.watched.len(), 1, "only a's k");
-    // A BCAST client wants every key, read or not.
+    // A key b no longer remembers wakes no one but a.
+    feed(&hub, &["mine", "k"]).await;
+    assert!(hears(&mut b).await.is_none());
+    assert!(matches!(hears(&mut a).await, Some(Invalidation::Keys(k)) if *k == args(&["k"])[..]));
+    drop(b);
+    // A BCAST client wants every key, read or not; a default-mode client
+    // is not woken for them.
     let mut c = Tracker::start(&hub, on(&["on", "bcast"], None).unwrap());
     feed(&hub, &["never-read"]).await;
     assert!(matches!(hears(&mut c).await, Some(Invalidation::Keys(_))));
-    // (a is woken too, and sends nothing: it did not read it.)
-    let inv = hears(&mut a).await.expect("passed on to every tracker");
-    out.clear();
-    a.pushes(&inv, &mut out);
-    assert!(out.is_empty());
-    drop(c);
-    feed(&hub, &["never-read"]).await;
     assert!(hears(&mut a).await.is_none());
+    // What every client is told reaches each, in the feeds' order.
+    assert!(a.read(&args(&["k"])).is_empty());
+    hub.unseen("topology");
+    feed(&hub, &["k"]).await;
+    assert!(matches!(hears(&mut a).await, Some(Invalidation::Unseen)));
+    assert!(matches!(hears(&mut a).await, Some(Invalidation::Keys(_))));
+    assert!(matches!(hears(&mut c).await, Some(Invalidation::Unseen)));
+    drop(c);
     // A flush forgets them all.
     a.pushes(&Invalidation::Flushed, &mut out);
     assert_eq!(hub.watched.len(), 0);
+}
+
+#[tokio::test]
+async fn two_keys_of_one_hash_wake_only_their_clients_each_once() {
+    let hub = Hub::new(Metrics::new().unwrap());
+    hub.watched.collide.store(true, Ordering::Relaxed);
+    let mut a = Tracker::start(&hub, Options::default());
+    let mut b = Tracker::start(&hub, Options::default());
+    let mut c = Tracker::start(&hub, Options::default());
+    // Every key shares one hash: a is entered twice under it.
+    assert!(a.read(&args(&["x", "y"])).is_empty());
+    assert!(b.read(&args(&["y"])).is_empty());
+    assert_eq!(hub.watched.len(), 1);
+    feed(&hub, &["y"]).await;
+    let Some(Invalidation::Keys(keys)) = hears(&mut a).await else {
+        panic!("a hears y");
+    };
+    assert_eq!(&*keys, &args(&["y"])[..], "named once");
+    assert!(matches!(hears(&mut b).await, Some(Invalidation::Keys(_))));
+    let mut out = Vec::new();
+    a.pushes(&Invalidation::Keys(keys), &mut out);
+    assert_eq!(out, vec![push(Some(args(&["y"])))]);
+    assert!(hears(&mut c).await.is_none(), "c read nothing");
+    // a still remembers x, under the shared hash: still woken for y, and
+    // sends nothing for it.
+    feed(&hub, &["y"]).await;
+    let inv = hears(&mut a).await.expect("a is woken");
+    out.clear();
+    a.pushes(&inv, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    drop(a);
+    // b's entry is left.
+    assert_eq!(hub.watched.len(), 1);
+    drop(b);
+    assert_eq!(hub.watched.len(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_falls_behind_is_sent_one_flush() {
+    let metrics = Metrics::new().unwrap();
+    let hub = Hub::new(metrics.clone());
+    let mut a = Tracker::start(&hub, Options::default());
+    assert!(a.read(&args(&["k"])).is_empty());
+    for _ in 0..=mailbox::BACKLOG {
+        feed(&hub, &["k"]).await;
+    }
+    assert!(matches!(hears(&mut a).await, Some(Invalidation::Unseen)));
+    assert!(hears(&mut a).await.is_none(), "what it fell behind by is dropped");
+    let lagged = metrics.tracking_flushes.with_label_values(&["lagged"]).get();
+    assert_eq!(lagged, 1);
+    feed(&hub, &["k"]).await;
+    assert!(matches!(hears(&mut a).await, Some(Invalidation::Keys(_))));
 }

@@ -1,89 +1,236 @@
-//! The keys some tracking client of the sidecar wants invalidations for,
-//! so the feeds pass on only those: a write nobody read wakes no tracking
-//! client (measured before: each tracking client's task woke for every
-//! write to the tier, about 1 500 instructions per write per client;
+//! Which tracking client wants which key, as Redis's tracking table: a feed
+//! message wakes only the clients that read one of its keys (measured
+//! before: each tracking client's task woke for every write to the tier,
+//! about 1 500 instructions per write per client; then, with a count per
+//! key, every client for each write of a key any of them read;
 //! BENCHMARKS.md, 2026-12-07).
 //!
-//! A default-mode client's keys are counted while it remembers them; while
-//! any `BCAST` client tracks, every key passes (it wants them by prefix).
-//! A key is counted before the read that names it is sent, so an
+//! A default-mode client is entered for each key while it remembers it;
+//! a `BCAST` client wants every key (by prefix, which it checks itself).
+//! A key is entered before the read that names it is sent, so an
 //! invalidation of a write that could make that read stale, which the
 //! node sends only after running the read, always finds it.
 //!
-//! Keys are counted by a 64-bit hash of their name, not a copy: two keys
-//! that share one only wake the trackers, which then find neither among
-//! their own and send nothing.
+//! Keys are entered by a 64-bit hash of their name, not a copy: two keys
+//! that share one only wake a client that remembers one of them, which
+//! then finds the other is not its own and sends nothing for it.
+//!
+//! Messages are put in the mailboxes under the table's lock, so every
+//! client hears the feeds' messages in one order.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use super::Invalidation;
+use super::mailbox::Mailbox;
+
+/// A tracking client's number in the table (reused once it is gone).
+pub(super) type Id = usize;
+
 /// A table this much larger than its entries is given back (a cleared
-/// tracker's keys leave it).
+/// client's keys leave it).
 const SHRINK_AT: usize = 4;
 
 #[derive(Debug, Default)]
 pub(super) struct Watched {
-    /// Per key hash, how many trackers remember the key. About 20 bytes a
-    /// distinct key, beyond what the trackers count (`ENTRY_BYTES`, 64 a
-    /// key): at most a third more than the hub's budget.
-    keys: Mutex<HashMap<u64, u32>>,
+    table: Mutex<Table>,
     hasher: RandomState,
-    /// `BCAST` trackers alive.
-    bcast: AtomicUsize,
+    /// Tests: every key has the same hash.
+    #[cfg(test)]
+    pub(super) collide: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    /// Per client id, its mailbox (`None`: a free id).
+    clients: Vec<Option<Arc<Mailbox>>>,
+    free: Vec<Id>,
+    live: usize,
+    /// Per key hash, the default-mode clients remembering the key. About
+    /// 30 bytes a distinct key, beyond what the clients count
+    /// (`ENTRY_BYTES`, 64 a key): at most half more than the hub's budget.
+    keys: HashMap<u64, Owners>,
+    /// `BCAST` clients.
+    bcast: Vec<Id>,
+}
+
+/// The clients of one key hash, in id order (an id twice for a client
+/// that remembers two keys of the same hash).
+#[derive(Debug)]
+// Boxed, a thin pointer: an entry stays 16 bytes for the common `One`.
+#[allow(clippy::box_collection)]
+enum Owners {
+    One(Id),
+    Many(Box<Vec<Id>>),
+}
+
+impl Owners {
+    fn ids(&self) -> &[Id] {
+        match self {
+            Owners::One(id) => std::slice::from_ref(id),
+            Owners::Many(ids) => ids,
+        }
+    }
+
+    fn add(&mut self, id: Id) {
+        match self {
+            Owners::One(only) => {
+                let pair = if *only <= id {
+                    vec![*only, id]
+                } else {
+                    vec![id, *only]
+                };
+                *self = Owners::Many(Box::new(pair));
+            }
+            Owners::Many(ids) => {
+                let at = ids.partition_point(|&i| i <= id);
+                ids.insert(at, id);
+            }
+        }
+    }
+
+    /// Drop one entry of `id`; whether any are left.
+    fn remove(&mut self, id: Id) -> bool {
+        match self {
+            Owners::One(only) => *only != id,
+            Owners::Many(ids) => {
+                if let Some(at) = ids.iter().position(|&i| i == id) {
+                    ids.remove(at);
+                }
+                if let [only] = ids[..] {
+                    *self = Owners::One(only);
+                }
+                !self.ids().is_empty()
+            }
+        }
+    }
+}
+
+impl Table {
+    fn mailbox(&self, id: Id) -> Option<&Arc<Mailbox>> {
+        self.clients.get(id)?.as_ref()
+    }
 }
 
 impl Watched {
-    pub(super) fn watch<'a>(&self, keys: impl IntoIterator<Item = &'a Bytes>) {
-        let mut watched = crate::lock(&self.keys);
-        for k in keys {
-            *watched.entry(self.hasher.hash_one(k.as_ref())).or_default() += 1;
+    /// A client starts tracking: its id.
+    pub(super) fn join(&self, mailbox: Arc<Mailbox>, bcast: bool) -> Id {
+        let mut t = crate::lock(&self.table);
+        let id = match t.free.pop() {
+            Some(id) => {
+                t.clients[id] = Some(mailbox);
+                id
+            }
+            None => {
+                t.clients.push(Some(mailbox));
+                t.clients.len() - 1
+            }
+        };
+        t.live += 1;
+        if bcast {
+            t.bcast.push(id);
+        }
+        id
+    }
+
+    /// A client stopped tracking (it has unwatched every key it watched).
+    pub(super) fn leave(&self, id: Id) {
+        let mut t = crate::lock(&self.table);
+        if let Some(slot) = t.clients.get_mut(id)
+            && slot.take().is_some()
+        {
+            t.live -= 1;
+            t.free.push(id);
+            t.bcast.retain(|&b| b != id);
         }
     }
 
-    pub(super) fn unwatch<'a>(&self, keys: impl IntoIterator<Item = &'a Bytes>) {
-        let mut watched = crate::lock(&self.keys);
+    /// How many clients track.
+    pub(super) fn clients(&self) -> usize {
+        crate::lock(&self.table).live
+    }
+
+    pub(super) fn watch<'a>(&self, id: Id, keys: impl IntoIterator<Item = &'a Bytes>) {
+        let mut t = crate::lock(&self.table);
         for k in keys {
-            let h = self.hasher.hash_one(k.as_ref());
-            if let Some(n) = watched.get_mut(&h) {
-                *n -= 1;
-                if *n == 0 {
-                    watched.remove(&h);
+            let h = self.hash(k);
+            t.keys
+                .entry(h)
+                .and_modify(|o| o.add(id))
+                .or_insert(Owners::One(id));
+        }
+    }
+
+    pub(super) fn unwatch<'a>(&self, id: Id, keys: impl IntoIterator<Item = &'a Bytes>) {
+        let mut t = crate::lock(&self.table);
+        for k in keys {
+            let h = self.hash(k);
+            if let Some(owners) = t.keys.get_mut(&h)
+                && !owners.remove(id)
+            {
+                t.keys.remove(&h);
+            }
+        }
+        if t.keys.capacity() > 1024 && t.keys.len() * SHRINK_AT < t.keys.capacity() {
+            let len = t.keys.len();
+            t.keys.shrink_to(2 * len);
+        }
+    }
+
+    /// Put `inv` in every client's mailbox.
+    pub(super) fn to_all(&self, inv: Invalidation) {
+        let t = crate::lock(&self.table);
+        for mailbox in t.clients.iter().flatten() {
+            mailbox.put(inv.clone());
+        }
+    }
+
+    /// Put in each client's mailbox the keys of `keys` it wants.
+    pub(super) fn deliver(&self, keys: Vec<Bytes>) {
+        let t = crate::lock(&self.table);
+        if !t.bcast.is_empty() {
+            let all = Invalidation::Keys(keys.clone().into());
+            for mailbox in t.bcast.iter().filter_map(|&id| t.mailbox(id)) {
+                mailbox.put(all.clone());
+            }
+        }
+        if t.keys.is_empty() {
+            return;
+        }
+        let mut each: BTreeMap<Id, Vec<Bytes>> = BTreeMap::new();
+        for k in keys {
+            let Some(owners) = t.keys.get(&self.hash(&k)) else {
+                continue;
+            };
+            let mut last = None;
+            for &id in owners.ids() {
+                if last != Some(id) {
+                    each.entry(id).or_default().push(k.clone());
+                    last = Some(id);
                 }
             }
         }
-        if watched.capacity() > 1024 && watched.len() * SHRINK_AT < watched.capacity() {
-            let len = watched.len();
-            watched.shrink_to(2 * len);
+        for (id, keys) in each {
+            if let Some(mailbox) = t.mailbox(id) {
+                mailbox.put(Invalidation::Keys(keys.into()));
+            }
         }
     }
 
-    pub(super) fn bcast_started(&self) {
-        // Seen by the feed's thread before the client's next read is sent.
-        self.bcast.fetch_add(1, Ordering::Release);
-    }
-
-    pub(super) fn bcast_ended(&self) {
-        self.bcast.fetch_sub(1, Ordering::Release);
-    }
-
-    /// The keys of `keys` some tracker wants.
-    pub(super) fn wanted(&self, keys: Vec<Bytes>) -> Vec<Bytes> {
-        if self.bcast.load(Ordering::Acquire) > 0 {
-            return keys;
+    fn hash(&self, key: &[u8]) -> u64 {
+        #[cfg(test)]
+        if self.collide.load(std::sync::atomic::Ordering::Relaxed) {
+            return 0;
         }
-        let watched = crate::lock(&self.keys);
-        (keys.into_iter())
-            .filter(|k| watched.contains_key(&self.hasher.hash_one(k.as_ref())))
-            .collect()
+        self.hasher.hash_one(key)
     }
 
-    /// How many distinct keys are watched.
+    /// How many distinct key hashes are watched.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        crate::lock(&self.keys).len()
+        crate::lock(&self.table).keys.len()
     }
 }

@@ -107,8 +107,17 @@ fn calls() -> Grants {
                     add(&mut out, resource_of(kind), &["get", "list", "watch"]);
                 }
             }
+            // Server-side apply of an object that does not exist yet
+            // creates it, and the API server then checks `create` too.
             for rest in line.split("apply::<").skip(1) {
-                add(&mut out, resource_of(rest.split('>').next().unwrap()), &["patch"]);
+                add(
+                    &mut out,
+                    resource_of(rest.split('>').next().unwrap()),
+                    &["patch", "create"],
+                );
+            }
+            if line.contains("self.sets.patch(") && line.contains("Patch::Apply(") {
+                add(&mut out, "apps/statefulsets", &["create"]);
             }
             if line.contains("api.patch_status(") {
                 add(&mut out, "cachetier.io/cachetiers/status", &["patch"]);

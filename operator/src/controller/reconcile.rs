@@ -143,7 +143,9 @@ async fn reconcile_leader(tier: &CacheTier, ctx: &Context) -> Result<Action, Err
         None => None,
     };
     // Before the core's first round, say that the tier is being built.
-    let status = computed.unwrap_or_else(|| report::bootstrapping(tier.status.as_ref(), &tier.spec));
+    let generation = tier.meta().generation;
+    let status =
+        computed.unwrap_or_else(|| report::bootstrapping(tier.status.as_ref(), &tier.spec, generation));
     ctx.metrics.observe_tier(
         &tier.namespace().unwrap_or_default(),
         &name,
@@ -153,7 +155,7 @@ async fn reconcile_leader(tier: &CacheTier, ctx: &Context) -> Result<Action, Err
     // Every node's readiness gate, from the whole status (the published one
     // lists only the nodes worth a look on a large tier).
     mark_serving(tier, ctx, &status).await?;
-    let status = report::publishable(status, &name, tier.meta().generation);
+    let status = report::publishable(status, &name);
     publish(tier, ctx, &key, status).await?;
     Ok(Action::requeue(RESYNC))
 }

@@ -20,8 +20,10 @@ use crate::reconcile::TIER_LABEL;
 pub const FULL_DETAIL_NODES: usize = 60;
 
 /// The status as published: volatile per-node figures removed, per-node
-/// detail bounded, the scale subresource's selector filled in.
-pub fn publishable(mut status: CacheTierStatus, tier: &str, generation: Option<i64>) -> CacheTierStatus {
+/// detail bounded, the scale subresource's selector filled in. Its
+/// `observedGeneration` stays the one it was computed for (the core's last
+/// round may have run on the spec before an edit).
+pub fn publishable(mut status: CacheTierStatus, tier: &str) -> CacheTierStatus {
     let nodes: usize = status.shards.iter().map(|s| s.nodes.len()).sum();
     for shard in &mut status.shards {
         if nodes > FULL_DETAIL_NODES {
@@ -40,7 +42,6 @@ pub fn publishable(mut status: CacheTierStatus, tier: &str, generation: Option<i
         }
     }
     status.selector = Some(format!("{TIER_LABEL}={tier}"));
-    status.observed_generation = generation;
     status
 }
 
@@ -51,13 +52,19 @@ pub fn changed(previous: Option<&CacheTierStatus>, next: &CacheTierStatus) -> bo
 }
 
 /// The status of a tier whose core has not observed it yet: the last status
-/// written, or Bootstrapping with the node count the spec asks for.
-pub fn bootstrapping(previous: Option<&CacheTierStatus>, spec: &CacheTierSpec) -> CacheTierStatus {
+/// written, or Bootstrapping with the node count the spec (of `generation`)
+/// asks for.
+pub fn bootstrapping(
+    previous: Option<&CacheTierStatus>,
+    spec: &CacheTierSpec,
+    generation: Option<i64>,
+) -> CacheTierStatus {
     if let Some(previous) = previous.filter(|p| p.phase.is_some_and(|p| p != Phase::Invalid)) {
         return previous.clone();
     }
     let total = i32::try_from(spec.total_nodes()).unwrap_or(i32::MAX);
     CacheTierStatus {
+        observed_generation: generation,
         phase: Some(Phase::Bootstrapping),
         total_nodes: total,
         ready: Some(format!("0/{total}")),
@@ -97,7 +104,8 @@ pub fn invalid_status(
         last_transition_time: since,
     });
     status.phase = Some(Phase::Invalid);
-    publishable(status, tier, generation)
+    status.observed_generation = generation;
+    publishable(status, tier)
 }
 
 /// The longest Event note the API server accepts (`events.k8s.io/v1`).
@@ -276,16 +284,29 @@ mod tests {
 
     #[test]
     fn a_moving_round_trip_time_does_not_rewrite_the_status() {
-        let a = publishable(status(Phase::Ready), "t", Some(1));
+        let a = publishable(status(Phase::Ready), "t");
         let mut moved = status(Phase::Ready);
         moved.shards[0].nodes[0].rtt_micros = Some(9000);
-        let b = publishable(moved, "t", Some(1));
+        let b = publishable(moved, "t");
         assert!(!changed(Some(&a), &b));
         assert_eq!(b.selector.as_deref(), Some("cachetier.io/tier=t"));
-        assert!(changed(
-            Some(&a),
-            &publishable(status(Phase::Degraded), "t", Some(1))
-        ));
+        assert!(changed(Some(&a), &publishable(status(Phase::Degraded), "t")));
+    }
+
+    #[test]
+    fn a_status_computed_for_an_older_spec_keeps_that_specs_generation() {
+        // The core's last round ran on generation 1; the tier is at 2.
+        let mut computed = status(Phase::Ready);
+        computed.observed_generation = Some(1);
+        let published = publishable(computed, "t");
+        assert_eq!(published.observed_generation, Some(1));
+        // Before the core's first round: the spec's own.
+        let tier = cachetier_crds::validate::parse_manifest(
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec: {shards: 1, maxMemory: 64Mi}\n",
+        )
+        .unwrap();
+        let fresh = bootstrapping(None, &tier.spec, Some(2));
+        assert_eq!(fresh.observed_generation, Some(2));
     }
 
     #[test]
@@ -318,7 +339,6 @@ mod tests {
                 ..CacheTierStatus::default()
             },
             "t",
-            None,
         );
         assert_eq!(
             status.shards[0].nodes.len(),

@@ -57,17 +57,26 @@ impl Kubectl {
 }
 
 impl Kubectl {
-    /// Runs `kubectl ARGS…`, panicking with its stderr when it fails; returns stdout.
-    pub fn ok(&self, args: &[&str]) -> String {
+    /// Runs `kubectl ARGS…`: its stdout, or what went wrong (for the polls of
+    /// [`wait_for`], where one failed call, an API server's moment of
+    /// `etcdserver: request timed out`, is worth another look).
+    pub fn get(&self, args: &[&str]) -> Result<String, String> {
         let out = self
             .run(args)
-            .unwrap_or_else(|e| panic!("cannot run kubectl {args:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .map_err(|e| format!("cannot run kubectl {args:?}: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "kubectl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Runs `kubectl ARGS…`, panicking with its stderr when it fails; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.get(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `kubectl ARGS…` with `stdin` as its standard input (e.g. `apply -f -`).

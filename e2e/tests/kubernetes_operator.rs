@@ -18,21 +18,96 @@ const KEYS: usize = 300;
 /// The image a tier is rolled to (the example's is `redis:7.2`).
 const ROLLED_IMAGE: &str = "redis:7.2.5";
 
-fn jsonpath(k: Kubectl, ns: &str, object: &str, path: &str) -> String {
-    k.ok(&["get", "-n", ns, object, "-o", &format!("jsonpath={path}")])
+fn jsonpath(k: Kubectl, ns: &str, object: &str, path: &str) -> Result<String, String> {
+    k.get(&["get", "-n", ns, object, "-o", &format!("jsonpath={path}")])
 }
 
+/// Ready with `shards` shards, in a status computed for the tier's current
+/// spec (`observedGeneration`: a status of the spec before an edit, or
+/// before `kubectl scale`, does not count).
 fn wait_ready(k: Kubectl, ns: &str, shards: usize) {
     wait_for(
         &format!("CacheTier {TIER} Ready with {shards} shards"),
         Duration::from_secs(900),
         || {
-            let phase = jsonpath(k, ns, &format!("cachetier/{TIER}"), "{.status.phase}");
-            let current = jsonpath(k, ns, &format!("cachetier/{TIER}"), "{.status.currentShards}");
-            if phase == "Ready" && current == shards.to_string() {
+            let seen = jsonpath(
+                k,
+                ns,
+                &format!("cachetier/{TIER}"),
+                "{.metadata.generation} {.status.observedGeneration} {.status.phase} {.status.currentShards}",
+            )?;
+            let shards = shards.to_string();
+            match seen.split(' ').collect::<Vec<_>>()[..] {
+                [generation, observed, "Ready", current] if generation == observed && current == shards => {
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "generation, observedGeneration, phase, currentShards: {seen}"
+                )),
+            }
+        },
+    );
+}
+
+/// Every key written reads back. Waited for (a failover or the last step of
+/// a reshard may still be under way when the status says Ready); a lost
+/// key never comes back, so a loss still fails, naming the count.
+fn all_keys_read_back(k: Kubectl, ns: &str, after: &str) {
+    wait_for(
+        &format!("all {KEYS} keys read back {after}"),
+        Duration::from_secs(300),
+        || {
+            let n = count_keys(k, ns)?;
+            if n == KEYS {
                 Ok(())
             } else {
-                Err(format!("phase {phase:?}, currentShards {current:?}"))
+                Err(format!("{n} of {KEYS} keys read back"))
+            }
+        },
+    );
+}
+
+/// Nothing is left of an earlier run that stopped half-way (its tier, at
+/// whatever scale or image, and its pods): this run starts from none.
+fn clean_up_earlier_runs(k: Kubectl, ns: &str) {
+    k.ok(&[
+        "delete",
+        "-n",
+        ns,
+        "pod",
+        "e2e-injected",
+        "e2e-plain",
+        "e2e-outage",
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
+    k.ok(&[
+        "delete",
+        "-n",
+        ns,
+        &format!("cachetier/{TIER}"),
+        "--ignore-not-found",
+        "--timeout=300s",
+    ]);
+    wait_pods_gone(k, ns);
+}
+
+/// The tier's pods and the test's own are gone (deleted pods keep their
+/// names, and so the cluster state in memory, until they end).
+fn wait_pods_gone(k: Kubectl, ns: &str) {
+    wait_for(
+        "the pods of the tier and of the test to be gone",
+        Duration::from_secs(300),
+        || {
+            let pods = k.get(&["get", "pods", "-n", ns, "-o", "name"])?;
+            let left: Vec<&str> = pods
+                .lines()
+                .filter(|p| p.starts_with(&format!("pod/{TIER}-")) || p.starts_with("pod/e2e-"))
+                .collect();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left.join(" "))
             }
         },
     );
@@ -40,9 +115,9 @@ fn wait_ready(k: Kubectl, ns: &str, shards: usize) {
 
 /// Runs a shell script in the Redis container of the tier's first pod (the
 /// Redis image has `sh` and `redis-cli`; `-c` follows MOVED).
-fn redis_sh(k: Kubectl, ns: &str, script: &str) -> String {
+fn redis_sh(k: Kubectl, ns: &str, script: &str) -> Result<String, String> {
     let pod = format!("{TIER}-0-0");
-    k.ok(&["exec", "-n", ns, &pod, "-c", "redis", "--", "sh", "-c", script])
+    k.get(&["exec", "-n", ns, &pod, "-c", "redis", "--", "sh", "-c", script])
 }
 
 fn write_keys(k: Kubectl, ns: &str) {
@@ -55,20 +130,22 @@ fn write_keys(k: Kubectl, ns: &str) {
         &format!(
             "for i in $(seq 1 {KEYS}); do printf 'SET key:%s %s\\nWAIT 1 2000\\n' $i $i | redis-cli -c; done"
         ),
-    );
+    )
+    .unwrap();
     let acked = out.lines().filter(|l| l.trim() == "1").count();
     assert_eq!(acked, KEYS, "not every write was replicated: {out}");
 }
 
-fn count_keys(k: Kubectl, ns: &str) -> usize {
+fn count_keys(k: Kubectl, ns: &str) -> Result<usize, String> {
     let out = redis_sh(
         k,
         ns,
         &format!("for i in $(seq 1 {KEYS}); do echo \"$i $(redis-cli -c get key:$i)\"; done"),
-    );
-    out.lines()
+    )?;
+    Ok(out
+        .lines()
         .filter(|l| l.split_once(' ').is_some_and(|(i, v)| i == v))
-        .count()
+        .count())
 }
 
 fn app_pod(name: &str, labels: &str) -> String {
@@ -95,6 +172,11 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         "-f",
         "crds/cachetier.yaml",
     ]);
+    // An earlier run may have stopped with the operator scaled to zero: back
+    // to the chart's two first (so helm's apply of the same value does not
+    // conflict with kubectl's, and helm v3's merge, which leaves a field
+    // it did not change alone, does not keep zero).
+    let _ = k.run(&["scale", "-n", ops, "deployment/cachetier", "--replicas=2"]);
     env.helm(&[
         "upgrade",
         "--install",
@@ -106,16 +188,17 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         "--wait",
         "--timeout",
         "5m",
-        "--set",
+        "--set-string",
         &format!("operator.image.repository={op_repo}"),
-        "--set",
+        "--set-string",
         &format!("operator.image.tag={op_tag}"),
-        "--set",
+        "--set-string",
         &format!("sidecar.image.repository={sc_repo}"),
-        "--set",
+        "--set-string",
         &format!("sidecar.image.tag={sc_tag}"),
     ]);
     let _ = k.run(&["create", "namespace", ns]);
+    clean_up_earlier_runs(k, ns);
     k.ok(&["apply", "-n", ns, "-f", "crds/examples/minimal.yaml"]);
     wait_ready(k, ns, 3);
     let listing = k.ok(&["get", "ct", "-n", ns]);
@@ -124,19 +207,26 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         "{listing}"
     );
     // `kubectl get events` reads core/v1 Events, whose field is
-    // `involvedObject` (`regarding` exists only in events.k8s.io/v1).
-    let events = k.ok(&[
-        "get",
-        "events",
-        "-n",
-        ns,
-        "--field-selector",
-        &format!("involvedObject.name={TIER},involvedObject.kind=CacheTier"),
-    ]);
-    assert!(events.contains("Ready"), "no Ready event: {events}");
+    // `involvedObject` (`regarding` exists only in events.k8s.io/v1). The
+    // operator records Events after it writes the status.
+    wait_for("a Ready Event of the tier", Duration::from_secs(60), || {
+        let events = k.get(&[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            &format!("involvedObject.name={TIER},involvedObject.kind=CacheTier"),
+        ])?;
+        if events.contains("Ready") {
+            Ok(())
+        } else {
+            Err(events)
+        }
+    });
 
     write_keys(k, ns);
-    assert_eq!(count_keys(k, ns), KEYS);
+    assert_eq!(count_keys(k, ns).unwrap(), KEYS);
 
     // Lose a primary pod: it comes back empty under its name; no replicated key is lost.
     let primary = jsonpath(
@@ -144,9 +234,10 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         ns,
         &format!("cachetier/{TIER}"),
         "{.status.shards[1].nodes[0].name}",
-    );
+    )
+    .unwrap();
     assert!(primary.starts_with(TIER), "{primary:?}");
-    let uid = jsonpath(k, ns, &format!("pod/{primary}"), "{.metadata.uid}");
+    let uid = jsonpath(k, ns, &format!("pod/{primary}"), "{.metadata.uid}").unwrap();
     k.ok(&["delete", "pod", "-n", ns, &primary, "--wait=false"]);
     // The status must not be read before the pod is replaced: until then
     // the old one may still answer and count as ready.
@@ -167,28 +258,20 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         std::thread::sleep(Duration::from_secs(2));
     }
     wait_ready(k, ns, 3);
-    assert_eq!(
-        count_keys(k, ns),
-        KEYS,
-        "keys lost after deleting primary {primary}"
-    );
+    all_keys_read_back(k, ns, &format!("after deleting primary {primary}"));
 
     // Reshard 3 → 4 → 3 through the scale subresource.
     k.ok(&["scale", "-n", ns, &format!("cachetier/{TIER}"), "--replicas=4"]);
     wait_ready(k, ns, 4);
-    assert_eq!(count_keys(k, ns), KEYS, "keys lost after scaling to 4 shards");
+    all_keys_read_back(k, ns, "after scaling to 4 shards");
     k.ok(&["scale", "-n", ns, &format!("cachetier/{TIER}"), "--replicas=3"]);
     wait_ready(k, ns, 3);
-    assert_eq!(
-        count_keys(k, ns),
-        KEYS,
-        "keys lost after scaling back to 3 shards"
-    );
+    all_keys_read_back(k, ns, "after scaling back to 3 shards");
     wait_for(
         "the fourth shard's StatefulSet to be gone",
         Duration::from_secs(300),
         || {
-            let sets = k.ok(&["get", "statefulsets", "-n", ns, "-o", "name"]);
+            let sets = k.get(&["get", "statefulsets", "-n", ns, "-o", "name"])?;
             if sets.contains(&format!("{TIER}-3")) {
                 Err(sets)
             } else {
@@ -211,12 +294,12 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         "pod/e2e-plain",
         "--timeout=300s",
     ]);
-    let init = jsonpath(k, ns, "pod/e2e-injected", "{.spec.initContainers[*].name}");
+    let init = jsonpath(k, ns, "pod/e2e-injected", "{.spec.initContainers[*].name}").unwrap();
     assert!(
         init.contains(&format!("cachetier-{TIER}")),
         "no sidecar injected: {init:?}"
     );
-    let untouched = jsonpath(k, ns, "pod/e2e-plain", "{.spec.initContainers[*].name}");
+    let untouched = jsonpath(k, ns, "pod/e2e-plain", "{.spec.initContainers[*].name}").unwrap();
     assert!(
         untouched.is_empty(),
         "an unlabelled pod was changed: {untouched:?}"
@@ -286,7 +369,7 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
         "every Redis pod to run the new image",
         Duration::from_secs(1200),
         || {
-            let images = k.ok(&[
+            let images = k.get(&[
                 "get",
                 "pods",
                 "-n",
@@ -295,13 +378,13 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
                 &format!("cachetier.io/tier={TIER}"),
                 "-o",
                 "jsonpath={.items[*].spec.containers[0].image}",
-            ]);
+            ])?;
             let all_new = !images.is_empty() && images.split_whitespace().all(|i| i == ROLLED_IMAGE);
             if all_new { Ok(()) } else { Err(images) }
         },
     );
     wait_ready(k, ns, 3);
-    assert_eq!(count_keys(k, ns), KEYS, "keys lost in the rolling replace");
+    all_keys_read_back(k, ns, "after the rolling replace");
     let read_errors = reader.join().unwrap();
     assert_eq!(
         read_errors.trim(),
@@ -312,7 +395,7 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
     // An operator outage never blocks pod creation (failurePolicy Ignore).
     k.ok(&["scale", "-n", ops, "deployment/cachetier", "--replicas=0"]);
     wait_for("the operator pods to be gone", Duration::from_secs(120), || {
-        let pods = k.ok(&[
+        let pods = k.get(&[
             "get",
             "pods",
             "-n",
@@ -321,7 +404,7 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
             "app.kubernetes.io/name=cachetier-operator",
             "-o",
             "name",
-        ]);
+        ])?;
         if pods.trim().is_empty() { Ok(()) } else { Err(pods) }
     });
     let during_outage = app_pod("e2e-outage", &format!("    cachetier.io/inject: {TIER}"));
@@ -341,7 +424,7 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
     ]);
     k.ok(&["delete", "-n", ns, &format!("cachetier/{TIER}")]);
     wait_for("the tier's objects to be gone", Duration::from_secs(300), || {
-        let left = k.ok(&[
+        let left = k.get(&[
             "get",
             "statefulsets,services,configmaps,pdb",
             "-n",
@@ -350,7 +433,8 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
             &format!("cachetier.io/tier={TIER}"),
             "-o",
             "name",
-        ]);
+        ])?;
         if left.trim().is_empty() { Ok(()) } else { Err(left) }
     });
+    wait_pods_gone(k, ns);
 }

@@ -38,7 +38,13 @@ impl Router {
                 Some(_) => reply(err("ERR cachetier: Redis Cluster has only database 0 (SELECT 0)")),
                 None => reply(err("ERR value is not an integer or out of range")),
             },
-            "readonly" | "readwrite" => reply(ok()),
+            // As from the one standalone server the sidecar presents itself
+            // as (HELLO's `mode`): a client that probes for a cluster this
+            // way (rueidis does, with CLUSTER SLOTS) falls back to
+            // standalone. Arguments are checked before this.
+            "readonly" | "readwrite" | "asking" | "cluster" => {
+                reply(err("ERR This instance has cluster support disabled"))
+            }
             // As HELLO and INFO say: one primary, no replicas of its own
             // (arguments are refused by the arity check before this).
             "role" => reply(encode(&Frame::Array(vec![

@@ -268,6 +268,26 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
         acl.extend(resp(args));
     }
     scripts.push(("ACL", acl));
+    // How clients probe for a cluster (rueidis sends CLUSTER SLOTS and
+    // falls back to standalone on this error; cluster clients send
+    // READONLY): the sidecar is one standalone server.
+    let mut cluster = Vec::new();
+    for args in [
+        &["CLUSTER", "SLOTS"][..],
+        &["CLUSTER", "SHARDS"],
+        &["CLUSTER", "INFO"],
+        &["CLUSTER", "KEYSLOT", "k"],
+        &["CLUSTER", "KEYSLOT"],
+        &["CLUSTER", "NOSUCH"],
+        &["CLUSTER"],
+        &["ASKING"],
+        &["READONLY"],
+        &["READWRITE"],
+        &["READONLY", "x"],
+    ] {
+        cluster.extend(resp(args));
+    }
+    scripts.push(("cluster probes", cluster));
     // Client-side caching: its options, modes and questions.
     let mut tracking = Vec::new();
     for args in [

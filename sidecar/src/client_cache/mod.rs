@@ -281,7 +281,7 @@ impl crate::tracking::Feed for Hub {
                         _ => None,
                     })
                     .collect();
-                self.watched.deliver(keys);
+                self.watched.deliver(&keys);
             }
             None => {
                 self.metrics

@@ -262,7 +262,9 @@ async fn two_keys_of_one_hash_wake_only_their_clients_each_once() {
     let mut a = Tracker::start(&hub, Options::default());
     let mut b = Tracker::start(&hub, Options::default());
     let mut c = Tracker::start(&hub, Options::default());
-    // Every key shares one hash: a is entered twice under it.
+    let mut d = Tracker::start(&hub, Options::default());
+    // Every key shares one hash: entered out of id order, a twice.
+    assert!(c.read(&args(&["z"])).is_empty());
     assert!(a.read(&args(&["x", "y"])).is_empty());
     assert!(b.read(&args(&["y"])).is_empty());
     assert_eq!(hub.watched.len(), 1);
@@ -275,7 +277,11 @@ async fn two_keys_of_one_hash_wake_only_their_clients_each_once() {
     let mut out = Vec::new();
     a.pushes(&Invalidation::Keys(keys), &mut out);
     assert_eq!(out, vec![push(Some(args(&["y"])))]);
-    assert!(hears(&mut c).await.is_none(), "c read nothing");
+    // c remembers z, of the same hash: woken, and sends nothing.
+    let inv = hears(&mut c).await.expect("c is woken");
+    c.pushes(&inv, &mut out);
+    assert_eq!(out.len(), 1, "only a's push");
+    assert!(hears(&mut d).await.is_none(), "d read nothing");
     // a still remembers x, under the shared hash: still woken for y, and
     // sends nothing for it.
     feed(&hub, &["y"]).await;
@@ -284,20 +290,42 @@ async fn two_keys_of_one_hash_wake_only_their_clients_each_once() {
     a.pushes(&inv, &mut out);
     assert!(out.is_empty(), "{out:?}");
     drop(a);
-    // b's entry is left.
+    // b's and c's entries are left.
     assert_eq!(hub.watched.len(), 1);
     drop(b);
+    assert_eq!(hub.watched.len(), 1);
+    drop(c);
     assert_eq!(hub.watched.len(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_take_its_messages_holds_each_key_once() {
+    let hub = Hub::new(Metrics::new().unwrap());
+    let mut a = Tracker::start(&hub, Options::default());
+    assert!(a.read(&args(&["k", "j"])).is_empty());
+    // Ten thousand writes of its two keys while it does not look, and a
+    // flush: pending, one flush and each key once.
+    for _ in 0..5_000 {
+        feed(&hub, &["k"]).await;
+        feed(&hub, &["j", "k"]).await;
+    }
+    hub.unseen("topology");
+    assert!(matches!(hears(&mut a).await, Some(Invalidation::Unseen)));
+    let Some(Invalidation::Keys(keys)) = hears(&mut a).await else {
+        panic!("its keys");
+    };
+    assert_eq!(&*keys, &args(&["k", "j"])[..]);
+    assert!(hears(&mut a).await.is_none());
 }
 
 #[tokio::test]
 async fn a_client_that_falls_behind_is_sent_one_flush() {
     let metrics = Metrics::new().unwrap();
     let hub = Hub::new(metrics.clone());
-    let mut a = Tracker::start(&hub, Options::default());
-    assert!(a.read(&args(&["k"])).is_empty());
-    for _ in 0..=mailbox::BACKLOG {
-        feed(&hub, &["k"]).await;
+    // A BCAST client is passed every key written.
+    let mut a = Tracker::start(&hub, on(&["on", "bcast"], None).unwrap());
+    for i in 0..=mailbox::BACKLOG {
+        feed(&hub, &[&format!("k{i}")]).await;
     }
     assert!(matches!(hears(&mut a).await, Some(Invalidation::Unseen)));
     assert!(hears(&mut a).await.is_none(), "what it fell behind by is dropped");
@@ -305,4 +333,26 @@ async fn a_client_that_falls_behind_is_sent_one_flush() {
     assert_eq!(lagged, 1);
     feed(&hub, &["k"]).await;
     assert!(matches!(hears(&mut a).await, Some(Invalidation::Keys(_))));
+}
+
+#[test]
+fn a_parked_client_is_woken_by_a_message_from_another_thread() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let hub = Hub::new(Metrics::new().unwrap());
+    let mut a = Tracker::start(&hub, Options::default());
+    assert!(a.read(&args(&["k"])).is_empty());
+    let feeder = {
+        let hub = hub.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            hub.watched.deliver(&args(&["k"]));
+        })
+    };
+    // Parked before the message comes: woken by it.
+    let heard = rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), a.recv()).await });
+    assert!(matches!(heard, Ok(Invalidation::Keys(_))), "{heard:?}");
+    feeder.join().unwrap();
 }

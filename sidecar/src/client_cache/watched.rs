@@ -15,12 +15,14 @@
 //! that share one only wake a client that remembers one of them, which
 //! then finds the other is not its own and sends nothing for it.
 //!
-//! Messages are put in the mailboxes under the table's lock, so every
-//! client hears the feeds' messages in one order.
+//! Messages are put in the mailboxes under the table's lock (the clients
+//! are woken after it), so no message for a key can miss a client that
+//! entered it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 
 use bytes::Bytes;
 
@@ -49,9 +51,11 @@ struct Table {
     clients: Vec<Option<Arc<Mailbox>>>,
     free: Vec<Id>,
     live: usize,
-    /// Per key hash, the default-mode clients remembering the key. About
-    /// 30 bytes a distinct key, beyond what the clients count
-    /// (`ENTRY_BYTES`, 64 a key): at most half more than the hub's budget.
+    /// Per key hash, the default-mode clients remembering the key: a
+    /// 24-byte entry in a table up to twice the size it needs (about 30
+    /// to 55 bytes a distinct key, more for a key several clients read),
+    /// beyond what the clients count (its name and `ENTRY_BYTES`, 64):
+    /// less again than the hub's budget.
     keys: HashMap<u64, Owners>,
     /// `BCAST` clients.
     bcast: Vec<Id>,
@@ -60,7 +64,7 @@ struct Table {
 /// The clients of one key hash, in id order (an id twice for a client
 /// that remembers two keys of the same hash).
 #[derive(Debug)]
-// Boxed, a thin pointer: an entry stays 16 bytes for the common `One`.
+// Boxed, a thin pointer: the value stays 16 bytes for the common `One`.
 #[allow(clippy::box_collection)]
 enum Owners {
     One(Id),
@@ -97,7 +101,7 @@ impl Owners {
         match self {
             Owners::One(only) => *only != id,
             Owners::Many(ids) => {
-                if let Some(at) = ids.iter().position(|&i| i == id) {
+                if let Ok(at) = ids.binary_search(&id) {
                     ids.remove(at);
                 }
                 if let [only] = ids[..] {
@@ -182,42 +186,50 @@ impl Watched {
 
     /// Put `inv` in every client's mailbox.
     pub(super) fn to_all(&self, inv: Invalidation) {
-        let t = crate::lock(&self.table);
-        for mailbox in t.clients.iter().flatten() {
-            mailbox.put(inv.clone());
-        }
+        let wakers: Vec<Waker> = {
+            let t = crate::lock(&self.table);
+            t.clients.iter().flatten().filter_map(|m| m.put(&inv)).collect()
+        };
+        wakers.into_iter().for_each(Waker::wake);
     }
 
-    /// Put in each client's mailbox the keys of `keys` it wants.
-    pub(super) fn deliver(&self, keys: Vec<Bytes>) {
-        let t = crate::lock(&self.table);
-        if !t.bcast.is_empty() {
-            let all = Invalidation::Keys(keys.clone().into());
-            for mailbox in t.bcast.iter().filter_map(|&id| t.mailbox(id)) {
-                mailbox.put(all.clone());
-            }
-        }
-        if t.keys.is_empty() {
+    /// Put in each client's mailbox the keys of `keys` it wants. They are
+    /// copied: the feed's names are slices of its read buffer, which a
+    /// pending key would keep alive.
+    pub(super) fn deliver(&self, keys: &[Bytes]) {
+        if keys.is_empty() {
             return;
         }
-        let mut each: BTreeMap<Id, Vec<Bytes>> = BTreeMap::new();
-        for k in keys {
-            let Some(owners) = t.keys.get(&self.hash(&k)) else {
-                continue;
-            };
-            let mut last = None;
-            for &id in owners.ids() {
-                if last != Some(id) {
-                    each.entry(id).or_default().push(k.clone());
-                    last = Some(id);
+        let mut wakers: Vec<Waker> = Vec::new();
+        {
+            let t = crate::lock(&self.table);
+            let copy = |k: &Bytes| Bytes::copy_from_slice(k);
+            if !t.bcast.is_empty() {
+                let all = Invalidation::Keys(keys.iter().map(copy).collect());
+                let bcast = t.bcast.iter().filter_map(|&id| t.mailbox(id));
+                wakers.extend(bcast.filter_map(|m| m.put(&all)));
+            }
+            let mut each: BTreeMap<Id, Vec<Bytes>> = BTreeMap::new();
+            for k in keys {
+                let Some(owners) = t.keys.get(&self.hash(k)) else {
+                    continue;
+                };
+                let k = copy(k);
+                let mut last = None;
+                for &id in owners.ids() {
+                    if last != Some(id) {
+                        each.entry(id).or_default().push(k.clone());
+                        last = Some(id);
+                    }
+                }
+            }
+            for (id, keys) in each {
+                if let Some(mailbox) = t.mailbox(id) {
+                    wakers.extend(mailbox.put(&Invalidation::Keys(keys.into())));
                 }
             }
         }
-        for (id, keys) in each {
-            if let Some(mailbox) = t.mailbox(id) {
-                mailbox.put(Invalidation::Keys(keys.into()));
-            }
-        }
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     fn hash(&self, key: &[u8]) -> u64 {

@@ -185,6 +185,9 @@ pub struct Turn {
     prev: Option<StageRx>,
     me: StageRx,
     client: Arc<ClientOrder>,
+    /// The command's reads go to primaries (its client's, when the turn
+    /// was taken: a tracked read of a tracking client).
+    primary_reads: bool,
     on_sent: std::sync::Mutex<Option<OnSent>>,
     /// `on_sent` holds something: most turns have nothing to run, and a
     /// plain load is cheaper than the lock.
@@ -222,11 +225,12 @@ impl ClientOrder {
         mark
     }
 
-    /// Whether every read of this client goes to a primary.
+    /// Whether the reads of the client's next command go to a primary.
     pub fn primary_reads(&self) -> bool {
         self.primary_reads.load(Ordering::Relaxed)
     }
 
+    /// Set before the client's next command takes its turn.
     pub fn set_primary_reads(&self, on: bool) {
         self.primary_reads.store(on, Ordering::Relaxed);
     }
@@ -263,6 +267,7 @@ impl ClientOrder {
                 prev,
                 me: me.clone(),
                 client: self.clone(),
+                primary_reads: self.primary_reads(),
                 on_sent: std::sync::Mutex::new(None),
                 has_on_sent: AtomicBool::new(false),
             },
@@ -379,6 +384,7 @@ impl Turn {
             prev: None,
             me: StageRx(Arc::new(StageCell::default())),
             client: self.client.clone(),
+            primary_reads: self.primary_reads,
             on_sent: std::sync::Mutex::new(None),
             has_on_sent: AtomicBool::new(false),
         }
@@ -386,6 +392,11 @@ impl Turn {
 
     pub fn client(&self) -> &Arc<ClientOrder> {
         &self.client
+    }
+
+    /// Whether this command's reads go to primaries.
+    pub fn primary_reads(&self) -> bool {
+        self.primary_reads
     }
 
     /// The command has its reply: done once everything before it is.

@@ -409,6 +409,7 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                 // answered straight into the output buffer, with no future.
                 Ok(Some(req))
                     if pending.is_empty()
+                        && st.tracker.is_none()
                         && let Some(hit) =
                             router.try_cached(&mut st, &req, pending.arrived(), pending.metrics()) =>
                 {
@@ -417,13 +418,28 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                     }
                 }
                 Ok(Some(req)) => {
-                    // Its reply follows the flush, if remembering its keys started over.
-                    let mut tracked = false;
+                    // CLIENT TRACKING: whether the command is tracked (its
+                    // keys remembered, its reads around the local cache),
+                    // and the flush to send before its reply, if
+                    // remembering its keys started over.
+                    let (mut pushes, mut tracked) = (Vec::new(), false);
                     if st.tracker.is_some() {
-                        let (pushes, read) = router.tracked_read(&mut st, &req);
-                        pushes.into_iter().for_each(|p| pending.push_reply(p));
-                        tracked = read;
+                        (pushes, tracked) = router.tracked_read(&mut st, &req);
+                        // Not tracked (OPTIN, OPTOUT): the local cache may
+                        // answer it as any client's.
+                        if !tracked
+                            && pending.is_empty()
+                            && pushes.is_empty()
+                            && let Some(hit) =
+                                router.try_cached(&mut st, &req, pending.arrived(), pending.metrics())
+                        {
+                            if !st.session.silenced() {
+                                out.extend_from_slice(&hit);
+                            }
+                            continue;
+                        }
                     }
+                    pushes.into_iter().for_each(|p| pending.push_reply(p));
                     let action = router.dispatch(&mut st, req, Some(pending.place()));
                     let open = pending.push(action);
                     if tracked {

@@ -6,11 +6,15 @@
 //!
 //! - one invalidation feed per current primary (`tracking.rs`, `BCAST` with
 //!   no prefix: every key) is shared by this sidecar's tracking clients, and
-//!   kept only while at least one client tracks;
-//! - each tracking client remembers the keys its reads named ([`Tracker`])
-//!   and is sent a push for those (in `BCAST` mode: for its prefixes);
-//! - its reads go to primaries and around the local cache, so no value it is
-//!   handed is older than an invalidation it was already sent;
+//!   kept only while at least one client tracks (an `OPTIN` one: from its
+//!   first `CLIENT CACHING yes`);
+//! - each tracking client remembers the keys its tracked reads named
+//!   ([`Tracker`]) and is sent a push for those (in `BCAST` mode: for its
+//!   prefixes);
+//! - its tracked reads go to primaries and around the local cache, so no
+//!   value it is handed is older than an invalidation it was already sent
+//!   (its untracked ones, in `OPTIN` or `OPTOUT` mode, are read as any
+//!   client's);
 //! - a push is queued behind every reply the client is waiting for when the
 //!   push arrives, so a read that ran before a write has its reply delivered
 //!   before that write's invalidation, as on one connection;
@@ -25,7 +29,7 @@
 //!   cannot take it).
 //!
 //! What differs from Redis: a client may be sent invalidations Redis would
-//! not send (keys its scripts and `OPTIN` reads named, its own writes under
+//! not send (keys its scripts named, its own writes under
 //! `NOLOOP`), which a client-side cache takes as a no-op; a push waits
 //! behind a slow script or an `XREAD … BLOCK` the client is waiting for
 //! (Redis sends it at once, as the sidecar does to a client waiting only
@@ -104,8 +108,12 @@ pub struct Hub {
     established: std::sync::Mutex<HashSet<String>>,
     /// Woken when a feed is established or a tracker ends.
     changed: Notify,
-    /// Woken when a client starts tracking.
+    /// Woken when a client starts needing the feeds.
     wake: Notify,
+    /// Trackers that need the feeds: all but `OPTIN` ones that have not
+    /// yet asked for a read to be tracked (rueidis turns `OPTIN` tracking
+    /// on for every connection; the feeds cost every write to the tier).
+    feeders: AtomicUsize,
     /// The bytes every tracker's remembered keys cost, and their bound.
     key_bytes: AtomicUsize,
     max_key_bytes: usize,
@@ -129,6 +137,7 @@ impl Hub {
             established: std::sync::Mutex::default(),
             changed: Notify::new(),
             wake: Notify::new(),
+            feeders: AtomicUsize::new(0),
             key_bytes: AtomicUsize::new(0),
             max_key_bytes,
             shed_at: std::sync::Mutex::default(),
@@ -242,7 +251,7 @@ impl crate::tracking::Feed for Hub {
     }
 
     fn wanted(&self) -> bool {
-        self.watched.clients() > 0
+        self.feeders.load(Ordering::Relaxed) > 0
     }
 
     fn woken(&self) -> impl Future<Output = ()> + Send {
@@ -308,6 +317,8 @@ pub struct Tracker {
     key_bytes: usize,
     /// Anything was read since the last flush (so a flush means something).
     read_any: bool,
+    /// Counted in [`Hub::feeders`].
+    feeding: bool,
     /// `CLIENT CACHING` was given, for the command after it.
     pub caching: bool,
     /// A command that ends `caching` has run.
@@ -319,10 +330,8 @@ impl Tracker {
     pub fn start(hub: &Arc<Hub>, options: Options) -> Tracker {
         let mailbox = Arc::new(Mailbox::default());
         let id = hub.watched.join(mailbox.clone(), options.bcast);
-        // Kept as a permit when the feeds already run: one extra look.
-        hub.wake.notify_one();
         hub.metrics.tracking_clients.inc();
-        Tracker {
+        let mut tracker = Tracker {
             hub: hub.clone(),
             alive: Arc::new(()),
             id,
@@ -331,8 +340,42 @@ impl Tracker {
             keys: HashSet::new(),
             key_bytes: 0,
             read_any: false,
+            feeding: false,
             caching: false,
             caching_used: false,
+        };
+        if !tracker.options.optin {
+            tracker.feed();
+        }
+        tracker
+    }
+
+    /// This tracker needs the feeds from now on (until it ends). Returns
+    /// whether that is new: then its next tracked read should wait for
+    /// [`Hub::covering`].
+    pub fn feed(&mut self) -> bool {
+        if std::mem::replace(&mut self.feeding, true) {
+            return false;
+        }
+        self.hub.feeders.fetch_add(1, Ordering::Relaxed);
+        // Kept as a permit when the feeds already run: one extra look.
+        self.hub.wake.notify_one();
+        true
+    }
+
+    /// Whether the command about to run (after [`Tracker::next_command`])
+    /// is tracked: its keys remembered, its reads sent to primaries and
+    /// around the local cache. In `OPTIN` mode only after `CLIENT CACHING
+    /// yes`, in `OPTOUT` mode unless after `CLIENT CACHING no`, as Redis
+    /// tracks them; an untracked read is read like any other client's.
+    pub fn tracks_now(&self) -> bool {
+        let o = &self.options;
+        if o.optin {
+            self.caching
+        } else if o.optout {
+            !self.caching
+        } else {
+            true
         }
     }
 
@@ -530,6 +573,9 @@ impl Drop for Tracker {
     fn drop(&mut self) {
         self.clear();
         self.hub.watched.leave(self.id);
+        if self.feeding {
+            self.hub.feeders.fetch_sub(1, Ordering::Relaxed);
+        }
         self.hub.metrics.tracking_clients.dec();
         self.alive = Arc::new(());
         self.hub.changed.notify_waiters();

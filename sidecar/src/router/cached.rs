@@ -17,8 +17,8 @@ impl Router {
         metrics: &mut ClientMetrics,
     ) -> Option<Bytes> {
         let cache = self.cache.as_ref()?;
-        // A tracking client reads around the cache (`client_cache.rs`).
-        if st.session.in_multi() || st.watch.is_some() || st.tracker.is_some() {
+        // A tracked read reads around the cache (`client_cache.rs`).
+        if st.session.in_multi() || st.watch.is_some() || (st.tracker.is_some() && st.order.primary_reads()) {
             return None;
         }
         let info = st.recent.lookup(req.arg(0)?)?;

@@ -212,6 +212,9 @@ impl Router {
                     "ERR CLIENT CACHING can be called only when the client is in tracking mode with OPTIN or OPTOUT mode enabled",
                 ),
                 (Some(t), Some(yes @ ("YES" | "NO"))) => match t.set_caching(yes == "YES") {
+                    // An OPTIN client's first tracked read: the feeds start
+                    // now, and are up before the read is sent.
+                    Ok(()) if t.feed() => return self.covered(t),
                     Ok(()) => ok(),
                     Err(e) => err(e),
                 },
@@ -244,17 +247,31 @@ impl Router {
         };
         if let Some(t) = st.tracker.as_mut() {
             t.options = options;
+            if !t.options.optin && t.feed() {
+                return self.covered(t);
+            }
             return ClientReply::Reply(ok());
         }
         let tracker = Box::new(client_cache::Tracker::start(&self.tracking, options));
-        let alive = tracker.alive();
+        let optin = tracker.options.optin;
         st.set_tracker(Some(tracker));
-        // Answered once every primary's feed is up (or a response timeout
-        // has passed: a feed that comes later sends a flush).
-        let (hub, registry, timeout) = (
+        match st.tracker.as_deref() {
+            // OPTIN: nothing is tracked before `CLIENT CACHING yes`, which
+            // starts the feeds.
+            Some(t) if !optin => self.covered(t),
+            _ => ClientReply::Reply(ok()),
+        }
+    }
+
+    /// `+OK`, once every primary's feed is up (or a response timeout has
+    /// passed: a feed that comes later sends a flush), so the tracked
+    /// reads that follow miss no invalidation.
+    fn covered(&self, t: &client_cache::Tracker) -> ClientReply {
+        let (hub, registry, timeout, alive) = (
             self.tracking.clone(),
             self.registry.clone(),
             self.config.response_timeout,
+            t.alive(),
         );
         ClientReply::Later(Box::pin(async move {
             hub.covering(&registry, timeout, alive).await;
@@ -279,7 +296,10 @@ impl Router {
         };
         let queued = in_multi && !matches!(info.name, "exec" | "discard");
         t.next_command(info.name == "client" || info.name == "multi" || queued);
-        if queued {
+        // Set for this command's turn (`order::Turn::primary_reads`).
+        let tracked = t.tracks_now();
+        st.order.set_primary_reads(tracked);
+        if queued || !tracked {
             return (Vec::new(), false);
         }
         let mut keys: Vec<Bytes> = Vec::new();

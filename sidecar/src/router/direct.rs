@@ -129,7 +129,7 @@ impl Router {
                 return None;
             }
         }
-        let to_primary = commands::reads_on_primary(info.name) || t.client().primary_reads();
+        let to_primary = commands::reads_on_primary(info.name) || t.primary_reads();
         let write = info.kind == Kind::Write;
         if !write && !to_primary && self.config.read_your_writes && t.client().read_floor(slot).is_some() {
             return None;

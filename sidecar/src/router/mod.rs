@@ -549,7 +549,7 @@ impl Router {
         let _written =
             (info.kind == Kind::Write && self.config.read_your_writes).then(|| turn.client().writing(&slots));
         // A tracking client reads around the local cache (`client_cache.rs`).
-        let around_cache = turn.client().primary_reads();
+        let around_cache = turn.primary_reads();
         let cached_mget = info.split == Some(Split::Array)
             && !around_cache
             && self

@@ -45,7 +45,7 @@ impl Router {
         let mut redirect: Option<(Arc<Node>, bool)> = None;
         let mut avoid: Option<Arc<Node>> = None;
         // A tracking client reads primaries only (`client_cache.rs`).
-        let to_primary = to_primary || turn.as_deref().is_some_and(|t| t.client().primary_reads());
+        let to_primary = to_primary || turn.as_deref().is_some_and(|t| t.primary_reads());
         let mut retried = to_primary;
         for attempt in 0..MAX_REDIRECTS {
             if attempt > 0

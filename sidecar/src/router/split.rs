@@ -28,8 +28,7 @@ impl Router {
         let mut cached: Vec<usize> = Vec::new();
         for (pos, (&ki, &s)) in keys.iter().zip(slots).enumerate() {
             // A tracking client reads around the cache (`client_cache.rs`).
-            let in_cache =
-                !whole.client().primary_reads() && self.cache.as_ref().is_some_and(|c| c.covers(&args[ki]));
+            let in_cache = !whole.primary_reads() && self.cache.as_ref().is_some_and(|c| c.covers(&args[ki]));
             if split == Split::Array && in_cache {
                 cached.push(pos);
                 continue;

@@ -302,3 +302,115 @@ async fn a_lost_feed_sends_a_flush_and_the_feeds_close_with_the_last_tracking_cl
     .await;
     sidecar.shutdown().await;
 }
+
+/// An `OPTIN` session (rueidis turns this mode on for every connection):
+/// a read without `CLIENT CACHING yes` is not tracked; one after it is.
+async fn optin_session(t: &mut Raw, writer: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<Bytes> {
+    let mut got = Vec::new();
+    let _: () = writer.set(key, "v1").await.unwrap();
+    t.send(&["GET", key]).await;
+    got.push(t.frame().await);
+    let _: () = writer.set(key, "v2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    t.send(&["PING"]).await;
+    got.push(t.frame().await);
+    // rueidis's DoCache: CACHING yes, then the read in a transaction.
+    for cmd in [
+        &["CLIENT", "CACHING", "YES"][..],
+        &["MULTI"],
+        &["PTTL", key],
+        &["GET", key],
+        &["EXEC"],
+    ] {
+        t.send(cmd).await;
+        got.push(t.frame().await);
+    }
+    let _: () = writer.set(key, "v3").await.unwrap();
+    got.push(t.frame().await);
+    got
+}
+
+/// Counts, per node, the `BCAST` tracking connections (the sidecar's feeds).
+fn feeds(cluster: &Cluster) -> Vec<usize> {
+    (cluster.nodes.iter())
+        .filter(|n| n.info_field("replication", "role").as_deref() == Some("master"))
+        .map(|n| {
+            n.cli(&["CLIENT", "LIST"])
+                .lines()
+                .filter(|l| {
+                    l.split_whitespace()
+                        .any(|f| f.starts_with("flags=") && f.contains('B'))
+                })
+                .count()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optin_clients_untracked_reads_are_read_like_any_other_clients() {
+    let cluster = Cluster::start(3, 1);
+    let mut cfg = config(&cluster);
+    cfg.cache = cachetier_sidecar::CacheConfig {
+        prefixes: vec!["hot:".into()],
+        ttl: Duration::from_secs(60),
+        max_bytes: 1 << 20,
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let addr = sidecar.local_addr().to_string();
+    let mut writer = client(&sidecar).await;
+    // The local cache's own feeds (one per primary), up before we look.
+    support::eventually("the local cache's feeds", Duration::from_secs(5), || {
+        feeds(&cluster).iter().all(|&n| n == 1)
+    })
+    .await;
+
+    // Tracking on in OPTIN mode starts no feed of its own.
+    let mut t = tracking(&addr, &["OPTIN"]).await;
+    // Its untracked reads go to replicas, as any client's, and hit the
+    // local cache.
+    cluster.reset_stats();
+    for i in 0..30 {
+        t.send(&["GET", &format!("r{i}")]).await;
+        t.frame().await;
+    }
+    let replica_gets: u64 = (cluster.nodes.iter())
+        .filter(|n| n.info_field("replication", "role").as_deref() == Some("slave"))
+        .map(|n| n.calls("get"))
+        .sum();
+    assert_eq!(replica_gets, 30, "untracked reads are read from replicas");
+    let _: () = writer.set("hot:1", "x").await.unwrap();
+    let hits = || async {
+        let (_, m) = support::http_get(sidecar.metrics_addr().unwrap(), "/metrics").await;
+        (m.lines())
+            .find_map(|l| {
+                l.strip_prefix("cachetier_sidecar_cache_hits_total ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let before = hits().await;
+    for _ in 0..20 {
+        t.send(&["GET", "hot:1"]).await;
+        assert_eq!(t.frame().await, Bytes::from_static(b"$1\r\nx\r\n"));
+    }
+    assert!(
+        hits().await > before,
+        "untracked reads are served from the local cache"
+    );
+    assert_eq!(feeds(&cluster), vec![1, 1, 1], "no feed for an OPTIN client yet");
+
+    // The session against the key's own node: frame for frame the same.
+    let key = "k";
+    let (owner, _) = cluster.shard_of(key);
+    let mut direct = tracking(&owner, &["OPTIN"]).await;
+    let redis = optin_session(&mut direct, &mut writer, key).await;
+    let ours = optin_session(&mut t, &mut writer, key).await;
+    assert_eq!(ours, redis, "sidecar, then the key's node");
+    assert_eq!(ours.last(), Some(&invalidate(&[key])));
+    // Its first tracked read started the tracking feeds.
+    assert_eq!(feeds(&cluster), vec![2, 2, 2]);
+    sidecar.shutdown().await;
+}

@@ -156,8 +156,9 @@ async fn reconcile_leader(tier: &CacheTier, ctx: &Context) -> Result<Action, Err
     // lists only the nodes worth a look on a large tier).
     mark_serving(tier, ctx, &status).await?;
     let status = report::publishable(status, &name);
+    let next = report::next_look(&status, generation, RESYNC);
     publish(tier, ctx, &key, status).await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(next))
 }
 
 /// `error_policy`: transient failures retry with a short backoff; every failure

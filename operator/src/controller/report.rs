@@ -6,6 +6,8 @@
 //! tier's own reconciles. Per-node round-trip times and lag live in metrics;
 //! the status keeps roles, health, serving and reasons.
 
+use std::time::Duration;
+
 use cachetier_crds::validate::Invalid;
 use cachetier_crds::{CONDITION_PROGRESSING, CONDITION_READY, CacheTierSpec, CacheTierStatus, Phase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -44,6 +46,21 @@ pub fn publishable(mut status: CacheTierStatus, tier: &str) -> CacheTierStatus {
     status.selector = Some(format!("{TIER_LABEL}={tier}"));
     status
 }
+
+/// How soon a tier whose status was just written is looked at again: at
+/// `resync`, or within a second while that status was computed for an
+/// older spec (the core's next round runs on the new one, and
+/// `observedGeneration` should not wait a whole period to catch up).
+pub fn next_look(status: &CacheTierStatus, generation: Option<i64>, resync: Duration) -> Duration {
+    if status.observed_generation < generation {
+        CATCH_UP
+    } else {
+        resync
+    }
+}
+
+/// [`next_look`] while the status lags the spec.
+const CATCH_UP: Duration = Duration::from_secs(1);
 
 /// Whether `next` says something `previous` did not (condition timestamps
 /// aside: they change only with a condition's status anyway).
@@ -291,6 +308,15 @@ mod tests {
         assert!(!changed(Some(&a), &b));
         assert_eq!(b.selector.as_deref(), Some("cachetier.io/tier=t"));
         assert!(changed(Some(&a), &publishable(status(Phase::Degraded), "t")));
+    }
+
+    #[test]
+    fn a_status_of_an_older_spec_is_looked_at_again_soon() {
+        let resync = Duration::from_secs(15);
+        let mut s = status(Phase::Ready);
+        s.observed_generation = Some(1);
+        assert_eq!(next_look(&s, Some(2), resync), CATCH_UP);
+        assert_eq!(next_look(&s, Some(1), resync), resync);
     }
 
     #[test]

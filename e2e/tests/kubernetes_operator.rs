@@ -208,7 +208,9 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
     );
     // `kubectl get events` reads core/v1 Events, whose field is
     // `involvedObject` (`regarding` exists only in events.k8s.io/v1). The
-    // operator records Events after it writes the status.
+    // operator records Events after it writes the status; an earlier
+    // run's tier of the same name left its own (by uid, not this one's).
+    let tier_uid = jsonpath(k, ns, &format!("cachetier/{TIER}"), "{.metadata.uid}").unwrap();
     wait_for("a Ready Event of the tier", Duration::from_secs(60), || {
         let events = k.get(&[
             "get",
@@ -216,7 +218,7 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
             "-n",
             ns,
             "--field-selector",
-            &format!("involvedObject.name={TIER},involvedObject.kind=CacheTier"),
+            &format!("involvedObject.uid={tier_uid},involvedObject.kind=CacheTier"),
         ])?;
         if events.contains("Ready") {
             Ok(())

@@ -70,6 +70,20 @@ fn all_keys_read_back(k: Kubectl, ns: &str, after: &str) {
 /// Nothing is left of an earlier run that stopped half-way (its tier, at
 /// whatever scale or image, and its pods): this run starts from none.
 fn clean_up_earlier_runs(k: Kubectl, ns: &str) {
+    delete_test_pods(k, ns);
+    k.ok(&[
+        "delete",
+        "-n",
+        ns,
+        &format!("cachetier/{TIER}"),
+        "--ignore-not-found",
+        "--timeout=300s",
+    ]);
+    wait_pods_gone(k, ns);
+}
+
+/// The test's own pods are asked to go (whichever exist).
+fn delete_test_pods(k: Kubectl, ns: &str) {
     k.ok(&[
         "delete",
         "-n",
@@ -81,15 +95,6 @@ fn clean_up_earlier_runs(k: Kubectl, ns: &str) {
         "--ignore-not-found",
         "--wait=false",
     ]);
-    k.ok(&[
-        "delete",
-        "-n",
-        ns,
-        &format!("cachetier/{TIER}"),
-        "--ignore-not-found",
-        "--timeout=300s",
-    ]);
-    wait_pods_gone(k, ns);
 }
 
 /// The tier's pods and the test's own are gone (deleted pods keep their
@@ -414,16 +419,7 @@ fn the_operator_runs_a_tier_through_failure_reshard_injection_and_deletion() {
     k.ok(&["scale", "-n", ops, "deployment/cachetier", "--replicas=2"]);
 
     // Deleting the tier removes everything it owns.
-    k.ok(&[
-        "delete",
-        "-n",
-        ns,
-        "pod",
-        "e2e-injected",
-        "e2e-plain",
-        "e2e-outage",
-        "--wait=false",
-    ]);
+    delete_test_pods(k, ns);
     k.ok(&["delete", "-n", ns, &format!("cachetier/{TIER}")]);
     wait_for("the tier's objects to be gone", Duration::from_secs(300), || {
         let left = k.get(&[

@@ -7,16 +7,10 @@ use std::time::{Duration, Instant};
 
 use cachetier_sidecar::Sidecar;
 use redis::AsyncCommands;
-use support::{Cluster, RedisNode, all_serving, client, config, cut_tracking, eventually};
+use support::{Cluster, RedisNode, all_serving, client, cut_tracking, eventually};
 
 fn cache_config(cluster: &Cluster) -> cachetier_sidecar::Config {
-    let mut cfg = config(cluster);
-    cfg.cache = cachetier_sidecar::CacheConfig {
-        prefixes: vec!["hot:".into()],
-        ttl: Duration::from_secs(60),
-        max_bytes: 1 << 20,
-    };
-    cfg
+    support::hot_cache_config(cluster, 1 << 20)
 }
 
 /// Read `key` until the second read is a cache hit (tracking is established).

@@ -471,13 +471,7 @@ async fn a_replica_in_full_resync_receives_no_reads_until_it_is_in_sync() {
 }
 
 fn cache_config(cluster: &Cluster) -> cachetier_sidecar::Config {
-    let mut cfg = config(cluster);
-    cfg.cache = cachetier_sidecar::CacheConfig {
-        prefixes: vec!["hot:".into()],
-        ttl: Duration::from_secs(60),
-        max_bytes: 64 * 1024,
-    };
-    cfg
+    support::hot_cache_config(cluster, 64 * 1024)
 }
 
 /// Read `key` until the second read is a cache hit (tracking is established).
@@ -1083,13 +1077,9 @@ async fn writes_resume_on_the_promoted_replica_after_a_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_is_counted_once_by_command_and_outcome_before_its_reply() {
     let cluster = Cluster::start(3, 0);
-    let mut cfg = config(&cluster);
-    cfg.cache = cachetier_sidecar::CacheConfig {
-        prefixes: vec!["hot:".into()],
-        ttl: Duration::from_secs(60),
-        max_bytes: 1 << 20,
-    };
-    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let sidecar = Sidecar::bind(support::hot_cache_config(&cluster, 1 << 20))
+        .await
+        .unwrap();
     let mut c = client(&sidecar).await;
     let m = sidecar.metrics();
     let count = |cmd: &str, outcome: &str| m.requests.with_label_values(&[cmd, outcome]).get();

@@ -82,16 +82,11 @@ async fn a_tracking_client_is_sent_what_one_redis_server_sends() {
 
     // Its reads went to primaries only (a replica may be behind an
     // invalidation already sent).
-    cluster.reset_stats();
-    for i in 0..50 {
-        t.send(&["GET", &format!("r{i}")]).await;
-        t.frame().await;
-    }
-    let replica_gets: u64 = (cluster.nodes.iter())
-        .filter(|n| n.info_field("replication", "role").as_deref() == Some("slave"))
-        .map(|n| n.calls("get"))
-        .sum();
-    assert_eq!(replica_gets, 0, "a tracking client's reads go to primaries");
+    assert_eq!(
+        replica_gets(&cluster, &mut t, 50).await,
+        0,
+        "a tracking client's reads go to primaries"
+    );
 
     // BCAST with prefixes: every change under them, read or not.
     let mut b = tracking(&sidecar.local_addr().to_string(), &["BCAST", "PREFIX", "p:"]).await;
@@ -287,17 +282,8 @@ async fn a_lost_feed_sends_a_flush_and_the_feeds_close_with_the_last_tracking_cl
     );
 
     drop(t);
-    let bcast = |n: &support::RedisNode| {
-        n.cli(&["CLIENT", "LIST"])
-            .lines()
-            .filter(|l| {
-                l.split_whitespace()
-                    .any(|f| f.starts_with("flags=") && f.contains('B'))
-            })
-            .count()
-    };
     support::eventually("no feed once nobody tracks", Duration::from_secs(5), || {
-        cluster.nodes.iter().all(|n| bcast(n) == 0)
+        feeds(&cluster).iter().all(|&n| n == 0)
     })
     .await;
     sidecar.shutdown().await;
@@ -330,6 +316,19 @@ async fn optin_session(t: &mut Raw, writer: &mut redis::aio::MultiplexedConnecti
     got
 }
 
+/// How many of `n` GETs of distinct keys on `t` the replicas served.
+async fn replica_gets(cluster: &Cluster, t: &mut Raw, n: usize) -> u64 {
+    cluster.reset_stats();
+    for i in 0..n {
+        t.send(&["GET", &format!("r{i}")]).await;
+        t.frame().await;
+    }
+    (cluster.nodes.iter())
+        .filter(|n| n.info_field("replication", "role").as_deref() == Some("slave"))
+        .map(|n| n.calls("get"))
+        .sum()
+}
+
 /// Counts, per node, the `BCAST` tracking connections (the sidecar's feeds).
 fn feeds(cluster: &Cluster) -> Vec<usize> {
     (cluster.nodes.iter())
@@ -349,13 +348,9 @@ fn feeds(cluster: &Cluster) -> Vec<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_optin_clients_untracked_reads_are_read_like_any_other_clients() {
     let cluster = Cluster::start(3, 1);
-    let mut cfg = config(&cluster);
-    cfg.cache = cachetier_sidecar::CacheConfig {
-        prefixes: vec!["hot:".into()],
-        ttl: Duration::from_secs(60),
-        max_bytes: 1 << 20,
-    };
-    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let sidecar = Sidecar::bind(support::hot_cache_config(&cluster, 1 << 20))
+        .await
+        .unwrap();
     support::all_serving(&sidecar).await;
     let addr = sidecar.local_addr().to_string();
     let mut writer = client(&sidecar).await;
@@ -369,16 +364,11 @@ async fn an_optin_clients_untracked_reads_are_read_like_any_other_clients() {
     let mut t = tracking(&addr, &["OPTIN"]).await;
     // Its untracked reads go to replicas, as any client's, and hit the
     // local cache.
-    cluster.reset_stats();
-    for i in 0..30 {
-        t.send(&["GET", &format!("r{i}")]).await;
-        t.frame().await;
-    }
-    let replica_gets: u64 = (cluster.nodes.iter())
-        .filter(|n| n.info_field("replication", "role").as_deref() == Some("slave"))
-        .map(|n| n.calls("get"))
-        .sum();
-    assert_eq!(replica_gets, 30, "untracked reads are read from replicas");
+    assert_eq!(
+        replica_gets(&cluster, &mut t, 30).await,
+        30,
+        "untracked reads are read from replicas"
+    );
     let _: () = writer.set("hot:1", "x").await.unwrap();
     let hits = || async {
         let (_, m) = support::http_get(sidecar.metrics_addr().unwrap(), "/metrics").await;

@@ -365,6 +365,18 @@ pub fn config(cluster: &Cluster) -> cachetier_sidecar::Config {
     }
 }
 
+/// [`config`] with the local cache on for keys under `hot:` (60 s TTL,
+/// at most `max_bytes`).
+pub fn hot_cache_config(cluster: &Cluster, max_bytes: u64) -> cachetier_sidecar::Config {
+    let mut cfg = config(cluster);
+    cfg.cache = cachetier_sidecar::CacheConfig {
+        prefixes: vec!["hot:".into()],
+        ttl: Duration::from_secs(60),
+        max_bytes,
+    };
+    cfg
+}
+
 /// Kill the broadcast-tracking client(s) on `node` (the sidecar's tracking links).
 pub fn cut_tracking(node: &RedisNode) {
     let clients = node.cli(&["CLIENT", "LIST"]);

@@ -136,6 +136,9 @@ pub struct Config {
     /// A client's reads of a slot it has just written go to the primary
     /// until a replica has caught up past the write (see README).
     pub read_your_writes: bool,
+    /// A `MULTI` … `EXEC` whose keys span slots runs as one transaction per
+    /// slot (true), or is refused with `-CROSSSLOT` (false).
+    pub split_transactions: bool,
     pub cache: CacheConfig,
     /// Bounds on client requests.
     pub limits: Limits,
@@ -167,6 +170,7 @@ impl Default for Config {
             topology_refresh: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             read_your_writes: true,
+            split_transactions: true,
             cache: CacheConfig::default(),
             limits: Limits::default(),
             max_clients: 10_000,
@@ -369,6 +373,10 @@ pub struct Args {
     /// replica has caught up past the write (true | false).
     #[arg(long, env = "CACHETIER_READ_YOUR_WRITES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub read_your_writes: bool,
+    /// Run a MULTI/EXEC whose keys span slots as one transaction per slot,
+    /// each atomic on its node (true), or refuse it with CROSSSLOT (false).
+    #[arg(long, env = "CACHETIER_SPLIT_TRANSACTIONS", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub split_transactions: bool,
     /// Most client connections at once (like Redis' maxclients).
     #[arg(
         long,
@@ -444,6 +452,7 @@ impl From<Args> for Config {
             topology_refresh: a.topology_refresh,
             drain_timeout: a.drain_timeout,
             read_your_writes: a.read_your_writes,
+            split_transactions: a.split_transactions,
             cache: CacheConfig {
                 prefixes: a.cache_prefixes.into_iter().filter(|p| !p.is_empty()).collect(),
                 ttl: a.cache_ttl,
@@ -552,6 +561,13 @@ mod tests {
         assert!(a.read_your_writes, "read-your-writes is on unless turned off");
         let a = Args::try_parse_from(["x", "--seed", "a:1", "--read-your-writes", "false"]).unwrap();
         assert!(!Config::from(a).read_your_writes);
+        let a = Args::try_parse_from(["x", "--seed", "a:1"]).unwrap();
+        assert!(
+            a.split_transactions,
+            "cross-slot transactions are split unless turned off"
+        );
+        let a = Args::try_parse_from(["x", "--seed", "a:1", "--split-transactions", "false"]).unwrap();
+        assert!(!Config::from(a).split_transactions);
         let a = Args::try_parse_from(["x", "--seed", "a:1", "--worker-threads", "4"]).unwrap();
         assert_eq!(a.worker_threads, 4);
         let err = Args::try_parse_from(["x", "--seed", "a:1", "--worker-threads", "many"])

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub read_retries: IntCounter,
     /// Writes sent again because their primary knew no owner for the slot.
     pub write_retries: IntCounter,
+    /// Transactions whose keys spanned slots, run as one per slot.
+    pub split_transactions: IntCounter,
     /// Topology refreshes by result (`ok`, `error`).
     pub topology_refreshes: IntCounterVec,
     pub redirects: IntCounterVec,
@@ -137,6 +139,10 @@ impl Metrics {
             "write_retries_total",
             "Writes sent again because their primary refused them with CLUSTERDOWN Hash slot not served",
         )?;
+        let split_transactions = IntCounter::new(
+            "split_transactions_total",
+            "MULTI/EXEC transactions whose keys spanned slots, run as one transaction per slot",
+        )?;
         let topology_refreshes = IntCounterVec::new(
             Opts::new("topology_refreshes_total", "Topology refreshes by result"),
             &["result"],
@@ -184,6 +190,7 @@ impl Metrics {
         registry.register(Box::new(primary_fallbacks.clone()))?;
         registry.register(Box::new(read_retries.clone()))?;
         registry.register(Box::new(write_retries.clone()))?;
+        registry.register(Box::new(split_transactions.clone()))?;
         registry.register(Box::new(read_your_writes_primary_reads.clone()))?;
         registry.register(Box::new(topology_refreshes.clone()))?;
         registry.register(Box::new(redirects.clone()))?;
@@ -208,6 +215,7 @@ impl Metrics {
             primary_fallbacks,
             read_retries,
             write_retries,
+            split_transactions,
             read_your_writes_primary_reads,
             topology_refreshes,
             redirects,

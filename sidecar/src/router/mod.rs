@@ -36,6 +36,7 @@ use crate::upstream::{Node, Proto};
 
 mod cached;
 mod client;
+mod cross_slot;
 mod direct;
 mod info;
 mod local_metrics;

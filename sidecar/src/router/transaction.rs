@@ -324,7 +324,7 @@ impl Router {
         if cmds.is_empty() {
             return encode(&Frame::Array(Vec::new()));
         }
-        let mut slot: Option<u16> = None;
+        let mut slots: Vec<u16> = Vec::new();
         let mut touched: Vec<Bytes> = Vec::new();
         for args in &cmds {
             let Some(info) = args.first().and_then(|n| commands::lookup(n)) else {
@@ -333,12 +333,9 @@ impl Router {
             if let Ok(keys) = commands::key_indices(info, args) {
                 for i in keys {
                     let s = slot::slot(&args[i]);
-                    if slot.is_some_and(|x| x != s) {
-                        return err(
-                            "CROSSSLOT Keys in request don't hash to the same slot (a transaction through the sidecar must stay in one slot)",
-                        );
+                    if !slots.contains(&s) {
+                        slots.push(s);
                     }
-                    slot = Some(s);
                     if let Some(c) = &self.cache
                         && c.covers(&args[i])
                     {
@@ -348,8 +345,11 @@ impl Router {
                 }
             }
         }
-        let _written = order.zip(slot).map(|(o, s)| o.writing(&[s]));
-        let reply = self.exec_block(&cmds, slot, up).await;
+        let _written = order.filter(|_| !slots.is_empty()).map(|o| o.writing(&slots));
+        let reply = match self.exec_across_slots(&cmds, up).await {
+            Some(reply) => reply,
+            None => self.exec_block(&cmds, slots.first().copied(), up).await,
+        };
         if let Some(c) = &self.cache {
             for k in &touched {
                 c.invalidate(k, "own_write").await;

@@ -288,6 +288,27 @@ async fn edge_cases_answer_as_a_standalone_redis_does() {
         cluster.extend(resp(args));
     }
     scripts.push(("cluster probes", cluster));
+    // A transaction across slots (Django's cache.set_many, Laravel's
+    // putMany): one transaction per slot, one EXEC reply in order.
+    let mut tx = Vec::new();
+    for args in [
+        &["MULTI"][..],
+        &["MSET", "tx:a", "1", "tx:b", "2", "tx:c", "3"],
+        &["EXPIRE", "tx:a", "60"],
+        &["EXPIRE", "tx:b", "60"],
+        &["PING"],
+        &["MGET", "tx:a", "tx:b", "tx:c", "tx:none"],
+        &["INCR", "tx:a"],
+        &["LPUSH", "tx:b", "x"],
+        &["DEL", "tx:a", "tx:c"],
+        &["EXISTS", "tx:a", "tx:b", "tx:c"],
+        &["EXEC"],
+        &["MGET", "tx:a", "tx:b", "tx:c"],
+        &["DEL", "tx:b"],
+    ] {
+        tx.extend(resp(args));
+    }
+    scripts.push(("transaction across slots", tx));
     // Client-side caching: its options, modes and questions.
     let mut tracking = Vec::new();
     for args in [

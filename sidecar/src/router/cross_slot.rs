@@ -1,0 +1,244 @@
+//! A `MULTI` … `EXEC` whose keys span slots (`--split-transactions`, on
+//! by default): Redis Cluster runs a transaction in one slot only, so the
+//! sidecar runs one transaction per slot, all at once, and answers one
+//! `EXEC` reply in the client's order. Cache batching does this (Django's
+//! `cache.set_many` is `MULTI`, `MSET` of many keys, an `EXPIRE` each,
+//! `EXEC`; Laravel's `putMany` a `MULTI` of `SETEX`).
+//!
+//! What one server would do differently: each slot's commands run
+//! atomically on their node, but not with the other slots' (another client
+//! may see one slot's effects before another's), and when one slot's
+//! transaction fails the others may have run (the reply says so). A
+//! multi-key command that spans slots is split as outside a transaction
+//! (`MGET`, `MSET`, `DEL`, `UNLINK`, `EXISTS`, `TOUCH`); any other one
+//! that does gets `-CROSSSLOT`. Commands without keys run with the first
+//! slot's.
+
+use super::*;
+
+/// Where one queued command runs.
+#[derive(Debug, PartialEq)]
+enum Parts {
+    /// Whole, in group `group` at position `at`.
+    One { group: usize, at: usize },
+    /// Split per slot (its `split` merge), `keys` keys in all.
+    Split {
+        split: Split,
+        keys: usize,
+        pieces: Vec<Piece>,
+    },
+}
+
+/// One slot's part of a split command: where it runs, and which of the
+/// command's keys (by position) it carries.
+#[derive(Debug, PartialEq)]
+struct Piece {
+    group: usize,
+    at: usize,
+    positions: Vec<usize>,
+}
+
+/// The transaction as one transaction per slot.
+#[derive(Debug, PartialEq)]
+struct Plan {
+    /// Per slot, in the order the slots first appear: its commands.
+    groups: Vec<(u16, Vec<Vec<Bytes>>)>,
+    /// Per queued command, where it runs.
+    parts: Vec<Parts>,
+}
+
+impl Plan {
+    fn group(&mut self, slot: u16) -> usize {
+        match self.groups.iter().position(|(s, _)| *s == slot) {
+            Some(g) => g,
+            None => {
+                self.groups.push((slot, Vec::new()));
+                self.groups.len() - 1
+            }
+        }
+    }
+
+    /// Add `args` to `slot`'s group; where it landed.
+    fn push(&mut self, slot: u16, args: Vec<Bytes>) -> (usize, usize) {
+        let group = self.group(slot);
+        let cmds = &mut self.groups[group].1;
+        cmds.push(args);
+        (group, cmds.len() - 1)
+    }
+}
+
+/// The keys of a queued command (none for an unknown one: refused when
+/// queued).
+fn keys_of(args: &[Bytes]) -> (Option<&'static CommandInfo>, Vec<usize>) {
+    let info = args.first().and_then(|n| commands::lookup(n));
+    let keys = match info.map(|i| commands::key_indices(i, args)) {
+        Some(Ok(keys)) => keys,
+        _ => Vec::new(),
+    };
+    (info, keys)
+}
+
+/// Plan `cmds` (already checked when queued), or the reply that refuses
+/// them. `None` when they fit one slot (the usual single transaction).
+fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
+    let crossslot = || err("CROSSSLOT Keys in request don't hash to the same slot");
+    let mut plan = Plan {
+        groups: Vec::new(),
+        parts: Vec::new(),
+    };
+    // Commands without keys run with the first slot's, in their place.
+    let first = cmds.iter().find_map(|args| {
+        let (_, keys) = keys_of(args);
+        keys.first().map(|&k| slot::slot(&args[k]))
+    });
+    let Some(first) = first else {
+        return Ok(None);
+    };
+    for args in cmds {
+        let (info, keys) = keys_of(args);
+        let slots: Vec<u16> = keys.iter().map(|&k| slot::slot(&args[k])).collect();
+        let one = slots.first().copied().unwrap_or(first);
+        if slots.iter().all(|&s| s == one) {
+            let (group, at) = plan.push(one, args.clone());
+            plan.parts.push(Parts::One { group, at });
+            continue;
+        }
+        let Some(split) = info.and_then(|i| i.split) else {
+            return Err(crossslot());
+        };
+        let per_key = if split == Split::AllOk { 2 } else { 1 };
+        let mut by_slot: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (pos, &s) in slots.iter().enumerate() {
+            match by_slot.iter_mut().find(|(bs, _)| *bs == s) {
+                Some((_, v)) => v.push(pos),
+                None => by_slot.push((s, vec![pos])),
+            }
+        }
+        let mut pieces = Vec::new();
+        for (s, positions) in by_slot {
+            let mut sub = vec![args[0].clone()];
+            for &pos in &positions {
+                let k = keys[pos];
+                sub.extend(args[k..k + per_key].iter().cloned());
+            }
+            let (group, at) = plan.push(s, sub);
+            pieces.push(Piece { group, at, positions });
+        }
+        plan.parts.push(Parts::Split {
+            split,
+            keys: keys.len(),
+            pieces,
+        });
+    }
+    Ok((plan.groups.len() > 1).then_some(plan))
+}
+
+/// The client's `EXEC` reply from each slot's replies (in `plan`'s group
+/// order), in `proto`.
+fn merge(plan: &Plan, replies: &[Vec<Bytes>], proto: u8) -> Bytes {
+    let at = |g: usize, i: usize| replies.get(g).and_then(|r| r.get(i)).cloned();
+    let mut out = BytesMut::new();
+    out.extend_from_slice(format!("*{}\r\n", plan.parts.len()).as_bytes());
+    for part in &plan.parts {
+        let reply = match part {
+            Parts::One { group, at: i } => at(*group, *i),
+            Parts::Split { split, keys, pieces } => {
+                let got: Option<Vec<(&Piece, Bytes)>> =
+                    pieces.iter().map(|p| at(p.group, p.at).map(|r| (p, r))).collect();
+                got.map(|got| merge_split(*split, *keys, &got, proto))
+            }
+        };
+        let missing = || err("ERR cachetier: a reply of a transaction across slots is missing");
+        out.extend_from_slice(&reply.unwrap_or_else(missing));
+    }
+    out.freeze()
+}
+
+/// One split command's reply from its pieces', as outside a transaction.
+fn merge_split(split: Split, keys: usize, got: &[(&Piece, Bytes)], proto: u8) -> Bytes {
+    if let Some((_, e)) = got.iter().find(|(_, r)| r.starts_with(b"-")) {
+        return e.clone();
+    }
+    match split {
+        Split::AllOk => got
+            .iter()
+            .find(|(_, r)| !r.starts_with(b"+"))
+            .map_or_else(ok, |(_, r)| r.clone()),
+        Split::Sum => {
+            let mut total: i64 = 0;
+            for (_, r) in got {
+                match resp::parse(r) {
+                    Ok(Frame::Integer(i)) => total = total.saturating_add(i),
+                    _ => return r.clone(),
+                }
+            }
+            encode(&Frame::Integer(total))
+        }
+        Split::Array => {
+            let mut values: Vec<Option<Bytes>> = vec![None; keys];
+            for (piece, r) in got {
+                let Ok(Frame::Array(items)) = resp::parse(r) else {
+                    return r.clone();
+                };
+                for (&pos, item) in piece.positions.iter().zip(items) {
+                    if let Some(v) = values.get_mut(pos) {
+                        *v = Some(item.to_bytes());
+                    }
+                }
+            }
+            let mut out = BytesMut::new();
+            out.extend_from_slice(format!("*{keys}\r\n").as_bytes());
+            for v in values {
+                match v {
+                    Some(b) => out.extend_from_slice(&b),
+                    None => null(proto).encode(&mut out),
+                }
+            }
+            out.freeze()
+        }
+    }
+}
+
+impl Router {
+    /// Run `cmds` as one transaction per slot when their keys span slots
+    /// and `--split-transactions` allows it. `None`: they fit one slot.
+    pub(super) async fn exec_across_slots(self: &Arc<Self>, cmds: &[Vec<Bytes>], up: Proto) -> Option<Bytes> {
+        let plan = match plan(cmds) {
+            Ok(None) => return None,
+            Err(e) => return Some(e),
+            Ok(Some(_)) if !self.config.split_transactions => {
+                return Some(err(
+                    "CROSSSLOT Keys in request don't hash to the same slot (a transaction through the sidecar must stay in one slot)",
+                ));
+            }
+            Ok(Some(plan)) => plan,
+        };
+        self.metrics.split_transactions.inc();
+        let runs = plan
+            .groups
+            .iter()
+            .map(|(slot, group)| self.exec_block(group, Some(*slot), up));
+        let execs = join_all(runs).await;
+        let mut replies = Vec::with_capacity(execs.len());
+        for ((slot, _), exec) in plan.groups.iter().zip(&execs) {
+            match resp::parse(exec) {
+                Ok(Frame::Array(items)) => replies.push(items.iter().map(Frame::to_bytes).collect()),
+                _ => {
+                    let why = resp::error_text(exec)
+                        .map(|t| String::from_utf8_lossy(t).into_owned())
+                        .unwrap_or_else(|| "no reply".into());
+                    return Some(err(format!(
+                        "ERR cachetier: this transaction spans {} slots and ran as one transaction per slot; \
+                         slot {slot}'s failed ({why}), and the others' may have been applied",
+                        plan.groups.len()
+                    )));
+                }
+            }
+        }
+        let proto = if up == Proto::Resp3 { 3 } else { 2 };
+        Some(merge(&plan, &replies, proto))
+    }
+}
+
+#[cfg(test)]
+mod tests;

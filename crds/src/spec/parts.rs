@@ -156,6 +156,12 @@ pub struct SidecarSpec {
     /// off only where stale reads right after a write are acceptable.
     #[serde(default = "default_true")]
     pub read_your_writes: bool,
+    /// A MULTI/EXEC whose keys span hash slots (a Django or Laravel cache's
+    /// set-many) runs as one transaction per slot, each atomic on its node
+    /// but not with the others. Turn off to refuse such transactions with
+    /// CROSSSLOT, as Redis Cluster does.
+    #[serde(default = "default_true")]
+    pub split_transactions: bool,
     /// The in-process cache for hot keys.
     #[serde(default)]
     pub local_cache: LocalCacheSpec,
@@ -172,6 +178,7 @@ impl Default for SidecarSpec {
             port: default_sidecar_port(),
             read_policy: ReadPolicy::default(),
             read_your_writes: true,
+            split_transactions: true,
             local_cache: LocalCacheSpec::default(),
             resources: None,
         }

@@ -105,6 +105,10 @@ fn config_env(
             spec.sidecar.read_your_writes.to_string(),
         ),
     ];
+    // The sidecar's default is to split them.
+    if !spec.sidecar.split_transactions {
+        out.push(env("CACHETIER_SPLIT_TRANSACTIONS", "false".to_string()));
+    }
     // The sidecar's default is text.
     if sidecar.log_format != "text" {
         out.push(env("CACHETIER_LOG_FORMAT", sidecar.log_format.clone()));

@@ -241,3 +241,36 @@ fn the_sidecars_log_in_the_operators_format() {
     );
     assert_eq!(log_format(decide_for(&pod, &tiers())), None);
 }
+
+/// `sidecar.splitTransactions: false` reaches the sidecar, in a form it
+/// accepts; the default (on) sets nothing.
+#[test]
+fn a_tier_that_refuses_cross_slot_transactions_tells_its_sidecars() {
+    use clap::Parser;
+    let pod = read_pod(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/inject/plain.pod.yaml"));
+    let split = |tiers: &[CacheTier]| {
+        let Decision::Patch(ops) = decide_for(&pod, tiers) else {
+            panic!("plain.pod.yaml is injected");
+        };
+        (ops.iter())
+            .filter_map(|o| o["value"]["env"].as_array())
+            .flatten()
+            .find(|v| v["name"] == "CACHETIER_SPLIT_TRANSACTIONS")
+            .map(|v| v["value"].clone())
+    };
+    assert_eq!(split(&tiers()), None);
+    let mut strict = tiers();
+    for t in &mut strict {
+        t.spec.sidecar.split_transactions = false;
+    }
+    assert_eq!(split(&strict), Some(json!("false")));
+    let args = cachetier_sidecar::config::Args::try_parse_from([
+        "s",
+        "--seed",
+        "a:1",
+        "--split-transactions",
+        "false",
+    ])
+    .unwrap();
+    assert!(!args.split_transactions);
+}

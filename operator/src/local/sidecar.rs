@@ -52,6 +52,7 @@ pub fn sidecar_config(spec: &CacheTierSpec, options: &SidecarOptions, seeds: &[S
         },
         response_timeout: spec.health.response_timeout.into(),
         read_your_writes: spec.sidecar.read_your_writes,
+        split_transactions: spec.sidecar.split_transactions,
         // The schema bounds maxLagBytes at >= 0; a negative value cannot get here.
         max_lag_bytes: u64::try_from(spec.read_gate.max_lag_bytes).unwrap_or(0),
         cache: if cache.enabled {
@@ -189,7 +190,7 @@ mod tests {
     #[test]
     fn the_manifest_sidecar_section_becomes_the_sidecar_config() {
         let spec = spec(
-            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec:\n  shards: 3\n  maxMemory: 64Mi\n  health: {responseTimeout: 750ms}\n  readGate: {maxLagBytes: 4096}\n  sidecar:\n    readPolicy: bestOfTwo\n    readYourWrites: false\n    localCache: {enabled: true, keyPrefixes: ['p:'], ttl: 30s, maxBytes: 2048}\n",
+            "apiVersion: cachetier.io/v1alpha1\nkind: CacheTier\nmetadata: {name: t}\nspec:\n  shards: 3\n  maxMemory: 64Mi\n  health: {responseTimeout: 750ms}\n  readGate: {maxLagBytes: 4096}\n  sidecar:\n    readPolicy: bestOfTwo\n    readYourWrites: false\n    splitTransactions: false\n    localCache: {enabled: true, keyPrefixes: ['p:'], ttl: 30s, maxBytes: 2048}\n",
         );
         let seeds: Vec<SocketAddr> = vec!["127.0.0.1:7000".parse().unwrap()];
         let config = sidecar_config(&spec, &OPTIONS, &seeds);
@@ -201,10 +202,10 @@ mod tests {
         assert_eq!(config.cache.ttl, std::time::Duration::from_secs(30));
         assert_eq!(config.cache.max_bytes, 2048);
         assert!(!config.read_your_writes);
-        assert!(
-            sidecar_config(&spec_default(), &OPTIONS, &seeds).read_your_writes,
-            "on unless the spec turns it off"
-        );
+        assert!(!config.split_transactions);
+        let defaults = sidecar_config(&spec_default(), &OPTIONS, &seeds);
+        assert!(defaults.read_your_writes, "on unless the spec turns it off");
+        assert!(defaults.split_transactions, "on unless the spec turns it off");
         config.validate().unwrap();
     }
 

@@ -88,16 +88,19 @@ impl Inbox {
                 Some(index) => !index.insert(k.clone()),
                 None => self.keys.contains(k),
             };
-            if !repeat {
-                self.keys.push(k.clone());
+            if repeat {
+                continue;
             }
-        }
-        if self.keys.len() > BACKLOG {
-            self.keys = Vec::new();
-            self.index = None;
-            self.lagged = true;
-        } else if self.index.is_none() && self.keys.len() > SCAN_KEYS {
-            self.index = Some(self.keys.iter().cloned().collect());
+            self.keys.push(k.clone());
+            if self.keys.len() > BACKLOG {
+                self.keys = Vec::new();
+                self.index = None;
+                self.lagged = true;
+                return;
+            }
+            if self.index.is_none() && self.keys.len() > SCAN_KEYS {
+                self.index = Some(self.keys.iter().cloned().collect());
+            }
         }
     }
 

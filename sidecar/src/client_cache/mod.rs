@@ -329,7 +329,8 @@ impl Tracker {
     /// Start tracking: the feeds are kept while a tracker lives.
     pub fn start(hub: &Arc<Hub>, options: Options) -> Tracker {
         let mailbox = Arc::new(Mailbox::default());
-        let id = hub.watched.join(mailbox.clone(), options.bcast);
+        let bcast = options.bcast.then_some(options.prefixes.as_slice());
+        let id = hub.watched.join(mailbox.clone(), bcast);
         hub.metrics.tracking_clients.inc();
         let mut tracker = Tracker {
             hub: hub.clone(),
@@ -348,6 +349,15 @@ impl Tracker {
             tracker.feed();
         }
         tracker
+    }
+
+    /// `CLIENT TRACKING ON` again, with `options` (checked against the
+    /// current ones: a `BCAST` client stays one, and may add prefixes).
+    pub fn set_options(&mut self, options: Options) {
+        if options.bcast {
+            self.hub.watched.set_prefixes(self.id, &options.prefixes);
+        }
+        self.options = options;
     }
 
     /// This tracker needs the feeds from now on (until it ends). Returns

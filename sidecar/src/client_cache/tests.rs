@@ -356,3 +356,29 @@ fn a_parked_client_is_woken_by_a_message_from_another_thread() {
     assert!(matches!(heard, Ok(Invalidation::Keys(_))), "{heard:?}");
     feeder.join().unwrap();
 }
+
+#[tokio::test]
+async fn a_bcast_client_is_passed_only_keys_under_its_prefixes() {
+    let metrics = Metrics::new().unwrap();
+    let hub = Hub::new(metrics.clone());
+    let mut p = Tracker::start(&hub, on(&["on", "bcast", "prefix", "p:"], None).unwrap());
+    // One feed message of more keys than a mailbox holds, none under p:.
+    let many: Vec<String> = (0..=mailbox::BACKLOG).map(|i| format!("q:{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    feed(&hub, &many).await;
+    assert!(hears(&mut p).await.is_none(), "nothing of its own, no flush");
+    feed(&hub, &["q:1", "p:1"]).await;
+    let Some(Invalidation::Keys(keys)) = hears(&mut p).await else {
+        panic!("p:1");
+    };
+    assert_eq!(&*keys, &args(&["p:1"])[..]);
+    // A prefix added later counts from then on.
+    let more = on(&["on", "bcast", "prefix", "r:"], Some(&p.options)).unwrap();
+    p.set_options(more);
+    feed(&hub, &["r:1", "q:2"]).await;
+    let Some(Invalidation::Keys(keys)) = hears(&mut p).await else {
+        panic!("r:1");
+    };
+    assert_eq!(&*keys, &args(&["r:1"])[..]);
+    assert_eq!(metrics.tracking_flushes.with_label_values(&["lagged"]).get(), 0);
+}

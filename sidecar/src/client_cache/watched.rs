@@ -57,8 +57,8 @@ struct Table {
     /// beyond what the clients count (its name and `ENTRY_BYTES`, 64):
     /// less again than the hub's budget.
     keys: HashMap<u64, Owners>,
-    /// `BCAST` clients.
-    bcast: Vec<Id>,
+    /// `BCAST` clients, and the prefixes each wants (none: every key).
+    bcast: Vec<(Id, Vec<Bytes>)>,
 }
 
 /// The clients of one key hash, in id order (an id twice for a client
@@ -120,8 +120,8 @@ impl Table {
 }
 
 impl Watched {
-    /// A client starts tracking: its id.
-    pub(super) fn join(&self, mailbox: Arc<Mailbox>, bcast: bool) -> Id {
+    /// A client starts tracking (a `BCAST` one: with these prefixes): its id.
+    pub(super) fn join(&self, mailbox: Arc<Mailbox>, bcast: Option<&[Bytes]>) -> Id {
         let mut t = crate::lock(&self.table);
         let id = match t.free.pop() {
             Some(id) => {
@@ -134,10 +134,18 @@ impl Watched {
             }
         };
         t.live += 1;
-        if bcast {
-            t.bcast.push(id);
+        if let Some(prefixes) = bcast {
+            t.bcast.push((id, prefixes.to_vec()));
         }
         id
+    }
+
+    /// `BCAST` client `id` now wants these prefixes.
+    pub(super) fn set_prefixes(&self, id: Id, prefixes: &[Bytes]) {
+        let mut t = crate::lock(&self.table);
+        if let Some((_, p)) = t.bcast.iter_mut().find(|(b, _)| *b == id) {
+            *p = prefixes.to_vec();
+        }
     }
 
     /// A client stopped tracking (it has unwatched every key it watched).
@@ -148,7 +156,7 @@ impl Watched {
         {
             t.live -= 1;
             t.free.push(id);
-            t.bcast.retain(|&b| b != id);
+            t.bcast.retain(|(b, _)| *b != id);
         }
     }
 
@@ -204,10 +212,27 @@ impl Watched {
         {
             let t = crate::lock(&self.table);
             let copy = |k: &Bytes| Bytes::copy_from_slice(k);
-            if !t.bcast.is_empty() {
-                let all = Invalidation::Keys(keys.iter().map(copy).collect());
-                let bcast = t.bcast.iter().filter_map(|&id| t.mailbox(id));
-                wakers.extend(bcast.filter_map(|m| m.put(&all)));
+            // Each BCAST client, the keys under its prefixes (so a large
+            // write elsewhere does not fill its mailbox).
+            let mut all: Option<Invalidation> = None;
+            for (id, prefixes) in &t.bcast {
+                let Some(mailbox) = t.mailbox(*id) else {
+                    continue;
+                };
+                let inv = if prefixes.is_empty() {
+                    all.get_or_insert_with(|| Invalidation::Keys(keys.iter().map(copy).collect()))
+                        .clone()
+                } else {
+                    let mine: Arc<[Bytes]> = (keys.iter())
+                        .filter(|k| prefixes.iter().any(|p| k.starts_with(p)))
+                        .map(copy)
+                        .collect();
+                    if mine.is_empty() {
+                        continue;
+                    }
+                    Invalidation::Keys(mine)
+                };
+                wakers.extend(mailbox.put(&inv));
             }
             let mut each: BTreeMap<Id, Vec<Bytes>> = BTreeMap::new();
             for k in keys {

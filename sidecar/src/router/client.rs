@@ -246,7 +246,7 @@ impl Router {
             Err(e) => return ClientReply::Reply(err(e)),
         };
         if let Some(t) = st.tracker.as_mut() {
-            t.options = options;
+            t.set_options(options);
             if !t.options.optin && t.feed() {
                 return self.covered(t);
             }

@@ -14,6 +14,8 @@
 //! that does gets `-CROSSSLOT`. Commands without keys run with the first
 //! slot's.
 
+use std::collections::HashMap;
+
 use super::*;
 
 /// Where one queued command runs.
@@ -45,17 +47,18 @@ struct Plan {
     groups: Vec<(u16, Vec<Vec<Bytes>>)>,
     /// Per queued command, where it runs.
     parts: Vec<Parts>,
+    /// Each slot's group (a transaction can hold many: no scan per command).
+    index: HashMap<u16, usize>,
 }
 
 impl Plan {
     fn group(&mut self, slot: u16) -> usize {
-        match self.groups.iter().position(|(s, _)| *s == slot) {
-            Some(g) => g,
-            None => {
-                self.groups.push((slot, Vec::new()));
-                self.groups.len() - 1
-            }
+        let next = self.groups.len();
+        let g = *self.index.entry(slot).or_insert(next);
+        if g == next {
+            self.groups.push((slot, Vec::new()));
         }
+        g
     }
 
     /// Add `args` to `slot`'s group; where it landed.
@@ -85,7 +88,12 @@ fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
     let mut plan = Plan {
         groups: Vec::new(),
         parts: Vec::new(),
+        index: HashMap::new(),
     };
+    // A keyless command with effects others see (PUBLISH, a script
+    // without keys) would run at once with every slot's commands, not in
+    // its place among them.
+    let mut effects = false;
     // Commands without keys run with the first slot's, in their place.
     let first = cmds.iter().find_map(|args| {
         let (_, keys) = keys_of(args);
@@ -97,6 +105,9 @@ fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
     for args in cmds {
         let (info, keys) = keys_of(args);
         let slots: Vec<u16> = keys.iter().map(|&k| slot::slot(&args[k])).collect();
+        if slots.is_empty() && info.is_some_and(|i| i.kind == Kind::Write || i.name == "publish") {
+            effects = true;
+        }
         let one = slots.first().copied().unwrap_or(first);
         if slots.iter().all(|&s| s == one) {
             let (group, at) = plan.push(one, args.clone());
@@ -108,11 +119,13 @@ fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
         };
         let per_key = if split == Split::AllOk { 2 } else { 1 };
         let mut by_slot: Vec<(u16, Vec<usize>)> = Vec::new();
+        let mut at: HashMap<u16, usize> = HashMap::new();
         for (pos, &s) in slots.iter().enumerate() {
-            match by_slot.iter_mut().find(|(bs, _)| *bs == s) {
-                Some((_, v)) => v.push(pos),
-                None => by_slot.push((s, vec![pos])),
+            let i = *at.entry(s).or_insert(by_slot.len());
+            if i == by_slot.len() {
+                by_slot.push((s, Vec::new()));
             }
+            by_slot[i].1.push(pos);
         }
         let mut pieces = Vec::new();
         for (s, positions) in by_slot {
@@ -130,7 +143,16 @@ fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
             pieces,
         });
     }
-    Ok((plan.groups.len() > 1).then_some(plan))
+    if plan.groups.len() < 2 {
+        return Ok(None);
+    }
+    if effects {
+        return Err(err(
+            "CROSSSLOT Keys in request don't hash to the same slot (a transaction across slots runs as one per slot, \
+             and cannot hold PUBLISH or a script without keys: its order against the other slots' commands would not hold)",
+        ));
+    }
+    Ok(Some(plan))
 }
 
 /// The client's `EXEC` reply from each slot's replies (in `plan`'s group

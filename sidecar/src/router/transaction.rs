@@ -325,6 +325,7 @@ impl Router {
             return encode(&Frame::Array(Vec::new()));
         }
         let mut slots: Vec<u16> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut touched: Vec<Bytes> = Vec::new();
         for args in &cmds {
             let Some(info) = args.first().and_then(|n| commands::lookup(n)) else {
@@ -333,7 +334,7 @@ impl Router {
             if let Ok(keys) = commands::key_indices(info, args) {
                 for i in keys {
                     let s = slot::slot(&args[i]);
-                    if !slots.contains(&s) {
+                    if seen.insert(s) {
                         slots.push(s);
                     }
                     if let Some(c) = &self.cache

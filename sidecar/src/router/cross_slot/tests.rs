@@ -19,6 +19,17 @@ fn one_slot_is_the_usual_transaction_and_an_unsplittable_command_is_refused() {
     assert_eq!(plan(&[cmd(&["PING"])]), Ok(None));
     let rename = [cmd(&["RENAME", "a", "b"])];
     assert!(plan(&rename).unwrap_err().starts_with(b"-CROSSSLOT"));
+    // What others see of a keyless command could not keep its place.
+    for keyless in [cmd(&["PUBLISH", "ch", "m"]), cmd(&["EVAL", "return 1", "0"])] {
+        let cmds = [cmd(&["SET", "a", "1"]), keyless.clone(), cmd(&["SET", "b", "2"])];
+        let refused = plan(&cmds).unwrap_err();
+        assert!(refused.starts_with(b"-CROSSSLOT"), "{refused:?}");
+        assert_eq!(
+            plan(&[cmd(&["SET", "a", "1"]), keyless]),
+            Ok(None),
+            "one slot: as usual"
+        );
+    }
 }
 
 #[test]

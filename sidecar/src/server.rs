@@ -359,10 +359,14 @@ async fn serve_client(stream: TcpStream, router: Arc<Router>, stop: Arc<Stop>) {
                         pubsub::step(sub.as_ref(), st.session.proto, name, pending.is_empty())
                     };
                     // The router notes the commands it sees; these stop here.
-                    if matches!(step, Step::Forward | Step::Refuse)
-                        && let Some(info) = crate::commands::lookup(name)
-                    {
-                        registered.client.command(info.id);
+                    if matches!(step, Step::Forward | Step::Refuse) {
+                        if let Some(info) = crate::commands::lookup(name) {
+                            registered.client.command(info.id);
+                        }
+                        // A command ran: it ends `CLIENT CACHING`, as in Redis.
+                        if let Some(t) = st.tracker.as_mut() {
+                            t.next_command(false);
+                        }
                     }
                     let reset = name.eq_ignore_ascii_case(b"reset");
                     match step {

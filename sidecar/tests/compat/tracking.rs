@@ -294,6 +294,13 @@ async fn a_lost_feed_sends_a_flush_and_the_feeds_close_with_the_last_tracking_cl
 async fn optin_session(t: &mut Raw, writer: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<Bytes> {
     let mut got = Vec::new();
     let _: () = writer.set(key, "v1").await.unwrap();
+    // On the replicas too: the sidecar reads the untracked GET there.
+    let _: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(2000)
+        .query_async(writer)
+        .await
+        .unwrap();
     t.send(&["GET", key]).await;
     got.push(t.frame().await);
     let _: () = writer.set(key, "v2").await.unwrap();

@@ -12,7 +12,9 @@
 //! multi-key command that spans slots is split as outside a transaction
 //! (`MGET`, `MSET`, `DEL`, `UNLINK`, `EXISTS`, `TOUCH`); any other one
 //! that does gets `-CROSSSLOT`. Commands without keys run with the first
-//! slot's.
+//! slot's, except those whose effects others see (`PUBLISH`, a script
+//! without keys): they would not keep their place among the other slots'
+//! commands, and the transaction gets `-CROSSSLOT`.
 
 use std::collections::HashMap;
 

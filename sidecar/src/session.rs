@@ -6,6 +6,9 @@
 
 use bytes::Bytes;
 
+/// What a queued argument costs beyond its bytes (its `Bytes`, its slot).
+const ARG_BYTES: usize = 40;
+
 /// What a client's connection remembers between commands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
@@ -17,6 +20,8 @@ pub struct Session {
     multi: Option<Vec<Vec<Bytes>>>,
     /// A command queued inside `MULTI` was refused: `EXEC` must abort.
     multi_failed: bool,
+    /// What the queued commands hold, about (bounded by `queue`'s limit).
+    multi_bytes: usize,
     /// `CLIENT REPLY OFF`: no replies until `CLIENT REPLY ON`.
     replies_off: bool,
     /// `CLIENT REPLY SKIP`: the reply to the command after it is dropped
@@ -32,6 +37,7 @@ impl Default for Session {
             name: None,
             multi: None,
             multi_failed: false,
+            multi_bytes: 0,
             replies_off: false,
             skip: false,
             skip_next: false,
@@ -92,14 +98,31 @@ impl Session {
         }
         self.multi = Some(Vec::new());
         self.multi_failed = false;
+        self.multi_bytes = 0;
         Ok(())
     }
 
-    /// A command accepted into the block (`+QUEUED`).
-    pub fn queue(&mut self, args: Vec<Bytes>) {
-        if let Some(q) = self.multi.as_mut() {
-            q.push(args);
+    /// A command accepted into the block (`+QUEUED`), unless the block
+    /// would hold more than `limit` bytes: then (false) it is refused, the
+    /// commands queued so far are let go, and `EXEC` will abort. A block
+    /// that will abort keeps nothing more.
+    pub fn queue(&mut self, args: Vec<Bytes>, limit: usize) -> bool {
+        let size: usize = args.iter().map(|a| a.len() + ARG_BYTES).sum();
+        let failed = self.multi_failed;
+        let Some(q) = self.multi.as_mut() else {
+            return true;
+        };
+        if failed {
+            return true;
         }
+        self.multi_bytes = self.multi_bytes.saturating_add(size);
+        if self.multi_bytes > limit {
+            *q = Vec::new();
+            self.multi_failed = true;
+            return false;
+        }
+        q.push(args);
+        true
     }
 
     /// A command refused inside the block: the block will abort.
@@ -248,6 +271,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_transaction_past_the_limit_lets_its_commands_go_and_aborts() {
+        let mut s = Session::default();
+        s.multi().unwrap();
+        let cmd = || vec![Bytes::from_static(b"SET"), Bytes::from(vec![b'v'; 100])];
+        assert!(s.queue(cmd(), 1000));
+        assert_eq!(s.queued(), Some(1));
+        let mut refused = 0;
+        for _ in 0..20 {
+            refused += usize::from(!s.queue(cmd(), 1000));
+        }
+        assert_eq!(refused, 1, "refused once, then nothing more is kept");
+        assert_eq!(s.queued(), Some(0));
+        assert_eq!(s.exec(), Exec::Aborted);
+        // The next block starts from nothing.
+        s.multi().unwrap();
+        assert!(s.queue(cmd(), 1000));
+    }
+
+    #[test]
     fn client_reply_drops_replies_as_redis_does() {
         let mut s = Session::default();
         // Each step: the mode a command sets (None: any other command),
@@ -293,8 +335,8 @@ mod tests {
         assert_eq!(s.exec(), Exec::NotInMulti);
         s.multi().unwrap();
         assert_eq!(s.multi(), Err("ERR MULTI calls can not be nested"));
-        s.queue(args(&["SET", "k", "v"]));
-        s.queue(args(&["GET", "k"]));
+        assert!(s.queue(args(&["SET", "k", "v"]), usize::MAX));
+        assert!(s.queue(args(&["GET", "k"]), usize::MAX));
         assert_eq!(
             s.exec(),
             Exec::Run(vec![args(&["SET", "k", "v"]), args(&["GET", "k"])])
@@ -307,11 +349,11 @@ mod tests {
     fn a_refused_command_aborts_the_block_and_the_next_block_starts_clean() {
         let mut s = Session::default();
         s.multi().unwrap();
-        s.queue(args(&["SET", "k", "v"]));
+        assert!(s.queue(args(&["SET", "k", "v"]), usize::MAX));
         s.refuse_queued();
         assert_eq!(s.exec(), Exec::Aborted);
         s.multi().unwrap();
-        s.queue(args(&["GET", "k"]));
+        assert!(s.queue(args(&["GET", "k"]), usize::MAX));
         assert_eq!(s.exec(), Exec::Run(vec![args(&["GET", "k"])]));
         // Outside a block a refusal marks nothing.
         s.refuse_queued();

@@ -257,8 +257,14 @@ impl Router {
                         Action::Reply(err(e))
                     }
                     None => {
-                        st.session.queue(args);
-                        Action::Reply(Bytes::from_static(b"+QUEUED\r\n"))
+                        let limit = usize::try_from(self.config.client_query_limit).unwrap_or(usize::MAX);
+                        if st.session.queue(args, limit) {
+                            Action::Reply(Bytes::from_static(b"+QUEUED\r\n"))
+                        } else {
+                            Action::Reply(err(
+                                "ERR cachetier: transaction larger than the client query limit; EXEC will abort",
+                            ))
+                        }
                     }
                 }
             }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use cachetier_sidecar::Sidecar;
 use redis::AsyncCommands;
 
@@ -257,6 +258,43 @@ async fn a_request_larger_than_the_query_limit_is_refused_and_closed() {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.contains("client query limit"), "{reply}");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_the_query_limit_is_refused_and_aborts() {
+    let cluster = Cluster::start(3, 0);
+    let cfg = cachetier_sidecar::Config {
+        client_query_limit: 1 << 20,
+        ..config(&cluster)
+    };
+    let sidecar = Sidecar::bind(cfg).await.unwrap();
+    let mut c = support::Raw::connect(&sidecar.local_addr().to_string()).await;
+    c.send(&["MULTI"]).await;
+    assert_eq!(c.frame().await, Bytes::from_static(b"+OK\r\n"));
+    // 32 SETs of 64 KiB: 2 MiB queued, past the 1 MiB limit halfway.
+    let value = "v".repeat(64 << 10);
+    let mut refused = Vec::new();
+    for i in 0..32 {
+        c.send(&["SET", &format!("big:{i}"), &value]).await;
+        let reply = c.frame().await;
+        if reply != Bytes::from_static(b"+QUEUED\r\n") {
+            refused.push((i, reply));
+        }
+    }
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let (at, why) = &refused[0];
+    assert!((14..18).contains(at), "refused at {at}");
+    assert!(
+        String::from_utf8_lossy(why).contains("client query limit"),
+        "{why:?}"
+    );
+    c.send(&["EXEC"]).await;
+    let exec = c.frame().await;
+    assert!(exec.starts_with(b"-EXECABORT"), "{exec:?}");
+    // Nothing of it ran; the connection goes on.
+    c.send(&["EXISTS", "big:0"]).await;
+    assert_eq!(c.frame().await, Bytes::from_static(b":0\r\n"));
     sidecar.shutdown().await;
 }
 

@@ -23,6 +23,22 @@ helm lint --strict "$chart" -f "$chart/ci/full-values.yaml"
 helm template cachetier "$chart" -n cachetier-system > "$out/default.yaml"
 helm template cachetier "$chart" -n cachetier-system -f "$chart/ci/full-values.yaml" > "$out/full.yaml"
 kubernetes-validate --strict -k 1.33.0 "$out/default.yaml" "$out/full.yaml"
+# The operator accepts every argument the chart gives it (clap checks them
+# all before it answers --help).
+python3 - "$out/default.yaml" "$out/full.yaml" <<'PY'
+import subprocess, sys, yaml
+for f in sys.argv[1:]:
+    for doc in yaml.safe_load_all(open(f)):
+        if not doc or doc.get("kind") != "Deployment":
+            continue
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            if c["name"] != "operator":
+                continue
+            cmd = ["cargo", "run", "-q", "--locked", "-p", "cachetier-operator", "--", *c["args"], "--help"]
+            run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if run.returncode != 0:
+                sys.exit(f"check-chart: the operator refuses the chart's arguments ({f}): {run.stderr}")
+PY
 # Wrong values are refused by values.schema.json, with the field's name.
 if helm template cachetier "$chart" --set operator.replicas=0 > /dev/null 2> "$out/err"; then
     echo "check-chart: operator.replicas=0 was accepted" >&2

@@ -67,6 +67,10 @@ enum Command {
         /// `text` (default) or `json` logs on stderr.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+        /// `text` or `json` logs of the sidecars the webhook injects
+        /// (default: the operator's own `--log-format`).
+        #[arg(long, value_parser = ["text", "json"])]
+        sidecar_log_format: Option<String>,
         /// Serve the sidecar-injection webhook (HTTPS) here.
         #[arg(long, default_value = "0.0.0.0:9443", env = "CACHETIER_WEBHOOK_ADDR")]
         webhook_addr: SocketAddr,
@@ -173,6 +177,7 @@ fn main() -> anyhow::Result<ExitCode> {
             identity,
             lease_seconds,
             log_format,
+            sidecar_log_format,
             webhook_addr,
             no_webhook,
             webhook_cert_dir,
@@ -200,7 +205,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 addr: webhook_addr,
                 certificate,
                 sidecar_image,
-                log_format,
+                log_format: sidecar_log_format.unwrap_or_else(|| log_format.clone()),
             });
             let options = cachetier_operator::controller::RunOptions {
                 metrics,

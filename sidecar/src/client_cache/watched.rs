@@ -6,7 +6,8 @@
 //! BENCHMARKS.md, 2026-12-07).
 //!
 //! A default-mode client is entered for each key while it remembers it;
-//! a `BCAST` client wants every key (by prefix, which it checks itself).
+//! a `BCAST` client wants every key under its prefixes (all of them for
+//! `BCAST` alone, whose one prefix is "").
 //! A key is entered before the read that names it is sent, so an
 //! invalidation of a write that could make that read stale, which the
 //! node sends only after running the read, always finds it.
@@ -57,7 +58,7 @@ struct Table {
     /// beyond what the clients count (its name and `ENTRY_BYTES`, 64):
     /// less again than the hub's budget.
     keys: HashMap<u64, Owners>,
-    /// `BCAST` clients, and the prefixes each wants (none: every key).
+    /// `BCAST` clients, and the prefixes each wants ("": every key).
     bcast: Vec<(Id, Vec<Bytes>)>,
 }
 
@@ -211,21 +212,28 @@ impl Watched {
         let mut wakers: Vec<Waker> = Vec::new();
         {
             let t = crate::lock(&self.table);
-            let copy = |k: &Bytes| Bytes::copy_from_slice(k);
+            // Each key copied once, when someone wants it.
+            let mut copies: Vec<Option<Bytes>> = vec![None; keys.len()];
+            let mut copy = |i: usize| {
+                copies[i]
+                    .get_or_insert_with(|| Bytes::copy_from_slice(&keys[i]))
+                    .clone()
+            };
             // Each BCAST client, the keys under its prefixes (so a large
-            // write elsewhere does not fill its mailbox).
+            // write elsewhere does not fill its mailbox); one list shared
+            // by those that want every key (`BCAST` alone: prefix "").
             let mut all: Option<Invalidation> = None;
             for (id, prefixes) in &t.bcast {
                 let Some(mailbox) = t.mailbox(*id) else {
                     continue;
                 };
-                let inv = if prefixes.is_empty() {
-                    all.get_or_insert_with(|| Invalidation::Keys(keys.iter().map(copy).collect()))
+                let inv = if prefixes.is_empty() || prefixes.iter().any(|p| p.is_empty()) {
+                    (all.get_or_insert_with(|| Invalidation::Keys((0..keys.len()).map(&mut copy).collect())))
                         .clone()
                 } else {
-                    let mine: Arc<[Bytes]> = (keys.iter())
-                        .filter(|k| prefixes.iter().any(|p| k.starts_with(p)))
-                        .map(copy)
+                    let mine: Arc<[Bytes]> = (0..keys.len())
+                        .filter(|&i| prefixes.iter().any(|p| keys[i].starts_with(p)))
+                        .map(&mut copy)
                         .collect();
                     if mine.is_empty() {
                         continue;
@@ -235,11 +243,11 @@ impl Watched {
                 wakers.extend(mailbox.put(&inv));
             }
             let mut each: BTreeMap<Id, Vec<Bytes>> = BTreeMap::new();
-            for k in keys {
+            for (i, k) in keys.iter().enumerate() {
                 let Some(owners) = t.keys.get(&self.hash(k)) else {
                     continue;
                 };
-                let k = copy(k);
+                let k = copy(i);
                 let mut last = None;
                 for &id in owners.ids() {
                     if last != Some(id) {

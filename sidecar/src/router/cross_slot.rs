@@ -12,9 +12,9 @@
 //! multi-key command that spans slots is split as outside a transaction
 //! (`MGET`, `MSET`, `DEL`, `UNLINK`, `EXISTS`, `TOUCH`); any other one
 //! that does gets `-CROSSSLOT`. Commands without keys run with the first
-//! slot's, except those whose effects others see (`PUBLISH`, a script
-//! without keys): they would not keep their place among the other slots'
-//! commands, and the transaction gets `-CROSSSLOT`.
+//! slot's. A transaction across slots that holds `PUBLISH`, `SPUBLISH` or
+//! a script or function (which may publish) gets `-CROSSSLOT`: a message
+//! would not keep its place among the other slots' commands.
 
 use std::collections::HashMap;
 
@@ -51,7 +51,24 @@ struct Plan {
     parts: Vec<Parts>,
     /// Each slot's group (a transaction can hold many: no scan per command).
     index: HashMap<u16, usize>,
+    /// It holds a command with effects others see beyond its keys
+    /// ([`EFFECTS`]), whose place among the other slots' commands would
+    /// not hold.
+    effects: bool,
 }
+
+/// Commands whose effects others see beyond their keys' values: a message
+/// (`PUBLISH`, `SPUBLISH`, or one a script or function sends).
+const EFFECTS: &[&str] = &[
+    "publish",
+    "spublish",
+    "eval",
+    "evalsha",
+    "eval_ro",
+    "evalsha_ro",
+    "fcall",
+    "fcall_ro",
+];
 
 impl Plan {
     fn group(&mut self, slot: u16) -> usize {
@@ -91,11 +108,8 @@ fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
         groups: Vec::new(),
         parts: Vec::new(),
         index: HashMap::new(),
+        effects: false,
     };
-    // A keyless command with effects others see (PUBLISH, a script
-    // without keys) would run at once with every slot's commands, not in
-    // its place among them.
-    let mut effects = false;
     // Commands without keys run with the first slot's, in their place.
     let first = cmds.iter().find_map(|args| {
         let (_, keys) = keys_of(args);
@@ -107,8 +121,8 @@ fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
     for args in cmds {
         let (info, keys) = keys_of(args);
         let slots: Vec<u16> = keys.iter().map(|&k| slot::slot(&args[k])).collect();
-        if slots.is_empty() && info.is_some_and(|i| i.kind == Kind::Write || i.name == "publish") {
-            effects = true;
+        if info.is_some_and(|i| EFFECTS.contains(&i.name)) {
+            plan.effects = true;
         }
         let one = slots.first().copied().unwrap_or(first);
         if slots.iter().all(|&s| s == one) {
@@ -145,16 +159,7 @@ fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
             pieces,
         });
     }
-    if plan.groups.len() < 2 {
-        return Ok(None);
-    }
-    if effects {
-        return Err(err(
-            "CROSSSLOT Keys in request don't hash to the same slot (a transaction across slots runs as one per slot, \
-             and cannot hold PUBLISH or a script without keys: its order against the other slots' commands would not hold)",
-        ));
-    }
-    Ok(Some(plan))
+    Ok((plan.groups.len() > 1).then_some(plan))
 }
 
 /// The client's `EXEC` reply from each slot's replies (in `plan`'s group
@@ -233,6 +238,12 @@ impl Router {
             Ok(Some(_)) if !self.config.split_transactions => {
                 return Some(err(
                     "CROSSSLOT Keys in request don't hash to the same slot (a transaction through the sidecar must stay in one slot)",
+                ));
+            }
+            Ok(Some(plan)) if plan.effects => {
+                return Some(err(
+                    "CROSSSLOT Keys in request don't hash to the same slot (a transaction across slots runs as one per slot, \
+                     and cannot hold PUBLISH, SPUBLISH or a script: its messages would not keep their place among the other slots' commands)",
                 ));
             }
             Ok(Some(plan)) => plan,

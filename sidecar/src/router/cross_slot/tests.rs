@@ -19,17 +19,32 @@ fn one_slot_is_the_usual_transaction_and_an_unsplittable_command_is_refused() {
     assert_eq!(plan(&[cmd(&["PING"])]), Ok(None));
     let rename = [cmd(&["RENAME", "a", "b"])];
     assert!(plan(&rename).unwrap_err().starts_with(b"-CROSSSLOT"));
-    // What others see of a keyless command could not keep its place.
-    for keyless in [cmd(&["PUBLISH", "ch", "m"]), cmd(&["EVAL", "return 1", "0"])] {
-        let cmds = [cmd(&["SET", "a", "1"]), keyless.clone(), cmd(&["SET", "b", "2"])];
-        let refused = plan(&cmds).unwrap_err();
-        assert!(refused.starts_with(b"-CROSSSLOT"), "{refused:?}");
+    // A message (published, or by a script) could not keep its place
+    // among the other slots' commands.
+    for messaging in [
+        cmd(&["PUBLISH", "ch", "m"]),
+        cmd(&["SPUBLISH", "a", "m"]),
+        cmd(&["EVAL", "return 1", "0"]),
+        cmd(&["EVAL", "return 1", "1", "a"]),
+    ] {
+        let cmds = [
+            cmd(&["SET", "a", "1"]),
+            messaging.clone(),
+            cmd(&["SET", "b", "2"]),
+        ];
+        assert!(plan(&cmds).unwrap().expect("two slots").effects, "{messaging:?}");
         assert_eq!(
-            plan(&[cmd(&["SET", "a", "1"]), keyless]),
+            plan(&[cmd(&["SET", "a", "1"]), messaging]),
             Ok(None),
             "one slot: as usual"
         );
     }
+    let plain = [
+        cmd(&["SET", "a", "1"]),
+        cmd(&["LMPOP", "0", "LEFT"]),
+        cmd(&["SET", "b", "2"]),
+    ];
+    assert!(!plan(&plain).unwrap().expect("two slots").effects);
 }
 
 #[test]

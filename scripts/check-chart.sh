@@ -2,7 +2,8 @@
 # Checks the Helm chart the way CI does: helm lint and helm template with the
 # default values and with every option on (charts/cachetier/ci/full-values.yaml),
 # every rendered object through kubernetes-validate --strict, the alert rules
-# through promtool. Installs helm/kubectl/kubernetes-validate when missing
+# through promtool, and the operator (built with cargo, as generate.sh builds
+# it) with the arguments the chart renders. Installs helm/kubectl/kubernetes-validate when missing
 # (scripts/ensure-k8s-tools.sh) and promtool from Debian's prometheus package.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,6 +22,9 @@ pub struct Session {
     multi_failed: bool,
     /// What the queued commands hold, about (bounded by `queue`'s limit).
     multi_bytes: usize,
+    /// Commands queued before any refusal (`CLIENT LIST`'s `multi=`, as
+    /// Redis counts them), kept or let go.
+    multi_len: usize,
     /// `CLIENT REPLY OFF`: no replies until `CLIENT REPLY ON`.
     replies_off: bool,
     /// `CLIENT REPLY SKIP`: the reply to the command after it is dropped
@@ -38,6 +41,7 @@ impl Default for Session {
             multi: None,
             multi_failed: false,
             multi_bytes: 0,
+            multi_len: 0,
             replies_off: false,
             skip: false,
             skip_next: false,
@@ -83,7 +87,7 @@ impl Session {
 
     /// How many commands are queued, inside a `MULTI` block.
     pub fn queued(&self) -> Option<usize> {
-        self.multi.as_ref().map(Vec::len)
+        self.multi.as_ref().map(|_| self.multi_len)
     }
 
     /// The commands queued so far (none outside a block).
@@ -99,6 +103,7 @@ impl Session {
         self.multi = Some(Vec::new());
         self.multi_failed = false;
         self.multi_bytes = 0;
+        self.multi_len = 0;
         Ok(())
     }
 
@@ -122,6 +127,7 @@ impl Session {
             return false;
         }
         q.push(args);
+        self.multi_len += 1;
         true
     }
 
@@ -282,7 +288,12 @@ mod tests {
             refused += usize::from(!s.queue(cmd(), 1000));
         }
         assert_eq!(refused, 1, "refused once, then nothing more is kept");
-        assert_eq!(s.queued(), Some(0));
+        assert_eq!(s.queued_commands().len(), 0);
+        assert_eq!(
+            s.queued(),
+            Some(5),
+            "those queued before the refusal, as Redis counts"
+        );
         assert_eq!(s.exec(), Exec::Aborted);
         // The next block starts from nothing.
         s.multi().unwrap();

@@ -79,7 +79,8 @@ pub struct WebhookOptions {
     pub certificate: crate::webhook::tls::Source,
     /// The sidecar image it injects.
     pub sidecar_image: String,
-    /// The injected sidecars' log format (the operator's own).
+    /// The injected sidecars' log format (`--sidecar-log-format`, by
+    /// default the operator's own).
     pub log_format: String,
 }
 

@@ -353,7 +353,13 @@ impl Router {
             }
         }
         let _written = order.filter(|_| !slots.is_empty()).map(|o| o.writing(&slots));
-        let reply = match self.exec_across_slots(&cmds, up).await {
+        // Planned per slot only when its keys span slots: the usual
+        // transaction pays for no plan.
+        let across = match slots.len() {
+            0 | 1 => None,
+            _ => self.exec_across_slots(&cmds, up).await,
+        };
+        let reply = match across {
             Some(reply) => reply,
             None => self.exec_block(&cmds, slots.first().copied(), up).await,
         };

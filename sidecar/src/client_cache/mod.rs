@@ -527,14 +527,10 @@ impl Tracker {
                     self.forget_all(out);
                 }
             }
+            // The hub passes a BCAST client only keys under its prefixes.
             Invalidation::Keys(keys) if self.options.bcast => {
-                let mine: Vec<Bytes> = keys
-                    .iter()
-                    .filter(|k| self.options.prefixes.iter().any(|p| k.starts_with(p)))
-                    .cloned()
-                    .collect();
-                if !mine.is_empty() {
-                    out.push(push(Some(mine)));
+                if !keys.is_empty() {
+                    out.push(push(Some(keys.to_vec())));
                 }
             }
             Invalidation::Keys(keys) => {

@@ -13,8 +13,9 @@ use crate::reconcile::{node_dns_name, secret_env, shard_name};
 pub struct SidecarTemplate {
     /// The image (`--sidecar-image`).
     pub image: String,
-    /// `text` or `json` logs: the operator's own `--log-format`, so a
-    /// cluster's cachetier logs read alike.
+    /// `text` or `json` logs: the operator's `--sidecar-log-format`, by
+    /// default its own `--log-format`, so a cluster's cachetier logs read
+    /// alike.
     pub log_format: String,
 }
 

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub write_retries: IntCounter,
     /// Transactions whose keys spanned slots, run as one per slot.
     pub split_transactions: IntCounter,
+    pub pops_across_slots: IntCounter,
     /// Topology refreshes by result (`ok`, `error`).
     pub topology_refreshes: IntCounterVec,
     pub redirects: IntCounterVec,
@@ -143,6 +144,10 @@ impl Metrics {
             "split_transactions_total",
             "MULTI/EXEC transactions whose keys spanned slots, run as one transaction per slot",
         )?;
+        let pops_across_slots = IntCounter::new(
+            "blocking_pops_across_slots_total",
+            "Blocking pops (BLPOP, BRPOP, BLMPOP, BZPOPMIN, BZPOPMAX, BZMPOP) whose keys spanned slots",
+        )?;
         let topology_refreshes = IntCounterVec::new(
             Opts::new("topology_refreshes_total", "Topology refreshes by result"),
             &["result"],
@@ -191,6 +196,7 @@ impl Metrics {
         registry.register(Box::new(read_retries.clone()))?;
         registry.register(Box::new(write_retries.clone()))?;
         registry.register(Box::new(split_transactions.clone()))?;
+        registry.register(Box::new(pops_across_slots.clone()))?;
         registry.register(Box::new(read_your_writes_primary_reads.clone()))?;
         registry.register(Box::new(topology_refreshes.clone()))?;
         registry.register(Box::new(redirects.clone()))?;
@@ -216,6 +222,7 @@ impl Metrics {
             read_retries,
             write_retries,
             split_transactions,
+            pops_across_slots,
             read_your_writes_primary_reads,
             topology_refreshes,
             redirects,

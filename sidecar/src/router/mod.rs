@@ -9,7 +9,8 @@
 //! retries, MOVED/ASK) and to every primary, `cached.rs` the local cache's
 //! reads and fills; `server.rs` the commands a server answers
 //! about itself and the fan-outs, `transaction.rs` MULTI/EXEC and WATCH,
-//! `split.rs` cross-slot split and merge, `../blocking.rs` blocking commands.
+//! `split.rs` cross-slot split and merge, `../blocking.rs` blocking commands
+//! (`pop_across.rs` a blocking pop whose keys span slots).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +41,7 @@ mod cross_slot;
 mod direct;
 mod info;
 mod local_metrics;
+mod pop_across;
 mod pubsub_query;
 mod route;
 mod server;
@@ -564,6 +566,8 @@ impl Router {
             turn.prev_done().await;
             if same {
                 Box::pin(self.blocking(blocking, slots[0], raw, block, up)).await
+            } else if let Some(form) = pop_across::PopForm::of(info.name, &args, &keys) {
+                Box::pin(self.pop_across_slots(form, &args, &keys, block, blocking, up)).await
             } else {
                 err("CROSSSLOT Keys in request don't hash to the same slot")
             }

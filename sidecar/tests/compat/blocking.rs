@@ -136,3 +136,160 @@ async fn a_blocked_client_that_goes_away_releases_its_blocking_connection() {
     }
     sidecar.shutdown().await;
 }
+
+/// A blocking pop over keys of several slots (a Celery worker's priority
+/// queues, an RQ worker's queues): what one Redis server answers, frame by
+/// frame, in RESP2 and RESP3, where Redis Cluster says `CROSSSLOT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_pops_across_slots_answer_as_one_server_does() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let standalone = support::RedisNode::start(&["--cluster-enabled", "no"]);
+    // The queues are on three different nodes.
+    let nodes: std::collections::HashSet<String> = ["celery", "q:c", "q:e"]
+        .iter()
+        .map(|k| cluster.shard_of(k).0)
+        .collect();
+    assert_eq!(nodes.len(), 3, "the keys should be on three primaries");
+    let script: &[&[&str]] = &[
+        &["RPUSH", "q:c", "a", "b"],
+        &["SET", "q:e", "x"],
+        &["ZADD", "z:1", "1", "m1", "2", "m2"],
+        // The first key is empty, the second holds elements.
+        &["BRPOP", "celery", "q:c", "1"],
+        &["BLPOP", "celery", "q:c", "1"],
+        // None holds any: nil at the timeout.
+        &["BRPOP", "celery", "q:c", "0.2"],
+        // A key of another type before one that holds elements.
+        &["RPUSH", "q:c", "c"],
+        &["BLPOP", "celery", "q:e", "q:c", "1"],
+        &[
+            "BLMPOP", "1", "3", "celery", "q:none", "q:c", "RIGHT", "COUNT", "5",
+        ],
+        &["BLMPOP", "0.1", "2", "celery", "q:c", "LEFT"],
+        &["BZPOPMIN", "q:none", "z:1", "celery", "1"],
+        &["BZMPOP", "1", "2", "q:none", "z:1", "MAX", "COUNT", "2"],
+        &["BZPOPMAX", "z:1", "celery", "0.1"],
+        // Redis words the argument errors.
+        &["BRPOP", "celery", "q:c", "soon"],
+        &["BRPOP", "celery", "q:c", "-1"],
+        &["BLMPOP", "1", "2", "celery", "q:c", "SIDEWAYS"],
+        &["BZMPOP", "1", "2", "celery", "z:1", "MIN", "COUNT", "0"],
+        &["LLEN", "q:c"],
+        &["EXISTS", "celery", "z:1"],
+    ];
+    for hello in ["2", "3"] {
+        let mut frames = Vec::new();
+        for addr in [standalone.addr(), sidecar.local_addr().to_string()] {
+            let mut c = support::Raw::connect(&addr).await;
+            c.send(&["HELLO", hello]).await;
+            c.frame().await;
+            c.send(&["DEL", "q:c", "q:e", "z:1"]).await;
+            c.frame().await;
+            let mut got = Vec::new();
+            for cmd in script {
+                c.send(cmd).await;
+                got.push((
+                    cmd.join(" "),
+                    String::from_utf8_lossy(&c.frame().await).into_owned(),
+                ));
+            }
+            frames.push(got);
+        }
+        for (redis, ours) in frames[0].iter().zip(&frames[1]) {
+            assert_eq!(redis, ours, "RESP{hello}");
+        }
+    }
+    assert!(sidecar.metrics().pops_across_slots.get() >= 2 * 12);
+    sidecar.shutdown().await;
+}
+
+/// A worker blocked on queues of several nodes gets every element pushed to
+/// any of them exactly once, the first queue's at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_blocked_on_queues_of_several_nodes_gets_each_job_once() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let queues = ["celery", "q:c", "q:e"];
+    let mut worker = client(&sidecar).await;
+    let mut producer = client(&sidecar).await;
+    let jobs = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut first_waits = Vec::new();
+        while got.len() < 30 {
+            let asked = std::time::Instant::now();
+            let job: Option<(String, String)> = redis::cmd("BRPOP")
+                .arg(&queues[..])
+                .arg(5)
+                .query_async(&mut worker)
+                .await
+                .unwrap();
+            let Some((queue, job)) = job else { break };
+            if queue == "celery" {
+                first_waits.push(asked.elapsed());
+            }
+            got.push((queue, job));
+        }
+        (got, first_waits)
+    });
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        // Every third job to the first queue, while the worker waits.
+        tokio::time::sleep(Duration::from_millis(if i % 3 == 0 { 150 } else { 20 })).await;
+        let queue = queues[i % 3];
+        let _: () = producer.lpush(queue, i).await.unwrap();
+        sent.push((queue.to_string(), i.to_string()));
+    }
+    let (mut got, first_waits) = tokio::time::timeout(Duration::from_secs(20), jobs)
+        .await
+        .expect("the worker finishes")
+        .unwrap();
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent);
+    let lens: Vec<u64> = redis::pipe()
+        .llen(queues[0])
+        .llen(queues[1])
+        .llen(queues[2])
+        .query_async(&mut producer)
+        .await
+        .unwrap();
+    assert_eq!(lens, [0, 0, 0]);
+    // A job pushed to the first queue while the worker waited on it woke the
+    // worker (pushed 150 ms after the last job: a wake one round late would
+    // take at least 100 ms more).
+    let slowest = first_waits.iter().max().copied().unwrap_or_default();
+    assert!(slowest < Duration::from_millis(240), "{first_waits:?}");
+    sidecar.shutdown().await;
+}
+
+/// A client blocked for ever on keys of several slots that goes away stops
+/// the sidecar's tries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_blocked_across_slots_that_goes_away_stops_the_tries() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let second = cluster.by_addr(&cluster.shard_of("q:c").0);
+    let mut gone = tokio::net::TcpStream::connect(sidecar.local_addr())
+        .await
+        .unwrap();
+    gone.write_all(&cachetier_sidecar::resp::command_bytes(&[
+        "BLPOP", "celery", "q:c", "0",
+    ]))
+    .await
+    .unwrap();
+    support::eventually("the second queue is tried", Duration::from_secs(5), || {
+        second.calls("exec") >= 3
+    })
+    .await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = second.calls("exec");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(second.calls("exec"), after, "tried after the client left");
+    sidecar.shutdown().await;
+}

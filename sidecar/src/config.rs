@@ -137,7 +137,8 @@ pub struct Config {
     /// until a replica has caught up past the write (see README).
     pub read_your_writes: bool,
     /// A `MULTI` … `EXEC` whose keys span slots runs as one transaction per
-    /// slot (true), or is refused with `-CROSSSLOT` (false).
+    /// slot, and `WATCH` may span slots (true), or both are refused with
+    /// `-CROSSSLOT` (false).
     pub split_transactions: bool,
     pub cache: CacheConfig,
     /// Bounds on client requests.
@@ -374,7 +375,8 @@ pub struct Args {
     #[arg(long, env = "CACHETIER_READ_YOUR_WRITES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub read_your_writes: bool,
     /// Run a MULTI/EXEC whose keys span slots as one transaction per slot,
-    /// each atomic on its node (true), or refuse it with CROSSSLOT (false).
+    /// each atomic on its node, and let WATCH span slots (true), or refuse
+    /// both with CROSSSLOT (false).
     #[arg(long, env = "CACHETIER_SPLIT_TRANSACTIONS", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub split_transactions: bool,
     /// Most client connections at once (like Redis' maxclients).

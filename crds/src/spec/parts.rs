@@ -158,7 +158,8 @@ pub struct SidecarSpec {
     pub read_your_writes: bool,
     /// A MULTI/EXEC whose keys span hash slots (a Django or Laravel cache's
     /// set-many) runs as one transaction per slot, each atomic on its node
-    /// but not with the others. Turn off to refuse such transactions with
+    /// but not with the others, and WATCH may name keys of several slots (RQ
+    /// does). Turn off to refuse such transactions and watches with
     /// CROSSSLOT, as Redis Cluster does.
     #[serde(default = "default_true")]
     pub split_transactions: bool,

@@ -18,7 +18,8 @@ impl Router {
     ) -> Option<Bytes> {
         let cache = self.cache.as_ref()?;
         // A tracked read reads around the cache (`client_cache.rs`).
-        if st.session.in_multi() || st.watch.is_some() || (st.tracker.is_some() && st.order.primary_reads()) {
+        if st.session.in_multi() || st.watch.is_active() || (st.tracker.is_some() && st.order.primary_reads())
+        {
             return None;
         }
         let info = st.recent.lookup(req.arg(0)?)?;

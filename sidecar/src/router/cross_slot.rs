@@ -100,9 +100,27 @@ fn keys_of(args: &[Bytes]) -> (Option<&'static CommandInfo>, Vec<usize>) {
     (info, keys)
 }
 
+/// The slot of the first key of `cmds`.
+fn first_slot(cmds: &[Vec<Bytes>]) -> Option<u16> {
+    cmds.iter().find_map(|args| {
+        let (_, keys) = keys_of(args);
+        keys.first().map(|&k| slot::slot(&args[k]))
+    })
+}
+
 /// Plan `cmds` (already checked when queued), or the reply that refuses
 /// them. `None` when they fit one slot (the usual single transaction).
 fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
+    let Some(first) = first_slot(cmds) else {
+        return Ok(None);
+    };
+    let plan = plan_all(cmds, first)?;
+    Ok((plan.groups.len() > 1).then_some(plan))
+}
+
+/// Plan `cmds` per slot, however many slots they use; commands without
+/// keys run with the first key's slot, or `fallback`'s when none has keys.
+fn plan_all(cmds: &[Vec<Bytes>], fallback: u16) -> Result<Plan, Bytes> {
     let crossslot = || err("CROSSSLOT Keys in request don't hash to the same slot");
     let mut plan = Plan {
         groups: Vec::new(),
@@ -111,13 +129,7 @@ fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
         effects: false,
     };
     // Commands without keys run with the first slot's, in their place.
-    let first = cmds.iter().find_map(|args| {
-        let (_, keys) = keys_of(args);
-        keys.first().map(|&k| slot::slot(&args[k]))
-    });
-    let Some(first) = first else {
-        return Ok(None);
-    };
+    let first = first_slot(cmds).unwrap_or(fallback);
     for args in cmds {
         let (info, keys) = keys_of(args);
         let slots: Vec<u16> = keys.iter().map(|&k| slot::slot(&args[k])).collect();
@@ -159,7 +171,7 @@ fn plan(cmds: &[Vec<Bytes>]) -> Result<Option<Plan>, Bytes> {
             pieces,
         });
     }
-    Ok((plan.groups.len() > 1).then_some(plan))
+    Ok(plan)
 }
 
 /// The client's `EXEC` reply from each slot's replies (in `plan`'s group
@@ -228,6 +240,54 @@ fn merge_split(split: Split, keys: usize, got: &[(&Piece, Bytes)], proto: u8) ->
     }
 }
 
+/// One slot's `EXEC` reply.
+enum SlotExec {
+    /// Its commands' replies.
+    Ran(Vec<Bytes>),
+    /// Nil: a key it watched changed.
+    Aborted,
+    /// An error (or no reply), and its text.
+    Failed(String),
+}
+
+fn slot_exec(exec: &Bytes) -> SlotExec {
+    match resp::parse(exec) {
+        Ok(Frame::Array(items)) => SlotExec::Ran(items.iter().map(Frame::to_bytes).collect()),
+        Ok(Frame::NullArray | Frame::Null) => SlotExec::Aborted,
+        _ => SlotExec::Failed(
+            resp::error_text(exec)
+                .map(|t| String::from_utf8_lossy(t).into_owned())
+                .unwrap_or_else(|| "no reply".into()),
+        ),
+    }
+}
+
+/// Whether a `CLIENT INFO` reply (RESP2 bulk or RESP3 verbatim) shows
+/// the connection's watched keys changed (flag `d`: its `EXEC` would fail).
+/// `None`: not such a reply.
+fn watch_dirty(info: &[u8]) -> Option<bool> {
+    let at = info.windows(7).position(|w| w == b" flags=")? + 7;
+    let flags = info[at..].split(|&b| b == b' ').next()?;
+    Some(flags.contains(&b'd'))
+}
+
+/// The refusal of a transaction across slots that holds a command whose
+/// effects others see beyond its keys ([`EFFECTS`]).
+fn effects_refusal() -> Bytes {
+    err(
+        "CROSSSLOT Keys in request don't hash to the same slot (a transaction across slots runs as one per slot, \
+         and cannot hold PUBLISH, SPUBLISH or a script: its messages would not keep their place among the other slots' commands)",
+    )
+}
+
+/// The reply when `slot`'s part failed after `ran`'s parts were applied.
+fn partial(slots: usize, slot: u16, why: &str, ran: &[u16]) -> Bytes {
+    err(format!(
+        "ERR cachetier: this transaction spans {slots} slots and ran as one transaction per slot; \
+         slot {slot}'s did not run ({why}), and the parts of slots {ran:?} were applied"
+    ))
+}
+
 impl Router {
     /// Run `cmds` as one transaction per slot when their keys span slots
     /// and `--split-transactions` allows it. `None`: they fit one slot.
@@ -240,12 +300,7 @@ impl Router {
                     "CROSSSLOT Keys in request don't hash to the same slot (a transaction through the sidecar must stay in one slot)",
                 ));
             }
-            Ok(Some(plan)) if plan.effects => {
-                return Some(err(
-                    "CROSSSLOT Keys in request don't hash to the same slot (a transaction across slots runs as one per slot, \
-                     and cannot hold PUBLISH, SPUBLISH or a script: its messages would not keep their place among the other slots' commands)",
-                ));
-            }
+            Ok(Some(plan)) if plan.effects => return Some(effects_refusal()),
             Ok(Some(plan)) => plan,
         };
         self.metrics.split_transactions.inc();
@@ -256,9 +311,9 @@ impl Router {
         let execs = join_all(runs).await;
         let mut replies = Vec::with_capacity(execs.len());
         for ((slot, _), exec) in plan.groups.iter().zip(&execs) {
-            match resp::parse(exec) {
-                Ok(Frame::Array(items)) => replies.push(items.iter().map(Frame::to_bytes).collect()),
-                _ => {
+            match slot_exec(exec) {
+                SlotExec::Ran(r) => replies.push(r),
+                SlotExec::Aborted | SlotExec::Failed(_) => {
                     let why = resp::error_text(exec)
                         .map(|t| String::from_utf8_lossy(t).into_owned())
                         .unwrap_or_else(|| "no reply".into());
@@ -272,6 +327,107 @@ impl Router {
         }
         let proto = if up == Proto::Resp3 { 3 } else { 2 };
         Some(merge(&plan, &replies, proto))
+    }
+
+    /// `EXEC` of a watched transaction whose watched slots and commands'
+    /// slots are not one. First every watched slot's connection is asked
+    /// whether its watched keys changed (`CLIENT INFO` shows flag `d` then;
+    /// asking keeps the watch): if one did, the reply is nil, as from Redis,
+    /// and nothing ran. Then the watched slots with commands run their parts
+    /// on their connections, all at once, where Redis checks the keys again;
+    /// once all of them ran, the other slots' parts run on their primaries.
+    /// A watched key that changes in the moment between the check and the
+    /// parts' `EXEC`s aborts its part only: the reply is nil if no part ran,
+    /// else an error saying which parts were applied; a key of a watched
+    /// slot without commands that changes then goes unseen. The parts are
+    /// not atomic with each other (see the module's doc).
+    pub(super) async fn exec_watched_across_slots(
+        self: &Arc<Self>,
+        watches: &[Arc<super::Watch>],
+        cmds: &[Vec<Bytes>],
+        up: Proto,
+    ) -> Bytes {
+        let Some(fallback) = watches.first().map(|w| w.slot) else {
+            return err("ERR cachetier: no watched slot");
+        };
+        let plan = match plan_all(cmds, fallback) {
+            Ok(plan) if plan.effects && plan.groups.len() > 1 => return effects_refusal(),
+            Ok(plan) => plan,
+            Err(e) => return e,
+        };
+        self.metrics.split_transactions.inc();
+        let slots = plan.groups.len().max(watches.len());
+        let group_of = |w: &super::Watch| plan.index.get(&w.slot).copied();
+        let checks = watches.iter().map(|w| {
+            let info = resp::command_bytes(&["CLIENT", "INFO"]);
+            self.on_watch_conn(w, info, 1, up)
+        });
+        for info in join_all(checks).await {
+            match watch_dirty(&info) {
+                Some(false) => {}
+                Some(true) => {
+                    let nil = if up == Proto::Resp3 {
+                        Frame::Null
+                    } else {
+                        Frame::NullArray
+                    };
+                    return encode(&nil);
+                }
+                None if info.starts_with(b"-") => return info,
+                None => return err("ERR cachetier: a watched slot's connection did not describe itself"),
+            }
+        }
+        let with: Vec<&Arc<super::Watch>> = watches.iter().filter(|w| group_of(w).is_some()).collect();
+        let runs = with.iter().filter_map(|w| {
+            let (block, n) = Self::tx_block(&plan.groups[group_of(w)?].1, false);
+            Some(self.on_watch_conn(w, block, n, up))
+        });
+        let execs = join_all(runs).await;
+        let mut replies: Vec<Option<Vec<Bytes>>> = vec![None; plan.groups.len()];
+        let mut ran: Vec<u16> = Vec::new();
+        let mut refused: Option<(u16, Bytes)> = None;
+        for (w, exec) in with.iter().zip(execs) {
+            match (slot_exec(&exec), group_of(w)) {
+                (SlotExec::Ran(r), Some(g)) => {
+                    replies[g] = Some(r);
+                    ran.push(w.slot);
+                }
+                _ => refused = refused.or(Some((w.slot, exec))),
+            }
+        }
+        match refused {
+            Some((_, exec)) if ran.is_empty() => return exec,
+            Some((slot, exec)) => {
+                let why = match slot_exec(&exec) {
+                    SlotExec::Failed(why) => why,
+                    _ => "a key it watched changed".to_string(),
+                };
+                return partial(slots, slot, &why, &ran);
+            }
+            None => {}
+        }
+        let rest: Vec<usize> = (0..plan.groups.len()).filter(|&g| replies[g].is_none()).collect();
+        let runs = rest
+            .iter()
+            .map(|&g| self.exec_block(&plan.groups[g].1, Some(plan.groups[g].0), up));
+        let execs = join_all(runs).await;
+        let mut failed = None;
+        for (&g, exec) in rest.iter().zip(&execs) {
+            match slot_exec(exec) {
+                SlotExec::Ran(r) => {
+                    replies[g] = Some(r);
+                    ran.push(plan.groups[g].0);
+                }
+                SlotExec::Aborted => failed = Some((plan.groups[g].0, "no reply".to_string())),
+                SlotExec::Failed(why) => failed = Some((plan.groups[g].0, why)),
+            }
+        }
+        if let Some((slot, why)) = failed {
+            return partial(slots, slot, &why, &ran);
+        }
+        let replies: Vec<Vec<Bytes>> = replies.into_iter().map(Option::unwrap_or_default).collect();
+        let proto = if up == Proto::Resp3 { 3 } else { 2 };
+        merge(&plan, &replies, proto)
     }
 }
 

@@ -8,7 +8,7 @@
 //! read-your-writes); `route.rs` routing to one node (replica choice,
 //! retries, MOVED/ASK) and to every primary, `cached.rs` the local cache's
 //! reads and fills; `server.rs` the commands a server answers
-//! about itself and the fan-outs, `transaction.rs` MULTI/EXEC and WATCH,
+//! about itself and the fan-outs, `transaction.rs` MULTI/EXEC, `watch.rs` WATCH,
 //! `split.rs` cross-slot split and merge, `../blocking.rs` blocking commands
 //! (`pop_across.rs` a blocking pop whose keys span slots).
 
@@ -48,11 +48,13 @@ mod server;
 mod split;
 mod transaction;
 mod wait;
+mod watch;
 
 use client::{ClientReply, text};
 pub use direct::{Direct, Outcome, Place};
 pub use local_metrics::ClientMetrics;
 use route::{redirect_target, upstream_error};
+pub use watch::{Watch, Watches};
 
 const MAX_REDIRECTS: usize = 5;
 
@@ -64,9 +66,10 @@ pub struct ClientState {
     pub id: u64,
     /// Protocol, name and MULTI block (`session.rs`, no I/O).
     pub session: Session,
-    /// Active `WATCH`: the client's keyed commands run on a connection of
-    /// its own to the watched slot's primary until EXEC, DISCARD or UNWATCH.
-    pub watch: Option<Arc<Watch>>,
+    /// Active `WATCH`: the client's keyed commands of a watched slot run on
+    /// a connection of its own to the slot's primary until EXEC, DISCARD or
+    /// UNWATCH (`watch.rs`).
+    pub watch: Watches,
     /// Keeps the client's commands in the order it sent them (`order.rs`).
     order: Arc<ClientOrder>,
     /// The stage of the client's latest command that went upstream.
@@ -88,19 +91,12 @@ pub struct ClientState {
     pub view: Option<Arc<crate::clients::Client>>,
 }
 
-/// A client's WATCH connection, opened on first use.
-#[derive(Debug)]
-pub struct Watch {
-    slot: u16,
-    conn: tokio::sync::Mutex<Option<crate::upstream::Dedicated>>,
-}
-
 impl Default for ClientState {
     fn default() -> Self {
         Self {
             id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
             session: Session::default(),
-            watch: None,
+            watch: Watches::default(),
             order: Arc::new(ClientOrder::default()),
             last: None,
             blocking: BlockingCell::default(),
@@ -384,7 +380,7 @@ impl Router {
         if info.name == "exec" {
             // Redis ends the transaction and says why.
             st.session.discard();
-            st.watch = None;
+            st.watch.clear();
             let why = refusal.trim_start_matches("ERR ");
             return Err(err(format!("EXECABORT Transaction discarded because of: {why}")));
         }
@@ -414,7 +410,7 @@ impl Router {
         // The common command goes out at once, its arguments read in place
         // (MULTI queues, and WATCH sends keyed commands on its connection).
         let req = match place {
-            Some(place) if keyed && !st.session.in_multi() && st.watch.is_none() => {
+            Some(place) if keyed && !st.session.in_multi() && !st.watch.is_active() => {
                 match self.try_direct(st, info, req, turn, place) {
                     Ok(direct) => return Action::Direct(direct),
                     Err(req) => req,
@@ -426,7 +422,7 @@ impl Router {
         if st.session.in_multi() {
             return self.queue_in_multi(st, info, args);
         }
-        if st.watch.is_some()
+        if st.watch.is_active()
             && let Some(action) = self.on_watch(st, info, &args, &raw)
         {
             return action;

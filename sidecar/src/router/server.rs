@@ -57,7 +57,7 @@ impl Router {
             "reset" => {
                 st.session.reset();
                 // Unwatches: dropping the WATCH connection does that.
-                st.watch = None;
+                st.watch.clear();
                 st.set_tracker(None);
                 reply(Bytes::from_static(b"+RESET\r\n"))
             }
@@ -77,7 +77,7 @@ impl Router {
             }),
             "info" => self.info(info, &args[1..], up, proto),
             "unwatch" => reply(ok()),
-            "watch" => self.watch_command(st, info, &args, &resp::command_bytes(&args)),
+            "watch" => self.watch_command(st, info, &args),
             "multi" => reply(match st.session.multi() {
                 Ok(()) => ok(),
                 Err(e) => err(e),

@@ -1,188 +1,10 @@
 //! Transactions: `MULTI` queued in the sidecar and sent as one block to the
-//! slot's primary (following MOVED/ASK/TRYAGAIN), and `WATCH` on a
-//! connection of the client's own.
+//! slot's primary (following MOVED/ASK/TRYAGAIN); `WATCH` is in `watch.rs`,
+//! transactions across slots in `cross_slot.rs`.
 
 use super::*;
 
 impl Router {
-    /// Run `bytes` (holding `replies` commands) on the client's WATCH
-    /// connection. Like every path but the keyed ones it is ordered as a
-    /// whole (see [`Router::dispatch`]): after everything the client sent
-    /// before it has its reply.
-    pub(super) fn watch_call(
-        self: &Arc<Self>,
-        st: &mut ClientState,
-        info: &'static CommandInfo,
-        watch: Arc<Watch>,
-        bytes: Bytes,
-        replies: usize,
-        touched: Vec<Bytes>,
-    ) -> Action {
-        let this = self.clone();
-        let up = st.upstream_proto();
-        self.timed(info, async move {
-            if let Some(cache) = &this.cache {
-                touched.iter().for_each(|k| cache.bump(k));
-            }
-            let reply = this.on_watch_conn(&watch, bytes, replies, up).await;
-            if let Some(cache) = &this.cache {
-                for k in &touched {
-                    cache.invalidate(k, "own_write").await;
-                }
-            }
-            reply
-        })
-    }
-
-    pub(super) async fn on_watch_conn(
-        &self,
-        watch: &Watch,
-        bytes: Bytes,
-        replies: usize,
-        up: Proto,
-    ) -> Bytes {
-        let mut conn = watch.conn.lock().await;
-        if conn.is_none() {
-            let Some(addr) = self
-                .registry
-                .current()
-                .shard(watch.slot)
-                .map(|s| s.primary.addr.clone())
-            else {
-                return err(format!("CLUSTERDOWN Hash slot {} is not served", watch.slot));
-            };
-            match crate::upstream::Dedicated::open(
-                &addr,
-                up,
-                self.config.response_timeout,
-                self.config.auth.as_ref(),
-            )
-            .await
-            {
-                Ok(c) => *conn = Some(c),
-                Err(e) => return upstream_error(&addr, Kind::Write, &e),
-            }
-        }
-        let Some(c) = conn.as_mut() else {
-            return err("ERR cachetier: WATCH connection unavailable");
-        };
-        match c.call(&bytes, replies).await {
-            Ok(mut r) => {
-                let last = r.pop().unwrap_or_default();
-                if redirect_target(&last, b"MOVED ").is_some() || redirect_target(&last, b"ASK ").is_some() {
-                    self.registry.request_refresh();
-                    return err("ERR cachetier: the watched slot moved during WATCH; retry the transaction");
-                }
-                if last.starts_with(b"-EXECABORT")
-                    && let Some(first) = r.iter().skip(1).find(|x| x.starts_with(b"-"))
-                {
-                    let why = resp::error_text(first)
-                        .map(|t| String::from_utf8_lossy(t).into_owned())
-                        .unwrap_or_default();
-                    return err(format!(
-                        "EXECABORT Transaction discarded because of previous errors: {why}"
-                    ));
-                }
-                last
-            }
-            Err(e) => err(format!(
-                "ERR cachetier: WATCH connection failed ({e}); the watch is lost and a transaction in flight may or may not have been applied"
-            )),
-        }
-    }
-
-    /// Slot shared by every key of `args`, or the error reply to send.
-    pub(super) fn single_slot(info: &CommandInfo, args: &[Bytes]) -> Result<Option<u16>, Bytes> {
-        let keys = commands::key_indices(info, args).map_err(|_| {
-            err(format!(
-                "ERR wrong number of arguments for '{}' command",
-                info.name
-            ))
-        })?;
-        let mut slot = None;
-        for i in keys {
-            let s = slot::slot(&args[i]);
-            if slot.is_some_and(|x| x != s) {
-                return Err(err("CROSSSLOT Keys in request don't hash to the same slot"));
-            }
-            slot = Some(s);
-        }
-        Ok(slot)
-    }
-
-    /// Commands while a WATCH is active. `None`: handle as usual (local
-    /// commands, MULTI).
-    pub(super) fn on_watch(
-        self: &Arc<Self>,
-        st: &mut ClientState,
-        info: &'static CommandInfo,
-        args: &[Bytes],
-        raw: &Bytes,
-    ) -> Option<Action> {
-        let watch = st.watch.clone()?;
-        match info.kind {
-            Kind::Read | Kind::Write => {
-                let slot = match Self::single_slot(info, args) {
-                    Ok(s) => s,
-                    Err(e) => return Some(Action::Reply(e)),
-                };
-                if let Some(s) = slot
-                    && s != watch.slot
-                {
-                    return Some(Action::Reply(err(format!(
-                        "CROSSSLOT cachetier: while WATCH is active, commands must use keys of the watched slot {} (this one uses slot {s})",
-                        watch.slot
-                    ))));
-                }
-                let keys = commands::key_indices(info, args).unwrap_or_default();
-                let touched = self.touched_keys(info, args, &keys);
-                Some(self.watch_call(st, info, watch, raw.clone(), 1, touched))
-            }
-            Kind::AnyPrimary => Some(self.watch_call(st, info, watch, raw.clone(), 1, Vec::new())),
-            Kind::Server => match info.name {
-                "watch" => Some(self.watch_command(st, info, args, raw)),
-                "unwatch" => {
-                    st.watch = None;
-                    Some(self.watch_call(st, info, watch, raw.clone(), 1, Vec::new()))
-                }
-                _ => None,
-            },
-            Kind::Unsupported(_) => None,
-        }
-    }
-
-    pub(super) fn watch_command(
-        self: &Arc<Self>,
-        st: &mut ClientState,
-        info: &'static CommandInfo,
-        args: &[Bytes],
-        raw: &Bytes,
-    ) -> Action {
-        let slot = match Self::single_slot(info, args) {
-            Ok(Some(s)) => s,
-            Ok(None) => return Action::Reply(err("ERR wrong number of arguments for 'watch' command")),
-            Err(e) => return Action::Reply(e),
-        };
-        let watch = match &st.watch {
-            Some(w) if w.slot != slot => {
-                return Action::Reply(err(format!(
-                    "CROSSSLOT cachetier: all WATCHed keys must be in one slot (already watching slot {})",
-                    w.slot
-                )));
-            }
-            Some(w) => w.clone(),
-            None => {
-                let w = Arc::new(Watch {
-                    slot,
-                    conn: tokio::sync::Mutex::new(None),
-                });
-                st.watch = Some(w.clone());
-                w
-            }
-        };
-        self.watch_call(st, info, watch, raw.clone(), 1, Vec::new())
-    }
-
     pub(super) fn queue_in_multi(
         self: &Arc<Self>,
         st: &mut ClientState,
@@ -193,7 +15,7 @@ impl Router {
             "exec" => {
                 let exec = st.session.exec();
                 // EXEC unwatches, whatever it does.
-                let watch = st.watch.take();
+                let watches = st.watch.take();
                 let cmds = match exec {
                     Exec::Run(cmds) => cmds,
                     Exec::Aborted => {
@@ -203,12 +25,8 @@ impl Router {
                     }
                     Exec::NotInMulti => return Action::Reply(err("ERR EXEC without MULTI")),
                 };
-                if let Some(watch) = watch {
-                    let mark = self
-                        .config
-                        .read_your_writes
-                        .then(|| st.order.writing(&[watch.slot]));
-                    return self.exec_watched(st, info, watch, cmds, mark);
+                if !watches.is_empty() {
+                    return self.exec_watched(st, info, watches, cmds);
                 }
                 let this = self.clone();
                 let up = st.upstream_proto();
@@ -218,7 +36,7 @@ impl Router {
             "discard" => {
                 st.session.discard();
                 // DISCARD also unwatches; dropping the connection does that.
-                st.watch = None;
+                st.watch.clear();
                 Action::Reply(ok())
             }
             "multi" => Action::Reply(match st.session.multi() {
@@ -268,53 +86,6 @@ impl Router {
                     }
                 }
             }
-        }
-    }
-
-    /// EXEC after WATCH: the queued block runs on the WATCH connection, where
-    /// Redis checks the watched keys.
-    pub(super) fn exec_watched(
-        self: &Arc<Self>,
-        st: &mut ClientState,
-        info: &'static CommandInfo,
-        watch: Arc<Watch>,
-        cmds: Vec<Vec<Bytes>>,
-        mark: Option<crate::order::WriteMark>,
-    ) -> Action {
-        let mut block = BytesMut::new();
-        let mut touched = Vec::new();
-        resp::encode_command(&["MULTI"], &mut block);
-        for args in &cmds {
-            if let Some(ci) = args.first().and_then(|n| commands::lookup(n)) {
-                match Self::single_slot(ci, args) {
-                    Ok(Some(s)) if s != watch.slot => {
-                        return Action::Reply(err(
-                            "CROSSSLOT Keys in request don't hash to the same slot (a watched transaction must stay in the watched slot)",
-                        ));
-                    }
-                    Err(e) => return Action::Reply(e),
-                    _ => {}
-                }
-                if let (Some(cache), Ok(keys)) = (&self.cache, commands::key_indices(ci, args)) {
-                    touched.extend(
-                        keys.iter()
-                            .filter(|&&i| cache.covers(&args[i]))
-                            .map(|&i| args[i].clone()),
-                    );
-                }
-            }
-            resp::encode_command(args, &mut block);
-        }
-        resp::encode_command(&["EXEC"], &mut block);
-        let action = self.watch_call(st, info, watch, block.freeze(), cmds.len() + 2, touched);
-        match action {
-            // The transaction's writes count as pending until its reply.
-            Action::Later(fut) => Action::Later(Box::pin(async move {
-                let reply = fut.await;
-                drop(mark);
-                reply
-            })),
-            other => other,
         }
     }
 

@@ -12,3 +12,4 @@ mod errors;
 mod scripts;
 mod session;
 mod tracking;
+mod watch;

@@ -123,3 +123,14 @@ fn split_reads_and_counts_come_back_in_key_order() {
         "{merged:?}"
     );
 }
+
+#[test]
+fn client_info_tells_whether_the_watched_keys_changed() {
+    let clean = b"$60\r\nid=89 addr=127.0.0.1:35828 fd=8 name= age=0 flags=N db=0 sub=0\n\r\n";
+    let dirty = b"=64\r\ntxt:id=89 addr=127.0.0.1:35828 fd=8 name= age=0 flags=d db=0 sub=0\n\r\n";
+    assert_eq!(watch_dirty(clean), Some(false));
+    assert_eq!(watch_dirty(dirty), Some(true));
+    // A name with "d" in it is not a flag.
+    assert_eq!(watch_dirty(b"$30\r\nid=1 name=d flags=N db=0\n\r\n"), Some(false));
+    assert_eq!(watch_dirty(b"-ERR no\r\n"), None);
+}

@@ -177,22 +177,26 @@ fn plan_all(cmds: &[Vec<Bytes>], fallback: u16) -> Result<Plan, Bytes> {
 /// The client's `EXEC` reply from each slot's replies (in `plan`'s group
 /// order), in `proto`.
 fn merge(plan: &Plan, replies: &[Vec<Bytes>], proto: u8) -> Bytes {
-    let at = |g: usize, i: usize| replies.get(g).and_then(|r| r.get(i)).cloned();
     let mut out = BytesMut::new();
     out.extend_from_slice(format!("*{}\r\n", plan.parts.len()).as_bytes());
     for part in &plan.parts {
-        let reply = match part {
-            Parts::One { group, at: i } => at(*group, *i),
-            Parts::Split { split, keys, pieces } => {
-                let got: Option<Vec<(&Piece, Bytes)>> =
-                    pieces.iter().map(|p| at(p.group, p.at).map(|r| (p, r))).collect();
-                got.map(|got| merge_split(*split, *keys, &got, proto))
-            }
-        };
-        let missing = || err("ERR cachetier: a reply of a transaction across slots is missing");
-        out.extend_from_slice(&reply.unwrap_or_else(missing));
+        out.extend_from_slice(&merge_part(part, replies, proto));
     }
     out.freeze()
+}
+
+/// One queued command's reply from its slots' replies.
+fn merge_part(part: &Parts, replies: &[Vec<Bytes>], proto: u8) -> Bytes {
+    let at = |g: usize, i: usize| replies.get(g).and_then(|r| r.get(i)).cloned();
+    let reply = match part {
+        Parts::One { group, at: i } => at(*group, *i),
+        Parts::Split { split, keys, pieces } => {
+            let got: Option<Vec<(&Piece, Bytes)>> =
+                pieces.iter().map(|p| at(p.group, p.at).map(|r| (p, r))).collect();
+            got.map(|got| merge_split(*split, *keys, &got, proto))
+        }
+    };
+    reply.unwrap_or_else(|| err("ERR cachetier: a reply of a command across slots is missing"))
 }
 
 /// One split command's reply from its pieces', as outside a transaction.
@@ -327,6 +331,43 @@ impl Router {
         }
         let proto = if up == Proto::Resp3 { 3 } else { 2 };
         Some(merge(&plan, &replies, proto))
+    }
+
+    /// A command whose keys span slots while the client watches keys
+    /// (arq's `EXISTS` of a job and its result under `WATCH`): split as
+    /// outside `WATCH`, each slot's part on its watched connection or, for
+    /// a slot not watched, on its primary (never a replica: the optimistic
+    /// read must not be stale).
+    pub(super) async fn split_under_watch(
+        self: &Arc<Self>,
+        watches: &[Arc<super::Watch>],
+        args: Vec<Bytes>,
+        up: Proto,
+    ) -> Bytes {
+        let Some(fallback) = watches.first().map(|w| w.slot) else {
+            return err("ERR cachetier: no watched slot");
+        };
+        let plan = match plan_all(std::slice::from_ref(&args), fallback) {
+            Ok(plan) => plan,
+            Err(e) => return e,
+        };
+        let runs = plan.groups.iter().map(|(slot, cmds)| async move {
+            let mut replies = Vec::with_capacity(cmds.len());
+            for cmd in cmds {
+                let bytes = resp::command_bytes(cmd);
+                replies.push(match watches.iter().find(|w| w.slot == *slot) {
+                    Some(w) => self.on_watch_conn(w, bytes, 1, up).await,
+                    None => self.on_primary(Some(*slot), bytes, up, false).await,
+                });
+            }
+            replies
+        });
+        let replies = join_all(runs).await;
+        let proto = if up == Proto::Resp3 { 3 } else { 2 };
+        match plan.parts.first() {
+            Some(part) => merge_part(part, &replies, proto),
+            None => err("ERR cachetier: nothing to run"),
+        }
     }
 
     /// `EXEC` of a watched transaction whose watched slots and commands'

@@ -75,17 +75,24 @@ impl Router {
         let this = self.clone();
         let up = st.upstream_proto();
         self.timed(info, async move {
-            if let Some(cache) = &this.cache {
-                touched.iter().for_each(|k| cache.bump(k));
-            }
-            let reply = this.on_watch_conn(&watch, bytes, replies, up).await;
-            if let Some(cache) = &this.cache {
-                for k in &touched {
-                    cache.invalidate(k, "own_write").await;
-                }
-            }
-            reply
+            let run = this.on_watch_conn(&watch, bytes, replies, up);
+            this.with_touched(touched, run).await
         })
+    }
+
+    /// Run `fut`, a write of the local cache's `touched` keys, as every
+    /// write runs: their entries are bumped before and invalidated after.
+    pub(super) async fn with_touched(&self, touched: Vec<Bytes>, fut: impl Future<Output = Bytes>) -> Bytes {
+        if let Some(cache) = &self.cache {
+            touched.iter().for_each(|k| cache.bump(k));
+        }
+        let reply = fut.await;
+        if let Some(cache) = &self.cache {
+            for k in &touched {
+                cache.invalidate(k, "own_write").await;
+            }
+        }
+        reply
     }
 
     /// A keyed command of a slot the client does not watch, while it
@@ -101,16 +108,8 @@ impl Router {
         let this = self.clone();
         let up = st.upstream_proto();
         self.timed(info, async move {
-            if let Some(cache) = &this.cache {
-                touched.iter().for_each(|k| cache.bump(k));
-            }
-            let reply = this.on_primary(Some(slot), raw, up, false).await;
-            if let Some(cache) = &this.cache {
-                for k in &touched {
-                    cache.invalidate(k, "own_write").await;
-                }
-            }
-            reply
+            let run = this.on_primary(Some(slot), raw, up, false);
+            this.with_touched(touched, run).await
         })
     }
 
@@ -180,13 +179,21 @@ impl Router {
                     Ok(s) => s,
                     Err(e) => return Some(Action::Reply(e)),
                 };
-                if slots.iter().any(|&s| s != slots[0]) {
-                    return Some(Action::Reply(err(
-                        "CROSSSLOT Keys in request don't hash to the same slot (while WATCH is active, a command's keys must be in one slot)",
-                    )));
-                }
                 let keys = commands::key_indices(info, args).unwrap_or_default();
                 let touched = self.touched_keys(info, args, &keys);
+                if slots.iter().any(|&s| s != slots[0]) {
+                    if !self.config.split_transactions || info.split.is_none() {
+                        return Some(Action::Reply(err(
+                            "CROSSSLOT Keys in request don't hash to the same slot (while WATCH is active, a command's keys must be in one slot)",
+                        )));
+                    }
+                    let (this, up, watches) = (self.clone(), st.upstream_proto(), st.watch.0.clone());
+                    let args = args.to_vec();
+                    return Some(self.timed(info, async move {
+                        let run = this.split_under_watch(&watches, args, up);
+                        this.with_touched(touched, run).await
+                    }));
+                }
                 let watch = match slots.first() {
                     None => first,
                     Some(&s) => match st.watch.get(s) {
@@ -331,16 +338,8 @@ impl Router {
                 let this = self.clone();
                 let up = st.upstream_proto();
                 self.timed(info, async move {
-                    if let Some(cache) = &this.cache {
-                        touched.iter().for_each(|k| cache.bump(k));
-                    }
-                    let reply = this.exec_watched_across_slots(&watches, &cmds, up).await;
-                    if let Some(cache) = &this.cache {
-                        for k in &touched {
-                            cache.invalidate(k, "own_write").await;
-                        }
-                    }
-                    reply
+                    let run = this.exec_watched_across_slots(&watches, &cmds, up);
+                    this.with_touched(touched, run).await
                 })
             }
         };

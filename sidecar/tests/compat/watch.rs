@@ -66,6 +66,20 @@ const SCRIPT: Script = &[
     (0, &["SET", "a", "0"]),
     (0, &["EXEC"]),
     (0, &["MGET", "a", "b", "c"]),
+    // Commands of several slots under WATCH (arq: `EXISTS` of a job and
+    // its result), split as outside it; the client's own write to a
+    // watched key aborts its transaction, as on one server.
+    (0, &["WATCH", "a"]),
+    (0, &["EXISTS", "a", "b", "c", "nokey"]),
+    (0, &["MGET", "a", "c", "nokey"]),
+    (0, &["UNWATCH"]),
+    (0, &["WATCH", "a", "b"]),
+    (0, &["MSET", "a", "5", "c", "6"]),
+    (0, &["MULTI"]),
+    (0, &["SET", "b", "1"]),
+    (0, &["EXEC"]),
+    (0, &["DEL", "c", "nokey", "b"]),
+    (0, &["MGET", "a", "b", "c"]),
 ];
 
 async fn run(addrs: [String; 2], hello: &str) -> Vec<(String, String)> {

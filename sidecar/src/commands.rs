@@ -257,10 +257,15 @@ pub fn block_timeout<A: ArgList + ?Sized>(name: &str, args: &A) -> Option<Option
         }
         _ => return None,
     };
-    match seconds {
+    // As Redis reads it: whole milliseconds rounded up, 0 for ever (so a
+    // tiny negative one too); what it refuses (negative, too large, not a
+    // number) answers at once.
+    match seconds.map(|s| (s * 1000.0).ceil()) {
         Some(0.0) => Some(None),
-        Some(s) => Some(Some(Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO))),
-        None => Some(Some(Duration::ZERO)),
+        Some(ms) if ms > 0.0 => Some(Some(
+            Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::ZERO),
+        )),
+        _ => Some(Some(Duration::ZERO)),
     }
 }
 
@@ -401,6 +406,20 @@ mod tests {
         assert_eq!(block_timeout("get", &args("GET a")), None);
         assert_eq!(
             block_timeout("blpop", &args("BLPOP a soon")),
+            Some(Some(Duration::ZERO))
+        );
+        // Redis rounds up to whole milliseconds, and 0 ms is for ever.
+        assert_eq!(block_timeout("blpop", &args("BLPOP a -0.0001")), Some(None));
+        assert_eq!(
+            block_timeout("blpop", &args("BLPOP a 0.0001")),
+            Some(Some(Duration::from_millis(1)))
+        );
+        assert_eq!(
+            block_timeout("blpop", &args("BLPOP a -1")),
+            Some(Some(Duration::ZERO))
+        );
+        assert_eq!(
+            block_timeout("blpop", &args("BLPOP a 1e300")),
             Some(Some(Duration::ZERO))
         );
     }

@@ -77,7 +77,9 @@ impl PopForm {
         };
         let mut before = args[1..first].to_vec();
         if timeout_first {
-            // TIMEOUT NUMKEYS: one key now.
+            // TIMEOUT NUMKEYS: one key now. A numkeys Redis would refuse
+            // (`02`, `+2`) or a missing direction is left to
+            // [`PopForm::refusal`].
             let numkeys = before.get_mut(1)?;
             *numkeys = Bytes::from_static(b"1");
         }
@@ -87,6 +89,23 @@ impl PopForm {
             after: args[last + 1..].to_vec(),
             timeout_first,
         })
+    }
+
+    /// What one server answers a pop whose arguments the single-key form
+    /// would change the meaning of: a numkeys Redis does not read as a
+    /// number (`02`, `+2`: the form names `1`), or no direction after the
+    /// keys (the form would fail on its arity instead).
+    pub(super) fn refusal(args: &[Bytes], form: &PopForm) -> Option<Bytes> {
+        if !form.timeout_first {
+            return None;
+        }
+        let numkeys = args.get(2)?;
+        let canonical = numkeys.first().is_some_and(|&d| (b'1'..=b'9').contains(&d))
+            && numkeys.iter().all(u8::is_ascii_digit);
+        if !canonical {
+            return Some(super::err("ERR numkeys should be greater than 0"));
+        }
+        form.after.is_empty().then(|| super::err("ERR syntax error"))
     }
 
     /// The command for `key` alone; `timeout` replaces the client's when
@@ -115,13 +134,27 @@ fn is_nil(reply: &[u8]) -> bool {
     matches!(reply, b"*-1\r\n" | b"$-1\r\n" | b"_\r\n")
 }
 
-/// The one reply in an `EXEC` of one command (`*1\r\n<reply>`); an error
-/// (`EXECABORT`: the command was refused at queue time) as it is.
+/// The one reply in an `EXEC` of one command (`*1\r\n<reply>`); for a
+/// command refused when queued, its own error (not the `EXECABORT`).
 fn only_reply(exec: Bytes) -> Bytes {
-    match exec.strip_prefix(b"*1\r\n") {
-        Some(rest) => exec.slice(exec.len() - rest.len()..),
-        None => exec,
+    const ABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors: ";
+    if let Some(rest) = exec.strip_prefix(b"*1\r\n") {
+        return exec.slice(exec.len() - rest.len()..);
     }
+    match exec.strip_prefix(ABORT) {
+        Some(why) if !why.is_empty() && why != b"\r\n" => {
+            let mut out = Vec::with_capacity(why.len() + 1);
+            out.push(b'-');
+            out.extend_from_slice(why);
+            Bytes::from(out)
+        }
+        _ => exec,
+    }
+}
+
+/// Whether a reply is `WRONGTYPE`.
+fn is_wrong_type(reply: &[u8]) -> bool {
+    reply.starts_with(b"-WRONGTYPE")
 }
 
 impl Router {
@@ -136,31 +169,41 @@ impl Router {
         cell: &BlockingCell,
         up: Proto,
     ) -> Bytes {
+        if let Some(refusal) = PopForm::refusal(args, &form) {
+            return refusal;
+        }
         self.metrics.pops_across_slots.inc();
-        let deadline = block.map(|b| Instant::now() + b);
         let keys: Vec<&Bytes> = keys.iter().map(|&i| &args[i]).collect();
-        let (first, rest) = match keys.split_first() {
-            Some(split) => split,
-            None => return super::err("ERR wrong number of arguments for a blocking pop"),
+        let Some((first, rest)) = keys.split_first() else {
+            return super::err("ERR wrong number of arguments for a blocking pop");
         };
-        let mut nil = match self.try_keys(&form, &keys, up).await {
+        // The first try words any argument error (a negative timeout), and
+        // answers WRONGTYPE for a key of another type, as one server does
+        // before it blocks.
+        let mut nil = match self.try_keys(&form, &keys, false, up).await {
             Ok(reply) => return reply,
             Err(nil) => nil,
         };
+        // A timeout past what an Instant holds blocks for ever.
+        let deadline = block.and_then(|b| Instant::now().checked_add(b));
+        let forever = block.is_none() || deadline.is_none();
         loop {
             let wait = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(ROUND),
                 None => ROUND,
             };
-            if wait < MIN_WAIT {
+            if wait < MIN_WAIT && !forever {
                 return nil;
             }
             let cmd = crate::resp::command_bytes(&form.for_key(first, Some(seconds(wait))));
             let reply = self.blocking(cell, slot::slot(first), cmd, Some(wait), up).await;
-            if !is_nil(&reply) {
+            if is_wrong_type(&reply) {
+                // A blocked client waits on, whatever type a key took since.
+                tokio::time::sleep(wait).await;
+            } else if !is_nil(&reply) {
                 return reply;
             }
-            nil = match self.try_keys(&form, rest, up).await {
+            nil = match self.try_keys(&form, rest, true, up).await {
                 Ok(reply) => return reply,
                 Err(nil) => nil,
             };
@@ -168,12 +211,23 @@ impl Router {
     }
 
     /// Try `keys` in order without blocking: the first pop or error, or
-    /// (`Err`) the nil the last one answered.
-    async fn try_keys(self: &Arc<Self>, form: &PopForm, keys: &[&Bytes], up: Proto) -> Result<Bytes, Bytes> {
+    /// (`Err`) the nil the last one answered. `waiting`: the client is past
+    /// its first try, where a key of another type is not ready rather than
+    /// an error.
+    async fn try_keys(
+        self: &Arc<Self>,
+        form: &PopForm,
+        keys: &[&Bytes],
+        waiting: bool,
+        up: Proto,
+    ) -> Result<Bytes, Bytes> {
         let mut nil = Bytes::from_static(b"*-1\r\n");
         for key in keys {
             let cmd = form.for_key(key, None);
             let reply = only_reply(self.exec_block(&[cmd], Some(slot::slot(key)), up).await);
+            if waiting && is_wrong_type(&reply) {
+                continue;
+            }
             if !is_nil(&reply) {
                 return Ok(reply);
             }
@@ -234,6 +288,25 @@ mod tests {
     }
 
     #[test]
+    fn an_mpop_whose_single_key_form_would_change_its_meaning_is_refused_as_redis_does() {
+        let refusal = |words: &[&str], keys: &[usize]| {
+            let a = args(words);
+            let form = PopForm::of(&words[0].to_lowercase(), &a, keys).expect("a pop");
+            PopForm::refusal(&a, &form).map(|e| String::from_utf8_lossy(&e).into_owned())
+        };
+        let numkeys = Some("-ERR numkeys should be greater than 0\r\n".to_string());
+        assert_eq!(
+            refusal(&["BLMPOP", "1", "02", "a", "b", "LEFT"], &[3, 4]),
+            numkeys
+        );
+        assert_eq!(refusal(&["BZMPOP", "1", "+2", "a", "b", "MIN"], &[3, 4]), numkeys);
+        let syntax = Some("-ERR syntax error\r\n".to_string());
+        assert_eq!(refusal(&["BLMPOP", "1", "2", "a", "b"], &[3, 4]), syntax);
+        assert_eq!(refusal(&["BLMPOP", "1", "2", "a", "b", "LEFT"], &[3, 4]), None);
+        assert_eq!(refusal(&["BRPOP", "a", "b", "1"], &[1, 2]), None);
+    }
+
+    #[test]
     fn the_reply_in_an_exec_of_one_command_is_its_own() {
         let exec = Bytes::from_static(b"*1\r\n*2\r\n$1\r\nq\r\n$1\r\nv\r\n");
         assert_eq!(&only_reply(exec)[..], b"*2\r\n$1\r\nq\r\n$1\r\nv\r\n");
@@ -241,5 +314,9 @@ mod tests {
         assert!(is_nil(&only_reply(Bytes::from_static(b"*1\r\n_\r\n"))));
         let abort = Bytes::from_static(b"-EXECABORT Transaction discarded\r\n");
         assert_eq!(only_reply(abort.clone()), abort);
+        let queued = Bytes::from_static(
+            b"-EXECABORT Transaction discarded because of previous errors: ERR syntax error\r\n",
+        );
+        assert_eq!(&only_reply(queued)[..], b"-ERR syntax error\r\n");
     }
 }

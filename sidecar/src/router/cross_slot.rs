@@ -397,11 +397,28 @@ impl Router {
             Err(e) => return e,
         };
         self.metrics.split_transactions.inc();
-        let slots = plan.groups.len().max(watches.len());
+        let mut all: Vec<u16> = plan.groups.iter().map(|(s, _)| *s).collect();
+        all.extend(
+            watches
+                .iter()
+                .map(|w| w.slot)
+                .filter(|s| !plan.index.contains_key(s)),
+        );
+        let slots = all.len();
         let group_of = |w: &super::Watch| plan.index.get(&w.slot).copied();
+        // A watched key that expired shows only once looked up: EXISTS
+        // deletes it, which marks the watch (as EXEC's own check would).
         let checks = watches.iter().map(|w| {
-            let info = resp::command_bytes(&["CLIENT", "INFO"]);
-            self.on_watch_conn(w, info, 1, up)
+            let keys = w.keys();
+            let n = 1 + usize::from(!keys.is_empty());
+            let mut bytes = BytesMut::new();
+            if !keys.is_empty() {
+                let mut exists = vec![Bytes::from_static(b"EXISTS")];
+                exists.extend(keys);
+                resp::encode_command(&exists, &mut bytes);
+            }
+            resp::encode_command(&["CLIENT", "INFO"], &mut bytes);
+            self.on_watch_conn(w, bytes.freeze(), n, up)
         });
         for info in join_all(checks).await {
             match watch_dirty(&info) {

@@ -54,7 +54,7 @@ use client::{ClientReply, text};
 pub use direct::{Direct, Outcome, Place};
 pub use local_metrics::ClientMetrics;
 use route::{redirect_target, upstream_error};
-pub use watch::{Watch, Watches};
+pub use watch::{MAX_WATCHED_SLOTS, Watch, Watches};
 
 const MAX_REDIRECTS: usize = 5;
 

@@ -16,11 +16,34 @@ pub const MAX_WATCHED_SLOTS: usize = 16;
 #[derive(Debug, Default)]
 pub struct Watches(Vec<Arc<Watch>>);
 
-/// One watched slot's connection, opened on first use.
+/// One watched slot's connection, opened on first use, and its keys.
 #[derive(Debug)]
 pub struct Watch {
     pub(super) slot: u16,
     conn: tokio::sync::Mutex<Option<Dedicated>>,
+    keys: std::sync::Mutex<Vec<Bytes>>,
+}
+
+impl Watch {
+    /// The keys the client watched in this slot.
+    pub(super) fn keys(&self) -> Vec<Bytes> {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Hold a write's read-your-writes `mark` until `action`'s reply.
+fn held(action: Action, mark: Option<crate::order::WriteMark>) -> Action {
+    match (action, mark) {
+        (Action::Later(fut), Some(mark)) => Action::Later(Box::pin(async move {
+            let reply = fut.await;
+            drop(mark);
+            reply
+        })),
+        (other, _) => other,
+    }
 }
 
 impl Watches {
@@ -181,6 +204,9 @@ impl Router {
                 };
                 let keys = commands::key_indices(info, args).unwrap_or_default();
                 let touched = self.touched_keys(info, args, &keys);
+                // Reads of these slots after this write must see it.
+                let mark = (info.kind == Kind::Write && self.config.read_your_writes && !slots.is_empty())
+                    .then(|| st.order.writing(&slots));
                 if slots.iter().any(|&s| s != slots[0]) {
                     if !self.config.split_transactions || info.split.is_none() {
                         return Some(Action::Reply(err(
@@ -189,17 +215,18 @@ impl Router {
                     }
                     let (this, up, watches) = (self.clone(), st.upstream_proto(), st.watch.0.clone());
                     let args = args.to_vec();
-                    return Some(self.timed(info, async move {
+                    let action = self.timed(info, async move {
                         let run = this.split_under_watch(&watches, args, up);
                         this.with_touched(touched, run).await
-                    }));
+                    });
+                    return Some(held(action, mark));
                 }
                 let watch = match slots.first() {
                     None => first,
                     Some(&s) => match st.watch.get(s) {
                         Some(w) => w,
                         None if self.config.split_transactions => {
-                            return Some(self.unwatched_call(st, info, s, raw.clone(), touched));
+                            return Some(held(self.unwatched_call(st, info, s, raw.clone(), touched), mark));
                         }
                         None => {
                             return Some(Action::Reply(err(format!(
@@ -209,7 +236,10 @@ impl Router {
                         }
                     },
                 };
-                Some(self.watch_call(st, info, watch, raw.clone(), 1, touched))
+                Some(held(
+                    self.watch_call(st, info, watch, raw.clone(), 1, touched),
+                    mark,
+                ))
             }
             Kind::AnyPrimary => Some(self.watch_call(st, info, first, raw.clone(), 1, Vec::new())),
             Kind::Server => match info.name {
@@ -247,35 +277,46 @@ impl Router {
                 None => per_slot.push((s, vec![key.clone()])),
             }
         }
-        for &(s, _) in &per_slot {
-            if st.watch.get(s).is_some() {
-                continue;
-            }
-            if let Some(first) = st.watch.first().filter(|_| !self.config.split_transactions) {
+        // Refused whole, before anything is watched.
+        let new: Vec<u16> = per_slot
+            .iter()
+            .map(|&(s, _)| s)
+            .filter(|&s| st.watch.get(s).is_none())
+            .collect();
+        if !self.config.split_transactions && !new.is_empty() {
+            if let Some(first) = st.watch.first() {
                 return Action::Reply(err(format!(
                     "CROSSSLOT cachetier: all WATCHed keys must be in one slot (already watching slot {})",
                     first.slot
                 )));
             }
-            if per_slot.len() > 1 && !self.config.split_transactions {
+            if per_slot.len() > 1 {
                 return Action::Reply(err("CROSSSLOT Keys in request don't hash to the same slot"));
             }
-            if st.watch.0.len() >= MAX_WATCHED_SLOTS {
-                return Action::Reply(err(format!(
-                    "ERR cachetier: a client may WATCH keys of at most {MAX_WATCHED_SLOTS} slots at a time"
-                )));
-            }
+        }
+        if st.watch.0.len() + new.len() > MAX_WATCHED_SLOTS {
+            return Action::Reply(err(format!(
+                "ERR cachetier: a client may WATCH keys of at most {MAX_WATCHED_SLOTS} slots at a time"
+            )));
+        }
+        for slot in new {
             st.watch.0.push(Arc::new(Watch {
-                slot: s,
+                slot,
                 conn: tokio::sync::Mutex::new(None),
+                keys: std::sync::Mutex::new(Vec::new()),
             }));
         }
         let calls: Vec<(Arc<Watch>, Bytes)> = per_slot
             .into_iter()
             .filter_map(|(s, keys)| {
+                let w = st.watch.get(s)?;
+                w.keys
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend(keys.iter().cloned());
                 let mut cmd = vec![Bytes::from_static(b"WATCH")];
                 cmd.extend(keys);
-                st.watch.get(s).map(|w| (w, resp::command_bytes(&cmd)))
+                Some((w, resp::command_bytes(&cmd)))
             })
             .collect();
         let this = self.clone();
@@ -325,7 +366,7 @@ impl Router {
                 }
             }
         }
-        let mark = self.config.read_your_writes.then(|| st.order.writing(&slots));
+        let mark = (self.config.read_your_writes && !slots.is_empty()).then(|| st.order.writing(&slots));
         let action = match &watches[..] {
             [watch] if slots.len() == 1 => {
                 let (block, n) = Self::tx_block(&cmds, false);
@@ -343,14 +384,7 @@ impl Router {
                 })
             }
         };
-        match action {
-            // The transaction's writes count as pending until its reply.
-            Action::Later(fut) => Action::Later(Box::pin(async move {
-                let reply = fut.await;
-                drop(mark);
-                reply
-            })),
-            other => other,
-        }
+        // The transaction's writes count as pending until its reply.
+        held(action, mark)
     }
 }

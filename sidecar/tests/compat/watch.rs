@@ -80,6 +80,13 @@ const SCRIPT: Script = &[
     (0, &["EXEC"]),
     (0, &["DEL", "c", "nokey", "b"]),
     (0, &["MGET", "a", "b", "c"]),
+    // RESET lets go of every watched slot (and the protocol: last).
+    (0, &["WATCH", "a", "b"]),
+    (0, &["RESET"]),
+    (1, &["SET", "a", "3"]),
+    (0, &["MULTI"]),
+    (0, &["SET", "c", "7"]),
+    (0, &["EXEC"]),
 ];
 
 async fn run(addrs: [String; 2], hello: &str) -> Vec<(String, String)> {
@@ -242,5 +249,105 @@ async fn without_split_transactions_a_watch_stays_in_one_slot() {
         .query_async(&mut c)
         .await
         .unwrap();
+    sidecar.shutdown().await;
+}
+
+/// A watched key that expired before `EXEC` aborts the transaction, as on
+/// one server, even before Redis deletes it (active expiry off here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_key_that_expired_aborts_exec() {
+    let cluster = Cluster::start_opts(3, 0, None, &["--enable-debug-command", "yes"]);
+    for node in &cluster.nodes {
+        assert_eq!(node.cli(&["DEBUG", "SET-ACTIVE-EXPIRE", "0"]).trim(), "OK");
+    }
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let mut c = Raw::connect(&sidecar.local_addr().to_string()).await;
+    for (cmd, want) in [
+        (&["SET", "a", "1", "PX", "100"][..], "+OK\r\n"),
+        (&["SET", "b", "1"], "+OK\r\n"),
+        (&["WATCH", "a", "b"], "+OK\r\n"),
+    ] {
+        c.send(cmd).await;
+        assert_eq!(String::from_utf8_lossy(&c.frame().await), want, "{cmd:?}");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for (cmd, want) in [
+        (&["MULTI"][..], "+OK\r\n"),
+        (&["SET", "b", "2"], "+QUEUED\r\n"),
+        (&["EXEC"], "*-1\r\n"),
+        (&["GET", "b"], "$1\r\n1\r\n"),
+    ] {
+        c.send(cmd).await;
+        assert_eq!(String::from_utf8_lossy(&c.frame().await), want, "{cmd:?}");
+    }
+    sidecar.shutdown().await;
+}
+
+/// A WATCH past the slot limit is refused whole; the client is left
+/// watching what it watched before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_past_the_slot_limit_is_refused_whole() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let mut c = Raw::connect(&sidecar.local_addr().to_string()).await;
+    let mut seen = std::collections::HashSet::new();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("lim:{i}"))
+        .filter(|k| seen.insert(cachetier_sidecar::slot::slot(k.as_bytes())))
+        .take(cachetier_sidecar::router::MAX_WATCHED_SLOTS + 1)
+        .collect();
+    let mut watch = vec!["WATCH"];
+    watch.extend(keys.iter().map(String::as_str));
+    c.send(&watch).await;
+    let refused = String::from_utf8_lossy(&c.frame().await).into_owned();
+    assert!(refused.contains("at most 16 slots"), "{refused}");
+    // Nothing is watched: EXEC without MULTI says so, not a watched EXEC.
+    let mut other = Raw::connect(&sidecar.local_addr().to_string()).await;
+    other.send(&["SET", &keys[0], "x"]).await;
+    other.frame().await;
+    for (cmd, want) in [
+        (&["MULTI"][..], "+OK\r\n"),
+        (&["SET", &keys[0], "y"], "+QUEUED\r\n"),
+        (&["EXEC"], "*1\r\n+OK\r\n"),
+    ] {
+        c.send(cmd).await;
+        assert_eq!(String::from_utf8_lossy(&c.frame().await), want, "{cmd:?}");
+    }
+    sidecar.shutdown().await;
+}
+
+/// A client's write under WATCH (of a watched slot or another) is read
+/// back by its next read after UNWATCH, while the replica catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_under_watch_is_read_back_after_unwatch() {
+    let cluster = Cluster::start(3, 1);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let mut c = support::client(&sidecar).await;
+    // Large values take the replica a while to apply.
+    let big = "x".repeat(8 << 20);
+    for i in 0..6 {
+        let value = format!("{i}{big}");
+        let watched = if i % 2 == 0 { "a" } else { "c" };
+        let _: () = redis::cmd("WATCH")
+            .arg(watched)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("c")
+            .arg(&value)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("UNWATCH").query_async(&mut c).await.unwrap();
+        let got: Option<String> = redis::cmd("GET").arg("c").query_async(&mut c).await.unwrap();
+        assert!(
+            got.as_deref() == Some(value.as_str()),
+            "round {i}: read an older value"
+        );
+    }
     sidecar.shutdown().await;
 }

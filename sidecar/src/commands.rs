@@ -237,10 +237,7 @@ pub enum KeyError {
 /// `None` when it does not block. A timeout that does not parse counts as
 /// zero seconds bounded: Redis will refuse it at once.
 pub fn block_timeout<A: ArgList + ?Sized>(name: &str, args: &A) -> Option<Option<Duration>> {
-    let secs = |a: Option<&[u8]>| {
-        let s: f64 = a.and_then(|a| std::str::from_utf8(a).ok())?.parse().ok()?;
-        Some(s)
-    };
+    let secs = |a: Option<&[u8]>| read_seconds(a.and_then(|a| std::str::from_utf8(a).ok())?);
     let n = args.argc();
     let position = |below: usize, word: &[u8]| {
         (0..below).position(|i| args.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(word)))
@@ -258,14 +255,28 @@ pub fn block_timeout<A: ArgList + ?Sized>(name: &str, args: &A) -> Option<Option
         _ => return None,
     };
     // As Redis reads it: whole milliseconds rounded up, 0 for ever (so a
-    // tiny negative one too); what it refuses (negative, too large, not a
-    // number) answers at once.
+    // tiny negative one too: Redis's long double makes -0.001 s 0 ms);
+    // one it refuses (negative) answers at once. One the sidecar cannot
+    // read is not bounded here: Redis answers it at once or, if it reads
+    // it, waits as long as it says.
     match seconds.map(|s| (s * 1000.0).ceil()) {
-        Some(0.0) => Some(None),
-        Some(ms) if ms > 0.0 => Some(Some(
-            Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::ZERO),
-        )),
-        _ => Some(Some(Duration::ZERO)),
+        Some(ms) if (-1.0..=0.0).contains(&ms) => Some(None),
+        Some(ms) if ms > 0.0 => Some(Duration::try_from_secs_f64(ms / 1000.0).ok()),
+        Some(_) => Some(Some(Duration::ZERO)),
+        None => Some(None),
+    }
+}
+
+/// A timeout's seconds as `strtold` reads them: decimal or hexadecimal
+/// (`0x10`), with an optional sign.
+fn read_seconds(text: &str) -> Option<f64> {
+    let (sign, digits) = match text.strip_prefix('-') {
+        Some(rest) => (-1.0, rest),
+        None => (1.0, text.strip_prefix('+').unwrap_or(text)),
+    };
+    match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok().map(|n| sign * n as f64),
+        None => text.parse().ok(),
     }
 }
 
@@ -404,10 +415,7 @@ mod tests {
         );
         assert_eq!(block_timeout("xread", &args("XREAD STREAMS block 0")), None);
         assert_eq!(block_timeout("get", &args("GET a")), None);
-        assert_eq!(
-            block_timeout("blpop", &args("BLPOP a soon")),
-            Some(Some(Duration::ZERO))
-        );
+        assert_eq!(block_timeout("blpop", &args("BLPOP a soon")), Some(None));
         // Redis rounds up to whole milliseconds, and 0 ms is for ever.
         assert_eq!(block_timeout("blpop", &args("BLPOP a -0.0001")), Some(None));
         assert_eq!(
@@ -418,10 +426,13 @@ mod tests {
             block_timeout("blpop", &args("BLPOP a -1")),
             Some(Some(Duration::ZERO))
         );
+        assert_eq!(block_timeout("blpop", &args("BLPOP a -0.001")), Some(None));
         assert_eq!(
-            block_timeout("blpop", &args("BLPOP a 1e300")),
-            Some(Some(Duration::ZERO))
+            block_timeout("blpop", &args("BLPOP a 0x10")),
+            Some(Some(Duration::from_secs(16)))
         );
+        // Past what a Duration holds, or unreadable here: Redis's to judge.
+        assert_eq!(block_timeout("blpop", &args("BLPOP a 1e300")), Some(None));
     }
 
     #[test]

@@ -180,7 +180,8 @@ impl Router {
         // The first try words any argument error (a negative timeout), and
         // answers WRONGTYPE for a key of another type, as one server does
         // before it blocks.
-        let mut nil = match self.try_keys(&form, &keys, false, up).await {
+        let nil = Bytes::from_static(if up == Proto::Resp3 { b"_\r\n" } else { b"*-1\r\n" });
+        let mut nil = match self.try_keys(&form, &keys, false, nil, up).await {
             Ok(reply) => return reply,
             Err(nil) => nil,
         };
@@ -203,7 +204,7 @@ impl Router {
             } else if !is_nil(&reply) {
                 return reply;
             }
-            nil = match self.try_keys(&form, rest, true, up).await {
+            nil = match self.try_keys(&form, rest, true, nil, up).await {
                 Ok(reply) => return reply,
                 Err(nil) => nil,
             };
@@ -211,17 +212,17 @@ impl Router {
     }
 
     /// Try `keys` in order without blocking: the first pop or error, or
-    /// (`Err`) the nil the last one answered. `waiting`: the client is past
-    /// its first try, where a key of another type is not ready rather than
-    /// an error.
+    /// (`Err`) the nil the last one answered (`nil` if none did).
+    /// `waiting`: the client is past its first try, where a key of another
+    /// type is not ready rather than an error.
     async fn try_keys(
         self: &Arc<Self>,
         form: &PopForm,
         keys: &[&Bytes],
         waiting: bool,
+        mut nil: Bytes,
         up: Proto,
     ) -> Result<Bytes, Bytes> {
-        let mut nil = Bytes::from_static(b"*-1\r\n");
         for key in keys {
             let cmd = form.for_key(key, None);
             let reply = only_reply(self.exec_block(&[cmd], Some(slot::slot(key)), up).await);

@@ -196,6 +196,12 @@ impl Router {
         raw: &Bytes,
     ) -> Option<Action> {
         let first = st.watch.first()?;
+        // Blocking and slow commands take their own connections as
+        // usual (a WATCH connection would cut them off at the response
+        // timeout); their writes mark the watched keys as anyone's do.
+        if commands::block_timeout(info.name, args).is_some() || commands::is_slow(info.name) {
+            return None;
+        }
         match info.kind {
             Kind::Read | Kind::Write => {
                 let slots = match key_slots(info, args) {
@@ -310,10 +316,13 @@ impl Router {
             .into_iter()
             .filter_map(|(s, keys)| {
                 let w = st.watch.get(s)?;
-                w.keys
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .extend(keys.iter().cloned());
+                let mut known = w.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for k in &keys {
+                    if !known.contains(k) {
+                        known.push(k.clone());
+                    }
+                }
+                drop(known);
                 let mut cmd = vec![Bytes::from_static(b"WATCH")];
                 cmd.extend(keys);
                 Some((w, resp::command_bytes(&cmd)))

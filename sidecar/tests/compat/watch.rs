@@ -264,14 +264,14 @@ async fn a_watched_key_that_expired_aborts_exec() {
     support::all_serving(&sidecar).await;
     let mut c = Raw::connect(&sidecar.local_addr().to_string()).await;
     for (cmd, want) in [
-        (&["SET", "a", "1", "PX", "100"][..], "+OK\r\n"),
+        (&["SET", "a", "1", "PX", "1000"][..], "+OK\r\n"),
         (&["SET", "b", "1"], "+OK\r\n"),
         (&["WATCH", "a", "b"], "+OK\r\n"),
     ] {
         c.send(cmd).await;
         assert_eq!(String::from_utf8_lossy(&c.frame().await), want, "{cmd:?}");
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
     for (cmd, want) in [
         (&["MULTI"][..], "+OK\r\n"),
         (&["SET", "b", "2"], "+QUEUED\r\n"),
@@ -303,7 +303,11 @@ async fn a_watch_past_the_slot_limit_is_refused_whole() {
     c.send(&watch).await;
     let refused = String::from_utf8_lossy(&c.frame().await).into_owned();
     assert!(refused.contains("at most 16 slots"), "{refused}");
-    // Nothing is watched: EXEC without MULTI says so, not a watched EXEC.
+    // Nothing was watched: a WATCH of one more slot is taken.
+    c.send(&["WATCH", "lim:other"]).await;
+    assert_eq!(&c.frame().await[..], b"+OK\r\n");
+    c.send(&["UNWATCH"]).await;
+    assert_eq!(&c.frame().await[..], b"+OK\r\n");
     let mut other = Raw::connect(&sidecar.local_addr().to_string()).await;
     other.send(&["SET", &keys[0], "x"]).await;
     other.frame().await;
@@ -348,6 +352,32 @@ async fn a_write_under_watch_is_read_back_after_unwatch() {
             got.as_deref() == Some(value.as_str()),
             "round {i}: read an older value"
         );
+    }
+    sidecar.shutdown().await;
+}
+
+/// A blocking command under WATCH waits as long as it says, as on one
+/// server (not cut off at the WATCH connection's response timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_command_under_watch_waits_its_own_timeout() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let mut c = Raw::connect(&sidecar.local_addr().to_string()).await;
+    c.send(&["WATCH", "a"]).await;
+    assert_eq!(&c.frame().await[..], b"+OK\r\n");
+    let asked = std::time::Instant::now();
+    c.send(&["BLPOP", "a", "1.5"]).await;
+    assert_eq!(&c.frame().await[..], b"*-1\r\n");
+    assert!(asked.elapsed() >= std::time::Duration::from_millis(1500));
+    // The watch holds: an unchanged key lets EXEC run.
+    for (cmd, want) in [
+        (&["MULTI"][..], "+OK\r\n"),
+        (&["SET", "a", "1"], "+QUEUED\r\n"),
+        (&["EXEC"], "*1\r\n+OK\r\n"),
+    ] {
+        c.send(cmd).await;
+        assert_eq!(String::from_utf8_lossy(&c.frame().await), want, "{cmd:?}");
     }
     sidecar.shutdown().await;
 }

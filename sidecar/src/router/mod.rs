@@ -10,8 +10,7 @@
 //! reads and fills; `server.rs` the commands a server answers
 //! about itself and the fan-outs, `transaction.rs` MULTI/EXEC, `watch.rs` WATCH,
 //! `split.rs` cross-slot split and merge, `../blocking.rs` blocking commands
-//! (`pop_across.rs` a blocking pop whose keys span slots, `xread_across.rs`
-//! a stream read whose streams do).
+//! (`pop_across.rs` a blocking pop whose keys span slots).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +49,6 @@ mod split;
 mod transaction;
 mod wait;
 mod watch;
-mod xread_across;
 
 use client::{ClientReply, text};
 pub use direct::{Direct, Outcome, Place};
@@ -496,13 +494,6 @@ impl Router {
             .map(|cell| cell.get_or_init(|| self.command_metrics(info)).clone())
     }
 
-    /// An `XREAD`/`XREADGROUP` to split by slot.
-    fn stream_read(info: &CommandInfo, args: &[Bytes], keys: &[usize]) -> Option<xread_across::StreamRead> {
-        matches!(info.name, "xread" | "xreadgroup")
-            .then(|| xread_across::StreamRead::of(info.kind, args, keys))
-            .flatten()
-    }
-
     /// Route a keyed command by its slot(s).
     #[allow(clippy::too_many_arguments)]
     async fn keyed(
@@ -573,8 +564,6 @@ impl Router {
                 Box::pin(self.blocking(blocking, slots[0], raw, block, up)).await
             } else if let Some(form) = pop_across::PopForm::of(info.name, &args, &keys) {
                 Box::pin(self.pop_across_slots(form, &args, &keys, block, blocking, up)).await
-            } else if let Some(read) = Self::stream_read(info, &args, &keys) {
-                Box::pin(self.xread_across_slots(read, Some(block), blocking, up)).await
             } else {
                 err("CROSSSLOT Keys in request don't hash to the same slot")
             }
@@ -599,13 +588,7 @@ impl Router {
                     }
                     Box::pin(self.split(info, &args, &keys, &slots, up, proto, turn)).await
                 }
-                None => match Self::stream_read(info, &args, &keys) {
-                    Some(read) => {
-                        turn.prev_done().await;
-                        Box::pin(self.xread_across_slots(read, None, blocking, up)).await
-                    }
-                    None => err("CROSSSLOT Keys in request don't hash to the same slot"),
-                },
+                None => err("CROSSSLOT Keys in request don't hash to the same slot"),
             }
         } else if let Some(variant) = self.cache_variant(info, &args).filter(|_| !around_cache) {
             Box::pin(

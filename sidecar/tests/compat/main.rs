@@ -11,6 +11,5 @@ mod clients;
 mod errors;
 mod scripts;
 mod session;
-mod streams;
 mod tracking;
 mod watch;

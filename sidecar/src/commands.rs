@@ -239,18 +239,14 @@ pub enum KeyError {
 pub fn block_timeout<A: ArgList + ?Sized>(name: &str, args: &A) -> Option<Option<Duration>> {
     let secs = |a: Option<&[u8]>| read_seconds(a.and_then(|a| std::str::from_utf8(a).ok())?);
     let n = args.argc();
-    let position = |below: usize, word: &[u8]| {
-        (0..below).position(|i| args.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(word)))
-    };
     let seconds = match name {
         "blpop" | "brpop" | "bzpopmin" | "bzpopmax" | "brpoplpush" | "blmove" => {
             secs(n.checked_sub(1).and_then(|i| args.arg(i)))
         }
         "blmpop" | "bzmpop" => secs(args.arg(1)),
         "xread" | "xreadgroup" => {
-            let streams = position(n, b"streams")?;
-            let at = position(streams, b"block")?;
-            secs(args.arg(at + 1)).map(|ms| ms / 1000.0)
+            let at = stream_options(args)?.block?;
+            secs(args.arg(at)).map(|ms| ms / 1000.0)
         }
         _ => return None,
     };
@@ -267,17 +263,70 @@ pub fn block_timeout<A: ArgList + ?Sized>(name: &str, args: &A) -> Option<Option
     }
 }
 
+/// Where an `XREAD`/`XREADGROUP`'s options end and which `BLOCK` counts,
+/// read word by word as Redis reads them (a group or consumer named
+/// `block` or `streams` is a name).
+#[derive(Debug, PartialEq, Eq)]
+struct StreamOptions {
+    /// The index of `STREAMS`.
+    streams: usize,
+    /// The index of the last `BLOCK`'s value.
+    block: Option<usize>,
+}
+
+fn stream_options<A: ArgList + ?Sized>(args: &A) -> Option<StreamOptions> {
+    let word = |i: usize, w: &[u8]| args.arg(i).is_some_and(|a| a.eq_ignore_ascii_case(w));
+    let (mut i, mut block) = (1, None);
+    while i < args.argc() {
+        if word(i, b"streams") {
+            return Some(StreamOptions { streams: i, block });
+        }
+        i += if word(i, b"group") {
+            3
+        } else if word(i, b"block") {
+            block = Some(i + 1);
+            2
+        } else if word(i, b"count") {
+            2
+        } else {
+            1
+        };
+    }
+    None
+}
+
 /// A timeout's seconds as `strtold` reads them: decimal or hexadecimal
-/// (`0x10`), with an optional sign.
+/// (`0x10`, `0x1p-3`), with an optional sign; `None` for what it refuses
+/// or what is not read here.
 fn read_seconds(text: &str) -> Option<f64> {
     let (sign, digits) = match text.strip_prefix('-') {
         Some(rest) => (-1.0, rest),
         None => (1.0, text.strip_prefix('+').unwrap_or(text)),
     };
-    match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16).ok().map(|n| sign * n as f64),
-        None => text.parse().ok(),
+    let Some(hex) = digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) else {
+        let value: f64 = text.parse().ok()?;
+        // Below f64's range but above zero for Redis's long double: 1 ms.
+        let tiny = value == 0.0
+            && text
+                .bytes()
+                .take_while(|b| !matches!(b, b'e' | b'E'))
+                .any(|b| (b'1'..=b'9').contains(&b));
+        return Some(if tiny { sign * 1e-6 } else { value });
+    };
+    let (mantissa, exponent) = match hex.split_once(['p', 'P']) {
+        Some((m, e)) => (m, e.parse::<i32>().ok()?),
+        None => (hex, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() && fraction.is_empty() {
+        return None;
     }
+    let mut value = 0.0_f64;
+    for (i, c) in whole.chars().chain(fraction.chars()).enumerate() {
+        let d = c.to_digit(16)?;
+        value += f64::from(d) * 16f64.powi(i32::try_from(whole.len()).ok()? - 1 - i32::try_from(i).ok()?);
+    }
+    Some(sign * value * 2f64.powi(exponent))
 }
 
 /// The key indices of a command whose keys are a plain range (GET, SET,
@@ -333,10 +382,7 @@ pub fn key_indices(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<usize>, Key
             Ok(keys)
         }
         KeySpec::Streams => {
-            let at = args
-                .iter()
-                .position(|a| a.eq_ignore_ascii_case(b"streams"))
-                .ok_or(KeyError::WrongArity)?;
+            let at = stream_options(args).ok_or(KeyError::WrongArity)?.streams;
             let rest = n - at - 1;
             if rest == 0 || !rest.is_multiple_of(2) {
                 return Err(KeyError::WrongArity);
@@ -433,6 +479,29 @@ mod tests {
         );
         // Past what a Duration holds, or unreadable here: Redis's to judge.
         assert_eq!(block_timeout("blpop", &args("BLPOP a 1e300")), Some(None));
+        assert_eq!(
+            block_timeout("blpop", &args("BLPOP a 0x1p-3")),
+            Some(Some(Duration::from_millis(125)))
+        );
+        assert_eq!(
+            block_timeout("blpop", &args("BLPOP a 0x1.8")),
+            Some(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            block_timeout("blpop", &args("BLPOP a 1e-400")),
+            Some(Some(Duration::from_millis(1)))
+        );
+        assert_eq!(block_timeout("blpop", &args("BLPOP a 0x+5")), Some(None));
+        assert_eq!(block_timeout("blpop", &args("BLPOP a 0x")), Some(None));
+        // A group named `block` is a group; the last BLOCK counts.
+        assert_eq!(
+            block_timeout("xreadgroup", &args("XREADGROUP GROUP block c STREAMS s >")),
+            None
+        );
+        assert_eq!(
+            block_timeout("xread", &args("XREAD BLOCK 100 BLOCK 0 STREAMS s $")),
+            Some(None)
+        );
     }
 
     #[test]
@@ -470,6 +539,12 @@ mod tests {
         assert_eq!(
             key_indices(xread, &args("XREAD BLOCK 0 STREAMS a 0")).unwrap(),
             vec![4]
+        );
+        // A group or consumer named `streams` is a name.
+        let xreadgroup = lookup(b"xreadgroup").unwrap();
+        assert_eq!(
+            key_indices(xreadgroup, &args("XREADGROUP GROUP streams c STREAMS a b > >")).unwrap(),
+            vec![5, 6]
         );
         let blpop = lookup(b"blpop").unwrap();
         assert_eq!(key_indices(blpop, &args("BLPOP a b 5")).unwrap(), vec![1, 2]);

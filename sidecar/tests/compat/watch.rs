@@ -89,6 +89,14 @@ const SCRIPT: Script = &[
     (0, &["EXEC"]),
 ];
 
+/// Send each command on `c` and check its reply, byte for byte.
+async fn expect(c: &mut Raw, steps: &[(&[&str], &str)]) {
+    for (cmd, want) in steps {
+        c.send(cmd).await;
+        assert_eq!(String::from_utf8_lossy(&c.frame().await), *want, "{cmd:?}");
+    }
+}
+
 async fn run(addrs: [String; 2], hello: &str) -> Vec<(String, String)> {
     let mut clients = Vec::new();
     for addr in &addrs {
@@ -263,24 +271,26 @@ async fn a_watched_key_that_expired_aborts_exec() {
     let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
     support::all_serving(&sidecar).await;
     let mut c = Raw::connect(&sidecar.local_addr().to_string()).await;
-    for (cmd, want) in [
-        (&["SET", "a", "1", "PX", "1000"][..], "+OK\r\n"),
-        (&["SET", "b", "1"], "+OK\r\n"),
-        (&["WATCH", "a", "b"], "+OK\r\n"),
-    ] {
-        c.send(cmd).await;
-        assert_eq!(String::from_utf8_lossy(&c.frame().await), want, "{cmd:?}");
-    }
+    expect(
+        &mut c,
+        &[
+            (&["SET", "a", "1", "PX", "1000"][..], "+OK\r\n"),
+            (&["SET", "b", "1"], "+OK\r\n"),
+            (&["WATCH", "a", "b"], "+OK\r\n"),
+        ],
+    )
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
-    for (cmd, want) in [
-        (&["MULTI"][..], "+OK\r\n"),
-        (&["SET", "b", "2"], "+QUEUED\r\n"),
-        (&["EXEC"], "*-1\r\n"),
-        (&["GET", "b"], "$1\r\n1\r\n"),
-    ] {
-        c.send(cmd).await;
-        assert_eq!(String::from_utf8_lossy(&c.frame().await), want, "{cmd:?}");
-    }
+    expect(
+        &mut c,
+        &[
+            (&["MULTI"][..], "+OK\r\n"),
+            (&["SET", "b", "2"], "+QUEUED\r\n"),
+            (&["EXEC"], "*-1\r\n"),
+            (&["GET", "b"], "$1\r\n1\r\n"),
+        ],
+    )
+    .await;
     sidecar.shutdown().await;
 }
 
@@ -311,14 +321,15 @@ async fn a_watch_past_the_slot_limit_is_refused_whole() {
     let mut other = Raw::connect(&sidecar.local_addr().to_string()).await;
     other.send(&["SET", &keys[0], "x"]).await;
     other.frame().await;
-    for (cmd, want) in [
-        (&["MULTI"][..], "+OK\r\n"),
-        (&["SET", &keys[0], "y"], "+QUEUED\r\n"),
-        (&["EXEC"], "*1\r\n+OK\r\n"),
-    ] {
-        c.send(cmd).await;
-        assert_eq!(String::from_utf8_lossy(&c.frame().await), want, "{cmd:?}");
-    }
+    expect(
+        &mut c,
+        &[
+            (&["MULTI"][..], "+OK\r\n"),
+            (&["SET", &keys[0], "y"], "+QUEUED\r\n"),
+            (&["EXEC"], "*1\r\n+OK\r\n"),
+        ],
+    )
+    .await;
     sidecar.shutdown().await;
 }
 
@@ -371,13 +382,14 @@ async fn a_blocking_command_under_watch_waits_its_own_timeout() {
     assert_eq!(&c.frame().await[..], b"*-1\r\n");
     assert!(asked.elapsed() >= std::time::Duration::from_millis(1500));
     // The watch holds: an unchanged key lets EXEC run.
-    for (cmd, want) in [
-        (&["MULTI"][..], "+OK\r\n"),
-        (&["SET", "a", "1"], "+QUEUED\r\n"),
-        (&["EXEC"], "*1\r\n+OK\r\n"),
-    ] {
-        c.send(cmd).await;
-        assert_eq!(String::from_utf8_lossy(&c.frame().await), want, "{cmd:?}");
-    }
+    expect(
+        &mut c,
+        &[
+            (&["MULTI"][..], "+OK\r\n"),
+            (&["SET", "a", "1"], "+QUEUED\r\n"),
+            (&["EXEC"], "*1\r\n+OK\r\n"),
+        ],
+    )
+    .await;
     sidecar.shutdown().await;
 }

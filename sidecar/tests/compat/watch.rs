@@ -381,6 +381,9 @@ async fn a_blocking_command_under_watch_waits_its_own_timeout() {
     c.send(&["BLPOP", "a", "1.5"]).await;
     assert_eq!(&c.frame().await[..], b"*-1\r\n");
     assert!(asked.elapsed() >= std::time::Duration::from_millis(1500));
+    // Across slots too (keys of two primaries).
+    c.send(&["BLPOP", "b", "a", "0.2"]).await;
+    assert_eq!(&c.frame().await[..], b"*-1\r\n");
     // The watch holds: an unchanged key lets EXEC run.
     expect(
         &mut c,

@@ -317,10 +317,11 @@ impl Router {
         for ((slot, _), exec) in plan.groups.iter().zip(&execs) {
             match slot_exec(exec) {
                 SlotExec::Ran(r) => replies.push(r),
-                SlotExec::Aborted | SlotExec::Failed(_) => {
-                    let why = resp::error_text(exec)
-                        .map(|t| String::from_utf8_lossy(t).into_owned())
-                        .unwrap_or_else(|| "no reply".into());
+                failed => {
+                    let why = match failed {
+                        SlotExec::Failed(why) => why,
+                        _ => "no reply".into(),
+                    };
                     return Some(err(format!(
                         "ERR cachetier: this transaction spans {} slots and ran as one transaction per slot; \
                          slot {slot}'s failed ({why}), and the others' may have been applied",
@@ -372,8 +373,9 @@ impl Router {
 
     /// `EXEC` of a watched transaction whose watched slots and commands'
     /// slots are not one. First every watched slot's connection is asked
-    /// whether its watched keys changed (`CLIENT INFO` shows flag `d` then;
-    /// asking keeps the watch): if one did, the reply is nil, as from Redis,
+    /// whether its watched keys changed (`EXISTS` of them, so an expired
+    /// one counts, then `CLIENT INFO`, which shows flag `d`; asking keeps
+    /// the watch): if one did, the reply is nil, as from Redis,
     /// and nothing ran. Then the watched slots with commands run their parts
     /// on their connections, all at once, where Redis checks the keys again;
     /// once all of them ran, the other slots' parts run on their primaries.
@@ -423,40 +425,37 @@ impl Router {
         for info in join_all(checks).await {
             match watch_dirty(&info) {
                 Some(false) => {}
-                Some(true) => {
-                    let nil = if up == Proto::Resp3 {
-                        Frame::Null
-                    } else {
-                        Frame::NullArray
-                    };
-                    return encode(&nil);
-                }
+                Some(true) => return nil_array(up),
                 None if info.starts_with(b"-") => return info,
                 None => return err("ERR cachetier: a watched slot's connection did not describe itself"),
             }
         }
-        let with: Vec<&Arc<super::Watch>> = watches.iter().filter(|w| group_of(w).is_some()).collect();
-        let runs = with.iter().filter_map(|w| {
-            let (block, n) = Self::tx_block(&plan.groups[group_of(w)?].1, false);
-            Some(self.on_watch_conn(w, block, n, up))
+        // The watched slots with commands, and their group.
+        let with: Vec<(&Arc<super::Watch>, usize)> = watches
+            .iter()
+            .filter_map(|w| group_of(w).map(|g| (w, g)))
+            .collect();
+        let runs = with.iter().map(|&(w, g)| {
+            let (block, n) = Self::tx_block(&plan.groups[g].1, false);
+            self.on_watch_conn(w, block, n, up)
         });
         let execs = join_all(runs).await;
         let mut replies: Vec<Option<Vec<Bytes>>> = vec![None; plan.groups.len()];
         let mut ran: Vec<u16> = Vec::new();
-        let mut refused: Option<(u16, Bytes)> = None;
-        for (w, exec) in with.iter().zip(execs) {
-            match (slot_exec(&exec), group_of(w)) {
-                (SlotExec::Ran(r), Some(g)) => {
+        let mut refused: Option<(u16, Bytes, SlotExec)> = None;
+        for (&(w, g), exec) in with.iter().zip(execs) {
+            match slot_exec(&exec) {
+                SlotExec::Ran(r) => {
                     replies[g] = Some(r);
                     ran.push(w.slot);
                 }
-                _ => refused = refused.or(Some((w.slot, exec))),
+                other => refused = refused.or(Some((w.slot, exec, other))),
             }
         }
         match refused {
-            Some((_, exec)) if ran.is_empty() => return exec,
-            Some((slot, exec)) => {
-                let why = match slot_exec(&exec) {
+            Some((_, exec, _)) if ran.is_empty() => return exec,
+            Some((slot, _, outcome)) => {
+                let why = match outcome {
                     SlotExec::Failed(why) => why,
                     _ => "a key it watched changed".to_string(),
                 };

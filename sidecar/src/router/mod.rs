@@ -183,6 +183,16 @@ fn encode(f: &Frame) -> Bytes {
     f.to_bytes()
 }
 
+/// The nil of a command whose reply is an array (EXEC aborted, a
+/// blocking pop timed out), in the upstream protocol.
+fn nil_array(up: Proto) -> Bytes {
+    encode(&if up == Proto::Resp3 {
+        Frame::Null
+    } else {
+        Frame::NullArray
+    })
+}
+
 fn null(proto: u8) -> Frame {
     if proto == 3 { Frame::Null } else { Frame::NullBulk }
 }

@@ -180,20 +180,18 @@ impl Router {
         // The first try words any argument error (a negative timeout), and
         // answers WRONGTYPE for a key of another type, as one server does
         // before it blocks.
-        let nil = Bytes::from_static(if up == Proto::Resp3 { b"_\r\n" } else { b"*-1\r\n" });
-        let mut nil = match self.try_keys(&form, &keys, false, nil, up).await {
+        let mut nil = match self.try_keys(&form, &keys, false, super::nil_array(up), up).await {
             Ok(reply) => return reply,
             Err(nil) => nil,
         };
         // A timeout past what an Instant holds blocks for ever.
         let deadline = block.and_then(|b| Instant::now().checked_add(b));
-        let forever = block.is_none() || deadline.is_none();
         loop {
             let wait = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(ROUND),
                 None => ROUND,
             };
-            if wait < MIN_WAIT && !forever {
+            if wait < MIN_WAIT {
                 return nil;
             }
             let cmd = crate::resp::command_bytes(&form.for_key(first, Some(seconds(wait))));

@@ -69,16 +69,17 @@ impl Watches {
     }
 }
 
-/// The slot of each key of `args`, in order (the error reply for a wrong
-/// arity).
-fn key_slots(info: &CommandInfo, args: &[Bytes]) -> Result<Vec<u16>, Bytes> {
+/// The keys of `args` (indices) and the slot of each, in order (the error
+/// reply for a wrong arity).
+fn keys_and_slots(info: &CommandInfo, args: &[Bytes]) -> Result<(Vec<usize>, Vec<u16>), Bytes> {
     let keys = commands::key_indices(info, args).map_err(|_| {
         err(format!(
             "ERR wrong number of arguments for '{}' command",
             info.name
         ))
     })?;
-    Ok(keys.iter().map(|&i| slot::slot(&args[i])).collect())
+    let slots = keys.iter().map(|&i| slot::slot(&args[i])).collect();
+    Ok((keys, slots))
 }
 
 impl Router {
@@ -204,21 +205,21 @@ impl Router {
         }
         match info.kind {
             Kind::Read | Kind::Write => {
-                let slots = match key_slots(info, args) {
-                    Ok(s) => s,
+                let (keys, slots) = match keys_and_slots(info, args) {
+                    Ok(found) => found,
                     Err(e) => return Some(Action::Reply(e)),
                 };
-                let keys = commands::key_indices(info, args).unwrap_or_default();
+                let across = slots.iter().any(|&s| s != slots[0]);
+                if across && (!self.config.split_transactions || info.split.is_none()) {
+                    return Some(Action::Reply(err(
+                        "CROSSSLOT Keys in request don't hash to the same slot (while WATCH is active, a command's keys must be in one slot)",
+                    )));
+                }
                 let touched = self.touched_keys(info, args, &keys);
                 // Reads of these slots after this write must see it.
                 let mark = (info.kind == Kind::Write && self.config.read_your_writes && !slots.is_empty())
                     .then(|| st.order.writing(&slots));
-                if slots.iter().any(|&s| s != slots[0]) {
-                    if !self.config.split_transactions || info.split.is_none() {
-                        return Some(Action::Reply(err(
-                            "CROSSSLOT Keys in request don't hash to the same slot (while WATCH is active, a command's keys must be in one slot)",
-                        )));
-                    }
+                if across {
                     let (this, up, watches) = (self.clone(), st.upstream_proto(), st.watch.0.clone());
                     let args = args.to_vec();
                     let action = self.timed(info, async move {
@@ -268,11 +269,11 @@ impl Router {
         info: &'static CommandInfo,
         args: &[Bytes],
     ) -> Action {
-        let slots = match key_slots(info, args) {
-            Ok(s) if s.is_empty() => {
+        let slots = match keys_and_slots(info, args) {
+            Ok((_, s)) if s.is_empty() => {
                 return Action::Reply(err("ERR wrong number of arguments for 'watch' command"));
             }
-            Ok(s) => s,
+            Ok((_, s)) => s,
             Err(e) => return Action::Reply(e),
         };
         // Per slot, in order, its keys.
@@ -356,17 +357,16 @@ impl Router {
         let mut touched = Vec::new();
         for args in &cmds {
             if let Some(ci) = args.first().and_then(|n| commands::lookup(n)) {
-                match key_slots(ci, args) {
-                    Ok(s) => {
-                        for x in s {
-                            if !slots.contains(&x) {
-                                slots.push(x);
-                            }
-                        }
-                    }
+                let (keys, key_slots) = match keys_and_slots(ci, args) {
+                    Ok(found) => found,
                     Err(e) => return Action::Reply(e),
+                };
+                for x in key_slots {
+                    if !slots.contains(&x) {
+                        slots.push(x);
+                    }
                 }
-                if let (Some(cache), Ok(keys)) = (&self.cache, commands::key_indices(ci, args)) {
+                if let Some(cache) = &self.cache {
                     touched.extend(
                         keys.iter()
                             .filter(|&&i| cache.covers(&args[i]))

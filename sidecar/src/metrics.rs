@@ -62,6 +62,7 @@ pub struct Metrics {
     /// Transactions whose keys spanned slots, run as one per slot.
     pub split_transactions: IntCounter,
     pub pops_across_slots: IntCounter,
+    pub stream_reads_across_slots: IntCounter,
     /// Topology refreshes by result (`ok`, `error`).
     pub topology_refreshes: IntCounterVec,
     pub redirects: IntCounterVec,
@@ -148,6 +149,10 @@ impl Metrics {
             "blocking_pops_across_slots_total",
             "Blocking pops (BLPOP, BRPOP, BLMPOP, BZPOPMIN, BZPOPMAX, BZMPOP) whose keys spanned slots",
         )?;
+        let stream_reads_across_slots = IntCounter::new(
+            "stream_reads_across_slots_total",
+            "XREAD/XREADGROUP calls whose streams spanned slots",
+        )?;
         let topology_refreshes = IntCounterVec::new(
             Opts::new("topology_refreshes_total", "Topology refreshes by result"),
             &["result"],
@@ -197,6 +202,7 @@ impl Metrics {
         registry.register(Box::new(write_retries.clone()))?;
         registry.register(Box::new(split_transactions.clone()))?;
         registry.register(Box::new(pops_across_slots.clone()))?;
+        registry.register(Box::new(stream_reads_across_slots.clone()))?;
         registry.register(Box::new(read_your_writes_primary_reads.clone()))?;
         registry.register(Box::new(topology_refreshes.clone()))?;
         registry.register(Box::new(redirects.clone()))?;
@@ -223,6 +229,7 @@ impl Metrics {
             write_retries,
             split_transactions,
             pops_across_slots,
+            stream_reads_across_slots,
             read_your_writes_primary_reads,
             topology_refreshes,
             redirects,

@@ -10,7 +10,8 @@
 //! reads and fills; `server.rs` the commands a server answers
 //! about itself and the fan-outs, `transaction.rs` MULTI/EXEC, `watch.rs` WATCH,
 //! `split.rs` cross-slot split and merge, `../blocking.rs` blocking commands
-//! (`pop_across.rs` a blocking pop whose keys span slots).
+//! (`pop_across.rs` a blocking pop whose keys span slots, `stream_across.rs`
+//! a stream read whose streams do).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +47,7 @@ mod pubsub_query;
 mod route;
 mod server;
 mod split;
+mod stream_across;
 mod transaction;
 mod wait;
 mod watch;
@@ -504,6 +506,16 @@ impl Router {
             .map(|cell| cell.get_or_init(|| self.command_metrics(info)).clone())
     }
 
+    /// An `XREAD`/`XREADGROUP` whose streams span slots, to read per stream.
+    fn stream_read(info: &CommandInfo, args: &[Bytes], keys: &[usize]) -> Option<stream_across::StreamRead> {
+        let group = match info.name {
+            "xread" => false,
+            "xreadgroup" => true,
+            _ => return None,
+        };
+        stream_across::StreamRead::of(group, args, keys)
+    }
+
     /// Route a keyed command by its slot(s).
     #[allow(clippy::too_many_arguments)]
     async fn keyed(
@@ -574,6 +586,8 @@ impl Router {
                 Box::pin(self.blocking(blocking, slots[0], raw, block, up)).await
             } else if let Some(form) = pop_across::PopForm::of(info.name, &args, &keys) {
                 Box::pin(self.pop_across_slots(form, &args, &keys, block, blocking, up)).await
+            } else if let Some(read) = Self::stream_read(info, &args, &keys) {
+                Box::pin(self.xread_across_slots(read, Some(block), blocking, up)).await
             } else {
                 err("CROSSSLOT Keys in request don't hash to the same slot")
             }
@@ -598,7 +612,13 @@ impl Router {
                     }
                     Box::pin(self.split(info, &args, &keys, &slots, up, proto, turn)).await
                 }
-                None => err("CROSSSLOT Keys in request don't hash to the same slot"),
+                None => match Self::stream_read(info, &args, &keys) {
+                    Some(read) => {
+                        turn.prev_done().await;
+                        Box::pin(self.xread_across_slots(read, None, blocking, up)).await
+                    }
+                    None => err("CROSSSLOT Keys in request don't hash to the same slot"),
+                },
             }
         } else if let Some(variant) = self.cache_variant(info, &args).filter(|_| !around_cache) {
             Box::pin(

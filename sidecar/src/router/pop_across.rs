@@ -45,7 +45,7 @@ pub const ROUND: Duration = Duration::from_millis(100);
 
 /// The shortest wait worth sending: Redis reads a timeout of `0` as "for
 /// ever", so a shorter remainder ends the wait instead.
-const MIN_WAIT: Duration = Duration::from_millis(1);
+pub(super) const MIN_WAIT: Duration = Duration::from_millis(1);
 
 /// The command with one key of a blocking pop, and the key's place.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -210,6 +210,11 @@ impl Router {
                     Err(e) => return Some(Action::Reply(e)),
                 };
                 let across = slots.iter().any(|&s| s != slots[0]);
+                // A stream read over several slots reads as without WATCH
+                // (a client's own commands count for WATCH wherever they run).
+                if across && matches!(info.name, "xread" | "xreadgroup") {
+                    return None;
+                }
                 if across && (!self.config.split_transactions || info.split.is_none()) {
                     return Some(Action::Reply(err(
                         "CROSSSLOT Keys in request don't hash to the same slot (while WATCH is active, a command's keys must be in one slot)",

@@ -11,5 +11,6 @@ mod clients;
 mod errors;
 mod scripts;
 mod session;
+mod streams;
 mod tracking;
 mod watch;

@@ -8,11 +8,10 @@
 //! is read by a command of its own (so a stream named twice is two reads,
 //! and each reply and error is known to be its stream's):
 //!
-//! 1. `XREADGROUP` is checked first without taking entries: each stream's
-//!    read with the client's options but its `>` read as `0` (the
-//!    consumer's pending entries, `COUNT 1` unless the client gave one):
-//!    Redis checks the options, the type, the group and the ID. The first
-//!    error in the client's order is the reply, and nothing was delivered.
+//! 1. `XREADGROUP` is first checked stream by stream without delivering
+//!    an entry (see [`StreamRead::check`]): Redis checks the options, the
+//!    type, the group and the ID. The first error in the client's order is
+//!    the reply, and nothing was delivered.
 //! 2. Every stream is read with the client's options, per slot inside one
 //!    `MULTI`/`EXEC` (where `BLOCK` does not block but its value is
 //!    checked), all slots at once; for `XREAD … BLOCK` each `$` is read in
@@ -51,6 +50,10 @@ use crate::resp::{self, Frame};
 use crate::slot;
 use crate::upstream::Proto;
 
+/// The ID before the greatest: no pending entry lies past it. (The greatest
+/// itself is how Redis stores `>`, and past it a read would wrap to `0-0`.)
+const PAST_ALL: &[u8] = b"18446744073709551615-18446744073709551614";
+
 /// A stream read whose streams span slots.
 #[derive(Debug)]
 pub(super) struct StreamRead {
@@ -60,8 +63,6 @@ pub(super) struct StreamRead {
     options: Vec<Bytes>,
     /// The options without `BLOCK` and its value.
     waiting: Vec<Bytes>,
-    /// Whether the options name a `COUNT`.
-    counted: bool,
     /// In the client's order.
     streams: Vec<Stream>,
 }
@@ -102,7 +103,7 @@ impl StreamRead {
         let options = args[1..first - 1].to_vec();
         // Word by word as Redis reads them (a group named `block` is a
         // group); the first try checks them, so later tries may trust them.
-        let (mut waiting, mut counted, mut i) = (Vec::new(), false, 0);
+        let (mut waiting, mut i) = (Vec::new(), 0);
         while i < options.len() {
             let word = &options[i];
             let takes = if word.eq_ignore_ascii_case(b"group") {
@@ -113,7 +114,6 @@ impl StreamRead {
                 1
             };
             let end = (i + takes).min(options.len());
-            counted |= word.eq_ignore_ascii_case(b"count");
             if !word.eq_ignore_ascii_case(b"block") {
                 waiting.extend(options[i..end].iter().cloned());
             }
@@ -133,7 +133,6 @@ impl StreamRead {
             group,
             options,
             waiting,
-            counted,
             streams,
         })
     }
@@ -148,19 +147,33 @@ impl StreamRead {
         cmd
     }
 
-    /// The `XREADGROUP` that checks a stream without taking entries.
-    fn check(&self, s: &Stream) -> Vec<Bytes> {
-        let more = if self.counted {
-            Vec::new()
-        } else {
-            vec![Bytes::from_static(b"COUNT"), Bytes::from_static(b"1")]
-        };
-        let id = if s.id.as_ref() == b">" {
-            Bytes::from_static(b"0")
-        } else {
-            s.id.clone()
-        };
-        self.command(&self.options, &more, &s.key, &id)
+    /// The commands that check a stream as `XREADGROUP` does, without
+    /// delivering an entry: the client's options on the consumer's pending
+    /// entries past [`PAST_ALL`] (none: no entry's delivery count moves),
+    /// which checks the options, the type and the group; then its ID, as
+    /// `XREADGROUP` reads a `$` (an error, before it reads anything) and as
+    /// `XREAD` reads any other (the same parser).
+    fn check(&self, s: &Stream) -> Vec<Vec<Bytes>> {
+        let mut cmds = vec![self.command(&self.options, &[], &s.key, &Bytes::from_static(PAST_ALL))];
+        match s.id.as_ref() {
+            b">" => {}
+            b"$" => cmds.push(self.command(&self.options, &[], &s.key, &s.id)),
+            _ => {
+                let xread = [
+                    Bytes::from_static(b"XREAD"),
+                    Bytes::from_static(b"COUNT"),
+                    Bytes::from_static(b"1"),
+                ];
+                cmds.push(
+                    [
+                        &xread[..],
+                        &[Bytes::from_static(b"STREAMS"), s.key.clone(), s.id.clone()],
+                    ]
+                    .concat(),
+                );
+            }
+        }
+        cmds
     }
 
     /// The slots, in the order their first stream is named, each with its
@@ -292,15 +305,20 @@ impl Router {
     async fn check_groups(self: &Arc<Self>, read: &StreamRead, up: Proto) -> Option<Bytes> {
         let slots = read.by_slot();
         let runs = slots.iter().map(|(slot, of)| {
-            let cmds: Vec<Vec<Bytes>> = of.iter().map(|&i| read.check(&read.streams[i])).collect();
-            async move { exec_replies(self.exec_block(&cmds, Some(*slot), up).await, cmds.len()) }
+            // Each command with its stream's index.
+            let (owners, cmds): (Vec<usize>, Vec<Vec<Bytes>>) = of
+                .iter()
+                .flat_map(|&i| read.check(&read.streams[i]).into_iter().map(move |c| (i, c)))
+                .unzip();
+            async move {
+                let replies = exec_replies(self.exec_block(&cmds, Some(*slot), up).await, cmds.len());
+                owners.into_iter().zip(replies)
+            }
         });
         let mut errors: Vec<(usize, Bytes)> = Vec::new();
-        for ((_, of), replies) in slots.iter().zip(join_all(runs).await) {
-            for (&i, reply) in of.iter().zip(replies) {
-                if reply.starts_with(b"-") || reply.starts_with(b"!") {
-                    errors.push((i, reply));
-                }
+        for (i, reply) in join_all(runs).await.into_iter().flatten() {
+            if reply.starts_with(b"-") || reply.starts_with(b"!") {
+                errors.push((i, reply));
             }
         }
         errors.into_iter().min_by_key(|(i, _)| *i).map(|(_, e)| e)
@@ -474,24 +492,36 @@ mod tests {
         ]);
         let read = StreamRead::of(true, &a, &[8, 9, 10]).expect("a read");
         assert_eq!(text(read.waiting.clone()), "GROUP block c NOACK");
-        assert!(!read.counted);
         let s = &read.streams;
         assert_eq!(
             text(read.command(&read.options, &[], &s[1].key, &s[1].id)),
             "XREADGROUP GROUP block c BLOCK 0 NOACK STREAMS s2 0"
         );
-        // The check reads pending entries, never new ones.
+        // The check delivers nothing: no new entry, no pending one again.
+        let check = |s: &Stream| read.check(s).into_iter().map(text).collect::<Vec<_>>();
+        let past =
+            "XREADGROUP GROUP block c BLOCK 0 NOACK STREAMS s1 18446744073709551615-18446744073709551614";
+        assert_eq!(check(&s[0]), [past]);
+        assert_eq!(check(&s[2]), [past]);
         assert_eq!(
-            text(read.check(&s[2])),
-            "XREADGROUP GROUP block c BLOCK 0 NOACK COUNT 1 STREAMS s1 0"
+            check(&s[1]),
+            [past.replace("s1", "s2"), "XREAD COUNT 1 STREAMS s2 0".to_string()]
         );
         let (s1, s2) = (slot::slot(b"s1"), slot::slot(b"s2"));
         assert_ne!(s1, s2);
         assert_eq!(read.by_slot(), [(s1, vec![0, 2]), (s2, vec![1])]);
-        let x = args(&["XREAD", "COUNT", "2", "STREAMS", "s1", "s2", "$", "0"]);
-        let read = StreamRead::of(false, &x, &[4, 5]).expect("a read");
-        assert!(read.counted);
-        assert_eq!(text(read.check(&read.streams[0])), "XREAD COUNT 2 STREAMS s1 $");
+        let d = args(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s1", "s2", "$", ">"]);
+        let read = StreamRead::of(true, &d, &[5, 6]).expect("a read");
+        assert_eq!(
+            read.check(&read.streams[0])
+                .into_iter()
+                .map(text)
+                .collect::<Vec<_>>(),
+            [
+                "XREADGROUP GROUP g c STREAMS s1 18446744073709551615-18446744073709551614",
+                "XREADGROUP GROUP g c STREAMS s1 $"
+            ]
+        );
     }
 
     #[test]

@@ -82,7 +82,7 @@ async fn stream_reads_across_slots_answer_as_one_server_does() {
     support::all_serving(&sidecar).await;
     let standalone = support::RedisNode::start(&["--cluster-enabled", "no"]);
     for hello in ["2", "3"] {
-        let mut frames = Vec::new();
+        let (mut frames, mut deliveries) = (Vec::new(), Vec::new());
         for addr in [standalone.addr(), sidecar.local_addr().to_string()] {
             let mut c = Raw::connect(&addr).await;
             c.send(&["HELLO", hello]).await;
@@ -95,13 +95,38 @@ async fn stream_reads_across_slots_answer_as_one_server_does() {
                 got.push((*line, String::from_utf8_lossy(&c.frame().await).into_owned()));
             }
             frames.push(got);
+            deliveries.push(delivery_counts(&addr).await);
         }
         for (redis, ours) in frames[0].iter().zip(&frames[1]) {
             assert_eq!(redis, ours, "RESP{hello}");
         }
+        assert_eq!(
+            deliveries[0], deliveries[1],
+            "RESP{hello}: times each entry was delivered"
+        );
     }
     assert!(sidecar.metrics().stream_reads_across_slots.get() >= 2 * 20);
     sidecar.shutdown().await;
+}
+
+/// Each pending entry of both streams' group with its consumer and the
+/// times it was delivered (the idle times vary).
+async fn delivery_counts(addr: &str) -> Vec<(String, String, u64)> {
+    let mut c = support::client_of(addr.parse().unwrap()).await;
+    let mut out = Vec::new();
+    for stream in ["orders", "payments"] {
+        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg("g")
+            .arg("-")
+            .arg("+")
+            .arg(100)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        out.extend(pending.into_iter().map(|(id, consumer, _, n)| (id, consumer, n)));
+    }
+    out
 }
 
 /// A step of a two-client script: client 0 waits in a read while client 1

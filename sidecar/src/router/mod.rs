@@ -187,6 +187,15 @@ fn encode(f: &Frame) -> Bytes {
 
 /// The nil of a command whose reply is an array (EXEC aborted, a
 /// blocking pop timed out), in the upstream protocol.
+/// A command's arguments from its words, for tests.
+#[cfg(test)]
+fn args(words: &[&str]) -> Vec<Bytes> {
+    words
+        .iter()
+        .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+        .collect()
+}
+
 fn nil_array(up: Proto) -> Bytes {
     encode(&if up == Proto::Resp3 {
         Frame::Null

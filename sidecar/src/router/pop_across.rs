@@ -239,13 +239,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(words: &[&str]) -> Vec<Bytes> {
-        words
-            .iter()
-            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
-            .collect()
-    }
+    use crate::router::args;
 
     fn text(cmd: Vec<Bytes>) -> Vec<String> {
         cmd.iter()

@@ -45,7 +45,31 @@ pub const ROUND: Duration = Duration::from_millis(100);
 
 /// The shortest wait worth sending: Redis reads a timeout of `0` as "for
 /// ever", so a shorter remainder ends the wait instead.
-pub(super) const MIN_WAIT: Duration = Duration::from_millis(1);
+const MIN_WAIT: Duration = Duration::from_millis(1);
+
+/// A client's timeout taken in waits of at most [`ROUND`].
+pub(super) struct Rounds {
+    /// `None`: for ever (a timeout past what an Instant holds too).
+    deadline: Option<Instant>,
+}
+
+impl Rounds {
+    /// `block`: the client's timeout (`None`: for ever).
+    pub(super) fn new(block: Option<Duration>) -> Rounds {
+        Rounds {
+            deadline: block.and_then(|b| Instant::now().checked_add(b)),
+        }
+    }
+
+    /// The next wait; `None` once the timeout has passed.
+    pub(super) fn next(&self) -> Option<Duration> {
+        let wait = match self.deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()).min(ROUND),
+            None => ROUND,
+        };
+        (wait >= MIN_WAIT).then_some(wait)
+    }
+}
 
 /// The command with one key of a blocking pop, and the key's place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,16 +208,11 @@ impl Router {
             Ok(reply) => return reply,
             Err(nil) => nil,
         };
-        // A timeout past what an Instant holds blocks for ever.
-        let deadline = block.and_then(|b| Instant::now().checked_add(b));
+        let rounds = Rounds::new(block);
         loop {
-            let wait = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()).min(ROUND),
-                None => ROUND,
-            };
-            if wait < MIN_WAIT {
+            let Some(wait) = rounds.next() else {
                 return nil;
-            }
+            };
             let cmd = crate::resp::command_bytes(&form.for_key(first, Some(seconds(wait))));
             let reply = self.blocking(cell, slot::slot(first), cmd, Some(wait), up).await;
             if is_wrong_type(&reply) {

@@ -20,7 +20,7 @@
 //!    order is the reply; otherwise the streams that had entries, in the
 //!    client's order; nil when none had.
 //! 3. With `BLOCK`, as for the blocking pops (`pop_across.rs`): the first
-//!    stream's read blocks for at most [`ROUND`] on the client's blocking
+//!    stream's read blocks for at most [`ROUND`](super::pop_across::ROUND) on the client's blocking
 //!    connection (an entry added there wakes it at once), then each other
 //!    stream is read once, until one has entries (the reply is that one
 //!    stream, as when one server wakes a client) or the timeout passes. A
@@ -32,17 +32,17 @@
 //! `XREADGROUP` whose check passed but whose read of one stream then fails
 //! (the group destroyed in between) answers the other streams' entries, so
 //! none is lost; entries added to a stream other than the first while
-//! waiting are found within [`ROUND`]; a stream deleted and made again
+//! waiting are found within [`ROUND`](super::pop_across::ROUND); a stream deleted and made again
 //! between two reads is not seen as deleted; the check creates the
 //! consumer even when a later stream's check fails.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
 
-use super::pop_across::{MIN_WAIT, ROUND};
+use super::pop_across::Rounds;
 use super::{Router, err, nil_array};
 use crate::blocking::BlockingCell;
 use crate::commands::Kind;
@@ -392,16 +392,11 @@ impl Router {
             return nil_array(up);
         };
         let kind = if read.group { Kind::Write } else { Kind::Read };
-        // A timeout past what an Instant holds blocks for ever.
-        let deadline = block.and_then(|b| Instant::now().checked_add(b));
+        let rounds = Rounds::new(block);
         loop {
-            let wait = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()).min(ROUND),
-                None => ROUND,
-            };
-            if wait < MIN_WAIT {
+            let Some(wait) = rounds.next() else {
                 return nil_array(up);
-            }
+            };
             let ms = Bytes::from(wait.as_millis().max(1).to_string());
             let more = [Bytes::from_static(b"BLOCK"), ms];
             let cmd = resp::command_bytes(&read.command(&read.waiting, &more, &first.key, &first.id));

@@ -20,8 +20,8 @@
 //!    order is the reply; otherwise the streams that had entries, in the
 //!    client's order; nil when none had.
 //! 3. With `BLOCK`, as for the blocking pops (`pop_across.rs`): the first
-//!    stream's read blocks for at most [`ROUND`](super::pop_across::ROUND) on the client's blocking
-//!    connection (an entry added there wakes it at once), then each other
+//!    stream's read blocks for at most [`ROUND`] (100 ms) on the client's
+//!    blocking connection (an entry added there wakes it at once), then each other
 //!    stream is read once, until one has entries (the reply is that one
 //!    stream, as when one server wakes a client) or the timeout passes. A
 //!    stream that became another type keeps an `XREAD` waiting; for
@@ -32,9 +32,11 @@
 //! `XREADGROUP` whose check passed but whose read of one stream then fails
 //! (the group destroyed in between) answers the other streams' entries, so
 //! none is lost; entries added to a stream other than the first while
-//! waiting are found within [`ROUND`](super::pop_across::ROUND); a stream deleted and made again
+//! waiting are found within [`ROUND`]; a stream deleted and made again
 //! between two reads is not seen as deleted; the check creates the
 //! consumer even when a later stream's check fails.
+//!
+//! [`ROUND`]: super::pop_across::ROUND
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -11,7 +11,8 @@
 //! about itself and the fan-outs, `transaction.rs` MULTI/EXEC, `watch.rs` WATCH,
 //! `split.rs` cross-slot split and merge, `../blocking.rs` blocking commands
 //! (`pop_across.rs` a blocking pop whose keys span slots, `stream_across.rs`
-//! a stream read whose streams do).
+//! a stream read whose streams do, with its commands and replies in
+//! `stream_read.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +49,7 @@ mod route;
 mod server;
 mod split;
 mod stream_across;
+mod stream_read;
 mod transaction;
 mod wait;
 mod watch;
@@ -516,13 +518,13 @@ impl Router {
     }
 
     /// An `XREAD`/`XREADGROUP` whose streams span slots, to read per stream.
-    fn stream_read(info: &CommandInfo, args: &[Bytes], keys: &[usize]) -> Option<stream_across::StreamRead> {
+    fn stream_read(info: &CommandInfo, args: &[Bytes], keys: &[usize]) -> Option<stream_read::StreamRead> {
         let group = match info.name {
             "xread" => false,
             "xreadgroup" => true,
             _ => return None,
         };
-        stream_across::StreamRead::of(group, args, keys)
+        stream_read::StreamRead::of(group, args, keys)
     }
 
     /// Route a keyed command by its slot(s).

@@ -9,9 +9,11 @@
 //! and each reply and error is known to be its stream's):
 //!
 //! 1. `XREADGROUP` is first checked stream by stream without delivering
-//!    an entry (see [`StreamRead::check`]): Redis checks the options, the
-//!    type, the group and the ID. The first error in the client's order is
-//!    the reply, and nothing was delivered.
+//!    an entry: quietly where the options are plain
+//!    ([`StreamRead::quiet_check`]: the stream's groups, its ID), else, or
+//!    when the stream or group is missing, by a probe Redis refuses in its
+//!    own words ([`StreamRead::check`]). The first error in the client's
+//!    order is the reply, and nothing was delivered.
 //! 2. Every stream is read with the client's options, per slot inside one
 //!    `MULTI`/`EXEC` (where `BLOCK` does not block but its value is
 //!    checked), all slots at once; for `XREAD … BLOCK` each `$` is read in
@@ -114,28 +116,61 @@ impl Router {
     }
 
     /// Check each stream of an `XREADGROUP` without taking entries: the
-    /// first error in the client's order.
+    /// first error in the client's order. Quietly where it can (no error
+    /// reply on a node unless the read would get one), then with the probe
+    /// for the streams that need Redis's words.
     async fn check_groups(self: &Arc<Self>, read: &StreamRead, up: Proto) -> Option<Bytes> {
+        let all: Vec<usize> = (0..read.streams.len()).collect();
+        let quiet = |s: &Stream| read.quiet_check(s).unwrap_or_else(|| read.check(s));
+        let replies = self.run_checks(read, &all, quiet, up).await;
+        let mut verdicts: Vec<Option<Option<Bytes>>> = Vec::with_capacity(all.len());
+        for (s, replies) in read.streams.iter().zip(&replies) {
+            verdicts.push(match read.quiet_check(s) {
+                Some(_) => read.quiet_verdict(replies).ok(),
+                None => Some(check_error(s, replies.clone())),
+            });
+        }
+        let probed: Vec<usize> = all.iter().copied().filter(|&i| verdicts[i].is_none()).collect();
+        if !probed.is_empty() {
+            let replies = self.run_checks(read, &probed, |s| read.check(s), up).await;
+            for &i in &probed {
+                verdicts[i] = Some(check_error(&read.streams[i], replies[i].clone()));
+            }
+        }
+        verdicts.into_iter().flatten().flatten().next()
+    }
+
+    /// Run `checks` of the streams `which`, per slot in one transaction, all
+    /// slots at once: the replies of each stream's commands, by its index.
+    async fn run_checks(
+        self: &Arc<Self>,
+        read: &StreamRead,
+        which: &[usize],
+        checks: impl Fn(&Stream) -> Vec<Vec<Bytes>>,
+        up: Proto,
+    ) -> Vec<Vec<Bytes>> {
         let slots = read.by_slot();
+        let checks = &checks;
         let runs = slots.iter().map(|(slot, of)| {
             // Each command with its stream's index.
             let (owners, cmds): (Vec<usize>, Vec<Vec<Bytes>>) = of
                 .iter()
-                .flat_map(|&i| read.check(&read.streams[i]).into_iter().map(move |c| (i, c)))
+                .filter(|i| which.contains(i))
+                .flat_map(|&i| checks(&read.streams[i]).into_iter().map(move |c| (i, c)))
                 .unzip();
             async move {
+                if cmds.is_empty() {
+                    return Vec::new();
+                }
                 let replies = exec_replies(self.exec_block(&cmds, Some(*slot), up).await, cmds.len());
-                owners.into_iter().zip(replies)
+                owners.into_iter().zip(replies).collect()
             }
         });
         let mut per_stream = vec![Vec::new(); read.streams.len()];
         for (i, reply) in join_all(runs).await.into_iter().flatten() {
             per_stream[i].push(reply);
         }
-        read.streams
-            .iter()
-            .zip(per_stream)
-            .find_map(|(s, replies)| check_error(s, replies))
+        per_stream
     }
 
     /// Read every stream once, per slot in one transaction, all slots at

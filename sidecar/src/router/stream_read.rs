@@ -18,7 +18,7 @@ const DOLLAR_REFUSED: &[u8] = b"-ERR The $ ID is meaningless";
 
 /// How many entries per stream Redis hands a client it wakes, when the
 /// client named no positive `COUNT` (`XREAD_BLOCKED_DEFAULT_COUNT`).
-const WOKEN_COUNT: i64 = 1000;
+pub(super) const WOKEN_COUNT: i64 = 1000;
 
 /// A stream read whose streams span slots.
 #[derive(Debug)]
@@ -34,6 +34,9 @@ pub(super) struct StreamRead {
     pub(super) wait_count: Bytes,
     /// In the client's order.
     pub(super) streams: Vec<Stream>,
+    /// An `XREADGROUP`'s group when Redis surely takes its options (see
+    /// [`plain_group`]).
+    plain_group: Option<Bytes>,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +99,7 @@ impl StreamRead {
                 slot: slot::slot(&args[k]),
             })
             .collect();
+        let plain_group = if group { plain_group(&options) } else { None };
         Some(StreamRead {
             name: args[0].clone(),
             group,
@@ -103,6 +107,7 @@ impl StreamRead {
             waiting,
             wait_count,
             streams,
+            plain_group,
         })
     }
 
@@ -138,6 +143,41 @@ impl StreamRead {
             cmds.push(xread);
         }
         cmds
+    }
+
+    /// The commands that check a stream without an error reply when
+    /// nothing is wrong (a consumer polling in a loop would otherwise show
+    /// as a steady error rate on the nodes): its groups (`XINFO GROUPS`),
+    /// and an ID other than `>` as `XREAD` reads it. `None` when the
+    /// options or the ID need [`Self::check`]'s probe.
+    pub(super) fn quiet_check(&self, s: &Stream) -> Option<Vec<Vec<Bytes>>> {
+        if self.plain_group.is_none() || s.id.as_ref() == b"$" {
+            return None;
+        }
+        let word = Bytes::from_static;
+        let mut cmds = vec![vec![word(b"XINFO"), word(b"GROUPS"), s.key.clone()]];
+        if s.id.as_ref() != b">" {
+            cmds.push(vec![
+                word(b"XREAD"),
+                word(b"COUNT"),
+                word(b"1"),
+                word(b"STREAMS"),
+                s.key.clone(),
+                s.id.clone(),
+            ]);
+        }
+        Some(cmds)
+    }
+
+    /// What the replies to [`Self::quiet_check`] say: `Ok(None)` Redis
+    /// would read the stream, `Ok(Some)` its error; `Err` when the stream
+    /// or its group is missing or of another type, for the probe to word.
+    pub(super) fn quiet_verdict(&self, replies: &[Bytes]) -> Result<Option<Bytes>, ()> {
+        let (group, groups) = (self.plain_group.as_ref().ok_or(())?, replies.first().ok_or(())?);
+        if !has_group(groups, group) {
+            return Err(());
+        }
+        Ok(replies.get(1).filter(|r| is_error(r)).cloned())
     }
 
     /// The read of one stream while waiting: with [`Self::wait_count`]
@@ -193,6 +233,53 @@ pub(super) fn exec_replies(exec: Bytes, n: usize) -> Vec<Bytes> {
         Ok(Frame::Error(_) | Frame::BulkError(_)) => vec![exec; n],
         _ => vec![err("ERR cachetier: unexpected reply to a stream read's EXEC"); n],
     }
+}
+
+/// The group of XREADGROUP `options` that Redis surely takes (a `GROUP`
+/// with both names, integer `COUNT`s, `BLOCK`s not negative, `NOACK`, and
+/// nothing else; the last `GROUP` counts), else `None`.
+fn plain_group(options: &[Bytes]) -> Option<Bytes> {
+    let (mut i, mut group) = (0, None);
+    let integer = |at: usize| options.get(at).and_then(|v| resp::int_arg(v));
+    while i < options.len() {
+        let word = &options[i];
+        if word.eq_ignore_ascii_case(b"group") && i + 2 < options.len() {
+            group = Some(options[i + 1].clone());
+            i += 3;
+        } else if (word.eq_ignore_ascii_case(b"count") && integer(i + 1).is_some())
+            || (word.eq_ignore_ascii_case(b"block")
+                && integer(i + 1).is_some_and(|b| (0..1 << 62).contains(&b)))
+        {
+            i += 2;
+        } else if word.eq_ignore_ascii_case(b"noack") {
+            i += 1;
+        } else {
+            return None;
+        }
+    }
+    group
+}
+
+/// Whether an `XINFO GROUPS` reply (RESP2 arrays of fields, or RESP3
+/// maps) lists `group`.
+fn has_group(reply: &Bytes, group: &Bytes) -> bool {
+    let Ok(Frame::Array(groups)) = resp::parse(reply) else {
+        return false;
+    };
+    groups.into_iter().any(|g| {
+        let fields: Vec<(Frame, Frame)> = match g {
+            Frame::Map(pairs) => pairs,
+            Frame::Array(items) => {
+                let mut items = items.into_iter();
+                std::iter::from_fn(|| items.next().zip(items.next())).collect()
+            }
+            _ => Vec::new(),
+        };
+        fields.iter().any(|(k, v)| {
+            matches!(k, Frame::Bulk(n) | Frame::Simple(n) if n.as_ref() == b"name")
+                && matches!(v, Frame::Bulk(n) | Frame::Simple(n) if n == group)
+        })
+    })
 }
 
 fn is_error(reply: &[u8]) -> bool {
@@ -334,6 +421,58 @@ mod tests {
             wait(&read, None),
             "*6 $5 XREAD $5 COUNT $4 1000 $7 STREAMS $2 s1 $1 0 "
         );
+    }
+
+    #[test]
+    fn a_plain_read_is_checked_by_its_groups() {
+        let plain = |words: &[&str]| plain_group(&args(words));
+        let g = Some(Bytes::from_static(b"g"));
+        assert_eq!(
+            plain(&["GROUP", "g", "c", "COUNT", "-1", "BLOCK", "0", "noack"]),
+            g
+        );
+        assert_eq!(plain(&["GROUP", "x", "c", "group", "g", "c"]), g);
+        for bad in [
+            &["COUNT", "1"][..],
+            &["GROUP", "g", "c", "BLOCK", "-1"],
+            &["GROUP", "g", "c", "COUNT", "01"],
+            &["GROUP", "g", "c", "FOO"],
+            &["GROUP", "g"],
+        ] {
+            assert_eq!(plain(bad), None, "{bad:?}");
+        }
+        let a = args(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s1", "s2", ">", "0"]);
+        let read = StreamRead::of(true, &a, &[5, 6]).expect("a read");
+        let quiet = |i: usize| {
+            read.quiet_check(&read.streams[i])
+                .map(|c| c.into_iter().map(text).collect::<Vec<_>>())
+        };
+        assert_eq!(quiet(0), Some(vec!["XINFO GROUPS s1".to_string()]));
+        assert_eq!(
+            quiet(1),
+            Some(vec![
+                "XINFO GROUPS s2".to_string(),
+                "XREAD COUNT 1 STREAMS s2 0".to_string()
+            ])
+        );
+        // RESP2 and RESP3 forms of XINFO GROUPS.
+        let r2 = Bytes::from_static(
+            b"*2\r\n*4\r\n$4\r\nname\r\n$1\r\nx\r\n$9\r\nconsumers\r\n:0\r\n*2\r\n$4\r\nname\r\n$1\r\ng\r\n",
+        );
+        let r3 = Bytes::from_static(b"*1\r\n%2\r\n$4\r\nname\r\n$1\r\ng\r\n$7\r\npending\r\n:0\r\n");
+        assert_eq!(read.quiet_verdict(std::slice::from_ref(&r2)), Ok(None));
+        assert_eq!(read.quiet_verdict(&[r3]), Ok(None));
+        let bad_id = Bytes::from_static(b"-ERR Invalid stream ID\r\n");
+        assert_eq!(read.quiet_verdict(&[r2, bad_id.clone()]), Ok(Some(bad_id)));
+        let none = Bytes::from_static(b"*1\r\n*2\r\n$4\r\nname\r\n$1\r\nx\r\n");
+        assert_eq!(read.quiet_verdict(&[none]), Err(()));
+        assert_eq!(
+            read.quiet_verdict(&[Bytes::from_static(b"-ERR no such key\r\n")]),
+            Err(())
+        );
+        let d = args(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s1", "s2", "$", ">"]);
+        let read = StreamRead::of(true, &d, &[5, 6]).expect("a read");
+        assert!(read.quiet_check(&read.streams[0]).is_none());
     }
 
     fn check_of(read: &StreamRead, i: usize) -> Vec<String> {

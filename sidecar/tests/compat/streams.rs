@@ -128,6 +128,22 @@ async fn stream_reads_across_slots_answer_as_one_server_does() {
             "RESP{hello}: times each entry was delivered"
         );
     }
+    // Reads that succeed cost the nodes no error reply (a consumer polling
+    // in a loop would show as a steady error rate).
+    let primaries = ["orders", "payments"].map(|k| cluster.by_addr(&cluster.shard_of(k).0));
+    let errors = || primaries.map(|n| n.info_field("stats", "total_error_replies"));
+    let before = errors();
+    let mut c = Raw::connect(&sidecar.local_addr().to_string()).await;
+    for line in [
+        "XREADGROUP GROUP g c1 STREAMS orders payments > >",
+        "XREADGROUP GROUP g c1 COUNT 2 NOACK STREAMS orders payments 0 >",
+        "XREADGROUP GROUP g c1 BLOCK 50 STREAMS orders payments > >",
+    ] {
+        c.send(&words(line)).await;
+        let reply = c.frame().await;
+        assert!(!reply.starts_with(b"-"), "{line}: {reply:?}");
+    }
+    assert_eq!(errors(), before);
     assert!(sidecar.metrics().stream_reads_across_slots.get() >= 2 * 20);
     sidecar.shutdown().await;
 }

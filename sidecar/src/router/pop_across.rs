@@ -161,10 +161,16 @@ fn is_nil(reply: &[u8]) -> bool {
 /// The one reply in an `EXEC` of one command (`*1\r\n<reply>`); for a
 /// command refused when queued, its own error (not the `EXECABORT`).
 fn only_reply(exec: Bytes) -> Bytes {
-    const ABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors: ";
     if let Some(rest) = exec.strip_prefix(b"*1\r\n") {
         return exec.slice(exec.len() - rest.len()..);
     }
+    queued_error(exec)
+}
+
+/// For an `EXEC` refused because a command was refused when queued, that
+/// command's own error; any other reply as it is.
+pub(super) fn queued_error(exec: Bytes) -> Bytes {
+    const ABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors: ";
     match exec.strip_prefix(ABORT) {
         Some(why) if !why.is_empty() && why != b"\r\n" => {
             let mut out = Vec::with_capacity(why.len() + 1);

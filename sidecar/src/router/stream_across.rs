@@ -10,8 +10,8 @@
 //!
 //! 1. `XREADGROUP` is first checked stream by stream without delivering
 //!    an entry: quietly where the options are plain
-//!    ([`StreamRead::quiet_check`]: the stream's groups, its ID), else, or
-//!    when the stream or group is missing, by a probe Redis refuses in its
+//!    ([`StreamRead::quiet_check`]: its group, the node's writes, its ID),
+//!    else, or when one of those is wrong, by a probe Redis refuses in its
 //!    own words ([`StreamRead::check`]). The first error in the client's
 //!    order is the reply, and nothing was delivered.
 //! 2. Every stream is read with the client's options, per slot inside one
@@ -123,14 +123,21 @@ impl Router {
         let all: Vec<usize> = (0..read.streams.len()).collect();
         let quiet = |s: &Stream| read.quiet_check(s).unwrap_or_else(|| read.check(s));
         let replies = self.run_checks(read, &all, quiet, up).await;
+        // Per stream: Some(its error or none), or None for the probe to say.
         let mut verdicts: Vec<Option<Option<Bytes>>> = Vec::with_capacity(all.len());
         for (s, replies) in read.streams.iter().zip(&replies) {
             verdicts.push(match read.quiet_check(s) {
-                Some(_) => read.quiet_verdict(replies).ok(),
+                Some(_) => StreamRead::quiet_verdict(replies).ok(),
                 None => Some(check_error(s, replies.clone())),
             });
         }
-        let probed: Vec<usize> = all.iter().copied().filter(|&i| verdicts[i].is_none()).collect();
+        // Only the streams before the first error found need the probe.
+        let first_error = verdicts.iter().position(|v| matches!(v, Some(Some(_))));
+        let probed: Vec<usize> = all[..first_error.unwrap_or(all.len())]
+            .iter()
+            .copied()
+            .filter(|&i| verdicts[i].is_none())
+            .collect();
         if !probed.is_empty() {
             let replies = self.run_checks(read, &probed, |s| read.check(s), up).await;
             for &i in &probed {

@@ -148,6 +148,51 @@ async fn stream_reads_across_slots_answer_as_one_server_does() {
     sidecar.shutdown().await;
 }
 
+/// A node that takes no writes (too few replicas for
+/// `min-replicas-to-write`) refuses the whole XREADGROUP, as one server
+/// does, and no other node hands out an entry meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_takes_no_writes_refuses_the_whole_group_read() {
+    let cluster = Cluster::start(3, 0);
+    let sidecar = Sidecar::bind(config(&cluster)).await.unwrap();
+    support::all_serving(&sidecar).await;
+    let standalone = support::RedisNode::start(&["--cluster-enabled", "no"]);
+    let users = cluster.by_addr(&cluster.shard_of("users").0);
+    let script = [
+        "XREADGROUP GROUP g c STREAMS orders payments users > > >",
+        "XPENDING orders g",
+        "XINFO GROUPS payments",
+    ];
+    let mut got = Vec::new();
+    for (addr, node) in [
+        (standalone.addr(), &standalone),
+        (sidecar.local_addr().to_string(), users),
+    ] {
+        let mut c = Raw::connect(&addr).await;
+        for stream in ["orders", "payments", "users"] {
+            for line in [
+                format!("DEL {stream}"),
+                format!("XADD {stream} 1-1 f v"),
+                format!("XGROUP CREATE {stream} g 0"),
+            ] {
+                c.send(&words(&line)).await;
+                c.frame().await;
+            }
+        }
+        node.cli(&["CONFIG", "SET", "min-replicas-to-write", "1"]);
+        let mut replies = Vec::new();
+        for line in script {
+            c.send(&words(line)).await;
+            replies.push(String::from_utf8_lossy(&c.frame().await).into_owned());
+        }
+        node.cli(&["CONFIG", "SET", "min-replicas-to-write", "0"]);
+        got.push(replies);
+    }
+    assert!(got[0][0].starts_with("-NOREPLICAS"), "{:?}", got[0]);
+    assert_eq!(got[0], got[1]);
+    sidecar.shutdown().await;
+}
+
 /// Each pending entry of both streams' group with its consumer and the
 /// times it was delivered (the idle times vary).
 async fn delivery_counts(addr: &str) -> Vec<(String, String, u64)> {

@@ -187,8 +187,6 @@ fn encode(f: &Frame) -> Bytes {
     f.to_bytes()
 }
 
-/// The nil of a command whose reply is an array (EXEC aborted, a
-/// blocking pop timed out), in the upstream protocol.
 /// A command's arguments from its words, for tests.
 #[cfg(test)]
 fn args(words: &[&str]) -> Vec<Bytes> {
@@ -198,6 +196,8 @@ fn args(words: &[&str]) -> Vec<Bytes> {
         .collect()
 }
 
+/// The nil of a command whose reply is an array (EXEC aborted, a
+/// blocking pop timed out), in the upstream protocol.
 fn nil_array(up: Proto) -> Bytes {
     encode(&if up == Proto::Resp3 {
         Frame::Null

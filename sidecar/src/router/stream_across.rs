@@ -90,24 +90,23 @@ impl Router {
         }
         let resolve = !read.group && block.is_some();
         let (mut entries, mut errors) = (Vec::new(), Vec::new());
-        for (i, got) in self.first_read(&mut read, resolve, up).await {
+        for got in self.first_read(&mut read, resolve, up).await {
             match got {
                 Got::Nil => {}
-                Got::Entries(name, list) => entries.push((i, name, list)),
-                Got::Error(e) => errors.push((i, e)),
+                Got::Entries(name, list) => entries.push((name, list)),
+                Got::Error(e) => errors.push(e),
             }
         }
-        entries.sort_by_key(|(i, _, _)| *i);
         // XREAD's reads take nothing: its first error is the answer, as
         // one server's checks come before its reads. XREADGROUP's check
         // passed: what it read is not dropped.
         if (!read.group || entries.is_empty())
-            && let Some((_, e)) = errors.into_iter().min_by_key(|(i, _)| *i)
+            && let Some(e) = errors.into_iter().next()
         {
             return e;
         }
         if !entries.is_empty() {
-            return merge(entries.into_iter().map(|(_, k, v)| (k, v)).collect(), up);
+            return merge(entries, up);
         }
         match block {
             Some(block) => self.wait_streams(&read, block, cell, up).await,
@@ -122,13 +121,14 @@ impl Router {
     async fn check_groups(self: &Arc<Self>, read: &StreamRead, up: Proto) -> Option<Bytes> {
         let all: Vec<usize> = (0..read.streams.len()).collect();
         let quiet = |s: &Stream| read.quiet_check(s).unwrap_or_else(|| read.check(s));
-        let replies = self.run_checks(read, &all, quiet, up).await;
+        let replies = self.per_stream(read, &all, quiet, up).await;
         // Per stream: Some(its error or none), or None for the probe to say.
         let mut verdicts: Vec<Option<Option<Bytes>>> = Vec::with_capacity(all.len());
-        for (s, replies) in read.streams.iter().zip(&replies) {
-            verdicts.push(match read.quiet_check(s) {
-                Some(_) => StreamRead::quiet_verdict(replies).ok(),
-                None => Some(check_error(s, replies.clone())),
+        for (s, replies) in read.streams.iter().zip(replies) {
+            verdicts.push(if read.is_quiet(s) {
+                StreamRead::quiet_verdict(&replies).ok()
+            } else {
+                Some(check_error(s, replies))
             });
         }
         // Only the streams before the first error found need the probe.
@@ -139,7 +139,7 @@ impl Router {
             .filter(|&i| verdicts[i].is_none())
             .collect();
         if !probed.is_empty() {
-            let replies = self.run_checks(read, &probed, |s| read.check(s), up).await;
+            let replies = self.per_stream(read, &probed, |s| read.check(s), up).await;
             for &i in &probed {
                 verdicts[i] = Some(check_error(&read.streams[i], replies[i].clone()));
             }
@@ -147,23 +147,23 @@ impl Router {
         verdicts.into_iter().flatten().flatten().next()
     }
 
-    /// Run `checks` of the streams `which`, per slot in one transaction, all
+    /// Run `cmds` of the streams `which`, per slot in one transaction, all
     /// slots at once: the replies of each stream's commands, by its index.
-    async fn run_checks(
+    async fn per_stream(
         self: &Arc<Self>,
         read: &StreamRead,
         which: &[usize],
-        checks: impl Fn(&Stream) -> Vec<Vec<Bytes>>,
+        cmds: impl Fn(&Stream) -> Vec<Vec<Bytes>>,
         up: Proto,
     ) -> Vec<Vec<Bytes>> {
         let slots = read.by_slot();
-        let checks = &checks;
+        let of_stream = &cmds;
         let runs = slots.iter().map(|(slot, of)| {
             // Each command with its stream's index.
             let (owners, cmds): (Vec<usize>, Vec<Vec<Bytes>>) = of
                 .iter()
                 .filter(|i| which.contains(i))
-                .flat_map(|&i| checks(&read.streams[i]).into_iter().map(move |c| (i, c)))
+                .flat_map(|&i| of_stream(&read.streams[i]).into_iter().map(move |c| (i, c)))
                 .unzip();
             async move {
                 if cmds.is_empty() {
@@ -181,50 +181,37 @@ impl Router {
     }
 
     /// Read every stream once, per slot in one transaction, all slots at
-    /// once: each stream's index and reply. `resolve`: read each `$` as its
-    /// stream's last ID too, for the wait.
-    async fn first_read(
-        self: &Arc<Self>,
-        read: &mut StreamRead,
-        resolve: bool,
-        up: Proto,
-    ) -> Vec<(usize, Got)> {
-        let slots = read.by_slot();
-        let snapshot: &StreamRead = read;
-        let runs = slots.iter().map(|(slot, of)| {
-            let mut cmds = Vec::with_capacity(of.len() * 2);
-            for &i in of {
-                let s = &snapshot.streams[i];
-                if resolve && s.id.as_ref() == b"$" {
-                    let info = [Bytes::from_static(b"XINFO"), Bytes::from_static(b"STREAM")];
-                    cmds.push(vec![info[0].clone(), info[1].clone(), s.key.clone()]);
+    /// once: each stream's reply, in the client's order. `resolve`: read
+    /// each `$` as its stream's last ID too, for the wait.
+    async fn first_read(self: &Arc<Self>, read: &mut StreamRead, resolve: bool, up: Proto) -> Vec<Got> {
+        let all: Vec<usize> = (0..read.streams.len()).collect();
+        let resolving = |s: &Stream| resolve && s.id.as_ref() == b"$";
+        let reads = |s: &Stream| {
+            let mut cmds = Vec::with_capacity(2);
+            if resolving(s) {
+                let info = [Bytes::from_static(b"XINFO"), Bytes::from_static(b"STREAM")];
+                cmds.push(vec![info[0].clone(), info[1].clone(), s.key.clone()]);
+            }
+            cmds.push(read.command(&read.options, &[], &s.key, &s.id));
+            cmds
+        };
+        let replies = self.per_stream(read, &all, reads, up).await;
+        let mut out = Vec::with_capacity(replies.len());
+        for (i, mut replies) in replies.into_iter().enumerate() {
+            // The read is the last command of its stream.
+            let mut reply = got(replies.pop().unwrap_or_default());
+            if resolving(&read.streams[i]) {
+                match replies.first().and_then(last_generated) {
+                    Some(id) => read.streams[i].id = id,
+                    // Its read failed too (another type), and that error
+                    // is the reply.
+                    None if !matches!(reply, Got::Error(_)) => {
+                        reply = Got::Error(err("ERR cachetier: could not read a stream's last ID"))
+                    }
+                    None => {}
                 }
-                cmds.push(snapshot.command(&snapshot.options, &[], &s.key, &s.id));
             }
-            async move { exec_replies(self.exec_block(&cmds, Some(*slot), up).await, cmds.len()) }
-        });
-        let mut out = Vec::with_capacity(read.streams.len());
-        let mut resolved = Vec::new();
-        for ((_, of), replies) in slots.iter().zip(join_all(runs).await) {
-            let mut replies = replies.into_iter();
-            for &i in of {
-                if resolve && read.streams[i].id.as_ref() == b"$" {
-                    let last = replies.next().as_ref().and_then(last_generated);
-                    resolved.push((i, last));
-                }
-                out.push((i, got(replies.next().unwrap_or_default())));
-            }
-        }
-        for (i, last) in resolved {
-            match last {
-                Some(id) => read.streams[i].id = id,
-                // Its read failed too (another type), and that error is
-                // the reply.
-                None => out.push((
-                    i,
-                    Got::Error(err("ERR cachetier: could not read a stream's last ID")),
-                )),
-            }
+            out.push(reply);
         }
         out
     }

@@ -136,13 +136,15 @@ impl StreamRead {
         probe.extend(std::iter::repeat_n(s.key.clone(), times));
         probe.extend(std::iter::repeat_n(Bytes::from_static(b"$"), times));
         let mut cmds = vec![probe];
-        if !matches!(s.id.as_ref(), b">" | b"$") {
-            let words: [&'static [u8]; 4] = [b"XREAD", b"COUNT", b"1", b"STREAMS"];
-            let mut xread: Vec<Bytes> = words.into_iter().map(Bytes::from_static).collect();
-            xread.extend([s.key.clone(), s.id.clone()]);
-            cmds.push(xread);
+        if s.id.as_ref() != b"$" {
+            cmds.extend(id_check(s));
         }
         cmds
+    }
+
+    /// Whether stream `s` is checked by [`Self::quiet_check`].
+    pub(super) fn is_quiet(&self, s: &Stream) -> bool {
+        self.plain_group.is_some() && s.id.as_ref() != b"$"
     }
 
     /// The commands that check a stream without an error reply when
@@ -154,7 +156,7 @@ impl StreamRead {
     /// reads it. `None` when the options or the ID need [`Self::check`]'s
     /// probe.
     pub(super) fn quiet_check(&self, s: &Stream) -> Option<Vec<Vec<Bytes>>> {
-        let group = self.plain_group.as_ref().filter(|_| s.id.as_ref() != b"$")?;
+        let group = self.plain_group.as_ref().filter(|_| self.is_quiet(s))?;
         let word = Bytes::from_static;
         let (key, group) = (s.key.clone(), group.clone());
         let mut cmds = vec![
@@ -166,18 +168,9 @@ impl StreamRead {
                 word(b"+"),
                 word(b"0"),
             ],
-            vec![word(b"XACK"), key.clone(), group, word(b"0-0")],
+            vec![word(b"XACK"), key, group, word(b"0-0")],
         ];
-        if s.id.as_ref() != b">" {
-            cmds.push(vec![
-                word(b"XREAD"),
-                word(b"COUNT"),
-                word(b"1"),
-                word(b"STREAMS"),
-                key,
-                s.id.clone(),
-            ]);
-        }
+        cmds.extend(id_check(s));
         Some(cmds)
     }
 
@@ -217,6 +210,23 @@ impl StreamRead {
         }
         slots
     }
+}
+
+/// The command that checks stream `s`'s ID as `XREADGROUP` reads one (the
+/// same parser as `XREAD`'s), reading at most one entry; none for `>`
+/// (and a `$` is the caller's to judge).
+fn id_check(s: &Stream) -> Option<Vec<Bytes>> {
+    let word = Bytes::from_static;
+    (s.id.as_ref() != b">").then(|| {
+        vec![
+            word(b"XREAD"),
+            word(b"COUNT"),
+            word(b"1"),
+            word(b"STREAMS"),
+            s.key.clone(),
+            s.id.clone(),
+        ]
+    })
 }
 
 /// One stream's read reply.
